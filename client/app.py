@@ -1,0 +1,74 @@
+"""privrec ClientApp: the Flower edge of a device.
+
+Receives the global model and the run config in a message, hands them to `client.device` (plain
+torch), and replies with exactly what may leave the device: the updated weights (train) and
+aggregate scalar metrics. Where the device's data and ledger live comes from the node config in
+a deployment (`data-dir`, `state-dir`), or from the server's message in a simulation.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.device import evaluate_round, ledger_path, load_device, train_round
+from shared.config import SCHEMA, validate
+from shared.errors import PrivrecError
+
+# Opacus calls logging.basicConfig(); without this every Flower log line prints twice.
+logging.getLogger("flwr").propagate = False
+
+app = ClientApp()
+
+
+def _run_config(msg: Message) -> tuple[dict[str, Any], ConfigRecord]:
+    record = msg.content.config_records["config"]
+    cfg = validate({k: v for k, v in record.items() if k in SCHEMA}, where="server message: ")
+    return cfg, record
+
+
+def _device(context: Context, record: ConfigRecord) -> tuple[str, str, str]:
+    """(device id, store folder, ledger folder) for this node."""
+    node = context.node_config
+    if "data-dir" in node:  # deployment: the node's own store holds exactly one device
+        return str(node.get("device-id", "0")), str(node["data-dir"]), str(node.get("state-dir", node["data-dir"]))
+    if "partition-id" in node:  # simulation: one partition of the shared simulation store
+        return str(node["partition-id"]), str(record["data-store"]), str(record["state-dir"])
+    raise PrivrecError("node config has neither 'data-dir' (deployment) nor 'partition-id' (simulation)")
+
+
+def _load(context: Context, record: ConfigRecord):
+    device, store_dir, state_dir = _device(context, record)
+    device_index = 0 if "data-dir" in context.node_config else int(device)
+    data, num_items = load_device(store_dir, device_index)
+    return device, data, num_items, state_dir
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    torch.set_num_threads(1)
+    cfg, record = _run_config(msg)
+    device, data, num_items, state_dir = _load(context, record)
+    global_state = msg.content.array_records["arrays"].to_torch_state_dict()
+    outcome = train_round(
+        data, num_items, global_state, cfg,
+        ledger_path=ledger_path(state_dir, device), device=device,
+        run_id=str(record.get("run-id", "")), server_round=int(record["server-round"]),
+        proximal_mu=float(record.get("proximal-mu", 0.0)),
+    )
+    reply = RecordDict({"arrays": ArrayRecord(outcome.state_dict), "metrics": MetricRecord(outcome.metrics)})
+    return Message(reply, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    torch.set_num_threads(1)
+    cfg, record = _run_config(msg)
+    _, data, num_items, _ = _load(context, record)
+    global_state = msg.content.array_records["arrays"].to_torch_state_dict()
+    metrics = evaluate_round(data, num_items, global_state, cfg)
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

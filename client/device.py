@@ -1,0 +1,111 @@
+"""What one device does with its own data: fine-tune the global model with DP-SGD, evaluate it.
+
+Plain torch/numpy: the Flower message handling lives in `client/app.py`. Only model weights and
+aggregate scalars leave this module; the device's histories never do.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from shared.data.store import DeviceData, open_store
+from shared.data.windows import make_windows
+from shared.metrics import eval_inputs, evaluate_histories
+from shared.model import ModelConfig, SASRec
+from shared.privacy.ledger import LEDGER_FILE, PrivacyLedger, load_ledger, save_ledger
+from shared.training import LocalTrainConfig, train_local
+
+
+def model_config(cfg: Mapping[str, Any], num_items: int) -> ModelConfig:
+    return ModelConfig(num_items=num_items, max_len=cfg["max-len"], hidden_size=cfg["hidden-size"],
+                       num_heads=cfg["num-heads"], num_blocks=cfg["num-blocks"], dropout=cfg["dropout"])
+
+
+def local_train_config(cfg: Mapping[str, Any], seed: int, proximal_mu: float) -> LocalTrainConfig:
+    return LocalTrainConfig(epochs=cfg["local-epochs"], lr=cfg["local-lr"], batch_size=cfg["batch-size"],
+                            dp=cfg["dp"], noise_multiplier=cfg["noise-multiplier"],
+                            max_grad_norm=cfg["max-grad-norm"], delta=cfg["delta"],
+                            accountant=cfg["accountant"], grad_sample_mode=cfg["grad-sample-mode"],
+                            proximal_mu=proximal_mu, seed=seed)
+
+
+def load_device(store_dir: str | Path, device_id: int) -> tuple[DeviceData, int]:
+    """This device's histories and the catalogue size; reads only this device's slice of the store."""
+    store = open_store(store_dir)
+    return store.device(device_id), store.num_items
+
+
+def training_windows(data: DeviceData, window: int) -> np.ndarray:
+    """All of the device's training examples: non-overlapping windows of each user's history."""
+    parts = [make_windows(seq, window) for seq in data.train]
+    return np.concatenate(parts) if parts else np.zeros((0, window), dtype=np.int64)
+
+
+@dataclass
+class TrainOutcome:
+    state_dict: dict[str, torch.Tensor]
+    metrics: dict[str, float | int]
+
+
+def train_round(data: DeviceData, num_items: int, global_state: Mapping[str, torch.Tensor],
+                cfg: Mapping[str, Any], ledger_path: Path, device: str, run_id: str,
+                server_round: int, proximal_mu: float = 0.0) -> TrainOutcome:
+    """One round of on-device training; the privacy spend is on disk before the update is returned."""
+    started = time.perf_counter()
+    ledger = load_ledger(ledger_path, device)
+    model = SASRec(model_config(cfg, num_items))
+    model.load_state_dict(global_state)
+    # Distinct, reproducible randomness per (run seed, round, device).
+    seed = int(np.random.SeedSequence([cfg["seed"], server_round, zlib.crc32(device.encode())])
+               .generate_state(1)[0])
+    global_params = {k: v.detach().clone() for k, v in model.named_parameters()} if proximal_mu > 0 else None
+    windows = training_windows(data, cfg["window"])
+    result = train_local(model, windows, local_train_config(cfg, seed, proximal_mu),
+                         accountant_state=ledger.accountant_state, global_params=global_params)
+    if cfg["dp"]:
+        ledger.accountant_state = result.accountant_state
+        ledger.rounds.append({"run": run_id, "round": server_round, "steps": result.steps,
+                              "sample_rate": result.sample_rate,
+                              "noise_multiplier": cfg["noise-multiplier"],
+                              "epsilon": result.epsilon, "delta": cfg["delta"],
+                              "accountant": cfg["accountant"], "time": time.time()})
+        save_ledger(ledger_path, ledger)
+    metrics = {
+        "num-examples": int(result.num_examples),
+        "train-loss": float(result.loss),
+        "steps": int(result.steps),
+        "sample-rate": float(result.sample_rate),
+        "seconds": time.perf_counter() - started,
+    }
+    if cfg["dp"]:  # cumulative over every round this device ever trained, at cfg["delta"]
+        metrics["epsilon"] = float(result.epsilon)
+    return TrainOutcome(state_dict=model.state_dict(), metrics=metrics)
+
+
+def evaluate_round(data: DeviceData, num_items: int, global_state: Mapping[str, torch.Tensor],
+                   cfg: Mapping[str, Any], k: int = 10) -> dict[str, float | int]:
+    """HR@k / NDCG@k sums over this device's users, on validation and test items."""
+    model = SASRec(model_config(cfg, num_items))
+    model.load_state_dict(global_state)
+    metrics: dict[str, float | int] = {"num-examples": len(data.test)}
+    for split in ("valid", "test"):
+        inputs, targets, exclude = eval_inputs(data.train, data.valid, data.test, split)
+        per_user = evaluate_histories(model, inputs, targets, exclude, k=k)
+        metrics[f"{split}-hit@{k}-sum"] = float(per_user["hit"].sum())
+        metrics[f"{split}-ndcg@{k}-sum"] = float(per_user["ndcg"].sum())
+    return metrics
+
+
+def ledger_path(state_dir: str | Path, device: str) -> Path:
+    return Path(state_dir) / f"device-{device}" / LEDGER_FILE
+
+
+__all__ = ["PrivacyLedger", "TrainOutcome", "evaluate_round", "ledger_path", "load_device", "train_round",
+           "training_windows"]

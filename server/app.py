@@ -1,0 +1,157 @@
+"""privrec ServerApp: runs the federation and records it in `runs/<run-id>/`."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from server.evaluation import central_evaluation
+from shared.privacy.statement import privacy_statement
+from server.run_dir import RunDirectory
+from server.strategy import build_strategy, cohort_size
+from shared.config import default_run_name, from_run_config
+from shared.data.store import open_store, prepare_store
+from shared.model import ModelConfig, SASRec
+
+logging.getLogger("flwr").propagate = False  # Opacus' basicConfig would double every log line
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = from_run_config(context.run_config)
+    run_dir = RunDirectory.create(cfg["run-dir"], cfg["run-name"] or default_run_name())
+    run_dir.write_json("config.json", cfg)
+    run_dir.set_status("running")
+    try:
+        FederatedRun(cfg, run_dir, grid).execute()
+    except BaseException as exc:
+        run_dir.set_status("failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+
+
+class FederatedRun:
+    """One federated training run: strategy, per-round records, final summary."""
+
+    def __init__(self, cfg: dict[str, Any], run_dir: RunDirectory, grid: Grid):
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.grid = grid
+        self.round_started = time.perf_counter()
+        self.train_stats: dict[int, dict] = {}
+        self.eval_stats: dict[int, dict] = {}
+        self.rows: list[dict[str, Any]] = []
+
+    def execute(self) -> None:
+        cfg = self.cfg
+        # Flower samples devices with Python's global `random`; seed it for reproducible cohorts.
+        random.seed(cfg["seed"])
+        np.random.seed(cfg["seed"])
+        torch.manual_seed(cfg["seed"])
+        store_dir = Path(cfg["data-store"] or prepare_store(cfg["dataset"], cfg["users-per-device"]))
+        store = open_store(store_dir)
+        self.store = store
+        self.model_cfg = ModelConfig(num_items=store.num_items, max_len=cfg["max-len"],
+                                     hidden_size=cfg["hidden-size"], num_heads=cfg["num-heads"],
+                                     num_blocks=cfg["num-blocks"], dropout=cfg["dropout"])
+        model = SASRec(self.model_cfg)
+        self.run_dir.copy_catalogue(store_dir / "items.json")
+        self.run_dir.write_json("dataset.json", store.meta)
+
+        strategy = build_strategy(cfg, store.num_devices, self._on_train, self._on_evaluate)
+        message_config = ConfigRecord({**cfg, "data-store": str(store_dir),
+                                       "state-dir": str(self.run_dir.path / "devices"),
+                                       "run-id": self.run_dir.path.name})
+        started = time.perf_counter()
+        self.round_started = started
+        result = strategy.start(
+            grid=self.grid,
+            initial_arrays=ArrayRecord(model.state_dict()),
+            num_rounds=cfg["num-rounds"],
+            train_config=message_config,
+            evaluate_config=ConfigRecord(dict(message_config)),
+            evaluate_fn=self._end_of_round,
+        )
+        del result  # everything we report was recorded round by round
+        self.run_dir.finish(self._summary(time.perf_counter() - started, strategy))
+
+    # -- callbacks from the strategy -------------------------------------------------------
+    def _on_train(self, server_round: int, stats: dict) -> None:
+        self.train_stats[server_round] = stats
+
+    def _on_evaluate(self, server_round: int, stats: dict) -> None:
+        self.eval_stats[server_round] = stats
+
+    def _end_of_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Called by Flower before round 1 (as round 0) and after every round."""
+        state = arrays.to_torch_state_dict()
+        central = None
+        if self.cfg["central-eval"] and (server_round == 0 or server_round == self.cfg["num-rounds"]
+                                         or server_round in self.eval_stats):
+            central = central_evaluation(self.model_cfg, state, self.store, seed=self.cfg["seed"])
+        if server_round > 0:
+            self.run_dir.save_model(state, {"model": "SASRec", **asdict(self.model_cfg)})
+        row = self._metrics_row(server_round, central)
+        self.rows.append(row)
+        self.run_dir.append_metrics(row)
+        self.round_started = time.perf_counter()
+        return MetricRecord({k: v for k, v in (central or {}).items() if isinstance(v, (int, float))}) \
+            if central else None
+
+    def _metrics_row(self, server_round: int, central: dict | None) -> dict[str, Any]:
+        train = self.train_stats.get(server_round, {})
+        evaluation = self.eval_stats.get(server_round, {})
+        row: dict[str, Any] = {
+            "round": server_round,
+            "seconds": round(time.perf_counter() - self.round_started, 3),
+            "devices-trained": train.get("devices", 0),
+            "failures": train.get("failures", 0),
+            "train-loss": train.get("train-loss"),
+            # epsilon: this round's cohort, and every device that has trained so far (cumulative)
+            "round-epsilon-max": train.get("epsilon-max"),
+            "round-epsilon-median": train.get("epsilon-median"),
+            "epsilon-max": train.get("all-epsilon-max"),
+            "epsilon-median": train.get("all-epsilon-median"),
+            "devices-with-spend": train.get("devices-with-spend", 0),
+        }
+        for name in ("hr@10", "ndcg@10"):
+            row[name] = evaluation.get(f"test-{name}")
+            row[name + "-ci"] = evaluation.get(f"test-{name}-ci")
+            row["valid-" + name] = evaluation.get(f"valid-{name}")
+        if central:
+            row["central"] = central
+        return row
+
+    def _summary(self, seconds: float, strategy) -> dict[str, Any]:
+        last_eval_round = max(self.eval_stats) if self.eval_stats else None
+        final_eval = self.eval_stats.get(last_eval_round, {}) if last_eval_round else {}
+        central_rows = [r for r in self.rows if "central" in r]
+        privacy = strategy.privacy.summary()
+        cohort = cohort_size(self.cfg, self.store.num_devices)
+        return {
+            "run-id": self.run_dir.path.name,
+            "rounds": self.cfg["num-rounds"],
+            "seconds": round(seconds, 2),
+            "devices": self.store.num_devices,
+            "devices-per-round": cohort,
+            "federated-evaluation": {
+                "round": last_eval_round,
+                "devices": final_eval.get("devices"),
+                "users": final_eval.get("users"),
+                **{f"{split}-{m}": final_eval.get(f"{split}-{m}")
+                   for split in ("test", "valid") for m in ("hr@10", "hr@10-ci", "ndcg@10", "ndcg@10-ci")},
+            },
+            "central-evaluation": central_rows[-1]["central"] if central_rows else None,
+            "central-evaluation-initial": central_rows[0]["central"] if central_rows else None,
+            "privacy": {**privacy, **privacy_statement(self.cfg)},
+        }

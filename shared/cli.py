@@ -1,0 +1,280 @@
+"""The `privrec` command line.
+
+    privrec data fetch ml-100k [--from PATH]
+    privrec simulate [--config FILE] [--dataset ml-100k|PATH] [--rounds N] [--devices-per-round K]
+                     [--noise-multiplier Z] [--seed S] [--no-dp] [--set KEY=VALUE ...] [--run-dir DIR]
+    privrec baseline centralized|popularity [--config FILE] [--dataset ...] [--epochs N] [--out FILE]
+    privrec recommend --model RUN_DIR (--history "ITEM ITEM ..." | --input FILE.jsonl) [-k 10]
+
+User mistakes (PrivrecError) print one line and exit with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from shared.errors import PrivrecError
+
+
+def _parse_set(pairs: Sequence[str] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise PrivrecError(f"--set {pair!r}: expected KEY=VALUE")
+        key, value = pair.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _config_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    from shared.config import resolve
+
+    overrides = _parse_set(getattr(args, "set", None))
+    flag_keys = {"dataset": "dataset", "rounds": "num-rounds", "devices_per_round": "devices-per-round",
+                 "noise_multiplier": "noise-multiplier", "seed": "seed", "run_dir": "run-dir",
+                 "run_name": "run-name", "users_per_device": "users-per-device"}
+    for attr, key in flag_keys.items():
+        value = getattr(args, attr, None)
+        if value is not None:
+            overrides[key] = value
+    if getattr(args, "no_dp", False):
+        overrides["dp"] = False
+    return resolve(args.config, overrides)
+
+
+# ---------------------------------------------------------------------------- data
+def cmd_data_fetch(args: argparse.Namespace) -> int:
+    from shared.data.fetch import fetch_ml100k
+
+    if args.dataset != "ml-100k":
+        raise PrivrecError(f"unknown dataset {args.dataset!r}: `data fetch` knows ml-100k "
+                           "(bring other data as a file or folder path to --dataset)")
+    path = fetch_ml100k(local_path=args.source)
+    source = json.loads((path / "SOURCE.json").read_text())
+    print(f"ml-100k ready in {path} (source: {source.get('source')})")
+    return 0
+
+
+# ---------------------------------------------------------------------------- simulate
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from shared.config import default_run_name
+    from shared.data.store import open_store, prepare_store
+    from shared.launch import run_simulation
+    from shared.privacy.statement import one_line
+
+    cfg = _config_from_args(args)
+    store_dir = Path(cfg["data-store"]) if cfg["data-store"] else prepare_store(cfg["dataset"],
+                                                                                  cfg["users-per-device"])
+    store = open_store(store_dir)
+    cfg["data-store"] = str(store_dir.resolve())
+    run_root = Path(cfg["run-dir"]).expanduser().resolve()
+    cfg["run-name"] = cfg["run-name"] or default_run_name()
+    cfg["run-dir"] = str(run_root)
+    run_path = run_root / cfg["run-name"]
+    if (run_path / "summary.json").exists():
+        raise PrivrecError(f"{run_path} already holds a completed run; pass another --run-name")
+    print(f"privrec: {store.num_devices} devices ({store.num_users} users, {store.num_items} items), "
+          f"{cfg['num-rounds']} rounds, run directory {run_path}", flush=True)
+    progress = _Progress(run_path, cfg["num-rounds"])
+    with progress:
+        result = run_simulation(cfg, store.num_devices, run_path, on_poll=progress.poll)
+    return _report_simulation(run_path, result, one_line)
+
+
+def _report_simulation(run_path: Path, result, one_line) -> int:
+    summary_path = run_path / "summary.json"
+    status_path = run_path / "status.json"
+    status = json.loads(status_path.read_text()).get("state") if status_path.exists() else "unknown"
+    if not summary_path.exists() or status != "completed" or (result.flower_status or "").endswith("failed"):
+        detail = json.loads(status_path.read_text()).get("error", "") if status_path.exists() else ""
+        raise PrivrecError(f"simulation did not complete (ServerApp status: {status}; Flower: "
+                           f"{result.flower_status}) {detail} -- see {run_path / 'flower.log'}")
+    summary = json.loads(summary_path.read_text())
+    fed = summary["federated-evaluation"]
+    print(f"NDCG@10 {fed['test-ndcg@10']:.4f} (95% CI {fed['test-ndcg@10-ci'][0]:.4f}-{fed['test-ndcg@10-ci'][1]:.4f})"
+          f"  HR@10 {fed['test-hr@10']:.4f} (95% CI {fed['test-hr@10-ci'][0]:.4f}-{fed['test-hr@10-ci'][1]:.4f})"
+          f"  [federated evaluation, test items, {int(fed['users'])} users]")
+    central = summary.get("central-evaluation")
+    if central:
+        print(f"central check (simulation only): NDCG@10 {central['test-ndcg@10']:.4f}  "
+              f"HR@10 {central['test-hr@10']:.4f}")
+    print("privacy: " + one_line(summary["privacy"]))
+    print(f"run directory: {run_path}")
+    return 0
+
+
+class _Progress:
+    """Live view of metrics.jsonl while Flower runs (a rich table on a terminal, lines otherwise)."""
+
+    def __init__(self, run_path: Path, rounds: int):
+        self.path = run_path / "metrics.jsonl"
+        self.rounds = rounds
+        self.seen = 0
+        self.live = None
+
+    def __enter__(self):
+        if sys.stdout.isatty():
+            from rich.live import Live
+
+            self.live = Live(self._table([]), refresh_per_second=2)
+            self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.live is not None:
+            self.live.__exit__(*exc)
+
+    def _rows(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    @staticmethod
+    def _fmt(value, spec=".4f") -> str:
+        return "-" if value is None else format(value, spec)
+
+    def _table(self, rows: list[dict]):
+        from rich.table import Table
+
+        table = Table(title=f"privrec simulation ({len(rows) - 1 if rows else 0}/{self.rounds} rounds)")
+        for name in ("round", "devices", "train loss", "NDCG@10", "HR@10", "epsilon max", "epsilon median", "s"):
+            table.add_column(name, justify="right")
+        for row in rows[-12:]:
+            table.add_row(str(row["round"]), str(row["devices-trained"]), self._fmt(row.get("train-loss")),
+                          self._fmt(row.get("ndcg@10")), self._fmt(row.get("hr@10")),
+                          self._fmt(row.get("epsilon-max"), ".2f"), self._fmt(row.get("epsilon-median"), ".2f"),
+                          self._fmt(row.get("seconds"), ".1f"))
+        return table
+
+    def poll(self) -> None:
+        rows = self._rows()
+        if self.live is not None:
+            self.live.update(self._table(rows))
+            return
+        for row in rows[self.seen:]:
+            print(f"round {row['round']}/{self.rounds}: devices {row['devices-trained']}, "
+                  f"train loss {self._fmt(row.get('train-loss'))}, NDCG@10 {self._fmt(row.get('ndcg@10'))}, "
+                  f"HR@10 {self._fmt(row.get('hr@10'))}, epsilon max {self._fmt(row.get('epsilon-max'), '.2f')}, "
+                  f"{self._fmt(row.get('seconds'), '.1f')} s", flush=True)
+        self.seen = len(rows)
+
+
+# ---------------------------------------------------------------------------- baselines
+def cmd_baseline(args: argparse.Namespace) -> int:
+    import torch
+
+    from shared.baselines import evaluate_popularity, train_centralized
+    from shared.data.store import open_store, prepare_store
+    from shared.metrics import eval_inputs, evaluate_histories, summarize
+    from shared.model import ModelConfig
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    cfg = _config_from_args(args)
+    store = open_store(cfg["data-store"] or prepare_store(cfg["dataset"], 1))
+    users = store.all_users()
+    result: dict[str, Any] = {"baseline": args.kind, "dataset": store.meta.get("dataset"), "users": store.num_users}
+    if args.kind == "popularity":
+        for split in ("valid", "test"):
+            per_user = evaluate_popularity(users.train, users.valid, users.test, store.num_items, split=split)
+            result[split] = summarize(per_user, seed=cfg["seed"])
+    else:
+        model_cfg = ModelConfig(num_items=store.num_items, max_len=cfg["max-len"], hidden_size=cfg["hidden-size"],
+                                num_heads=cfg["num-heads"], num_blocks=cfg["num-blocks"], dropout=cfg["dropout"])
+        model = train_centralized(users.train, store.num_items, model_cfg, window=cfg["window"],
+                                  epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=cfg["seed"])
+        for split in ("valid", "test"):
+            inputs, targets, exclude = eval_inputs(users.train, users.valid, users.test, split)
+            result[split] = summarize(evaluate_histories(model, inputs, targets, exclude), seed=cfg["seed"])
+        result.update(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, window=cfg["window"])
+    test = result["test"]
+    print(f"{args.kind} baseline: NDCG@10 {test['ndcg@10']:.4f} (95% CI {test['ndcg@10_ci'][0]:.4f}-"
+          f"{test['ndcg@10_ci'][1]:.4f})  HR@10 {test['hr@10']:.4f} (95% CI {test['hr@10_ci'][0]:.4f}-"
+          f"{test['hr@10_ci'][1]:.4f})  [test items, {store.num_users} users, no federation, no DP]")
+    if args.out:
+        from shared.privacy.ledger import write_json_atomic
+
+        write_json_atomic(Path(args.out), result)
+    return 0
+
+
+# ---------------------------------------------------------------------------- recommend
+def cmd_recommend(args: argparse.Namespace) -> int:
+    from shared.recommend import Recommender
+
+    recommender = Recommender.load(Path(args.model))
+    if (args.history is None) == (args.input is None):
+        raise PrivrecError("give exactly one of --history \"ITEM ITEM ...\" or --input FILE.jsonl")
+    if args.history is not None:
+        for rank, rec in enumerate(recommender.top_k(args.history.split(), args.k, where="--history"), 1):
+            title = f"  {rec['title']}" if rec["title"] else ""
+            print(f"{rank:>3}. {rec['item']}{title}  (score {rec['score']:.3f})")
+        return 0
+    for out in recommender.top_k_file(Path(args.input), args.k):
+        print(json.dumps(out))
+    return 0
+
+
+# ---------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="privrec", description="Private federated sequential recommendation.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="obtain datasets").add_subparsers(dest="data_command", required=True)
+    fetch = data.add_parser("fetch", help="download and verify a dataset into the cache")
+    fetch.add_argument("dataset", help="ml-100k")
+    fetch.add_argument("--from", dest="source", help="use this local copy (folder with u.data or .inter)")
+    fetch.set_defaults(func=cmd_data_fetch)
+
+    def add_config_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", help="TOML file of config keys (see `shared/config.py`)")
+        p.add_argument("--dataset", help="ml-100k, or a path to a MovieLens/RecBole/CSV file or folder")
+        p.add_argument("--seed", type=int)
+        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config key (repeatable)")
+
+    sim = sub.add_parser("simulate", help="federated simulation with on-device DP (Flower + Ray)")
+    add_config_flags(sim)
+    sim.add_argument("--rounds", type=int)
+    sim.add_argument("--devices-per-round", type=int)
+    sim.add_argument("--users-per-device", type=int)
+    sim.add_argument("--noise-multiplier", type=float)
+    sim.add_argument("--no-dp", action="store_true", help="train without differential privacy")
+    sim.add_argument("--run-dir", help="parent folder of run directories (default runs/)")
+    sim.add_argument("--run-name", help="run id (default: a time stamp)")
+    sim.set_defaults(func=cmd_simulate)
+
+    base = sub.add_parser("baseline", help="non-federated, non-private references on the same split")
+    base.add_argument("kind", choices=["centralized", "popularity"])
+    add_config_flags(base)
+    base.add_argument("--epochs", type=int, default=30)
+    base.add_argument("--lr", type=float, default=0.001)
+    base.add_argument("--batch-size", type=int, default=64)
+    base.add_argument("--out", help="also write the figures to this JSON file")
+    base.set_defaults(func=cmd_baseline)
+
+    rec = sub.add_parser("recommend", help="top-k items for a history, from a trained run")
+    rec.add_argument("--model", required=True, help="run directory (runs/<run-id>)")
+    rec.add_argument("--history", help='space-separated item ids, oldest first, e.g. "50 181 258"')
+    rec.add_argument("--input", help="JSON lines file, one {\"history\": [...]} per line")
+    rec.add_argument("-k", type=int, default=10)
+    rec.set_defaults(func=cmd_recommend)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except PrivrecError as exc:
+        print(f"privrec: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("privrec: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""The run-config schema: every key a privrec run accepts, its type, default, range and meaning.
+
+One schema serves the `privrec` CLI, `--config FILE`, and Flower's `context.run_config`
+(`[tool.flwr.app.config]` in pyproject.toml holds the same defaults; a test keeps them in step).
+Validation happens here, once, and raises `PrivrecError` naming the key and the value at fault.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from shared.errors import PrivrecError
+
+
+@dataclass(frozen=True)
+class Key:
+    type: type
+    default: Any
+    help: str
+    check: Callable[[Any], bool] | None = None
+    rule: str = ""  # says in words what `check` demands, for the error message
+
+
+def _positive(v) -> bool:
+    return v > 0
+
+
+def _non_negative(v) -> bool:
+    return v >= 0
+
+
+def _one_of(*choices: str) -> Callable[[Any], bool]:
+    return lambda v: v in choices
+
+
+STRATEGIES = ("fedavg", "fedadam", "fedprox")
+ACCOUNTANTS = ("rdp", "prv", "gdp")
+GRAD_SAMPLE_MODES = ("hooks", "ghost")
+
+SCHEMA: dict[str, Key] = {
+    # data
+    "dataset": Key(str, "ml-100k", "'ml-100k', or a path to a MovieLens/RecBole/CSV file or folder",
+                   lambda v: bool(v.strip()), "must not be empty"),
+    "data-store": Key(str, "", "prepared device store folder; empty = prepare it from `dataset`"),
+    "users-per-device": Key(int, 1, "users whose histories live on one device", _positive, "must be >= 1"),
+    # model
+    "max-len": Key(int, 50, "longest history the model attends to", _positive, "must be >= 1"),
+    "hidden-size": Key(int, 64, "embedding and attention width", _positive, "must be >= 1"),
+    "num-heads": Key(int, 2, "attention heads per block", _positive, "must be >= 1"),
+    "num-blocks": Key(int, 2, "self-attention blocks", _positive, "must be >= 1"),
+    "dropout": Key(float, 0.2, "dropout probability", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    # federation
+    "strategy": Key(str, "fedavg", "server aggregation: " + ", ".join(STRATEGIES),
+                    _one_of(*STRATEGIES), "must be one of " + ", ".join(STRATEGIES)),
+    "num-rounds": Key(int, 10, "federated rounds", _positive, "must be >= 1"),
+    "devices-per-round": Key(int, 64, "devices trained per round (0 = use fraction-train)",
+                             _non_negative, "must be >= 0"),
+    "fraction-train": Key(float, 0.0, "share of devices trained per round, used when devices-per-round = 0",
+                          lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+    "server-lr": Key(float, 0.01, "server learning rate (FedAdam's eta)", _positive, "must be > 0"),
+    "proximal-mu": Key(float, 0.0, "FedProx proximal weight (strategy = fedprox)", _non_negative,
+                       "must be >= 0"),
+    "eval-every": Key(int, 5, "federated evaluation every N rounds (and after the last); 0 = only after the last",
+                      _non_negative, "must be >= 0"),
+    "fraction-evaluate": Key(float, 1.0, "share of devices that evaluate in an evaluation round",
+                             lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    "central-eval": Key(bool, True, "simulation only: also evaluate the global model on every user's "
+                                    "held-out items on the server (reads every user's test item)"),
+    "seed": Key(int, 0, "seed for model init, device sampling and local training", _non_negative,
+                "must be >= 0"),
+    # on-device training
+    "local-epochs": Key(int, 1, "local passes over the device's windows per round", _positive, "must be >= 1"),
+    "local-lr": Key(float, 0.005, "local Adam learning rate", _positive, "must be > 0"),
+    "batch-size": Key(int, 8, "expected local batch size (Poisson sampling rate = batch-size / windows)",
+                      _positive, "must be >= 1"),
+    "window": Key(int, 50, "interactions per training example (the privacy unit)",
+                  lambda v: v >= 2, "must be >= 2"),
+    "dp": Key(bool, True, "DP-SGD on the device (Opacus)"),
+    "noise-multiplier": Key(float, 1.0, "DP-SGD noise std / clipping norm", _non_negative, "must be >= 0"),
+    "max-grad-norm": Key(float, 1.0, "per-example gradient clipping norm", _positive, "must be > 0"),
+    "delta": Key(float, 1e-5, "delta at which epsilon is reported", lambda v: 0 < v < 1, "must be in (0, 1)"),
+    "accountant": Key(str, "rdp", "privacy accountant: " + ", ".join(ACCOUNTANTS),
+                      _one_of(*ACCOUNTANTS), "must be one of " + ", ".join(ACCOUNTANTS)),
+    "grad-sample-mode": Key(str, "hooks", "Opacus per-example gradient mode: " + ", ".join(GRAD_SAMPLE_MODES),
+                            _one_of(*GRAD_SAMPLE_MODES), "must be one of " + ", ".join(GRAD_SAMPLE_MODES)),
+    # outputs
+    "run-dir": Key(str, "runs", "folder that receives runs/<run-id>/"),
+    "run-name": Key(str, "", "run id (folder name); empty = time stamp"),
+}
+
+
+def default_run_name() -> str:
+    """A run id for `runs/<run-id>/` when the user gives none: time stamp plus process id."""
+    return time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid() % 100000:05d}"
+
+
+def defaults() -> dict[str, Any]:
+    return {name: key.default for name, key in SCHEMA.items()}
+
+
+def _unknown_key_message(name: str, where: str) -> str:
+    close = difflib.get_close_matches(name, SCHEMA, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return f"{where}unknown config key '{name}'{hint}"
+
+
+def _coerce(name: str, value: Any, where: str) -> Any:
+    want = SCHEMA[name].type
+    if want is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+    elif want is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif want is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif want is str:
+        if isinstance(value, str):
+            return value
+    raise PrivrecError(f"{where}config key '{name}': {value!r} is not a valid {want.__name__}")
+
+
+def validate(values: Mapping[str, Any], where: str = "") -> dict[str, Any]:
+    """Full config from `values` (may be partial: defaults fill the rest), checked key by key.
+
+    `where` prefixes error messages (e.g. "sim.toml: ") so the user knows which input is wrong.
+    """
+    resolved = defaults()
+    for name, value in values.items():
+        if name not in SCHEMA:
+            raise PrivrecError(_unknown_key_message(name, where))
+        resolved[name] = _coerce(name, value, where)
+    for name, key in SCHEMA.items():
+        if key.check is not None and not key.check(resolved[name]):
+            raise PrivrecError(f"{where}config key '{name}' = {resolved[name]!r}: {key.rule}")
+    _check_relations(resolved, where)
+    return resolved
+
+
+def _check_relations(cfg: Mapping[str, Any], where: str) -> None:
+    if cfg["hidden-size"] % cfg["num-heads"]:
+        raise PrivrecError(f"{where}config key 'hidden-size' = {cfg['hidden-size']} must be divisible by "
+                           f"'num-heads' = {cfg['num-heads']}")
+    if cfg["window"] - 1 > cfg["max-len"]:
+        raise PrivrecError(f"{where}config key 'window' = {cfg['window']}: a window feeds window-1 = "
+                           f"{cfg['window'] - 1} items to the model, more than 'max-len' = {cfg['max-len']}")
+    if cfg["devices-per-round"] == 0 and cfg["fraction-train"] == 0:
+        raise PrivrecError(f"{where}config keys 'devices-per-round' and 'fraction-train' are both 0: "
+                           "no device would train")
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Read a flat TOML config file (`key = value`, the same keys as the schema)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PrivrecError(f"config file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PrivrecError(f"config file {path} cannot be read: {exc}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise PrivrecError(f"config file {path}: not valid TOML ({exc})") from None
+    for name, value in data.items():
+        if isinstance(value, dict):
+            raise PrivrecError(f"{path}: section [{name}] is not allowed; write flat `key = value` lines")
+    return data
+
+
+def resolve(config_file: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Defaults, then the config file, then explicit overrides (e.g. CLI flags), validated."""
+    merged: dict[str, Any] = {}
+    if config_file is not None:
+        file_values = load_toml(config_file)
+        validate(file_values, where=f"{config_file}: ")  # report file mistakes against the file
+        merged.update(file_values)
+    merged.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return validate(merged)
+
+
+def from_run_config(run_config: Mapping[str, Any]) -> dict[str, Any]:
+    """Validated config from Flower's `context.run_config` (pyproject defaults + `-c` overrides)."""
+    return validate(dict(run_config), where="run config: ")

@@ -1,0 +1,37 @@
+"""Windows: the privacy unit of on-device DP training."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from shared.errors import PrivrecError
+
+
+def make_windows(train_seq: np.ndarray, window: int) -> np.ndarray:
+    """Cut a chronological training sequence into non-overlapping windows of `window` items.
+
+    Windows are aligned to the most recent end: the last window ends at the newest item, and only
+    the oldest window may be shorter than `window`. A leftover shorter than 2 items is dropped (it
+    holds no input -> target pair). Each window is left-padded with 0 to length `window`; rows are
+    returned oldest first as an int64 array of shape [n_windows, window] ([0, window] if none).
+
+    Privacy: windows do not overlap, so every interaction belongs to at most one window, i.e. to at
+    most one DP-SGD training example. DP-SGD's example-level guarantee therefore covers any single
+    window and hence any single interaction. Overlapping (sliding) windows would let one interaction
+    influence several examples and break that guarantee.
+    """
+    if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 2:
+        raise PrivrecError(f"window={window!r}: must be an integer >= 2 (an input and a target)")
+    window = int(window)
+    seq = np.asarray(train_seq)
+    if seq.ndim != 1:
+        raise PrivrecError(f"make_windows: train_seq must be 1-D, got shape {seq.shape}")
+    seq = seq.astype(np.int64, copy=False)
+
+    n_full, leftover = divmod(len(seq), window)
+    full = seq[leftover:].reshape(n_full, window)  # aligned to the most recent end
+    if leftover < 2:
+        return np.array(full, dtype=np.int64)  # copy: callers may write into it
+    head = np.zeros((1, window), dtype=np.int64)
+    head[0, window - leftover :] = seq[:leftover]
+    return np.concatenate([head, full], axis=0)

@@ -1,0 +1,91 @@
+"""A device's privacy ledger: the durable record of every DP-SGD step it has ever released.
+
+The ledger is the device's own file. It holds the full accountant history (noise multiplier,
+sampling rate, steps) so epsilon can be recomputed by anyone, with any accountant, and composes
+across rounds and runs. Writes are atomic (temp file, fsync, rename): an interruption leaves the
+previous complete ledger, never a half-written one. A ledger that cannot be read is an error that
+stops the device from training; it is never silently treated as "nothing spent".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shared.errors import PrivrecError
+
+LEDGER_FILE = "privacy-ledger.json"
+LEDGER_FORMAT = 1
+
+
+@dataclass
+class PrivacyLedger:
+    device: str
+    accountant_state: dict | None = None  # Opacus accountant state_dict: {"history": [[sigma, q, steps]...], ...}
+    rounds: list[dict[str, Any]] = field(default_factory=list)  # one entry per released update
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": LEDGER_FORMAT,
+            "device": self.device,
+            "accountant_state": self.accountant_state,
+            "rounds": self.rounds,
+        }
+
+    @property
+    def epsilon(self) -> float:
+        """The epsilon recorded with the latest released update (0 before any)."""
+        return float(self.rounds[-1]["epsilon"]) if self.rounds else 0.0
+
+
+def load_ledger(path: Path, device: str) -> PrivacyLedger:
+    """The device's ledger, or an empty one if the file does not exist yet."""
+    if not path.exists():
+        return PrivacyLedger(device=device)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if data.get("format") != LEDGER_FORMAT:
+            raise ValueError(f"format {data.get('format')!r}, expected {LEDGER_FORMAT}")
+        state = data["accountant_state"]
+        if state is not None and not isinstance(state.get("history"), list):
+            raise ValueError("accountant_state.history is not a list")
+        return PrivacyLedger(device=str(data["device"]), accountant_state=state, rounds=list(data["rounds"]))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise PrivrecError(f"privacy ledger {path} is unreadable ({exc}); refusing to train "
+                           "rather than under-report spent privacy") from None
+
+
+def save_ledger(path: Path, ledger: PrivacyLedger) -> None:
+    """Atomically replace the ledger file with `ledger`."""
+    write_json_atomic(path, ledger.to_json())
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(payload, handle, indent=1)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Makes the rename itself durable on POSIX file systems.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

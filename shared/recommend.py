@@ -1,0 +1,80 @@
+"""Top-k recommendations from a trained run directory (model.pt, model.json, items.json)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from shared.errors import PrivrecError
+from shared.model import ModelConfig, SASRec
+
+
+class Recommender:
+    def __init__(self, model: SASRec, item_ids: list[str], titles: list[str | None]):
+        self.model = model.eval()
+        self.item_ids = item_ids
+        self.titles = titles
+        self.index = {raw: i for i, raw in enumerate(item_ids) if i > 0}
+
+    @classmethod
+    def load(cls, run_dir: Path) -> "Recommender":
+        for name in ("model.pt", "model.json", "items.json"):
+            if not (run_dir / name).exists():
+                raise PrivrecError(f"{run_dir} is not a trained run: {name} is missing")
+        try:
+            arch = json.loads((run_dir / "model.json").read_text())
+            items = json.loads((run_dir / "items.json").read_text())
+            cfg = ModelConfig(**{k: arch[k] for k in ModelConfig.__dataclass_fields__})
+            model = SASRec(cfg)
+            model.load_state_dict(torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True))
+        except (ValueError, KeyError, TypeError, RuntimeError, OSError) as exc:
+            raise PrivrecError(f"{run_dir}: cannot load the model ({exc})") from None
+        return cls(model, list(items["item_ids"]), list(items.get("item_titles") or [None] * len(items["item_ids"])))
+
+    def encode(self, history: list[Any], where: str) -> list[int]:
+        out = []
+        for raw in history:
+            key = str(raw)
+            if key not in self.index:
+                raise PrivrecError(f"{where}: unknown item id {key!r} (not in the model's catalogue of "
+                                   f"{len(self.index)} items)")
+            out.append(self.index[key])
+        if not out:
+            raise PrivrecError(f"{where}: the history is empty")
+        return out
+
+    @torch.no_grad()
+    def top_k(self, history: list[Any], k: int, where: str) -> list[dict[str, Any]]:
+        if k < 1:
+            raise PrivrecError(f"-k {k}: must be >= 1")
+        ids = self.encode(history, where)[-self.model.cfg.max_len:]
+        scores = self.model.predict_next(torch.tensor([ids], dtype=torch.long))[0]
+        scores[ids] = float("-inf")  # never recommend what the user already has
+        top = torch.topk(scores, min(k, len(self.item_ids) - 1 - len(set(ids))))
+        return [{"item": self.item_ids[i], "title": self.titles[i], "score": float(s)}
+                for s, i in zip(top.values.tolist(), top.indices.tolist())]
+
+    def top_k_file(self, path: Path, k: int) -> Iterator[dict[str, Any]]:
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise PrivrecError(f"{path}: cannot read ({exc})") from None
+        parsed = []
+        for number, line in enumerate(lines, 1):  # validate everything before printing anything
+            if not line.strip():
+                continue
+            where = f"{path} line {number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise PrivrecError(f"{where}: not valid JSON ({exc.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("history"), list):
+                raise PrivrecError(f'{where}: expected an object like {{"history": ["50", "181"]}}')
+            self.encode(record["history"], where)
+            parsed.append((record, where))
+        for record, where in parsed:
+            yield {**{k2: v for k2, v in record.items() if k2 != "history"}, "history": record["history"],
+                   "recommendations": self.top_k(record["history"], k, where)}

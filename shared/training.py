@@ -1,0 +1,410 @@
+"""One local training round on a device: plain Adam, or DP-SGD (Adam) through Opacus. No Flower here.
+
+Privacy unit: one *window* (a row of ``windows``). Under DP every round uses Poisson sampling with
+``q = 1 / ceil(n / batch_size)`` (exactly what Opacus derives from a ``DataLoader`` of batch size
+``batch_size``: equal to ``min(1, batch_size / n)`` whenever ``batch_size`` divides ``n`` or
+``n <= batch_size``, otherwise slightly smaller so that ``q * steps_per_epoch == 1``), for
+``steps_per_epoch = ceil(n / batch_size)`` steps per epoch: each window is used once per epoch in
+expectation and the accountant records the same ``q`` the sampler used.
+
+Empty Poisson batches: Opacus' ghost mode crashes on a 0-row batch, so an empty batch is replaced by
+one all-padding row whose targets are all padding. Its loss is exactly 0 and its per-sample gradient
+is exactly 0 (no data involved), so the DP optimizer still clips (nothing), adds the full noise, and
+the accountant counts the step: every sampler draw is one noised, accounted step.
+
+Cumulative accounting: the caller passes the accountant state returned by the previous round; it is
+loaded into a fresh ``PrivacyEngine``'s accountant *before* training, so the new steps compose with
+every earlier round and ``epsilon`` is the device's total.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from shared.errors import PrivrecError
+from shared.model import SASRec
+from shared.privacy.accounting import (
+    ACCOUNTANTS,
+    check_fixed_parameters,
+    epsilon_from_state,
+    from_json_state,
+    history_steps,
+    to_json_state,
+)
+
+__all__ = [
+    "LocalTrainConfig",
+    "LocalTrainResult",
+    "train_local",
+    "sequence_loss",
+    "per_example_loss",
+    "SequenceLoss",
+    "accountant_epsilon",
+    "sample_rate_for",
+    "steps_per_epoch",
+    "split_windows",
+]
+
+GRAD_SAMPLE_MODES = ("hooks", "ghost")
+
+
+@dataclass(frozen=True)
+class LocalTrainConfig:
+    epochs: int = 1
+    lr: float = 0.005
+    batch_size: int = 8  # EXPECTED batch size under Poisson sampling
+    dp: bool = True
+    noise_multiplier: float = 1.0
+    max_grad_norm: float = 1.0
+    delta: float = 1e-5
+    accountant: str = "rdp"  # "rdp" | "prv" | "gdp"
+    grad_sample_mode: str = "hooks"  # "hooks" | "ghost"
+    proximal_mu: float = 0.0
+    seed: int = 0
+
+    def validate(self) -> None:
+        def bad(key: str, value, why: str) -> PrivrecError:
+            return PrivrecError(f"local training config: {key}={value!r} is invalid: {why}")
+
+        def is_int(v) -> bool:
+            return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+        def is_num(v) -> bool:
+            return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+
+        if not is_int(self.epochs) or self.epochs < 1:
+            raise bad("epochs", self.epochs, "must be an integer >= 1")
+        if not is_int(self.batch_size) or self.batch_size < 1:
+            raise bad("batch_size", self.batch_size, "must be an integer >= 1")
+        if not is_num(self.lr) or not math.isfinite(self.lr) or self.lr <= 0:
+            raise bad("lr", self.lr, "must be a finite number > 0")
+        if not isinstance(self.dp, bool):
+            raise bad("dp", self.dp, "must be true or false")
+        if not is_num(self.noise_multiplier) or not self.noise_multiplier >= 0 or math.isinf(
+            self.noise_multiplier
+        ):
+            raise bad("noise_multiplier", self.noise_multiplier, "must be a finite number >= 0")
+        if not is_num(self.max_grad_norm) or not self.max_grad_norm > 0 or math.isinf(
+            self.max_grad_norm
+        ):
+            raise bad("max_grad_norm", self.max_grad_norm, "must be a finite number > 0")
+        if not is_num(self.delta) or not (0.0 < self.delta < 1.0):
+            raise bad("delta", self.delta, "must be in (0, 1)")
+        if self.accountant not in ACCOUNTANTS:
+            raise bad("accountant", self.accountant, f"must be one of {', '.join(ACCOUNTANTS)}")
+        if self.grad_sample_mode not in GRAD_SAMPLE_MODES:
+            raise bad(
+                "grad_sample_mode", self.grad_sample_mode, f"must be one of {', '.join(GRAD_SAMPLE_MODES)}"
+            )
+        if not is_num(self.proximal_mu) or not self.proximal_mu >= 0 or math.isinf(self.proximal_mu):
+            raise bad("proximal_mu", self.proximal_mu, "must be a finite number >= 0")
+        if not is_int(self.seed):
+            raise bad("seed", self.seed, "must be an integer")
+
+
+@dataclass
+class LocalTrainResult:
+    loss: float  # mean training loss over the round's non-empty batches (nan if none)
+    steps: int  # optimizer steps taken this round (under DP: every accounted step, empty ones too)
+    num_examples: int  # number of windows
+    sample_rate: float  # Poisson sample rate q (the one the accountant recorded)
+    epsilon: float  # cumulative over every round this device ever trained (nan when dp=False)
+    accountant_state: dict | None  # JSON-serialisable; None when dp=False
+
+
+# ----------------------------------------------------------------------------------------- losses
+def per_example_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """``[B]``: each example's mean cross-entropy over its non-padding (non-zero) targets.
+
+    An example without any target contributes 0 (and a zero gradient).
+    """
+    b, length, vocab = logits.shape
+    ce = F.cross_entropy(
+        logits.reshape(-1, vocab), targets.reshape(-1), reduction="none", ignore_index=0
+    ).view(b, length)
+    counts = (targets != 0).sum(dim=1).clamp(min=1).to(ce.dtype)
+    return ce.sum(dim=1) / counts
+
+
+def sequence_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean over the batch of :func:`per_example_loss` (0 for an empty batch).
+
+    Because every example's loss is already normalised by its own target count, Opacus'
+    ``loss_reduction="mean"`` recovers each example's gradient exactly.
+    """
+    if logits.shape[0] == 0:
+        return logits.sum() * 0.0
+    return per_example_loss(logits, targets).mean()
+
+
+class SequenceLoss(nn.Module):
+    """Criterion for Opacus ghost clipping: ``reduction`` "none" -> ``[B]``, "mean", or "sum"."""
+
+    def __init__(self, reduction: str = "mean") -> None:
+        super().__init__()
+        self.reduction = reduction
+
+    def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
+        per = per_example_loss(logits, targets)
+        if self.reduction == "none":
+            return per
+        if self.reduction == "sum":
+            return per.sum()
+        return per.mean() if per.numel() else logits.sum() * 0.0
+
+
+# ---------------------------------------------------------------------------------------- helpers
+def accountant_epsilon(accountant_state: dict | None, delta: float, accountant: str) -> float:
+    """Cumulative epsilon of a saved accountant state (0.0 with no history)."""
+    return epsilon_from_state(accountant_state, delta, accountant)
+
+
+def steps_per_epoch(num_windows: int, batch_size: int) -> int:
+    """``ceil(n / batch_size)`` (0 when there is no window)."""
+    return 0 if num_windows <= 0 else math.ceil(num_windows / batch_size)
+
+
+def sample_rate_for(num_windows: int, batch_size: int) -> float:
+    """Poisson sample rate used (and accounted) by :func:`train_local`: ``1 / ceil(n / batch_size)``.
+
+    Use this (not ``batch_size / n``) when calibrating the noise multiplier with
+    ``opacus.accountants.utils.get_noise_multiplier``.
+    """
+    spe = steps_per_epoch(num_windows, batch_size)
+    return 0.0 if spe == 0 else 1.0 / spe
+
+
+def split_windows(windows: np.ndarray) -> tuple[Tensor, Tensor]:
+    """``windows [n, W]`` -> (inputs ``[n, W-1]``, targets ``[n, W-1]``).
+
+    A target whose input is padding (the first real item of a left-padded window) is set to 0
+    (ignored): the model is never asked to predict from an empty context.
+    """
+    w = torch.as_tensor(np.asarray(windows), dtype=torch.long)
+    inputs = w[:, :-1].contiguous()
+    targets = w[:, 1:].clone()
+    targets[inputs == 0] = 0
+    return inputs, targets
+
+
+def _check_windows(model: SASRec, windows: np.ndarray) -> np.ndarray:
+    windows = np.asarray(windows)
+    if windows.ndim != 2:
+        raise PrivrecError(f"windows must be a 2-D array [n, window], got shape {windows.shape}")
+    if windows.shape[0] and not np.issubdtype(windows.dtype, np.integer):
+        raise PrivrecError(f"windows must hold integer item ids, got dtype {windows.dtype}")
+    if windows.shape[0] == 0:
+        return windows
+    if windows.shape[1] < 2:
+        raise PrivrecError(f"window length must be >= 2, got {windows.shape[1]}")
+    if windows.shape[1] - 1 > model.cfg.max_len:
+        raise PrivrecError(
+            f"window={windows.shape[1]} needs max_len >= {windows.shape[1] - 1}, "
+            f"but the model has max_len={model.cfg.max_len}"
+        )
+    lo, hi = int(windows.min()), int(windows.max())
+    if lo < 0 or hi > model.cfg.num_items:
+        raise PrivrecError(
+            f"windows hold item id {lo if lo < 0 else hi}, outside 0..num_items={model.cfg.num_items}"
+        )
+    return windows
+
+
+def _proximal_reference(model: nn.Module, global_params: dict[str, Tensor] | None) -> dict[str, Tensor]:
+    ref = {}
+    for name, p in model.named_parameters():
+        if global_params is None:
+            ref[name] = p.detach().clone()
+            continue
+        if name not in global_params:
+            raise PrivrecError(f"global_params has no entry for parameter {name!r}")
+        g = torch.as_tensor(global_params[name], dtype=p.dtype, device=p.device)
+        if g.shape != p.shape:
+            raise PrivrecError(
+                f"global_params[{name!r}] has shape {tuple(g.shape)}, expected {tuple(p.shape)}"
+            )
+        ref[name] = g.detach().clone()
+    return ref
+
+
+def _proximal_step(params: list[tuple[Tensor, Tensor]], lr: float, mu: float) -> None:
+    """FedProx as a separate, data-independent update: ``w -= lr * mu * (w - w_global)``."""
+    with torch.no_grad():
+        for p, g in params:
+            p.sub_(lr * mu * (p - g))
+
+
+def _seeds(seed: int, prior_steps: int) -> tuple[int, int, int]:
+    # Mix in the device's step count so two rounds never reuse the same sampling masks / noise
+    # (identical noise in two releases would cancel in their difference).
+    ss = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(prior_steps)])
+    a, b, c = (int(x) for x in ss.generate_state(3, dtype=np.uint64) % (2**63 - 1))
+    return a, b, c
+
+
+# -------------------------------------------------------------------------------------- training
+def train_local(
+    model: SASRec,
+    windows: np.ndarray,
+    cfg: LocalTrainConfig,
+    accountant_state: dict | None = None,
+    global_params: dict[str, Tensor] | None = None,
+    on_epoch: Callable[[int, float], None] | None = None,
+) -> LocalTrainResult:
+    """Train ``model`` IN PLACE on ``windows`` (int [n, W], left-padded) for ``cfg.epochs`` epochs.
+
+    The model is left unwrapped (plain ``state_dict()`` keys) and in train mode.
+    ``on_epoch(epoch_index, mean_loss)`` is called after every epoch if given.
+    """
+    if not isinstance(cfg, LocalTrainConfig):
+        raise PrivrecError(f"cfg must be a LocalTrainConfig, got {type(cfg).__name__}")
+    cfg.validate()
+    windows = _check_windows(model, windows)
+    n = int(windows.shape[0])
+    prior = history_steps(accountant_state) if cfg.dp else 0
+    if cfg.dp and accountant_state:
+        from_json_state(accountant_state, cfg.accountant)  # mechanism check, clear error
+    q = sample_rate_for(n, cfg.batch_size)
+    if n == 0:
+        if cfg.dp:
+            state = to_json_state(accountant_state) if accountant_state else None
+            eps = epsilon_from_state(state, cfg.delta, cfg.accountant)
+        else:
+            state, eps = None, float("nan")
+        return LocalTrainResult(float("nan"), 0, 0, q, eps, state)
+
+    torch_seed, loader_seed, noise_seed = _seeds(cfg.seed, prior)
+    inputs, targets = split_windows(windows)
+    dataset = TensorDataset(inputs, targets)
+    loader_gen = torch.Generator().manual_seed(loader_seed)
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(torch_seed)  # dropout
+        model.train()
+        prox = None
+        if cfg.proximal_mu > 0:
+            ref = _proximal_reference(model, global_params)
+            prox = [(p, ref[name]) for name, p in model.named_parameters()]
+        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+        if cfg.dp:
+            return _train_dp(
+                model, dataset, cfg, accountant_state, optimizer, loader_gen, noise_seed, q, prox, on_epoch
+            )
+        return _train_plain(model, dataset, cfg, optimizer, loader_gen, q, prox, on_epoch)
+
+
+def _train_plain(model, dataset, cfg, optimizer, loader_gen, q, prox, on_epoch) -> LocalTrainResult:
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, generator=loader_gen)
+    losses, steps = [], 0
+    for epoch in range(cfg.epochs):
+        epoch_losses = []
+        for x, y in loader:
+            optimizer.zero_grad(set_to_none=True)
+            loss = sequence_loss(model(x), y)
+            loss.backward()
+            optimizer.step()
+            if prox:
+                _proximal_step(prox, cfg.lr, cfg.proximal_mu)
+            steps += 1
+            epoch_losses.append(float(loss.detach()))
+        losses += epoch_losses
+        if on_epoch:
+            on_epoch(epoch, float(np.mean(epoch_losses)) if epoch_losses else float("nan"))
+    model.zero_grad(set_to_none=True)
+    return LocalTrainResult(
+        loss=float(np.mean(losses)) if losses else float("nan"),
+        steps=steps,
+        num_examples=len(dataset),
+        sample_rate=q,
+        epsilon=float("nan"),
+        accountant_state=None,
+    )
+
+
+def _train_dp(
+    model, dataset, cfg, accountant_state, optimizer, loader_gen, noise_seed, q, prox, on_epoch
+) -> LocalTrainResult:
+    from opacus import PrivacyEngine
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # gdp "experimental", secure-RNG notices
+        engine = PrivacyEngine(accountant=cfg.accountant)
+    if accountant_state:
+        # Before make_private: the new steps compose with every previous round.
+        engine.accountant.load_state_dict(from_json_state(accountant_state, cfg.accountant))
+    check_fixed_parameters(accountant_state, cfg.noise_multiplier, q, cfg.accountant)
+
+    base_loader = DataLoader(dataset, batch_size=cfg.batch_size, generator=loader_gen)
+    criterion = SequenceLoss()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = engine.make_private(
+            module=model,
+            optimizer=optimizer,
+            criterion=criterion,
+            data_loader=base_loader,
+            noise_multiplier=float(cfg.noise_multiplier),
+            max_grad_norm=float(cfg.max_grad_norm),
+            poisson_sampling=True,
+            grad_sample_mode=cfg.grad_sample_mode,
+            noise_generator=torch.Generator().manual_seed(noise_seed),
+        )
+    if cfg.grad_sample_mode == "ghost":
+        gsm, dp_opt, dp_criterion, dp_loader = out
+    else:
+        gsm, dp_opt, dp_loader = out
+        dp_criterion = sequence_loss
+    if abs(dp_loader.sample_rate - q) > 1e-15:  # pragma: no cover - guards an Opacus change
+        raise RuntimeError(f"Opacus sample rate {dp_loader.sample_rate} != expected {q}")
+
+    length = dataset.tensors[0].shape[1]
+    losses, steps = [], 0
+    try:
+        with warnings.catch_warnings():
+            # ghost mode: "Full backward hook is firing ... no inputs require gradients" (harmless)
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            for epoch in range(cfg.epochs):
+                epoch_losses = []
+                for x, y in dp_loader:
+                    dp_opt.zero_grad(set_to_none=True)
+                    empty = x.shape[0] == 0
+                    if empty:  # data-independent stand-in: loss 0, per-sample gradient 0
+                        x = torch.zeros(1, length, dtype=torch.long)
+                        y = torch.zeros(1, length, dtype=torch.long)
+                    loss = dp_criterion(gsm(x), y)
+                    loss.backward()
+                    dp_opt.step()  # clip, add noise, count the step
+                    if prox:
+                        _proximal_step(prox, cfg.lr, cfg.proximal_mu)
+                    steps += 1
+                    if not empty:
+                        epoch_losses.append(float(loss.item()))
+                losses += epoch_losses
+                if on_epoch:
+                    on_epoch(epoch, float(np.mean(epoch_losses)) if epoch_losses else float("nan"))
+    finally:
+        dp_opt.zero_grad(set_to_none=True)
+        gsm.cleanup()  # remove hooks and grad_sample attributes: model is plain again
+        model.zero_grad(set_to_none=True)
+
+    state = to_json_state(engine.accountant.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        eps = float(engine.accountant.get_epsilon(delta=float(cfg.delta)))
+    return LocalTrainResult(
+        loss=float(np.mean(losses)) if losses else float("nan"),
+        steps=steps,
+        num_examples=len(dataset),
+        sample_rate=q,
+        epsilon=eps,
+        accountant_state=state,
+    )

@@ -1,0 +1,77 @@
+"""Run the real ServerApp logic against the real ClientApp in one process, without Ray.
+
+Flower builds messages from process-level identity fields that only its runtimes set. Setting
+them is internal API and may change between Flower versions: this file is the only place that
+does it.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Iterable
+
+from flwr.app import Context, Message, Metadata, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+RUN_ID = 1
+
+
+def set_identity() -> None:
+    TaskIdentity.run_id = RUN_ID
+    TaskIdentity.node_id = 0
+    TaskIdentity.task_id = 0
+
+
+def instruction(content: RecordDict, node_id: int, message_type: str, round_: int = 1) -> Message:
+    """A server-to-device message as a Flower runtime would deliver it."""
+    metadata = Metadata(run_id=RUN_ID, message_id=f"msg-{node_id}-{time.monotonic_ns()}", src_node_id=0,
+                        dst_node_id=node_id, reply_to_message_id="", group_id=str(round_),
+                        created_at=time.time(), ttl=3600, message_type=message_type)
+    return Message(content=content, metadata=metadata)
+
+
+def node_context(node_id: int, node_config: dict) -> Context:
+    return Context(run_id=RUN_ID, node_id=node_id, node_config=node_config, state=RecordDict(), run_config={})
+
+
+class InProcessGrid(Grid):
+    """A Grid whose nodes are partitions served by calling the ClientApp directly."""
+
+    def __init__(self, client_app, num_nodes: int):
+        set_identity()
+        self.client_app = client_app
+        self.contexts = {node_id: node_context(node_id, {"partition-id": node_id - 1,
+                                                         "num-partitions": num_nodes})
+                         for node_id in range(1, num_nodes + 1)}
+        self.delivered: list[Message] = []  # every instruction sent, for assertions
+        self.replies: list[Message] = []
+
+    def set_run(self, run) -> None:  # pragma: no cover - not used in-process
+        self._run = run
+
+    @property
+    def run(self):  # pragma: no cover
+        return self._run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # pragma: no cover
+        return instruction(content, dst_node_id, message_type)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.contexts)
+
+    def push_messages(self, messages):  # pragma: no cover
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids):  # pragma: no cover
+        raise NotImplementedError
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        replies = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            delivered = instruction(msg.content, node, msg.metadata.message_type)
+            self.delivered.append(delivered)
+            replies.append(self.client_app(delivered, self.contexts[node]))
+        self.replies.extend(replies)
+        return replies

@@ -1,0 +1,74 @@
+"""The run-config schema: defaults agree with pyproject.toml, and bad values are named."""
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from shared import config
+from shared.errors import PrivrecError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_pyproject_run_config_matches_schema():
+    flower_defaults = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert flower_defaults == config.defaults()
+
+
+@pytest.mark.parametrize("key, value, fragment", [
+    ("noise-multiplier", -0.5, "'noise-multiplier' = -0.5"),
+    ("devices-per-round", -1, "'devices-per-round'"),
+    ("window", 0, "'window' = 0"),
+    ("window", 1, "'window' = 1"),
+    ("delta", 1.0, "'delta' = 1.0"),
+    ("delta", 0.0, "'delta'"),
+    ("accountant", "moments", "'accountant'"),
+    ("num-rounds", 0, "'num-rounds'"),
+    ("max-grad-norm", 0.0, "'max-grad-norm'"),
+    ("strategy", "fedsgd", "'strategy'"),
+])
+def test_out_of_range_values_name_the_key_and_value(key, value, fragment):
+    with pytest.raises(PrivrecError) as err:
+        config.validate({key: value})
+    assert fragment in str(err.value)
+
+
+def test_unknown_key_suggests_the_close_one():
+    with pytest.raises(PrivrecError, match=r"unknown config key 'noise-multipler' \(did you mean 'noise-multiplier'\?\)"):
+        config.validate({"noise-multipler": 1.0})
+
+
+def test_wrong_type_is_named():
+    with pytest.raises(PrivrecError, match="'num-rounds': 'ten' is not a valid int"):
+        config.validate({"num-rounds": "ten"})
+
+
+def test_zero_devices_per_round_needs_a_fraction():
+    with pytest.raises(PrivrecError, match="no device would train"):
+        config.validate({"devices-per-round": 0, "fraction-train": 0.0})
+    assert config.validate({"devices-per-round": 0, "fraction-train": 0.1})["fraction-train"] == 0.1
+
+
+def test_window_must_fit_the_model():
+    with pytest.raises(PrivrecError, match="'window' = 60"):
+        config.validate({"window": 60, "max-len": 50})
+
+
+def test_config_file_layers_under_overrides(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('num-rounds = 7\nnoise-multiplier = 2.0\n')
+    cfg = config.resolve(path, {"noise-multiplier": "0.5"})
+    assert cfg["num-rounds"] == 7 and cfg["noise-multiplier"] == 0.5
+
+
+def test_config_file_errors_name_the_file(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("num-rounds = -3\n")
+    with pytest.raises(PrivrecError, match="bad.toml: config key 'num-rounds' = -3"):
+        config.resolve(path)
+    path.write_text("num-rounds = = 3\n")
+    with pytest.raises(PrivrecError, match="bad.toml: not valid TOML"):
+        config.resolve(path)
+    with pytest.raises(PrivrecError, match="does not exist"):
+        config.resolve(tmp_path / "missing.toml")
