@@ -28,7 +28,7 @@ def model_config(cfg: Mapping[str, Any], num_items: int) -> ModelConfig:
                        num_heads=cfg["num-heads"], num_blocks=cfg["num-blocks"], dropout=cfg["dropout"])
 
 
-def local_train_config(cfg: Mapping[str, Any], seed: int, proximal_mu: float) -> LocalTrainConfig:
+def local_train_config(cfg: Mapping[str, Any], seed: int | None, proximal_mu: float) -> LocalTrainConfig:
     return LocalTrainConfig(epochs=cfg["local-epochs"], lr=cfg["local-lr"], batch_size=cfg["batch-size"],
                             dp=cfg["dp"], noise_multiplier=cfg["noise-multiplier"],
                             max_grad_norm=cfg["max-grad-norm"], delta=cfg["delta"],
@@ -62,9 +62,12 @@ def train_round(data: DeviceData, num_items: int, global_state: Mapping[str, tor
     ledger = load_ledger(ledger_path, device)
     model = SASRec(model_config(cfg, num_items))
     model.load_state_dict(global_state)
-    # Distinct, reproducible randomness per (run seed, round, device).
-    seed = int(np.random.SeedSequence([cfg["seed"], server_round, zlib.crc32(device.encode())])
-               .generate_state(1)[0])
+    # DP noise must be unpredictable to the server, which knows the run seed: fresh OS entropy,
+    # unless a simulation asks for repeatable runs (then: per run seed, round and device).
+    seed = None
+    if cfg["deterministic-devices"]:
+        seed = int(np.random.SeedSequence([cfg["seed"], server_round, zlib.crc32(device.encode())])
+                   .generate_state(1)[0])
     global_params = {k: v.detach().clone() for k, v in model.named_parameters()} if proximal_mu > 0 else None
     windows = training_windows(data, cfg["window"])
     result = train_local(model, windows, local_train_config(cfg, seed, proximal_mu),

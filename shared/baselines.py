@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -19,7 +19,7 @@ from shared.metrics import eval_inputs, hit_at_k, ndcg_at_k, target_ranks
 from shared.model import ModelConfig, SASRec
 from shared.training import LocalTrainConfig, train_local
 
-__all__ = ["popularity_scores", "evaluate_popularity", "train_centralized", "all_windows"]
+__all__ = ["all_windows", "evaluate_popularity", "popularity_scores", "train_centralized"]
 
 
 def popularity_scores(train: Sequence[np.ndarray], num_items: int) -> np.ndarray:
@@ -31,7 +31,9 @@ def popularity_scores(train: Sequence[np.ndarray], num_items: int) -> np.ndarray
     for seq in train:
         seq = np.asarray(seq, dtype=np.int64).reshape(-1)
         if seq.size and (seq.min() < 1 or seq.max() > num_items):
-            raise PrivrecError(f"training history holds an item id outside 1..num_items={num_items}")
+            raise PrivrecError(
+                f"training history holds an item id outside 1..num_items={num_items}"
+            )
         counts += np.bincount(seq, minlength=num_items + 1)[: num_items + 1]
     counts[0] = 0.0
     return counts
@@ -96,7 +98,7 @@ def train_centralized(
     cfg = LocalTrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, dp=False, seed=seed)
     on_epoch = None
     if progress is not None:
-        on_epoch = lambda e, loss: progress(e + 1, epochs, loss)  # noqa: E731
+        on_epoch = lambda e, loss: progress(e + 1, epochs, loss)
     train_local(model, windows, cfg, on_epoch=on_epoch)
     model.eval()
     return model

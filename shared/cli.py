@@ -197,7 +197,10 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     if args.out:
         from shared.privacy.ledger import write_json_atomic
 
-        write_json_atomic(Path(args.out), result)
+        try:
+            write_json_atomic(Path(args.out), result)
+        except OSError as exc:
+            raise PrivrecError(f"--out {args.out}: cannot write ({exc.strerror or exc})") from None
     return 0
 
 
@@ -269,7 +272,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except PrivrecError as exc:
-        print(f"privrec: error: {exc}", file=sys.stderr)
+        message = " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
+        print(f"privrec: error: {message}", file=sys.stderr)  # always one line
         return 2
     except KeyboardInterrupt:
         print("privrec: interrupted", file=sys.stderr)

@@ -72,8 +72,11 @@ SCHEMA: dict[str, Key] = {
                              lambda v: 0 < v <= 1, "must be in (0, 1]"),
     "central-eval": Key(bool, True, "simulation only: also evaluate the global model on every user's "
                                     "held-out items on the server (reads every user's test item)"),
-    "seed": Key(int, 0, "seed for model init, device sampling and local training", _non_negative,
+    "seed": Key(int, 0, "seed for model init and the server's choice of devices", _non_negative,
                 "must be >= 0"),
+    "deterministic-devices": Key(bool, False, "simulation only: derive each device's sampling and DP noise "
+                                              "from `seed` so runs repeat exactly; whoever knows the seed "
+                                              "can subtract the noise, so never use it in a deployment"),
     # on-device training
     "local-epochs": Key(int, 1, "local passes over the device's windows per round", _positive, "must be >= 1"),
     "local-lr": Key(float, 0.005, "local Adam learning rate", _positive, "must be > 0"),

@@ -14,7 +14,7 @@ Conventions
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -23,14 +23,14 @@ from torch import Tensor
 from shared.errors import PrivrecError
 
 __all__ = [
-    "target_ranks",
-    "hit_at_k",
-    "ndcg_at_k",
     "bootstrap_ci",
     "eval_inputs",
-    "left_pad",
     "evaluate_histories",
+    "hit_at_k",
+    "left_pad",
+    "ndcg_at_k",
     "summarize",
+    "target_ranks",
 ]
 
 

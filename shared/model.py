@@ -147,7 +147,9 @@ class SASRec(nn.Module):
         if not isinstance(seqs, Tensor):
             seqs = torch.as_tensor(seqs)
         if seqs.dim() != 2:
-            raise ValueError(f"SASRec expects item ids of shape [batch, length], got {tuple(seqs.shape)}")
+            raise ValueError(
+                f"SASRec expects item ids of shape [batch, length], got {tuple(seqs.shape)}"
+            )
         if seqs.dtype != torch.long:
             seqs = seqs.long()
         if seqs.shape[1] == 0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -21,6 +22,8 @@ class Recommender:
 
     @classmethod
     def load(cls, run_dir: Path) -> "Recommender":
+        if not run_dir.is_dir():
+            raise PrivrecError(f"{run_dir}: no such run directory")
         for name in ("model.pt", "model.json", "items.json"):
             if not (run_dir / name).exists():
                 raise PrivrecError(f"{run_dir} is not a trained run: {name} is missing")
@@ -29,10 +32,25 @@ class Recommender:
             items = json.loads((run_dir / "items.json").read_text())
             cfg = ModelConfig(**{k: arch[k] for k in ModelConfig.__dataclass_fields__})
             model = SASRec(cfg)
-            model.load_state_dict(torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True))
-        except (ValueError, KeyError, TypeError, RuntimeError, OSError) as exc:
-            raise PrivrecError(f"{run_dir}: cannot load the model ({exc})") from None
-        return cls(model, list(items["item_ids"]), list(items.get("item_titles") or [None] * len(items["item_ids"])))
+            try:
+                state = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
+            except Exception as exc:  # a damaged file can fail anywhere inside the unpickler
+                raise PrivrecError(f"model.pt is not a readable torch state dict: {exc}") from None
+            model.load_state_dict(state)
+        except (ValueError, KeyError, TypeError, RuntimeError, OSError, EOFError, pickle.UnpicklingError,
+                PrivrecError) as exc:
+            detail = " ".join(str(exc).split())  # one line: state_dict errors span several
+            detail = detail if len(detail) <= 300 else detail[:297] + "..."
+            raise PrivrecError(f"{run_dir}: cannot load the model ({type(exc).__name__}: {detail})") from None
+        ids = items.get("item_ids") if isinstance(items, dict) else None
+        titles = items.get("item_titles") if isinstance(items, dict) else None
+        if titles is None and isinstance(ids, list):
+            titles = [None] * len(ids)
+        want = cfg.num_items + 1
+        if not isinstance(ids, list) or not isinstance(titles, list) or len(ids) != want or len(titles) != want:
+            raise PrivrecError(f"{run_dir / 'items.json'}: expected 'item_ids' (and 'item_titles') lists of "
+                               f"{want} entries, matching num_items={cfg.num_items} in model.json plus padding")
+        return cls(model, [str(i) for i in ids], list(titles))
 
     def encode(self, history: list[Any], where: str) -> list[int]:
         out = []
@@ -50,9 +68,9 @@ class Recommender:
     def top_k(self, history: list[Any], k: int, where: str) -> list[dict[str, Any]]:
         if k < 1:
             raise PrivrecError(f"-k {k}: must be >= 1")
-        ids = self.encode(history, where)[-self.model.cfg.max_len:]
-        scores = self.model.predict_next(torch.tensor([ids], dtype=torch.long))[0]
-        scores[ids] = float("-inf")  # never recommend what the user already has
+        ids = self.encode(history, where)
+        scores = self.model.predict_next(torch.tensor([ids[-self.model.cfg.max_len:]], dtype=torch.long))[0]
+        scores[ids] = float("-inf")  # never recommend what the user already has (the whole history)
         top = torch.topk(scores, min(k, len(self.item_ids) - 1 - len(set(ids))))
         return [{"item": self.item_ids[i], "title": self.titles[i], "score": float(s)}
                 for s, i in zip(top.values.tolist(), top.indices.tolist())]

@@ -12,6 +12,13 @@ one all-padding row whose targets are all padding. Its loss is exactly 0 and its
 is exactly 0 (no data involved), so the DP optimizer still clips (nothing), adds the full noise, and
 the accountant counts the step: every sampler draw is one noised, accounted step.
 
+Randomness: with an integer ``cfg.seed`` a round is exactly reproducible (dropout, Poisson masks and
+DP noise all derive from ``(seed, steps already in the device's accountant history)``). The DP
+guarantee assumes the adversary cannot predict the sampling or the noise: whoever knows the seed and
+the device's step count can regenerate the noise and subtract it. Integer seeds are therefore for
+research/simulation; ``seed=None`` draws fresh OS entropy every round (torch's generator is still not
+a CSPRNG -- Opacus' ``secure_mode`` needs torchcsprng, unavailable for this torch).
+
 Cumulative accounting: the caller passes the accountant state returned by the previous round; it is
 loaded into a fresh ``PrivacyEngine``'s accountant *before* training, so the new steps compose with
 every earlier round and ``epsilon`` is the device's total.
@@ -21,8 +28,8 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -44,14 +51,14 @@ from shared.privacy.accounting import (
 __all__ = [
     "LocalTrainConfig",
     "LocalTrainResult",
-    "train_local",
-    "sequence_loss",
-    "per_example_loss",
     "SequenceLoss",
     "accountant_epsilon",
+    "per_example_loss",
     "sample_rate_for",
-    "steps_per_epoch",
+    "sequence_loss",
     "split_windows",
+    "steps_per_epoch",
+    "train_local",
 ]
 
 GRAD_SAMPLE_MODES = ("hooks", "ghost")
@@ -69,7 +76,10 @@ class LocalTrainConfig:
     accountant: str = "rdp"  # "rdp" | "prv" | "gdp"
     grad_sample_mode: str = "hooks"  # "hooks" | "ghost"
     proximal_mu: float = 0.0
-    seed: int = 0
+    # Seeds dropout, Poisson sampling and DP noise (mixed with the device's step count so rounds
+    # differ). None = fresh OS entropy: not reproducible, but sampling and noise are then not
+    # predictable from the (public) run config -- see the module docstring.
+    seed: int | None = 0
 
     def validate(self) -> None:
         def bad(key: str, value, why: str) -> PrivrecError:
@@ -89,12 +99,16 @@ class LocalTrainConfig:
             raise bad("lr", self.lr, "must be a finite number > 0")
         if not isinstance(self.dp, bool):
             raise bad("dp", self.dp, "must be true or false")
-        if not is_num(self.noise_multiplier) or not self.noise_multiplier >= 0 or math.isinf(
-            self.noise_multiplier
+        if (
+            not is_num(self.noise_multiplier)
+            or not self.noise_multiplier >= 0
+            or math.isinf(self.noise_multiplier)
         ):
             raise bad("noise_multiplier", self.noise_multiplier, "must be a finite number >= 0")
-        if not is_num(self.max_grad_norm) or not self.max_grad_norm > 0 or math.isinf(
-            self.max_grad_norm
+        if (
+            not is_num(self.max_grad_norm)
+            or not self.max_grad_norm > 0
+            or math.isinf(self.max_grad_norm)
         ):
             raise bad("max_grad_norm", self.max_grad_norm, "must be a finite number > 0")
         if not is_num(self.delta) or not (0.0 < self.delta < 1.0):
@@ -103,12 +117,18 @@ class LocalTrainConfig:
             raise bad("accountant", self.accountant, f"must be one of {', '.join(ACCOUNTANTS)}")
         if self.grad_sample_mode not in GRAD_SAMPLE_MODES:
             raise bad(
-                "grad_sample_mode", self.grad_sample_mode, f"must be one of {', '.join(GRAD_SAMPLE_MODES)}"
+                "grad_sample_mode",
+                self.grad_sample_mode,
+                f"must be one of {', '.join(GRAD_SAMPLE_MODES)}",
             )
-        if not is_num(self.proximal_mu) or not self.proximal_mu >= 0 or math.isinf(self.proximal_mu):
+        if (
+            not is_num(self.proximal_mu)
+            or not self.proximal_mu >= 0
+            or math.isinf(self.proximal_mu)
+        ):
             raise bad("proximal_mu", self.proximal_mu, "must be a finite number >= 0")
-        if not is_int(self.seed):
-            raise bad("seed", self.seed, "must be an integer")
+        if self.seed is not None and not is_int(self.seed):
+            raise bad("seed", self.seed, "must be an integer or None")
 
 
 @dataclass
@@ -219,7 +239,9 @@ def _check_windows(model: SASRec, windows: np.ndarray) -> np.ndarray:
     return windows
 
 
-def _proximal_reference(model: nn.Module, global_params: dict[str, Tensor] | None) -> dict[str, Tensor]:
+def _proximal_reference(
+    model: nn.Module, global_params: dict[str, Tensor] | None
+) -> dict[str, Tensor]:
     ref = {}
     for name, p in model.named_parameters():
         if global_params is None:
@@ -243,10 +265,13 @@ def _proximal_step(params: list[tuple[Tensor, Tensor]], lr: float, mu: float) ->
             p.sub_(lr * mu * (p - g))
 
 
-def _seeds(seed: int, prior_steps: int) -> tuple[int, int, int]:
+def _seeds(seed: int | None, prior_steps: int) -> tuple[int, int, int]:
     # Mix in the device's step count so two rounds never reuse the same sampling masks / noise
     # (identical noise in two releases would cancel in their difference).
-    ss = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(prior_steps)])
+    if seed is None:
+        ss = np.random.SeedSequence()  # OS entropy
+    else:
+        ss = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(prior_steps)])
     a, b, c = (int(x) for x in ss.generate_state(3, dtype=np.uint64) % (2**63 - 1))
     return a, b, c
 
@@ -297,7 +322,16 @@ def train_local(
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
         if cfg.dp:
             return _train_dp(
-                model, dataset, cfg, accountant_state, optimizer, loader_gen, noise_seed, q, prox, on_epoch
+                model,
+                dataset,
+                cfg,
+                accountant_state,
+                optimizer,
+                loader_gen,
+                noise_seed,
+                q,
+                prox,
+                on_epoch,
             )
         return _train_plain(model, dataset, cfg, optimizer, loader_gen, q, prox, on_epoch)
 

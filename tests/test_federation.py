@@ -12,7 +12,7 @@ from client.app import app as client_app
 from server.app import FederatedRun
 from server.run_dir import RunDirectory
 from shared import config
-from tests.harness import InProcessGrid
+from simulations.inprocess import InProcessGrid
 from tests.synthetic import walk_store
 
 NUM_DEVICES = 8
@@ -25,7 +25,7 @@ def run_federation(tmp_path, **overrides):
         "data-store": str(store), "num-rounds": 4, "devices-per-round": 6, "eval-every": 2,
         "max-len": 16, "window": 12, "hidden-size": 32, "num-heads": 2, "num-blocks": 1, "dropout": 0.0,
         "local-epochs": 4, "local-lr": 0.02, "batch-size": 2, "noise-multiplier": 0.3, "max-grad-norm": 1.0,
-        "run-dir": str(tmp_path / "runs"), "run-name": "t", **overrides})
+        "run-dir": str(tmp_path / "runs"), "run-name": "t", "deterministic-devices": True, **overrides})
     run_dir = RunDirectory.create(cfg["run-dir"], cfg["run-name"])
     grid = InProcessGrid(client_app, NUM_DEVICES)
     FederatedRun(cfg, run_dir, grid).execute()

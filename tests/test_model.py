@@ -20,13 +20,22 @@ def _one_thread():
     yield
     torch.set_num_threads(old)
 
+
 N_ITEMS = 12
 
 
 def tiny(dropout=0.0, max_len=8, seed=0, blocks=2):
     torch.manual_seed(seed)
-    return SASRec(ModelConfig(num_items=N_ITEMS, max_len=max_len, hidden_size=8, num_heads=2,
-                              num_blocks=blocks, dropout=dropout))
+    return SASRec(
+        ModelConfig(
+            num_items=N_ITEMS,
+            max_len=max_len,
+            hidden_size=8,
+            num_heads=2,
+            num_blocks=blocks,
+            dropout=dropout,
+        )
+    )
 
 
 def test_output_shapes_and_padding_column():
@@ -116,8 +125,12 @@ def _per_example_grads(model, x, y):
         ref = copy.deepcopy(model)
         ref.zero_grad()
         per_example_loss(ref(x[i : i + 1]), y[i : i + 1]).sum().backward()
-        out.append({n: p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
-                    for n, p in ref.named_parameters()})
+        out.append(
+            {
+                n: p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
+                for n, p in ref.named_parameters()
+            }
+        )
     return out
 
 
@@ -138,7 +151,10 @@ def test_opacus_hooks_per_sample_grads_match_individual_grads():
         assert p.grad_sample is not None, f"{name} escaped the per-sample hooks"
         assert p.grad_sample.shape == (x.shape[0], *p.shape), name
         for i in range(x.shape[0]):
-            assert torch.allclose(p.grad_sample[i], expected[i][name], atol=1e-6, rtol=1e-4), (name, i)
+            assert torch.allclose(p.grad_sample[i], expected[i][name], atol=1e-6, rtol=1e-4), (
+                name,
+                i,
+            )
     # sanity: the examples really have different gradients
     assert not torch.allclose(expected[0]["head.weight"], expected[2]["head.weight"])
     gsm.cleanup()
@@ -151,22 +167,28 @@ def test_opacus_ghost_clipped_update_matches_manual_clipping():
     x, y = _batch()
     expected = _per_example_grads(model, x, y)
     names = [n for n, _ in model.named_parameters()]
-    norms = torch.stack([
-        torch.sqrt(sum((g[n] ** 2).sum() for n in names)) for g in expected
-    ])
+    norms = torch.stack([torch.sqrt(sum((g[n] ** 2).sum() for n in names)) for g in expected])
     clip = 0.05
     assert (norms > clip).any() and norms.min() > 0  # clipping is actually exercised
     factors = (clip / (norms + 1e-6)).clamp(max=1.0)
-    want = {n: sum(factors[i] * expected[i][n] for i in range(len(expected))) / x.shape[0]
-            for n in names}
+    want = {
+        n: sum(factors[i] * expected[i][n] for i in range(len(expected))) / x.shape[0]
+        for n in names
+    }
 
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     loader = DataLoader(TensorDataset(x, y), batch_size=x.shape[0])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         gsm, dp_opt, crit, _ = PrivacyEngine(accountant="rdp").make_private(
-            module=model, optimizer=opt, criterion=SequenceLoss(), data_loader=loader,
-            noise_multiplier=0.0, max_grad_norm=clip, grad_sample_mode="ghost")
+            module=model,
+            optimizer=opt,
+            criterion=SequenceLoss(),
+            data_loader=loader,
+            noise_multiplier=0.0,
+            max_grad_norm=clip,
+            grad_sample_mode="ghost",
+        )
         assert dp_opt.expected_batch_size == x.shape[0]
         dp_opt.zero_grad()
         crit(gsm(x), y).backward()

@@ -29,6 +29,7 @@ def _one_thread():
     yield
     torch.set_num_threads(old)
 
+
 N = 20
 W = 8
 
@@ -45,8 +46,11 @@ def windows(n=48, seed=0, pad_every=4):
 
 def model(seed=0):
     torch.manual_seed(seed)
-    return SASRec(ModelConfig(num_items=N, max_len=W - 1, hidden_size=16, num_heads=2,
-                              num_blocks=1, dropout=0.0))
+    return SASRec(
+        ModelConfig(
+            num_items=N, max_len=W - 1, hidden_size=16, num_heads=2, num_blocks=1, dropout=0.0
+        )
+    )
 
 
 def eval_loss(m, w):
@@ -123,8 +127,14 @@ def test_dp_training_with_small_noise_lowers_loss(mode):
     w = windows(48)
     m = model()
     before = eval_loss(m, w)
-    cfg = LocalTrainConfig(epochs=8, lr=0.02, batch_size=8, noise_multiplier=0.1,
-                           max_grad_norm=1.0, grad_sample_mode=mode)
+    cfg = LocalTrainConfig(
+        epochs=8,
+        lr=0.02,
+        batch_size=8,
+        noise_multiplier=0.1,
+        max_grad_norm=1.0,
+        grad_sample_mode=mode,
+    )
     res = train_local(m, w, cfg)
     after = eval_loss(m, w)
     assert before > 2.5  # ~ln(20) at init
@@ -145,7 +155,7 @@ def test_ghost_and_hooks_give_the_same_update():
     # same seeds -> same Poisson batches and noise; both modes clip the same per-sample gradients
     w = windows(24)
     ma, mb = model(), model()
-    cfg = dict(epochs=1, batch_size=8, noise_multiplier=0.5, max_grad_norm=0.1)
+    cfg = {"epochs": 1, "batch_size": 8, "noise_multiplier": 0.5, "max_grad_norm": 0.1}
     train_local(ma, w, LocalTrainConfig(grad_sample_mode="hooks", **cfg))
     train_local(mb, w, LocalTrainConfig(grad_sample_mode="ghost", **cfg))
     for (k, a), b in zip(ma.state_dict().items(), mb.state_dict().values()):
@@ -165,6 +175,12 @@ def test_reproducible_and_rounds_use_fresh_randomness():
     train_local(c, w, cfg)
     train_local(d, w, cfg, accountant_state=ra.accountant_state)
     assert not torch.equal(c.head.weight, d.head.weight)
+    # seed=None: OS entropy, two identical calls differ
+    e, f = model(), model()
+    unseeded = LocalTrainConfig(epochs=1, batch_size=8, noise_multiplier=1.0, seed=None)
+    train_local(e, w, unseeded)
+    train_local(f, w, unseeded)
+    assert not torch.equal(e.head.weight, f.head.weight)
 
 
 @pytest.mark.parametrize("dp", [False, True])
@@ -176,7 +192,7 @@ def test_fedprox_pulls_weights_to_global(dp):
         return sum(float(((p.detach() - glob[n]) ** 2).sum()) for n, p in m.named_parameters())
 
     free, prox, exact = model(), model(), model()
-    base = dict(epochs=1, lr=0.01, batch_size=8, dp=dp, noise_multiplier=0.5)
+    base = {"epochs": 1, "lr": 0.01, "batch_size": 8, "dp": dp, "noise_multiplier": 0.5}
     train_local(free, w, LocalTrainConfig(**base), global_params=glob)
     train_local(prox, w, LocalTrainConfig(proximal_mu=30.0, **base), global_params=glob)
     assert dist(prox) < 0.8 * dist(free)
@@ -188,9 +204,19 @@ def test_fedprox_pulls_weights_to_global(dp):
 
 @pytest.mark.parametrize(
     "key,value",
-    [("noise_multiplier", -0.5), ("max_grad_norm", 0.0), ("delta", 0.0), ("delta", 1.0),
-     ("accountant", "moments"), ("grad_sample_mode", "functorch-ish"), ("batch_size", 0),
-     ("epochs", 0), ("lr", -1.0), ("proximal_mu", -0.1)],
+    [
+        ("noise_multiplier", -0.5),
+        ("max_grad_norm", 0.0),
+        ("delta", 0.0),
+        ("delta", 1.0),
+        ("accountant", "moments"),
+        ("grad_sample_mode", "functorch-ish"),
+        ("batch_size", 0),
+        ("epochs", 0),
+        ("lr", -1.0),
+        ("proximal_mu", -0.1),
+        ("seed", 1.5),
+    ],
 )
 def test_bad_config_raises_naming_key(key, value):
     with pytest.raises(PrivrecError, match=key) as exc:
@@ -203,8 +229,12 @@ def test_empty_windows_leave_epsilon_unchanged():
     m = model()
     first = train_local(m, w, LocalTrainConfig(batch_size=8))
     before = {k: v.clone() for k, v in m.state_dict().items()}
-    res = train_local(m, np.zeros((0, W), dtype=np.int64), LocalTrainConfig(batch_size=8),
-                      accountant_state=first.accountant_state)
+    res = train_local(
+        m,
+        np.zeros((0, W), dtype=np.int64),
+        LocalTrainConfig(batch_size=8),
+        accountant_state=first.accountant_state,
+    )
     assert res.steps == 0 and res.num_examples == 0
     assert res.epsilon == first.epsilon
     assert res.accountant_state == first.accountant_state
@@ -220,8 +250,12 @@ def test_gdp_refuses_changed_sample_rate_clearly():
     with pytest.raises(PrivrecError, match="sample_rate"):
         train_local(m, windows(32), cfg, accountant_state=first.accountant_state)
     with pytest.raises(PrivrecError, match="accountant"):  # mechanism mismatch
-        train_local(m, windows(16), LocalTrainConfig(accountant="rdp"),
-                    accountant_state=first.accountant_state)
+        train_local(
+            m,
+            windows(16),
+            LocalTrainConfig(accountant="rdp"),
+            accountant_state=first.accountant_state,
+        )
 
 
 def test_windows_longer_than_max_len_rejected():

@@ -18,13 +18,13 @@ from shared.errors import PrivrecError
 
 __all__ = [
     "ACCOUNTANTS",
-    "make_accountant",
-    "to_json_state",
+    "check_fixed_parameters",
+    "compose_history",
+    "epsilon_from_state",
     "from_json_state",
     "history_steps",
-    "epsilon_from_state",
-    "compose_history",
-    "check_fixed_parameters",
+    "make_accountant",
+    "to_json_state",
 ]
 
 ACCOUNTANTS = ("rdp", "prv", "gdp")
@@ -111,7 +111,9 @@ def check_fixed_parameters(
             )
 
 
-def epsilon_from_state(accountant_state: dict | None, delta: float, accountant: str = "rdp") -> float:
+def epsilon_from_state(
+    accountant_state: dict | None, delta: float, accountant: str = "rdp"
+) -> float:
     """Cumulative epsilon at ``delta`` of every step in ``accountant_state``; 0.0 with no history."""
     _check_accountant(accountant)
     if not (isinstance(delta, (int, float)) and 0.0 < float(delta) < 1.0):
@@ -139,7 +141,9 @@ def compose_history(state_a: dict | None, state_b: dict | None) -> dict:
     """
     mechs = {s["mechanism"] for s in (state_a, state_b) if s and "mechanism" in s}
     if len(mechs) > 1:
-        raise PrivrecError(f"cannot compose accountant states of different mechanisms: {sorted(mechs)}")
+        raise PrivrecError(
+            f"cannot compose accountant states of different mechanisms: {sorted(mechs)}"
+        )
     mechanism = mechs.pop() if mechs else "rdp"
     merged: list[list[Any]] = []
     for sigma, q, n in _history_rows(state_a) + _history_rows(state_b):
