@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import pickle
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -11,6 +10,13 @@ import torch
 
 from shared.errors import PrivrecError
 from shared.model import ModelConfig, SASRec
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise PrivrecError(f"{path.name}: not readable JSON ({exc})") from None
 
 
 class Recommender:
@@ -28,8 +34,11 @@ class Recommender:
             if not (run_dir / name).exists():
                 raise PrivrecError(f"{run_dir} is not a trained run: {name} is missing")
         try:
-            arch = json.loads((run_dir / "model.json").read_text())
-            items = json.loads((run_dir / "items.json").read_text())
+            arch = _read_json(run_dir / "model.json")
+            items = _read_json(run_dir / "items.json")
+            missing = [k for k in ModelConfig.__dataclass_fields__ if not isinstance(arch, dict) or k not in arch]
+            if missing:
+                raise PrivrecError(f"model.json lacks key(s) {', '.join(missing)}")
             cfg = ModelConfig(**{k: arch[k] for k in ModelConfig.__dataclass_fields__})
             model = SASRec(cfg)
             try:
@@ -37,11 +46,11 @@ class Recommender:
             except Exception as exc:  # a damaged file can fail anywhere inside the unpickler
                 raise PrivrecError(f"model.pt is not a readable torch state dict: {exc}") from None
             model.load_state_dict(state)
-        except (ValueError, KeyError, TypeError, RuntimeError, OSError, EOFError, pickle.UnpicklingError,
-                PrivrecError) as exc:
+        except (ValueError, KeyError, TypeError, RuntimeError, OSError, PrivrecError) as exc:
             detail = " ".join(str(exc).split())  # one line: state_dict errors span several
             detail = detail if len(detail) <= 300 else detail[:297] + "..."
-            raise PrivrecError(f"{run_dir}: cannot load the model ({type(exc).__name__}: {detail})") from None
+            kind = "" if isinstance(exc, PrivrecError) else f"{type(exc).__name__}: "
+            raise PrivrecError(f"{run_dir}: cannot load the model ({kind}{detail})") from None
         ids = items.get("item_ids") if isinstance(items, dict) else None
         titles = items.get("item_titles") if isinstance(items, dict) else None
         if titles is None and isinstance(ids, list):

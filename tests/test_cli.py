@@ -370,8 +370,8 @@ DAMAGE = {
     "items-without-ids": "items.json",
     "items-a-list": "items.json",
     "items-too-few": "items.json",
-    "model-json-incomplete": "max_len",
-    "model-json-invalid": "cannot load the model",
+    "model-json-incomplete": "model.json lacks key(s) max_len",
+    "model-json-invalid": "model.json: not readable JSON",
     "model-json-bad-value": "max_len",
 }
 
