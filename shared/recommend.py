@@ -44,7 +44,9 @@ class Recommender:
             try:
                 state = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
             except Exception as exc:  # a damaged file can fail anywhere inside the unpickler
-                raise PrivrecError(f"model.pt is not a readable torch state dict: {exc}") from None
+                # (torch's own message suggests weights_only=False, which would be unsafe advice here)
+                raise PrivrecError(f"model.pt is not a readable torch state dict ({type(exc).__name__}); "
+                                   "damaged, or not written by privrec") from None
             model.load_state_dict(state)
         except (ValueError, KeyError, TypeError, RuntimeError, OSError, PrivrecError) as exc:
             detail = " ".join(str(exc).split())  # one line: state_dict errors span several

@@ -45,7 +45,7 @@ def bench_steps(cfg: dict, store_dir: Path, repeats: int = 30) -> dict:
 
     from client.device import model_config, training_windows
     from shared.model import SASRec
-    from shared.training import sequence_loss, split_windows
+    from shared.training import SequenceLoss, sequence_loss, split_windows
 
     torch.set_num_threads(1)
     store = open_store(store_dir)
@@ -82,7 +82,7 @@ def bench_steps(cfg: dict, store_dir: Path, repeats: int = 30) -> dict:
         engine = PrivacyEngine(accountant="rdp")
         made = engine.make_private(module=model, optimizer=opt, data_loader=loader, noise_multiplier=1.0,
                                    max_grad_norm=1.0, poisson_sampling=False, grad_sample_mode=mode,
-                                   **({"criterion": _TokenLoss()} if mode == "ghost" else {}))
+                                   **({"criterion": SequenceLoss()} if mode == "ghost" else {}))
         if mode == "ghost":
             dp_model, dp_opt, _, criterion = made
 
@@ -101,18 +101,6 @@ def bench_steps(cfg: dict, store_dir: Path, repeats: int = 30) -> dict:
         results[f"dp_{mode}_s"] = timed(dp_step)
         results[f"dp_{mode}_over_plain"] = results[f"dp_{mode}_s"] / results["plain_s"]
     return results
-
-
-class _TokenLoss(torch.nn.Module):
-    """Criterion for Opacus ghost clipping: per-example losses when reduction='none'."""
-
-    reduction = "mean"
-
-    def forward(self, logits, targets):
-        from shared.training import per_example_loss
-
-        losses = per_example_loss(logits, targets)
-        return losses if self.reduction == "none" else losses.mean()
 
 
 # ------------------------------------------------------------------------------------- (b)
