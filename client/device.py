@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import time
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,11 +22,6 @@ from shared.metrics import eval_inputs, evaluate_histories
 from shared.model import ModelConfig, SASRec
 from shared.privacy.ledger import LEDGER_FILE, PrivacyLedger, load_ledger, save_ledger
 from shared.training import LocalTrainConfig, train_local
-
-
-def model_config(cfg: Mapping[str, Any], num_items: int) -> ModelConfig:
-    return ModelConfig(num_items=num_items, max_len=cfg["max-len"], hidden_size=cfg["hidden-size"],
-                       num_heads=cfg["num-heads"], num_blocks=cfg["num-blocks"], dropout=cfg["dropout"])
 
 
 def local_train_config(cfg: Mapping[str, Any], seed: int | None, proximal_mu: float) -> LocalTrainConfig:
@@ -60,7 +56,7 @@ def train_round(data: DeviceData, num_items: int, global_state: Mapping[str, tor
     """One round of on-device training; the privacy spend is on disk before the update is returned."""
     started = time.perf_counter()
     ledger = load_ledger(ledger_path, device)
-    model = SASRec(model_config(cfg, num_items))
+    model = SASRec(ModelConfig.from_run_config(cfg, num_items))
     model.load_state_dict(global_state)
     # DP noise must be unpredictable to the server, which knows the run seed: fresh OS entropy,
     # unless a simulation asks for repeatable runs (then: per run seed, round and device).
@@ -95,7 +91,7 @@ def train_round(data: DeviceData, num_items: int, global_state: Mapping[str, tor
 def evaluate_round(data: DeviceData, num_items: int, global_state: Mapping[str, torch.Tensor],
                    cfg: Mapping[str, Any], k: int = 10) -> dict[str, float | int]:
     """HR@k / NDCG@k sums over this device's users, on validation and test items."""
-    model = SASRec(model_config(cfg, num_items))
+    model = SASRec(ModelConfig.from_run_config(cfg, num_items))
     model.load_state_dict(global_state)
     metrics: dict[str, float | int] = {"num-examples": len(data.test)}
     for split in ("valid", "test"):

@@ -15,12 +15,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from server.evaluation import central_evaluation
-from shared.privacy.statement import privacy_statement
 from server.run_dir import RunDirectory
 from server.strategy import build_strategy, cohort_size
 from shared.config import default_run_name, from_run_config
 from shared.data.store import open_store, prepare_store
 from shared.model import ModelConfig, SASRec
+from shared.privacy.statement import privacy_statement
 
 logging.getLogger("flwr").propagate = False  # Opacus' basicConfig would double every log line
 
@@ -61,9 +61,7 @@ class FederatedRun:
         store_dir = Path(cfg["data-store"] or prepare_store(cfg["dataset"], cfg["users-per-device"]))
         store = open_store(store_dir)
         self.store = store
-        self.model_cfg = ModelConfig(num_items=store.num_items, max_len=cfg["max-len"],
-                                     hidden_size=cfg["hidden-size"], num_heads=cfg["num-heads"],
-                                     num_blocks=cfg["num-blocks"], dropout=cfg["dropout"])
+        self.model_cfg = ModelConfig.from_run_config(cfg, store.num_items)
         model = SASRec(self.model_cfg)
         self.run_dir.copy_catalogue(store_dir / "items.json")
         self.run_dir.write_json("dataset.json", store.meta)

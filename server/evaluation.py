@@ -6,7 +6,8 @@ Results are labelled "central" everywhere they appear; federated evaluation is t
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 

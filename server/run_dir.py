@@ -35,7 +35,7 @@ class RunDirectory:
         self._metrics: list[dict[str, Any]] = []
 
     @classmethod
-    def create(cls, root: str | Path, run_id: str) -> "RunDirectory":
+    def create(cls, root: str | Path, run_id: str) -> RunDirectory:
         path = Path(root).expanduser().resolve() / run_id
         if (path / SUMMARY).exists():
             raise PrivrecError(f"run directory {path} already holds a completed run; choose another run-name")

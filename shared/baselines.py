@@ -96,9 +96,11 @@ def train_centralized(
         torch.manual_seed(seed)
         model = SASRec(model_cfg)
     cfg = LocalTrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, dp=False, seed=seed)
-    on_epoch = None
-    if progress is not None:
-        on_epoch = lambda e, loss: progress(e + 1, epochs, loss)
+
+    def on_epoch(epoch: int, loss: float) -> None:
+        if progress is not None:
+            progress(epoch + 1, epochs, loss)
+
     train_local(model, windows, cfg, on_epoch=on_epoch)
     model.eval()
     return model

@@ -14,8 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from shared.errors import PrivrecError
 
@@ -165,14 +166,11 @@ class _Progress:
 
 # ---------------------------------------------------------------------------- baselines
 def cmd_baseline(args: argparse.Namespace) -> int:
-    import torch
-
     from shared.baselines import evaluate_popularity, train_centralized
     from shared.data.store import open_store, prepare_store
     from shared.metrics import eval_inputs, evaluate_histories, summarize
     from shared.model import ModelConfig
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     cfg = _config_from_args(args)
     store = open_store(cfg["data-store"] or prepare_store(cfg["dataset"], 1))
     users = store.all_users()
@@ -182,10 +180,18 @@ def cmd_baseline(args: argparse.Namespace) -> int:
             per_user = evaluate_popularity(users.train, users.valid, users.test, store.num_items, split=split)
             result[split] = summarize(per_user, seed=cfg["seed"])
     else:
-        model_cfg = ModelConfig(num_items=store.num_items, max_len=cfg["max-len"], hidden_size=cfg["hidden-size"],
-                                num_heads=cfg["num-heads"], num_blocks=cfg["num-blocks"], dropout=cfg["dropout"])
-        model = train_centralized(users.train, store.num_items, model_cfg, window=cfg["window"],
-                                  epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=cfg["seed"])
+        model_cfg = ModelConfig.from_run_config(cfg, store.num_items)
+        from rich.progress import Progress
+
+        with Progress(transient=True) as bar:
+            task = bar.add_task("centralized training", total=args.epochs)
+
+            def progress(epoch: int, epochs: int, loss: float) -> None:
+                bar.update(task, completed=epoch, description=f"centralized training (loss {loss:.3f})")
+
+            model = train_centralized(users.train, store.num_items, model_cfg, window=cfg["window"],
+                                      epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                                      seed=cfg["seed"], progress=progress)
         for split in ("valid", "test"):
             inputs, targets, exclude = eval_inputs(users.train, users.valid, users.test, split)
             result[split] = summarize(evaluate_histories(model, inputs, targets, exclude), seed=cfg["seed"])

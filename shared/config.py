@@ -11,9 +11,10 @@ import difflib
 import os
 import time
 import tomllib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from shared.errors import PrivrecError
 

@@ -18,12 +18,12 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
-
-import tomllib
+from typing import Any
 
 from shared.errors import PrivrecError
 

@@ -38,6 +38,12 @@ class ModelConfig:
     num_blocks: int = 2
     dropout: float = 0.2
 
+    @classmethod
+    def from_run_config(cls, cfg, num_items: int) -> ModelConfig:
+        """The architecture a run config (see shared/config.py) asks for, over `num_items` items."""
+        return cls(num_items=num_items, max_len=cfg["max-len"], hidden_size=cfg["hidden-size"],
+                   num_heads=cfg["num-heads"], num_blocks=cfg["num-blocks"], dropout=cfg["dropout"])
+
     def __post_init__(self) -> None:
         for key in ("num_items", "max_len", "hidden_size", "num_heads"):
             value = getattr(self, key)

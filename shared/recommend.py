@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -27,7 +28,7 @@ class Recommender:
         self.index = {raw: i for i, raw in enumerate(item_ids) if i > 0}
 
     @classmethod
-    def load(cls, run_dir: Path) -> "Recommender":
+    def load(cls, run_dir: Path) -> Recommender:
         if not run_dir.is_dir():
             raise PrivrecError(f"{run_dir}: no such run directory")
         for name in ("model.pt", "model.json", "items.json"):

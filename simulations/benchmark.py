@@ -43,8 +43,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def bench_steps(cfg: dict, store_dir: Path, repeats: int = 30) -> dict:
     from opacus import PrivacyEngine
 
-    from client.device import model_config, training_windows
-    from shared.model import SASRec
+    from client.device import training_windows
+    from shared.model import ModelConfig, SASRec
     from shared.training import SequenceLoss, sequence_loss, split_windows
 
     torch.set_num_threads(1)
@@ -65,49 +65,36 @@ def bench_steps(cfg: dict, store_dir: Path, repeats: int = 30) -> dict:
             times.append(time.perf_counter() - start)
         return statistics.median(times)
 
-    model = SASRec(model_config(cfg, store.num_items))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-
-    def plain_step():
-        opt.zero_grad()
-        sequence_loss(model(inputs), targets).backward()
-        opt.step()
-
-    results["plain_s"] = timed(plain_step)
+    plain_model = SASRec(ModelConfig.from_run_config(cfg, store.num_items))
+    plain_opt = torch.optim.Adam(plain_model.parameters(), lr=1e-3)
+    results["plain_s"] = timed(lambda: _step(plain_model, plain_opt, sequence_loss, inputs, targets))
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(inputs, targets),
                                          batch_size=len(inputs))
     for mode in ("hooks", "ghost"):
-        model = SASRec(model_config(cfg, store.num_items))
+        model = SASRec(ModelConfig.from_run_config(cfg, store.num_items))
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
         engine = PrivacyEngine(accountant="rdp")
         made = engine.make_private(module=model, optimizer=opt, data_loader=loader, noise_multiplier=1.0,
                                    max_grad_norm=1.0, poisson_sampling=False, grad_sample_mode=mode,
                                    **({"criterion": SequenceLoss()} if mode == "ghost" else {}))
-        if mode == "ghost":
-            dp_model, dp_opt, _, criterion = made
-
-            def dp_step():
-                dp_opt.zero_grad()
-                criterion(dp_model(inputs), targets).backward()
-                dp_opt.step()
-        else:
-            dp_model, dp_opt, _ = made
-
-            def dp_step():
-                dp_opt.zero_grad()
-                sequence_loss(dp_model(inputs), targets).backward()
-                dp_opt.step()
-
-        results[f"dp_{mode}_s"] = timed(dp_step)
+        dp_model, dp_opt = made[0], made[1]
+        criterion = made[3] if mode == "ghost" else sequence_loss
+        results[f"dp_{mode}_s"] = timed(lambda m=dp_model, o=dp_opt, c=criterion: _step(m, o, c, inputs, targets))
         results[f"dp_{mode}_over_plain"] = results[f"dp_{mode}_s"] / results["plain_s"]
     return results
 
 
+def _step(model, optimizer, criterion, inputs, targets) -> None:
+    optimizer.zero_grad()
+    criterion(model(inputs), targets).backward()
+    optimizer.step()
+
+
 # ------------------------------------------------------------------------------------- (b)
 def bench_throughput(cfg: dict, store_dir: Path, rounds: int, devices_per_round: int) -> dict:
-    from client.device import load_device, model_config, train_round
+    from client.device import load_device, train_round
     from shared.launch import run_simulation
-    from shared.model import SASRec
+    from shared.model import ModelConfig, SASRec
 
     store = open_store(store_dir)
     run_root = Path(tempfile.mkdtemp(prefix="privrec-bench-"))
@@ -131,7 +118,7 @@ def bench_throughput(cfg: dict, store_dir: Path, rounds: int, devices_per_round:
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
     sample = rng.choice(store.num_devices, size=min(64, store.num_devices), replace=False)
-    state = SASRec(model_config(run_cfg, store.num_items)).state_dict()
+    state = SASRec(ModelConfig.from_run_config(run_cfg, store.num_items)).state_dict()
     ledger_dir = Path(tempfile.mkdtemp(prefix="privrec-bench-ledgers-"))
     start = time.perf_counter()
     for device in sample:
@@ -167,14 +154,15 @@ def federated_run(cfg: dict, store_dir: Path, overrides: dict) -> dict:
 
 
 def centralized_run(cfg: dict, store_dir: Path, seed: int, epochs: int) -> dict:
-    from client.device import model_config
     from shared.baselines import train_centralized
     from shared.metrics import eval_inputs, evaluate_histories, summarize
+    from shared.model import ModelConfig
 
     torch.set_num_threads(1)
     store = open_store(store_dir)
     users = store.all_users()
-    model = train_centralized(users.train, store.num_items, model_config(cfg, store.num_items), window=cfg["window"],
+    model_cfg = ModelConfig.from_run_config(cfg, store.num_items)
+    model = train_centralized(users.train, store.num_items, model_cfg, window=cfg["window"],
                               epochs=epochs, lr=0.001, batch_size=64, seed=seed)
     inputs, targets, exclude = eval_inputs(users.train, users.valid, users.test, "test")
     summary = summarize(evaluate_histories(model, inputs, targets, exclude), seed=seed)
@@ -248,7 +236,8 @@ def markdown(results: dict) -> str:
         for name, row in a["arms"].items():
             eps = f"{row['epsilon_max_mean']:.1f}" if "epsilon_max_mean" in row else "-"
             lines.append(f"| {name} | {row['ndcg@10_mean']:.4f} ± {row['ndcg@10_sd']:.4f} | "
-                         f"{row['hr@10_mean']:.4f} ± {row['hr@10_sd']:.4f} | {row['ndcg@10_vs_centralized']:.2f} | {eps} |")
+                         f"{row['hr@10_mean']:.4f} ± {row['hr@10_sd']:.4f} | "
+                         f"{row['ndcg@10_vs_centralized']:.2f} | {eps} |")
         pop = a["popularity"]
         lines.append(f"| popularity | {pop['ndcg@10']:.4f} | {pop['hr@10']:.4f} | - | - |")
         lines.append("")

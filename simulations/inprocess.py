@@ -1,5 +1,8 @@
 """Run the real ServerApp logic against the real ClientApp in one process, without Ray.
 
+Used by tests and by experiment scripts that need many rounds quickly (same ServerApp and
+ClientApp code as `privrec simulate`, minus the Ray transport).
+
 Flower builds messages from process-level identity fields that only its runtimes set. Setting
 them is internal API and may change between Flower versions: this file is the only place that
 does it.
@@ -8,7 +11,7 @@ does it.
 from __future__ import annotations
 
 import time
-from typing import Iterable
+from collections.abc import Iterable
 
 from flwr.app import Context, Message, Metadata, RecordDict
 from flwr.serverapp import Grid
@@ -38,13 +41,15 @@ def node_context(node_id: int, node_config: dict) -> Context:
 class InProcessGrid(Grid):
     """A Grid whose nodes are partitions served by calling the ClientApp directly."""
 
-    def __init__(self, client_app, num_nodes: int):
+    def __init__(self, client_app, num_nodes: int, keep_messages: bool = False):
         set_identity()
+        self.keep_messages = keep_messages
         self.client_app = client_app
         self.contexts = {node_id: node_context(node_id, {"partition-id": node_id - 1,
                                                          "num-partitions": num_nodes})
                          for node_id in range(1, num_nodes + 1)}
-        self.delivered: list[Message] = []  # every instruction sent, for assertions
+        # With keep_messages: every instruction and reply, for tests that inspect what left a device.
+        self.delivered: list[Message] = []
         self.replies: list[Message] = []
 
     def set_run(self, run) -> None:  # pragma: no cover - not used in-process
@@ -71,7 +76,9 @@ class InProcessGrid(Grid):
         for msg in messages:
             node = msg.metadata.dst_node_id
             delivered = instruction(msg.content, node, msg.metadata.message_type)
-            self.delivered.append(delivered)
             replies.append(self.client_app(delivered, self.contexts[node]))
-        self.replies.extend(replies)
+            if self.keep_messages:
+                self.delivered.append(delivered)
+        if self.keep_messages:
+            self.replies.extend(replies)
         return replies

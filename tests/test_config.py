@@ -35,7 +35,8 @@ def test_out_of_range_values_name_the_key_and_value(key, value, fragment):
 
 
 def test_unknown_key_suggests_the_close_one():
-    with pytest.raises(PrivrecError, match=r"unknown config key 'noise-multipler' \(did you mean 'noise-multiplier'\?\)"):
+    suggestion = r"unknown config key 'noise-multipler' \(did you mean 'noise-multiplier'\?\)"
+    with pytest.raises(PrivrecError, match=suggestion):
         config.validate({"noise-multipler": 1.0})
 
 

@@ -27,7 +27,7 @@ def run_federation(tmp_path, **overrides):
         "local-epochs": 4, "local-lr": 0.02, "batch-size": 2, "noise-multiplier": 0.3, "max-grad-norm": 1.0,
         "run-dir": str(tmp_path / "runs"), "run-name": "t", "deterministic-devices": True, **overrides})
     run_dir = RunDirectory.create(cfg["run-dir"], cfg["run-name"])
-    grid = InProcessGrid(client_app, NUM_DEVICES)
+    grid = InProcessGrid(client_app, NUM_DEVICES, keep_messages=True)
     FederatedRun(cfg, run_dir, grid).execute()
     rows = [json.loads(line) for line in (run_dir.path / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((run_dir.path / "summary.json").read_text())
@@ -74,7 +74,8 @@ def test_epsilon_is_cumulative_and_reported_as_max_and_median(tmp_path):
 def test_only_weights_and_scalars_leave_a_device(tmp_path):
     _, _, grid, _, _ = run_federation(tmp_path, **{"num-rounds": 2, "eval-every": 1})
     from shared.model import ModelConfig, SASRec
-    expected = SASRec(ModelConfig(num_items=NUM_ITEMS, max_len=16, hidden_size=32, num_heads=2, num_blocks=1)).state_dict()
+    model_cfg = ModelConfig(num_items=NUM_ITEMS, max_len=16, hidden_size=32, num_heads=2, num_blocks=1)
+    expected = SASRec(model_cfg).state_dict()
     assert grid.replies
     for reply in grid.replies:
         content = reply.content

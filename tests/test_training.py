@@ -82,7 +82,7 @@ def test_cumulative_epsilon_equals_one_continuous_accountant(accountant, rounds)
     cfg = LocalTrainConfig(epochs=1, batch_size=8, noise_multiplier=1.1, accountant=accountant)
     q = 1 / 6
     state, eps_prev, total = None, 0.0, 0
-    for r in range(rounds):
+    for _ in range(rounds):
         res = train_local(m, w, cfg, accountant_state=state)
         json.dumps(res.accountant_state)  # JSON-serialisable
         assert res.steps == 6 and res.sample_rate == pytest.approx(q) and res.num_examples == 48
