@@ -53,6 +53,9 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
         # Our dependencies are installed already; don't let Flower `uv sync` them per run.
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "PYTHONUNBUFFERED": "1",
+        # Flower starts its helpers (flower-superexec, flwr-serverapp) by name: put this
+        # interpreter's scripts first, so a venv works without being activated.
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
     })
     return env
 
