@@ -1,8 +1,8 @@
 """privrec benchmark on MovieLens-100K: step cost of DP, framework overhead, accuracy vs references.
 
-    python simulations/benchmark.py                      # everything, defaults below
-    python simulations/benchmark.py --parts steps        # (a) only
-    python simulations/benchmark.py --parts accuracy --seeds 0 1 2 --rounds 20 --noise 0.5 1.0 2.0
+    python -m simulations.benchmark                      # everything, defaults below
+    python -m simulations.benchmark --parts steps        # (a) only
+    python -m simulations.benchmark --parts accuracy --seeds 0 1 2 --rounds 20 --noise 0.5 1.0 2.0
 
 (a) steps:      median time of one local DP-SGD step over one plain step, same model and batch,
                 for each Opacus grad-sample mode (one thread, after warm-up).
@@ -78,7 +78,7 @@ def bench_steps(cfg: dict, store_dir: Path, repeats: int = 30) -> dict:
                                    max_grad_norm=1.0, poisson_sampling=False, grad_sample_mode=mode,
                                    **({"criterion": SequenceLoss()} if mode == "ghost" else {}))
         dp_model, dp_opt = made[0], made[1]
-        criterion = made[3] if mode == "ghost" else sequence_loss
+        criterion = made[2] if mode == "ghost" else sequence_loss  # ghost: (module, optimizer, criterion, loader)
         results[f"dp_{mode}_s"] = timed(lambda m=dp_model, o=dp_opt, c=criterion: _step(m, o, c, inputs, targets))
         results[f"dp_{mode}_over_plain"] = results[f"dp_{mode}_s"] / results["plain_s"]
     return results
@@ -169,24 +169,38 @@ def centralized_run(cfg: dict, store_dir: Path, seed: int, epochs: int) -> dict:
     return {"ndcg@10": summary["ndcg@10"], "hr@10": summary["hr@10"]}
 
 
+def _accuracy_task(task: tuple) -> tuple[str, int, dict]:
+    """One (arm, seed) cell of the accuracy table; runs in its own process, one thread."""
+    arm, seed, cfg, store_dir, settings, central_epochs = task
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    if arm == "centralized":
+        result = centralized_run(cfg, store_dir, seed, central_epochs)
+    elif arm == "fedavg-no-dp":
+        result = federated_run(cfg, store_dir, {**settings, "seed": seed, "dp": False})
+    else:
+        z = float(arm.rsplit("-z", 1)[1])
+        result = federated_run(cfg, store_dir, {**settings, "seed": seed, "noise-multiplier": z})
+    _log(f"{arm} seed {seed}: NDCG@10 {result['ndcg@10']:.4f} HR@10 {result['hr@10']:.4f}")
+    return arm, seed, result
+
+
 def bench_accuracy(cfg: dict, store_dir: Path, seeds: list[int], noises: list[float], central_epochs: int,
-                   settings: dict) -> dict:
+                   settings: dict, jobs: int) -> dict:
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
     from shared.baselines import evaluate_popularity
     from shared.metrics import summarize
 
     store = open_store(store_dir)
     users = store.all_users()
     popularity = summarize(evaluate_popularity(users.train, users.valid, users.test, store.num_items, split="test"))
-    arms: dict[str, list[dict]] = {"centralized": [], "fedavg-no-dp": []}
-    for z in noises:
-        arms[f"fedavg-dp-z{z:g}"] = []
-    for seed in seeds:
-        arms["centralized"].append(centralized_run(cfg, store_dir, seed, central_epochs))
-        arms["fedavg-no-dp"].append(federated_run(cfg, store_dir, {**settings, "seed": seed, "dp": False}))
-        for z in noises:
-            arms[f"fedavg-dp-z{z:g}"].append(federated_run(cfg, store_dir, {**settings, "seed": seed,
-                                                                            "noise-multiplier": z}))
-        _log(f"seed {seed} done: " + ", ".join(f"{k} {v[-1]['ndcg@10']:.4f}" for k, v in arms.items()))
+    arm_names = ["centralized", "fedavg-no-dp"] + [f"fedavg-dp-z{z:g}" for z in noises]
+    tasks = [(arm, seed, cfg, store_dir, settings, central_epochs) for seed in seeds for arm in arm_names]
+    arms: dict[str, list[dict]] = {name: [] for name in arm_names}
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
+        for arm, _seed, result in pool.map(_accuracy_task, tasks):
+            arms[arm].append(result)
     table = {name: _mean_sd(runs) for name, runs in arms.items()}
     central = table["centralized"]["ndcg@10_mean"]
     for row in table.values():
@@ -260,6 +274,8 @@ def main() -> None:
     parser.add_argument("--noise", nargs="+", type=float, default=[0.5, 1.0, 2.0])
     parser.add_argument("--central-epochs", type=int, default=30)
     parser.add_argument("--throughput-rounds", type=int, default=6)
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                        help="accuracy runs in parallel (one thread each)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="any config key, for every arm")
     args = parser.parse_args()
@@ -283,7 +299,8 @@ def main() -> None:
         if args.local_lr is not None:
             settings["local-lr"] = args.local_lr
         _log(f"(c) accuracy: {settings}, seeds {args.seeds}, noise {args.noise}")
-        results["accuracy"] = bench_accuracy(cfg, store_dir, args.seeds, args.noise, args.central_epochs, settings)
+        results["accuracy"] = bench_accuracy(cfg, store_dir, args.seeds, args.noise, args.central_epochs,
+                                             settings, args.jobs)
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"benchmark-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps(results, indent=1))

@@ -92,3 +92,11 @@ def test_without_dp_no_epsilon_is_claimed(tmp_path):
     assert summary["privacy"]["mechanism"] == "none"
     assert summary["privacy"]["all-epsilon-max"] is None
     assert not (path / "devices").exists()
+
+
+@pytest.mark.parametrize("strategy, extra", [("fedadam", {"server-lr": 0.01}), ("fedprox", {"proximal-mu": 0.1})])
+def test_fedadam_and_fedprox_run_and_learn(tmp_path, strategy, extra):
+    _, _, grid, rows, summary = run_federation(tmp_path, strategy=strategy, **extra)
+    assert summary["central-evaluation"]["test-ndcg@10"] > rows[0]["central"]["test-ndcg@10"] + 0.1
+    if strategy == "fedprox":  # the proximal weight reaches the devices through the round's config
+        assert all(m.content.config_records["config"]["proximal-mu"] == 0.1 for m in grid.delivered)
