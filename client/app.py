@@ -8,7 +8,9 @@ a deployment (`data-dir`, `state-dir`), or from the server's message in a simula
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,6 +20,7 @@ from flwr.clientapp import ClientApp
 from client.device import evaluate_round, ledger_path, load_device, train_round
 from shared.config import SCHEMA, validate
 from shared.errors import PrivrecError
+from shared.privacy.ledger import PrivacyLedger, from_json, load_ledger, reconcile
 
 # Opacus calls logging.basicConfig(); without this every Flower log line prints twice.
 logging.getLogger("flwr").propagate = False
@@ -48,18 +51,34 @@ def _load(context: Context, record: ConfigRecord):
     return device, data, num_items, state_dir
 
 
+LEDGER_MIRROR = "privacy-ledger"  # context.state key: in-memory copy of the device's ledger file
+
+
+def _ledger_mirror(context: Context) -> PrivacyLedger | None:
+    record = context.state.config_records.get(LEDGER_MIRROR)
+    return from_json(json.loads(str(record["json"])), "in node state") if record else None
+
+
+def _mirror_ledger(context: Context, path: Path, device: str) -> None:
+    ledger = load_ledger(path, device)
+    context.state.config_records[LEDGER_MIRROR] = ConfigRecord({"json": json.dumps(ledger.to_json())})
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     torch.set_num_threads(1)
     cfg, record = _run_config(msg)
     device, data, num_items, state_dir = _load(context, record)
+    path = ledger_path(state_dir, device)
+    reconcile(path, _ledger_mirror(context))  # a lost or stale ledger file never lowers the spend
     global_state = msg.content.array_records["arrays"].to_torch_state_dict()
     outcome = train_round(
         data, num_items, global_state, cfg,
-        ledger_path=ledger_path(state_dir, device), device=device,
+        ledger_path=path, device=device,
         run_id=str(record.get("run-id", "")), server_round=int(record["server-round"]),
         proximal_mu=float(record.get("proximal-mu", 0.0)),
     )
+    _mirror_ledger(context, path, device)
     reply = RecordDict({"arrays": ArrayRecord(outcome.state_dict), "metrics": MetricRecord(outcome.metrics)})
     return Message(reply, reply_to=msg)
 

@@ -100,3 +100,36 @@ def test_fedadam_and_fedprox_run_and_learn(tmp_path, strategy, extra):
     assert summary["central-evaluation"]["test-ndcg@10"] > rows[0]["central"]["test-ndcg@10"] + 0.1
     if strategy == "fedprox":  # the proximal weight reaches the devices through the round's config
         assert all(m.content.config_records["config"]["proximal-mu"] == 0.1 for m in grid.delivered)
+
+
+def test_lost_ledger_file_never_lowers_the_spend(tmp_path):
+    """The node's in-memory ledger (context.state) restores a deleted ledger file before training."""
+    from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+    from shared.model import ModelConfig, SASRec
+    from simulations.inprocess import instruction, node_context, set_identity
+
+    set_identity()
+    store = walk_store(tmp_path / "store", num_users=2, num_items=NUM_ITEMS)
+    cfg = config.validate({"data-store": str(store), "max-len": 16, "window": 12, "hidden-size": 16,
+                           "num-blocks": 1, "local-epochs": 2})
+    model = SASRec(ModelConfig.from_run_config(cfg, NUM_ITEMS))
+    context = node_context(1, {"partition-id": 0, "num-partitions": 2})
+    state_dir = tmp_path / "ledgers"
+
+    def train(round_: int) -> float:
+        content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": ConfigRecord(
+            {**cfg, "server-round": round_, "state-dir": str(state_dir), "run-id": "r"})})
+        reply = client_app(instruction(content, 1, "train", round_), context)
+        return float(reply.content.metric_records["metrics"]["epsilon"])
+
+    first = train(1)
+    ledger_file = state_dir / "device-0" / "privacy-ledger.json"
+    ledger_file.unlink()
+    second = train(2)
+    ledger = json.loads(ledger_file.read_text())
+    assert [r["round"] for r in ledger["rounds"]] == [1, 2]
+    accountant = RDPAccountant()
+    accountant.history = [tuple(h) for h in ledger["accountant_state"]["history"]]
+    assert second > first
+    assert second == pytest.approx(accountant.get_epsilon(cfg["delta"]), rel=1e-9)

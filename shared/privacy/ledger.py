@@ -48,15 +48,39 @@ def load_ledger(path: Path, device: str) -> PrivacyLedger:
         return PrivacyLedger(device=device)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise PrivrecError(f"privacy ledger {path} is unreadable ({exc}); refusing to train "
+                           "rather than under-report spent privacy") from None
+    if not isinstance(data, dict):
+        raise PrivrecError(f"privacy ledger {path} is unreadable (not a JSON object); refusing to train")
+    return from_json(data, str(path))
+
+
+def from_json(data: dict[str, Any], where: str) -> PrivacyLedger:
+    try:
         if data.get("format") != LEDGER_FORMAT:
             raise ValueError(f"format {data.get('format')!r}, expected {LEDGER_FORMAT}")
         state = data["accountant_state"]
         if state is not None and not isinstance(state.get("history"), list):
             raise ValueError("accountant_state.history is not a list")
         return PrivacyLedger(device=str(data["device"]), accountant_state=state, rounds=list(data["rounds"]))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise PrivrecError(f"privacy ledger {path} is unreadable ({exc}); refusing to train "
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise PrivrecError(f"privacy ledger {where} is unreadable ({exc}); refusing to train "
                            "rather than under-report spent privacy") from None
+
+
+def reconcile(path: Path, mirror: PrivacyLedger | None) -> None:
+    """Make the file at `path` hold the larger of itself and an in-memory mirror of the ledger.
+
+    The file can go missing or be restored from an old backup while the node keeps running; the
+    node's in-memory copy (Flower's context.state) then still knows the true spend. Privacy spend
+    only grows, so the record with more released rounds is the right one.
+    """
+    if mirror is None:
+        return
+    on_disk = load_ledger(path, mirror.device)
+    if len(mirror.rounds) > len(on_disk.rounds):
+        save_ledger(path, mirror)
 
 
 def save_ledger(path: Path, ledger: PrivacyLedger) -> None:
