@@ -56,8 +56,7 @@ def train_round(data: DeviceData, num_items: int, global_state: Mapping[str, tor
     """One round of on-device training; the privacy spend is on disk before the update is returned."""
     started = time.perf_counter()
     ledger = load_ledger(ledger_path, device)
-    model = SASRec(ModelConfig.from_run_config(cfg, num_items))
-    model.load_state_dict(global_state)
+    model = SASRec.from_state(ModelConfig.from_run_config(cfg, num_items), global_state)
     # DP noise must be unpredictable to the server, which knows the run seed: fresh OS entropy,
     # unless a simulation asks for repeatable runs (then: per run seed, round and device).
     seed = None
@@ -91,8 +90,7 @@ def train_round(data: DeviceData, num_items: int, global_state: Mapping[str, tor
 def evaluate_round(data: DeviceData, num_items: int, global_state: Mapping[str, torch.Tensor],
                    cfg: Mapping[str, Any], k: int = 10) -> dict[str, float | int]:
     """HR@k / NDCG@k sums over this device's users, on validation and test items."""
-    model = SASRec(ModelConfig.from_run_config(cfg, num_items))
-    model.load_state_dict(global_state)
+    model = SASRec.from_state(ModelConfig.from_run_config(cfg, num_items), global_state)
     metrics: dict[str, float | int] = {"num-examples": len(data.test)}
     for split in ("valid", "test"):
         inputs, targets, exclude = eval_inputs(data.train, data.valid, data.test, split)

@@ -18,8 +18,7 @@ from shared.model import ModelConfig, SASRec
 
 def central_evaluation(model_cfg: ModelConfig, state: Mapping[str, torch.Tensor], store: DeviceStore,
                        seed: int = 0) -> dict[str, Any]:
-    model = SASRec(model_cfg)
-    model.load_state_dict(state)
+    model = SASRec.from_state(model_cfg, state)
     users = store.all_users()
     out: dict[str, Any] = {"label": "central (simulation only: reads every user's held-out items)"}
     for split in ("valid", "test"):

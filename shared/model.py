@@ -18,6 +18,7 @@ is cut to its most recent ``max_len`` items.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -181,6 +182,14 @@ class SASRec(nn.Module):
         for block in self.blocks:
             x = block(x, mask)
         return self.head(self.final_ln(x))
+
+    @classmethod
+    def from_state(cls, cfg: ModelConfig, state: Mapping[str, Tensor]) -> SASRec:
+        """A model holding copies of `state`'s weights, without the cost of a random init first."""
+        with torch.device("meta"):
+            model = cls(cfg)
+        model.load_state_dict({k: v.detach().clone() for k, v in state.items()}, assign=True)
+        return model
 
     def predict_next(self, seqs: Tensor) -> Tensor:
         """Logits for the item after the last position, ``[B, num_items + 1]``; column 0 is -inf."""
