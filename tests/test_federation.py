@@ -133,3 +133,38 @@ def test_lost_ledger_file_never_lowers_the_spend(tmp_path):
     accountant.history = [tuple(h) for h in ledger["accountant_state"]["history"]]
     assert second > first
     assert second == pytest.approx(accountant.get_epsilon(cfg["delta"]), rel=1e-9)
+
+
+def test_interrupted_run_leaves_complete_files_and_no_summary(tmp_path):
+    """A run that dies in round 3 keeps rounds 0-2 intact and is visibly incomplete."""
+    import torch
+    from flwr.app import Context, RecordDict
+
+    from server.app import main as server_main
+
+    class DyingGrid(InProcessGrid):
+        calls = 0
+
+        def send_and_receive(self, messages, *, timeout=None):
+            messages = list(messages)
+            if messages and messages[0].metadata.message_type == "train":
+                DyingGrid.calls += 1
+                if DyingGrid.calls == 3:  # rounds 1 and 2 train, then the link drops
+                    raise ConnectionError("SuperLink went away")
+            return super().send_and_receive(messages, timeout=timeout)
+
+    store = walk_store(tmp_path / "store", num_users=NUM_DEVICES, num_items=NUM_ITEMS)
+    run_config = {"data-store": str(store), "num-rounds": 4, "devices-per-round": 3, "eval-every": 0,
+                  "max-len": 16, "window": 12, "hidden-size": 16, "num-blocks": 1,
+                  "run-dir": str(tmp_path / "runs"), "run-name": "dies"}
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+    with pytest.raises(ConnectionError):
+        server_main(DyingGrid(client_app, NUM_DEVICES), context)
+    path = tmp_path / "runs" / "dies"
+    assert not (path / "summary.json").exists()
+    status = json.loads((path / "status.json").read_text())
+    assert status["state"] == "failed" and "SuperLink went away" in status["error"]
+    rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert set(torch.load(path / "model.pt", weights_only=True))  # the round-2 checkpoint loads
+    assert not list(path.glob(".*"))  # no temp files left behind
