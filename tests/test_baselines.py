@@ -2,20 +2,11 @@
 
 import numpy as np
 import pytest
-import torch
 
 from shared.baselines import evaluate_popularity, popularity_scores, train_centralized
 from shared.errors import PrivrecError
 from shared.metrics import eval_inputs, evaluate_histories, hit_at_k
 from shared.model import ModelConfig
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def test_popularity_counts_training_only():

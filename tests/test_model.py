@@ -11,16 +11,6 @@ from shared.errors import PrivrecError
 from shared.model import ModelConfig, SASRec
 from shared.training import SequenceLoss, per_example_loss, sequence_loss, split_windows
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # 2-core machine shared with other jobs: intra-op threads only add contention here
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 N_ITEMS = 12
 
 

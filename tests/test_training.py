@@ -20,16 +20,6 @@ from shared.training import (
     train_local,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # 2-core machine shared with other jobs: intra-op threads only add contention here
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 N = 20
 W = 8
 

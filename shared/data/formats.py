@@ -199,13 +199,17 @@ def _load_ml100k(path: Path) -> Interactions:
 
 
 def _load_pipe_titles(path: Path) -> dict[str, str]:
+    return _load_titles(path, "|", "id|title|...")
+
+
+def _load_titles(path: Path, separator: str, layout: str) -> dict[str, str]:
+    """Item id -> title from a MovieLens item file (latin-1, id first, title second)."""
     titles: dict[str, str] = {}
     for lineno, line in _data_lines(_read_lines(path, "latin-1")):
-        fields = line.split("|")
+        fields = line.split(separator)
         if len(fields) < 2:
-            raise PrivrecError(
-                f"{path.name} line {lineno}: expected at least 2 '|'-separated fields (id|title)"
-            )
+            raise PrivrecError(f"{path.name} line {lineno}: expected at least 2 '{separator}'-separated "
+                               f"fields ({layout})")
         titles[_check_id(fields[0], "item", path.name, lineno)] = fields[1].strip()
     return titles
 
@@ -225,13 +229,7 @@ def _load_ml1m(path: Path) -> Interactions:
 
 
 def _load_ml1m_titles(path: Path) -> dict[str, str]:
-    titles: dict[str, str] = {}
-    for lineno, line in _data_lines(_read_lines(path, "latin-1")):
-        fields = line.split("::")
-        if len(fields) < 2:
-            raise PrivrecError(f"{path.name} line {lineno}: expected 'id::title::genres'")
-        titles[_check_id(fields[0], "item", path.name, lineno)] = fields[1].strip()
-    return titles
+    return _load_titles(path, "::", "id::title::genres")
 
 
 # ----------------------------------------------------------------------------- RecBole
