@@ -39,7 +39,9 @@ def privacy_statement(cfg: Mapping[str, Any]) -> dict[str, Any]:
         "adversary": "anyone who sees the device's model updates: the server, and anyone who sees models "
                      "released from them",
         "randomness": randomness,
-        "not-covered": "which devices took part and when; the evaluation metrics devices report (not noised)",
+        "not-covered": "which devices took part and when; the scalars devices report in the clear (training "
+                       "loss, number of windows used as the FedAvg weight, evaluation hits), which are not "
+                       "noised",
     }
 
 
