@@ -81,8 +81,16 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     print(f"privrec: {store.num_devices} devices ({store.num_users} users, {store.num_items} items), "
           f"{cfg['num-rounds']} rounds, run directory {run_path}", flush=True)
     progress = _Progress(run_path, cfg["num-rounds"])
-    with progress:
-        result = run_simulation(cfg, store.num_devices, run_path, on_poll=progress.poll)
+    try:
+        with progress:
+            result = run_simulation(cfg, store.num_devices, run_path, on_poll=progress.poll)
+    except KeyboardInterrupt:
+        # Flower's processes are stopped by now; say so in the run directory, which has no summary.
+        if not (run_path / "summary.json").exists():
+            from shared.privacy.ledger import write_json_atomic
+
+            write_json_atomic(run_path / "status.json", {"state": "interrupted"})
+        raise
     return _report_simulation(run_path, result, one_line)
 
 
