@@ -205,9 +205,9 @@ def cmd_baseline(args: argparse.Namespace) -> int:
             result[split] = summarize(evaluate_histories(model, inputs, targets, exclude), seed=cfg["seed"])
         result.update(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, window=cfg["window"])
     test = result["test"]
-    print(f"{args.kind} baseline: NDCG@10 {test['ndcg@10']:.4f} (95% CI {test['ndcg@10_ci'][0]:.4f}-"
-          f"{test['ndcg@10_ci'][1]:.4f})  HR@10 {test['hr@10']:.4f} (95% CI {test['hr@10_ci'][0]:.4f}-"
-          f"{test['hr@10_ci'][1]:.4f})  [test items, {store.num_users} users, no federation, no DP]")
+    print(f"{args.kind} baseline: NDCG@10 {test['ndcg@10']:.4f} (95% CI {test['ndcg@10-ci'][0]:.4f}-"
+          f"{test['ndcg@10-ci'][1]:.4f})  HR@10 {test['hr@10']:.4f} (95% CI {test['hr@10-ci'][0]:.4f}-"
+          f"{test['hr@10-ci'][1]:.4f})  [test items, {store.num_users} users, no federation, no DP]")
     if args.out:
         from shared.privacy.ledger import write_json_atomic
 

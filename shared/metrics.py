@@ -184,7 +184,7 @@ def evaluate_histories(
 
 
 def summarize(per_user: dict[str, np.ndarray], k: int = 10, seed: int = 0) -> dict:
-    """``{"hr@k", "hr@k_ci", "ndcg@k", "ndcg@k_ci", "users"}`` with 95% percentile-bootstrap CIs.
+    """``{"hr@k", "hr@k-ci", "ndcg@k", "ndcg@k-ci", "users"}`` with 95% percentile-bootstrap CIs.
 
     Recomputes hit/ndcg from ``per_user["rank"]`` at this ``k`` when ranks are present.
     """
@@ -197,8 +197,8 @@ def summarize(per_user: dict[str, np.ndarray], k: int = 10, seed: int = 0) -> di
     mean = (lambda a: float(a.mean())) if n else (lambda a: float("nan"))
     return {
         f"hr@{k}": mean(hit),
-        f"hr@{k}_ci": list(bootstrap_ci(hit, seed=seed)),
+        f"hr@{k}-ci": list(bootstrap_ci(hit, seed=seed)),
         f"ndcg@{k}": mean(ndcg),
-        f"ndcg@{k}_ci": list(bootstrap_ci(ndcg, seed=seed)),
+        f"ndcg@{k}-ci": list(bootstrap_ci(ndcg, seed=seed)),
         "users": n,
     }

@@ -180,7 +180,7 @@ def test_popularity_baseline_ranks_the_most_popular_unseen_item_first(tmp_path, 
     for split in ("valid", "test"):
         for key in ("hr@10", "ndcg@10"):
             assert 0.0 <= result[split][key] <= 1.0
-            low, high = result[split][f"{key}_ci"]
+            low, high = result[split][f"{key}-ci"]
             assert 0.0 <= low <= result[split][key] <= high <= 1.0
     assert result["test"]["hr@10"] == 1.0
     assert result["test"]["ndcg@10"] == pytest.approx(1.0)  # rank 1 for every user, not just top 10

@@ -152,6 +152,6 @@ def test_evaluate_histories_and_summarize():
         and s["hr@1"] == pytest.approx(2 / 3)
         and s["ndcg@1"] == pytest.approx(2 / 3)
     )
-    assert s["hr@1_ci"][0] <= s["hr@1"] <= s["hr@1_ci"][1]
+    assert s["hr@1-ci"][0] <= s["hr@1"] <= s["hr@1-ci"][1]
     s10 = summarize(out, k=10)
-    assert set(s10) == {"hr@10", "hr@10_ci", "ndcg@10", "ndcg@10_ci", "users"}
+    assert set(s10) == {"hr@10", "hr@10-ci", "ndcg@10", "ndcg@10-ci", "users"}
