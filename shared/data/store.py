@@ -26,14 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.data.fetch import (
-    SOURCE_FILE,
-    default_cache_dir,
-    fetch_ml100k,
-    make_staging_dir,
-    publish_dir,
-    write_json_synced,
-)
+from shared.atomic import make_staging_dir, publish_dir, write_json_synced
+from shared.data.fetch import SOURCE_FILE, default_cache_dir, fetch_ml100k
 from shared.data.formats import content_sha256, load_interactions
 from shared.data.split import SplitData, leave_one_out
 from shared.errors import PrivrecError

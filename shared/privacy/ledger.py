@@ -10,12 +10,11 @@ stops the device from training; it is never silently treated as "nothing spent".
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shared.atomic import write_json_atomic
 from shared.errors import PrivrecError
 
 LEDGER_FILE = "privacy-ledger.json"
@@ -86,30 +85,3 @@ def reconcile(path: Path, mirror: PrivacyLedger | None) -> None:
 def save_ledger(path: Path, ledger: PrivacyLedger) -> None:
     """Atomically replace the ledger file with `ledger`."""
     write_json_atomic(path, ledger.to_json())
-
-
-def write_json_atomic(path: Path, payload: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(payload, handle, indent=1)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename itself durable on POSIX file systems.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

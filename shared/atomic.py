@@ -1,0 +1,94 @@
+"""Atomic writes: a reader (or a crash) never sees a half-written file or directory.
+
+Files: written to a temporary file next to the target, fsynced, renamed over it.
+Directories: filled in a temporary sibling directory, fsynced, renamed into place.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Replace `path` with `data`: the old content or the new, never a mix."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    write_bytes_atomic(path, (json.dumps(payload, indent=1) + "\n").encode())
+
+
+def write_synced(path: Path, data: bytes) -> None:
+    """Write bytes and fsync them, so a later rename publishes complete data."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_json_synced(path: Path, obj: object) -> None:
+    write_synced(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode())
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def make_staging_dir(target: Path) -> Path:
+    """An empty temporary directory next to `target` (same filesystem, so rename is atomic)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staged = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    os.chmod(staged, 0o755)  # mkdtemp makes 0700; the published dir should read like any other
+    return staged
+
+
+def publish_dir(staged: Path, target: Path, replace: bool = True) -> bool:
+    """Atomically move a fully written staging directory to `target`.
+
+    With `replace`, an existing `target` is swapped out. Without it, or when another process
+    publishes the same target concurrently, the existing directory wins and `staged` is discarded
+    (returns False): readers never see a directory disappear under them.
+    """
+    fsync_dir(staged)
+    old = None
+    if replace and target.exists():
+        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+        try:
+            os.rename(target, old)
+        except FileNotFoundError:
+            old = None
+    try:
+        os.rename(staged, target)
+        published = True
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+        shutil.rmtree(staged, ignore_errors=True)
+        published = False
+    fsync_dir(target.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return published
