@@ -59,9 +59,10 @@ def _ledger_mirror(context: Context) -> PrivacyLedger | None:
     return from_json(json.loads(str(record["json"])), "in node state") if record else None
 
 
-def _mirror_ledger(context: Context, path: Path, device: str) -> None:
+def _mirror_ledger(context: Context, path: Path, device: str) -> PrivacyLedger:
     ledger = load_ledger(path, device)
     context.state.config_records[LEDGER_MIRROR] = ConfigRecord({"json": json.dumps(ledger.to_json())})
+    return ledger
 
 
 @app.train()
@@ -78,8 +79,15 @@ def train(msg: Message, context: Context) -> Message:
         run_id=str(record.get("run-id", "")), server_round=int(record["server-round"]),
         proximal_mu=float(record.get("proximal-mu", 0.0)),
     )
-    _mirror_ledger(context, path, device)
-    reply = RecordDict({"arrays": ArrayRecord(outcome.state_dict), "metrics": MetricRecord(outcome.metrics)})
+    ledger = _mirror_ledger(context, path, device)
+    # The accountant history (noise multiplier, sample rate, steps per round) lets the server's report
+    # recompute this device's epsilon with a second accountant; it holds no interaction data.
+    privacy = ConfigRecord({"device": device,
+                            "history": json.dumps((ledger.accountant_state or {}).get("history") or [])})
+    if outcome.declined:  # nothing trained, nothing but the refusal leaves the device
+        return Message(RecordDict({"metrics": MetricRecord(outcome.metrics), "privacy": privacy}), reply_to=msg)
+    reply = RecordDict({"arrays": ArrayRecord(outcome.state_dict), "metrics": MetricRecord(outcome.metrics),
+                        "privacy": privacy})
     return Message(reply, reply_to=msg)
 
 

@@ -20,8 +20,9 @@ from shared.data.store import DeviceData, open_store
 from shared.data.windows import make_windows
 from shared.metrics import eval_inputs, evaluate_histories
 from shared.model import ModelConfig, SASRec
-from shared.privacy.ledger import LEDGER_FILE, PrivacyLedger, load_ledger, save_ledger
-from shared.training import LocalTrainConfig, train_local
+from shared.privacy.accounting import compose_history, epsilon_from_state, history_steps
+from shared.privacy.ledger import LEDGER_FILE, PrivacyLedger, decline, load_ledger, release, reserve
+from shared.training import LocalTrainConfig, sample_rate_for, steps_per_epoch, train_local
 
 
 def local_train_config(cfg: Mapping[str, Any], seed: int | None, proximal_mu: float) -> LocalTrainConfig:
@@ -29,7 +30,8 @@ def local_train_config(cfg: Mapping[str, Any], seed: int | None, proximal_mu: fl
                             dp=cfg["dp"], noise_multiplier=cfg["noise-multiplier"],
                             max_grad_norm=cfg["max-grad-norm"], delta=cfg["delta"],
                             accountant=cfg["accountant"], grad_sample_mode=cfg["grad-sample-mode"],
-                            proximal_mu=proximal_mu, seed=seed)
+                            proximal_mu=proximal_mu, optimizer=cfg["local-optimizer"],
+                            trainable=cfg["device-trains"], seed=seed)
 
 
 def load_device(store_dir: str | Path, device_id: int) -> tuple[DeviceData, int]:
@@ -46,35 +48,79 @@ def training_windows(data: DeviceData, window: int) -> np.ndarray:
 
 @dataclass
 class TrainOutcome:
-    state_dict: dict[str, torch.Tensor]
+    state_dict: dict[str, torch.Tensor] | None  # None when the device declined (nothing leaves)
     metrics: dict[str, float | int]
+
+    @property
+    def declined(self) -> bool:
+        return self.state_dict is None
+
+
+def _device_seed(cfg: Mapping[str, Any], server_round: int, device: str) -> int | None:
+    # DP noise must be unpredictable to the server, which knows the run seed: fresh OS entropy,
+    # unless a simulation asks for repeatable runs (then: per run seed, round and device).
+    if not cfg["deterministic-devices"]:
+        return None
+    return int(np.random.SeedSequence([cfg["seed"], server_round, zlib.crc32(device.encode())])
+               .generate_state(1)[0])
+
+
+def plan_round(ledger: PrivacyLedger, num_windows: int, cfg: Mapping[str, Any]) -> tuple[dict, float, int]:
+    """(accountant state after this round, epsilon it would reach, steps) -- computed before training.
+
+    Poisson sampling takes exactly ceil(n / batch) steps per epoch, so the spend is known in advance.
+    """
+    steps = cfg["local-epochs"] * steps_per_epoch(num_windows, cfg["batch-size"])
+    row = {"history": [[float(cfg["noise-multiplier"]), sample_rate_for(num_windows, cfg["batch-size"]), steps]],
+           "mechanism": cfg["accountant"]}
+    planned = compose_history(ledger.accountant_state, row) if steps else ledger.accountant_state
+    if planned and not planned.get("history"):
+        planned = None
+    epsilon = epsilon_from_state(planned, cfg["delta"], cfg["accountant"])
+    return planned, epsilon, steps
+
+
+def _declined(ledger: PrivacyLedger, would_be: float, started: float) -> TrainOutcome:
+    return TrainOutcome(None, {"declined": 1, "num-examples": 0, "epsilon": ledger.epsilon,
+                               "would-be-epsilon": would_be, "seconds": time.perf_counter() - started})
 
 
 def train_round(data: DeviceData, num_items: int, global_state: Mapping[str, torch.Tensor],
                 cfg: Mapping[str, Any], ledger_path: Path, device: str, run_id: str,
                 server_round: int, proximal_mu: float = 0.0) -> TrainOutcome:
-    """One round of on-device training; the privacy spend is on disk before the update is returned."""
+    """One round of on-device training; the privacy spend is on disk before the update is returned.
+
+    Under DP the round is first checked against the device's cap (`max-epsilon`): a round that
+    would pass it is declined, the ledger remembers, and the device never trains again with it.
+    """
     started = time.perf_counter()
     ledger = load_ledger(ledger_path, device)
-    model = SASRec.from_state(ModelConfig.from_run_config(cfg, num_items), global_state)
-    # DP noise must be unpredictable to the server, which knows the run seed: fresh OS entropy,
-    # unless a simulation asks for repeatable runs (then: per run seed, round and device).
-    seed = None
-    if cfg["deterministic-devices"]:
-        seed = int(np.random.SeedSequence([cfg["seed"], server_round, zlib.crc32(device.encode())])
-                   .generate_state(1)[0])
-    global_params = {k: v.detach().clone() for k, v in model.named_parameters()} if proximal_mu > 0 else None
     windows = training_windows(data, cfg["window"])
-    result = train_local(model, windows, local_train_config(cfg, seed, proximal_mu),
-                         accountant_state=ledger.accountant_state, global_params=global_params)
     if cfg["dp"]:
-        ledger.accountant_state = result.accountant_state
-        ledger.rounds.append({"run": run_id, "round": server_round, "steps": result.steps,
-                              "sample_rate": result.sample_rate,
-                              "noise_multiplier": cfg["noise-multiplier"],
-                              "epsilon": result.epsilon, "delta": cfg["delta"],
-                              "accountant": cfg["accountant"], "time": time.time()})
-        save_ledger(ledger_path, ledger)
+        if ledger.declined:
+            return _declined(ledger, float(ledger.declined.get("would-be-epsilon", ledger.epsilon)), started)
+        planned, planned_epsilon, planned_steps = plan_round(ledger, len(windows), cfg)
+        if cfg["max-epsilon"] > 0 and planned_epsilon > cfg["max-epsilon"]:
+            decline(ledger_path, ledger, {"run": run_id, "round": server_round, "cap": cfg["max-epsilon"],
+                                          "epsilon": ledger.epsilon, "would-be-epsilon": planned_epsilon,
+                                          "time": time.time()})
+            return _declined(ledger, planned_epsilon, started)
+        prior_state = ledger.accountant_state
+        if planned_steps:
+            reserve(ledger_path, ledger, planned,
+                    {"run": run_id, "round": server_round, "steps": planned_steps,
+                     "sample_rate": sample_rate_for(len(windows), cfg["batch-size"]),
+                     "noise_multiplier": cfg["noise-multiplier"], "epsilon": planned_epsilon,
+                     "delta": cfg["delta"], "accountant": cfg["accountant"], "time": time.time()})
+    model = SASRec.from_state(ModelConfig.from_run_config(cfg, num_items), global_state)
+    global_params = {k: v.detach().clone() for k, v in model.named_parameters()} if proximal_mu > 0 else None
+    result = train_local(model, windows, local_train_config(cfg, _device_seed(cfg, server_round, device),
+                                                            proximal_mu),
+                         accountant_state=prior_state if cfg["dp"] else None, global_params=global_params)
+    if cfg["dp"] and planned_steps:
+        if result.steps != planned_steps or history_steps(result.accountant_state) != history_steps(planned):
+            raise RuntimeError(f"device {device}: took {result.steps} DP steps, reserved {planned_steps}")
+        release(ledger_path, ledger, epsilon=float(result.epsilon))
     metrics = {
         "num-examples": int(result.num_examples),
         "train-loss": float(result.loss),

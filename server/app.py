@@ -15,12 +15,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from server.evaluation import central_evaluation
+from server.pretraining import pretrain
 from server.run_dir import RunDirectory
-from server.strategy import build_strategy, cohort_size
+from server.strategy import BudgetExhausted, build_strategy, cohort_size, user_sample_rate
 from shared.config import default_run_name, from_run_config
 from shared.data.store import open_store, prepare_store
 from shared.model import ModelConfig, SASRec
-from shared.privacy.statement import privacy_statement
+from shared.privacy.statement import privacy_statement, sentences, user_level_statement
+from shared.privacy.user_level import user_level_epsilon, user_level_state
 
 logging.getLogger("flwr").propagate = False  # Opacus' basicConfig would double every log line
 
@@ -63,6 +65,9 @@ class FederatedRun:
         self.store = store
         self.model_cfg = ModelConfig.from_run_config(cfg, store.num_items)
         model = SASRec(self.model_cfg)
+        if cfg["public-share"] > 0:
+            model, info = pretrain(cfg, store, self.model_cfg)
+            self.run_dir.write_json("pretraining.json", info)
         self.run_dir.copy_catalogue(store_dir / "items.json")
         self.run_dir.write_json("dataset.json", store.meta)
 
@@ -70,18 +75,26 @@ class FederatedRun:
         message_config = ConfigRecord({**cfg, "data-store": str(store_dir),
                                        "state-dir": str(self.run_dir.path / "devices"),
                                        "run-id": self.run_dir.path.name})
+        self.strategy = strategy
         started = time.perf_counter()
         self.round_started = started
-        result = strategy.start(
-            grid=self.grid,
-            initial_arrays=ArrayRecord(model.state_dict()),
-            num_rounds=cfg["num-rounds"],
-            train_config=message_config,
-            evaluate_config=ConfigRecord(dict(message_config)),
-            evaluate_fn=self._end_of_round,
-        )
-        del result  # everything we report was recorded round by round
-        self.run_dir.finish(self._summary(time.perf_counter() - started, strategy))
+        stopped = None
+        try:
+            strategy.start(
+                grid=self.grid,
+                initial_arrays=ArrayRecord(model.state_dict()),
+                num_rounds=cfg["num-rounds"],
+                train_config=message_config,
+                evaluate_config=ConfigRecord(dict(message_config)),
+                evaluate_fn=self._end_of_round,
+            )  # everything we report was recorded round by round
+        except BudgetExhausted as exc:
+            stopped = {"after-round": self.rows[-1]["round"] if self.rows else 0, "reason": str(exc)}
+            logging.getLogger("flwr").warning("privrec: run stopped early: %s", exc)
+        summary = self._summary(time.perf_counter() - started, strategy)
+        if stopped:
+            summary["stopped-early"] = stopped
+        self.run_dir.finish(summary)
 
     # -- callbacks from the strategy -------------------------------------------------------
     def _on_train(self, server_round: int, stats: dict) -> None:
@@ -102,6 +115,7 @@ class FederatedRun:
         row = self._metrics_row(server_round, central)
         self.rows.append(row)
         self.run_dir.append_metrics(row)
+        self.run_dir.write_json("privacy.json", self._privacy_record())
         self.round_started = time.perf_counter()
         return MetricRecord({k: v for k, v in (central or {}).items() if isinstance(v, (int, float))}) \
             if central else None
@@ -121,6 +135,9 @@ class FederatedRun:
             "epsilon-max": train.get("all-epsilon-max"),
             "epsilon-median": train.get("all-epsilon-median"),
             "devices-with-spend": train.get("devices-with-spend", 0),
+            "declined": train.get("declined", 0),
+            "capped-devices": train.get("capped-devices", 0),
+            "user-level-epsilon": self._user_level_epsilon(server_round),
         }
         for name in ("hr@10", "ndcg@10"):
             row[name] = evaluation.get(f"test-{name}")
@@ -129,6 +146,38 @@ class FederatedRun:
         if central:
             row["central"] = central
         return row
+
+    # -- privacy records -------------------------------------------------------------------
+    def _user_level_epsilon(self, rounds: int) -> float | None:
+        if not self.cfg["user-dp"] or rounds == 0:
+            return None
+        return user_level_epsilon(self.cfg["user-noise-multiplier"], user_sample_rate(self.cfg, self.store.num_devices),
+                                  rounds, self.cfg["delta"], self.cfg["accountant"])
+
+    def _privacy_record(self) -> dict[str, Any]:
+        """`privacy.json`: what every device reported of its spend, and the user-level history (see docs)."""
+        cfg, tally = self.cfg, self.strategy.privacy
+        rounds = self.rows[-1]["round"] if self.rows else 0
+        user_level = None
+        if cfg["user-dp"]:
+            q = user_sample_rate(cfg, self.store.num_devices)
+            state = user_level_state(cfg["user-noise-multiplier"], q, rounds, cfg["accountant"])
+            user_level = {"accountant": cfg["accountant"], "history": state["history"],
+                          "rounds": [[r["round"], r["user-level-epsilon"]] for r in self.rows if r["round"] > 0],
+                          "population": self.store.num_devices,
+                          "expected-cohort": cohort_size(cfg, self.store.num_devices),
+                          "noise-multiplier": cfg["user-noise-multiplier"],
+                          "clipping-norm": cfg["user-clipping-norm"]}
+        summary = tally.summary()
+        return {
+            "format": 1,
+            "delta": cfg["delta"],
+            "accountant": cfg["accountant"],
+            "statements": sentences(cfg, summary["all-epsilon-max"], self._user_level_epsilon(rounds),
+                                    summary["devices-with-spend"], self.store.num_devices),
+            "devices": tally.records,
+            "user-level": user_level,
+        }
 
     def _summary(self, seconds: float, strategy) -> dict[str, Any]:
         last_eval_round = max(self.eval_stats) if self.eval_stats else None
@@ -151,5 +200,9 @@ class FederatedRun:
             },
             "central-evaluation": central_rows[-1]["central"] if central_rows else None,
             "central-evaluation-initial": central_rows[0]["central"] if central_rows else None,
-            "privacy": {**privacy, **privacy_statement(self.cfg)},
+            "privacy": {**privacy, **privacy_statement(self.cfg), "capped-devices": len(strategy.privacy.capped),
+                        **({"user-level": {**user_level_statement(
+                            self.cfg, user_sample_rate(self.cfg, self.store.num_devices), self.store.num_devices),
+                            "epsilon": self._user_level_epsilon(len([r for r in self.rows if r["round"] > 0]))}}
+                           if self.cfg["user-dp"] else {})},
         }

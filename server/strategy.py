@@ -8,29 +8,61 @@ with a bootstrap confidence interval.
 
 from __future__ import annotations
 
+import json
+import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from shared.metrics import bootstrap_ci
+from shared.model import TRAINABLE_SCOPES
+from shared.privacy.user_level import clip_update, noisy_mean_update, poisson_cohort
 
 K = 10
 
 
+class BudgetExhausted(Exception):
+    """Too few devices remain under their privacy cap to fill a round: the run stops cleanly."""
+
+
 @dataclass
 class PrivacyTally:
-    """Latest cumulative epsilon reported by each device (keyed by Flower node id)."""
+    """What the server learns of each device's privacy spend (keyed by Flower node id)."""
 
     epsilon_by_device: dict[int, float] = field(default_factory=dict)
+    capped: dict[int, int] = field(default_factory=dict)  # node id -> first round it declined
+    records: dict[str, dict[str, Any]] = field(default_factory=dict)  # device id -> privacy.json entry
 
     def update(self, node_id: int, epsilon: float) -> None:
         # A device's epsilon never decreases; keep the largest ever reported.
         self.epsilon_by_device[node_id] = max(epsilon, self.epsilon_by_device.get(node_id, 0.0))
+
+    def record_reply(self, server_round: int, node_id: int, content: RecordDict, accountant: str) -> bool:
+        """Book one train reply; returns True when the device declined (cap reached)."""
+        metrics = next(iter(content.metric_records.values()))
+        declined = bool(metrics.get("declined", 0))
+        privacy = content.config_records.get("privacy")
+        device = str(privacy["device"]) if privacy else f"node-{node_id}"
+        entry = self.records.setdefault(device, {"node-id": node_id, "accountant": accountant, "history": [],
+                                                 "rounds": [], "epsilon": 0.0, "declined-round": None})
+        if privacy:
+            entry["history"] = json.loads(str(privacy["history"]))
+        if "epsilon" in metrics:
+            self.update(node_id, float(metrics["epsilon"]))
+            entry["epsilon"] = max(entry["epsilon"], float(metrics["epsilon"]))
+            if not declined:
+                entry["rounds"].append([server_round, float(metrics["epsilon"])])
+        if declined:
+            self.capped.setdefault(node_id, server_round)
+            if entry["declined-round"] is None:
+                entry["declined-round"] = server_round
+        return declined
 
     def summary(self) -> dict[str, Any]:
         values = np.array(list(self.epsilon_by_device.values()), dtype=float)
@@ -73,17 +105,70 @@ def evaluate_metrics(replies: list[RecordDict], weight_key: str, seed: int = 0) 
     return out
 
 
+class CohortView:
+    """A Grid seen through a cohort: the wrapped strategy samples exactly these nodes."""
+
+    def __init__(self, grid: Grid, nodes: list[int]):
+        self._grid = grid
+        self._nodes = nodes
+
+    def get_node_ids(self) -> list[int]:
+        return list(self._nodes)
+
+    def __getattr__(self, name: str):
+        return getattr(self._grid, name)
+
+
 class RoundTracking:
-    """Mixin for a Flower strategy: evaluation schedule and privrec's per-round bookkeeping."""
+    """Mixin for a Flower strategy: who trains, evaluation schedule, privrec's per-round bookkeeping.
+
+    Devices that declined (privacy cap reached) are never asked again; when fewer eligible devices
+    remain than a round needs, `BudgetExhausted` ends the run cleanly.
+    """
 
     def __init__(self, *args, eval_every: int, num_rounds: int, on_train: Callable[[int, dict], None],
-                 on_evaluate: Callable[[int, dict], None], **kwargs):
+                 on_evaluate: Callable[[int, dict], None], cohort: int, accountant: str = "rdp",
+                 poisson_rate: float | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.eval_every = eval_every
         self.num_rounds = num_rounds
         self.on_train = on_train
         self.on_evaluate = on_evaluate
+        self.cohort = cohort
+        self.accountant = accountant
+        # User-level DP needs Poisson sampling whose outcome the adversary cannot predict: OS entropy,
+        # never the run seed (a seeded cohort would forfeit the amplification the accountant claims).
+        self.poisson_rate = poisson_rate
+        self._secret_rng = random.SystemRandom()
         self.privacy = PrivacyTally()
+        self.round_declines = 0
+
+    def choose_cohort(self, grid: Grid) -> list[int]:
+        _, connected = sample_nodes(grid, self.min_available_nodes, 0)  # waits until enough nodes joined
+        eligible = [n for n in connected if n not in self.privacy.capped]
+        if self.poisson_rate is not None:
+            if not eligible:
+                raise BudgetExhausted(f"every one of the {len(connected)} connected devices has reached its "
+                                      "privacy cap")
+            return poisson_cohort(eligible, self.poisson_rate, self._secret_rng)
+        if len(eligible) < self.cohort:
+            raise BudgetExhausted(f"only {len(eligible)} of {len(connected)} devices are below their privacy cap; "
+                                  f"a round needs {self.cohort}")
+        return random.sample(eligible, self.cohort)
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        cohort = self.choose_cohort(grid)
+        self.current_global = {k: a.numpy() for k, a in arrays.items()}
+        if not cohort:  # Poisson sampling drew nobody: the round is still a (pure-noise) release
+            return []
+        # The wrapped strategy samples min_train_nodes of the view's nodes, i.e. exactly the cohort.
+        wait_for, self.min_available_nodes = self.min_available_nodes, 0
+        self.min_train_nodes = len(cohort)
+        try:
+            return super().configure_train(server_round, arrays, config, CohortView(grid, cohort))
+        finally:
+            self.min_available_nodes = wait_for
 
     def is_eval_round(self, server_round: int) -> bool:
         if server_round == self.num_rounds:
@@ -98,15 +183,19 @@ class RoundTracking:
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         replies = list(replies)
-        arrays, metrics = super().aggregate_train(server_round, replies)
+        trained, declined = [], 0
         for msg in replies:
             if msg.has_error():
-                continue
-            record = next(iter(msg.content.metric_records.values()))
-            if "epsilon" in record:
-                self.privacy.update(msg.metadata.src_node_id, float(record["epsilon"]))
+                trained.append(msg)  # Flower's aggregation logs and skips it
+            elif self.privacy.record_reply(server_round, msg.metadata.src_node_id, msg.content, self.accountant):
+                declined += 1
+            else:
+                trained.append(msg)
+        arrays, metrics = super().aggregate_train(server_round, trained)
         stats = dict(metrics) if metrics is not None else {"devices": 0}
         stats["failures"] = sum(1 for m in replies if m.has_error())
+        stats["declined"] = declined
+        stats["capped-devices"] = len(self.privacy.capped)
         stats.update(self.privacy.summary())
         self.on_train(server_round, stats)
         return arrays, metrics
@@ -118,13 +207,54 @@ class RoundTracking:
         return metrics
 
 
+class UserLevelDP(FedAvg):
+    """DP-FedAvg aggregation (`shared.privacy.user_level`) in place of FedAvg's weighted mean.
+
+    Sits under FedAdam/FedProx in the MRO, so server optimizers receive the noised mean. Only the
+    arrays devices can change (their trainable scope) get noise; the rest never differ from the
+    global model, so they carry no information about anyone.
+    """
+
+    user_dp: dict[str, Any] | None = None  # set by `enable_user_dp` (FedAdam's __init__ takes no extra keys)
+
+    def enable_user_dp(self, settings: dict[str, Any]) -> None:
+        self.user_dp = settings
+        self.noise_rng = np.random.default_rng()  # OS entropy; tests may replace it with a seeded one
+        self.last_clip_norms: list[float] = []
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        if not self.user_dp:
+            return super().aggregate_train(server_round, replies)
+        valid, _ = self._check_and_log_replies(list(replies), is_train=True)
+        current = self.current_global
+        noised_keys = [k for k in current if k not in TRAINABLE_SCOPES[self.user_dp["device-trains"]]]
+        clipped, self.last_clip_norms = [], []
+        for msg in valid:
+            arrays = next(iter(msg.content.array_records.values()))
+            update = {k: arrays[k].numpy().astype(np.float64) - current[k] for k in noised_keys}
+            c, norm = clip_update(update, self.user_dp["clip"])
+            clipped.append(c)
+            self.last_clip_norms.append(norm)
+        mean = noisy_mean_update(clipped, noised_keys, {k: current[k].shape for k in noised_keys},
+                                 noise_std=self.user_dp["noise-multiplier"] * self.user_dp["clip"],
+                                 expected_cohort=self.user_dp["expected-cohort"], rng=self.noise_rng)
+        new = {k: (current[k] + mean[k]).astype(current[k].dtype) if k in mean else current[k] for k in current}
+        metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key) if valid else None
+        return ArrayRecord({k: _array(v) for k, v in new.items()}), metrics
+
+
+def _array(value: np.ndarray) -> Array:
+    return Array(np.ascontiguousarray(value))
+
+
 STRATEGY_BASES = {"fedavg": FedAvg, "fedadam": FedAdam, "fedprox": FedProx}
 
 
 def build_strategy(cfg: dict[str, Any], num_devices: int, on_train, on_evaluate):
     """The configured Flower strategy with privrec's round tracking in front of it."""
     base = STRATEGY_BASES[cfg["strategy"]]
-    strategy_cls = type(f"Privrec{base.__name__}", (RoundTracking, base), {})
+    bases = (RoundTracking, UserLevelDP) if base is FedAvg else (RoundTracking, base, UserLevelDP)
+    strategy_cls = type(f"Privrec{base.__name__}", bases, {})
     cohort = cohort_size(cfg, num_devices)
     kwargs: dict[str, Any] = dict(
         # Flower samples max(int(fraction * available), min_train_nodes): a tiny fraction with
@@ -141,8 +271,18 @@ def build_strategy(cfg: dict[str, Any], num_devices: int, on_train, on_evaluate)
         kwargs.update(eta=cfg["server-lr"], eta_l=cfg["local-lr"])
     if cfg["strategy"] == "fedprox":
         kwargs.update(proximal_mu=cfg["proximal-mu"])
-    return strategy_cls(eval_every=cfg["eval-every"], num_rounds=cfg["num-rounds"],
-                        on_train=on_train, on_evaluate=on_evaluate, **kwargs)
+    strategy = strategy_cls(eval_every=cfg["eval-every"], num_rounds=cfg["num-rounds"],
+                            on_train=on_train, on_evaluate=on_evaluate, cohort=cohort, accountant=cfg["accountant"],
+                            poisson_rate=user_sample_rate(cfg, num_devices) if cfg["user-dp"] else None, **kwargs)
+    if cfg["user-dp"]:
+        strategy.enable_user_dp({"noise-multiplier": cfg["user-noise-multiplier"], "clip": cfg["user-clipping-norm"],
+                                 "expected-cohort": float(cohort), "device-trains": cfg["device-trains"]})
+    return strategy
+
+
+def user_sample_rate(cfg: dict[str, Any], num_devices: int) -> float:
+    """DP-FedAvg's Poisson rate q: the expected cohort over the whole population."""
+    return cohort_size(cfg, num_devices) / num_devices
 
 
 def cohort_size(cfg: dict[str, Any], num_devices: int) -> int:

@@ -235,6 +235,19 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- calibrate
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from shared.privacy.calibration import calibrate_noise, check_calibration
+
+    steps = args.rounds * args.steps_per_round
+    sigma = calibrate_noise(args.target_epsilon, args.delta, args.sample_rate, steps, args.accountant)
+    reached = check_calibration(sigma, args.target_epsilon, args.delta, args.sample_rate, steps, args.accountant)
+    print(f"noise multiplier {sigma:.4f}: epsilon {reached:.3f} at delta {args.delta:g} after {args.rounds} "
+          f"rounds x {args.steps_per_round} steps at sample rate {args.sample_rate:g} "
+          f"({args.accountant.upper()} accountant)")
+    return 0
+
+
 # ---------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="privrec", description="Private federated sequential recommendation.")
@@ -278,6 +291,19 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--input", help="JSON lines file, one {\"history\": [...]} per line")
     rec.add_argument("-k", type=int, default=10)
     rec.set_defaults(func=cmd_recommend)
+
+    cal = sub.add_parser("calibrate", help="noise multiplier for a target epsilon",
+                         description="On-device DP-SGD: --rounds = rounds one device may join, --steps-per-round = "
+                                     "local-epochs x ceil(windows / batch-size), --sample-rate = "
+                                     "1 / ceil(windows / batch-size). User-level DP-FedAvg: --rounds = num-rounds, "
+                                     "--steps-per-round 1, --sample-rate = devices-per-round / devices.")
+    cal.add_argument("--target-epsilon", type=float, required=True)
+    cal.add_argument("--delta", type=float, default=1e-5)
+    cal.add_argument("--sample-rate", type=float, required=True)
+    cal.add_argument("--rounds", type=int, required=True)
+    cal.add_argument("--steps-per-round", type=int, default=1)
+    cal.add_argument("--accountant", choices=["rdp", "prv", "gdp"], default="rdp")
+    cal.set_defaults(func=cmd_calibrate)
     return parser
 
 

@@ -85,14 +85,33 @@ SCHEMA: dict[str, Key] = {
                       _positive, "must be >= 1"),
     "window": Key(int, 50, "interactions per training example (the privacy unit)",
                   lambda v: v >= 2, "must be >= 2"),
+    "local-optimizer": Key(str, "adam", "on-device optimizer: adam, sgd", _one_of("adam", "sgd"),
+                           "must be one of adam, sgd"),
+    "device-trains": Key(str, "all", "what a device trains: all, or no-item-tables (item embedding and output "
+                                     "weights stay global; DP noise falls on far fewer parameters)",
+                         _one_of("all", "no-item-tables"), "must be one of all, no-item-tables"),
+    "public-share": Key(float, 0.0, "simulation: share of users who consent to share their training histories "
+                                    "for non-private pretraining on the server before federation (they get "
+                                    "no privacy guarantee)", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "public-epochs": Key(int, 20, "epochs of server-side pretraining on the consenting users", _positive,
+                         "must be >= 1"),
     "dp": Key(bool, True, "DP-SGD on the device (Opacus)"),
     "noise-multiplier": Key(float, 1.0, "DP-SGD noise std / clipping norm", _non_negative, "must be >= 0"),
     "max-grad-norm": Key(float, 1.0, "per-example gradient clipping norm", _positive, "must be > 0"),
+    "max-epsilon": Key(float, 0.0, "per-device cap on cumulative epsilon: a device whose next round would pass "
+                                   "it declines and never trains again with its ledger (0 = no cap)",
+                       _non_negative, "must be >= 0"),
     "delta": Key(float, 1e-5, "delta at which epsilon is reported", lambda v: 0 < v < 1, "must be in (0, 1)"),
     "accountant": Key(str, "rdp", "privacy accountant: " + ", ".join(ACCOUNTANTS),
                       _one_of(*ACCOUNTANTS), "must be one of " + ", ".join(ACCOUNTANTS)),
     "grad-sample-mode": Key(str, "hooks", "Opacus per-example gradient mode: " + ", ".join(GRAD_SAMPLE_MODES),
                             _one_of(*GRAD_SAMPLE_MODES), "must be one of " + ", ".join(GRAD_SAMPLE_MODES)),
+    # user-level DP (DP-FedAvg on the server)
+    "user-dp": Key(bool, False, "user-level DP: Poisson-sample devices, clip each device's update to "
+                                "user-clipping-norm and add Gaussian noise to their sum (DP-FedAvg)"),
+    "user-noise-multiplier": Key(float, 1.0, "DP-FedAvg noise std / user-clipping-norm", _positive, "must be > 0"),
+    "user-clipping-norm": Key(float, 0.5, "L2 bound on one device's model update (DP-FedAvg)", _positive,
+                              "must be > 0"),
     # outputs
     "run-dir": Key(str, "runs", "folder that receives runs/<run-id>/"),
     "run-name": Key(str, "", "run id (folder name); empty = time stamp"),

@@ -119,6 +119,12 @@ class Block(nn.Module):
         return x
 
 
+TRAINABLE_SCOPES: dict[str, tuple[str, ...]] = {
+    "all": (),
+    "no-item-tables": ("item_emb.weight", "head.weight"),
+}
+
+
 class SASRec(nn.Module):
     """Causal self-attentive next-item model.
 
@@ -192,6 +198,20 @@ class SASRec(nn.Module):
         model = cls(cfg)
         model.load_state_dict(state)
         return model
+
+    def set_trainable(self, scope: str) -> int:
+        """Freeze what a device must not train; returns the number of trainable parameters.
+
+        "all": every parameter. "no-item-tables": the two per-item tables (input embedding and
+        output weight matrix, ~80% of the parameters) stay at the global values, so on-device DP
+        noise falls only on the attention body, position embeddings and the output bias.
+        """
+        if scope not in TRAINABLE_SCOPES:
+            raise ValueError(f"trainable scope must be one of {', '.join(TRAINABLE_SCOPES)}, got {scope!r}")
+        frozen = TRAINABLE_SCOPES[scope]
+        for name, param in self.named_parameters():
+            param.requires_grad_(name not in frozen)
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
     def predict_next(self, seqs: Tensor) -> Tensor:
         """Logits for the item after the last position, ``[B, num_items + 1]``; column 0 is -inf."""

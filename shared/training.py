@@ -62,6 +62,7 @@ __all__ = [
 ]
 
 GRAD_SAMPLE_MODES = ("hooks", "ghost")
+OPTIMIZERS = ("adam", "sgd")
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,8 @@ class LocalTrainConfig:
     accountant: str = "rdp"  # "rdp" | "prv" | "gdp"
     grad_sample_mode: str = "hooks"  # "hooks" | "ghost"
     proximal_mu: float = 0.0
+    optimizer: str = "adam"  # "adam" | "sgd" (plain SGD averages DP noise away across devices; Adam rescales it)
+    trainable: str = "all"  # SASRec.set_trainable scope
     # Seeds dropout, Poisson sampling and DP noise (mixed with the device's step count so rounds
     # differ). None = fresh OS entropy: not reproducible, but sampling and noise are then not
     # predictable from the (public) run config -- see the module docstring.
@@ -127,6 +130,8 @@ class LocalTrainConfig:
             or math.isinf(self.proximal_mu)
         ):
             raise bad("proximal_mu", self.proximal_mu, "must be a finite number >= 0")
+        if self.optimizer not in OPTIMIZERS:
+            raise bad("optimizer", self.optimizer, f"must be one of {', '.join(OPTIMIZERS)}")
         if self.seed is not None and not is_int(self.seed):
             raise bad("seed", self.seed, "must be an integer or None")
 
@@ -315,11 +320,14 @@ def train_local(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(torch_seed)  # dropout
         model.train()
+        model.set_trainable(cfg.trainable)
+        params = [p for p in model.parameters() if p.requires_grad]
         prox = None
         if cfg.proximal_mu > 0:
             ref = _proximal_reference(model, global_params)
-            prox = [(p, ref[name]) for name, p in model.named_parameters()]
-        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+            prox = [(p, ref[name]) for name, p in model.named_parameters() if p.requires_grad]
+        optimizer = (torch.optim.Adam(params, lr=cfg.lr) if cfg.optimizer == "adam"
+                     else torch.optim.SGD(params, lr=cfg.lr))
         if cfg.dp:
             return _train_dp(
                 model,

@@ -79,7 +79,15 @@ def test_only_weights_and_scalars_leave_a_device(tmp_path):
     assert grid.replies
     for reply in grid.replies:
         content = reply.content
-        assert not content.config_records  # no free-form payload
+        # The only non-scalar payload: the accountant history, [noise multiplier, sample rate, steps] rows.
+        if not content.array_records:  # an evaluation reply: metric sums only
+            assert not content.config_records
+            continue
+        assert set(content.config_records) == {"privacy"}
+        privacy = content.config_records["privacy"]
+        assert set(privacy) == {"device", "history"}
+        for sigma, q, steps in json.loads(privacy["history"]):
+            assert sigma == 0.3 and 0 < q <= 1 and isinstance(steps, int)
         for record in content.array_records.values():
             assert {k: tuple(a.shape) for k, a in record.items()} == {k: tuple(v.shape) for k, v in expected.items()}
         for record in content.metric_records.values():

@@ -5,6 +5,14 @@ sampling rate, steps) so epsilon can be recomputed by anyone, with any accountan
 across rounds and runs. Writes are atomic (temp file, fsync, rename): an interruption leaves the
 previous complete ledger, never a half-written one. A ledger that cannot be read is an error that
 stops the device from training; it is never silently treated as "nothing spent".
+
+Spend is written in two steps around training: `reserve` records the round's steps (and the
+epsilon they bring) *before* training starts, `release` marks them released once the update is
+ready to leave. A crash in between leaves a "reserved" entry that still counts: the ledger can
+over-report a round that was never released, never under-report one that was.
+
+A device whose next round would pass its cap (`max-epsilon`) records `declined` and never trains
+again with this ledger, in this run or any later one.
 """
 
 from __future__ import annotations
@@ -25,7 +33,8 @@ LEDGER_FORMAT = 1
 class PrivacyLedger:
     device: str
     accountant_state: dict | None = None  # Opacus accountant state_dict: {"history": [[sigma, q, steps]...], ...}
-    rounds: list[dict[str, Any]] = field(default_factory=list)  # one entry per released update
+    rounds: list[dict[str, Any]] = field(default_factory=list)  # one entry per reserved/released round
+    declined: dict[str, Any] | None = None  # set once the cap was reached: the device never trains again
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -33,6 +42,7 @@ class PrivacyLedger:
             "device": self.device,
             "accountant_state": self.accountant_state,
             "rounds": self.rounds,
+            "declined": self.declined,
         }
 
     @property
@@ -62,7 +72,11 @@ def from_json(data: dict[str, Any], where: str) -> PrivacyLedger:
         state = data["accountant_state"]
         if state is not None and not isinstance(state.get("history"), list):
             raise ValueError("accountant_state.history is not a list")
-        return PrivacyLedger(device=str(data["device"]), accountant_state=state, rounds=list(data["rounds"]))
+        declined = data.get("declined")
+        if declined is not None and not isinstance(declined, dict):
+            raise ValueError("declined is neither null nor an object")
+        return PrivacyLedger(device=str(data["device"]), accountant_state=state, rounds=list(data["rounds"]),
+                             declined=declined)
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise PrivrecError(f"privacy ledger {where} is unreadable ({exc}); refusing to train "
                            "rather than under-report spent privacy") from None
@@ -78,8 +92,34 @@ def reconcile(path: Path, mirror: PrivacyLedger | None) -> None:
     if mirror is None:
         return
     on_disk = load_ledger(path, mirror.device)
-    if len(mirror.rounds) > len(on_disk.rounds):
+    if _spent_steps(mirror) > _spent_steps(on_disk) or (mirror.declined and not on_disk.declined):
         save_ledger(path, mirror)
+
+
+def _spent_steps(ledger: PrivacyLedger) -> int:
+    history = (ledger.accountant_state or {}).get("history") or []
+    return sum(int(row[2]) for row in history)
+
+
+def reserve(path: Path, ledger: PrivacyLedger, planned_state: dict, entry: dict[str, Any]) -> None:
+    """Record a round's spend before training: `planned_state` already includes its steps."""
+    ledger.accountant_state = planned_state
+    ledger.rounds.append({**entry, "status": "reserved"})
+    save_ledger(path, ledger)
+
+
+def release(path: Path, ledger: PrivacyLedger, **updates: Any) -> None:
+    """Mark the reserved round released (its update may now leave the device)."""
+    if not ledger.rounds or ledger.rounds[-1].get("status") != "reserved":
+        raise PrivrecError(f"privacy ledger {path}: no reserved round to release")
+    ledger.rounds[-1].update(updates, status="released")
+    save_ledger(path, ledger)
+
+
+def decline(path: Path, ledger: PrivacyLedger, record: dict[str, Any]) -> None:
+    """Record that the device reached its cap; from now on it never trains with this ledger."""
+    ledger.declined = record
+    save_ledger(path, ledger)
 
 
 def save_ledger(path: Path, ledger: PrivacyLedger) -> None:

@@ -45,6 +45,65 @@ def privacy_statement(cfg: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+USER_LEVEL_UNIT = ("one device's entire contribution to a round (its whole model update, i.e. every "
+                   "interaction of every user on the device; with one user per device: a user's whole history)")
+
+
+def user_level_statement(cfg: Mapping[str, Any], sample_rate: float, population: int) -> dict[str, Any]:
+    """What DP-FedAvg's population-level epsilon guarantees."""
+    return {
+        "mechanism": "user-level DP-FedAvg on the server: each device's update clipped to L2 norm "
+                     f"user-clipping-norm = {cfg['user-clipping-norm']}, Gaussian noise of std "
+                     f"user-noise-multiplier x norm = {cfg['user-noise-multiplier']} x {cfg['user-clipping-norm']} "
+                     "added to the sum of updates, divided by the expected cohort (fixed denominator)",
+        "accountant": ACCOUNTANT_NAMES[cfg["accountant"]],
+        "delta": cfg["delta"],
+        "privacy-unit": USER_LEVEL_UNIT,
+        "sampling": f"Poisson sampling of devices: each eligible device joins a round independently with "
+                    f"probability q = {sample_rate:.6g} (expected cohort / {population} devices), drawn from OS "
+                    "entropy so the cohort is not predictable from the run seed; every round is accounted, "
+                    "also a round that drew nobody",
+        "composition": "every round of the run (one sampled Gaussian release per round)",
+        "adversary": "anyone who sees the global models the server releases (other devices, users of the model); "
+                     "NOT the server itself, which sees individual updates before noise",
+        "randomness": "NumPy's PCG64 generator seeded from OS entropy (research-grade, not a CSPRNG)",
+    }
+
+
+def sentences(cfg: Mapping[str, Any], device_epsilon: float | None, user_epsilon: float | None,
+              devices: int, population: int | None = None) -> list[dict[str, Any]]:
+    """One plain sentence per active mechanism, with the figures it needs to stand on its own."""
+    out = []
+    if cfg["dp"]:
+        text = ("No device has trained yet." if device_epsilon is None else
+                f"On-device DP-SGD: for every device, any single window of up to {cfg['window']} consecutive "
+                f"interactions of its history is protected with epsilon <= {device_epsilon:.3g} at delta "
+                f"{cfg['delta']:g} (largest spend among {devices} devices; {cfg['accountant'].upper()} accountant, "
+                "Poisson sampling of windows, cumulative over all rounds) against the server and anyone who "
+                "sees the models.")
+        out.append({"mechanism": "on-device DP-SGD", "sentence": text, "epsilon": device_epsilon,
+                    "delta": cfg["delta"], "accountant": cfg["accountant"],
+                    "unit": f"one window of up to {cfg['window']} interactions",
+                    "adversary": "the server and anyone who sees released models",
+                    "sampling": "Poisson sampling of the device's windows"})
+    if cfg.get("user-dp"):
+        text = ("No round has been aggregated yet." if user_epsilon is None else
+                f"User-level DP-FedAvg: each device's whole contribution (with one user per device, a user's "
+                f"entire history) is protected with epsilon <= {user_epsilon:.3g} at delta {cfg['delta']:g} "
+                f"({cfg['accountant'].upper()} accountant, Poisson sampling of devices over a population of "
+                f"{population}, all rounds composed) against anyone who sees the released global models, "
+                "but not against the server.")
+        out.append({"mechanism": "user-level DP-FedAvg", "sentence": text, "epsilon": user_epsilon,
+                    "delta": cfg["delta"], "accountant": cfg["accountant"], "unit": USER_LEVEL_UNIT,
+                    "adversary": "anyone who sees released global models (not the server)",
+                    "sampling": "Poisson sampling of devices"})
+    if not out:
+        out.append({"mechanism": "none", "sentence": "No differential privacy: neither dp nor user-dp is on.",
+                    "epsilon": None, "delta": None, "accountant": None, "unit": None, "adversary": None,
+                    "sampling": None})
+    return out
+
+
 def one_line(summary_privacy: Mapping[str, Any]) -> str:
     if summary_privacy.get("mechanism") == "none":
         return "no differential privacy (dp = false)"

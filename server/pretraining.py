@@ -1,0 +1,39 @@
+"""Optional non-private pretraining on a consenting cohort, before any private round.
+
+Some users agree to share their training histories (a public or opted-in cohort). The server trains
+the initial global model on exactly those histories, centrally and without DP; private federated
+fine-tuning then starts from a model that already knows item popularity and co-occurrence, so the
+noisy on-device updates only have to refine it. The consenting users get no privacy guarantee for
+the histories they shared; everybody else's guarantee is unchanged (their data is not touched here).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from shared.baselines import train_centralized
+from shared.data.store import DeviceStore
+from shared.model import ModelConfig, SASRec
+
+PRETRAIN_LR = 0.001  # the centralized baseline's settings (`privrec baseline centralized`)
+PRETRAIN_BATCH = 64
+
+
+def consenting_devices(cfg: dict[str, Any], num_devices: int) -> np.ndarray:
+    """The devices whose users consented, drawn from the run seed (sorted device ids)."""
+    count = int(round(cfg["public-share"] * num_devices))
+    rng = np.random.default_rng([cfg["seed"], 0x5055424C])  # independent of every other use of the seed
+    return np.sort(rng.choice(num_devices, size=count, replace=False))
+
+
+def pretrain(cfg: dict[str, Any], store: DeviceStore, model_cfg: ModelConfig) -> tuple[SASRec, dict[str, Any]]:
+    devices = consenting_devices(cfg, store.num_devices)
+    histories = [seq for d in devices for seq in store.device(int(d)).train]
+    model = train_centralized(histories, store.num_items, model_cfg, window=cfg["window"],
+                              epochs=cfg["public-epochs"], lr=PRETRAIN_LR, batch_size=PRETRAIN_BATCH,
+                              seed=cfg["seed"])
+    info = {"consenting-devices": int(devices.size), "consenting-users": len(histories),
+            "interactions": int(sum(len(h) for h in histories)), "epochs": cfg["public-epochs"]}
+    return model, info

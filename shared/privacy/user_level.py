@@ -1,0 +1,69 @@
+"""User-level DP for federated averaging (DP-FedAvg, McMahan et al. 2018), in plain numpy.
+
+Privacy unit: everything one device contributes in a round (its whole model update, so a whole
+user history when one user is one device). Mechanism per round:
+
+1. Poisson sampling: every eligible device joins the round independently with probability q.
+2. Each device's update (its returned weights minus the global weights) is clipped to L2 norm C
+   over all trainable arrays together.
+3. The clipped updates are summed, Gaussian noise of standard deviation z * C is added to every
+   trainable coordinate, and the sum is divided by the *expected* cohort size q * N (the
+   fixed-denominator estimator). Adding or removing one device changes the sum by at most C,
+   whatever number of replies actually arrived, so a round with fewer replies than planned (a
+   device failed, declined or was not sampled) is never under-noised.
+
+The release is the sampled Gaussian mechanism with noise multiplier z and sampling rate q, once
+per round; Opacus' accountants compose it over rounds (`shared.privacy.accounting`).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from shared.privacy.accounting import epsilon_from_state
+
+__all__ = ["clip_update", "noisy_mean_update", "poisson_cohort", "user_level_epsilon", "user_level_state"]
+
+
+def clip_update(update: Mapping[str, np.ndarray], clip: float) -> tuple[dict[str, np.ndarray], float]:
+    """`update` scaled to L2 norm at most `clip` (all arrays together); returns (clipped, original norm)."""
+    norm = float(np.sqrt(sum(float(np.sum(np.square(a, dtype=np.float64))) for a in update.values())))
+    scale = min(1.0, clip / norm) if norm > 0 else 1.0
+    return {k: (np.asarray(a, dtype=np.float64) * scale) for k, a in update.items()}, norm
+
+
+def noisy_mean_update(clipped: Sequence[Mapping[str, np.ndarray]], keys: Sequence[str],
+                      shapes: Mapping[str, tuple[int, ...]], noise_std: float, expected_cohort: float,
+                      rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """(sum of clipped updates + N(0, noise_std^2)) / expected_cohort, for every key in `keys`.
+
+    With no reply at all the result is pure noise: the round is still a release and is accounted.
+    """
+    out = {}
+    for key in keys:
+        total = np.zeros(shapes[key], dtype=np.float64)
+        for update in clipped:
+            total += update[key]
+        total += rng.normal(0.0, noise_std, size=shapes[key])
+        out[key] = total / expected_cohort
+    return out
+
+
+def poisson_cohort(nodes: Sequence[int], sample_rate: float, rng: random.Random) -> list[int]:
+    """Each node independently with probability `sample_rate` (the sampling the accountant assumes)."""
+    return [node for node in nodes if rng.random() < sample_rate]
+
+
+def user_level_state(noise_multiplier: float, sample_rate: float, rounds: int, accountant: str) -> dict:
+    """Accountant state of `rounds` DP-FedAvg releases (one sampled Gaussian step per round)."""
+    history = [[float(noise_multiplier), float(sample_rate), int(rounds)]] if rounds > 0 else []
+    return {"history": history, "mechanism": accountant}
+
+
+def user_level_epsilon(noise_multiplier: float, sample_rate: float, rounds: int, delta: float,
+                       accountant: str) -> float:
+    """Population-level epsilon after `rounds` rounds of DP-FedAvg."""
+    return epsilon_from_state(user_level_state(noise_multiplier, sample_rate, rounds, accountant), delta, accountant)
