@@ -148,9 +148,12 @@ def federated_run(cfg: dict, store_dir: Path, overrides: dict) -> dict:
     FederatedRun(run_cfg, run_dir, InProcessGrid(client_app, open_store(store_dir).num_devices)).execute()
     summary = json.loads((run_dir.path / "summary.json").read_text())
     fed = summary["federated-evaluation"]
+    privacy = summary["privacy"]
     return {"ndcg@10": fed["test-ndcg@10"], "hr@10": fed["test-hr@10"],
-            "epsilon_max": summary["privacy"].get("all-epsilon-max"),
-            "epsilon_median": summary["privacy"].get("all-epsilon-median"), "seconds": time.perf_counter() - started}
+            "epsilon_max": privacy.get("all-epsilon-max"), "epsilon_median": privacy.get("all-epsilon-median"),
+            "user_level_epsilon": (privacy.get("user-level") or {}).get("epsilon"),
+            "capped_devices": privacy.get("capped-devices", 0), "stopped_early": summary.get("stopped-early"),
+            "seconds": time.perf_counter() - started}
 
 
 def centralized_run(cfg: dict, store_dir: Path, seed: int, epochs: int) -> dict:

@@ -263,3 +263,17 @@ def test_calibrate_cli(capsys):
     assert "noise multiplier" in capsys.readouterr().out
     assert cli_main(["calibrate", "--target-epsilon", "-1", "--sample-rate", "1", "--rounds", "2"]) == 2
     assert "target_epsilon=-1.0" in capsys.readouterr().err
+
+
+def test_sweep_arms_are_calibrated_to_their_budget():
+    from shared.privacy.user_level import user_level_epsilon as user_eps
+    from simulations.privacy_sweep import arm_settings
+
+    cfg = config.validate({"local-epochs": 1, "devices-per-round": 64})
+    both = arm_settings("both", 4.0, cfg, num_devices=943, rounds=30, joins=4)
+    assert both["dp"] and both["user-dp"] and both["max-epsilon"] == 4.0  # the cap makes the target a bound
+    device_eps = check_calibration(both["noise-multiplier"], 4.0, cfg["delta"], 1.0, 4)
+    assert 3.8 < device_eps <= 4.0 + 1e-3  # a typical device can join 4 rounds
+    assert 3.8 < user_eps(both["user-noise-multiplier"], 64 / 943, 30, cfg["delta"], "rdp") <= 4.0 + 1e-3
+    assert not arm_settings("user-level", 4.0, cfg, 943, 30, 4)["dp"]
+    assert not arm_settings("on-device", 4.0, cfg, 943, 30, 4)["user-dp"]

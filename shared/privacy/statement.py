@@ -105,12 +105,23 @@ def sentences(cfg: Mapping[str, Any], device_epsilon: float | None, user_epsilon
 
 
 def one_line(summary_privacy: Mapping[str, Any]) -> str:
-    if summary_privacy.get("mechanism") == "none":
-        return "no differential privacy (dp = false)"
-    eps_max = summary_privacy.get("all-epsilon-max")
-    eps_med = summary_privacy.get("all-epsilon-median")
-    if eps_max is None:
-        return "no device trained"
-    return (f"epsilon max {eps_max:.2f}, median {eps_med:.2f} over {summary_privacy['devices-with-spend']} devices, "
-            f"at delta {summary_privacy['delta']:g} ({summary_privacy['accountant'].split(' (')[0]}); "
-            "unit: one window of a user's history (any single interaction), DP-SGD on device")
+    parts = []
+    user = summary_privacy.get("user-level")
+    if summary_privacy.get("mechanism") != "none":
+        eps_max = summary_privacy.get("all-epsilon-max")
+        eps_med = summary_privacy.get("all-epsilon-median")
+        if eps_max is None:
+            parts.append("on-device DP: no device trained")
+        else:
+            capped = summary_privacy.get("capped-devices", 0)
+            parts.append(f"epsilon max {eps_max:.2f}, median {eps_med:.2f} over "
+                         f"{summary_privacy['devices-with-spend']} devices"
+                         f"{f' ({capped} reached their cap)' if capped else ''}, at delta "
+                         f"{summary_privacy['delta']:g} ({summary_privacy['accountant'].split(' (')[0]}); "
+                         "unit: one window of a user's history (any single interaction), DP-SGD on device")
+    if user:
+        eps = user.get("epsilon")
+        parts.append("user-level DP-FedAvg: " + ("no round aggregated" if eps is None else
+                     f"epsilon {eps:.2f} at delta {user['delta']:g}; unit: a device's whole contribution, "
+                     "against anyone who sees released models (not the server)"))
+    return "; ".join(parts) if parts else "no differential privacy (dp = false, user-dp = false)"
