@@ -92,7 +92,41 @@ def simulation_superlink(log_path: Path) -> Iterator[tuple[Path, dict[str, str]]
         yield flwr_home, env
     finally:
         stop_process_group(process)
+        stop_processes_with_env("FLWR_HOME", str(flwr_home))
         shutil.rmtree(flwr_home, ignore_errors=True)
+
+
+def stop_processes_with_env(name: str, value: str, grace: float = 10) -> None:
+    """SIGTERM, then SIGKILL, every process whose environment has `name=value`.
+
+    Some Flower helpers (flower-superexec) start their own sessions and outlive the process group
+    we kill; they all inherit our private FLWR_HOME, which no one else's processes carry.
+    """
+    needle = f"{name}={value}".encode() + b"\0"
+
+    def ours() -> list[int]:
+        pids = []
+        for proc in Path("/proc").iterdir():
+            try:
+                if proc.name.isdigit() and needle in (proc / "environ").read_bytes() + b"\0":
+                    pids.append(int(proc.name))
+            except OSError:  # exited meanwhile, or not readable
+                continue
+        return [pid for pid in pids if pid != os.getpid()]
+
+    if not Path("/proc").is_dir():  # not Linux: the process-group kill is all we can do
+        return
+    deadline = time.monotonic() + grace
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in ours():
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+        while ours() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if not ours():
+            return
 
 
 def _wait_for_port(port: int, process: subprocess.Popen, log_path: Path, timeout: float = 60) -> None:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
+import os
+import time
+import uuid
+from pathlib import Path
 
 import pytest
 
@@ -15,17 +18,31 @@ from tests.synthetic import walk_store
 pytestmark = pytest.mark.slow
 
 
-def _flower_pids() -> set[str]:
-    out = subprocess.run(["pgrep", "-f", "flower-superlink|flower-superexec|flwr-serverapp|raylet"],
-                         capture_output=True, text=True)
-    return set(out.stdout.split())
+def _processes_with(marker: str) -> list[str]:
+    """Processes whose environment carries `marker`: everything this test started, and their children
+    (other people's Flower runs on a shared machine do not count)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and marker.encode() in (proc / "environ").read_bytes():
+                found.append(f"{proc.name} {(proc / 'cmdline').read_bytes()[:120]!r}")
+        except OSError:  # gone, or not ours to read
+            continue
+    return found
 
 
 @pytest.fixture
-def no_stray_processes():
-    before = _flower_pids()
+def no_stray_processes(monkeypatch):
+    marker = f"PRIVREC_TEST_RUN={uuid.uuid4().hex}"
+    name, value = marker.split("=")
+    monkeypatch.setenv(name, value)  # inherited by the SuperLink, flwr run, Ray and the apps
     yield
-    assert _flower_pids() <= before, "Flower/Ray processes were left running"
+    me = str(os.getpid())
+    left = [p for p in _processes_with(marker) if not p.startswith(me + " ")]
+    if left:  # a process may be in the middle of exiting: give it a moment, then judge
+        time.sleep(3)
+        left = [p for p in _processes_with(marker) if not p.startswith(me + " ")]
+    assert not left, f"Flower/Ray processes were left running: {left}"
 
 
 def test_flwr_run_simulation_completes(tmp_path, no_stray_processes):
