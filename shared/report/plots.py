@@ -29,6 +29,13 @@ def _figure(ncols: int = 1):
 
 def _png(fig) -> bytes:
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in fig.axes:  # rounds and device counts are whole numbers
+        if ax.get_xlabel() == "round":
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if ax.get_ylabel() == "devices":
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
 
     buffer = io.BytesIO()
     fig.tight_layout()
@@ -82,7 +89,7 @@ def make_plots(run: Run, check: CrossCheck | None) -> list[Plot]:
     if cfg.get("max-epsilon"):
         fig, (ax,) = _figure()
         x, y = _series(rows, "capped-devices")
-        ax.step(x, y, where="post", label="devices at their cap (cumulative)")
+        ax.plot(x, y, "-o", markersize=4, label="devices at their cap (cumulative)")
         xd, yd = _series(rows, "declined")
         ax.bar(xd, yd, alpha=0.4, color="#c44e52", label="declined this round")
         ax.set_xlabel("round")
