@@ -23,26 +23,12 @@ from shared.cli import main
 from shared.report.load import load_run
 from shared.report.recompute import REL_TOL, cross_check, recompute, same
 from tests import report_fixture as fx
+from tests.test_cli import assert_user_error, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE_PLOTS = {"epsilon-histogram.png", "epsilon-rounds.png", "capped-rounds.png", "user-epsilon-rounds.png",
                  "ndcg-epsilon.png"}
 CHROMIUM = "/usr/bin/chromium"
-
-
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code: int, err: str, *needles: str) -> None:
-    assert code == 2, err
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("privrec: error: "), err
-    for needle in needles:
-        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
 
 
 @pytest.fixture(scope="module")
@@ -281,7 +267,7 @@ def test_bad_run_directory_is_one_line_error(tmp_path, capsys, damage):
     run = fx.write_run(tmp_path, user_dp=False)
     needle = damage(run)
     code, out, err = run_cli(capsys, "report", run)
-    assert_one_line_error(code, err, needle)
+    assert_user_error(code, err, needle)
     if needle == "line 3":
         assert "metrics.jsonl" in err
     assert not (run / "report.html").exists()
@@ -300,9 +286,9 @@ def test_unwritable_out_is_one_line_error(tmp_path, capsys):
     run = fx.write_run(tmp_path, user_dp=False)
     (tmp_path / "file").write_text("")
     code, _, err = run_cli(capsys, "report", run, "--out", tmp_path / "file")
-    assert_one_line_error(code, err, "not a directory")
+    assert_user_error(code, err, "not a directory")
     code, _, err = run_cli(capsys, "report", run, "--out", tmp_path / "file" / "sub")
-    assert_one_line_error(code, err, "cannot write the report")
+    assert_user_error(code, err, "cannot write the report")
 
 
 # ----------------------------------------------------------------------------- a real browser
