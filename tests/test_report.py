@@ -232,6 +232,17 @@ def test_run_without_privacy_json_gets_a_report_saying_why(tmp_path, capsys):
     assert '<table id="devices">' not in (run / "report.html").read_text()
 
 
+def test_running_run_is_reported_as_partial(tmp_path):
+    run = fx.write_run(tmp_path, user_dp=False, state="running")
+    metrics = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("\n".join(metrics[:3]) + "\n")  # rounds 0-2 so far
+    assert main(["report", str(run)]) == 0
+    report = json.loads((run / "report.json").read_text())
+    assert report["run"]["state"] == "running" and report["run"]["completed"] is False
+    assert [r["round"] for r in report["rounds"]] == [0, 1, 2]
+    assert "not complete" in report["notes"][0] and report["notes"][0] in (run / "report.md").read_text()
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
@@ -248,6 +259,13 @@ def _corrupt_privacy(run: Path) -> str:
     return "privacy.json"
 
 
+def _bad_config(run: Path) -> str:
+    config = json.loads((run / "config.json").read_text())
+    config["delta"] = "1e-5"
+    (run / "config.json").write_text(json.dumps(config))
+    return "config.json: delta"
+
+
 def _bad_history(run: Path) -> str:
     privacy = json.loads((run / "privacy.json").read_text())
     privacy["devices"]["1"]["history"] = [[1.0, 0.5]]
@@ -262,7 +280,9 @@ def _bad_history(run: Path) -> str:
     _corrupt_metrics,
     _corrupt_privacy,
     _bad_history,
-], ids=["missing", "not-a-run", "no-metrics", "truncated-metrics-line", "truncated-privacy", "bad-history"])
+    _bad_config,
+], ids=["missing", "not-a-run", "no-metrics", "truncated-metrics-line", "truncated-privacy", "bad-history",
+        "bad-config"])
 def test_bad_run_directory_is_one_line_error(tmp_path, capsys, damage):
     run = fx.write_run(tmp_path, user_dp=False)
     needle = damage(run)

@@ -236,6 +236,22 @@ def load_privacy(path: Path, run_path: Path) -> Privacy:
                    user_level=user_level, ledgers_present=ledgers_present)
 
 
+NUMERIC_CONFIG = ("noise-multiplier", "max-grad-norm", "window", "batch-size", "local-epochs", "max-epsilon",
+                  "user-noise-multiplier", "user-clipping-norm", "num-rounds", "devices-per-round")
+
+
+def _check_config(config: dict[str, Any], path: Path) -> None:
+    for key in REQUIRED_CONFIG:
+        if key not in config:
+            raise PrivrecError(f"{path}: missing key {key!r}")
+    delta = _number(config["delta"], f"{path}: delta")
+    if not 0 < delta < 1:
+        raise PrivrecError(f"{path}: delta must be in (0, 1), got {delta!r}")
+    _accountant(config["accountant"], f"{path}: accountant")
+    for key in NUMERIC_CONFIG:
+        _number(config.get(key), f"{path}: {key}", allow_none=True)
+
+
 def load_run(path: str | Path) -> Run:
     """The run directory at `path`, validated; PrivrecError naming the file at fault otherwise."""
     path = Path(path).expanduser()
@@ -246,9 +262,7 @@ def load_run(path: str | Path) -> Run:
     if not (path / "config.json").is_file():
         raise PrivrecError(f"{path} is not a run directory: it has no config.json (give runs/<run-id>)")
     config = _object(path / "config.json")
-    for key in REQUIRED_CONFIG:
-        if key not in config:
-            raise PrivrecError(f"{path / 'config.json'}: missing key {key!r}")
+    _check_config(config, path / "config.json")
     if not (path / "metrics.jsonl").is_file():
         raise PrivrecError(f"{path} has no metrics.jsonl: the run never recorded a round, nothing to report")
     rounds = load_metrics(path / "metrics.jsonl")

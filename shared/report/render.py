@@ -109,7 +109,11 @@ def _num(value: Any, spec: str = ".4f") -> str:
         return "-"
     if isinstance(value, list) and len(value) == 2:
         return f"[{_num(value[0], spec)}, {_num(value[1], spec)}]"
-    return format(value, spec) if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if spec == "d" and not float(value).is_integer():
+        spec = ".4g"
+    return format(int(value) if spec == "d" else value, spec)
 
 
 def _recomputed(entry: dict[str, Any]) -> str:
