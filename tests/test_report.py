@@ -243,6 +243,24 @@ def test_running_run_is_reported_as_partial(tmp_path):
     assert "not complete" in report["notes"][0] and report["notes"][0] in (run / "report.md").read_text()
 
 
+def test_report_on_a_real_inprocess_run(tmp_path):
+    """Today's ServerApp on tiny data. Without privacy.json the report says why; once the ServerApp
+    writes it, an honest run must come out with nothing flagged."""
+    from tests.test_federation import run_federation
+
+    cfg, run, _, rows, _ = run_federation(tmp_path, **{"num-rounds": 2})
+    if not (run / "config.json").exists():  # the ServerApp's main() writes it; the test harness does not
+        (run / "config.json").write_text(json.dumps(cfg))
+    assert main(["report", str(run)]) == 0
+    report = json.loads((run / "report.json").read_text())
+    assert [r["round"] for r in report["rounds"]] == [r["round"] for r in rows]
+    assert (run / "report.html").exists() and all((run / p["file"]).exists() for p in report["plots"])
+    if (run / "privacy.json").exists():
+        assert report["privacy"]["available"] and report["privacy"]["flagged-devices"] == []
+    else:
+        assert not report["privacy"]["available"] and "privacy.json is missing" in report["privacy"]["reason"]
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
