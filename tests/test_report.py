@@ -219,8 +219,20 @@ def test_user_level_off_deployment_report(tmp_path, capsys):
     assert "ledger epsilon" not in (out / "report.md").read_text()
 
 
+def test_old_simulation_run_is_rebuilt_from_its_ledgers(tmp_path):
+    run = fx.write_run(tmp_path, user_dp=False, tamper=("1", "ledger-epsilon"))
+    (run / "privacy.json").unlink()
+    assert main(["report", str(run)]) == 0
+    report = json.loads((run / "report.json").read_text())
+    p = report["privacy"]
+    assert p["source"] == "ledgers" and "privacy.json is missing" in p["reason"]
+    assert p["flagged-devices"] == ["1"] and p["devices"][1]["flags"][0]["code"] == "reported-epsilon-mismatch"
+    assert [s["mechanism"] for s in p["statements"]] == ["on-device DP-SGD"]
+    assert "reconstructed from the device ledgers" in (run / "report.md").read_text().splitlines()[2]
+
+
 def test_run_without_privacy_json_gets_a_report_saying_why(tmp_path, capsys):
-    run = fx.write_run(tmp_path)
+    run = fx.write_run(tmp_path, ledgers=False)
     (run / "privacy.json").unlink()
     code, _, err = run_cli(capsys, "report", run)
     assert code == 0, err
@@ -255,10 +267,13 @@ def test_report_on_a_real_inprocess_run(tmp_path):
     report = json.loads((run / "report.json").read_text())
     assert [r["round"] for r in report["rounds"]] == [r["round"] for r in rows]
     assert (run / "report.html").exists() and all((run / p["file"]).exists() for p in report["plots"])
-    if (run / "privacy.json").exists():
-        assert report["privacy"]["available"] and report["privacy"]["flagged-devices"] == []
-    else:
-        assert not report["privacy"]["available"] and "privacy.json is missing" in report["privacy"]["reason"]
+    # Honest devices: whatever the record (privacy.json, or the ledgers alone), nothing is flagged.
+    assert report["privacy"]["available"] and report["privacy"]["flagged-devices"] == []
+    devices = report["privacy"]["devices"]
+    assert devices and all(d["recomputed"]["rdp"]["epsilon"] > 0 for d in devices)
+    if not (run / "privacy.json").exists():
+        assert report["privacy"]["source"] == "ledgers" and "privacy.json is missing" in report["privacy"]["reason"]
+        assert max(d["epsilon-reported"] for d in devices) == pytest.approx(rows[-1]["epsilon-max"], rel=REL_TOL)
 
 
 # ----------------------------------------------------------------------------- bad input

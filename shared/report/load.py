@@ -48,6 +48,7 @@ class Device:
     epsilon: float | None
     declined_round: int | None
     ledger: Ledger | None = None  # None: no devices/ folder (deployment)
+    source: str = "privacy.json"  # where `history` and `epsilon` come from: "privacy.json" or "ledger"
 
 
 @dataclass
@@ -67,6 +68,7 @@ class Privacy:
     devices: dict[str, Device]
     user_level: UserLevel | None
     ledgers_present: bool
+    source: str = "privacy.json"  # or "ledgers": reconstructed from devices/ (privacy.json missing)
 
 
 @dataclass
@@ -272,10 +274,49 @@ def load_run(path: str | Path) -> Run:
     if (path / "privacy.json").exists():
         privacy = load_privacy(path / "privacy.json", path)
     else:
+        privacy = privacy_from_ledgers(path, config)
         reason = ("privacy.json is missing: this run was made by a privrec version that did not write it "
-                  "(or stopped before round 1), so there are no per-device histories to cross-check")
+                  "(or stopped before round 1), so there is no server record to check the devices against"
+                  + ("; the on-device figures below are reconstructed from the device ledgers in devices/"
+                     if privacy else " and no device ledgers in the run directory"))
     return Run(path=path, config=config, status=status, summary=summary, rounds=rounds, privacy=privacy,
                privacy_missing_reason=reason)
+
+
+def privacy_from_ledgers(path: Path, config: dict[str, Any]) -> Privacy | None:
+    """Older simulation runs (no privacy.json): each device's own ledger is its only record.
+
+    The on-device statement is rebuilt from the config (shared.privacy.statement) with the
+    largest ledger epsilon; the cross-check then tests each ledger against its own history.
+    """
+    from shared.privacy.statement import privacy_statement
+
+    files = sorted((path / "devices").glob("device-*/privacy-ledger.json"))
+    if not files or not config.get("dp"):
+        return None
+    accountant, delta = config["accountant"], float(config["delta"])
+    devices = {}
+    for file in files:
+        device_id = file.parent.name.removeprefix("device-")
+        ledger = _load_ledger(file)
+        mine = [e for e in ledger.rounds if isinstance(e, dict) and e.get("run") in (None, path.name)]
+        declined = ledger.declined if isinstance(ledger.declined, dict) else {}
+        devices[device_id] = Device(
+            device=device_id, accountant=ledger.accountant if ledger.accountant in ACCOUNTANTS else accountant,
+            history=ledger.history, epsilon=ledger.epsilon,
+            rounds=[(int(e["round"]), float(e["epsilon"])) for e in mine if "round" in e and "epsilon" in e],
+            declined_round=declined.get("round"), ledger=ledger if ledger.error else None, source="ledger")
+    epsilon = max((d.epsilon for d in devices.values() if d.epsilon is not None), default=0.0)
+    terms = privacy_statement(config)
+    statement = {
+        "mechanism": "on-device DP-SGD",
+        "sentence": f"Each device's updates in this run are ({epsilon:.2f}, {delta:g})-differentially private "
+                    f"for {terms['privacy-unit'].split(';')[0]}, against {terms['adversary']} (on-device DP-SGD; "
+                    "reconstructed from the device ledgers, as privacy.json is missing).",
+        "epsilon": epsilon, "delta": delta, "unit": terms["privacy-unit"], "adversary": terms["adversary"],
+        "accountant": accountant, "sampling": terms["sampling"]}
+    return Privacy(delta=delta, accountant=accountant, statements=[statement], devices=devices, user_level=None,
+                   ledgers_present=True, source="ledgers")
 
 
 def finite_or_none(value: float | None) -> float | None:

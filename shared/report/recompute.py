@@ -157,6 +157,9 @@ def check_device(device: Device, delta: float, run_accountant: str) -> DeviceChe
     acc = device.accountant
     result = DeviceCheck(device=device, recomputed=recompute(device.history, delta, acc))
     flags = result.flags
+    if device.source == "ledger" and device.ledger is not None:  # the ledger is the only record, unreadable
+        flags.append(Flag("ledger-unreadable", f"{device.ledger.path.name}: {device.ledger.error}"))
+        return result
     if acc != run_accountant:
         flags.append(Flag("accountant-mismatch", f"device used accountant {acc}, the run {run_accountant}"))
     mine = result.recomputed[acc]
@@ -164,8 +167,8 @@ def check_device(device: Device, delta: float, run_accountant: str) -> DeviceChe
         flags.append(Flag("unverifiable", f"recomputation with {acc} failed: {mine.error}"))
     elif not same(device.epsilon, mine.value):
         flags.append(Flag("reported-epsilon-mismatch",
-                          f"server record says epsilon {_fmt(device.epsilon)}, its history gives {_fmt(mine.value)} "
-                          f"({acc})"))
+                          f"{device.source} records epsilon {_fmt(device.epsilon)}, its history gives "
+                          f"{_fmt(mine.value)} ({acc})"))
     eps = [e for _, e in device.rounds]
     if any(later < earlier and not same(later, earlier) for earlier, later in zip(eps, eps[1:])):
         flags.append(Flag("epsilon-decreased", f"reported epsilon went down between rounds: {eps}"))

@@ -51,13 +51,18 @@ def report_json(run: Run, check: CrossCheck | None, plots: list[Plot]) -> dict[s
     cfg = run.config
     status = run.status or {}
     privacy: dict[str, Any] = {"available": run.privacy is not None, "reason": run.privacy_missing_reason,
+                               "source": run.privacy.source if run.privacy else None,
                                "delta": cfg.get("delta"), "accountant": cfg.get("accountant"), "ledgers": None,
                                "statements": [], "devices": [], "flagged-devices": [], "user-level": None}
     if run.privacy is not None and check is not None:
         p = run.privacy
-        privacy.update(delta=p.delta, accountant=p.accountant,
-                       ledgers="simulation: devices/device-<id>/privacy-ledger.json" if p.ledgers_present
-                       else "absent (deployment: ledgers stay on the devices); recomputed from privacy.json")
+        if p.source == "ledgers":
+            ledgers = "devices/device-<id>/privacy-ledger.json, the only record (privacy.json missing)"
+        elif p.ledgers_present:
+            ledgers = "simulation: devices/device-<id>/privacy-ledger.json"
+        else:
+            ledgers = "absent (deployment: ledgers stay on the devices); recomputed from privacy.json"
+        privacy.update(delta=p.delta, accountant=p.accountant, ledgers=ledgers)
         privacy["statements"] = [
             {**{k: s["statement"].get(k) for k in ("mechanism", "epsilon", "delta", "unit", "adversary",
                                                    "accountant", "sampling")},
@@ -74,7 +79,7 @@ def report_json(run: Run, check: CrossCheck | None, plots: list[Plot]) -> dict[s
                 "rounds": [[r, finite_or_none(e)] for r, e in u.user_level.rounds],
                 "epsilon-reported": finite_or_none(u.reported), "recomputed": _eps_map(u.recomputed),
                 "flags": [f.to_json() for f in u.flags]}
-    notes = []
+    notes = [privacy["reason"] + "."] if privacy["available"] and privacy["reason"] else []
     if status.get("state") != "completed":
         notes.append(f"The run is not complete (state: {status.get('state', 'unknown')}); figures cover the "
                      f"rounds recorded so far ({len(run.rounds)} rows in metrics.jsonl).")
