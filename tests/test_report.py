@@ -9,6 +9,7 @@ tampering they know.
 from __future__ import annotations
 
 import base64
+import html
 import json
 import math
 import os
@@ -86,8 +87,6 @@ def test_html_is_self_contained_with_tables_images_and_opening(any_run):
     assert page.count('<img src="data:image/png;base64,') == len(report["plots"])
     first_table = page.index("<table")
     for statement in report["privacy"]["statements"]:
-        import html
-
         assert 0 < page.index(html.escape(statement["sentence"])) < first_table
 
 
@@ -161,6 +160,7 @@ def test_cross_check_flags_exactly_the_tampered_device(sim):
     assert "ledger-below-server" in row
     user = report["privacy"]["user-level"]
     assert user["flags"] == [] and user["recomputed"]["prv"]["epsilon"] < user["recomputed"]["rdp"]["epsilon"]
+    assert f"PRV {user['recomputed']['prv']['epsilon']:.4f}" in md  # both accountants shown for user-level too
     assert all(s["check"]["ok"] for s in report["privacy"]["statements"])
 
 

@@ -183,6 +183,16 @@ def _flag_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _user_level_line(report: dict[str, Any]) -> str | None:
+    u = report["privacy"]["user-level"]
+    if not u:
+        return None
+    recomputed = ", ".join(f"{name.upper()} {_recomputed(e)}" for name, e in u["recomputed"].items())
+    return (f"User-level DP-FedAvg ({u['accountant']} accountant, population {u['population']}, expected cohort "
+            f"{u['expected-cohort']}): epsilon after the last round {_num(u['epsilon-reported'])}; recomputed "
+            f"from its history: {recomputed}; " + (", ".join(f["code"] for f in u["flags"]) or "ok") + ".")
+
+
 def _crosscheck_summary(report: dict[str, Any]) -> str:
     p = report["privacy"]
     tol = report["tolerance"]
@@ -212,6 +222,7 @@ def to_markdown(report: dict[str, Any]) -> str:
     parts += [f"> {note}\n" for note in report["notes"]]
     if p["available"]:
         parts += ["## Cross-check", "", _crosscheck_summary(report), ""]
+        parts += [line + "\n" for line in (_user_level_line(report),) if line]
         parts += [f"- {line}" for line in _flag_lines(report)] + [""]
     parts += ["## Per round", "", _md_table(*round_table(report)), ""]
     if p["available"]:
@@ -267,6 +278,7 @@ def to_html(report: dict[str, Any], plots: list[Plot]) -> str:
     body += [f'<p class="note">{esc(note)}</p>' for note in report["notes"]]
     if p["available"]:
         body += ["<h2>Cross-check</h2>", f"<p>{esc(_crosscheck_summary(report))}</p>"]
+        body += [f'<p id="user-level">{esc(line)}</p>' for line in (_user_level_line(report),) if line]
         flags = _flag_lines(report)
         if flags:
             body.append('<ul class="bad">' + "".join(f"<li>{esc(line)}</li>" for line in flags) + "</ul>")
