@@ -286,6 +286,15 @@ def _corrupt_metrics(run: Path) -> str:
     return "line 3"
 
 
+def _wrong_type_in_metrics(run: Path) -> str:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    row = json.loads(lines[3])
+    row["ndcg@10"] = "0.02"
+    lines[3] = json.dumps(row)
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    return "line 4: ndcg@10"
+
+
 def _corrupt_privacy(run: Path) -> str:
     text = (run / "privacy.json").read_text()
     (run / "privacy.json").write_text(text[: len(text) // 2])
@@ -311,10 +320,12 @@ def _bad_history(run: Path) -> str:
     lambda run: ((run / "config.json").unlink(), "not a run directory")[1],
     lambda run: ((run / "metrics.jsonl").unlink(), "no metrics.jsonl")[1],
     _corrupt_metrics,
+    _wrong_type_in_metrics,
     _corrupt_privacy,
     _bad_history,
     _bad_config,
-], ids=["missing", "not-a-run", "no-metrics", "truncated-metrics-line", "truncated-privacy", "bad-history",
+], ids=["missing", "not-a-run", "no-metrics", "truncated-metrics-line", "metrics-wrong-type", "truncated-privacy",
+         "bad-history",
         "bad-config"])
 def test_bad_run_directory_is_one_line_error(tmp_path, capsys, damage):
     run = fx.write_run(tmp_path, user_dp=False)

@@ -138,6 +138,12 @@ def _accountant(value: Any, where: str) -> str:
     return value
 
 
+# metrics.jsonl keys the report reads: numbers (or null), and 95% intervals [lo, hi] (or null).
+METRIC_NUMBERS = ("devices-trained", "declined", "capped-devices", "epsilon-max", "epsilon-median",
+                  "round-epsilon-max", "round-epsilon-median", "user-level-epsilon", "ndcg@10", "hr@10")
+METRIC_INTERVALS = ("ndcg@10-ci", "hr@10-ci")
+
+
 def load_metrics(path: Path) -> list[dict[str, Any]]:
     """metrics.jsonl: one JSON object per line, each with an integer `round`."""
     try:
@@ -155,6 +161,13 @@ def load_metrics(path: Path) -> list[dict[str, Any]]:
                                "corrupt") from None
         if not isinstance(row, dict) or not isinstance(row.get("round"), int):
             raise PrivrecError(f"{path}, line {number}: expected an object with an integer 'round'")
+        for key in METRIC_NUMBERS:
+            _number(row.get(key), f"{path}, line {number}: {key}", allow_none=True)
+        for key in METRIC_INTERVALS:
+            ci = row.get(key)
+            if ci is not None and not (isinstance(ci, list) and len(ci) == 2 and all(
+                    isinstance(x, (int, float)) and not isinstance(x, bool) for x in ci)):
+                raise PrivrecError(f"{path}, line {number}: {key} must be [lo, hi] or null, got {ci!r}")
         rows.append(row)
     return rows
 
