@@ -189,6 +189,16 @@ def test_statement_that_understates_is_caught(tmp_path):
     assert "claims epsilon" in statements[0]["detail"]
 
 
+def test_metrics_that_understate_are_caught(tmp_path):
+    run = fx.write_run(tmp_path)
+    rows = load_run(run).rounds
+    honest = cross_check(load_run(run).privacy, rows).metrics
+    assert [c["key"] for c in honest] == ["epsilon-max", "user-level-epsilon"] and all(c["ok"] for c in honest)
+    rows[-1]["epsilon-max"] *= 0.99
+    checks = cross_check(load_run(run).privacy, rows).metrics
+    assert [c["ok"] for c in checks] == [False, True] and "below" in checks[0]["detail"]
+
+
 def test_tolerance_and_failed_accountants():
     assert same(10.0, 10.0 * (1 + REL_TOL / 2)) and not same(10.0, 10.0 * (1 + 3 * REL_TOL))
     assert same(0.0, 0.0) and same(math.inf, math.inf) and not same(math.inf, 1e9)

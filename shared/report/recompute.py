@@ -75,6 +75,7 @@ class CrossCheck:
     devices: list[DeviceCheck]
     user_level: UserLevelCheck | None
     statements: list[dict[str, Any]]  # each statement plus its recomputation and check
+    metrics: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl against the records
 
 
 def same(a: float | None, b: float | None) -> bool:
@@ -235,11 +236,31 @@ def _check_statement(statement: dict[str, Any], devices: list[DeviceCheck],
             else None}
 
 
-def cross_check(privacy: Privacy) -> CrossCheck:
+def _check_metrics(rows: list[dict[str, Any]], devices: list[DeviceCheck],
+                   user_level: UserLevelCheck | None) -> list[dict[str, Any]]:
+    """The per-round figures (live display, plots) must not show less spend than the records."""
+    checks = []
+    pairs = [("epsilon-max", "maximum over devices that trained in this run of their latest epsilon",
+              max((d.device.rounds[-1][1] for d in devices if d.device.rounds), default=None))]
+    if user_level is not None:
+        pairs.append(("user-level-epsilon", "user-level epsilon after the last round", user_level.reported))
+    for key, basis, record in pairs:
+        shown = next((r[key] for r in reversed(rows) if r.get(key) is not None), None)
+        if record is None or shown is None:
+            continue
+        ok = not below(float(shown), record)
+        checks.append({"key": key, "metrics": float(shown), "record": record, "basis": basis, "ok": ok,
+                       "detail": None if ok else f"metrics.jsonl's last {key} {_fmt(shown)} is below the "
+                                                 f"{basis}, {_fmt(record)}"})
+    return checks
+
+
+def cross_check(privacy: Privacy, rows: list[dict[str, Any]] | None = None) -> CrossCheck:
     devices = [check_device(d, privacy.delta, privacy.accountant)
                for d in sorted(privacy.devices.values(), key=lambda d: (not d.device.isdigit(),
                                                                         int(d.device) if d.device.isdigit() else 0,
                                                                         d.device))]
     user_level = check_user_level(privacy.user_level, privacy.delta) if privacy.user_level else None
     statements = [_check_statement(s, devices, user_level) for s in privacy.statements]
-    return CrossCheck(devices=devices, user_level=user_level, statements=statements)
+    return CrossCheck(devices=devices, user_level=user_level, statements=statements,
+                      metrics=_check_metrics(rows or [], devices, user_level))

@@ -53,7 +53,8 @@ def report_json(run: Run, check: CrossCheck | None, plots: list[Plot]) -> dict[s
     privacy: dict[str, Any] = {"available": run.privacy is not None, "reason": run.privacy_missing_reason,
                                "source": run.privacy.source if run.privacy else None,
                                "delta": cfg.get("delta"), "accountant": cfg.get("accountant"), "ledgers": None,
-                               "statements": [], "devices": [], "flagged-devices": [], "user-level": None}
+                               "statements": [], "devices": [], "flagged-devices": [], "user-level": None,
+                               "metrics-checks": []}
     if run.privacy is not None and check is not None:
         p = run.privacy
         if p.source == "ledgers":
@@ -70,6 +71,7 @@ def report_json(run: Run, check: CrossCheck | None, plots: list[Plot]) -> dict[s
              "check": {k: s[k] for k in ("basis", "recomputed", "ok", "detail")}}
             for s in check.statements]
         privacy["devices"] = [_device_json(d) for d in check.devices]
+        privacy["metrics-checks"] = check.metrics
         privacy["flagged-devices"] = [d.device.device for d in check.devices if d.flags]
         if check.user_level is not None:
             u = check.user_level
@@ -180,6 +182,7 @@ def _flag_lines(report: dict[str, Any]) -> list[str]:
     lines = [f"device {d['device']}: {f['code']}: {f['detail']}" for d in p["devices"] for f in d["flags"]]
     if p["user-level"]:
         lines += [f"user-level: {f['code']}: {f['detail']}" for f in p["user-level"]["flags"]]
+    lines += [f"metrics.jsonl: {c['detail']}" for c in p["metrics-checks"] if not c["ok"]]
     return lines
 
 
