@@ -281,6 +281,7 @@ def test_report_on_a_real_inprocess_run(tmp_path):
     assert report["privacy"]["available"] and report["privacy"]["flagged-devices"] == []
     devices = report["privacy"]["devices"]
     assert devices and all(d["recomputed"]["rdp"]["epsilon"] > 0 for d in devices)
+    assert "protects nothing" in (run / "report.md").read_text().splitlines()[2]  # deterministic-devices first
     if not (run / "privacy.json").exists():
         assert report["privacy"]["source"] == "ledgers" and "privacy.json is missing" in report["privacy"]["reason"]
         assert max(d["epsilon-reported"] for d in devices) == pytest.approx(rows[-1]["epsilon-max"], rel=REL_TOL)

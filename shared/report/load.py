@@ -324,8 +324,9 @@ def privacy_from_ledgers(path: Path, config: dict[str, Any]) -> Privacy | None:
     statement = {
         "mechanism": "on-device DP-SGD",
         "sentence": f"Each device's updates in this run are ({epsilon:.2f}, {delta:g})-differentially private "
-                    f"for {terms['privacy-unit'].split(';')[0]}, against {terms['adversary']} (on-device DP-SGD; "
-                    "reconstructed from the device ledgers, as privacy.json is missing).",
+                    f"for any single window of up to {config.get('window')} consecutive interactions of its user's "
+                    f"history (so any single interaction, not a whole history), against {terms['adversary']} "
+                    "(on-device DP-SGD; reconstructed from the device ledgers, as privacy.json is missing).",
         "epsilon": epsilon, "delta": delta, "unit": terms["privacy-unit"], "adversary": terms["adversary"],
         "accountant": accountant, "sampling": terms["sampling"]}
     return Privacy(delta=delta, accountant=accountant, statements=[statement], devices=devices, user_level=None,

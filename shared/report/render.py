@@ -130,12 +130,16 @@ def _recomputed(entry: dict[str, Any]) -> str:
 def opening(report: dict[str, Any]) -> list[str]:
     """The sentences the report opens with: one per mechanism, or why there is none."""
     p = report["privacy"]
+    # Seed-derived noise voids the on-device guarantee: say so before any sentence that states one.
+    first = ["This run used deterministic device noise (deterministic-devices = true): anyone who knows the run seed "
+             "can regenerate and remove it, so the on-device epsilon below is accounting only and protects "
+             "nothing."] if report["config"].get("deterministic-devices") else []
     if not p["available"]:
-        return [f"No privacy statement: {p['reason']}."]
+        return first + [f"No privacy statement: {p['reason']}."]
     if not p["statements"]:
-        return ["This run has no differential privacy (dp = false and user-dp = false): nothing it released is "
-                "protected by a formal guarantee."]
-    return [s["sentence"] for s in p["statements"]]
+        return first + ["This run has no differential privacy (dp = false and user-dp = false): nothing it "
+                        "released is protected by a formal guarantee."]
+    return first + [s["sentence"] for s in p["statements"]]
 
 
 def statement_terms(s: dict[str, Any], report: dict[str, Any]) -> str:
