@@ -266,25 +266,24 @@ def test_running_run_is_reported_as_partial(tmp_path):
 
 
 def test_report_on_a_real_inprocess_run(tmp_path):
-    """Today's ServerApp on tiny data. Without privacy.json the report says why; once the ServerApp
-    writes it, an honest run must come out with nothing flagged."""
+    """Today's ServerApp and devices on tiny data, user-level DP and a cap on: an honest run must come
+    out with nothing flagged, every check passing, and every plot."""
     from tests.test_federation import run_federation
 
-    cfg, run, _, rows, _ = run_federation(tmp_path, **{"num-rounds": 2})
+    cfg, run, _, rows, _ = run_federation(tmp_path, **{"num-rounds": 3, "user-dp": True, "max-epsilon": 60.0})
     if not (run / "config.json").exists():  # the ServerApp's main() writes it; the test harness does not
         (run / "config.json").write_text(json.dumps(cfg))
     assert main(["report", str(run)]) == 0
     report = json.loads((run / "report.json").read_text())
+    p = report["privacy"]
     assert [r["round"] for r in report["rounds"]] == [r["round"] for r in rows]
-    assert (run / "report.html").exists() and all((run / p["file"]).exists() for p in report["plots"])
-    # Honest devices: whatever the record (privacy.json, or the ledgers alone), nothing is flagged.
-    assert report["privacy"]["available"] and report["privacy"]["flagged-devices"] == []
-    devices = report["privacy"]["devices"]
-    assert devices and all(d["recomputed"]["rdp"]["epsilon"] > 0 for d in devices)
+    assert {pl["file"] for pl in report["plots"]} == FIXTURE_PLOTS
+    assert p["available"] and p["flagged-devices"] == [], [d["flags"] for d in p["devices"] if d["flags"]]
+    assert all(s["check"]["ok"] for s in p["statements"]) and all(c["ok"] for c in p["metrics-checks"])
+    assert [c["key"] for c in p["metrics-checks"]] == ["epsilon-max", "user-level-epsilon"]
+    assert any(d["declined-round"] for d in p["devices"])  # the cap was reached
+    assert all(d["recomputed"]["rdp"]["epsilon"] > 0 and d["ledger"]["epsilon"] for d in p["devices"])
     assert "protects nothing" in (run / "report.md").read_text().splitlines()[2]  # deterministic-devices first
-    if not (run / "privacy.json").exists():
-        assert report["privacy"]["source"] == "ledgers" and "privacy.json is missing" in report["privacy"]["reason"]
-        assert max(d["epsilon-reported"] for d in devices) == pytest.approx(rows[-1]["epsilon-max"], rel=REL_TOL)
 
 
 # ----------------------------------------------------------------------------- bad input

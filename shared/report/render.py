@@ -85,9 +85,6 @@ def report_json(run: Run, check: CrossCheck | None, plots: list[Plot]) -> dict[s
     if status.get("state") != "completed":
         notes.append(f"The run is not complete (state: {status.get('state', 'unknown')}); figures cover the "
                      f"rounds recorded so far ({len(run.rounds)} rows in metrics.jsonl).")
-    if cfg.get("deterministic-devices"):
-        notes.append("deterministic-devices = true: device noise is derived from the run seed, so this run "
-                     "demonstrates accounting only and protects nothing.")
     if privacy["accountant"] == "gdp":
         notes.append("The run used the GDP accountant, a CLT approximation rather than a guarantee; compare with "
                      "the RDP and PRV columns.")
