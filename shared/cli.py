@@ -5,6 +5,7 @@
                      [--noise-multiplier Z] [--seed S] [--no-dp] [--set KEY=VALUE ...] [--run-dir DIR]
     privrec baseline centralized|popularity [--config FILE] [--dataset ...] [--epochs N] [--out FILE]
     privrec recommend --model RUN_DIR (--history "ITEM ITEM ..." | --input FILE.jsonl) [-k 10]
+    privrec report RUN_DIR [--out DIR]
 
 User mistakes (PrivrecError) print one line and exit with status 2; no traceback.
 """
@@ -248,6 +249,17 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- report
+def cmd_report(args: argparse.Namespace) -> int:
+    from shared.report import build_report
+
+    report = build_report(args.run_dir, args.out)
+    flagged = report["privacy"]["flagged-devices"]
+    print(f"report written to {Path(args.out or args.run_dir) / 'report.html'} (+ report.md, report.json, "
+          f"{len(report['plots'])} plots); flagged devices: {', '.join(flagged) or 'none'}")
+    return 0
+
+
 # ---------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="privrec", description="Private federated sequential recommendation.")
@@ -304,6 +316,11 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--steps-per-round", type=int, default=1)
     cal.add_argument("--accountant", choices=["rdp", "prv", "gdp"], default="rdp")
     cal.set_defaults(func=cmd_calibrate)
+
+    rep = sub.add_parser("report", help="privacy report of a run: md, self-contained html, json, plots")
+    rep.add_argument("run_dir", help="run directory (runs/<run-id>)")
+    rep.add_argument("--out", help="write the report here (default: into the run directory)")
+    rep.set_defaults(func=cmd_report)
     return parser
 
 
