@@ -158,6 +158,24 @@ def store_text_features(store_dir: str | Path, cache_dir: str | Path | None = No
     return text_features(read_catalogue(store_dir), cache_dir, encoder, progress)
 
 
+TEXT_KEY = "item-text-key"  # message config key: which text features the server's model was built on
+
+
+def features_for(cfg, store_dir: str | Path, expected_key: str | None = None,
+                 cache_dir: str | Path | None = None) -> TextFeatures | None:
+    """The text features a run config's model needs (None for ID-only models).
+
+    `expected_key` (the server's) must match what this side computed from its catalogue.
+    """
+    if cfg["item-representation"] == "id":
+        return None
+    features = store_text_features(store_dir, cache_dir)
+    if expected_key is not None and str(expected_key) != features.key:
+        raise PrivrecError(f"{Path(store_dir)}: this catalogue's text features are {features.key}, but the "
+                           f"global model was built on {expected_key}: the catalogues differ")
+    return features
+
+
 def _save(path: Path, features: TextFeatures) -> None:
     meta = {"dataset": features.dataset, "catalogue_sha256": features.catalogue_sha256,
             "encoder_id": features.encoder_id, "shape": list(features.vectors.shape)}
