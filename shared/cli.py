@@ -5,6 +5,7 @@
                      [--noise-multiplier Z] [--seed S] [--no-dp] [--set KEY=VALUE ...] [--run-dir DIR]
     privrec baseline centralized|popularity [--config FILE] [--dataset ...] [--epochs N] [--out FILE]
     privrec recommend --model RUN_DIR (--history "ITEM ITEM ..." | --input FILE.jsonl) [-k 10]
+                      [--new-items FILE.jsonl]
 
 User mistakes (PrivrecError) print one line and exit with status 2; no traceback.
 """
@@ -223,12 +224,16 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     from shared.recommend import Recommender
 
     recommender = Recommender.load(Path(args.model))
+    if args.new_items:
+        added = recommender.add_items(Path(args.new_items))
+        print(f"added {added} new item(s) from {args.new_items}, known by their text only", file=sys.stderr)
     if (args.history is None) == (args.input is None):
         raise PrivrecError("give exactly one of --history \"ITEM ITEM ...\" or --input FILE.jsonl")
     if args.history is not None:
         for rank, rec in enumerate(recommender.top_k(args.history.split(), args.k, where="--history"), 1):
             title = f"  {rec['title']}" if rec["title"] else ""
-            print(f"{rank:>3}. {rec['item']}{title}  (score {rec['score']:.3f})")
+            new = "  [new, not in training]" if rec.get("new") else ""
+            print(f"{rank:>3}. {rec['item']}{title}  (score {rec['score']:.3f}){new}")
         return 0
     for out in recommender.top_k_file(Path(args.input), args.k):
         print(json.dumps(out))
@@ -277,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--history", help='space-separated item ids, oldest first, e.g. "50 181 258"')
     rec.add_argument("--input", help="JSON lines file, one {\"history\": [...]} per line")
     rec.add_argument("-k", type=int, default=10)
+    rec.add_argument("--new-items", metavar="FILE.jsonl",
+                     help='items added after training, one {"item": ID, "title": ..., "year": ..., "genres": [...]} '
+                          "per line (text models only): recommended from their text, without retraining")
     rec.set_defaults(func=cmd_recommend)
     return parser
 

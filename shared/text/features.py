@@ -73,14 +73,15 @@ def catalogue_sha256(texts: Sequence[str]) -> str:
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
-def read_catalogue(store_dir: str | Path) -> Catalogue:
-    """The catalogue of a device store, from `meta.json` and `items.json` only (no user data)."""
-    from shared.data.store import ITEMS_FILE, META_FILE, _read_json
+def read_catalogue(store_dir: str | Path, meta_file: str = "meta.json") -> Catalogue:
+    """The catalogue of a device store (or run directory: meta_file="dataset.json"), from its metadata and
+    `items.json` only: no user data."""
+    from shared.data.store import ITEMS_FILE, _read_json
 
     store_dir = Path(store_dir)
-    meta = _read_json(store_dir / META_FILE)
-    items = _read_json(store_dir / ITEMS_FILE)
+    meta = _read_json(store_dir / meta_file)
     where = store_dir / ITEMS_FILE
+    items = _read_json(where)
     if not isinstance(items, dict) or not isinstance(items.get("item_ids"), list):
         raise PrivrecError(f"{where}: expected an object with an 'item_ids' list")
     ids = [str(i) for i in items["item_ids"]]
