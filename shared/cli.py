@@ -73,6 +73,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                                                                                   cfg["users-per-device"])
     store = open_store(store_dir)
     cfg["data-store"] = str(store_dir.resolve())
+    if cfg["item-representation"] != "id":  # encode the catalogue here, with a progress bar, once (cached)
+        from shared.text.features import features_for
+
+        features_for(cfg, store_dir)
     run_root = Path(cfg["run-dir"]).expanduser().resolve()
     cfg["run-name"] = cfg["run-name"] or default_run_name()
     cfg["run-dir"] = str(run_root)
@@ -175,13 +179,16 @@ class _Progress:
 
 # ---------------------------------------------------------------------------- baselines
 def cmd_baseline(args: argparse.Namespace) -> int:
+    import torch
+
     from shared.baselines import evaluate_popularity, train_centralized
     from shared.data.store import open_store, prepare_store
     from shared.metrics import eval_inputs, evaluate_histories, summarize
     from shared.model import ModelConfig
 
     cfg = _config_from_args(args)
-    store = open_store(cfg["data-store"] or prepare_store(cfg["dataset"], 1))
+    store_dir = cfg["data-store"] or prepare_store(cfg["dataset"], 1)
+    store = open_store(store_dir)
     users = store.all_users()
     result: dict[str, Any] = {"baseline": args.kind, "dataset": store.meta.get("dataset"), "users": store.num_users}
     if args.kind == "popularity":
@@ -189,7 +196,11 @@ def cmd_baseline(args: argparse.Namespace) -> int:
             per_user = evaluate_popularity(users.train, users.valid, users.test, store.num_items, split=split)
             result[split] = summarize(per_user, seed=cfg["seed"])
     else:
-        model_cfg = ModelConfig.from_run_config(cfg, store.num_items)
+        from shared.text.features import features_for
+
+        features = features_for(cfg, store_dir)  # text models: the catalogue's frozen text table
+        item_text = None if features is None else torch.from_numpy(features.vectors)
+        model_cfg = ModelConfig.from_run_config(cfg, store.num_items, 0 if item_text is None else item_text.shape[1])
         from rich.progress import Progress
 
         with Progress(transient=True) as bar:
@@ -200,7 +211,7 @@ def cmd_baseline(args: argparse.Namespace) -> int:
 
             model = train_centralized(users.train, store.num_items, model_cfg, window=cfg["window"],
                                       epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                                      seed=cfg["seed"], progress=progress)
+                                      seed=cfg["seed"], progress=progress, item_text=item_text)
         for split in ("valid", "test"):
             inputs, targets, exclude = eval_inputs(users.train, users.valid, users.test, split)
             result[split] = summarize(evaluate_histories(model, inputs, targets, exclude), seed=cfg["seed"])
