@@ -92,3 +92,13 @@ def test_new_items_file_errors_name_the_line(run_dir, tmp_path, minilm):
         bad.write_text('{"item": "ok", "title": "Fine"}\n' + line + "\n")
         with pytest.raises(PrivrecError, match=f"bad.jsonl line 2: .*{message}"):
             rec.add_items(bad, encoder=minilm)
+
+
+def test_a_run_whose_catalogue_changed_since_training_is_refused(run_dir, tmp_path, minilm):
+    items = json.loads((run_dir / "items.json").read_text())
+    items["item_titles"][1] = "Star Wars: A New Hope (1977)"
+    (run_dir / "items.json").write_text(json.dumps(items))
+    changed = Catalogue("tiny-movies", items["item_ids"], items["item_titles"], items["item_genres"])
+    text_features(changed, tmp_path / "cache", encoder=minilm, progress=False)  # encoded, so no model load
+    with pytest.raises(PrivrecError, match="the catalogue or the encoder changed since training"):
+        Recommender.load(run_dir)
