@@ -21,6 +21,7 @@ from client.device import evaluate_round, ledger_path, load_device, train_round
 from shared.config import SCHEMA, validate
 from shared.errors import PrivrecError
 from shared.privacy.ledger import PrivacyLedger, from_json, load_ledger, reconcile
+from shared.text.features import TEXT_KEY, features_for
 
 # Opacus calls logging.basicConfig(); without this every Flower log line prints twice.
 logging.getLogger("flwr").propagate = False
@@ -44,11 +45,14 @@ def _device(context: Context, record: ConfigRecord) -> tuple[str, str, str]:
     raise PrivrecError("node config has neither 'data-dir' (deployment) nor 'partition-id' (simulation)")
 
 
-def _load(context: Context, record: ConfigRecord):
+def _load(context: Context, record: ConfigRecord, cfg: dict[str, Any]):
     device, store_dir, state_dir = _device(context, record)
     device_index = 0 if "data-dir" in context.node_config else int(device)
     data, num_items = load_device(store_dir, device_index)
-    return device, data, num_items, state_dir
+    # Text models: the device builds the frozen text table from its own copy of the public catalogue
+    # (cached by hash); the server only names which one, and a mismatch is refused.
+    features = features_for(cfg, store_dir, expected_key=record.get(TEXT_KEY))
+    return device, data, num_items, state_dir, None if features is None else features.vectors
 
 
 LEDGER_MIRROR = "privacy-ledger"  # context.state key: in-memory copy of the device's ledger file
@@ -69,7 +73,7 @@ def _mirror_ledger(context: Context, path: Path, device: str) -> PrivacyLedger:
 def train(msg: Message, context: Context) -> Message:
     torch.set_num_threads(1)
     cfg, record = _run_config(msg)
-    device, data, num_items, state_dir = _load(context, record)
+    device, data, num_items, state_dir, item_text = _load(context, record, cfg)
     path = ledger_path(state_dir, device)
     reconcile(path, _ledger_mirror(context))  # a lost or stale ledger file never lowers the spend
     global_state = msg.content.array_records["arrays"].to_torch_state_dict()
@@ -77,7 +81,7 @@ def train(msg: Message, context: Context) -> Message:
         data, num_items, global_state, cfg,
         ledger_path=path, device=device,
         run_id=str(record.get("run-id", "")), server_round=int(record["server-round"]),
-        proximal_mu=float(record.get("proximal-mu", 0.0)),
+        proximal_mu=float(record.get("proximal-mu", 0.0)), item_text=item_text,
     )
     ledger = _mirror_ledger(context, path, device)
     # The accountant history (noise multiplier, sample rate, steps per round) lets the server's report
@@ -95,7 +99,7 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     torch.set_num_threads(1)
     cfg, record = _run_config(msg)
-    _, data, num_items, _ = _load(context, record)
+    _, data, num_items, _, item_text = _load(context, record, cfg)
     global_state = msg.content.array_records["arrays"].to_torch_state_dict()
-    metrics = evaluate_round(data, num_items, global_state, cfg)
+    metrics = evaluate_round(data, num_items, global_state, cfg, item_text=item_text)
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from shared.coldstart import cold_items, without_items
 from shared.data.store import DeviceData, open_store
 from shared.data.windows import make_windows
 from shared.metrics import eval_inputs, evaluate_histories
@@ -40,9 +41,13 @@ def load_device(store_dir: str | Path, device_id: int) -> tuple[DeviceData, int]
     return store.device(device_id), store.num_items
 
 
-def training_windows(data: DeviceData, window: int) -> np.ndarray:
-    """All of the device's training examples: non-overlapping windows of each user's history."""
-    parts = [make_windows(seq, window) for seq in data.train]
+def training_windows(data: DeviceData, window: int, held_out: np.ndarray | None = None) -> np.ndarray:
+    """All of the device's training examples: non-overlapping windows of each user's history.
+
+    `held_out` items (the cold-start protocol) are removed from the histories first, so no window holds one.
+    """
+    train = without_items(data.train, held_out) if held_out is not None else data.train
+    parts = [make_windows(seq, window) for seq in train]
     return np.concatenate(parts) if parts else np.zeros((0, window), dtype=np.int64)
 
 
@@ -85,9 +90,18 @@ def _declined(ledger: PrivacyLedger, would_be: float, started: float) -> TrainOu
                                "would-be-epsilon": would_be, "seconds": time.perf_counter() - started})
 
 
+def build_model(cfg: Mapping[str, Any], num_items: int, global_state: Mapping[str, torch.Tensor],
+                item_text: np.ndarray | None) -> SASRec:
+    """The global model as this device runs it: received weights plus, for text models, the frozen text
+    table the device computed itself from the public catalogue (never received, never sent)."""
+    text_dim = 0 if item_text is None else int(item_text.shape[1])
+    return SASRec.from_state(ModelConfig.from_run_config(cfg, num_items, text_dim), global_state,
+                             None if item_text is None else torch.from_numpy(item_text))
+
+
 def train_round(data: DeviceData, num_items: int, global_state: Mapping[str, torch.Tensor],
                 cfg: Mapping[str, Any], ledger_path: Path, device: str, run_id: str,
-                server_round: int, proximal_mu: float = 0.0) -> TrainOutcome:
+                server_round: int, proximal_mu: float = 0.0, item_text: np.ndarray | None = None) -> TrainOutcome:
     """One round of on-device training; the privacy spend is on disk before the update is returned.
 
     Under DP the round is first checked against the device's cap (`max-epsilon`): a round that
@@ -95,7 +109,8 @@ def train_round(data: DeviceData, num_items: int, global_state: Mapping[str, tor
     """
     started = time.perf_counter()
     ledger = load_ledger(ledger_path, device)
-    windows = training_windows(data, cfg["window"])
+    held_out = cold_items(num_items, cfg["cold-item-share"], cfg["seed"]) if cfg["cold-item-share"] else None
+    windows = training_windows(data, cfg["window"], held_out)
     if cfg["dp"]:
         if ledger.declined:
             return _declined(ledger, float(ledger.declined.get("would-be-epsilon", ledger.epsilon)), started)
@@ -112,7 +127,7 @@ def train_round(data: DeviceData, num_items: int, global_state: Mapping[str, tor
                      "sample_rate": sample_rate_for(len(windows), cfg["batch-size"]),
                      "noise_multiplier": cfg["noise-multiplier"], "epsilon": planned_epsilon,
                      "delta": cfg["delta"], "accountant": cfg["accountant"], "time": time.time()})
-    model = SASRec.from_state(ModelConfig.from_run_config(cfg, num_items), global_state)
+    model = build_model(cfg, num_items, global_state, item_text)
     global_params = {k: v.detach().clone() for k, v in model.named_parameters()} if proximal_mu > 0 else None
     result = train_local(model, windows, local_train_config(cfg, _device_seed(cfg, server_round, device),
                                                             proximal_mu),
@@ -134,9 +149,9 @@ def train_round(data: DeviceData, num_items: int, global_state: Mapping[str, tor
 
 
 def evaluate_round(data: DeviceData, num_items: int, global_state: Mapping[str, torch.Tensor],
-                   cfg: Mapping[str, Any], k: int = 10) -> dict[str, float | int]:
+                   cfg: Mapping[str, Any], k: int = 10, item_text: np.ndarray | None = None) -> dict[str, float | int]:
     """HR@k / NDCG@k sums over this device's users, on validation and test items."""
-    model = SASRec.from_state(ModelConfig.from_run_config(cfg, num_items), global_state)
+    model = build_model(cfg, num_items, global_state, item_text)
     metrics: dict[str, float | int] = {"num-examples": len(data.test)}
     for split in ("valid", "test"):
         inputs, targets, exclude = eval_inputs(data.train, data.valid, data.test, split)
@@ -150,5 +165,6 @@ def ledger_path(state_dir: str | Path, device: str) -> Path:
     return Path(state_dir) / f"device-{device}" / LEDGER_FILE
 
 
-__all__ = ["PrivacyLedger", "TrainOutcome", "evaluate_round", "ledger_path", "load_device", "train_round",
+__all__ = ["PrivacyLedger", "TrainOutcome", "build_model", "evaluate_round", "ledger_path", "load_device",
+           "train_round",
            "training_windows"]

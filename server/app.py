@@ -23,6 +23,7 @@ from shared.data.store import open_store, prepare_store
 from shared.model import ModelConfig, SASRec
 from shared.privacy.statement import privacy_statement, sentences, user_level_statement
 from shared.privacy.user_level import user_level_epsilon, user_level_state
+from shared.text.features import TEXT_KEY, features_for
 
 logging.getLogger("flwr").propagate = False  # Opacus' basicConfig would double every log line
 
@@ -63,10 +64,18 @@ class FederatedRun:
         store_dir = Path(cfg["data-store"] or prepare_store(cfg["dataset"], cfg["users-per-device"]))
         store = open_store(store_dir)
         self.store = store
-        self.model_cfg = ModelConfig.from_run_config(cfg, store.num_items)
-        model = SASRec(self.model_cfg)
+        # Text models: the frozen text table is built here from the public catalogue (encoded once,
+        # cached by hash) and is not part of the shipped weights; devices build the same one themselves.
+        features = features_for(cfg, store_dir)
+        self.item_text = None if features is None else torch.from_numpy(features.vectors)
+        self.text_info = {} if features is None else {"dataset": features.dataset, "key": features.key,
+                                                      "catalogue_sha256": features.catalogue_sha256,
+                                                      "encoder_id": features.encoder_id}
+        text_dim = 0 if features is None else int(features.vectors.shape[1])
+        self.model_cfg = ModelConfig.from_run_config(cfg, store.num_items, text_dim)
+        model = SASRec(self.model_cfg, self.item_text)
         if cfg["public-share"] > 0:
-            model, info = pretrain(cfg, store, self.model_cfg)
+            model, info = pretrain(cfg, store, self.model_cfg, self.item_text)
             self.run_dir.write_json("pretraining.json", info)
         self.run_dir.copy_catalogue(store_dir / "items.json")
         self.run_dir.write_json("dataset.json", store.meta)
@@ -74,7 +83,8 @@ class FederatedRun:
         strategy = build_strategy(cfg, store.num_devices, self._on_train, self._on_evaluate)
         message_config = ConfigRecord({**cfg, "data-store": str(store_dir),
                                        "state-dir": str(self.run_dir.path / "devices"),
-                                       "run-id": self.run_dir.path.name})
+                                       "run-id": self.run_dir.path.name,
+                                       **({TEXT_KEY: features.key} if features is not None else {})})
         self.strategy = strategy
         started = time.perf_counter()
         self.round_started = started
@@ -109,9 +119,13 @@ class FederatedRun:
         central = None
         if self.cfg["central-eval"] and (server_round == 0 or server_round == self.cfg["num-rounds"]
                                          or server_round in self.eval_stats):
-            central = central_evaluation(self.model_cfg, state, self.store, seed=self.cfg["seed"])
+            central = central_evaluation(self.model_cfg, state, self.store, seed=self.cfg["seed"],
+                                         item_text=self.item_text, cold_share=self.cfg["cold-item-share"])
         if server_round > 0:
-            self.run_dir.save_model(state, {"model": "SASRec", **asdict(self.model_cfg)})
+            architecture = {"model": "SASRec", **asdict(self.model_cfg)}
+            if self.text_info:
+                architecture["item-text"] = self.text_info
+            self.run_dir.save_model(state, architecture)
         row = self._metrics_row(server_round, central)
         self.rows.append(row)
         self.run_dir.append_metrics(row)

@@ -11,18 +11,25 @@ from typing import Any
 
 import torch
 
+from shared.coldstart import cold_items, split_summary
 from shared.data.store import DeviceStore
-from shared.metrics import eval_inputs, evaluate_histories, summarize
+from shared.metrics import eval_inputs, evaluate_histories
 from shared.model import ModelConfig, SASRec
 
 
 def central_evaluation(model_cfg: ModelConfig, state: Mapping[str, torch.Tensor], store: DeviceStore,
-                       seed: int = 0) -> dict[str, Any]:
-    model = SASRec.from_state(model_cfg, state)
+                       seed: int = 0, item_text: torch.Tensor | None = None,
+                       cold_share: float = 0.0) -> dict[str, Any]:
+    """valid/test HR@10 and NDCG@10; with the cold-start protocol on, also test-cold-* and test-warm-*."""
+    model = SASRec.from_state(model_cfg, state, item_text)
     users = store.all_users()
+    cold = cold_items(store.num_items, cold_share, seed)
     out: dict[str, Any] = {"label": "central (simulation only: reads every user's held-out items)"}
     for split in ("valid", "test"):
         inputs, targets, exclude = eval_inputs(users.train, users.valid, users.test, split)
-        summary = summarize(evaluate_histories(model, inputs, targets, exclude, k=10), k=10, seed=seed)
-        out.update({f"{split}-{k}": v for k, v in summary.items()})
+        parts = split_summary(evaluate_histories(model, inputs, targets, exclude, k=10), targets, cold, seed=seed)
+        out.update({f"{split}-{k}": v for k, v in parts["all"].items()})
+        if cold_share and split == "test":
+            for name in ("cold", "warm"):
+                out.update({f"test-{name}-{k}": v for k, v in parts[name].items()})
     return out

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 
 from shared.baselines import train_centralized
 from shared.data.store import DeviceStore
@@ -28,12 +29,13 @@ def consenting_devices(cfg: dict[str, Any], num_devices: int) -> np.ndarray:
     return np.sort(rng.choice(num_devices, size=count, replace=False))
 
 
-def pretrain(cfg: dict[str, Any], store: DeviceStore, model_cfg: ModelConfig) -> tuple[SASRec, dict[str, Any]]:
+def pretrain(cfg: dict[str, Any], store: DeviceStore, model_cfg: ModelConfig,
+             item_text: torch.Tensor | None = None) -> tuple[SASRec, dict[str, Any]]:
     devices = consenting_devices(cfg, store.num_devices)
     histories = [seq for d in devices for seq in store.device(int(d)).train]
     model = train_centralized(histories, store.num_items, model_cfg, window=cfg["window"],
                               epochs=cfg["public-epochs"], lr=PRETRAIN_LR, batch_size=PRETRAIN_BATCH,
-                              seed=cfg["seed"])
+                              seed=cfg["seed"], item_text=item_text)
     info = {"consenting-devices": int(devices.size), "consenting-users": len(histories),
             "interactions": int(sum(len(h) for h in histories)), "epochs": cfg["public-epochs"]}
     return model, info

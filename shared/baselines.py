@@ -80,6 +80,7 @@ def train_centralized(
     batch_size: int,
     seed: int,
     progress: Callable[[int, int, float], None] | None = None,
+    item_text: torch.Tensor | None = None,
 ) -> SASRec:
     """Plain (non-DP, non-federated) Adam training of a fresh SASRec on all users' windows.
 
@@ -94,7 +95,7 @@ def train_centralized(
         raise PrivrecError(f"no training window of length >= 2 with window={window}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = SASRec(model_cfg)
+        model = SASRec(model_cfg, item_text)
     cfg = LocalTrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, dp=False, seed=seed)
 
     def on_epoch(epoch: int, loss: float) -> None:

@@ -5,7 +5,9 @@
                      [--noise-multiplier Z] [--seed S] [--no-dp] [--set KEY=VALUE ...] [--run-dir DIR]
     privrec baseline centralized|popularity [--config FILE] [--dataset ...] [--epochs N] [--out FILE]
     privrec recommend --model RUN_DIR (--history "ITEM ITEM ..." | --input FILE.jsonl) [-k 10]
+                      [--new-items FILE.jsonl]
     privrec report RUN_DIR [--out DIR]
+    privrec calibrate --target-epsilon E --sample-rate Q --rounds R [--steps-per-round S]
 
 User mistakes (PrivrecError) print one line and exit with status 2; no traceback.
 """
@@ -73,6 +75,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                                                                                   cfg["users-per-device"])
     store = open_store(store_dir)
     cfg["data-store"] = str(store_dir.resolve())
+    if cfg["item-representation"] != "id":  # encode the catalogue here, with a progress bar, once (cached)
+        from shared.text.features import features_for
+
+        features_for(cfg, store_dir)
     run_root = Path(cfg["run-dir"]).expanduser().resolve()
     cfg["run-name"] = cfg["run-name"] or default_run_name()
     cfg["run-dir"] = str(run_root)
@@ -175,13 +181,16 @@ class _Progress:
 
 # ---------------------------------------------------------------------------- baselines
 def cmd_baseline(args: argparse.Namespace) -> int:
+    import torch
+
     from shared.baselines import evaluate_popularity, train_centralized
     from shared.data.store import open_store, prepare_store
     from shared.metrics import eval_inputs, evaluate_histories, summarize
     from shared.model import ModelConfig
 
     cfg = _config_from_args(args)
-    store = open_store(cfg["data-store"] or prepare_store(cfg["dataset"], 1))
+    store_dir = cfg["data-store"] or prepare_store(cfg["dataset"], 1)
+    store = open_store(store_dir)
     users = store.all_users()
     result: dict[str, Any] = {"baseline": args.kind, "dataset": store.meta.get("dataset"), "users": store.num_users}
     if args.kind == "popularity":
@@ -189,7 +198,11 @@ def cmd_baseline(args: argparse.Namespace) -> int:
             per_user = evaluate_popularity(users.train, users.valid, users.test, store.num_items, split=split)
             result[split] = summarize(per_user, seed=cfg["seed"])
     else:
-        model_cfg = ModelConfig.from_run_config(cfg, store.num_items)
+        from shared.text.features import features_for
+
+        features = features_for(cfg, store_dir)  # text models: the catalogue's frozen text table
+        item_text = None if features is None else torch.from_numpy(features.vectors)
+        model_cfg = ModelConfig.from_run_config(cfg, store.num_items, 0 if item_text is None else item_text.shape[1])
         from rich.progress import Progress
 
         with Progress(transient=True) as bar:
@@ -200,7 +213,7 @@ def cmd_baseline(args: argparse.Namespace) -> int:
 
             model = train_centralized(users.train, store.num_items, model_cfg, window=cfg["window"],
                                       epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                                      seed=cfg["seed"], progress=progress)
+                                      seed=cfg["seed"], progress=progress, item_text=item_text)
         for split in ("valid", "test"):
             inputs, targets, exclude = eval_inputs(users.train, users.valid, users.test, split)
             result[split] = summarize(evaluate_histories(model, inputs, targets, exclude), seed=cfg["seed"])
@@ -224,12 +237,16 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     from shared.recommend import Recommender
 
     recommender = Recommender.load(Path(args.model))
+    if args.new_items:
+        added = recommender.add_items(Path(args.new_items))
+        print(f"added {added} new item(s) from {args.new_items}, known by their text only", file=sys.stderr)
     if (args.history is None) == (args.input is None):
         raise PrivrecError("give exactly one of --history \"ITEM ITEM ...\" or --input FILE.jsonl")
     if args.history is not None:
         for rank, rec in enumerate(recommender.top_k(args.history.split(), args.k, where="--history"), 1):
             title = f"  {rec['title']}" if rec["title"] else ""
-            print(f"{rank:>3}. {rec['item']}{title}  (score {rec['score']:.3f})")
+            new = "  [new, not in training]" if rec.get("new") else ""
+            print(f"{rank:>3}. {rec['item']}{title}  (score {rec['score']:.3f}){new}")
         return 0
     for out in recommender.top_k_file(Path(args.input), args.k):
         print(json.dumps(out))
@@ -302,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--history", help='space-separated item ids, oldest first, e.g. "50 181 258"')
     rec.add_argument("--input", help="JSON lines file, one {\"history\": [...]} per line")
     rec.add_argument("-k", type=int, default=10)
+    rec.add_argument("--new-items", metavar="FILE.jsonl",
+                     help='items added after training, one {"item": ID, "title": ..., "year": ..., "genres": [...]} '
+                          "per line (text models only): recommended from their text, without retraining")
     rec.set_defaults(func=cmd_recommend)
 
     cal = sub.add_parser("calibrate", help="noise multiplier for a target epsilon",

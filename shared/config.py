@@ -43,6 +43,7 @@ def _one_of(*choices: str) -> Callable[[Any], bool]:
 STRATEGIES = ("fedavg", "fedadam", "fedprox")
 ACCOUNTANTS = ("rdp", "prv", "gdp")
 GRAD_SAMPLE_MODES = ("hooks", "ghost")
+REPRESENTATIONS = ("id", "text", "text+id")
 
 SCHEMA: dict[str, Key] = {
     # data
@@ -115,6 +116,14 @@ SCHEMA: dict[str, Key] = {
     # outputs
     "run-dir": Key(str, "runs", "folder that receives runs/<run-id>/"),
     "run-name": Key(str, "", "run id (folder name); empty = time stamp"),
+    # item text features
+    "item-representation": Key(str, "id", "how the model knows items: id (a trainable embedding per item), "
+                                          "text (frozen all-MiniLM-L6-v2 vectors of title, year and genres "
+                                          "through trainable projections), text+id (both)",
+                               _one_of(*REPRESENTATIONS), "must be one of " + ", ".join(REPRESENTATIONS)),
+    "cold-item-share": Key(float, 0.0, "cold-start protocol: share of items (drawn with `seed`) kept out of "
+                                       "every training window and evaluated separately; 0 = off",
+                           lambda v: 0 <= v < 1, "must be in [0, 1)"),
 }
 
 

@@ -9,6 +9,18 @@ Design constraints (see /work/shared/BRIEF.md, "Opacus with attention models"):
   and ``grad_sample_mode="ghost"`` works (it refuses tied weights).
 * Position ids are built with ``.repeat`` (contiguous), as ghost clipping's embedding norm requires.
 
+Item representations (``ModelConfig.item_representation``):
+
+* ``"id"``: a trainable embedding per item in, an ``nn.Linear`` head over the catalogue out.
+* ``"text"``: each item is its frozen text vector (a non-persistent buffer ``item_text [N+1, D]``, never
+  trained, never in ``state_dict()``, so never shipped). In: ``text_in`` (Linear D->H) applied per position
+  to the looked-up vectors. Out: the user state is projected INTO text space by ``text_out`` (Linear
+  H->D, per position) and scored against the frozen table: ``text_out(h) @ item_text.T``. Every trainable
+  weight acts on per-example activations, so Opacus' per-sample gradients are exact (a Linear applied to
+  the catalogue table itself would have no per-example structure and its per-sample gradient would be
+  wrong). An item added after training is scored from its text alone.
+* ``"text+id"``: both, summed (inputs and scores).
+
 Conventions: item ids are ``1..num_items``; ``0`` is padding and sequences are LEFT-padded.
 Positions are counted from the most recent item backwards (the last input position has position id 0),
 so left padding does not change the outputs at real positions, and a sequence longer than ``max_len``
@@ -19,15 +31,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from shared.config import REPRESENTATIONS
 from shared.errors import PrivrecError
 
-__all__ = ["ModelConfig", "SASRec"]
+__all__ = ["REPRESENTATIONS", "ModelConfig", "SASRec"]
 
 
 @dataclass(frozen=True)
@@ -38,12 +51,24 @@ class ModelConfig:
     num_heads: int = 2
     num_blocks: int = 2
     dropout: float = 0.2
+    item_representation: str = "id"  # one of REPRESENTATIONS
+    text_dim: int = 0  # width of the frozen item text vectors (text models only)
 
     @classmethod
-    def from_run_config(cls, cfg, num_items: int) -> ModelConfig:
+    def from_run_config(cls, cfg, num_items: int, text_dim: int = 0) -> ModelConfig:
         """The architecture a run config (see shared/config.py) asks for, over `num_items` items."""
+        representation = cfg.get("item-representation", "id")
         return cls(num_items=num_items, max_len=cfg["max-len"], hidden_size=cfg["hidden-size"],
-                   num_heads=cfg["num-heads"], num_blocks=cfg["num-blocks"], dropout=cfg["dropout"])
+                   num_heads=cfg["num-heads"], num_blocks=cfg["num-blocks"], dropout=cfg["dropout"],
+                   item_representation=representation, text_dim=text_dim if representation != "id" else 0)
+
+    @property
+    def uses_text(self) -> bool:
+        return self.item_representation != "id"
+
+    @property
+    def uses_ids(self) -> bool:
+        return self.item_representation != "text"
 
     def __post_init__(self) -> None:
         for key in ("num_items", "max_len", "hidden_size", "num_heads"):
@@ -61,6 +86,12 @@ class ModelConfig:
             )
         if not (0.0 <= float(self.dropout) < 1.0):
             raise PrivrecError(f"model config: dropout must be in [0, 1), got {self.dropout!r}")
+        if self.item_representation not in REPRESENTATIONS:
+            raise PrivrecError(f"model config: item_representation must be one of {', '.join(REPRESENTATIONS)}, "
+                               f"got {self.item_representation!r}")
+        if self.uses_text and (not isinstance(self.text_dim, int) or self.text_dim < 1):
+            raise PrivrecError(f"model config: item_representation={self.item_representation!r} needs "
+                               f"text_dim >= 1, got {self.text_dim!r}")
 
 
 class CausalSelfAttention(nn.Module):
@@ -132,19 +163,39 @@ class SASRec(nn.Module):
     that follows ``seqs[:, t]`` (column 0 is padding and should never be a target).
     """
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, item_text: Tensor | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         h = cfg.hidden_size
-        self.item_emb = nn.Embedding(cfg.num_items + 1, h, padding_idx=0)
+        # Creation order (and so the seeded init) of the ID model is unchanged by the text options.
+        if cfg.uses_ids:
+            self.item_emb = nn.Embedding(cfg.num_items + 1, h, padding_idx=0)
         self.pos_emb = nn.Embedding(cfg.max_len, h)
         self.emb_dropout = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(
             [Block(h, cfg.num_heads, cfg.dropout) for _ in range(cfg.num_blocks)]
         )
         self.final_ln = nn.LayerNorm(h)
-        self.head = nn.Linear(h, cfg.num_items + 1)
+        if cfg.uses_ids:
+            self.head = nn.Linear(h, cfg.num_items + 1)
+        if cfg.uses_text:
+            self.text_in = nn.Linear(cfg.text_dim, h)
+            self.text_out = nn.Linear(h, cfg.text_dim)
+            self.register_buffer("item_text", self._check_text(item_text), persistent=False)
+        elif item_text is not None:
+            raise PrivrecError("model config: item_representation='id' takes no item text features")
         self._init_weights()
+
+    def _check_text(self, item_text) -> Tensor:
+        want = (self.cfg.num_items + 1, self.cfg.text_dim)
+        if item_text is None:
+            raise PrivrecError(f"item_representation={self.cfg.item_representation!r} needs the catalogue's "
+                               "text features (shared/text/features.py)")
+        item_text = torch.as_tensor(item_text, dtype=torch.float32)
+        if tuple(item_text.shape) != want:
+            raise PrivrecError(f"item text features have shape {tuple(item_text.shape)}, expected {want} "
+                               "(num_items + 1 rows, row 0 = padding)")
+        return item_text.detach().clone()
 
     def _init_weights(self) -> None:
         for module in self.modules():
@@ -153,8 +204,9 @@ class SASRec(nn.Module):
                 nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, std=0.02)
-        with torch.no_grad():
-            self.item_emb.weight[0].zero_()
+        if self.cfg.uses_ids:
+            with torch.no_grad():
+                self.item_emb.weight[0].zero_()
 
     def _prepare(self, seqs: Tensor) -> Tensor:
         if not isinstance(seqs, Tensor):
@@ -172,12 +224,31 @@ class SASRec(nn.Module):
         return seqs.contiguous()
 
     def forward(self, seqs: Tensor) -> Tensor:
+        return self.score(self.encode(seqs))
+
+    def _item_inputs(self, seqs: Tensor) -> Tensor:
+        x = self.item_emb(seqs) if self.cfg.uses_ids else 0.0
+        if self.cfg.uses_text:
+            # Per-position Linear on looked-up frozen vectors: per-example activations for Opacus.
+            x = x + self.text_in(self.item_text[seqs])
+        return x * math.sqrt(self.cfg.hidden_size)
+
+    def score(self, h: Tensor) -> Tensor:
+        """Logits ``[..., num_items + 1]`` from user states ``h [..., H]``."""
+        logits = self.head(h) if self.cfg.uses_ids else 0.0
+        if self.cfg.uses_text:
+            # The projection acts on h (per example); the frozen table is only multiplied against.
+            logits = logits + self.text_out(h) @ self.item_text.T
+        return logits
+
+    def encode(self, seqs: Tensor) -> Tensor:
+        """User states ``[B, L, H]`` (after the final LayerNorm), one per input position."""
         seqs = self._prepare(seqs)
         b, length = seqs.shape
         real = seqs != 0  # [B, L]
         # Recency positions: last input position = 0. Built with .repeat (contiguous) for ghost mode.
         positions = torch.arange(length - 1, -1, -1, device=seqs.device).repeat(b, 1)
-        x = self.item_emb(seqs) * math.sqrt(self.cfg.hidden_size)
+        x = self._item_inputs(seqs)
         x = x * real.unsqueeze(-1).to(x.dtype) + self.pos_emb(positions)
         x = self.emb_dropout(x)
 
@@ -187,15 +258,15 @@ class SASRec(nn.Module):
         mask = (mask | eye).unsqueeze(1)  # diagonal always visible: padded rows never NaN
         for block in self.blocks:
             x = block(x, mask)
-        return self.head(self.final_ln(x))
+        return self.final_ln(x)
 
     @classmethod
-    def from_state(cls, cfg: ModelConfig, state: Mapping[str, Tensor]) -> SASRec:
-        """A model holding a copy of `state`'s weights.
+    def from_state(cls, cfg: ModelConfig, state: Mapping[str, Tensor], item_text: Tensor | None = None) -> SASRec:
+        """A model holding a copy of `state`'s weights (and the frozen text features, for text models).
 
         (Building on the meta device to skip the random init was measured: 5x slower on CPU.)
         """
-        model = cls(cfg)
+        model = cls(cfg, item_text)
         model.load_state_dict(state)
         return model
 
@@ -212,6 +283,27 @@ class SASRec(nn.Module):
         for name, param in self.named_parameters():
             param.requires_grad_(name not in frozen)
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
+    def with_new_items(self, vectors: Tensor) -> SASRec:
+        """A copy that also knows ``len(vectors)`` items added after training (ids num_items+1...).
+
+        New items are known by their text only: text models score them through ``text_out``; in
+        ``text+id`` their ID embedding is zero and their ID head row is zero with the catalogue's mean
+        bias (an average item, neither favoured nor buried).
+        """
+        if not self.cfg.uses_text:
+            raise PrivrecError("this model uses item IDs only (item-representation = id): it cannot score an item "
+                               "it was not trained with; train with item-representation = text or text+id")
+        vectors = torch.as_tensor(vectors, dtype=torch.float32).reshape(-1, self.cfg.text_dim)
+        new = len(vectors)
+        cfg = replace(self.cfg, num_items=self.cfg.num_items + new)
+        state = {k: v.detach().clone() for k, v in self.state_dict().items()}
+        if cfg.uses_ids:
+            h = cfg.hidden_size
+            state["item_emb.weight"] = torch.cat([state["item_emb.weight"], torch.zeros(new, h)])
+            state["head.weight"] = torch.cat([state["head.weight"], torch.zeros(new, h)])
+            mean_bias = state["head.bias"][1:].mean()
+            state["head.bias"] = torch.cat([state["head.bias"], mean_bias.repeat(new)])
+        return SASRec.from_state(cfg, state, torch.cat([self.item_text, vectors])).train(self.training)
 
     def predict_next(self, seqs: Tensor) -> Tensor:
         """Logits for the item after the last position, ``[B, num_items + 1]``; column 0 is -inf."""

@@ -13,6 +13,41 @@ from shared.errors import PrivrecError
 from shared.model import ModelConfig, SASRec
 
 
+def _json_lines(path: Path, expected: str) -> list[tuple[str, dict]]:
+    """(where, object) per non-blank line of a JSON-lines file; errors name the file and line."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PrivrecError(f"{path}: cannot read ({exc})") from None
+    out = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path} line {number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise PrivrecError(f"{where}: not valid JSON ({exc.msg})") from None
+        if not isinstance(record, dict):
+            raise PrivrecError(f"{where}: expected {expected}")
+        out.append((where, record))
+    return out
+
+
+def _run_text_features(run_dir: Path, cfg: ModelConfig, arch: dict) -> torch.Tensor | None:
+    """A text model's frozen table, rebuilt from the run's public catalogue (cached by hash)."""
+    if not cfg.uses_text:
+        return None
+    from shared.text.features import read_catalogue, text_features
+
+    features = text_features(read_catalogue(run_dir, meta_file="dataset.json"))
+    expected = (arch.get("item-text") or {}).get("key")
+    if expected is not None and expected != features.key:
+        raise PrivrecError(f"items.json gives text features {features.key}, but the model was trained on "
+                           f"{expected}: the catalogue or the encoder changed since training")
+    return torch.from_numpy(features.vectors)
+
+
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -26,6 +61,45 @@ class Recommender:
         self.item_ids = item_ids
         self.titles = titles
         self.index = {raw: i for i, raw in enumerate(item_ids) if i > 0}
+        self.trained_items = len(item_ids) - 1  # items after these were added by text, without training
+
+    def add_items(self, path: Path, encoder=None) -> int:
+        """Add the items of a JSON-lines file (one {"item", "title", "year"?, "genres"?} per line) to the
+        catalogue, known by their text alone (text models only). Returns how many were added."""
+        from shared.text.features import item_text
+
+        if not self.model.cfg.uses_text:
+            self.model.with_new_items(torch.zeros(0, 1))  # raises the clear "IDs only" error
+        ids, titles, texts = [], [], []
+        for where, record in _json_lines(path, "an object like {\"item\": \"n1\", \"title\": \"...\"}"):
+            raw, title = record.get("item"), record.get("title")
+            genres, year = record.get("genres", []), record.get("year")
+            if not isinstance(raw, (str, int)) or isinstance(raw, bool) or not str(raw).strip():
+                raise PrivrecError(f"{where}: 'item' must be a non-empty id")
+            if str(raw) in self.index or str(raw) in ids:
+                raise PrivrecError(f"{where}: item id {str(raw)!r} is already in the catalogue")
+            if not isinstance(title, str) or not title.strip():
+                raise PrivrecError(f"{where}: 'title' must be a non-empty string (an item is known by its text)")
+            if not isinstance(genres, list) or not all(isinstance(g, str) for g in genres):
+                raise PrivrecError(f"{where}: 'genres' must be a list of strings")
+            if year is not None and str(year) not in title:
+                title = f"{title.strip()} ({year})"
+            ids.append(str(raw))
+            titles.append(title)
+            texts.append(item_text(str(raw), title, genres))
+        if not ids:
+            raise PrivrecError(f"{path}: no items")
+        if encoder is None:
+            from shared.text.encoder import TextEncoder
+
+            encoder = TextEncoder()
+        vectors = torch.from_numpy(encoder.encode(texts, progress=False))
+        self.model = self.model.with_new_items(vectors).eval()
+        for raw, title in zip(ids, titles):
+            self.index[raw] = len(self.item_ids)
+            self.item_ids.append(raw)
+            self.titles.append(title)
+        return len(ids)
 
     @classmethod
     def load(cls, run_dir: Path) -> Recommender:
@@ -37,11 +111,14 @@ class Recommender:
         try:
             arch = _read_json(run_dir / "model.json")
             items = _read_json(run_dir / "items.json")
-            missing = [k for k in ModelConfig.__dataclass_fields__ if not isinstance(arch, dict) or k not in arch]
+            fields = ModelConfig.__dataclass_fields__
+            # The item representation keys may be absent: runs that predate them are ID models.
+            missing = [k for k in fields if (not isinstance(arch, dict) or k not in arch)
+                       and k not in ("item_representation", "text_dim")]
             if missing:
                 raise PrivrecError(f"model.json lacks key(s) {', '.join(missing)}")
-            cfg = ModelConfig(**{k: arch[k] for k in ModelConfig.__dataclass_fields__})
-            model = SASRec(cfg)
+            cfg = ModelConfig(**{k: arch[k] for k in fields if k in arch})
+            model = SASRec(cfg, _run_text_features(run_dir, cfg, arch))
             try:
                 state = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
             except Exception as exc:  # a damaged file can fail anywhere inside the unpickler
@@ -84,26 +161,16 @@ class Recommender:
         scores = self.model.predict_next(torch.tensor([ids[-self.model.cfg.max_len:]], dtype=torch.long))[0]
         scores[ids] = float("-inf")  # never recommend what the user already has (the whole history)
         top = torch.topk(scores, min(k, len(self.item_ids) - 1 - len(set(ids))))
-        return [{"item": self.item_ids[i], "title": self.titles[i], "score": float(s)}
+        return [{"item": self.item_ids[i], "title": self.titles[i], "score": float(s),
+                 **({"new": True} if i > self.trained_items else {})}
                 for s, i in zip(top.values.tolist(), top.indices.tolist())]
 
     def top_k_file(self, path: Path, k: int) -> Iterator[dict[str, Any]]:
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise PrivrecError(f"{path}: cannot read ({exc})") from None
         parsed = []
-        for number, line in enumerate(lines, 1):  # validate everything before printing anything
-            if not line.strip():
-                continue
-            where = f"{path} line {number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise PrivrecError(f"{where}: not valid JSON ({exc.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("history"), list):
+        for where, record in _json_lines(path, 'an object like {"history": ["50", "181"]}'):
+            if not isinstance(record.get("history"), list):
                 raise PrivrecError(f'{where}: expected an object like {{"history": ["50", "181"]}}')
-            self.encode(record["history"], where)
+            self.encode(record["history"], where)  # validate everything before printing anything
             parsed.append((record, where))
         for record, where in parsed:
             yield {**{k2: v for k2, v in record.items() if k2 != "history"}, "history": record["history"],

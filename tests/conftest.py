@@ -11,3 +11,11 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    """The real all-MiniLM-L6-v2 encoder from the installed package (loaded once: a few seconds)."""
+    from shared.text.encoder import TextEncoder
+
+    return TextEncoder()

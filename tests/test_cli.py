@@ -415,3 +415,9 @@ def test_console_script_exits_2_with_one_line_and_no_traceback(tmp_path):
     ]
     assert proc.stdout == ""
     assert not run_dir.exists() and not env_cache.exists()
+
+
+def test_recommend_new_items_with_an_id_model_is_a_one_line_error(run_path, tmp_path, capsys):
+    new = _jsonl(tmp_path, '{"item": "n1", "title": "Brand New (2030)"}')
+    code, _, err = run_cli(capsys, "recommend", "--model", str(run_path), "--history", "i1", "--new-items", str(new))
+    assert_user_error(code, err, "item IDs only", "item-representation = text")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +36,7 @@ class Interactions:
     timestamps: np.ndarray  # float64, file order preserved
     item_titles: dict[str, str]  # raw item id -> title (may be empty)
     source: str  # human-readable description of where the data came from
+    item_genres: dict[str, list[str]] = field(default_factory=dict)  # raw item id -> genres (may be empty)
 
     def __len__(self) -> int:
         return len(self.users)
@@ -71,6 +72,10 @@ def content_sha256(inter: Interactions) -> str:
     h.update(b"--titles--\n")
     for item in sorted(inter.item_titles):
         h.update(f"{item}\t{inter.item_titles[item]}\n".encode())
+    if inter.item_genres:  # only when known, so title-only data keep their earlier hash
+        h.update(b"--genres--\n")
+        for item in sorted(inter.item_genres):
+            h.update(f"{item}\t{'|'.join(inter.item_genres[item])}\n".encode())
     return h.hexdigest()
 
 
@@ -158,7 +163,7 @@ class _Table:
         self.items.append(_check_id(item, "item", fname, lineno))
         self.timestamps.append(_parse_timestamp(ts.strip(), fname, lineno))
 
-    def build(self, titles: dict[str, str], source: str) -> Interactions:
+    def build(self, titles: dict[str, str], source: str, genres: dict[str, list[str]] | None = None) -> Interactions:
         if not self.users:
             raise PrivrecError(
                 f"{self.path.name}: no interactions (file is empty or has only a header)"
@@ -169,6 +174,7 @@ class _Table:
             timestamps=np.asarray(self.timestamps, dtype=np.float64),
             item_titles=titles,
             source=source,
+            item_genres=genres or {},
         )
 
 
@@ -195,11 +201,37 @@ def _load_ml100k(path: Path) -> Interactions:
         table.add(user, item, ts, lineno)
     item_file = path.with_name("u.item")
     titles = _load_pipe_titles(item_file) if item_file.is_file() else {}
-    return table.build(titles, _describe("MovieLens-100K", path, item_file if titles else None))
+    genres = _load_ml100k_genres(item_file) if item_file.is_file() else {}
+    return table.build(titles, _describe("MovieLens-100K", path, item_file if titles else None), genres)
 
 
 def _load_pipe_titles(path: Path) -> dict[str, str]:
     return _load_titles(path, "|", "id|title|...")
+
+
+# The 19 genre flags at the end of a u.item line, in u.genre's order (used when u.genre is absent).
+ML100K_GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
+                 "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller",
+                 "War", "Western")
+
+
+def _load_ml100k_genres(path: Path) -> dict[str, list[str]]:
+    """Item id -> genre names from u.item's trailing 0/1 flags; lines without the flags get none."""
+    names = list(ML100K_GENRES)
+    genre_file = path.with_name("u.genre")
+    if genre_file.is_file():
+        listed = [line.rsplit("|", 1)[0] for _, line in _data_lines(_read_lines(genre_file, "latin-1"))]
+        if len(listed) == len(names):
+            names = listed
+    genres: dict[str, list[str]] = {}
+    for lineno, line in _data_lines(_read_lines(path, "latin-1")):
+        fields = line.split("|")
+        flags = [f.strip() for f in fields[-len(names):]]
+        if len(fields) < 2 + len(names) or any(f not in ("0", "1") for f in flags):
+            continue  # no (or malformed) genre flags: the item simply has no genres
+        item = _check_id(fields[0], "item", path.name, lineno)
+        genres[item] = [n for n, f in zip(names, flags) if f == "1" and n != "unknown"]
+    return genres
 
 
 def _load_titles(path: Path, separator: str, layout: str) -> dict[str, str]:
@@ -225,11 +257,21 @@ def _load_ml1m(path: Path) -> Interactions:
         table.add(user, item, ts, lineno)
     movie_file = path.with_name("movies.dat")
     titles = _load_ml1m_titles(movie_file) if movie_file.is_file() else {}
-    return table.build(titles, _describe("MovieLens-1M", path, movie_file if titles else None))
+    genres = _load_ml1m_genres(movie_file) if movie_file.is_file() else {}
+    return table.build(titles, _describe("MovieLens-1M", path, movie_file if titles else None), genres)
 
 
 def _load_ml1m_titles(path: Path) -> dict[str, str]:
     return _load_titles(path, "::", "id::title::genres")
+
+
+def _load_ml1m_genres(path: Path) -> dict[str, list[str]]:
+    genres: dict[str, list[str]] = {}
+    for lineno, line in _data_lines(_read_lines(path, "latin-1")):
+        fields = line.split("::")
+        if len(fields) >= 3:
+            genres[_check_id(fields[0], "item", path.name, lineno)] = [g for g in fields[2].split("|") if g.strip()]
+    return genres
 
 
 # ----------------------------------------------------------------------------- RecBole
@@ -262,27 +304,31 @@ def _load_recbole(path: Path) -> Interactions:
         fields = _split_fields(line, "\t", width, names, path.name, lineno)
         table.add(fields[u], fields[i], fields[t], lineno)
     item_file = path.with_suffix(".item")
-    titles = _load_recbole_titles(item_file) if item_file.is_file() else {}
+    titles, genres = _load_recbole_items(item_file) if item_file.is_file() else ({}, {})
     source = _describe("RecBole atomic file", path, item_file if titles else None)
-    return table.build(titles, source)
+    return table.build(titles, source, genres)
 
 
-def _load_recbole_titles(path: Path) -> dict[str, str]:
+def _load_recbole_items(path: Path) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """(titles, genres) from a RecBole .item file; genres from its `class` column when present."""
     lines = _read_lines(path)
     cols = _recbole_header(lines, path, ("item_id",))
     if "movie_title" not in cols:
-        return {}  # an .item file without titles (only features) is fine
+        return {}, {}  # an .item file without titles (only features) is fine
     width = len(lines[0].split("\t"))
     year_col = cols.get("release_year")
+    genre_col = cols.get("class")
     titles: dict[str, str] = {}
+    genres: dict[str, list[str]] = {}
     for lineno, line in _data_lines(lines, start=1):
         fields = _split_fields(line, "\t", width, ", ".join(cols), path.name, lineno)
         title = fields[cols["movie_title"]].strip()
         year = fields[year_col].strip() if year_col is not None else ""
-        titles[_check_id(fields[cols["item_id"]], "item", path.name, lineno)] = (
-            f"{title} ({year})" if year else title
-        )
-    return titles
+        item = _check_id(fields[cols["item_id"]], "item", path.name, lineno)
+        titles[item] = f"{title} ({year})" if year else title
+        if genre_col is not None:
+            genres[item] = fields[genre_col].split()
+    return titles, genres
 
 
 # ----------------------------------------------------------------------------- CSV

@@ -27,6 +27,7 @@ class SplitData:
     valid: np.ndarray  # int64 [num_users], the second-to-last item
     test: np.ndarray  # int64 [num_users], the last item
     dropped_users: int  # users with fewer than min_interactions interactions, left out
+    item_genres: list[list[str]] | None = None  # same indexing as item_ids; None when no genres are known
 
     @property
     def num_users(self) -> int:
@@ -82,6 +83,7 @@ def leave_one_out(inter: Interactions, min_interactions: int = 3) -> SplitData:
         )
     item_ids = [PAD] + list(index)
     titles: list[str | None] = [None] + [inter.item_titles.get(raw) for raw in index]
+    genres = [[]] + [list(inter.item_genres.get(raw, [])) for raw in index] if inter.item_genres else None
     return SplitData(
         num_items=len(index),
         item_ids=item_ids,
@@ -91,4 +93,5 @@ def leave_one_out(inter: Interactions, min_interactions: int = 3) -> SplitData:
         valid=np.asarray(valid, dtype=np.int64),
         test=np.asarray(test, dtype=np.int64),
         dropped_users=dropped,
+        item_genres=genres,
     )

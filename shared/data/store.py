@@ -3,7 +3,7 @@
 Layout of a store directory:
 
     meta.json           format version, sizes, dataset name, source, content sha256 (written last)
-    items.json          raw id and title per internal item id (index 0 = padding)
+    items.json          raw id and title (and genres, when known) per internal item id (index 0 = padding)
     train_items.npy     every user's train items concatenated, int64
     train_offsets.npy   int64 [num_users + 1]; user i's train items are train_items[off[i]:off[i+1]]
     valid.npy           int64 [num_users]
@@ -121,9 +121,10 @@ def _write_store_files(split: SplitData, directory: Path, upd: int, meta_extra: 
             np.save(f, arr)
             f.flush()
             os.fsync(f.fileno())
-    write_json_synced(
-        directory / ITEMS_FILE, {"item_ids": split.item_ids, "item_titles": split.item_titles}
-    )
+    items = {"item_ids": split.item_ids, "item_titles": split.item_titles}
+    if split.item_genres is not None:
+        items["item_genres"] = split.item_genres
+    write_json_synced(directory / ITEMS_FILE, items)
     meta = {
         "format_version": STORE_FORMAT_VERSION,
         "num_items": split.num_items,
@@ -174,7 +175,13 @@ class DeviceStore:
                 f"{items_path}: {len(ids)} ids and {len(titles)} titles, expected {want} "
                 f"(num_items={self.num_items} in {META_FILE}, plus padding)"
             )
-        return {"ids": ids, "titles": titles}
+        genres = data.get("item_genres")
+        if genres is None:  # optional: stores of title-only data have none
+            genres = [[] for _ in ids]
+        if not isinstance(genres, list) or len(genres) != want or not all(
+                isinstance(g, list) and all(isinstance(x, str) for x in g) for g in genres):
+            raise PrivrecError(f"{items_path}: 'item_genres' must be {want} lists of genre names")
+        return {"ids": ids, "titles": titles, "genres": genres}
 
     @property
     def item_ids(self) -> list[str]:
@@ -183,6 +190,10 @@ class DeviceStore:
     @property
     def item_titles(self) -> list[str | None]:
         return self._items["titles"]
+
+    @property
+    def item_genres(self) -> list[list[str]]:
+        return self._items["genres"]
 
     def device(self, device_id: int) -> DeviceData:
         """The users of one device: [d*u, min((d+1)*u, num_users))."""

@@ -1,0 +1,1 @@
+"""Item representations from a pretrained language model reading the public catalogue text."""
