@@ -14,15 +14,18 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
+from server.checkpoint import CHECKPOINT_DIR, load_checkpoint, restore_strategy, save_checkpoint
 from server.evaluation import central_evaluation
 from server.run_dir import RunDirectory
 from server.strategy import build_strategy, cohort_size
 from shared.config import default_run_name, from_run_config
+from shared.data.devices import read_catalogue
 from shared.data.store import open_store, prepare_store
 from shared.model import ModelConfig, SASRec
 from shared.privacy.statement import privacy_statement
 
 logging.getLogger("flwr").propagate = False  # Opacus' basicConfig would double every log line
+log = logging.getLogger("flwr")  # Flower's handler: our lines appear in the run's log stream
 
 app = ServerApp()
 
@@ -58,24 +61,45 @@ class FederatedRun:
         random.seed(cfg["seed"])
         np.random.seed(cfg["seed"])
         torch.manual_seed(cfg["seed"])
-        store_dir = Path(cfg["data-store"] or prepare_store(cfg["dataset"], cfg["users-per-device"]))
-        store = open_store(store_dir)
-        self.store = store
-        self.model_cfg = ModelConfig.from_run_config(cfg, store.num_items)
+        if cfg["catalogue"]:
+            # Deployment: devices hold their own data (node config); the server reads the public
+            # catalogue only, never a device's histories.
+            catalogue = read_catalogue(cfg["catalogue"])
+            self.store = None
+            num_items, items_path = catalogue.pop("num_items"), catalogue.pop("items_path")
+            self.num_devices = cfg["deploy-devices"] or catalogue["num_devices"]
+            self.run_dir.write_json("dataset.json", catalogue)
+            device_config: dict[str, Any] = {}
+        else:
+            store_dir = Path(cfg["data-store"] or prepare_store(cfg["dataset"], cfg["users-per-device"]))
+            self.store = open_store(store_dir)
+            num_items, items_path = self.store.num_items, store_dir / "items.json"
+            self.num_devices = self.store.num_devices
+            self.run_dir.write_json("dataset.json", self.store.meta)
+            device_config = {"data-store": str(store_dir), "state-dir": str(self.run_dir.path / "devices")}
+        self.model_cfg = ModelConfig.from_run_config(cfg, num_items)
         model = SASRec(self.model_cfg)
-        self.run_dir.copy_catalogue(store_dir / "items.json")
-        self.run_dir.write_json("dataset.json", store.meta)
+        self.run_dir.copy_catalogue(items_path)
 
-        strategy = build_strategy(cfg, store.num_devices, self._on_train, self._on_evaluate)
-        message_config = ConfigRecord({**cfg, "data-store": str(store_dir),
-                                       "state-dir": str(self.run_dir.path / "devices"),
-                                       "run-id": self.run_dir.path.name})
+        strategy = build_strategy(cfg, self.num_devices, self._on_train, self._on_evaluate)
+        self.strategy = strategy
+        initial = model.state_dict()
+        checkpoint = load_checkpoint(self.run_dir.path, cfg) if cfg["resume"] else None
+        if checkpoint is not None:
+            restore_strategy(strategy, checkpoint)
+            initial = checkpoint.arrays
+            self.rows = self.run_dir.reload_metrics(checkpoint.round)
+            random.seed(cfg["seed"] + checkpoint.round)  # a fresh cohort draw for the rounds still to come
+            log.info("privrec: resuming run %s after round %d of %d (checkpoint %s)", self.run_dir.path.name,
+                     checkpoint.round, cfg["num-rounds"], self.run_dir.path / CHECKPOINT_DIR)
+        message_config = ConfigRecord({**cfg, **device_config, "run-id": self.run_dir.path.name})
         started = time.perf_counter()
         self.round_started = started
         result = strategy.start(
             grid=self.grid,
-            initial_arrays=ArrayRecord(model.state_dict()),
-            num_rounds=cfg["num-rounds"],
+            initial_arrays=ArrayRecord(initial),
+            num_rounds=cfg["num-rounds"] - strategy.round_offset,
+            timeout=cfg["round-timeout"],
             train_config=message_config,
             evaluate_config=ConfigRecord(dict(message_config)),
             evaluate_fn=self._end_of_round,
@@ -92,16 +116,22 @@ class FederatedRun:
 
     def _end_of_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Called by Flower before round 1 (as round 0) and after every round."""
+        if self.strategy.round_offset and server_round == 0:
+            return None  # resumed: the checkpointed round was recorded before the restart
+        server_round += self.strategy.round_offset
         state = arrays.to_torch_state_dict()
         central = None
-        if self.cfg["central-eval"] and (server_round == 0 or server_round == self.cfg["num-rounds"]
-                                         or server_round in self.eval_stats):
+        wanted = server_round in (0, self.cfg["num-rounds"]) or server_round in self.eval_stats
+        if self.store is not None and self.cfg["central-eval"] and wanted:
             central = central_evaluation(self.model_cfg, state, self.store, seed=self.cfg["seed"])
         if server_round > 0:
             self.run_dir.save_model(state, {"model": "SASRec", **asdict(self.model_cfg)})
         row = self._metrics_row(server_round, central)
         self.rows.append(row)
         self.run_dir.append_metrics(row)
+        if server_round > 0:  # last: a checkpoint covers only rounds whose records are complete
+            save_checkpoint(self.run_dir.path, server_round, state, self.strategy,
+                            self.strategy.privacy.epsilon_by_device, self.cfg)
         self.round_started = time.perf_counter()
         return MetricRecord({k: v for k, v in (central or {}).items() if isinstance(v, (int, float))}) \
             if central else None
@@ -135,12 +165,12 @@ class FederatedRun:
         final_eval = self.eval_stats.get(last_eval_round, {}) if last_eval_round else {}
         central_rows = [r for r in self.rows if "central" in r]
         privacy = strategy.privacy.summary()
-        cohort = cohort_size(self.cfg, self.store.num_devices)
+        cohort = cohort_size(self.cfg, self.num_devices)
         return {
             "run-id": self.run_dir.path.name,
             "rounds": self.cfg["num-rounds"],
             "seconds": round(seconds, 2),
-            "devices": self.store.num_devices,
+            "devices": self.num_devices,
             "devices-per-round": cohort,
             "federated-evaluation": {
                 "round": last_eval_round,

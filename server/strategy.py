@@ -90,13 +90,23 @@ class RoundTracking:
             return True
         return self.eval_every > 0 and server_round % self.eval_every == 0
 
+    # Flower counts rounds from 1 in every `start()`; a resumed run continues after its checkpoint,
+    # so every hook below works with the run's true round number.
+    round_offset = 0
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        return super().configure_train(server_round + self.round_offset, arrays, config, grid)
+
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
+        server_round += self.round_offset
         if not self.is_eval_round(server_round):
             return []
         return super().configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        server_round += self.round_offset
         replies = list(replies)
         arrays, metrics = super().aggregate_train(server_round, replies)
         for msg in replies:
@@ -112,6 +122,7 @@ class RoundTracking:
         return arrays, metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
+        server_round += self.round_offset
         metrics = super().aggregate_evaluate(server_round, replies)
         if metrics is not None:
             self.on_evaluate(server_round, dict(metrics))

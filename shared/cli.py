@@ -278,6 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--input", help="JSON lines file, one {\"history\": [...]} per line")
     rec.add_argument("-k", type=int, default=10)
     rec.set_defaults(func=cmd_recommend)
+
+    from shared.deploy.cli import add_data_split, add_deploy  # deployment: data split, deploy ...
+
+    add_data_split(data)
+    add_deploy(sub, add_config_flags)
     return parser
 
 

@@ -96,6 +96,14 @@ SCHEMA: dict[str, Key] = {
     # outputs
     "run-dir": Key(str, "runs", "folder that receives runs/<run-id>/"),
     "run-name": Key(str, "", "run id (folder name); empty = time stamp"),
+    # deployment
+    "catalogue": Key(str, "", "deployment: DEVICES_DIR/catalogue from `privrec data split`; when set, the "
+                              "ServerApp reads only this public catalogue and never any device data"),
+    "deploy-devices": Key(int, 0, "deployment: SuperNodes taking part (0 = every device in the catalogue)",
+                          _non_negative, "must be >= 0"),
+    "round-timeout": Key(float, 3600.0, "seconds the server waits for replies in a round; late or lost "
+                                        "devices are left out of that round", _positive, "must be > 0"),
+    "resume": Key(bool, True, "continue from runs/<run-id>/checkpoint/ when it exists (same run-name)"),
 }
 
 
