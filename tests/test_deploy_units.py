@@ -17,6 +17,7 @@ from flwr.app import Context, RecordDict
 
 import server.app
 from client.app import app as client_app
+from client.audit import ALLOWED_METRICS, read_audit
 from server.app import main as server_main
 from shared.cli import main
 from shared.data.devices import open_device, read_catalogue, split_devices
@@ -151,7 +152,7 @@ def _deployment_grid(out, num_devices):
     for node_id, context in grid.contexts.items():
         folder = open_device(out / f"device-{node_id - 1}")
         context.node_config = {"data-dir": str(folder.data_dir), "state-dir": str(folder.state_dir),
-                               "device-id": folder.device_id}
+                               "device-id": folder.device_id, "audit-log": str(folder.audit_log)}
     return grid
 
 
@@ -175,6 +176,34 @@ def test_deployment_server_reads_only_the_catalogue(devices, tmp_path, monkeypat
     for d in range(3):  # each device's ledger is in its own state folder
         ledger = json.loads((out / f"device-{d}" / "state" / f"device-{d}" / "privacy-ledger.json").read_text())
         assert [r["round"] for r in ledger["rounds"]] == [1, 2]
+        entries = read_audit(out / f"device-{d}" / "state" / "audit.jsonl")
+        assert [(e["type"], e["round"]) for e in entries] == [("train", 1), ("evaluate", 1), ("train", 2),
+                                                               ("evaluate", 2)]
+        assert_only_weights_and_scalars(entries, expected_shapes(run_config, 30))
+
+
+def expected_shapes(run_config: dict, num_items: int) -> dict[str, list[int]]:
+    from shared.config import validate
+    from shared.model import ModelConfig, SASRec
+
+    model = SASRec(ModelConfig.from_run_config(validate(run_config), num_items))
+    return {k: list(v.shape) for k, v in model.state_dict().items()}
+
+
+def assert_only_weights_and_scalars(entries: list[dict], shapes: dict[str, list[int]]) -> None:
+    """What the audit saw leave a device: model arrays of the expected names and shapes, whitelisted scalars."""
+    assert entries
+    for entry in entries:
+        assert not entry["error"]
+        assert entry["configs"] == {}  # no free-form payload
+        if entry["type"] == "train":
+            assert {k: v["shape"] for k, v in entry["arrays"]["arrays"].items()} == shapes
+            assert list(entry["arrays"]) == ["arrays"]
+        else:
+            assert entry["arrays"] == {}
+        for record in entry["metrics"].values():
+            assert set(record) <= ALLOWED_METRICS, set(record) - ALLOWED_METRICS
+            assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in record.values())
 
 
 @pytest.mark.parametrize("strategy", ["fedavg", "fedadam"])

@@ -9,7 +9,7 @@
       device-<d>/              everything device d holds, and nothing of any other device
         device.json            {"format_version": 1, "device-id": "<d>"}
         data/                  a device store (see shared/data/store.py) with this device's users only
-        state/                 empty: the device's privacy ledger goes here
+        state/                 empty: the device's privacy ledger (and audit.jsonl of what it sent) go here
 
 A SuperNode is started with `--node-config 'data-dir=".../device-<d>/data" state-dir=".../device-<d>/state"
 device-id="<d>"'` (`privrec deploy node --data DEVICES_DIR/device-<d>` builds that line). Any app that
@@ -97,7 +97,12 @@ class DeviceFolder:
     def node_config(self) -> str:
         """The `flower-supernode --node-config` value for this device (read by client/app.py)."""
         return (f'data-dir="{self.data_dir.resolve()}" state-dir="{self.state_dir.resolve()}" '
-                f'device-id="{self.device_id}"')
+                f'device-id="{self.device_id}" audit-log="{self.audit_log.resolve()}"')
+
+    @property
+    def audit_log(self) -> Path:
+        """Every reply this device sends, recorded by client/audit.py."""
+        return self.state_dir / "audit.jsonl"
 
 
 def open_device(path: str | Path) -> DeviceFolder:

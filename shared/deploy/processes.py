@@ -8,6 +8,8 @@ file, and stops every process it started (and their children: SuperExec, ServerA
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -163,8 +165,15 @@ class ProcessGroup:
             stop_process_group(self.started.pop(name).process, grace=grace)
 
     def kill(self, name: str) -> None:
-        """SIGKILL, no clean shutdown: a device that crashes or loses power."""
-        self.stop(name, grace=0)
+        """SIGKILL to the whole session, no clean shutdown: a device that crashes or loses power."""
+        started = self.started.pop(name, None)
+        if started is None:
+            return
+        try:
+            os.killpg(started.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        started.process.wait(timeout=30)
 
     def pids(self) -> dict[str, int]:
         return {name: s.process.pid for name, s in self.started.items()}
