@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from shared.atomic import make_staging_dir, publish_dir, write_synced
+from shared.atomic import staged_dir, write_synced
 from shared.errors import PrivrecError
 
 CHECKPOINT_DIR = "checkpoint"
@@ -51,20 +50,14 @@ def _tensor_bytes(obj: Any) -> bytes:
 
 def save_checkpoint(run_path: Path, server_round: int, arrays: dict[str, torch.Tensor], strategy: Any,
                     epsilon_by_device: dict[int, float], cfg: dict[str, Any]) -> None:
-    target = run_path / CHECKPOINT_DIR
-    staged = make_staging_dir(target)
-    try:
-        strategy_state = {name: {k: torch.from_numpy(np.asarray(v)) for k, v in getattr(strategy, name).items()}
-                          for name in STRATEGY_STATE if getattr(strategy, name, None) is not None}
+    strategy_state = {name: {k: torch.from_numpy(np.asarray(v)) for k, v in getattr(strategy, name).items()}
+                      for name in STRATEGY_STATE if getattr(strategy, name, None) is not None}
+    state = {"format": FORMAT, "round": server_round, "config": {k: cfg[k] for k in MUST_MATCH},
+             "epsilon-by-device": {str(k): v for k, v in epsilon_by_device.items()}}
+    with staged_dir(run_path / CHECKPOINT_DIR, replace=True) as staged:
         write_synced(staged / "model.pt", _tensor_bytes(arrays))
         write_synced(staged / "strategy.pt", _tensor_bytes(strategy_state))
-        state = {"format": FORMAT, "round": server_round, "config": {k: cfg[k] for k in MUST_MATCH},
-                 "epsilon-by-device": {str(k): v for k, v in epsilon_by_device.items()}}
         write_synced(staged / "state.json", (json.dumps(state, indent=1) + "\n").encode())
-        publish_dir(staged, target, replace=True)
-    except BaseException:
-        shutil.rmtree(staged, ignore_errors=True)
-        raise
 
 
 def load_checkpoint(run_path: Path, cfg: dict[str, Any]) -> Checkpoint | None:

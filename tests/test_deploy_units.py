@@ -275,3 +275,51 @@ def test_incompatible_checkpoint_is_refused(tmp_path):
         server_main(InProcessGrid(client_app, 3), Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
                                                           run_config={**base, "hidden-size": 32, "num-rounds": 2}))
     assert np.isfinite(json.loads((tmp_path / "runs" / "r" / "checkpoint" / "state.json").read_text())["round"])
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def test_deploy_cli_input_errors_are_one_line(tmp_path, devices, capsys):
+    _, out = devices
+    cases = [
+        (["deploy", "node", "--data", str(tmp_path / "nowhere"), "--superlink", "127.0.0.1:9"], "device.json"),
+        (["deploy", "node", "--data", str(out / "device-0"), "--superlink", "nohost"], "HOST:PORT"),
+        (["deploy", "node", "--data", str(out / "device-0"), "--superlink", "127.0.0.1:9", "--insecure",
+          "--key", "k"], "--insecure"),
+        (["deploy", "node", "--data", str(out / "device-0"), "--superlink", "127.0.0.1:9", "--key",
+          str(tmp_path / "none.key")], "none.key"),
+        (["deploy", "superlink", "--tls-dir", str(tmp_path)], "ca.crt"),
+        (["deploy", "local", "--devices", "2", "--tls", "--insecure"], "--tls or --insecure"),
+        (["deploy", "local", "--devices", "0"], "--devices 0"),
+    ]
+    for argv, needle in cases:
+        code = main(argv)
+        assert_user_error(code, capsys.readouterr().err, needle)
+
+
+def test_node_waiting_for_its_superlink_logs_retries_not_tracebacks(tmp_path, devices):
+    """The real `privrec deploy node` process, pointed at a SuperLink that is not there (yet)."""
+    import subprocess
+    import sys
+    import time
+
+    _, out = devices
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = tmp_path / "node.log"
+    with open(log, "wb") as handle:
+        process = subprocess.Popen([sys.executable, "-m", "shared.cli", "deploy", "node", "--data",
+                                    str(out / "device-0"), "--superlink", f"127.0.0.1:{port}", "--insecure"],
+                                   stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while log.read_text().count("retrying in") < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        os.killpg(process.pid, 9)
+        process.wait(timeout=10)
+    text = log.read_text()
+    assert text.count(f"SuperLink 127.0.0.1:{port} unreachable") >= 2, text
+    assert "WARNING: --insecure" in text and "Traceback" not in text

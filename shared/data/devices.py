@@ -23,7 +23,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.atomic import make_staging_dir, publish_dir, write_json_synced
+from shared.atomic import staged_dir, write_json_synced
 from shared.data.split import SplitData
 from shared.data.store import ITEMS_FILE, DeviceStore, _write_store_files, open_store
 from shared.errors import PrivrecError
@@ -41,22 +41,14 @@ def split_devices(store: DeviceStore, out_dir: Path) -> Path:
         # It may hold devices' privacy ledgers: never overwrite them.
         raise PrivrecError(f"--out {out_dir}: already exists and is not empty; choose a new folder")
     try:
-        staged = make_staging_dir(out_dir)
+        with staged_dir(out_dir, replace=False) as staged:
+            _write_catalogue(store, staged / CATALOGUE_DIR)
+            for d in range(store.num_devices):
+                _write_device(store, d, staged / f"device-{d}")
+            if out_dir.exists():
+                out_dir.rmdir()  # empty (checked above): let the staged folder take its place
     except OSError as exc:
-        raise PrivrecError(f"--out {out_dir}: cannot create ({exc.strerror or exc})") from None
-    try:
-        _write_catalogue(store, staged / CATALOGUE_DIR)
-        for d in range(store.num_devices):
-            _write_device(store, d, staged / f"device-{d}")
-        if out_dir.exists():
-            out_dir.rmdir()  # empty (checked above): let the staged folder take its place
-        publish_dir(staged, out_dir, replace=False)
-    except OSError as exc:
-        shutil.rmtree(staged, ignore_errors=True)
         raise PrivrecError(f"--out {out_dir}: cannot write the device folders ({exc.strerror or exc})") from None
-    except BaseException:
-        shutil.rmtree(staged, ignore_errors=True)
-        raise
     return out_dir
 
 
