@@ -154,8 +154,16 @@ def cmd_local(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     print(f"privrec: deployment of {args.devices} devices, {cfg['num-rounds']} rounds, run directory {run_path}",
           flush=True)
-    with _Progress(run_path, cfg["num-rounds"]) as progress:
-        status = run_local(cfg, devices_dir, args.devices, workdir, security, on_poll=progress.poll)
+    try:
+        with _Progress(run_path, cfg["num-rounds"]) as progress:
+            status = run_local(cfg, devices_dir, args.devices, workdir, security, on_poll=progress.poll)
+    except KeyboardInterrupt:
+        # Every process is stopped by now; the run directory says so (and can be resumed).
+        if not (run_path / "summary.json").exists():
+            from shared.atomic import write_json_atomic
+
+            write_json_atomic(run_path / "status.json", {"state": "interrupted"})
+        raise
     state = _run_state(run_path)
     if status != "finished:completed" or state != "completed":
         raise PrivrecError(f"deployment run did not complete (ServerApp status: {state}; Flower: {status}); "

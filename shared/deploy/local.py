@@ -47,11 +47,14 @@ class LocalDeployment:
         self.env = new_env(self.flwr_home)
         self.processes = ProcessGroup(self.workdir / "logs", self.env)
         self.node_ids: dict[str, int] = {}  # device id -> Flower node id (registered with --auth)
+        # One database per deployment: it survives a SuperLink restart (runs, registered keys), and
+        # a later `deploy local` of the same run (a resume) registers its devices afresh.
+        self.database = self.workdir / f"superlink-{time.strftime('%Y%m%d-%H%M%S')}-{self.port}.db"
         write_connection(self.flwr_home, self.address, security.ca_cert)
 
     # -- SuperLink ------------------------------------------------------------------------
     def start_superlink(self, timeout: float = 60) -> None:
-        command = superlink_command(self.security, self.host, self.port, database=self.workdir / "superlink.db")
+        command = superlink_command(self.security, self.host, self.port, database=self.database)
         started = self.processes.start("superlink", command, cwd=self.workdir)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -134,6 +134,24 @@ def register_node(public_key: Path, env: dict[str, str]) -> int:
     return int(reply["node-id"])
 
 
+def session_pids(session: int) -> list[int]:
+    """Processes still in a session we started (children that made process groups of their own included)."""
+    out = subprocess.run(["pgrep", "-s", str(session)], capture_output=True, text=True)
+    return [int(pid) for pid in out.stdout.split()]
+
+
+def _kill_session(session: int, timeout: float = 10) -> None:
+    # The session id is the PID of a process we started in a new session: only our processes are in it.
+    deadline = time.monotonic() + timeout
+    while (pids := session_pids(session)) and time.monotonic() < deadline:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.1)
+
+
 @dataclass
 class Started:
     name: str
@@ -148,6 +166,7 @@ class ProcessGroup:
     log_dir: Path
     env: dict[str, str]
     started: dict[str, Started] = field(default_factory=dict)
+    sessions: list[int] = field(default_factory=list)  # every session ever started, stopped ones included
 
     def start(self, name: str, command: list[str], cwd: Path | None = None) -> Started:
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -158,11 +177,14 @@ class ProcessGroup:
             process = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=cwd,
                                        stdin=subprocess.DEVNULL, start_new_session=True)
         self.started[name] = Started(name, process, log_path)
+        self.sessions.append(process.pid)
         return self.started[name]
 
     def stop(self, name: str, grace: float = 10) -> None:
         if name in self.started:
-            stop_process_group(self.started.pop(name).process, grace=grace)
+            process = self.started.pop(name).process
+            stop_process_group(process, grace=grace)
+            _kill_session(process.pid)
 
     def kill(self, name: str) -> None:
         """SIGKILL to the whole session, no clean shutdown: a device that crashes or loses power."""
@@ -174,6 +196,7 @@ class ProcessGroup:
         except ProcessLookupError:
             pass
         started.process.wait(timeout=30)
+        _kill_session(started.process.pid)
 
     def pids(self) -> dict[str, int]:
         return {name: s.process.pid for name, s in self.started.items()}
