@@ -292,7 +292,11 @@ def test_deploy_cli_input_errors_are_one_line(tmp_path, devices, capsys):
         (["deploy", "superlink", "--tls-dir", str(tmp_path)], "ca.crt"),
         (["deploy", "local", "--devices", "2", "--tls", "--insecure"], "--tls or --insecure"),
         (["deploy", "local", "--devices", "0"], "--devices 0"),
+        (["deploy", "local", "--devices", "1", "--run-dir", str(tmp_path / "runs"), "--run-name", "done"],
+         "already holds a completed run"),
     ]
+    (tmp_path / "runs" / "done").mkdir(parents=True)
+    (tmp_path / "runs" / "done" / "summary.json").write_text("{}")
     for argv, needle in cases:
         code = main(argv)
         assert_user_error(code, capsys.readouterr().err, needle)

@@ -136,6 +136,8 @@ def cmd_local(args: argparse.Namespace) -> int:
     cfg["run-dir"] = str(run_root)
     cfg["run-name"] = cfg["run-name"] or default_run_name()
     run_path = run_root / cfg["run-name"]
+    if (run_path / "summary.json").exists():
+        raise PrivrecError(f"{run_path} already holds a completed run; pass another --run-name")
     workdir = run_path / "deploy"
     if args.devices_dir:
         devices_dir = Path(args.devices_dir)
