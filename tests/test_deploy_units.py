@@ -327,3 +327,12 @@ def test_node_waiting_for_its_superlink_logs_retries_not_tracebacks(tmp_path, de
     text = log.read_text()
     assert text.count(f"SuperLink 127.0.0.1:{port} unreachable") >= 2, text
     assert "WARNING: --insecure" in text and "Traceback" not in text
+
+
+def test_the_latest_flower_run_id_is_read_from_an_appended_log(tmp_path):
+    from shared.deploy.local import LocalDeployment
+
+    deployment = LocalDeployment(tmp_path / "w", tmp_path, Security(insecure=True))
+    (tmp_path / "w" / "logs").mkdir(parents=True)
+    (tmp_path / "w" / "logs" / "run.log").write_text("Successfully started run 11\n...\nSuccessfully started run 42\n")
+    assert deployment.run_id() == 42

@@ -111,8 +111,9 @@ class LocalDeployment:
 
     def run_id(self, name: str = "run") -> int | None:
         log = (self.workdir / "logs" / f"{name}.log").read_text(errors="replace")
-        match = re.search(r"Successfully started run (\d+)", log)
-        return int(match.group(1)) if match else None
+        # Logs are appended to: a resumed run's log also holds the id of the run it continues.
+        found = re.findall(r"Successfully started run (\d+)", log)
+        return int(found[-1]) if found else None
 
     def flower_status(self, name: str = "run") -> str | None:
         run_id = self.run_id(name)
