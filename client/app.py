@@ -17,6 +17,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.audit import audit_mod
 from client.device import evaluate_round, ledger_path, load_device, train_round
 from shared.config import SCHEMA, validate
 from shared.errors import PrivrecError
@@ -26,7 +27,7 @@ from shared.text.features import TEXT_KEY, features_for
 # Opacus calls logging.basicConfig(); without this every Flower log line prints twice.
 logging.getLogger("flwr").propagate = False
 
-app = ClientApp()
+app = ClientApp(mods=[audit_mod])  # records every reply when the node config has `audit-log`
 
 
 def _run_config(msg: Message) -> tuple[dict[str, Any], ConfigRecord]:

@@ -14,18 +14,22 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
+from server.checkpoint import CHECKPOINT_DIR, load_checkpoint, restore_strategy, save_checkpoint
 from server.evaluation import central_evaluation
 from server.pretraining import pretrain
 from server.run_dir import RunDirectory
 from server.strategy import BudgetExhausted, build_strategy, cohort_size, user_sample_rate
 from shared.config import default_run_name, from_run_config
+from shared.data.devices import read_catalogue
 from shared.data.store import open_store, prepare_store
+from shared.errors import PrivrecError
 from shared.model import ModelConfig, SASRec
 from shared.privacy.statement import privacy_statement, sentences, user_level_statement
 from shared.privacy.user_level import user_level_epsilon, user_level_state
 from shared.text.features import TEXT_KEY, features_for
 
 logging.getLogger("flwr").propagate = False  # Opacus' basicConfig would double every log line
+log = logging.getLogger("flwr")  # Flower's handler: our lines appear in the run's log stream
 
 app = ServerApp()
 
@@ -61,46 +65,70 @@ class FederatedRun:
         random.seed(cfg["seed"])
         np.random.seed(cfg["seed"])
         torch.manual_seed(cfg["seed"])
-        store_dir = Path(cfg["data-store"] or prepare_store(cfg["dataset"], cfg["users-per-device"]))
-        store = open_store(store_dir)
-        self.store = store
+        if cfg["catalogue"]:
+            # Deployment: devices hold their own data (node config); the server reads the public
+            # catalogue only, never a device's histories.
+            if cfg["public-share"] > 0:
+                raise PrivrecError("config key 'public-share' needs the consenting users' histories on the server; "
+                                   "a deployment's server reads only the catalogue: set public-share = 0")
+            catalogue = read_catalogue(cfg["catalogue"])
+            self.store = None
+            num_items, items_path = catalogue.pop("num_items"), catalogue.pop("items_path")
+            self.num_devices = cfg["deploy-devices"] or catalogue["num_devices"]
+            self.run_dir.write_json("dataset.json", catalogue)
+            device_config: dict[str, Any] = {}
+        else:
+            store_dir = Path(cfg["data-store"] or prepare_store(cfg["dataset"], cfg["users-per-device"]))
+            self.store = open_store(store_dir)
+            num_items, items_path = self.store.num_items, store_dir / "items.json"
+            self.num_devices = self.store.num_devices
+            self.run_dir.write_json("dataset.json", self.store.meta)
+            device_config = {"data-store": str(store_dir), "state-dir": str(self.run_dir.path / "devices")}
         # Text models: the frozen text table is built here from the public catalogue (encoded once,
         # cached by hash) and is not part of the shipped weights; devices build the same one themselves.
-        features = features_for(cfg, store_dir)
+        features = features_for(cfg, Path(items_path).parent)
         self.item_text = None if features is None else torch.from_numpy(features.vectors)
         self.text_info = {} if features is None else {"dataset": features.dataset, "key": features.key,
                                                       "catalogue_sha256": features.catalogue_sha256,
                                                       "encoder_id": features.encoder_id}
         text_dim = 0 if features is None else int(features.vectors.shape[1])
-        self.model_cfg = ModelConfig.from_run_config(cfg, store.num_items, text_dim)
+        self.model_cfg = ModelConfig.from_run_config(cfg, num_items, text_dim)
         model = SASRec(self.model_cfg, self.item_text)
-        if cfg["public-share"] > 0:
-            model, info = pretrain(cfg, store, self.model_cfg, self.item_text)
-            self.run_dir.write_json("pretraining.json", info)
-        self.run_dir.copy_catalogue(store_dir / "items.json")
-        self.run_dir.write_json("dataset.json", store.meta)
+        self.run_dir.copy_catalogue(items_path)
 
-        strategy = build_strategy(cfg, store.num_devices, self._on_train, self._on_evaluate)
-        message_config = ConfigRecord({**cfg, "data-store": str(store_dir),
-                                       "state-dir": str(self.run_dir.path / "devices"),
-                                       "run-id": self.run_dir.path.name,
-                                       **({TEXT_KEY: features.key} if features is not None else {})})
+        strategy = build_strategy(cfg, self.num_devices, self._on_train, self._on_evaluate)
         self.strategy = strategy
+        checkpoint = load_checkpoint(self.run_dir.path, cfg) if cfg["resume"] else None
+        if checkpoint is not None:
+            restore_strategy(strategy, checkpoint)
+            initial = checkpoint.arrays
+            self.rows = self.run_dir.reload_metrics(checkpoint.round)
+            random.seed(cfg["seed"] + checkpoint.round)  # a fresh cohort draw for the rounds still to come
+            log.info("privrec: resuming run %s after round %d of %d (checkpoint %s)", self.run_dir.path.name,
+                     checkpoint.round, cfg["num-rounds"], self.run_dir.path / CHECKPOINT_DIR)
+        else:
+            if cfg["public-share"] > 0:
+                model, info = pretrain(cfg, self.store, self.model_cfg, self.item_text)
+                self.run_dir.write_json("pretraining.json", info)
+            initial = model.state_dict()
+        message_config = ConfigRecord({**cfg, **device_config, "run-id": self.run_dir.path.name,
+                                       **({TEXT_KEY: features.key} if features is not None else {})})
         started = time.perf_counter()
         self.round_started = started
         stopped = None
         try:
             strategy.start(
                 grid=self.grid,
-                initial_arrays=ArrayRecord(model.state_dict()),
-                num_rounds=cfg["num-rounds"],
+                initial_arrays=ArrayRecord(initial),
+                num_rounds=cfg["num-rounds"] - strategy.round_offset,
+                timeout=cfg["round-timeout"],
                 train_config=message_config,
                 evaluate_config=ConfigRecord(dict(message_config)),
                 evaluate_fn=self._end_of_round,
             )  # everything we report was recorded round by round
         except BudgetExhausted as exc:
             stopped = {"after-round": self.rows[-1]["round"] if self.rows else 0, "reason": str(exc)}
-            logging.getLogger("flwr").warning("privrec: run stopped early: %s", exc)
+            log.warning("privrec: run stopped early: %s", exc)
         summary = self._summary(time.perf_counter() - started, strategy)
         if stopped:
             summary["stopped-early"] = stopped
@@ -115,10 +143,13 @@ class FederatedRun:
 
     def _end_of_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Called by Flower before round 1 (as round 0) and after every round."""
+        if self.strategy.round_offset and server_round == 0:
+            return None  # resumed: the checkpointed round was recorded before the restart
+        server_round += self.strategy.round_offset
         state = arrays.to_torch_state_dict()
         central = None
-        if self.cfg["central-eval"] and (server_round == 0 or server_round == self.cfg["num-rounds"]
-                                         or server_round in self.eval_stats):
+        wanted = server_round in (0, self.cfg["num-rounds"]) or server_round in self.eval_stats
+        if self.store is not None and self.cfg["central-eval"] and wanted:
             central = central_evaluation(self.model_cfg, state, self.store, seed=self.cfg["seed"],
                                          item_text=self.item_text, cold_share=self.cfg["cold-item-share"])
         if server_round > 0:
@@ -130,6 +161,8 @@ class FederatedRun:
         self.rows.append(row)
         self.run_dir.append_metrics(row)
         self.run_dir.write_json("privacy.json", self._privacy_record())
+        if server_round > 0:  # last: a checkpoint covers only rounds whose records are complete
+            save_checkpoint(self.run_dir.path, server_round, state, self.strategy, self.cfg)
         self.round_started = time.perf_counter()
         return MetricRecord({k: v for k, v in (central or {}).items() if isinstance(v, (int, float))}) \
             if central else None
@@ -165,7 +198,7 @@ class FederatedRun:
     def _user_level_epsilon(self, rounds: int) -> float | None:
         if not self.cfg["user-dp"] or rounds == 0:
             return None
-        return user_level_epsilon(self.cfg["user-noise-multiplier"], user_sample_rate(self.cfg, self.store.num_devices),
+        return user_level_epsilon(self.cfg["user-noise-multiplier"], user_sample_rate(self.cfg, self.num_devices),
                                   rounds, self.cfg["delta"], self.cfg["accountant"])
 
     def _privacy_record(self) -> dict[str, Any]:
@@ -174,12 +207,12 @@ class FederatedRun:
         rounds = self.rows[-1]["round"] if self.rows else 0
         user_level = None
         if cfg["user-dp"]:
-            q = user_sample_rate(cfg, self.store.num_devices)
+            q = user_sample_rate(cfg, self.num_devices)
             state = user_level_state(cfg["user-noise-multiplier"], q, rounds, cfg["accountant"])
             user_level = {"accountant": cfg["accountant"], "history": state["history"],
                           "rounds": [[r["round"], r["user-level-epsilon"]] for r in self.rows if r["round"] > 0],
-                          "population": self.store.num_devices,
-                          "expected-cohort": cohort_size(cfg, self.store.num_devices),
+                          "population": self.num_devices,
+                          "expected-cohort": cohort_size(cfg, self.num_devices),
                           "noise-multiplier": cfg["user-noise-multiplier"],
                           "clipping-norm": cfg["user-clipping-norm"]}
         summary = tally.summary()
@@ -188,7 +221,7 @@ class FederatedRun:
             "delta": cfg["delta"],
             "accountant": cfg["accountant"],
             "statements": sentences(cfg, summary["all-epsilon-max"], self._user_level_epsilon(rounds),
-                                    summary["devices-with-spend"], self.store.num_devices),
+                                    summary["devices-with-spend"], self.num_devices),
             "devices": tally.records,
             "user-level": user_level,
         }
@@ -198,12 +231,12 @@ class FederatedRun:
         final_eval = self.eval_stats.get(last_eval_round, {}) if last_eval_round else {}
         central_rows = [r for r in self.rows if "central" in r]
         privacy = strategy.privacy.summary()
-        cohort = cohort_size(self.cfg, self.store.num_devices)
+        cohort = cohort_size(self.cfg, self.num_devices)
         return {
             "run-id": self.run_dir.path.name,
             "rounds": self.cfg["num-rounds"],
             "seconds": round(seconds, 2),
-            "devices": self.store.num_devices,
+            "devices": self.num_devices,
             "devices-per-round": cohort,
             "federated-evaluation": {
                 "round": last_eval_round,
@@ -216,7 +249,7 @@ class FederatedRun:
             "central-evaluation-initial": central_rows[0]["central"] if central_rows else None,
             "privacy": {**privacy, **privacy_statement(self.cfg), "capped-devices": len(strategy.privacy.capped),
                         **({"user-level": {**user_level_statement(
-                            self.cfg, user_sample_rate(self.cfg, self.store.num_devices), self.store.num_devices),
+                            self.cfg, user_sample_rate(self.cfg, self.num_devices), self.num_devices),
                             "epsilon": self._user_level_epsilon(len([r for r in self.rows if r["round"] > 0]))}}
                            if self.cfg["user-dp"] else {})},
         }

@@ -52,6 +52,13 @@ class RunDirectory:
         text = "".join(json.dumps(r, allow_nan=False) + "\n" for r in self._metrics)
         write_bytes_atomic(self.path / "metrics.jsonl", text.encode())
 
+    def reload_metrics(self, up_to_round: int) -> list[dict[str, Any]]:
+        """A resumed run keeps the rows of the rounds its checkpoint covers (rows of later rounds were lost)."""
+        path = self.path / "metrics.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+        self._metrics = [r for r in rows if r["round"] <= up_to_round]
+        return list(self._metrics)
+
     def save_model(self, state_dict: dict[str, torch.Tensor], architecture: dict[str, Any]) -> None:
         buffer = io.BytesIO()
         torch.save(state_dict, buffer)

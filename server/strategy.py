@@ -158,6 +158,7 @@ class RoundTracking:
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        server_round += self.round_offset
         cohort = self.choose_cohort(grid)
         self.current_global = {k: a.numpy() for k, a in arrays.items()}
         if not cohort:  # Poisson sampling drew nobody: the round is still a (pure-noise) release
@@ -175,13 +176,19 @@ class RoundTracking:
             return True
         return self.eval_every > 0 and server_round % self.eval_every == 0
 
+    # Flower counts rounds from 1 in every `start()`; a resumed run continues after its checkpoint,
+    # so every hook below works with the run's true round number.
+    round_offset = 0
+
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
+        server_round += self.round_offset
         if not self.is_eval_round(server_round):
             return []
         return super().configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        server_round += self.round_offset
         replies = list(replies)
         trained, declined = [], 0
         for msg in replies:
@@ -201,6 +208,7 @@ class RoundTracking:
         return arrays, metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
+        server_round += self.round_offset
         metrics = super().aggregate_evaluate(server_round, replies)
         if metrics is not None:
             self.on_evaluate(server_round, dict(metrics))

@@ -12,6 +12,8 @@ import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -92,3 +94,15 @@ def publish_dir(staged: Path, target: Path, replace: bool = True) -> bool:
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return published
+
+
+@contextmanager
+def staged_dir(target: Path, replace: bool = True) -> Iterator[Path]:
+    """Fill the yielded staging directory; on success it is published as `target`, on any error removed."""
+    staged = make_staging_dir(target)
+    try:
+        yield staged
+        publish_dir(staged, target, replace)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise

@@ -341,6 +341,11 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("run_dir", help="run directory (runs/<run-id>)")
     rep.add_argument("--out", help="write the report here (default: into the run directory)")
     rep.set_defaults(func=cmd_report)
+
+    from shared.deploy.cli import add_data_split, add_deploy  # deployment: data split, deploy ...
+
+    add_data_split(data)
+    add_deploy(sub, add_config_flags)
     return parser
 
 

@@ -124,6 +124,14 @@ SCHEMA: dict[str, Key] = {
     "cold-item-share": Key(float, 0.0, "cold-start protocol: share of items (drawn with `seed`) kept out of "
                                        "every training window and evaluated separately; 0 = off",
                            lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    # deployment
+    "catalogue": Key(str, "", "deployment: DEVICES_DIR/catalogue from `privrec data split`; when set, the "
+                              "ServerApp reads only this public catalogue and never any device data"),
+    "deploy-devices": Key(int, 0, "deployment: SuperNodes taking part (0 = every device in the catalogue)",
+                          _non_negative, "must be >= 0"),
+    "round-timeout": Key(float, 3600.0, "seconds the server waits for replies in a round; late or lost "
+                                        "devices are left out of that round", _positive, "must be > 0"),
+    "resume": Key(bool, True, "continue from runs/<run-id>/checkpoint/ when it exists (same run-name)"),
 }
 
 

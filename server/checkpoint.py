@@ -1,0 +1,105 @@
+"""Round checkpoints: a restarted ServerApp (or SuperLink) resumes a run instead of starting over.
+
+After every round the ServerApp replaces `runs/<run-id>/checkpoint/` as one unit (a staging folder
+renamed into place, see shared/atomic.py):
+
+    checkpoint/state.json   round counter, the config that matters for resuming, epsilon per device
+    checkpoint/model.pt     the global model after that round
+    checkpoint/strategy.pt  the strategy's own state (FedAdam's moment estimates; empty for FedAvg)
+
+Submitting the run again with the same `run-name` (and `resume = true`, the default) continues
+with the next round. A checkpoint from an incompatible config is refused, never silently mixed.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from shared.atomic import staged_dir, write_synced
+from shared.errors import PrivrecError
+
+CHECKPOINT_DIR = "checkpoint"
+FORMAT = 1
+# A run can only continue with the same model and the same aggregation.
+MUST_MATCH = ("strategy", "max-len", "hidden-size", "num-heads", "num-blocks", "server-lr", "dp",
+              "noise-multiplier", "max-grad-norm", "accountant", "delta", "window", "item-representation",
+              # user-level accounting composes one (noise, q) over every round of the run
+              "user-dp", "user-noise-multiplier", "user-clipping-norm", "devices-per-round", "fraction-train")
+STRATEGY_STATE = ("m_t", "v_t")  # FedOpt's (FedAdam's) server moments; FedAvg/FedProx keep none
+
+
+@dataclass
+class Checkpoint:
+    round: int
+    arrays: dict[str, torch.Tensor]
+    strategy_state: dict[str, dict[str, np.ndarray]]
+    epsilon_by_device: dict[int, float]
+    config: dict[str, Any]
+    capped: dict[int, int]  # node id -> round it declined (devices at their cap are not asked again)
+    records: dict[str, dict[str, Any]]  # privacy.json's per-device records
+
+
+def _tensor_bytes(obj: Any) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def save_checkpoint(run_path: Path, server_round: int, arrays: dict[str, torch.Tensor], strategy: Any,
+                    cfg: dict[str, Any]) -> None:
+    privacy = strategy.privacy
+    strategy_state = {name: {k: torch.from_numpy(np.asarray(v)) for k, v in getattr(strategy, name).items()}
+                      for name in STRATEGY_STATE if getattr(strategy, name, None) is not None}
+    state = {"format": FORMAT, "round": server_round, "config": {k: cfg[k] for k in MUST_MATCH},
+             "epsilon-by-device": {str(k): v for k, v in privacy.epsilon_by_device.items()},
+             "capped": {str(k): v for k, v in privacy.capped.items()}, "records": privacy.records}
+    with staged_dir(run_path / CHECKPOINT_DIR, replace=True) as staged:
+        write_synced(staged / "model.pt", _tensor_bytes(arrays))
+        write_synced(staged / "strategy.pt", _tensor_bytes(strategy_state))
+        write_synced(staged / "state.json", (json.dumps(state, indent=1) + "\n").encode())
+
+
+def load_checkpoint(run_path: Path, cfg: dict[str, Any]) -> Checkpoint | None:
+    """The run's last checkpoint, or None; refuses one written with an incompatible config."""
+    directory = run_path / CHECKPOINT_DIR
+    if not (directory / "state.json").is_file():
+        return None
+    try:
+        state = json.loads((directory / "state.json").read_text())
+        if state.get("format") != FORMAT:
+            raise ValueError(f"format {state.get('format')!r}, expected {FORMAT}")
+        arrays = torch.load(directory / "model.pt", weights_only=True)
+        strategy_state = {name: {k: v.numpy() for k, v in values.items()}
+                          for name, values in torch.load(directory / "strategy.pt", weights_only=True).items()}
+        epsilons = {int(k): float(v) for k, v in state["epsilon-by-device"].items()}
+        capped = {int(k): int(v) for k, v in state.get("capped", {}).items()}
+        records = dict(state.get("records", {}))
+        server_round = int(state["round"])
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+        raise PrivrecError(f"{directory}: unreadable checkpoint ({exc}); set resume = false or choose "
+                           "another run-name to start over") from None
+    for key in MUST_MATCH:
+        if key in state["config"] and state["config"][key] != cfg[key]:
+            raise PrivrecError(f"{directory}: written with config key '{key}' = {state['config'].get(key)!r}, "
+                               f"this run has {cfg[key]!r}; resume with the same value or choose another run-name")
+    if server_round > cfg["num-rounds"]:
+        raise PrivrecError(f"{directory}: already at round {server_round}, more than num-rounds = "
+                           f"{cfg['num-rounds']}")
+    return Checkpoint(round=server_round, arrays=arrays, strategy_state=strategy_state,
+                      epsilon_by_device=epsilons, config=state["config"], capped=capped, records=records)
+
+
+def restore_strategy(strategy: Any, checkpoint: Checkpoint) -> None:
+    for name, values in checkpoint.strategy_state.items():
+        setattr(strategy, name, values)
+    strategy.round_offset = checkpoint.round
+    strategy.privacy.epsilon_by_device.update(checkpoint.epsilon_by_device)
+    strategy.privacy.capped.update(checkpoint.capped)
+    strategy.privacy.records.update(checkpoint.records)

@@ -1,0 +1,1 @@
+"""Deployment: certificates and node keys, Flower SuperLink/SuperNode processes, `privrec deploy local`."""

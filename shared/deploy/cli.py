@@ -1,0 +1,236 @@
+"""`privrec data split` and `privrec deploy ...`: registered into the `privrec` parser by shared/cli.py.
+
+    privrec data split --dataset ml-100k --out DEVICES_DIR [--users-per-device N]
+    privrec deploy certs DIR [--host NAME ...]
+    privrec deploy key KEYFILE
+    privrec deploy superlink (--tls-dir DIR | --insecure) [--auth] [--host H] [--port P] [--database FILE]
+    privrec deploy node --data DEVICE_DIR --superlink H:P (--ca-cert FILE | --insecure) [--key KEYFILE]
+    privrec deploy local --devices N --rounds R [--tls | --insecure] [--auth] [--dataset ...] [--set K=V]
+
+`superlink` and `node` are thin wrappers: they check their inputs, print the Flower command they
+run, and replace themselves with it (same PID, Flower's own signal handling).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from pathlib import Path
+
+from shared.errors import PrivrecError
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _exec(command: list[str]) -> int:
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+    _say("privrec: exec " + " ".join(command))
+    os.execvpe(command[0], command, env)
+    return 0  # not reached
+
+
+# ---------------------------------------------------------------------------- data split
+def cmd_data_split(args: argparse.Namespace) -> int:
+    from shared.data.devices import split_devices
+    from shared.data.store import open_store, prepare_store
+
+    store = open_store(prepare_store(args.dataset, args.users_per_device))
+    out = split_devices(store, Path(args.out))
+    print(f"{store.num_devices} device folders ({store.num_users} users, {args.users_per_device} per device) "
+          f"and the public catalogue in {out}")
+    return 0
+
+
+def add_data_split(data_sub) -> None:
+    split = data_sub.add_parser("split", help="one folder per device (its histories only) for a deployment")
+    split.add_argument("--dataset", default="ml-100k", help="ml-100k, or a path to a MovieLens/RecBole/CSV file")
+    split.add_argument("--out", required=True, help="new folder to receive device-<d>/ folders and catalogue/")
+    split.add_argument("--users-per-device", type=int, default=1)
+    split.set_defaults(func=cmd_data_split)
+
+
+# ---------------------------------------------------------------------------- deploy
+def cmd_certs(args: argparse.Namespace) -> int:
+    from shared.deploy.certs import LOCAL_HOSTS, make_certs
+
+    hosts = tuple(dict.fromkeys([*(args.host or []), *LOCAL_HOSTS]))
+    make_certs(Path(args.dir), hosts=hosts)
+    print(f"test CA and server certificate for {', '.join(hosts)} in {args.dir} (ca.crt, server.crt, server.key); "
+          "for testing only")
+    return 0
+
+
+def cmd_key(args: argparse.Namespace) -> int:
+    from shared.deploy.certs import make_node_key
+
+    key, public = make_node_key(Path(args.keyfile))
+    print(f"node key {key} (keep it on the device), public key {public} (register it: "
+          f"flwr supernode register {public} <connection>)")
+    return 0
+
+
+def _security(args: argparse.Namespace):
+    from shared.deploy.processes import INSECURE_WARNING, Security
+
+    tls_dir = Path(args.tls_dir) if getattr(args, "tls_dir", None) else None
+    if args.insecure:
+        if tls_dir is not None:
+            raise PrivrecError("give either --tls-dir or --insecure, not both")
+        _say(INSECURE_WARNING)
+    return Security(tls_dir=tls_dir, insecure=args.insecure, auth=getattr(args, "auth", False))
+
+
+def cmd_superlink(args: argparse.Namespace) -> int:
+    from shared.deploy.processes import superlink_command
+
+    security = _security(args)
+    database = Path(args.database) if args.database else None
+    return _exec(superlink_command(security, args.host, args.port, database))
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    from shared.data.devices import open_device
+    from shared.deploy.processes import INSECURE_WARNING, free_port, supernode_command, wait_until_reachable
+
+    device = open_device(args.data)
+    if args.insecure and (args.ca_cert or args.key):
+        raise PrivrecError("--insecure cannot be combined with --ca-cert or --key (authentication needs TLS)")
+    if args.insecure:
+        _say(INSECURE_WARNING)
+    ca_cert = Path(args.ca_cert).resolve() if args.ca_cert else None
+    if ca_cert is not None and not ca_cert.is_file():
+        raise PrivrecError(f"--ca-cert {args.ca_cert}: no such file")
+    key = Path(args.key).resolve() if args.key else None
+    if key is not None:
+        from shared.deploy.certs import make_node_key
+
+        if not key.is_file():
+            raise PrivrecError(f"--key {args.key}: no such file (make one with `privrec deploy key FILE`)")
+        make_node_key(key)  # checks it is an EC key Flower accepts
+    wait_until_reachable(args.superlink, log=_say)  # a clear line per attempt, with backoff
+    command = supernode_command(args.superlink, device.node_config(), ca_cert, args.insecure, key,
+                                args.runtime_port or free_port())
+    return _exec(command)
+
+
+def cmd_local(args: argparse.Namespace) -> int:
+    from shared.cli import _config_from_args, _Progress
+    from shared.config import default_run_name
+    from shared.data.devices import split_devices
+    from shared.data.store import open_store, prepare_store
+    from shared.deploy.local import prepare_security, run_local
+    from shared.deploy.processes import INSECURE_WARNING
+
+    if args.tls and args.insecure:
+        raise PrivrecError("give either --tls or --insecure, not both")
+    if args.devices < 1:
+        raise PrivrecError(f"--devices {args.devices}: must be >= 1")
+    cfg = _config_from_args(args)
+    run_root = Path(cfg["run-dir"]).expanduser().resolve()
+    cfg["run-dir"] = str(run_root)
+    cfg["run-name"] = cfg["run-name"] or default_run_name()
+    run_path = run_root / cfg["run-name"]
+    if (run_path / "summary.json").exists():
+        raise PrivrecError(f"{run_path} already holds a completed run; pass another --run-name")
+    workdir = run_path / "deploy"
+    if args.devices_dir:
+        devices_dir = Path(args.devices_dir)
+    else:
+        devices_dir = run_path / "devices"
+        if not devices_dir.exists():
+            split_devices(open_store(prepare_store(cfg["dataset"], cfg["users-per-device"])), devices_dir)
+    available = len(list(devices_dir.glob("device-*")))
+    if args.devices > available:
+        raise PrivrecError(f"--devices {args.devices}: {devices_dir} holds only {available} device folders")
+    if args.insecure:
+        _say(INSECURE_WARNING)
+    workdir.mkdir(parents=True, exist_ok=True)
+    security = prepare_security(workdir, Path(args.tls_dir) if args.tls_dir else None, args.insecure, args.auth)
+    # SIGTERM stops everything as Ctrl-C does.
+    signal.signal(signal.SIGTERM, _interrupt)
+    print(f"privrec: deployment of {args.devices} devices, {cfg['num-rounds']} rounds, run directory {run_path}",
+          flush=True)
+    try:
+        with _Progress(run_path, cfg["num-rounds"]) as progress:
+            status = run_local(cfg, devices_dir, args.devices, workdir, security, on_poll=progress.poll)
+    except KeyboardInterrupt:
+        # Every process is stopped by now; the run directory says so (and can be resumed).
+        if not (run_path / "summary.json").exists():
+            from shared.atomic import write_json_atomic
+
+            write_json_atomic(run_path / "status.json", {"state": "interrupted"})
+        raise
+    state = _run_state(run_path)
+    if status != "finished:completed" or state != "completed":
+        raise PrivrecError(f"deployment run did not complete (ServerApp status: {state}; Flower: {status}); "
+                           f"see {workdir / 'logs'}")
+    print(f"run directory: {run_path}; device ledgers: {devices_dir}/device-*/state/")
+    return 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _run_state(run_path: Path) -> str:
+    import json
+
+    try:
+        return json.loads((run_path / "status.json").read_text()).get("state", "unknown")
+    except (OSError, ValueError):
+        return "unknown"
+
+
+def add_deploy(sub, add_config_flags) -> None:
+    deploy = sub.add_parser("deploy", help="real Flower processes: SuperLink, SuperNodes, TLS, node keys")
+    cmds = deploy.add_subparsers(dest="deploy_command", required=True)
+
+    certs = cmds.add_parser("certs", help="a test CA and server certificate (for local testing only)")
+    certs.add_argument("dir")
+    certs.add_argument("--host", action="append", help="extra DNS name or IP the server certificate is valid for")
+    certs.set_defaults(func=cmd_certs)
+
+    key = cmds.add_parser("key", help="a device's EC key pair for node authentication (KEYFILE, KEYFILE.pub)")
+    key.add_argument("keyfile")
+    key.set_defaults(func=cmd_key)
+
+    link = cmds.add_parser("superlink", help="start flower-superlink with privrec's flags")
+    link.add_argument("--tls-dir", help="folder with ca.crt, server.crt, server.key")
+    link.add_argument("--insecure", action="store_true", help="no TLS (warns; test networks only)")
+    link.add_argument("--auth", action="store_true", help="only registered SuperNode keys may join")
+    link.add_argument("--host", default="127.0.0.1")
+    link.add_argument("--port", type=int, default=9092)
+    link.add_argument("--database", help="SQLite file: runs and registered nodes survive a restart")
+    link.set_defaults(func=cmd_superlink)
+
+    node = cmds.add_parser("node", help="start flower-supernode for one device folder")
+    node.add_argument("--data", required=True, help="DEVICES_DIR/device-<d> from `privrec data split`")
+    node.add_argument("--superlink", required=True, help="HOST:PORT of the SuperLink")
+    node.add_argument("--key", help="this device's private key (OpenSSH EC), for node authentication")
+    node.add_argument("--ca-cert", help="CA certificate that signed the SuperLink's (default: system CAs)")
+    node.add_argument("--insecure", action="store_true", help="no TLS (warns; test networks only)")
+    node.add_argument("--runtime-port", type=int, help="local port for the ClientApp runtime (default: a free one)")
+    node.set_defaults(func=cmd_node)
+
+    local = cmds.add_parser("local", help="SuperLink + N SuperNodes + the run, on this machine, in real processes")
+    add_config_flags(local)
+    local.add_argument("--devices", type=int, required=True)
+    local.add_argument("--rounds", type=int)
+    local.add_argument("--devices-per-round", type=int)
+    local.add_argument("--users-per-device", type=int)
+    local.add_argument("--noise-multiplier", type=float)
+    local.add_argument("--no-dp", action="store_true")
+    local.add_argument("--devices-dir", help="use these device folders (default: split --dataset into the run dir)")
+    local.add_argument("--tls", action="store_true", help="TLS with fresh test certificates (the default)")
+    local.add_argument("--tls-dir", help="TLS with these certificates (ca.crt, server.crt, server.key)")
+    local.add_argument("--insecure", action="store_true", help="no TLS (warns)")
+    local.add_argument("--auth", action="store_true", help="every device gets its own EC key; only those join")
+    local.add_argument("--run-dir", help="parent folder of run directories (default runs/)")
+    local.add_argument("--run-name", help="run id; the same run-name resumes from its last checkpoint")
+    local.set_defaults(func=cmd_local)

@@ -1,0 +1,347 @@
+"""Deployment pieces that need no Flower process: device folders, certificates, keys, flags, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+
+import numpy as np
+import pytest
+import torch
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from flwr.app import Context, RecordDict
+
+import server.app
+from client.app import app as client_app
+from client.audit import ALLOWED_METRICS, read_audit
+from server.app import main as server_main
+from shared.cli import main
+from shared.data.devices import open_device, read_catalogue, split_devices
+from shared.data.store import open_store
+from shared.deploy.certs import make_certs, make_node_key
+from shared.deploy.processes import Security, superlink_command, supernode_command, wait_until_reachable
+from shared.errors import PrivrecError
+from simulations.inprocess import InProcessGrid
+from tests.synthetic import walk_store
+from tests.test_cli import assert_user_error
+
+SMALL = {"max-len": 16, "window": 12, "hidden-size": 16, "num-blocks": 1, "local-epochs": 1}
+
+
+@pytest.fixture
+def devices(tmp_path):
+    store = open_store(walk_store(tmp_path / "store", users_per_device=2, num_users=5, num_items=30))
+    return store, split_devices(store, tmp_path / "devices")
+
+
+# ----------------------------------------------------------------------------- device folders
+
+
+def test_each_device_folder_holds_only_its_own_histories(devices):
+    store, out = devices
+    assert sorted(p.name for p in out.iterdir()) == ["catalogue", "device-0", "device-1", "device-2"]
+    for d in range(store.num_devices):
+        folder = open_device(out / f"device-{d}")
+        assert folder.device_id == str(d)
+        assert list(folder.state_dir.iterdir()) == []  # the ledger goes here, nothing yet
+        mine, expected = open_store(folder.data_dir).device(0), store.device(d)
+        assert open_store(folder.data_dir).num_users == expected.num_users
+        assert [t.tolist() for t in mine.train] == [t.tolist() for t in expected.train]
+        assert mine.valid.tolist() == expected.valid.tolist() and mine.test.tolist() == expected.test.tolist()
+        assert f'device-id="{d}"' in folder.node_config() and str(folder.data_dir.resolve()) in folder.node_config()
+    # The server's catalogue: item ids and titles, counts; no histories.
+    assert sorted(p.name for p in (out / "catalogue").iterdir()) == ["catalogue.json", "items.json"]
+    catalogue = read_catalogue(out / "catalogue")
+    assert (catalogue["num_items"], catalogue["num_devices"]) == (30, 3)
+
+
+def test_split_never_overwrites_and_cli_names_the_folder(devices, tmp_path, capsys):
+    store, out = devices
+    with pytest.raises(PrivrecError, match="already exists"):
+        split_devices(store, out)
+    code = main(["data", "split", "--dataset", str(tmp_path / "missing.csv"), "--out", str(tmp_path / "new")])
+    assert_user_error(code, capsys.readouterr().err, "missing.csv")
+    assert not (tmp_path / "new").exists()
+
+
+def test_split_cli_writes_device_folders(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PRIVREC_CACHE_DIR", str(tmp_path / "cache"))
+    rows = [f"u{u},i{(3 * u + t) % 20},{t}" for u in range(4) for t in range(8)]
+    (tmp_path / "walk.csv").write_text("user,item,timestamp\n" + "\n".join(rows) + "\n")
+    code = main(["data", "split", "--dataset", str(tmp_path / "walk.csv"), "--out", str(tmp_path / "dev")])
+    assert code == 0, capsys.readouterr().err
+    assert len(list((tmp_path / "dev").glob("device-*"))) == 4
+    assert not list(tmp_path.glob(".dev*"))  # no staging leftovers
+
+
+def test_node_folder_errors_are_named(tmp_path, devices):
+    _, out = devices
+    with pytest.raises(PrivrecError, match="device.json: missing"):
+        open_device(out / "catalogue")
+    (out / "device-1" / "data" / "test.npy").unlink()
+    with pytest.raises(PrivrecError, match="test.npy"):
+        open_device(out / "device-1")
+
+
+# ----------------------------------------------------------------------------- certificates, keys, flags
+
+
+def test_certificates_chain_and_cover_loopback(tmp_path):
+    make_certs(tmp_path / "tls")
+    ca = x509.load_pem_x509_certificate((tmp_path / "tls" / "ca.crt").read_bytes())
+    cert = x509.load_pem_x509_certificate((tmp_path / "tls" / "server.crt").read_bytes())
+    cert.verify_directly_issued_by(ca)
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "localhost" in names.get_values_for_type(x509.DNSName)
+    assert {str(ip) for ip in names.get_values_for_type(x509.IPAddress)} >= {"127.0.0.1", "::1"}
+    assert stat.S_IMODE(os.stat(tmp_path / "tls" / "server.key").st_mode) == 0o600
+    assert not (tmp_path / "tls" / "ca.key").exists()  # the test CA signs nothing else
+    with pytest.raises(PrivrecError, match="never overwritten"):
+        make_certs(tmp_path / "tls")
+
+
+def test_node_keys_are_ec_openssh_and_distinct(tmp_path):
+    key_a, pub_a = make_node_key(tmp_path / "a.key")
+    key_b, pub_b = make_node_key(tmp_path / "b.key")
+    private = serialization.load_ssh_private_key(key_a.read_bytes(), None)
+    assert isinstance(private, ec.EllipticCurvePrivateKey) and private.curve.name == "secp384r1"
+    assert isinstance(serialization.load_ssh_public_key(pub_a.read_bytes()), ec.EllipticCurvePublicKey)
+    assert pub_a.read_bytes() != pub_b.read_bytes()
+    assert make_node_key(key_a) == (key_a, pub_a) and key_a.read_bytes() == key_a.read_bytes()  # kept, not replaced
+
+
+def test_tls_is_on_unless_insecure_is_asked_for(tmp_path, capsys):
+    with pytest.raises(PrivrecError, match="TLS is on by default"):
+        Security()
+    with pytest.raises(PrivrecError, match="--auth needs TLS"):
+        Security(insecure=True, auth=True)
+    with pytest.raises(PrivrecError, match="ca.crt is missing"):
+        Security(tls_dir=tmp_path)
+    make_certs(tmp_path / "tls")
+    secure = superlink_command(Security(tls_dir=tmp_path / "tls", auth=True), "127.0.0.1", 9092)
+    assert "--insecure" not in secure and "--enable-supernode-auth" in secure
+    assert secure[secure.index("--ssl-certfile") + 1].endswith("server.crt")
+    node = supernode_command("127.0.0.1:9092", 'data-dir="/d"', tmp_path / "tls" / "ca.crt", False,
+                             tmp_path / "k", 9100)
+    assert node[node.index("--root-certificates") + 1].endswith("ca.crt") and "--insecure" not in node
+    code = main(["deploy", "superlink", "--port", "9"])
+    assert_user_error(code, capsys.readouterr().err, "--tls-dir", "--insecure")
+
+
+def test_unreachable_superlink_is_retried_with_backoff_and_clear_lines(tmp_path):
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    lines: list[str] = []
+    with pytest.raises(PrivrecError, match=f"127.0.0.1:{port} unreachable"):
+        wait_until_reachable(f"127.0.0.1:{port}", log=lines.append, first_wait=0.05, give_up_after=0.5)
+    assert len(lines) >= 2 and all(f"SuperLink 127.0.0.1:{port} unreachable" in line for line in lines)
+    waits = [float(line.split("retrying in ")[1].split(" s")[0]) for line in lines]
+    assert waits == sorted(waits) and waits[1] > waits[0]  # backs off
+
+
+# ----------------------------------------------------------------------------- ServerApp: deployment, resume
+
+
+def _deployment_grid(out, num_devices):
+    grid = InProcessGrid(client_app, num_devices, keep_messages=True)
+    for node_id, context in grid.contexts.items():
+        folder = open_device(out / f"device-{node_id - 1}")
+        context.node_config = {"data-dir": str(folder.data_dir), "state-dir": str(folder.state_dir),
+                               "device-id": folder.device_id, "audit-log": str(folder.audit_log)}
+    return grid
+
+
+def test_deployment_server_reads_only_the_catalogue(devices, tmp_path, monkeypatch):
+    _, out = devices
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the ServerApp must not open a device store in a deployment")
+
+    monkeypatch.setattr(server.app, "open_store", forbidden)
+    monkeypatch.setattr(server.app, "prepare_store", forbidden)
+    run_config = {**SMALL, "catalogue": str(out / "catalogue"), "central-eval": False, "num-rounds": 2,
+                  "devices-per-round": 3, "eval-every": 1, "run-dir": str(tmp_path / "runs"), "run-name": "dep"}
+    grid = _deployment_grid(out, 3)
+    server_main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
+    summary = json.loads((tmp_path / "runs" / "dep" / "summary.json").read_text())
+    assert summary["federated-evaluation"]["users"] == 5 and summary["devices"] == 3
+    for message in grid.delivered:  # no device paths travel in messages in a deployment
+        sent = message.content.config_records["config"]
+        assert sent["data-store"] == "" and "state-dir" not in sent
+    for d in range(3):  # each device's ledger is in its own state folder
+        ledger = json.loads((out / f"device-{d}" / "state" / f"device-{d}" / "privacy-ledger.json").read_text())
+        assert [r["round"] for r in ledger["rounds"]] == [1, 2]
+        entries = read_audit(out / f"device-{d}" / "state" / "audit.jsonl")
+        assert [(e["type"], e["round"]) for e in entries] == [("train", 1), ("evaluate", 1), ("train", 2),
+                                                               ("evaluate", 2)]
+        assert_only_weights_and_scalars(entries, expected_shapes(run_config, 30))
+
+
+def expected_shapes(run_config: dict, num_items: int) -> dict[str, list[int]]:
+    from shared.config import validate
+    from shared.model import ModelConfig, SASRec
+
+    model = SASRec(ModelConfig.from_run_config(validate(run_config), num_items))
+    return {k: list(v.shape) for k, v in model.state_dict().items()}
+
+
+def assert_only_weights_and_scalars(entries: list[dict], shapes: dict[str, list[int]]) -> None:
+    """What the audit saw leave a device: model arrays of the expected names and shapes, whitelisted scalars."""
+    assert entries
+    for entry in entries:
+        assert not entry["error"]
+        if entry["type"] == "train":
+            # The only non-scalar payload: the accountant history, [noise multiplier, sample rate, steps] rows.
+            assert set(entry["configs"]) == {"privacy"}
+            assert set(entry["configs"]["privacy"]) == {"device", "history"}
+            for sigma, q, steps in json.loads(entry["configs"]["privacy"]["history"]):
+                assert sigma > 0 and 0 < q <= 1 and isinstance(steps, int)
+            declined = any(r.get("declined") for r in entry["metrics"].values())
+            if declined:  # a device at its cap sends no weights at all
+                assert entry["arrays"] == {}
+            else:
+                assert {k: v["shape"] for k, v in entry["arrays"]["arrays"].items()} == shapes
+                assert list(entry["arrays"]) == ["arrays"]
+        else:
+            assert entry["configs"] == {}
+            assert entry["arrays"] == {}
+        for record in entry["metrics"].values():
+            assert set(record) <= ALLOWED_METRICS, set(record) - ALLOWED_METRICS
+            assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in record.values())
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "fedadam"])
+def test_restarted_server_resumes_from_the_last_checkpoint(tmp_path, strategy):
+    """The ServerApp dies in round 3; started again with the same run-name it runs rounds 3-4 only."""
+
+    class DyingGrid(InProcessGrid):
+        trains = 0
+
+        def send_and_receive(self, messages, *, timeout=None):
+            messages = list(messages)
+            if messages and messages[0].metadata.message_type == "train":
+                DyingGrid.trains += 1
+                if DyingGrid.trains == 3:
+                    raise ConnectionError("SuperLink went away")
+            return super().send_and_receive(messages, timeout=timeout)
+
+    store = walk_store(tmp_path / "store", num_users=4, num_items=30)
+    run_config = {**SMALL, "data-store": str(store), "num-rounds": 4, "devices-per-round": 2, "eval-every": 0,
+                  "strategy": strategy, "run-dir": str(tmp_path / "runs"), "run-name": "r"}
+    path = tmp_path / "runs" / "r"
+
+    def context():
+        return Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+
+    with pytest.raises(ConnectionError):
+        server_main(DyingGrid(client_app, 4), context())
+    saved = json.loads((path / "checkpoint" / "state.json").read_text())
+    assert saved["round"] == 2
+    model_after_2 = torch.load(path / "checkpoint" / "model.pt", weights_only=True)
+    if strategy == "fedadam":
+        assert set(torch.load(path / "checkpoint" / "strategy.pt", weights_only=True)) == {"m_t", "v_t"}
+
+    grid = InProcessGrid(client_app, 4, keep_messages=True)
+    sent_models = []
+    original = grid.send_and_receive
+
+    def spy(messages, *, timeout=None):
+        messages = list(messages)
+        sent_models.extend(m.content.array_records["arrays"].to_torch_state_dict() for m in messages)
+        return original(messages, timeout=timeout)
+
+    grid.send_and_receive = spy
+    server_main(grid, context())
+    rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]  # not started over, no round twice
+    # Devices record the true round in their ledgers: rounds 3 and 4 after 1 and 2, none twice.
+    ledgers = [json.loads(p.read_text()) for p in (path / "devices").glob("*/privacy-ledger.json")]
+    trained = sorted(r["round"] for ledger in ledgers for r in ledger["rounds"])
+    assert trained == [1, 1, 2, 2, 3, 3, 4, 4]
+    for ledger in ledgers:
+        rounds = [r["round"] for r in ledger["rounds"]]
+        assert rounds == sorted(set(rounds))
+    first = sent_models[0]  # round 3 starts from the checkpointed global model
+    assert all(torch.equal(first[k], model_after_2[k]) for k in first)
+    assert json.loads((path / "status.json").read_text())["state"] == "completed"
+    summary = json.loads((path / "summary.json").read_text())
+    assert summary["privacy"]["all-epsilon-max"] == pytest.approx(rows[-1]["epsilon-max"])
+
+
+def test_incompatible_checkpoint_is_refused(tmp_path):
+    store = walk_store(tmp_path / "store", num_users=3, num_items=30)
+    base = {**SMALL, "data-store": str(store), "num-rounds": 1, "devices-per-round": 2, "eval-every": 0,
+            "run-dir": str(tmp_path / "runs"), "run-name": "r"}
+    server_main(InProcessGrid(client_app, 3), Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                                                      run_config=base))
+    (tmp_path / "runs" / "r" / "summary.json").unlink()  # pretend it stopped before the end
+    with pytest.raises(PrivrecError, match="'hidden-size' = 16"):
+        server_main(InProcessGrid(client_app, 3), Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                                                          run_config={**base, "hidden-size": 32, "num-rounds": 2}))
+    assert np.isfinite(json.loads((tmp_path / "runs" / "r" / "checkpoint" / "state.json").read_text())["round"])
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def test_deploy_cli_input_errors_are_one_line(tmp_path, devices, capsys):
+    _, out = devices
+    cases = [
+        (["deploy", "node", "--data", str(tmp_path / "nowhere"), "--superlink", "127.0.0.1:9"], "device.json"),
+        (["deploy", "node", "--data", str(out / "device-0"), "--superlink", "nohost"], "HOST:PORT"),
+        (["deploy", "node", "--data", str(out / "device-0"), "--superlink", "127.0.0.1:9", "--insecure",
+          "--key", "k"], "--insecure"),
+        (["deploy", "node", "--data", str(out / "device-0"), "--superlink", "127.0.0.1:9", "--key",
+          str(tmp_path / "none.key")], "none.key"),
+        (["deploy", "superlink", "--tls-dir", str(tmp_path)], "ca.crt"),
+        (["deploy", "local", "--devices", "2", "--tls", "--insecure"], "--tls or --insecure"),
+        (["deploy", "local", "--devices", "0"], "--devices 0"),
+        (["deploy", "local", "--devices", "1", "--run-dir", str(tmp_path / "runs"), "--run-name", "done"],
+         "already holds a completed run"),
+    ]
+    (tmp_path / "runs" / "done").mkdir(parents=True)
+    (tmp_path / "runs" / "done" / "summary.json").write_text("{}")
+    for argv, needle in cases:
+        code = main(argv)
+        assert_user_error(code, capsys.readouterr().err, needle)
+
+
+def test_node_waiting_for_its_superlink_logs_retries_not_tracebacks(tmp_path, devices):
+    """The real `privrec deploy node` process, pointed at a SuperLink that is not there (yet)."""
+    import subprocess
+    import sys
+    import time
+
+    _, out = devices
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = tmp_path / "node.log"
+    with open(log, "wb") as handle:
+        process = subprocess.Popen([sys.executable, "-m", "shared.cli", "deploy", "node", "--data",
+                                    str(out / "device-0"), "--superlink", f"127.0.0.1:{port}", "--insecure"],
+                                   stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while log.read_text().count("retrying in") < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        os.killpg(process.pid, 9)
+        process.wait(timeout=10)
+    text = log.read_text()
+    assert text.count(f"SuperLink 127.0.0.1:{port} unreachable") >= 2, text
+    assert "WARNING: --insecure" in text and "Traceback" not in text
+
+
+def test_the_latest_flower_run_id_is_read_from_an_appended_log(tmp_path):
+    from shared.deploy.local import LocalDeployment
+
+    deployment = LocalDeployment(tmp_path / "w", tmp_path, Security(insecure=True))
+    (tmp_path / "w" / "logs").mkdir(parents=True)
+    (tmp_path / "w" / "logs" / "run.log").write_text("Successfully started run 11\n...\nSuccessfully started run 42\n")
+    assert deployment.run_id() == 42

@@ -1,0 +1,199 @@
+"""Real deployment on loopback: a TLS SuperLink with node authentication, real SuperNodes, real runs.
+
+One SuperLink and three registered SuperNodes serve every test in this module (starting them costs
+more than a round). Each test submits its own run. Every process is started with a known PID in its
+own session and stopped at the end, even when a test fails; ports are free ones, never fixed.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from client.audit import read_audit
+from shared import config
+from shared.data.devices import split_devices
+from shared.data.store import open_store
+from shared.deploy.local import LocalDeployment, deployment_config, prepare_security
+from shared.deploy.processes import session_pids
+from tests.synthetic import walk_store
+from tests.test_deploy_units import assert_only_weights_and_scalars, expected_shapes
+
+pytestmark = pytest.mark.slow
+
+NUM_ITEMS = 30
+REGISTERED = 3  # devices 0..2 are registered; device 3 has a key nobody registered
+MODEL = {"max-len": 16, "window": 12, "hidden-size": 16, "num-blocks": 1, "local-epochs": 1}
+
+
+def _flower_pids(flwr_home: Path) -> set[str]:
+    """Flower processes started for this deployment: they all inherit its private FLWR_HOME.
+
+    (Matching on the environment, not on names alone: other people's tests may run Flower in parallel.)
+    """
+    out = subprocess.run(["pgrep", "-f", "flower-superlink|flower-supernode|flower-superexec|flwr-serverapp|"
+                                        "flwr-clientapp"], capture_output=True, text=True)
+    ours = set()
+    for pid in out.stdout.split():
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"FLWR_HOME={flwr_home}".encode() in environ:
+            ours.add(pid)
+    return ours
+
+
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    root = tmp_path_factory.mktemp("deployment")
+    store = open_store(walk_store(root / "store", num_users=REGISTERED + 1, num_items=NUM_ITEMS))
+    devices = split_devices(store, root / "devices")
+    workdir = root / "deploy"
+    workdir.mkdir()
+    deployment = LocalDeployment(workdir, devices, prepare_security(workdir, None, insecure=False, auth=True))
+    try:
+        deployment.start_superlink()
+        for index in range(REGISTERED):
+            deployment.register(deployment.device(index))
+            deployment.start_node(index)
+        yield deployment
+    finally:
+        deployment.close()
+        # Every session we started is gone (SuperExec, ServerApp and ClientApp children included) ...
+        left = [pid for session in deployment.processes.sessions for pid in session_pids(session)]
+        assert not left, subprocess.run(["ps", "-o", "pid,stat,args", "-p", ",".join(map(str, left))],
+                                        capture_output=True, text=True).stdout
+        # ... and no Flower process started for this deployment survives.
+        assert not _flower_pids(deployment.flwr_home)
+
+
+def _run_config(cluster: LocalDeployment, tmp_path: Path, name: str, **overrides) -> dict:
+    cfg = config.validate({**MODEL, "num-rounds": 2, "devices-per-round": REGISTERED, "eval-every": 0,
+                           "run-dir": str(tmp_path / "runs"), "run-name": name, **overrides})
+    return deployment_config(cfg, cluster.devices_dir, REGISTERED)
+
+
+def _rows(run_path: Path) -> list[dict]:
+    path = run_path / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _ledger(cluster: LocalDeployment, index: int) -> dict | None:
+    path = cluster.devices_dir / f"device-{index}" / "state" / f"device-{index}" / "privacy-ledger.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _wait_for(predicate, timeout: float, what: str, cluster: LocalDeployment) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            logs = "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-1500:]}"
+                             for p in sorted(cluster.processes.log_dir.glob("*.log")))
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{logs}")
+        time.sleep(0.5)
+
+
+def _finish(cluster: LocalDeployment, name: str, run_path: Path) -> None:
+    code = cluster.wait(name, timeout=400)
+    log = (cluster.processes.log_dir / f"{name}.log").read_text(errors="replace")
+    assert cluster.flower_status(name) == "finished:completed", log[-3000:]
+    assert code == 0
+    assert json.loads((run_path / "status.json").read_text())["state"] == "completed"
+
+
+def test_tls_and_node_auth_two_dp_rounds_end_to_end(cluster, tmp_path):
+    # An intruder with a key of its own that nobody registered tries to join as well.
+    intruder = cluster.start_node(REGISTERED, key=cluster.node_key(cluster.device(REGISTERED)), name="intruder")
+    cfg = _run_config(cluster, tmp_path, "e2e")
+    cluster.submit(cfg, name="e2e")
+    run_path = tmp_path / "runs" / "e2e"
+    _finish(cluster, "e2e", run_path)
+
+    rows = _rows(run_path)
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert [r["devices-trained"] for r in rows[1:]] == [REGISTERED, REGISTERED]
+    summary = json.loads((run_path / "summary.json").read_text())
+    assert summary["federated-evaluation"]["users"] == REGISTERED  # one user per registered device
+    assert 0 <= summary["federated-evaluation"]["test-ndcg@10"] <= 1
+    assert summary["central-evaluation"] is None  # a deployment never reads users' data on the server
+    epsilons = []
+    for index in range(REGISTERED):
+        ledger = _ledger(cluster, index)
+        eps = [r["epsilon"] for r in ledger["rounds"] if r["run"] == "e2e"]
+        assert [r["round"] for r in ledger["rounds"] if r["run"] == "e2e"] == [1, 2]
+        assert 0 < eps[0] < eps[1]  # on-device DP, cumulative
+        epsilons.append(eps[-1])
+        audit = [e for e in read_audit(cluster.device(index).audit_log) if e["round"] in (1, 2)]
+        assert [e["type"] for e in audit][-3:] == ["train", "train", "evaluate"]
+        assert_only_weights_and_scalars(audit, expected_shapes(cfg, NUM_ITEMS))
+    assert summary["privacy"]["all-epsilon-max"] == pytest.approx(max(epsilons))
+
+    # The unregistered node was refused and never trained.
+    started = cluster.processes.started[intruder]
+    _wait_for(lambda: started.process.poll() is not None, 60, "the intruder to be refused", cluster)
+    assert started.process.returncode != 0
+    assert "Failed to activate SuperNode" in started.log_path.read_text(errors="replace")
+    assert _ledger(cluster, REGISTERED) is None and not cluster.device(REGISTERED).audit_log.exists()
+    cluster.processes.stop(intruder)
+
+
+def test_faults_a_node_dies_mid_round_then_the_superlink_restarts_and_the_run_resumes(cluster, tmp_path):
+    """Both faults in one run (each round of a real deployment costs tens of seconds here).
+
+    Round 1: one SuperNode is SIGKILLed after receiving its model; the round completes with the
+    others once `round-timeout` expires. Then the SuperLink goes down (taking the ServerApp with it)
+    and comes back; the killed node is restarted; the run is submitted again with the same
+    run-name and continues with round 2, with the node back in, instead of starting over.
+    """
+    victim = REGISTERED - 1
+    node_log = cluster.processes.started[f"node-{victim}"].log_path
+    received_before = node_log.read_text(errors="replace").count("Receiving: train message")
+    before = (_ledger(cluster, victim) or {"rounds": []})["rounds"]  # earlier runs' spend, if any
+    cfg = _run_config(cluster, tmp_path, "faults", **{"round-timeout": 60.0})
+    run_path = tmp_path / "runs" / "faults"
+    cluster.submit(cfg, name="faults-1")
+
+    # -- a SuperNode killed mid-round
+    _wait_for(lambda: node_log.read_text(errors="replace").count("Receiving: train message") > received_before,
+              180, "the victim to receive its round-1 model", cluster)
+    cluster.processes.kill(f"node-{victim}")  # SIGKILL to its whole session, ClientApp included
+    checkpoint = run_path / "checkpoint" / "state.json"
+    _wait_for(checkpoint.exists, 240, "round 1 to complete without the victim", cluster)
+    rows = _rows(run_path)
+    assert rows[1]["round"] == 1 and rows[1]["devices-trained"] == REGISTERED - 1
+    # Written before the update would have been sent, or not at all; never half-written.
+    interrupted = (_ledger(cluster, victim) or {"rounds": []})["rounds"]
+
+    # -- the SuperLink (and with it the ServerApp) goes down after round 1
+    cluster.stop_superlink()
+    cluster.processes.stop("faults-1")
+    assert not (run_path / "summary.json").exists()
+    done = json.loads(checkpoint.read_text())["round"]
+    assert done == 1
+
+    cluster.start_superlink()  # same port and database: registrations survive, live nodes reconnect
+    cluster.start_node(victim)  # same folder and key: the device rejoins as the same node
+    cluster.submit(cfg, name="faults-2")  # the same run (same run-name) submitted again
+    _finish(cluster, "faults-2", run_path)
+
+    log = (cluster.processes.log_dir / "faults-2.log").read_text(errors="replace")
+    assert "resuming run faults after round 1 of 2" in log
+    rows = _rows(run_path)
+    assert [r["round"] for r in rows] == [0, 1, 2]  # continued, not started over
+    assert rows[2]["devices-trained"] == REGISTERED  # the killed node is back
+    for index in range(REGISTERED):
+        rounds = [r["round"] for r in _ledger(cluster, index)["rounds"] if r["run"] == "faults"]
+        assert rounds[-1] == 2 and rounds == sorted(rounds)
+    after = _ledger(cluster, victim)
+    # The ledger survived the kill: earlier entries are all still there, and epsilon never went down.
+    assert after["rounds"][:len(interrupted)] == interrupted
+    assert after["rounds"][:len(before)] == before
+    eps = [r["epsilon"] for r in after["rounds"]]
+    assert eps == sorted(eps) and eps[-1] > max([r["epsilon"] for r in interrupted] + [0.0])
