@@ -277,3 +277,26 @@ def test_sweep_arms_are_calibrated_to_their_budget():
     assert 3.8 < user_eps(both["user-noise-multiplier"], 64 / 943, 30, cfg["delta"], "rdp") <= 4.0 + 1e-3
     assert not arm_settings("user-level", 4.0, cfg, 943, 30, 4)["dp"]
     assert not arm_settings("on-device", 4.0, cfg, 943, 30, 4)["user-dp"]
+
+
+def test_checkpoint_keeps_the_privacy_tally(tmp_path):
+    """A resumed server still knows which devices reached their cap and what each one reported."""
+    from server.checkpoint import load_checkpoint, restore_strategy, save_checkpoint
+
+    cfg = config.validate({**SMALL, "max-epsilon": 5.0})
+    fresh = lambda: build_strategy(cfg, num_devices=6, on_train=lambda *a: None,  # noqa: E731
+                                   on_evaluate=lambda *a: None)
+    before = fresh()
+    before.privacy.epsilon_by_device.update({3: 4.2, 7: 4.9})
+    before.privacy.capped[7] = 4
+    before.privacy.records["2"] = {"node-id": 7, "accountant": "rdp", "history": [[0.8, 0.5, 4]],
+                                   "rounds": [[2, 4.9]], "epsilon": 4.9, "declined-round": 4}
+    state = SASRec(ModelConfig.from_run_config(cfg, NUM_ITEMS)).state_dict()
+    save_checkpoint(tmp_path, 4, state, before, cfg)
+    after = fresh()
+    restore_strategy(after, load_checkpoint(tmp_path, cfg))
+    assert after.privacy.capped == {7: 4} and after.round_offset == 4
+    assert after.privacy.records == before.privacy.records
+    assert after.privacy.epsilon_by_device == {3: 4.2, 7: 4.9}
+    with pytest.raises(PrivrecError, match="user-noise-multiplier"):
+        load_checkpoint(tmp_path, {**cfg, "user-noise-multiplier": 2.0})
