@@ -1,6 +1,7 @@
 """Privacy-utility trade-off on MovieLens-100K: NDCG@10 / HR@10 against epsilon, per mechanism.
 
-    python -m simulations.privacy_sweep --epsilons 1 2 4 8 --rounds 30 --seeds 0
+    python -m simulations.privacy_sweep --epsilons 1 2 4 8 --rounds 30 --seeds 0 \
+        --references simulations/results/benchmark-20261123-124139.json
 
 For every target epsilon and mechanism the noise is calibrated with Opacus' accountant
 (`shared.privacy.calibration`) before training, and the per-device cap (`max-epsilon`) makes the
@@ -114,6 +115,8 @@ def markdown(result: dict) -> str:
                      f"{r.get('capped_devices', 0) or 0} |")
     pop = result["popularity"]
     lines.append(f"| popularity | {pop['ndcg@10']:.4f} | {pop['hr@10']:.4f} | - | - | - |")
+    for name, values in result.get("references", {}).items():
+        lines.append(f"| {name} | {values['ndcg@10']:.4f} | {values['hr@10']:.4f} | - | - | - |")
     return "\n".join(lines)
 
 
@@ -140,6 +143,8 @@ def plot(result: dict, path: Path) -> None:
         for name, style in refs:
             if name in result["arms"]:
                 ax.axhline(_mean(result["arms"][name])[metric], linestyle=style, color="grey", label=name)
+        for (name, values), color in zip(result.get("references", {}).items(), ("black", "purple")):
+            ax.axhline(values[metric], linestyle="--", color=color, label=name)
         ax.axhline(result["popularity"][metric], linestyle="--", color="red", label="popularity")
         ax.set_xscale("log", base=2)
         ax.set_xlabel(f"target epsilon (delta {result['delta']:g}, {result['accountant'].upper()})")
@@ -161,7 +166,17 @@ def main() -> None:
     parser.add_argument("--centralized", action="store_true", help="also train the centralized reference")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a lever")
+    parser.add_argument("--references", metavar="BENCHMARK.json",
+                        help="draw the centralized and non-private FedAvg means of a simulations.benchmark result")
+    parser.add_argument("--replot", metavar="SWEEP.json", help="redraw an earlier sweep's table and plot, no training")
     args = parser.parse_args()
+    if args.replot:
+        result = json.loads(Path(args.replot).read_text())
+        if args.references:
+            result["references"] = benchmark_references(Path(args.references))
+        stem = Path(args.replot).with_suffix("")
+        write_outputs(result, stem)
+        return
     store_dir = prepare_store("ml-100k")
     store = open_store(store_dir)
     base = config.validate({**LEVERS, **dict(pair.split("=", 1) for pair in args.set), "num-rounds": args.rounds})
@@ -182,8 +197,20 @@ def main() -> None:
     users = store.all_users()
     pop = summarize(evaluate_popularity(users.train, users.valid, users.test, store.num_items, split="test"))
     result["popularity"] = {"ndcg@10": pop["ndcg@10"], "hr@10": pop["hr@10"]}
+    if args.references:
+        result["references"] = benchmark_references(Path(args.references))
     RESULTS.mkdir(exist_ok=True)
-    stem = RESULTS / f"privacy-sweep-{time.strftime('%Y%m%d-%H%M%S')}"
+    write_outputs(result, RESULTS / f"privacy-sweep-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def benchmark_references(path: Path) -> dict:
+    arms = json.loads(path.read_text())["accuracy"]["arms"]
+    label = {"centralized": "centralized (benchmark)",
+             "fedavg-no-dp": "FedAvg, no DP, 40 rounds x 5 epochs (benchmark)"}
+    return {label[k]: {"ndcg@10": arms[k]["ndcg@10_mean"], "hr@10": arms[k]["hr@10_mean"]} for k in label}
+
+
+def write_outputs(result: dict, stem: Path) -> None:
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
     table = markdown(result)
     stem.with_suffix(".md").write_text(table + "\n")
