@@ -35,6 +35,7 @@ import torch
 
 from shared import config
 from shared.data.store import open_store, prepare_store
+from simulations.inprocess import log_progress
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -183,7 +184,7 @@ def _accuracy_task(task: tuple) -> tuple[str, int, dict]:
     else:
         z = float(arm.rsplit("-z", 1)[1])
         result = federated_run(cfg, store_dir, {**settings, "seed": seed, "noise-multiplier": z})
-    _log(f"{arm} seed {seed}: NDCG@10 {result['ndcg@10']:.4f} HR@10 {result['hr@10']:.4f}")
+    log_progress(f"{arm} seed {seed}: NDCG@10 {result['ndcg@10']:.4f} HR@10 {result['hr@10']:.4f}")
     return arm, seed, result
 
 
@@ -261,10 +262,6 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _log(text: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", nargs="+", default=["steps", "throughput", "accuracy"],
@@ -290,10 +287,10 @@ def main() -> None:
     results: dict = {"started": time.strftime("%Y-%m-%d %H:%M:%S"),
                      "machine": f"{os.cpu_count()} CPUs, torch {torch.__version__}", "config": cfg}
     if "steps" in args.parts:
-        _log("(a) step times")
+        log_progress("(a) step times")
         results["steps"] = bench_steps(cfg, store_dir)
     if "throughput" in args.parts:
-        _log("(b) throughput (Flower + Ray)")
+        log_progress("(b) throughput (Flower + Ray)")
         results["throughput"] = bench_throughput(cfg, store_dir, args.throughput_rounds, args.devices_per_round)
     if "accuracy" in args.parts:
         settings = {"num-rounds": args.rounds, "devices-per-round": args.devices_per_round}
@@ -301,7 +298,7 @@ def main() -> None:
             settings["local-epochs"] = args.local_epochs
         if args.local_lr is not None:
             settings["local-lr"] = args.local_lr
-        _log(f"(c) accuracy: {settings}, seeds {args.seeds}, noise {args.noise}")
+        log_progress(f"(c) accuracy: {settings}, seeds {args.seeds}, noise {args.noise}")
         results["accuracy"] = bench_accuracy(cfg, store_dir, args.seeds, args.noise, args.central_epochs,
                                              settings, args.jobs)
     RESULTS.mkdir(exist_ok=True)

@@ -82,3 +82,8 @@ class InProcessGrid(Grid):
         if self.keep_messages:
             self.replies.extend(replies)
         return replies
+
+
+def log_progress(text: str) -> None:
+    """One time-stamped progress line for the long experiment scripts in simulations/."""
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)

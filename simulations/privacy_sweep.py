@@ -33,6 +33,7 @@ from pathlib import Path
 from shared import config
 from shared.data.store import open_store, prepare_store
 from shared.privacy.calibration import calibrate_noise
+from simulations.inprocess import log_progress
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MECHANISMS = ("on-device", "user-level", "both")
@@ -69,9 +70,8 @@ def _task(task: tuple) -> tuple[str, dict]:
     else:
         result = federated_run(cfg, store_dir, {**overrides, "seed": seed})
     result["seconds"] = time.perf_counter() - started
-    print(f"[{time.strftime('%H:%M:%S')}] {name} seed {seed}: NDCG@10 {result['ndcg@10']:.4f} "
-          f"HR@10 {result['hr@10']:.4f} eps {result.get('epsilon_max')} user-eps {result.get('user_level_epsilon')}",
-          flush=True)
+    log_progress(f"{name} seed {seed}: NDCG@10 {result['ndcg@10']:.4f} HR@10 {result['hr@10']:.4f} "
+                 f"eps {result.get('epsilon_max')} user-eps {result.get('user_level_epsilon')}")
     return name, {**result, "seed": seed, "overrides": overrides}
 
 

@@ -35,6 +35,7 @@ import torch
 
 from shared import config
 from shared.data.store import open_store, prepare_store
+from simulations.inprocess import log_progress
 
 RESULTS = Path(__file__).resolve().parent / "results"
 OPTIONS = ("id", "text", "text+id")
@@ -80,7 +81,7 @@ def bench_cost(cfg: dict, store_dir: Path, repeats: int = 20) -> dict:
             noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=False, grad_sample_mode="hooks")
         row["dp_step_s"] = _timed(lambda m=gsm, o=dp_opt: _step(m, o, inputs, targets), repeats)
         out[option] = row
-        _log(f"cost {option}: {row}")
+        log_progress(f"cost {option}: {row}")
     return {"batch": int(inputs.shape[0]), "window": cfg["window"], "num_items": store.num_items, "options": out}
 
 
@@ -132,7 +133,7 @@ def federated_run(cfg: dict, store_dir: Path, overrides: dict) -> dict:
 def _accuracy_task(task: tuple) -> tuple[str, bool, dict]:
     option, dp, cfg, store_dir, settings = task
     result = federated_run(cfg, store_dir, {**settings, "item-representation": option, "dp": dp})
-    _log(f"{option} dp={dp}: NDCG@10 {result['ndcg@10']:.4f} HR@10 {result['hr@10']:.4f} "
+    log_progress(f"{option} dp={dp}: NDCG@10 {result['ndcg@10']:.4f} HR@10 {result['hr@10']:.4f} "
          f"cold HR@10 {result['cold-hr@10']:.4f} ({result['cold-users']} events) eps {result['epsilon_max']} "
          f"{result['seconds']:.0f} s")
     return option, dp, result
@@ -186,10 +187,6 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _log(text: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", nargs="+", default=["cost", "accuracy"], choices=["cost", "accuracy"])
@@ -212,7 +209,7 @@ def main() -> None:
         settings = {"num-rounds": args.rounds, "devices-per-round": args.devices_per_round,
                     "local-epochs": args.local_epochs, "noise-multiplier": args.noise,
                     "cold-item-share": args.cold_item_share}
-        _log(f"accuracy: {settings}")
+        log_progress(f"accuracy: {settings}")
         results["accuracy"] = bench_accuracy(cfg, store_dir, settings, args.jobs)
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"text-items-{time.strftime('%Y%m%d-%H%M%S')}.json"
