@@ -35,9 +35,7 @@ import torch
 
 from shared import config
 from shared.data.store import open_store, prepare_store
-from simulations.inprocess import log_progress
-
-RESULTS = Path(__file__).resolve().parent / "results"
+from simulations.output import log_progress, save_results, timestamped
 
 
 # ------------------------------------------------------------------------------------- (a)
@@ -301,13 +299,7 @@ def main() -> None:
         log_progress(f"(c) accuracy: {settings}, seeds {args.seeds}, noise {args.noise}")
         results["accuracy"] = bench_accuracy(cfg, store_dir, args.seeds, args.noise, args.central_epochs,
                                              settings, args.jobs)
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"benchmark-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(json.dumps(results, indent=1))
-    report = markdown(results)
-    out.with_suffix(".md").write_text(report)
-    print(report)
-    print(f"written: {out}")
+    save_results(timestamped("benchmark"), results, markdown(results))
 
 
 if __name__ == "__main__":

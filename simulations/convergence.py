@@ -17,12 +17,11 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
-from pathlib import Path
 
 from shared import config
+from shared.atomic import write_json_atomic
 from shared.data.store import open_store, prepare_store
-
-RESULTS = Path(__file__).resolve().parent / "results"
+from simulations.output import timestamped
 
 
 def curve(task: tuple) -> dict:
@@ -63,9 +62,9 @@ def main() -> None:
         curves = list(pool.map(curve, tasks))
     result = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "settings": overrides, "rounds": args.rounds,
               "centralized_ndcg@10": args.centralized, "curves": curves}
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"convergence-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(json.dumps(result, indent=1))
+    out = timestamped("convergence").with_suffix(".json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out, result)
     rounds = [p["round"] for p in curves[0]["points"]]
     print("| round | " + " | ".join(f"NDCG@10 seed {c['seed']}" for c in curves) + " | mean / centralized |")
     print("|---|" + "---|" * (len(curves) + 1))

@@ -83,7 +83,3 @@ class InProcessGrid(Grid):
             self.replies.extend(replies)
         return replies
 
-
-def log_progress(text: str) -> None:
-    """One time-stamped progress line for the long experiment scripts in simulations/."""
-    print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)

@@ -33,9 +33,8 @@ from pathlib import Path
 from shared import config
 from shared.data.store import open_store, prepare_store
 from shared.privacy.calibration import calibrate_noise
-from simulations.inprocess import log_progress
+from simulations.output import log_progress, save_results, timestamped
 
-RESULTS = Path(__file__).resolve().parent / "results"
 MECHANISMS = ("on-device", "user-level", "both")
 # The levers chosen by the exploration in the README ("Privacy-utility trade-off").
 LEVERS = {"public-share": 0.1, "device-trains": "no-item-tables", "local-epochs": 1, "devices-per-round": 64}
@@ -199,8 +198,7 @@ def main() -> None:
     result["popularity"] = {"ndcg@10": pop["ndcg@10"], "hr@10": pop["hr@10"]}
     if args.references:
         result["references"] = benchmark_references(Path(args.references))
-    RESULTS.mkdir(exist_ok=True)
-    write_outputs(result, RESULTS / f"privacy-sweep-{time.strftime('%Y%m%d-%H%M%S')}")
+    write_outputs(result, timestamped("privacy-sweep"))
 
 
 def benchmark_references(path: Path) -> dict:
@@ -211,12 +209,8 @@ def benchmark_references(path: Path) -> dict:
 
 
 def write_outputs(result: dict, stem: Path) -> None:
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    table = markdown(result)
-    stem.with_suffix(".md").write_text(table + "\n")
+    save_results(stem, result, markdown(result))
     plot(result, stem.with_suffix(".png"))
-    print(table)
-    print(f"written: {stem}.json/.md/.png")
 
 
 if __name__ == "__main__":

@@ -35,9 +35,8 @@ import torch
 
 from shared import config
 from shared.data.store import open_store, prepare_store
-from simulations.inprocess import log_progress
+from simulations.output import log_progress, save_results, timestamped
 
-RESULTS = Path(__file__).resolve().parent / "results"
 OPTIONS = ("id", "text", "text+id")
 
 
@@ -211,13 +210,7 @@ def main() -> None:
                     "cold-item-share": args.cold_item_share}
         log_progress(f"accuracy: {settings}")
         results["accuracy"] = bench_accuracy(cfg, store_dir, settings, args.jobs)
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"text-items-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(json.dumps(results, indent=1))
-    report = markdown(results)
-    out.with_suffix(".md").write_text(report)
-    print(report)
-    print(f"written: {out}")
+    save_results(timestamped("text-items"), results, markdown(results))
 
 
 if __name__ == "__main__":

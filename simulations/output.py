@@ -1,0 +1,32 @@
+"""What every experiment script in simulations/ prints and leaves behind."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from shared.atomic import write_bytes_atomic
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def log_progress(text: str) -> None:
+    """One time-stamped progress line for the long experiment scripts."""
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+
+def save_results(stem: Path, results: dict, report: str) -> Path:
+    """`stem`.json and `stem`.md, each written atomically (never a half-written result file)."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    out = stem.with_suffix(".json")
+    write_bytes_atomic(out, json.dumps(results, indent=1).encode())
+    write_bytes_atomic(stem.with_suffix(".md"), (report.rstrip("\n") + "\n").encode())
+    print(report)
+    print(f"written: {out} (+ .md)")
+    return out
+
+
+def timestamped(name: str) -> Path:
+    """results/<name>-<time stamp> (the stem of a new result)."""
+    return RESULTS / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
