@@ -89,7 +89,8 @@ SCHEMA: dict[str, Key] = {
     "local-optimizer": Key(str, "adam", "on-device optimizer: adam, sgd", _one_of("adam", "sgd"),
                            "must be one of adam, sgd"),
     "device-trains": Key(str, "all", "what a device trains: all, or no-item-tables (item embedding and output "
-                                     "weights stay global; DP noise falls on far fewer parameters)",
+                                     "weights, and text projections, stay global; DP noise falls on far "
+                                     "fewer parameters)",
                          _one_of("all", "no-item-tables"), "must be one of all, no-item-tables"),
     "public-share": Key(float, 0.0, "simulation: share of users who consent to share their training histories "
                                     "for non-private pretraining on the server before federation (they get "

@@ -152,7 +152,10 @@ class Block(nn.Module):
 
 TRAINABLE_SCOPES: dict[str, tuple[str, ...]] = {
     "all": (),
-    "no-item-tables": ("item_emb.weight", "head.weight"),
+    # Everything that maps items to or from the hidden space: ID tables and, in text models, the
+    # projections of the frozen text features. What is left is the sequence body.
+    "no-item-tables": ("item_emb.weight", "head.weight", "text_in.weight", "text_in.bias",
+                       "text_out.weight", "text_out.bias"),
 }
 
 
@@ -273,9 +276,10 @@ class SASRec(nn.Module):
     def set_trainable(self, scope: str) -> int:
         """Freeze what a device must not train; returns the number of trainable parameters.
 
-        "all": every parameter. "no-item-tables": the two per-item tables (input embedding and
-        output weight matrix, ~80% of the parameters) stay at the global values, so on-device DP
-        noise falls only on the attention body, position embeddings and the output bias.
+        "all": every parameter. "no-item-tables": the item-side layers stay at the global values
+        (ID input embedding and output weight matrix, ~80% of the ID model; the text projections
+        text_in/text_out in text models), so on-device DP noise falls only on the attention body,
+        position embeddings and the output bias.
         """
         if scope not in TRAINABLE_SCOPES:
             raise ValueError(f"trainable scope must be one of {', '.join(TRAINABLE_SCOPES)}, got {scope!r}")

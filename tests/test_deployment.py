@@ -90,14 +90,24 @@ def _ledger(cluster: LocalDeployment, index: int) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def _logs(cluster: LocalDeployment) -> str:
+    return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-1500:]}"
+                     for p in sorted(cluster.processes.log_dir.glob("*.log")))
+
+
 def _wait_for(predicate, timeout: float, what: str, cluster: LocalDeployment) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
-            logs = "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-1500:]}"
-                             for p in sorted(cluster.processes.log_dir.glob("*.log")))
-            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{logs}")
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{_logs(cluster)}")
         time.sleep(0.5)
+
+
+def _reconnected(node_log: Path, since: int) -> bool:
+    """After `since` (a log offset), the node either never lost the SuperLink or has got it back."""
+    text = node_log.read_text(errors="replace")[since:]
+    failed, back = text.rfind("Connection attempt failed"), text.rfind("Connection successful")
+    return failed == -1 or back > failed
 
 
 def _finish(cluster: LocalDeployment, name: str, run_path: Path) -> None:
@@ -178,16 +188,23 @@ def test_faults_a_node_dies_mid_round_then_the_superlink_restarts_and_the_run_re
     done = json.loads(checkpoint.read_text())["round"]
     assert done == 1
 
+    survivors = {i: cluster.processes.started[f"node-{i}"].log_path for i in range(REGISTERED) if i != victim}
+    since = {i: len(path.read_text(errors="replace")) for i, path in survivors.items()}
     cluster.start_superlink()  # same port and database: registrations survive, live nodes reconnect
     cluster.start_node(victim)  # same folder and key: the device rejoins as the same node
-    cluster.submit(cfg, name="faults-2")  # the same run (same run-name) submitted again
+    # The restarted SuperLink lists the survivors as online at once (its database says so) even while
+    # they are still backing off (Flower retries every <= 20 s). A round sent before they are back may
+    # time out on them: wait for them as an operator would, then resubmit with a patient round timeout.
+    _wait_for(lambda: all(_reconnected(path, since[i]) for i, path in survivors.items()), 120,
+              "the surviving nodes to reconnect", cluster)
+    cluster.submit({**cfg, "round-timeout": 300.0}, name="faults-2")  # the same run (same run-name) again
     _finish(cluster, "faults-2", run_path)
 
     log = (cluster.processes.log_dir / "faults-2.log").read_text(errors="replace")
     assert "resuming run faults after round 1 of 2" in log
     rows = _rows(run_path)
     assert [r["round"] for r in rows] == [0, 1, 2]  # continued, not started over
-    assert rows[2]["devices-trained"] == REGISTERED  # the killed node is back
+    assert rows[2]["devices-trained"] == REGISTERED, _logs(cluster)  # the killed node is back
     for index in range(REGISTERED):
         rounds = [r["round"] for r in _ledger(cluster, index)["rounds"] if r["run"] == "faults"]
         assert rounds[-1] == 2 and rounds == sorted(rounds)

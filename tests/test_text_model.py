@@ -106,3 +106,22 @@ def test_new_items_are_scored_from_their_text_alone(rep):
 def test_an_id_model_refuses_new_items():
     with pytest.raises(PrivrecError, match="item IDs only"):
         model("id").with_new_items(torch.zeros(1, D))
+
+
+@pytest.mark.parametrize("rep", ["id", "text", "text+id"])
+def test_no_item_tables_trains_only_the_sequence_body(rep):
+    m = model(rep, dropout=0.1)
+    # The ID head's bias (one popularity scalar per item) is the documented exception: it stays trainable.
+    item_side = {name for name, _ in m.named_parameters()
+                 if name.split(".")[0] in ("item_emb", "head", "text_in", "text_out") and name != "head.bias"}
+    assert item_side  # every representation has item-side layers
+    before = {name: p.detach().clone() for name, p in m.named_parameters()}
+    windows = np.array([[1, 2, 3, 4, 5, 6, 7]] * 5 + [[5, 6, 7, 8, 9, 10, 11]] * 5)
+    train_local(m, windows, LocalTrainConfig(epochs=2, batch_size=4, trainable="no-item-tables", seed=1))
+    after = dict(m.named_parameters())
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed and not changed & item_side, (rep, sorted(changed & item_side))
+    # What is left to train (and to noise) is the same body whatever the item representation.
+    body = {name for name in before if name not in item_side}
+    assert changed <= body
+    assert {n for n, p in m.named_parameters() if p.requires_grad} == body
