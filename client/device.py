@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from shared.coldstart import cold_items, without_items
+from shared.coldstart import held_out_items, without_items
 from shared.data.store import DeviceData, open_store
 from shared.data.windows import make_windows
 from shared.metrics import eval_inputs, evaluate_histories
@@ -109,7 +109,7 @@ def train_round(data: DeviceData, num_items: int, global_state: Mapping[str, tor
     """
     started = time.perf_counter()
     ledger = load_ledger(ledger_path, device)
-    held_out = cold_items(num_items, cfg["cold-item-share"], cfg["seed"]) if cfg["cold-item-share"] else None
+    held_out = held_out_items(cfg, num_items)
     windows = training_windows(data, cfg["window"], held_out)
     if cfg["dp"]:
         if ledger.declined:

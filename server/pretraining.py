@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from shared.baselines import train_centralized
-from shared.coldstart import cold_items, without_items
+from shared.coldstart import held_out_items, without_items
 from shared.data.store import DeviceStore
 from shared.model import ModelConfig, SASRec
 
@@ -34,8 +34,9 @@ def pretrain(cfg: dict[str, Any], store: DeviceStore, model_cfg: ModelConfig,
              item_text: torch.Tensor | None = None) -> tuple[SASRec, dict[str, Any]]:
     devices = consenting_devices(cfg, store.num_devices)
     histories = [seq for d in devices for seq in store.device(int(d)).train]
-    if cfg["cold-item-share"]:  # the cold-start protocol holds its items out of every training history
-        histories = without_items(histories, cold_items(store.num_items, cfg["cold-item-share"], cfg["seed"]))
+    held_out = held_out_items(cfg, store.num_items)
+    if held_out is not None:  # the cold-start protocol holds its items out of every training history
+        histories = without_items(histories, held_out)
     model = train_centralized(histories, store.num_items, model_cfg, window=cfg["window"],
                               epochs=cfg["public-epochs"], lr=PRETRAIN_LR, batch_size=PRETRAIN_BATCH,
                               seed=cfg["seed"], item_text=item_text)

@@ -8,7 +8,8 @@ all of them, those whose target is a held-out ("cold") item, and the rest ("warm
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -23,6 +24,15 @@ def cold_items(num_items: int, share: float, seed: int) -> np.ndarray:
     count = int(round(share * num_items))
     rng = np.random.default_rng([int(seed), 0xC01D])  # its own stream: independent of other seeded draws
     return np.sort(rng.choice(np.arange(1, num_items + 1), size=count, replace=False)).astype(np.int64)
+
+
+def held_out_items(cfg: Mapping[str, Any], num_items: int) -> np.ndarray | None:
+    """The run's cold items (`cold-item-share`, `seed`), or None when the protocol is off.
+
+    Every reader of training histories (devices, server-side pretraining) holds out the same items.
+    """
+    share = cfg["cold-item-share"]
+    return cold_items(num_items, share, cfg["seed"]) if share else None
 
 
 def without_items(histories: Sequence[np.ndarray], items: np.ndarray) -> list[np.ndarray]:
