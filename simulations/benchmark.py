@@ -25,7 +25,6 @@ import argparse
 import json
 import logging
 import os
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ import torch
 
 from shared import config
 from shared.data.store import open_store, prepare_store
-from simulations.output import log_progress, save_results, timestamped
+from simulations.output import log_progress, median_seconds, save_results, timestamped
 
 
 # ------------------------------------------------------------------------------------- (a)
@@ -55,14 +54,7 @@ def bench_steps(cfg: dict, store_dir: Path, repeats: int = 30) -> dict:
     results: dict = {"batch": int(batch.shape[0]), "window": cfg["window"], "num_items": store.num_items}
 
     def timed(step) -> float:
-        for _ in range(5):
-            step()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
+        return median_seconds(step, repeats, warmup=5)
 
     plain_model = SASRec(ModelConfig.from_run_config(cfg, store.num_items))
     plain_opt = torch.optim.Adam(plain_model.parameters(), lr=1e-3)

@@ -3,12 +3,26 @@
 from __future__ import annotations
 
 import json
+import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from shared.atomic import write_bytes_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def median_seconds(step: Callable[[], object], repeats: int, warmup: int) -> float:
+    """Median wall time of `step` over `repeats` calls, after `warmup` untimed ones."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def log_progress(text: str) -> None:

@@ -25,7 +25,6 @@ import argparse
 import json
 import logging
 import os
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ import torch
 
 from shared import config
 from shared.data.store import open_store, prepare_store
-from simulations.output import log_progress, save_results, timestamped
+from simulations.output import log_progress, median_seconds, save_results, timestamped
 
 OPTIONS = ("id", "text", "text+id")
 
@@ -72,13 +71,13 @@ def bench_cost(cfg: dict, store_dir: Path, repeats: int = 20) -> dict:
                "bytes_per_round_each_way": sum(len(a.data) for a in record.values()),
                "frozen_text_table_bytes": int(model.item_text.numel() * 4) if option != "id" else 0}
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-        row["plain_step_s"] = _timed(lambda m=model, o=opt: _step(m, o, inputs, targets), repeats)
+        row["plain_step_s"] = median_seconds(lambda m=model, o=opt: _step(m, o, inputs, targets), repeats, warmup=3)
         dp_model = _model(run_cfg, store_dir)
         loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(inputs, targets), batch_size=len(inputs))
         gsm, dp_opt, _ = PrivacyEngine(accountant="rdp").make_private(
             module=dp_model, optimizer=torch.optim.Adam(dp_model.parameters(), lr=1e-3), data_loader=loader,
             noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=False, grad_sample_mode="hooks")
-        row["dp_step_s"] = _timed(lambda m=gsm, o=dp_opt: _step(m, o, inputs, targets), repeats)
+        row["dp_step_s"] = median_seconds(lambda m=gsm, o=dp_opt: _step(m, o, inputs, targets), repeats, warmup=3)
         out[option] = row
         log_progress(f"cost {option}: {row}")
     return {"batch": int(inputs.shape[0]), "window": cfg["window"], "num_items": store.num_items, "options": out}
@@ -90,17 +89,6 @@ def _step(model, optimizer, inputs, targets) -> None:
     optimizer.zero_grad()
     sequence_loss(model(inputs), targets).backward()
     optimizer.step()
-
-
-def _timed(step, repeats: int) -> float:
-    for _ in range(3):
-        step()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def federated_run(cfg: dict, store_dir: Path, overrides: dict) -> dict:
