@@ -3,7 +3,8 @@
 Receives the global model and the run config in a message, hands them to `client.device` (plain
 torch), and replies with exactly what may leave the device: the updated weights (train) and
 aggregate scalar metrics. Where the device's data and ledger live comes from the node config in
-a deployment (`data-dir`, `state-dir`), or from the server's message in a simulation.
+a deployment (`data-dir`, `state-dir`), or from the server's message in a simulation (the shared
+store and the population folder beside it that holds every simulated device's ledger).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from client.audit import audit_mod
 from client.device import evaluate_round, ledger_path, load_device, train_round
 from shared.config import SCHEMA, validate
 from shared.errors import PrivrecError
-from shared.privacy.ledger import PrivacyLedger, from_json, load_ledger, reconcile
+from shared.privacy.ledger import PrivacyLedger, check_seen_spend, from_json, load_ledger, reconcile
+from shared.privacy.population import keep_listed
 from shared.text.features import TEXT_KEY, features_for
 
 # Opacus calls logging.basicConfig(); without this every Flower log line prints twice.
@@ -57,6 +59,7 @@ def _load(context: Context, record: ConfigRecord, cfg: dict[str, Any]):
 
 
 LEDGER_MIRROR = "privacy-ledger"  # context.state key: in-memory copy of the device's ledger file
+SEEN_SPEND = "privacy-seen"  # instruction record: the spend the server has already seen from this device
 
 
 def _ledger_mirror(context: Context) -> PrivacyLedger | None:
@@ -77,6 +80,10 @@ def train(msg: Message, context: Context) -> Message:
     device, data, num_items, state_dir, item_text = _load(context, record, cfg)
     path = ledger_path(state_dir, device)
     reconcile(path, _ledger_mirror(context))  # a lost or stale ledger file never lowers the spend
+    keep_listed(state_dir, device, path)  # a device that trained before never restarts from an empty ledger
+    seen = msg.content.config_records.get(SEEN_SPEND)
+    if seen is not None and str(seen["device"]) == device:
+        check_seen_spend(path, load_ledger(path, device), int(seen["steps"]))
     global_state = msg.content.array_records["arrays"].to_torch_state_dict()
     outcome = train_round(
         data, num_items, global_state, cfg,
@@ -85,6 +92,7 @@ def train(msg: Message, context: Context) -> Message:
         proximal_mu=float(record.get("proximal-mu", 0.0)), item_text=item_text,
     )
     ledger = _mirror_ledger(context, path, device)
+    keep_listed(state_dir, device, path)  # listed before the update leaves
     # The accountant history (noise multiplier, sample rate, steps per round) lets the server's report
     # recompute this device's epsilon with a second accountant; it holds no interaction data.
     privacy = ConfigRecord({"device": device,

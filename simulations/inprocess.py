@@ -13,7 +13,8 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 
-from flwr.app import Context, Message, Metadata, RecordDict
+from flwr.app import Context, Error, Message, Metadata, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -41,13 +42,18 @@ def node_context(node_id: int, node_config: dict) -> Context:
 class InProcessGrid(Grid):
     """A Grid whose nodes are partitions served by calling the ClientApp directly."""
 
-    def __init__(self, client_app, num_nodes: int, keep_messages: bool = False):
+    def __init__(self, client_app, num_nodes: int, keep_messages: bool = False, first_node_id: int = 1,
+                 errors_as_replies: bool = False):
+        """Nodes `first_node_id, ...` serve partitions 0, 1, ...: a second launch of the same devices can
+        get other node ids, as under Flower. With `errors_as_replies`, a ClientApp exception becomes an error
+        reply (as Flower's runtimes do) instead of propagating."""
         set_identity()
         self.keep_messages = keep_messages
+        self.errors_as_replies = errors_as_replies
         self.client_app = client_app
-        self.contexts = {node_id: node_context(node_id, {"partition-id": node_id - 1,
-                                                         "num-partitions": num_nodes})
-                         for node_id in range(1, num_nodes + 1)}
+        self.contexts = {first_node_id + p: node_context(first_node_id + p, {"partition-id": p,
+                                                                            "num-partitions": num_nodes})
+                         for p in range(num_nodes)}
         # With keep_messages: every instruction and reply, for tests that inspect what left a device.
         self.delivered: list[Message] = []
         self.replies: list[Message] = []
@@ -76,7 +82,14 @@ class InProcessGrid(Grid):
         for msg in messages:
             node = msg.metadata.dst_node_id
             delivered = instruction(msg.content, node, msg.metadata.message_type)
-            replies.append(self.client_app(delivered, self.contexts[node]))
+            try:
+                replies.append(self.client_app(delivered, self.contexts[node]))
+            except Exception as exc:
+                if not self.errors_as_replies:
+                    raise
+                reason = f"{type(exc)}:<'{exc}'>"  # Flower's own format (flwr.supernode.runtime)
+                replies.append(Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason),
+                                       reply_to=delivered))
             if self.keep_messages:
                 self.delivered.append(delivered)
         if self.keep_messages:
