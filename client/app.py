@@ -22,8 +22,8 @@ from client.audit import audit_mod
 from client.device import evaluate_round, ledger_path, load_device, train_round
 from shared.config import SCHEMA, validate
 from shared.errors import PrivrecError
-from shared.privacy.ledger import PrivacyLedger, check_seen_spend, from_json, load_ledger, reconcile
-from shared.privacy.population import keep_listed
+from shared.privacy.ledger import PrivacyLedger, from_json, load_ledger, reconcile
+from shared.privacy.population import check_seen_spend, keep_listed
 from shared.text.features import TEXT_KEY, features_for
 
 # Opacus calls logging.basicConfig(); without this every Flower log line prints twice.
@@ -73,6 +73,14 @@ def _mirror_ledger(context: Context, path: Path, device: str) -> PrivacyLedger:
     return ledger
 
 
+def _refuse_lost_spend(msg: Message, state_dir: str, device: str, path: Path) -> None:
+    """A device that trained before never restarts from an empty or older ledger (issue 9, finding 3)."""
+    keep_listed(state_dir, device, path)  # its population remembers that it trained
+    seen = msg.content.config_records.get(SEEN_SPEND)  # and so does the server
+    if seen is not None and str(seen["device"]) == device:
+        check_seen_spend(path, device, int(seen["steps"]))
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     torch.set_num_threads(1)
@@ -80,19 +88,16 @@ def train(msg: Message, context: Context) -> Message:
     device, data, num_items, state_dir, item_text = _load(context, record, cfg)
     path = ledger_path(state_dir, device)
     reconcile(path, _ledger_mirror(context))  # a lost or stale ledger file never lowers the spend
-    keep_listed(state_dir, device, path)  # a device that trained before never restarts from an empty ledger
-    seen = msg.content.config_records.get(SEEN_SPEND)
-    if seen is not None and str(seen["device"]) == device:
-        check_seen_spend(path, load_ledger(path, device), int(seen["steps"]))
     global_state = msg.content.array_records["arrays"].to_torch_state_dict()
+    _refuse_lost_spend(msg, state_dir, device, path)
     outcome = train_round(
         data, num_items, global_state, cfg,
         ledger_path=path, device=device,
         run_id=str(record.get("run-id", "")), server_round=int(record["server-round"]),
         proximal_mu=float(record.get("proximal-mu", 0.0)), item_text=item_text,
     )
-    ledger = _mirror_ledger(context, path, device)
     keep_listed(state_dir, device, path)  # listed before the update leaves
+    ledger = _mirror_ledger(context, path, device)
     # The accountant history (noise multiplier, sample rate, steps per round) lets the server's report
     # recompute this device's epsilon with a second accountant; it holds no interaction data.
     privacy = ConfigRecord({"device": device,

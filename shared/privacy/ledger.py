@@ -24,7 +24,6 @@ from typing import Any
 
 from shared.atomic import write_json_atomic
 from shared.errors import PrivrecError
-from shared.privacy.accounting import history_steps
 
 LEDGER_FILE = "privacy-ledger.json"
 LEDGER_FORMAT = 1
@@ -53,10 +52,7 @@ class PrivacyLedger:
 
 
 def load_ledger(path: Path, device: str) -> PrivacyLedger:
-    """The device's ledger, or an empty one if the file does not exist yet.
-
-    A missing file is only "nothing spent" for a device that never trained: callers first ask the
-    device's population (`shared.privacy.population.keep_listed`) and the server (`check_seen_spend`)."""
+    """The device's ledger, or an empty one if the file does not exist yet."""
     if not path.exists():
         return PrivacyLedger(device=device)
     try:
@@ -96,25 +92,13 @@ def reconcile(path: Path, mirror: PrivacyLedger | None) -> None:
     if mirror is None:
         return
     on_disk = load_ledger(path, mirror.device)
-    if spent_steps(mirror) > spent_steps(on_disk) or (mirror.declined and not on_disk.declined):
+    if _spent_steps(mirror) > _spent_steps(on_disk) or (mirror.declined and not on_disk.declined):
         save_ledger(path, mirror)
 
 
-def spent_steps(ledger: PrivacyLedger) -> int:
-    """DP-SGD steps the ledger records (reserved or released): the spend, independent of the accountant."""
-    return history_steps(ledger.accountant_state)
-
-
-def check_seen_spend(path: Path, ledger: PrivacyLedger, seen_steps: int) -> None:
-    """Refuse to train when the ledger records fewer steps than the server has already seen from the device.
-
-    The server sends what it saw (its checkpointed record of this device's replies); a ledger below it was
-    lost or restored from an old copy, and training on would restart the device's spend from there."""
-    mine = spent_steps(ledger)
-    if mine < seen_steps:
-        raise PrivrecError(f"privacy ledger {path} records {mine} DP steps, fewer than the {seen_steps} the server "
-                           f"has already seen from device {ledger.device}; refusing to train rather than "
-                           "under-report its spend: restore the ledger from a backup")
+def _spent_steps(ledger: PrivacyLedger) -> int:
+    history = (ledger.accountant_state or {}).get("history") or []
+    return sum(int(row[2]) for row in history)
 
 
 def reserve(path: Path, ledger: PrivacyLedger, planned_state: dict, entry: dict[str, Any]) -> None:

@@ -7,9 +7,10 @@ the device store that every run on that store shares (`default_population_dir`):
     <state folder>/trained-devices                      one device id per line, appended, never rewritten
     <state folder>/device-<id>/privacy-ledger.json      the device's ledger (shared/privacy/ledger.py)
 
-A device is listed once its ledger records spend, before its update leaves. From then on a missing
-ledger file stops the device ("train from zero" would under-report everything it spent before);
-nothing in privrec removes a line from the list.
+A device is listed once its ledger exists, before its update leaves. From then on a missing ledger
+file stops the device ("train from zero" would under-report everything it spent before); nothing in
+privrec removes a line from the list. If the whole folder is lost, the server still knows: it sends
+each device the spend it has already seen from it, and `check_seen_spend` refuses to train below it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import os
 from pathlib import Path
 
 from shared.errors import PrivrecError
+from shared.privacy.accounting import history_steps
+from shared.privacy.ledger import load_ledger
 
 TRAINED_FILE = "trained-devices"
 
@@ -64,3 +67,18 @@ def keep_listed(folder: str | Path, device: str, ledger_path: Path) -> None:
         raise PrivrecError(f"privacy ledger {ledger_path} is missing, but device {device} has trained before "
                            f"(listed in {Path(folder) / TRAINED_FILE}); refusing to train from zero: restore "
                            "the ledger from a backup")
+
+
+def check_seen_spend(ledger_path: Path, device: str, seen_steps: int) -> None:
+    """Refuse to train when the ledger records fewer DP steps than the server has already seen from the device.
+
+    `load_ledger` cannot tell a lost file from a device that never trained; the server's record (its
+    checkpointed tally of this device's replies) can. A ledger below it was lost or restored from an old
+    copy, and training on would restart the device's spend from there.
+    """
+    ledger = load_ledger(ledger_path, device)
+    mine = history_steps(ledger.accountant_state)
+    if mine < seen_steps:
+        raise PrivrecError(f"privacy ledger {ledger_path} records {mine} DP steps, fewer than the {seen_steps} the "
+                           f"server has already seen from device {device}; refusing to train rather than "
+                           "under-report its spend: restore the ledger from a backup")
