@@ -163,7 +163,7 @@ def _deployment(tmp_path: Path, first_node_id: int = 1, **kwargs) -> tuple[InPro
 
 def _deployment_config(tmp_path: Path, out: Path) -> dict:
     return {**SMALL, "catalogue": str(out / "catalogue"), "num-rounds": 4, "devices-per-round": NUM_DEVICES,
-            "run-dir": str(tmp_path / "runs"), "run-name": "dep"}
+            "run-dir": str(tmp_path / "runs"), "run-name": "dep", "deterministic-devices": False}
 
 
 def _lose_everything(out: Path, device: int) -> None:
@@ -249,3 +249,22 @@ def test_resume_must_match_deploy_devices_and_population(tmp_path, key, other):
     assert load_checkpoint(tmp_path, cfg).round == 1
     with pytest.raises(PrivrecError, match=f"'{key}'"):
         load_checkpoint(tmp_path, {**cfg, key: other})
+
+
+@pytest.mark.skipif("sample-rate" not in config.SCHEMA,
+                    reason="needs data-independent DP replies (issue 9 finding 1, branch a-device-dp)")
+def test_server_records_do_not_reveal_a_devices_window_count(tmp_path):
+    """privacy.json and the checkpoint hold, per device, only what follows from the config and the rounds it
+    joined: devices with different history lengths have identical records (finding 8: no window counts)."""
+    run_config = _simulation(tmp_path, **{"window": 4, "batch-size": 2, "sample-rate": 0.5, "run-name": "r"})
+    store = open_store(run_config["data-store"])
+    windows = {len(store.device(d).train[0]) // 4 for d in range(NUM_DEVICES)}
+    assert len(windows) > 1, "the devices must differ in window count for this test to mean anything"
+    server_main(InProcessGrid(client_app, NUM_DEVICES), _context(run_config))
+    run = tmp_path / "runs" / "r"
+    for records in (json.loads((run / "privacy.json").read_text())["devices"],
+                    json.loads((run / "checkpoint" / "state.json").read_text())["records"]):
+        assert set(records) == {"0", "1", "2"}
+        first = records["0"]
+        assert set(first) == {"accountant", "history", "rounds", "epsilon", "declined-round"}
+        assert all(record == first for record in records.values())
