@@ -239,23 +239,24 @@ class RoundTracking:
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         server_round += self.round_offset
         replies = list(replies)
-        trained, outcomes = [], []
+        trained, declined, refused = [], 0, 0
         for msg in replies:
             if msg.has_error():
                 trained.append(msg)  # Flower's aggregation logs and skips it
                 continue
             outcome = self.privacy.record_reply(server_round, msg.metadata.src_node_id, msg.content,
                                                 self.accountant)
-            outcomes.append(outcome)
+            declined += outcome == DECLINED
+            refused += outcome == REFUSED
             if outcome == TRAINED:
                 trained.append(msg)
         arrays, metrics = super().aggregate_train(server_round, trained)
         stats = dict(metrics) if metrics is not None else {"devices": 0}
         stats["failures"] = sum(1 for m in replies if m.has_error())
-        stats["declined"] = outcomes.count(DECLINED)
-        stats["refused"] = outcomes.count(REFUSED)
+        stats["declined"] = declined
         stats["capped-devices"] = len(self.privacy.capped)
         stats.update(self.privacy.summary())
+        stats["refused"] = refused  # replies whose spend was below what the server had seen from the device
         self.on_train(server_round, stats)
         return arrays, metrics
 

@@ -42,14 +42,11 @@ def node_context(node_id: int, node_config: dict) -> Context:
 class InProcessGrid(Grid):
     """A Grid whose nodes are partitions served by calling the ClientApp directly."""
 
-    def __init__(self, client_app, num_nodes: int, keep_messages: bool = False, first_node_id: int = 1,
-                 errors_as_replies: bool = False):
+    def __init__(self, client_app, num_nodes: int, keep_messages: bool = False, first_node_id: int = 1):
         """Nodes `first_node_id, ...` serve partitions 0, 1, ...: a second launch of the same devices can
-        get other node ids, as under Flower. With `errors_as_replies`, a ClientApp exception becomes an error
-        reply (as Flower's runtimes do) instead of propagating."""
+        get other node ids, as under Flower."""
         set_identity()
         self.keep_messages = keep_messages
-        self.errors_as_replies = errors_as_replies
         self.client_app = client_app
         self.contexts = {first_node_id + p: node_context(first_node_id + p, {"partition-id": p,
                                                                             "num-partitions": num_nodes})
@@ -82,17 +79,17 @@ class InProcessGrid(Grid):
         for msg in messages:
             node = msg.metadata.dst_node_id
             delivered = instruction(msg.content, node, msg.metadata.message_type)
-            try:
-                replies.append(self.client_app(delivered, self.contexts[node]))
-            except Exception as exc:
-                if not self.errors_as_replies:
-                    raise
-                reason = f"{type(exc)}:<'{exc}'>"  # Flower's own format (flwr.supernode.runtime)
-                replies.append(Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason),
-                                       reply_to=delivered))
+            replies.append(self._run_client(delivered, self.contexts[node]))
             if self.keep_messages:
                 self.delivered.append(delivered)
         if self.keep_messages:
             self.replies.extend(replies)
         return replies
 
+    def _run_client(self, message: Message, context: Context) -> Message:
+        """The ClientApp's reply; an exception becomes an error reply, worded as Flower's runtimes word it."""
+        try:
+            return self.client_app(message, context)
+        except Exception as exc:  # noqa: BLE001 - a device's failure is a reply, not the server's crash
+            reason = str(type(exc)) + ":<'" + str(exc) + "'>"
+            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)

@@ -108,7 +108,7 @@ def test_deleted_ledger_between_runs_is_refused_never_reset(tmp_path):
     server_main(InProcessGrid(client_app, NUM_DEVICES), _context({**base, "run-name": "first"}))
     population = default_population_dir(base["data-store"])
     _ledger(population, 0).unlink()
-    grid = InProcessGrid(client_app, NUM_DEVICES, keep_messages=True, errors_as_replies=True)
+    grid = InProcessGrid(client_app, NUM_DEVICES, keep_messages=True)
     server_main(grid, _context({**base, "run-name": "second"}))
     assert not _ledger(population, 0).exists()  # not recreated from zero
     failed = [r for r in grid.replies if r.has_error()]
@@ -126,7 +126,7 @@ def test_deleted_ledger_on_resume_is_refused_never_reset(tmp_path):
         server_main(DyingGrid(client_app, NUM_DEVICES), _context(run_config))
     population = default_population_dir(run_config["data-store"])
     _ledger(population, 1).unlink()
-    grid = InProcessGrid(client_app, NUM_DEVICES, keep_messages=True, errors_as_replies=True)
+    grid = InProcessGrid(client_app, NUM_DEVICES, keep_messages=True)
     server_main(grid, _context(run_config))
     assert not _ledger(population, 1).exists()
     assert [r["failures"] for r in _rows(tmp_path / "runs" / "r")[3:]] == [1, 1]
@@ -181,7 +181,7 @@ def test_device_refuses_to_train_below_the_spend_the_server_has_seen(tmp_path):
     with pytest.raises(ConnectionError):
         server_main(dying, _context(run_config))
     _lose_everything(out, 2)
-    grid, _ = _deployment(tmp_path, keep_messages=True, errors_as_replies=True)  # same node ids: known devices
+    grid, _ = _deployment(tmp_path, keep_messages=True)  # same node ids: known devices
     server_main(grid, _context(run_config))
     sent = [m.content.config_records.get("privacy-seen") for m in grid.delivered
             if m.metadata.message_type == "train"]
@@ -203,7 +203,7 @@ def test_reply_below_the_seen_spend_is_refused_and_devices_count_once(tmp_path):
     run = tmp_path / "runs" / "dep"
     before = json.loads((run / "privacy.json").read_text())["devices"]["2"]
     _lose_everything(out, 2)
-    grid, _ = _deployment(tmp_path, first_node_id=101, keep_messages=True, errors_as_replies=True)  # new node ids
+    grid, _ = _deployment(tmp_path, first_node_id=101, keep_messages=True)  # new node ids
     server_main(grid, _context(run_config))
     assert not any(m.content.config_records.get("privacy-seen") for m in grid.delivered[:NUM_DEVICES])
     rows = _rows(run)
