@@ -34,8 +34,7 @@ MUST_MATCH = ("strategy", "max-len", "hidden-size", "num-heads", "num-blocks", "
               "noise-multiplier", "max-grad-norm", "accountant", "delta", "window", "item-representation",
               # user-level accounting composes one (noise, q) over every round of the run
               "user-dp", "user-noise-multiplier", "user-clipping-norm", "devices-per-round", "fraction-train",
-              # the population q is drawn from; where the simulated devices' ledgers are
-              "deploy-devices", "population-dir")
+              "deploy-devices")  # the population the user-level q is computed over
 STRATEGY_STATE = ("m_t", "v_t")  # FedOpt's (FedAdam's) server moments; FedAvg/FedProx keep none
 
 
@@ -62,7 +61,9 @@ def save_checkpoint(run_path: Path, server_round: int, arrays: dict[str, torch.T
     privacy = strategy.privacy
     strategy_state = {name: {k: torch.from_numpy(np.asarray(v)) for k, v in getattr(strategy, name).items()}
                       for name in STRATEGY_STATE if getattr(strategy, name, None) is not None}
+    # population-dir as the ServerApp resolved it (the config may leave it empty: derived from the store)
     state = {"format": FORMAT, "round": server_round, "config": {k: cfg[k] for k in MUST_MATCH},
+             "population-dir": cfg["population-dir"],
              "epsilon-by-device": dict(privacy.epsilon_by_device), "capped": dict(privacy.capped),
              "records": privacy.records, "node-devices": {str(k): v for k, v in privacy.node_devices.items()}}
     with staged_dir(run_path / CHECKPOINT_DIR, replace=True) as staged:
@@ -99,6 +100,11 @@ def load_checkpoint(run_path: Path, cfg: dict[str, Any]) -> Checkpoint | None:
         if key in state["config"] and state["config"][key] != cfg[key]:
             raise PrivrecError(f"{directory}: written with config key '{key}' = {state['config'].get(key)!r}, "
                                f"this run has {cfg[key]!r}; resume with the same value or choose another run-name")
+    if state.get("population-dir", cfg["population-dir"]) != cfg["population-dir"]:
+        # The devices' ledgers must be the ones the tally was counted against.
+        raise PrivrecError(f"{directory}: written with simulated device ledgers in population-dir = "
+                           f"{state['population-dir']!r}, this run has {cfg['population-dir']!r}; resume on the same "
+                           "store and population-dir or choose another run-name")
     if server_round > cfg["num-rounds"]:
         raise PrivrecError(f"{directory}: already at round {server_round}, more than num-rounds = "
                            f"{cfg['num-rounds']}")
