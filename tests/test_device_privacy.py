@@ -8,7 +8,6 @@ import math
 import threading
 import time
 
-import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
