@@ -168,3 +168,28 @@ def test_deployed_device_refuses_deterministic_noise(setup, tmp_path):
     with pytest.raises(PrivrecError, match="'deterministic-devices' = true is refused on a real device"):
         client_app(_train_message({**cfg, "data-store": ""}, state), node_context(1, node))
     assert not (tmp_path / "state").exists()
+
+
+# ----------------------------------------------------------------------- findings 1, 2, 8: the statements
+@pytest.mark.parametrize("accountant", ["rdp", "prv", "gdp"])
+def test_every_statement_names_its_relation_and_gdp_is_never_a_bound(accountant):
+    from shared.privacy.statement import one_line, privacy_statement, sentences, user_level_statement
+
+    cfg = config.validate({**SMALL, "accountant": accountant, "user-dp": True})
+    terms = privacy_statement(cfg)
+    assert terms["neighbouring-relation"].startswith("add/remove one window")
+    assert "NOT covered" in terms["single-interaction"] and "replacing" in terms["single-interaction"]
+    assert "q = sample-rate = 0.5" in terms["sampling"] and "4 steps per round" in terms["sampling"]
+    assert "min(1" not in str(terms) and "any single interaction" not in str(terms)
+    assert user_level_statement(cfg, 0.1, 10)["neighbouring-relation"].startswith("add/remove one device")
+    said = sentences(cfg, 3.2, 1.5, devices=4, population=10)
+    for s in said[:2]:
+        assert s["relation"].startswith("add/remove") and "adding or removing one" in s["sentence"]
+        assert ("protected with epsilon <=" in s["sentence"]) == (accountant != "gdp")
+        assert s["is-a-bound"] == (accountant != "gdp")
+    assert "not inserting or deleting" in said[0]["sentence"]
+    summary = {**terms, "all-epsilon-max": 3.2, "all-epsilon-median": 2.0, "devices-with-spend": 4,
+               "user-level": {**user_level_statement(cfg, 0.1, 10), "epsilon": 1.5}}
+    line = one_line(summary)
+    assert ("approximate (GDP, not a guarantee)" in line) == (accountant == "gdp")
+    assert "add/remove one window" in line and "add/remove one device" in line
