@@ -193,3 +193,12 @@ def test_every_statement_names_its_relation_and_gdp_is_never_a_bound(accountant)
     line = one_line(summary)
     assert ("approximate (GDP, not a guarantee)" in line) == (accountant == "gdp")
     assert "add/remove one window" in line and "add/remove one device" in line
+
+
+def test_a_run_from_before_sample_rate_is_stated_as_replace_one_only():
+    from shared.privacy.statement import privacy_statement
+
+    old = {k: v for k, v in config.validate(SMALL).items() if k != "sample-rate"}
+    terms = privacy_statement(old)
+    assert terms["neighbouring-relation"].startswith("replace-one") and "UNDER-STATE" in terms["neighbouring-relation"]
+    assert "ceil(windows / batch-size)" in terms["sampling"] and terms["accountant-is-a-bound"] is False

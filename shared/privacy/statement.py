@@ -51,13 +51,32 @@ def privacy_statement(cfg: Mapping[str, Any]) -> dict[str, Any]:
         return {"mechanism": "none", "guarantee": "no differential privacy: dp = false; every device records the "
                                                   "non-private rounds in its ledger, and its epsilon is unbounded "
                                                   "from then on (it declines later DP rounds)"}
-    window = cfg["window"]
     randomness = ("research-grade (torch's generator; Opacus secure_mode is unavailable), drawn from fresh OS "
                   "entropy on each device")
     if cfg.get("deterministic-devices"):
         randomness = ("DERIVED FROM THE RUN SEED (deterministic-devices = true): anyone who knows the seed can "
                       "regenerate and subtract the noise, so this run demonstrates accounting only and "
                       "protects nothing")
+    if "sample-rate" not in cfg:
+        return {**_on_device_terms(cfg, randomness), **LEGACY_SAMPLING}
+    return _on_device_terms(cfg, randomness)
+
+
+# Runs from before `sample-rate` existed: q, the step count and the FedAvg weight followed each device's
+# window count and were sent to the server, so adding or removing a window was visible.
+LEGACY_SAMPLING = {
+    "neighbouring-relation": "replace-one window only (this run's devices sent their window counts); the "
+                             "epsilon figures were computed for add/remove and UNDER-STATE replace-one, whose "
+                             "sensitivity is up to twice as large",
+    "sampling": "Poisson sampling of a device's windows at q = 1 / ceil(windows / batch-size), for "
+                "local-epochs x ceil(windows / batch-size) steps per round (a run from before sample-rate "
+                "existed: rate and steps depended on, and revealed, the device's window count)",
+    "accountant-is-a-bound": False,
+}
+
+
+def _on_device_terms(cfg: Mapping[str, Any], randomness: str) -> dict[str, Any]:
+    window = cfg["window"]
     return {
         "mechanism": "DP-SGD on each device (Opacus): per-example gradient clipping to "
                      f"max-grad-norm = {cfg['max-grad-norm']}, Gaussian noise multiplier = {cfg['noise-multiplier']}",
@@ -67,10 +86,10 @@ def privacy_statement(cfg: Mapping[str, Any]) -> dict[str, Any]:
         "neighbouring-relation": WINDOW_RELATION,
         "single-interaction": interaction_scope(window),
         "sampling": f"Poisson sampling of a device's windows at the fixed rate q = sample-rate = "
-                    f"{cfg['sample-rate']:g} per step, local-epochs x ceil(1 / q) = {_round_steps(cfg)} steps per "
-                    "round, and the noisy gradient sum divided by the fixed batch-size, all independent of the "
-                    "device's window count; no amplification is claimed from the server's choice of devices "
-                    "per round",
+                    f"{cfg.get('sample-rate', 1.0):g} per step, local-epochs x ceil(1 / q) = {_round_steps(cfg)} "
+                    "steps per round, and the noisy gradient sum divided by the fixed batch-size, all "
+                    "independent of the device's window count; no amplification is claimed from the "
+                    "server's choice of devices per round",
         "composition": "cumulative over every round each device trained in (accountant history kept in the "
                        "device's privacy ledger)",
         "adversary": "anyone who sees the device's model updates and what else it sends with them (FedAvg "
@@ -86,7 +105,7 @@ def privacy_statement(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _round_steps(cfg: Mapping[str, Any]) -> int:
-    return int(cfg["local-epochs"]) * max(1, math.ceil(1.0 / float(cfg["sample-rate"]) - 1e-9))
+    return int(cfg["local-epochs"]) * max(1, math.ceil(1.0 / float(cfg.get("sample-rate", 1.0)) - 1e-9))
 
 
 USER_LEVEL_UNIT = ("one device's entire contribution to a round (its whole model update, i.e. every "
@@ -134,14 +153,15 @@ def sentences(cfg: Mapping[str, Any], device_epsilon: float | None, user_epsilon
                     "unit": f"one window of up to {cfg['window']} interactions",
                     "relation": WINDOW_RELATION,
                     "adversary": "the server and anyone who sees released models",
-                    "sampling": f"Poisson sampling of the device's windows at q = sample-rate = {cfg['sample-rate']:g}"})
+                    "sampling": "Poisson sampling of the device's windows at q = sample-rate = "
+                                f"{cfg['sample-rate']:g}"})
     if cfg.get("user-dp"):
         text = ("No round has been aggregated yet." if user_epsilon is None else
                 f"User-level DP-FedAvg: each device's whole contribution (with one user per device, a user's "
                 f"entire history) {_epsilon_phrase(cfg['accountant'], user_epsilon)} at delta {cfg['delta']:g} "
-                f"for adding or removing one device ({cfg['accountant'].upper()} accountant, Poisson sampling of devices over a population of "
-                f"{population}, all rounds composed) against anyone who sees the released global models, "
-                "but not against the server.")
+                f"for adding or removing one device ({cfg['accountant'].upper()} accountant, Poisson sampling "
+                f"of devices over a population of {population}, all rounds composed) against anyone who sees "
+                "the released global models, but not against the server.")
         out.append({"mechanism": "user-level DP-FedAvg", "sentence": text, "epsilon": user_epsilon,
                     "delta": cfg["delta"], "accountant": cfg["accountant"],
                     "is-a-bound": is_guarantee(cfg["accountant"]), "unit": USER_LEVEL_UNIT,
