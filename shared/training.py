@@ -68,7 +68,6 @@ __all__ = [
     "per_example_loss",
     "sequence_loss",
     "split_windows",
-    "steps_per_epoch",
     "train_local",
 ]
 
@@ -209,11 +208,6 @@ class SequenceLoss(nn.Module):
 def accountant_epsilon(accountant_state: dict | None, delta: float, accountant: str) -> float:
     """Cumulative epsilon of a saved accountant state (0.0 with no history)."""
     return epsilon_from_state(accountant_state, delta, accountant)
-
-
-def steps_per_epoch(num_windows: int, batch_size: int) -> int:
-    """Plain training: ``ceil(n / batch_size)`` batches per epoch (0 when there is no window)."""
-    return 0 if num_windows <= 0 else math.ceil(num_windows / batch_size)
 
 
 def dp_steps_per_epoch(sample_rate: float) -> int:
