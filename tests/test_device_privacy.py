@@ -202,3 +202,21 @@ def test_a_run_from_before_sample_rate_is_stated_as_replace_one_only():
     terms = privacy_statement(old)
     assert terms["neighbouring-relation"].startswith("replace-one") and "UNDER-STATE" in terms["neighbouring-relation"]
     assert "ceil(windows / batch-size)" in terms["sampling"] and terms["accountant-is-a-bound"] is False
+
+
+def test_train_replies_in_a_dp_federation_carry_nothing_data_dependent(tmp_path):
+    from tests.test_federation import run_federation
+
+    _, _, grid, rows, _ = run_federation(tmp_path, **{"num-rounds": 2, "devices-per-round": 6})
+    trains = [m for m in grid.replies if "arrays" in m.content.array_records
+              and "privacy" in m.content.config_records]
+    assert len(trains) == 12
+    by_round: dict[int, set] = {}
+    for msg in trains:
+        metrics = dict(next(iter(msg.content.metric_records.values())).items())
+        history = str(msg.content.config_records["privacy"]["history"])
+        by_round.setdefault(history, set()).add(json.dumps(metrics, sort_keys=True))
+        assert set(metrics) == {"num-examples", "steps", "sample-rate", "epsilon"} and metrics["num-examples"] == 1
+    # Per round, every device sent the same scalars and the same accountant history.
+    assert len(by_round) == 2 and all(len(replies) == 1 for replies in by_round.values())
+    assert all(r.get("train-loss") is None for r in rows[1:])  # the server has no loss to show
