@@ -109,13 +109,17 @@ def train_metrics(replies: list[RecordDict], weight_key: str) -> MetricRecord:
     """This round's cohort: example-weighted train loss, epsilon max/median, counts."""
     rows = [next(iter(r.metric_records.values())) for r in replies]
     weights = np.array([float(m[weight_key]) for m in rows])
-    losses = np.array([float(m["train-loss"]) for m in rows])
     out = MetricRecord({
         "devices": len(rows),
         "examples": float(weights.sum()),
-        "train-loss": float((losses * weights).sum() / weights.sum()) if weights.sum() > 0 else 0.0,
         "steps-mean": float(np.mean([float(m["steps"]) for m in rows])),
     })
+    # Devices under DP send no training loss (it depends on their data); plain devices do.
+    with_loss = [(float(m["train-loss"]), float(m[weight_key])) for m in rows if "train-loss" in m]
+    if with_loss:
+        losses, loss_weights = np.array(with_loss).T
+        total = loss_weights.sum()
+        out["train-loss"] = float((losses * loss_weights).sum() / total) if total > 0 else 0.0
     if rows and "epsilon" in rows[0]:
         eps = np.array([float(m["epsilon"]) for m in rows])
         out["epsilon-max"] = float(eps.max())

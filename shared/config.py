@@ -85,8 +85,12 @@ SCHEMA: dict[str, Key] = {
     # on-device training
     "local-epochs": Key(int, 1, "local passes over the device's windows per round", _positive, "must be >= 1"),
     "local-lr": Key(float, 0.005, "local Adam learning rate", _positive, "must be > 0"),
-    "batch-size": Key(int, 8, "expected local batch size (Poisson sampling rate = batch-size / windows)",
+    "batch-size": Key(int, 8, "local batch size; under DP the fixed divisor of each step's noisy gradient sum "
+                              "(never the device's own expected batch, which would depend on its data)",
                       _positive, "must be >= 1"),
+    "sample-rate": Key(float, 1.0, "DP only: Poisson rate q at which each window joins each DP-SGD step; a round "
+                                   "takes local-epochs x ceil(1 / q) steps whatever the device's window count",
+                       lambda v: 0 < v <= 1, "must be in (0, 1]"),
     "window": Key(int, 50, "interactions per training example (the privacy unit)",
                   lambda v: v >= 2, "must be >= 2"),
     "local-optimizer": Key(str, "adam", "on-device optimizer: adam, sgd", _one_of("adam", "sgd"),

@@ -251,8 +251,6 @@ def test_resume_must_match_deploy_devices_and_population(tmp_path, key, other):
         load_checkpoint(tmp_path, {**cfg, key: other})
 
 
-@pytest.mark.skipif("sample-rate" not in config.SCHEMA,
-                    reason="needs data-independent DP replies (issue 9 finding 1, branch a-device-dp)")
 def test_server_records_do_not_reveal_a_devices_window_count(tmp_path):
     """privacy.json and the checkpoint hold, per device, only what follows from the config and the rounds it
     joined: devices with different history lengths have identical records (finding 8: no window counts)."""
