@@ -266,3 +266,23 @@ def test_server_records_do_not_reveal_a_devices_window_count(tmp_path):
         first = records["0"]
         assert set(first) == {"accountant", "history", "rounds", "epsilon", "declined-round"}
         assert all(record == first for record in records.values())
+
+
+def test_a_node_keyed_checkpoint_resumes_keyed_by_device(tmp_path):
+    """Checkpoints written before this change (format 1) keyed epsilon and caps by node id: the device-keyed
+    tally is rebuilt from their per-device records, so an old run resumes without counting anyone twice."""
+    cfg = config.validate({**SMALL, "max-epsilon": 5.0})
+    strategy = build_strategy(cfg, num_devices=3, on_train=lambda *a: None, on_evaluate=lambda *a: None)
+    save_checkpoint(tmp_path, 2, {"w": torch.zeros(2)}, strategy, cfg)
+    path = tmp_path / "checkpoint" / "state.json"
+    state = json.loads(path.read_text())
+    state.update({"format": 1, "epsilon-by-device": {"9001": 4.9, "9002": 1.5}, "capped": {"9001": 2},
+                  "records": {"0": {"node-id": 9001, "accountant": "rdp", "history": [[1.0, 1.0, 4]],
+                                    "rounds": [[1, 4.9]], "epsilon": 4.9, "declined-round": 2},
+                              "1": {"node-id": 9002, "accountant": "rdp", "history": [[1.0, 1.0, 1]],
+                                    "rounds": [[1, 1.5]], "epsilon": 1.5, "declined-round": None}}})
+    for key in ("population-dir", "node-devices"):
+        state.pop(key)
+    path.write_text(json.dumps(state))
+    checkpoint = load_checkpoint(tmp_path, cfg)
+    assert checkpoint.epsilon_by_device == {"0": 4.9, "1": 1.5} and checkpoint.capped == {"0": 2}
