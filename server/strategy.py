@@ -9,6 +9,7 @@ with a bootstrap confidence interval.
 from __future__ import annotations
 
 import json
+import logging
 import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from shared.model import TRAINABLE_SCOPES
 from shared.privacy.accounting import history_steps
 from shared.privacy.user_level import clip_update, noisy_mean_update, poisson_cohort
 
+log = logging.getLogger("flwr")  # Flower's handler: our lines appear in the run's log stream
 K = 10
 SEEN_SPEND = "privacy-seen"  # instruction record read by client/app.py (same name there)
 
@@ -75,6 +77,7 @@ class PrivacyTally:
         reason = self._below_seen(device, history, metrics)
         if reason:  # a lost or rolled-back ledger: never counted, never lowers the record
             entry.setdefault("refused", []).append({"round": server_round, "reason": reason})
+            log.warning("privrec: round %d: refused the update of device %s: %s", server_round, device, reason)
             return REFUSED
         entry["history"] = history
         if "epsilon" in metrics:
