@@ -51,6 +51,9 @@ SCHEMA: dict[str, Key] = {
                    lambda v: bool(v.strip()), "must not be empty"),
     "data-store": Key(str, "", "prepared device store folder; empty = prepare it from `dataset`"),
     "users-per-device": Key(int, 1, "users whose histories live on one device", _positive, "must be >= 1"),
+    "population-dir": Key(str, "", "simulation: folder of the simulated devices' privacy ledgers, shared by every "
+                                   "run on the store; empty = <data-store>.population beside the store (pass a "
+                                   "fresh folder for fresh simulated people)"),
     # model
     "max-len": Key(int, 50, "longest history the model attends to", _positive, "must be >= 1"),
     "hidden-size": Key(int, 64, "embedding and attention width", _positive, "must be >= 1"),

@@ -157,7 +157,9 @@ def test_server_counts_declines_and_stops_cleanly_when_too_few_devices_remain(tm
     assert rows[-1]["capped-devices"] >= 4  # fewer than 3 of 6 devices left
     assert sum(r["declined"] for r in rows) == rows[-1]["capped-devices"]  # each device declines once
     # No ledger ever passes the cap, and a device that declined was never asked to train again.
-    for ledger_file in (path / "devices").glob("*/privacy-ledger.json"):
+    ledger_files = list((tmp_path / "store.population").glob("*/privacy-ledger.json"))  # the devices' own
+    assert len(ledger_files) == 6
+    for ledger_file in ledger_files:
         ledger = json.loads(ledger_file.read_text())
         assert ledger["rounds"][-1]["epsilon"] <= cfg["max-epsilon"]
     declined_nodes = {}
@@ -286,17 +288,19 @@ def test_checkpoint_keeps_the_privacy_tally(tmp_path):
     cfg = config.validate({**SMALL, "max-epsilon": 5.0})
     fresh = lambda: build_strategy(cfg, num_devices=6, on_train=lambda *a: None,  # noqa: E731
                                    on_evaluate=lambda *a: None)
-    before = fresh()
-    before.privacy.epsilon_by_device.update({3: 4.2, 7: 4.9})
-    before.privacy.capped[7] = 4
-    before.privacy.records["2"] = {"node-id": 7, "accountant": "rdp", "history": [[0.8, 0.5, 4]],
+    before = fresh()  # keyed by device id: Flower node ids change with every launch
+    before.privacy.epsilon_by_device.update({"3": 4.2, "2": 4.9})
+    before.privacy.capped["2"] = 4
+    before.privacy.records["2"] = {"accountant": "rdp", "history": [[0.8, 0.5, 4]],
                                    "rounds": [[2, 4.9]], "epsilon": 4.9, "declined-round": 4}
+    before.privacy.node_devices[7] = "2"
     state = SASRec(ModelConfig.from_run_config(cfg, NUM_ITEMS)).state_dict()
     save_checkpoint(tmp_path, 4, state, before, cfg)
     after = fresh()
     restore_strategy(after, load_checkpoint(tmp_path, cfg))
-    assert after.privacy.capped == {7: 4} and after.round_offset == 4
+    assert after.privacy.capped == {"2": 4} and after.round_offset == 4
     assert after.privacy.records == before.privacy.records
-    assert after.privacy.epsilon_by_device == {3: 4.2, 7: 4.9}
+    assert after.privacy.epsilon_by_device == {"3": 4.2, "2": 4.9}
+    assert after.privacy.node_devices == {7: "2"} and after.privacy.is_capped(7)
     with pytest.raises(PrivrecError, match="user-noise-multiplier"):
         load_checkpoint(tmp_path, {**cfg, "user-noise-multiplier": 2.0})
