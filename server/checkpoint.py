@@ -24,14 +24,9 @@ import torch
 
 from shared.atomic import staged_dir, write_synced
 from shared.errors import PrivrecError
+from shared.resume import CHECKPOINT_DIR, MUST_MATCH, refuse_incompatible
 
-CHECKPOINT_DIR = "checkpoint"
 FORMAT = 1
-# A run can only continue with the same model and the same aggregation.
-MUST_MATCH = ("strategy", "max-len", "hidden-size", "num-heads", "num-blocks", "server-lr", "dp",
-              "noise-multiplier", "max-grad-norm", "accountant", "delta", "window", "item-representation",
-              # user-level accounting composes one (noise, q) over every round of the run
-              "user-dp", "user-noise-multiplier", "user-clipping-norm", "devices-per-round", "fraction-train")
 STRATEGY_STATE = ("m_t", "v_t")  # FedOpt's (FedAdam's) server moments; FedAvg/FedProx keep none
 
 
@@ -85,13 +80,7 @@ def load_checkpoint(run_path: Path, cfg: dict[str, Any]) -> Checkpoint | None:
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
         raise PrivrecError(f"{directory}: unreadable checkpoint ({exc}); set resume = false or choose "
                            "another run-name to start over") from None
-    for key in MUST_MATCH:
-        if key in state["config"] and state["config"][key] != cfg[key]:
-            raise PrivrecError(f"{directory}: written with config key '{key}' = {state['config'].get(key)!r}, "
-                               f"this run has {cfg[key]!r}; resume with the same value or choose another run-name")
-    if server_round > cfg["num-rounds"]:
-        raise PrivrecError(f"{directory}: already at round {server_round}, more than num-rounds = "
-                           f"{cfg['num-rounds']}")
+    refuse_incompatible(state, cfg, directory)
     return Checkpoint(round=server_round, arrays=arrays, strategy_state=strategy_state,
                       epsilon_by_device=epsilons, config=state["config"], capped=capped, records=records)
 
