@@ -300,6 +300,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     from shared.report import build_report
 
     report = build_report(args.run_dir, args.out)
+    run = report["run"]
+    if run["state"] != "completed":  # e.g. crashed: "running" in status.json, but its owner is gone
+        print(f"run state: {run['state'] or 'unknown'}" + (f" ({run['state-detail']})" if run["state-detail"] else ""))
     flagged = report["privacy"]["flagged-devices"]
     print(f"report written to {Path(args.out or args.run_dir) / 'report.html'} (+ report.md, report.json, "
           f"{len(report['plots'])} plots); flagged devices: {', '.join(flagged) or 'none'}")

@@ -7,7 +7,8 @@
 
 A second run on the same directory is refused before it writes anything. `privrec report` and a
 resume tell a live run from a crashed one with `liveness()`: on this host the lock itself answers;
-from another host a stale heartbeat does.
+from another host a stale heartbeat does. (The lock is local to a host: a run directory on a network
+file system shared by two hosts is not protected against a run from the other host.)
 """
 
 from __future__ import annotations
@@ -138,10 +139,11 @@ def liveness(run_path: Path) -> tuple[str, str]:
     who = describe_owner(owner)
     age = time.time() - float(owner.get("heartbeat", 0))
     if owner.get("host") == socket.gethostname() and owner.get("boot-id") == boot_id():
-        if lock_is_held(run_path) or process_alive(int(owner.get("pid", 0)), owner.get("pid-start", "")):
+        if lock_is_held(run_path):
             return "live", f"the run is live ({who}, heartbeat {age:.0f} s ago)"
-        return "crashed", (f"the run crashed: its owner ({who}) is gone and the run lock is free; "
-                           f"last heartbeat {age:.0f} s ago")
+        gone = "is gone" if not process_alive(int(owner.get("pid", 0)), owner.get("pid-start", "")) else \
+            "no longer holds the run lock"
+        return "crashed", f"the run crashed: its owner ({who}) {gone}; last heartbeat {age:.0f} s ago"
     if owner.get("host") == socket.gethostname():
         return "crashed", f"the run crashed: this host rebooted since its owner ({who}) started it"
     if age > STALE_AFTER:
