@@ -145,13 +145,15 @@ class Watchdog:
         self.pipe = pipe
 
     @classmethod
-    def start(cls, flwr_home: Path, run_path: Path, lock: RunLock | None) -> Watchdog:
+    def start(cls, flwr_home: Path, run_path: Path | None, lock: RunLock | None) -> Watchdog:
+        """Watch the processes that carry FLWR_HOME=`flwr_home`; `run_path` (if any) is marked on a kill."""
         read_end, write_end = os.pipe()
         fds = [read_end] + ([lock.fd] if lock is not None else [])
         env = {k: v for k, v in os.environ.items() if k != "FLWR_HOME"}
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
-        process = subprocess.Popen([sys.executable, "-m", "shared.launch", "--watch", str(flwr_home), str(run_path),
-                                    str(os.getpid())],
+        command = [sys.executable, "-m", "shared.launch", "--watch", str(flwr_home), str(run_path or "-"),
+                   str(os.getpid())]
+        process = subprocess.Popen(command,
                                    stdin=read_end, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                    pass_fds=fds, env=env, start_new_session=True)
         os.close(read_end)
@@ -170,17 +172,18 @@ class Watchdog:
             self.process.wait()
 
 
-def watch(flwr_home: Path, run_path: Path, launcher: int) -> None:
-    """The watchdog's body (`python -m shared.launch --watch FLWR_HOME RUN_PATH LAUNCHER_PID`)."""
+def watch(flwr_home: Path, run_path: Path | None, launcher: int) -> None:
+    """The watchdog's body (`python -m shared.launch --watch FLWR_HOME RUN_PATH|- LAUNCHER_PID`)."""
     for sig in (signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
     message = sys.stdin.buffer.read()  # returns at the launcher's end, clean or not
     launcher_died = message != b"done\n"
-    before = read_status(run_path) if launcher_died else None
+    before = read_status(run_path) if launcher_died and run_path else None
     stop_processes_with_env("FLWR_HOME", str(flwr_home))
-    if launcher_died:
+    if launcher_died and run_path:
         mark_interrupted(run_path, before, f"its launcher (pid {launcher}) died before the run ended")
-    shutil.rmtree(flwr_home, ignore_errors=True)
+    if flwr_home.name.startswith(HOME_PREFIX):  # a temporary home; a deployment's own stays
+        shutil.rmtree(flwr_home, ignore_errors=True)
 
 
 def sweep_stale_homes() -> None:
@@ -409,4 +412,4 @@ def _toml(values: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--watch"]:
-    watch(Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]))
+    watch(Path(sys.argv[2]), None if sys.argv[3] == "-" else Path(sys.argv[3]), int(sys.argv[4]))

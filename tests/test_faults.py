@@ -255,6 +255,40 @@ time.sleep(300)
 """
 
 
+DEPLOY_LAUNCHER = """
+import sys, time
+from pathlib import Path
+from shared.deploy.processes import ProcessGroup
+run_path, home = Path(sys.argv[1]), Path(sys.argv[2])
+group = ProcessGroup(run_path / "logs", {"FLWR_HOME": str(home), "PATH": "/usr/bin:/bin"}, run_path=run_path)
+group.start("superlink", ["sleep", "300"])  # stands in for `privrec deploy local`'s SuperLink and SuperNodes
+group.start("node-0", ["sleep", "300"])
+print("ready", flush=True)
+time.sleep(300)
+"""
+
+
+def test_a_killed_local_deployment_stops_its_processes(tmp_path, marker):
+    run_path, home = tmp_path / "runs" / "d", tmp_path / "deploy" / "flwr-home"
+    run_path.mkdir(parents=True)
+    (run_path / "status.json").write_text('{"state": "running"}')
+    launcher = subprocess.Popen([sys.executable, "-c", DEPLOY_LAUNCHER, str(run_path), str(home)], env=cli_env(),
+                                stdout=subprocess.PIPE, text=True)
+    try:
+        assert launcher.stdout.readline().strip() == "ready"
+        assert len(processes_with(f"FLWR_HOME={home}")) == 2
+        launcher.kill()
+        launcher.wait(timeout=10)
+        assert not wait_until_gone(f"FLWR_HOME={home}", timeout=20)
+        deadline = time.monotonic() + 20
+        while status(run_path)["state"] != "interrupted" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert status(run_path)["state"] == "interrupted"
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+
+
 def test_watchdog_stops_the_run_and_frees_the_lock_when_the_launcher_is_killed(tmp_path, marker):
     run_path, home = tmp_path / "runs" / "w", Path(tempfile.mkdtemp(prefix=HOME_PREFIX))
     launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, str(run_path), str(home)], env=cli_env(),
