@@ -226,39 +226,65 @@ def mark_interrupted(run_path: Path, before: dict[str, Any] | None, reason: str)
                            "last-round": rows - 1 if rows else None})
 
 
+def processes_with_env(name: str, value: str) -> dict[int, str]:
+    """pid -> start time of every process whose environment has `name=value`, and of all their
+    descendants: Ray's agents and workers retitle themselves (setproctitle), which blanks their
+    /proc/PID/environ, so they are found as children of the raylet that carries the marker."""
+    needle = b"\0" + f"{name}={value}".encode() + b"\0"
+    children: dict[int, list[int]] = {}
+    starts: dict[int, str] = {}
+    marked = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            environ = (proc / "environ").read_bytes()
+        except OSError:  # exited meanwhile, or not readable
+            continue
+        pid = int(proc.name)
+        children.setdefault(int(fields[1]), []).append(pid)
+        starts[pid] = fields[19]
+        if needle in b"\0" + environ + b"\0":
+            marked.append(pid)
+    found, todo = set(), list(marked)
+    while todo:
+        pid = todo.pop()
+        if pid not in found:
+            found.add(pid)
+            todo.extend(children.get(pid, []))
+    found.discard(os.getpid())
+    return {pid: starts[pid] for pid in found}
+
+
 def stop_processes_with_env(name: str, value: str, grace: float = 10) -> None:
-    """SIGTERM, then SIGKILL, every process whose environment has `name=value`.
+    """SIGTERM, then SIGKILL, every process whose environment has `name=value`, and their descendants.
 
     Some Flower helpers (flower-superexec) start their own sessions and outlive the process group
-    we kill; they all inherit our private FLWR_HOME, which no one else's processes carry.
+    we kill; they all inherit our private FLWR_HOME, which no one else's processes carry. Processes
+    seen once are followed by pid and start time even after their parent dies (Ray's agents are
+    then orphans without a readable marker).
     """
-    needle = f"{name}={value}".encode() + b"\0"
-
-    def ours() -> list[int]:
-        pids = []
-        for proc in Path("/proc").iterdir():
-            try:
-                if proc.name.isdigit() and needle in (proc / "environ").read_bytes() + b"\0":
-                    pids.append(int(proc.name))
-            except OSError:  # exited meanwhile, or not readable
-                continue
-        return [pid for pid in pids if pid != os.getpid()]
-
     if not Path("/proc").is_dir():  # not Linux: the process-group kill is all we can do
         return
-    for pid in ours():
-        with suppress(OSError):
-            os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while ours() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    # Stragglers, and anything they started meanwhile (Ray respawns agents), until none is left.
-    deadline = time.monotonic() + grace
-    while (left := ours()) and time.monotonic() < deadline:
-        for pid in left:
-            with suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-        time.sleep(0.2)
+    tracked = processes_with_env(name, value)
+
+    def alive() -> list[int]:
+        tracked.update(processes_with_env(name, value))
+        return [pid for pid, start in tracked.items() if process_start(pid) == start]  # zombies are done
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        signalled: set[int] = set()  # one SIGTERM each (a second can cut a clean shutdown short)
+        deadline = time.monotonic() + grace
+        while (left := alive()) and time.monotonic() < deadline:
+            for pid in left:
+                if sig == signal.SIGKILL or pid not in signalled:
+                    with suppress(OSError):
+                        os.kill(pid, sig)
+                    signalled.add(pid)
+            time.sleep(0.2)
+        if not left:
+            return
 
 
 def _wait_for_port(port: int, process: subprocess.Popen, log_path: Path, timeout: float = 60) -> None:

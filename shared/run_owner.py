@@ -40,12 +40,13 @@ def boot_id() -> str:
 
 
 def process_start(pid: int) -> str:
-    """The kernel's start time of `pid` (clock ticks since boot): a pid plus this names one process."""
+    """The kernel's start time of `pid` (clock ticks since boot): a pid plus this names one process.
+    "" for a process that is gone or a zombie (exited, not yet reaped)."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return ""
-    return stat.rsplit(")", 1)[1].split()[19]
+    return "" if fields[0] == "Z" else fields[19]
 
 
 def process_alive(pid: int, start: str = "") -> bool:

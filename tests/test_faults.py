@@ -56,6 +56,54 @@ def processes_with(needle: str) -> list[str]:
     return found
 
 
+def process_tree(roots: set[int]) -> dict[int, str]:
+    """pid -> start time of `roots` and all their descendants, found by parent links (Ray's workers
+    and agents retitle themselves, which blanks their environment: a marker alone misses them)."""
+    children: dict[int, list[int]] = {}
+    starts: dict[int, str] = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split() if proc.name.isdigit() else None
+        except OSError:
+            continue
+        if fields:
+            children.setdefault(int(fields[1]), []).append(int(proc.name))
+            starts[int(proc.name)] = fields[19]
+    found, todo = {}, [pid for pid in roots if pid in starts]
+    while todo:
+        pid = todo.pop()
+        if pid not in found:
+            found[pid] = starts[pid]
+            todo.extend(children.get(pid, []))
+    return found
+
+
+def survivors(snapshot: dict[int, str], timeout: float = 30) -> list[str]:
+    """The processes of `snapshot` still running (same pid and start time) after up to `timeout` s."""
+    def alive() -> list[str]:
+        left = []
+        for pid, start in snapshot.items():
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+            except OSError:
+                continue
+            if stat.rsplit(")", 1)[1].split()[19] == start and stat.rsplit(")", 1)[1].split()[0] != "Z":
+                left.append(f"{pid} {stat[:60]}")
+        return left
+
+    deadline = time.monotonic() + timeout
+    while (left := alive()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return left
+
+
+def run_tree(launcher: int, flwr_home: str) -> dict[int, str]:
+    marked = {int(p.split()[0]) for p in processes_with(f"FLWR_HOME={flwr_home}")}
+    tree = process_tree(marked | {launcher})
+    assert any(b"raylet" in Path(f"/proc/{pid}/cmdline").read_bytes() for pid in tree if Path(f"/proc/{pid}").exists())
+    return tree
+
+
 def wait_until_gone(needle: str, timeout: float = 30) -> list[str]:
     deadline = time.monotonic() + timeout
     while (left := processes_with(needle)) and time.monotonic() < deadline:
@@ -178,6 +226,7 @@ def test_sigterm_stops_every_process_marks_the_run_interrupted_and_loses_no_spen
         assert (run_path / "metrics.jsonl").read_bytes()[:len(metrics_before)] == metrics_before
 
         spend_at_kill = ledger_spend(tmp_path)
+        tree = run_tree(launcher.pid, flwr_home)
         launcher.send_signal(signal.SIGTERM)
         _, stderr = launcher.communicate(timeout=90)
     finally:
@@ -186,6 +235,7 @@ def test_sigterm_stops_every_process_marks_the_run_interrupted_and_loses_no_spen
     assert launcher.returncode == 130
     assert "interrupted" in stderr.strip().splitlines()[-1] and "resume" in stderr.strip().splitlines()[-1]
     assert not wait_until_gone(f"FLWR_HOME={flwr_home}", timeout=15)
+    assert not survivors(tree, timeout=15)  # Ray's retitled agents and workers included
     assert not Path(flwr_home).exists()
     assert status(run_path)["state"] == "interrupted" and "SIGTERM" in status(run_path)["reason"]
     assert not (run_path / "summary.json").exists()
@@ -216,12 +266,14 @@ def test_kill_9_of_the_launcher_stops_the_run_through_its_watchdog(tmp_path, mar
         wait_for_round(run_path, launcher, 1)
         flwr_home = read_owner(run_path)["flwr-home"]
         spend_at_kill = ledger_spend(tmp_path)
+        tree = run_tree(launcher.pid, flwr_home)
         os.killpg(launcher.pid, signal.SIGKILL)  # the launcher and its process group, no clean-up of its own
         launcher.wait(timeout=30)
     finally:
         if launcher.poll() is None:
             launcher.kill()
     assert not wait_until_gone(f"FLWR_HOME={flwr_home}", timeout=40)
+    assert not survivors(tree, timeout=15)
     deadline = time.monotonic() + 30
     while (lock_is_held(run_path) or Path(flwr_home).exists()) and time.monotonic() < deadline:
         time.sleep(0.5)  # the watchdog holds the lock until it has cleaned up
