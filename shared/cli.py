@@ -123,8 +123,8 @@ def _previous_run(run_path: Path) -> str | None:
             return None  # run_simulation refuses it with the owner's details
         state_line = why
     else:
-        state_line = f"the previous run ended {state}" + (f" ({status.get('reason') or status.get('error')})"
-                                                          if status.get("reason") or status.get("error") else "")
+        why = " ".join(str(status.get("reason") or status.get("error") or "").split())  # one line
+        state_line = f"the previous run ended {state}" + (f" ({why})" if why else "")
     checkpoint = checkpoint_state(run_path)
     after = f"resuming after round {checkpoint['round']}" if checkpoint else "no checkpoint: starting at round 1"
     return f"privrec: {run_path}: {state_line}; {after}"

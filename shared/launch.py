@@ -89,12 +89,13 @@ HOME_PREFIX = "privrec-flwr-"
 HOME_OWNER = "privrec-owner.json"  # in the temporary Flower home: which launcher made it
 
 
-def simulation_env(flwr_home: Path, run_path: Path) -> dict[str, str]:
+def simulation_env(flwr_home: Path, locked_run: Path | None) -> dict[str, str]:
     env = flower_env(flwr_home)
     # Ray binds its GCS, raylet, agents and workers to the node's IP on all interfaces unless it
     # believes multi-node clusters are off (its Windows/macOS default): then all of it is loopback.
     env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    env[LOCK_ENV] = str(run_path)  # the ServerApp: the launcher holds this run's lock
+    if locked_run is not None:
+        env[LOCK_ENV] = str(locked_run)  # tells the ServerApp that we hold this run's lock for it
     return env
 
 
@@ -112,7 +113,7 @@ def simulation_superlink(log_path: Path, run_path: Path | None = None,
         '[superlink]\ndefault = "privrec"\n\n'
         f'[superlink.privrec]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
     run_path = run_path or log_path.parent
-    env = simulation_env(flwr_home, run_path)
+    env = simulation_env(flwr_home, run_path if lock is not None else None)
     watchdog = Watchdog.start(flwr_home, run_path, lock)
     command = [_bin("flower-superlink"), "--simulation", "--insecure", "--isolation", "subprocess",
                "--host", "127.0.0.1", "--port", str(port), "--disable-runtime-dependency-installation"]
