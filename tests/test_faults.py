@@ -506,3 +506,14 @@ def test_a_full_disk_fails_the_run_keeps_the_spend_and_frees_the_directory(tmp_p
             assert epsilon >= recorded[device]["epsilon"] - 1e-12
     line = _previous_run(run_path)
     assert "the run crashed" in line and "resuming after round 1" in line
+
+
+def test_a_run_owned_by_another_host_is_judged_by_its_heartbeat(tmp_path):
+    run_path = tmp_path / "r"
+    run_path.mkdir()
+    owner = {"pid": 1, "host": "another-host", "boot-id": "x", "started": time.time() - 600}
+    (run_path / OWNER).write_text(json.dumps({**owner, "heartbeat": time.time() - 5}))
+    assert liveness(run_path)[0] == "live"
+    (run_path / OWNER).write_text(json.dumps({**owner, "heartbeat": time.time() - 600}))
+    verdict, why = liveness(run_path)
+    assert verdict == "crashed" and "no heartbeat" in why and "another-host" in why
