@@ -38,14 +38,18 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = from_run_config(context.run_config)
-    run_dir = RunDirectory.create(cfg["run-dir"], cfg["run-name"] or default_run_name())
-    run_dir.write_json("config.json", cfg)
-    run_dir.set_status("running")
+    # Lock, then check a resume, before the first write: a refused run leaves the directory as it was.
+    run_dir = RunDirectory.claim(cfg["run-dir"], cfg["run-name"] or default_run_name(), cfg)
     try:
-        FederatedRun(cfg, run_dir, grid).execute()
-    except BaseException as exc:
-        run_dir.set_status("failed", error=f"{type(exc).__name__}: {exc}")
-        raise
+        run_dir.write_json("config.json", cfg)
+        run_dir.set_status("running")
+        try:
+            FederatedRun(cfg, run_dir, grid).execute()
+        except BaseException as exc:
+            run_dir.set_status("failed", error=f"{type(exc).__name__}: {exc}")
+            raise
+    finally:
+        run_dir.release()
 
 
 class FederatedRun:
@@ -163,6 +167,7 @@ class FederatedRun:
         row = self._metrics_row(server_round, central)
         self.rows.append(row)
         self.run_dir.append_metrics(row)
+        self.run_dir.heartbeat()
         self.run_dir.write_json("privacy.json", self._privacy_record())
         if server_round > 0:
             # The checkpoint (with the privacy tally) covers only rounds whose records are complete, and

@@ -25,16 +25,10 @@ import torch
 
 from shared.atomic import staged_dir, write_synced
 from shared.errors import PrivrecError
+from shared.resume import CHECKPOINT_DIR, MUST_MATCH, refuse_incompatible
 
-CHECKPOINT_DIR = "checkpoint"
 FORMAT = 2  # 2: the tally is keyed by device id (format 1 keyed epsilon and caps by Flower node id)
 READABLE = (1, 2)
-# A run can only continue with the same model and the same aggregation.
-MUST_MATCH = ("strategy", "max-len", "hidden-size", "num-heads", "num-blocks", "server-lr", "dp",
-              "noise-multiplier", "max-grad-norm", "accountant", "delta", "window", "item-representation",
-              # user-level accounting composes one (noise, q) over every round of the run
-              "user-dp", "user-noise-multiplier", "user-clipping-norm", "devices-per-round", "fraction-train",
-              "deploy-devices")  # the population the user-level q is computed over
 STRATEGY_STATE = ("m_t", "v_t")  # FedOpt's (FedAdam's) server moments; FedAvg/FedProx keep none
 
 
@@ -96,18 +90,12 @@ def load_checkpoint(run_path: Path, cfg: dict[str, Any]) -> Checkpoint | None:
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
         raise PrivrecError(f"{directory}: unreadable checkpoint ({exc}); set resume = false or choose "
                            "another run-name to start over") from None
-    for key in MUST_MATCH:
-        if key in state["config"] and state["config"][key] != cfg[key]:
-            raise PrivrecError(f"{directory}: written with config key '{key}' = {state['config'].get(key)!r}, "
-                               f"this run has {cfg[key]!r}; resume with the same value or choose another run-name")
+    refuse_incompatible(state, cfg, directory)
     if state.get("population-dir", cfg["population-dir"]) != cfg["population-dir"]:
         # The devices' ledgers must be the ones the tally was counted against.
         raise PrivrecError(f"{directory}: written with simulated device ledgers in population-dir = "
                            f"{state['population-dir']!r}, this run has {cfg['population-dir']!r}; resume on the same "
                            "store and population-dir or choose another run-name")
-    if server_round > cfg["num-rounds"]:
-        raise PrivrecError(f"{directory}: already at round {server_round}, more than num-rounds = "
-                           f"{cfg['num-rounds']}")
     return Checkpoint(round=server_round, arrays=arrays, strategy_state=strategy_state,
                       epsilon_by_device=epsilons, config=state["config"], capped=capped, records=records,
                       node_devices=node_devices)

@@ -282,6 +282,12 @@ def load_run(path: str | Path) -> Run:
         raise PrivrecError(f"{path} has no metrics.jsonl: the run never recorded a round, nothing to report")
     rounds = load_metrics(path / "metrics.jsonl")
     status = _object(path / "status.json") if (path / "status.json").exists() else None
+    if status is not None and status.get("state") == "running":
+        # "running" is what a crashed run leaves behind too: ask its owner record which it is.
+        from shared.run_owner import liveness
+
+        verdict, why = liveness(path)
+        status = {**status, "state": "crashed" if verdict == "crashed" else "running", "reason": why}
     summary = _object(path / "summary.json") if (path / "summary.json").exists() else None
     privacy, reason = None, None
     if (path / "privacy.json").exists():
