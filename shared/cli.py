@@ -10,6 +10,7 @@
     privrec calibrate --target-epsilon E --sample-rate Q --rounds R [--steps-per-round S]
 
 User mistakes (PrivrecError) print one line and exit with status 2; no traceback.
+`privrec report` exits with status 3 when it wrote the report but its cross-check flagged something.
 """
 
 from __future__ import annotations
@@ -267,6 +268,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------- report
+REPORT_FLAGGED = 3  # exit status of `privrec report` when the report is written but something is flagged
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from shared.report import build_report
 
@@ -274,6 +278,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     flagged = report["privacy"]["flagged-devices"]
     print(f"report written to {Path(args.out or args.run_dir) / 'report.html'} (+ report.md, report.json, "
           f"{len(report['plots'])} plots); flagged devices: {', '.join(flagged) or 'none'}")
+    if report["privacy"]["flagged"]:
+        print("privrec: the cross-check flagged this run (see the report's Cross-check section)", file=sys.stderr)
+        return REPORT_FLAGGED
     return 0
 
 
@@ -337,7 +344,10 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--accountant", choices=["rdp", "prv", "gdp"], default="rdp")
     cal.set_defaults(func=cmd_calibrate)
 
-    rep = sub.add_parser("report", help="privacy report of a run: md, self-contained html, json, plots")
+    rep = sub.add_parser("report", help="privacy report of a run: md, self-contained html, json, plots",
+                         description="Exit status: 0 report written, nothing flagged; 2 bad input (nothing "
+                                     f"written); {REPORT_FLAGGED} report written, but its cross-check flagged a "
+                                     "device, the user-level record, a statement or metrics.jsonl.")
     rep.add_argument("run_dir", help="run directory (runs/<run-id>)")
     rep.add_argument("--out", help="write the report here (default: into the run directory)")
     rep.set_defaults(func=cmd_report)
