@@ -8,6 +8,7 @@
                       [--new-items FILE.jsonl]
     privrec report RUN_DIR [--out DIR]
     privrec calibrate --target-epsilon E --sample-rate Q --rounds R [--steps-per-round S]
+    privrec audit [--config FILE] [--set KEY=VALUE ...] [--canaries M] [--rounds R] [--out FILE]
 
 User mistakes (PrivrecError) print one line and exit with status 2; no traceback.
 `privrec report` exits with status 3 when it wrote the report but its cross-check flagged something.
@@ -284,6 +285,26 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- audit
+def cmd_audit(args: argparse.Namespace) -> int:
+    from shared.audit import audit_device
+
+    cfg = _config_from_args(args)
+    result = audit_device(cfg, canaries=args.canaries, guesses_each=args.guesses, background=args.background,
+                          num_items=args.items, rounds=args.rounds, beta=args.beta, seed=cfg["seed"],
+                          progress=lambda r, total: print(f"audit: round {r}/{total} trained and scored",
+                                                          file=sys.stderr, flush=True))
+    print(result.sentence())
+    if args.out:
+        from shared.atomic import write_json_atomic
+
+        write_json_atomic(Path(args.out), result.to_json())
+    if result.violated:
+        print("privrec: the measured leakage exceeds the claimed epsilon: the claim is false", file=sys.stderr)
+        return REPORT_FLAGGED
+    return 0
+
+
 # ---------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="privrec", description="Private federated sequential recommendation.")
@@ -351,6 +372,23 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("run_dir", help="run directory (runs/<run-id>)")
     rep.add_argument("--out", help="write the report here (default: into the run directory)")
     rep.set_defaults(func=cmd_report)
+
+    aud = sub.add_parser("audit", help="empirical lower bound on one device's epsilon (canaries, one run)",
+                         description="Steinke, Nasr and Jagielski (2023), one training run: each canary window joins "
+                                     "one device's data with probability 1/2, the device trains with the config's "
+                                     "DP settings, a white-box attacker scores each canary by its alignment with "
+                                     "the device's update, and the correct guesses become an epsilon the run "
+                                     "provably exceeds (confidence 1 - beta), shown next to the claimed epsilon. "
+                                     f"Exit status {REPORT_FLAGGED} when the bound exceeds the claim.")
+    add_config_flags(aud)
+    aud.add_argument("--canaries", type=int, default=1000, help="canary windows m (default 1000)")
+    aud.add_argument("--guesses", type=int, help="guesses 'in' and as many 'out' (default m/10 each)")
+    aud.add_argument("--background", type=int, default=0, help="windows always in the device's data (default 0)")
+    aud.add_argument("--items", type=int, default=1682, help="catalogue size the canaries draw from (default 1682)")
+    aud.add_argument("--rounds", type=int, default=1, help="rounds the device trains (default 1)")
+    aud.add_argument("--beta", type=float, default=0.05, help="1 - confidence (default 0.05)")
+    aud.add_argument("--out", help="also write the figures to this JSON file")
+    aud.set_defaults(func=cmd_audit)
 
     from shared.deploy.cli import add_data_split, add_deploy  # deployment: data split, deploy ...
 
