@@ -173,3 +173,124 @@ def audit_device(cfg: dict[str, Any], *, canaries: int = 1000, guesses_each: int
                        steps=steps, sample_rate=float(result.sample_rate), dp=local.dp,
                        noise_multiplier=float(local.noise_multiplier), max_grad_norm=float(local.max_grad_norm),
                        seconds=round(time.perf_counter() - started, 2))
+
+
+# --------------------------------------------------------------------------- user-level DP-FedAvg
+@dataclass
+class UserAuditResult:
+    canaries: int  # canary users m
+    included: int
+    background: int  # users always in the population
+    guesses: int
+    correct: int
+    beta: float
+    delta: float
+    epsilon_lower_bound: float
+    claimed_epsilon: float  # user-level DP-FedAvg's accountant, same delta, add/remove one user
+    accountant: str
+    rounds: int
+    sample_rate: float  # Poisson rate of users per round
+    noise_multiplier: float
+    clipping_norm: float
+    seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {k.replace("_", "-"): v for k, v in asdict(self).items()}
+
+    def sentence(self) -> str:
+        return (f"user-level: empirical epsilon lower bound {self.epsilon_lower_bound:.3f} at delta {self.delta:g} "
+                f"({100 * (1 - self.beta):g}% confidence; {self.correct}/{self.guesses} guesses correct over "
+                f"{self.canaries} canary users, {self.included} included) vs claimed epsilon "
+                f"{self.claimed_epsilon:.3f} ({self.accountant} accountant); DP-FedAvg, {self.rounds} round(s), "
+                f"q = {self.sample_rate:.4g}, noise {self.noise_multiplier:g}, clip {self.clipping_norm:g}; "
+                "add/remove one user, adversary: whoever sees the released global models (white-box)")
+
+    @property
+    def violated(self) -> bool:
+        return self.epsilon_lower_bound > self.claimed_epsilon
+
+
+def _user_alignment(model: SASRec, users: list[np.ndarray], step: dict[str, torch.Tensor]) -> np.ndarray:
+    """For each user: <global step, -g / |g|>, g the gradient of the user's summed window loss."""
+    params = [(name, p) for name, p in model.named_parameters() if name in step]
+    scores = np.zeros(len(users))
+    model.eval()
+    for i, windows in enumerate(users):
+        inputs, targets = split_windows(windows)
+        model.zero_grad(set_to_none=True)
+        per_example_loss(model(inputs), targets).sum().backward()
+        dot, norm = 0.0, 0.0
+        for name, p in params:
+            if p.grad is not None:
+                dot -= float(torch.sum(p.grad * step[name]))
+                norm += float(torch.sum(p.grad * p.grad))
+        scores[i] = dot / math.sqrt(norm) if norm > 0 else 0.0
+    model.zero_grad(set_to_none=True)
+    return scores
+
+
+def audit_users(cfg: dict[str, Any], *, canaries: int = 200, background: int = 0, user_windows: int = 2,
+                sample_rate: float = 0.5, guesses_each: int | None = None, num_items: int = 1682,
+                rounds: int = 1, beta: float = 0.05, seed: int = 0, progress=None) -> UserAuditResult:
+    """User-level DP-FedAvg audited the same way: canary *users* (each `user_windows` random windows) join
+    the population with probability 1/2; every round each user joins the cohort with probability
+    `sample_rate`, trains on-device as configured, and the server clips each update to
+    `user-clipping-norm`, adds `user-noise-multiplier` x clip noise to the sum and divides by the expected
+    cohort (`shared.privacy.user_level`, the functions the server uses). The adversary sees each released
+    global model and scores every canary user by the alignment of the global step with its own gradient."""
+    from shared.privacy.user_level import clip_update, noisy_mean_update, user_level_epsilon
+
+    if canaries < 2 or background < 0 or rounds < 1 or not 0 < sample_rate <= 1 or user_windows < 1:
+        raise PrivrecError(f"audit: need canaries >= 2, background >= 0, rounds >= 1, 0 < sample rate <= 1, "
+                           f"windows per user >= 1; got {canaries}, {background}, {rounds}, {sample_rate}, "
+                           f"{user_windows}")
+    k = guesses_each if guesses_each is not None else max(1, canaries // 10)
+    if not 1 <= k <= canaries // 2:
+        raise PrivrecError(f"audit: --guesses {k} must be between 1 and half the canaries ({canaries // 2})")
+    started = time.perf_counter()
+    rng = np.random.default_rng([int(seed), 0xA0D18])
+    window = cfg["window"]
+    pool = [canary_windows(rng, user_windows, window, num_items) for _ in range(canaries)]
+    included = rng.random(canaries) < 0.5
+    population = [canary_windows(rng, user_windows, window, num_items) for _ in range(background)]
+    population += [w for w, yes in zip(pool, included) if yes]
+    # The fixed-denominator estimator divides by the expected cohort of the population without canaries
+    # plus half of them: a constant, as the sensitivity argument needs.
+    expected_cohort = sample_rate * (background + canaries / 2)
+    clip, z = float(cfg["user-clipping-norm"]), float(cfg["user-noise-multiplier"])
+
+    torch_state = torch.random.get_rng_state()
+    torch.manual_seed(int(seed))
+    model = SASRec(ModelConfig.from_run_config(cfg, num_items))
+    torch.random.set_rng_state(torch_state)
+    deterministic = bool(cfg.get("deterministic-devices"))
+    local = train_config(cfg, int(seed) if deterministic else None)
+    noise_rng = np.random.default_rng([int(seed), 0xA0D19] if deterministic else None)
+    cohort_rng = np.random.default_rng([int(seed), 0xA0D1A] if deterministic else None)
+    names = [n for n, _ in model.named_parameters()]
+    scores = np.zeros(canaries)
+    for r in range(rounds):
+        current = {n: p.detach().numpy().astype(np.float64) for n, p in model.named_parameters()}
+        clipped = []
+        for windows in [u for u in population if cohort_rng.random() < sample_rate]:
+            device = SASRec.from_state(model.cfg, model.state_dict())
+            train_local(device, windows, local)
+            update = {n: p.detach().numpy().astype(np.float64) - current[n] for n, p in device.named_parameters()}
+            clipped.append(clip_update(update, clip)[0])
+        mean = noisy_mean_update(clipped, names, {n: current[n].shape for n in names}, noise_std=z * clip,
+                                 expected_cohort=expected_cohort, rng=noise_rng)
+        step = {n: torch.from_numpy(mean[n]).to(torch.float32) for n in names}
+        scores += _user_alignment(model, pool, step)  # at the global model the round started from
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.add_(step[n])
+        if progress:
+            progress(r + 1, rounds)
+    r_guesses, correct = guess(scores, included, k, k)
+    bound = epsilon_lower_bound(canaries, r_guesses, correct, cfg["delta"], beta)
+    claimed = user_level_epsilon(z, sample_rate, rounds, cfg["delta"], cfg["accountant"])
+    return UserAuditResult(canaries=canaries, included=int(included.sum()), background=background,
+                           guesses=r_guesses, correct=correct, beta=beta, delta=cfg["delta"],
+                           epsilon_lower_bound=bound, claimed_epsilon=float(claimed), accountant=cfg["accountant"],
+                           rounds=rounds, sample_rate=sample_rate, noise_multiplier=z, clipping_norm=clip,
+                           seconds=round(time.perf_counter() - started, 2))

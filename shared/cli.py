@@ -287,13 +287,17 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------- audit
 def cmd_audit(args: argparse.Namespace) -> int:
-    from shared.audit import audit_device
+    from shared.audit import audit_device, audit_users
 
     cfg = _config_from_args(args)
-    result = audit_device(cfg, canaries=args.canaries, guesses_each=args.guesses, background=args.background,
-                          num_items=args.items, rounds=args.rounds, beta=args.beta, seed=cfg["seed"],
-                          progress=lambda r, total: print(f"audit: round {r}/{total} trained and scored",
-                                                          file=sys.stderr, flush=True))
+    common = {"canaries": args.canaries, "guesses_each": args.guesses, "background": args.background,
+              "num_items": args.items, "rounds": args.rounds, "beta": args.beta, "seed": cfg["seed"],
+              "progress": lambda r, total: print(f"audit: round {r}/{total} trained and scored", file=sys.stderr,
+                                                 flush=True)}
+    if args.user_level:
+        result = audit_users(cfg, sample_rate=args.user_sample_rate, **common)
+    else:
+        result = audit_device(cfg, **common)
     print(result.sentence())
     if args.out:
         from shared.atomic import write_json_atomic
@@ -381,9 +385,13 @@ def build_parser() -> argparse.ArgumentParser:
                                      "provably exceeds (confidence 1 - beta), shown next to the claimed epsilon. "
                                      f"Exit status {REPORT_FLAGGED} when the bound exceeds the claim.")
     add_config_flags(aud)
-    aud.add_argument("--canaries", type=int, default=1000, help="canary windows m (default 1000)")
+    aud.add_argument("--user-level", action="store_true",
+                     help="audit user-level DP-FedAvg instead: canary users, the adversary sees the global models")
+    aud.add_argument("--user-sample-rate", type=float, default=0.5, help="--user-level: users' Poisson rate per "
+                                                                         "round (default 0.5)")
+    aud.add_argument("--canaries", type=int, default=1000, help="canary windows (or users) m (default 1000)")
     aud.add_argument("--guesses", type=int, help="guesses 'in' and as many 'out' (default m/10 each)")
-    aud.add_argument("--background", type=int, default=0, help="windows always in the device's data (default 0)")
+    aud.add_argument("--background", type=int, default=0, help="windows (or users) always in (default 0)")
     aud.add_argument("--items", type=int, default=1682, help="catalogue size the canaries draw from (default 1682)")
     aud.add_argument("--rounds", type=int, default=1, help="rounds the device trains (default 1)")
     aud.add_argument("--beta", type=float, default=0.05, help="1 - confidence (default 0.05)")
