@@ -283,6 +283,10 @@ def test_report_on_a_real_inprocess_run(tmp_path):
     assert [c["key"] for c in p["metrics-checks"]] == ["epsilon-max", "user-level-epsilon"]
     assert any(d["declined-round"] for d in p["devices"])  # the cap was reached
     assert all(d["recomputed"]["rdp"]["epsilon"] > 0 and d["ledger"]["epsilon"] for d in p["devices"])
+    # The independent checks ran against the device's own data (the run's store) and dp-accounting.
+    assert all(d["expected-history"]["basis"].startswith(("device data", "config sample-rate"))
+               and d["independent"]["rdp"]["epsilon"] > 0 for d in p["devices"])
+    assert p["flagged"] is False
     assert "protects nothing" in (run / "report.md").read_text().splitlines()[2]  # deterministic-devices first
 
 
