@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -288,7 +289,9 @@ def audit_users(cfg: dict[str, Any], *, canaries: int = 200, background: int = 0
             progress(r + 1, rounds)
     r_guesses, correct = guess(scores, included, k, k)
     bound = epsilon_lower_bound(canaries, r_guesses, correct, cfg["delta"], beta)
-    claimed = user_level_epsilon(z, sample_rate, rounds, cfg["delta"], cfg["accountant"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Opacus: "optimal order is the smallest alpha" at vacuous epsilons
+        claimed = user_level_epsilon(z, sample_rate, rounds, cfg["delta"], cfg["accountant"])
     return UserAuditResult(canaries=canaries, included=int(included.sum()), background=background,
                            guesses=r_guesses, correct=correct, beta=beta, delta=cfg["delta"],
                            epsilon_lower_bound=bound, claimed_epsilon=float(claimed), accountant=cfg["accountant"],
