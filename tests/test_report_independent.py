@@ -212,3 +212,17 @@ def test_sample_rate_is_checked_against_the_device_data(tmp_path):
     flagged = cross_check(load_run(run).privacy, None, load_run(run).config)
     codes = {d.device.device: {f.code for f in d.flags} for d in flagged.devices if d.flags}
     assert codes == {"0": {"history-sample-rate-mismatch"}}, codes
+
+
+def test_tampered_user_level_history_is_flagged(tmp_path):
+    """DP-FedAvg's rows must carry user-noise-multiplier and q = cohort / population, one per round."""
+    run = fx.write_run(tmp_path, ledgers=False)
+    privacy = _privacy(run)
+    q = fx.COHORT / fx.POPULATION / 2  # half the real cohort rate: a lower, honestly computed epsilon
+    privacy["user-level"]["history"] = [[fx.USER_Z, q, 1]] * fx.ROUNDS
+    privacy["user-level"]["rounds"] = [[r, fx.eps(((fx.USER_Z, q, r),))] for r in range(1, fx.ROUNDS + 1)]
+    privacy["statements"][1]["epsilon"] = privacy["user-level"]["rounds"][-1][1]
+    _save(run, privacy)
+    user = cross_check(load_run(run).privacy, None, load_run(run).config).user_level
+    assert [f.code for f in user.flags] == ["history-sample-rate-mismatch"] * fx.ROUNDS, user.flags
+    assert "understates" in user.flags[0].detail

@@ -239,8 +239,6 @@ def check_user_level(user_level: UserLevel, delta: float, expected: Expected | N
     acc = user_level.accountant
     result = UserLevelCheck(user_level=user_level, reported=reported,
                             recomputed=recompute(user_level.history, delta, acc))
-    # One release per round: a history row is 1 "step" per round at the cohort's sampling rate.
-    _independent(result, user_level.history, reported, acc, delta, expected, len(user_level.rounds), lambda q: 1)
     mine = result.recomputed[acc]
     if mine.value is None:
         result.flags.append(Flag("unverifiable", f"recomputation with {acc} failed: {mine.error}"))
@@ -248,6 +246,8 @@ def check_user_level(user_level: UserLevel, delta: float, expected: Expected | N
         result.flags.append(Flag("reported-epsilon-mismatch",
                                  f"last reported user-level epsilon {_fmt(reported)}, its history gives "
                                  f"{_fmt(mine.value)} ({acc})"))
+    # One release per round: a history row is 1 "step" per round at the cohort's sampling rate.
+    _independent(result, user_level.history, reported, acc, delta, expected, len(user_level.rounds), lambda q: 1)
     return result
 
 
