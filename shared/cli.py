@@ -269,7 +269,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------- report
-REPORT_FLAGGED = 3  # exit status of `privrec report` when the report is written but something is flagged
+EXIT_FLAGGED = 3  # `privrec report`: written, but something is flagged; `privrec audit`: the bound exceeds the claim
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -281,7 +281,7 @@ def cmd_report(args: argparse.Namespace) -> int:
           f"{len(report['plots'])} plots); flagged devices: {', '.join(flagged) or 'none'}")
     if report["privacy"]["flagged"]:
         print("privrec: the cross-check flagged this run (see the report's Cross-check section)", file=sys.stderr)
-        return REPORT_FLAGGED
+        return EXIT_FLAGGED
     return 0
 
 
@@ -305,7 +305,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
         write_json_atomic(Path(args.out), result.to_json())
     if result.violated:
         print("privrec: the measured leakage exceeds the claimed epsilon: the claim is false", file=sys.stderr)
-        return REPORT_FLAGGED
+        return EXIT_FLAGGED
     return 0
 
 
@@ -371,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser("report", help="privacy report of a run: md, self-contained html, json, plots",
                          description="Exit status: 0 report written, nothing flagged; 2 bad input (nothing "
-                                     f"written); {REPORT_FLAGGED} report written, but its cross-check flagged a "
+                                     f"written); {EXIT_FLAGGED} report written, but its cross-check flagged a "
                                      "device, the user-level record, a statement or metrics.jsonl.")
     rep.add_argument("run_dir", help="run directory (runs/<run-id>)")
     rep.add_argument("--out", help="write the report here (default: into the run directory)")
@@ -383,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "DP settings, a white-box attacker scores each canary by its alignment with "
                                      "the device's update, and the correct guesses become an epsilon the run "
                                      "provably exceeds (confidence 1 - beta), shown next to the claimed epsilon. "
-                                     f"Exit status {REPORT_FLAGGED} when the bound exceeds the claim.")
+                                     f"Exit status {EXIT_FLAGGED} when the bound exceeds the claim.")
     add_config_flags(aud)
     aud.add_argument("--user-level", action="store_true",
                      help="audit user-level DP-FedAvg instead: canary users, the adversary sees the global models")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from shared.audit import audit_device, audit_users
-from shared.cli import REPORT_FLAGGED
+from shared.cli import EXIT_FLAGGED
 from shared.config import resolve
 from shared.errors import PrivrecError
 from shared.privacy.audit import epsilon_lower_bound, guess, p_value
@@ -117,7 +117,7 @@ def test_audit_command(tmp_path, capsys):
     assert data["canaries"] == 200 and data["epsilon-lower-bound"] <= data["claimed-epsilon"]
     code, _, err = run_cli(capsys, "audit", *sets, "--canaries", "200", "--guesses", "150")
     assert code == 2 and "--guesses 150" in err
-    assert REPORT_FLAGGED == 3
+    assert EXIT_FLAGGED == 3
 
 
 # ----------------------------------------------------------------------------- user-level DP-FedAvg
@@ -138,3 +138,20 @@ def test_user_level_without_noise_shows_a_large_bound():
                         rounds=2, seed=1)
     assert faint.epsilon_lower_bound > 1.0 and faint.epsilon_lower_bound > strong.claimed_epsilon
     assert strong.epsilon_lower_bound <= strong.claimed_epsilon < 1.0
+
+
+def test_audit_exits_3_when_the_bound_exceeds_the_claim(monkeypatch, capsys):
+    """A claim the measurement refutes (here a faked one: the real mechanism never produces it) fails the command."""
+    import shared.audit
+
+    real = shared.audit.audit_device
+
+    def refuted(cfg, **kwargs):
+        result = real(cfg, **kwargs)
+        result.claimed_epsilon = result.epsilon_lower_bound - 0.1
+        return result
+
+    monkeypatch.setattr(shared.audit, "audit_device", refuted)
+    sets = [arg for key, value in {**TINY, "noise-multiplier": 0.01}.items() for arg in ("--set", f"{key}={value}")]
+    code, stdout, err = run_cli(capsys, "audit", *sets, "--canaries", "200", "--items", str(ITEMS))
+    assert code == EXIT_FLAGGED and "claim is false" in err

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from dp_accounting import pld, rdp
 
-from shared.cli import REPORT_FLAGGED, main
+from shared.cli import EXIT_FLAGGED, main
 from shared.report import independent
 from shared.report.independent import Expected, check_history, compare, expected_for
 from shared.report.load import load_run
@@ -133,7 +133,7 @@ def test_tampered_sample_rate_is_flagged_and_report_exits_3(tmp_path, capsys):
     run = fx.write_run(tmp_path, ledgers=False, user_dp=False)
     q, _, trained = fx.DEVICES["1"]  # q = 0.5, 2 rounds of 3 epochs x 2 steps = 12 steps
     _retamper(run, "1", [(fx.SIGMA, q / 2, 12)])  # a smaller q, same steps: a lower epsilon
-    assert main(["report", str(run)]) == REPORT_FLAGGED
+    assert main(["report", str(run)]) == EXIT_FLAGGED
     assert "flagged" in capsys.readouterr().err
     report = json.loads((run / "report.json").read_text())
     assert report["privacy"]["flagged-devices"] == ["1"] and report["privacy"]["flagged"]
