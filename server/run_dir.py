@@ -3,7 +3,8 @@
     config.json     the resolved config (written at the start)
     status.json     "running" | "failed" (with the error) | "completed"
     metrics.jsonl   one line per round
-    model.pt        latest global model (state_dict), model.json its architecture
+    model.pt        latest global model (state_dict), model.json its architecture; written after the
+                    round's checkpoint, so the released model is always one the privacy tally counts
     items.json      the public catalogue (raw id and title per model index), for `privrec recommend`
     summary.json    final figures; written last, so its presence means the run completed
 

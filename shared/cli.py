@@ -357,10 +357,11 @@ def build_parser() -> argparse.ArgumentParser:
     rec.set_defaults(func=cmd_recommend)
 
     cal = sub.add_parser("calibrate", help="noise multiplier for a target epsilon",
-                         description="On-device DP-SGD: --rounds = rounds one device may join, --steps-per-round = "
-                                     "local-epochs x ceil(windows / batch-size), --sample-rate = "
-                                     "1 / ceil(windows / batch-size). User-level DP-FedAvg: --rounds = num-rounds, "
-                                     "--steps-per-round 1, --sample-rate = devices-per-round / devices.")
+                         description="On-device DP-SGD: --rounds = rounds one device may join, --sample-rate = the "
+                                     "run's sample-rate q, --steps-per-round = local-epochs x ceil(1 / q) (the "
+                                     "same for every device, whatever its window count). User-level DP-FedAvg: "
+                                     "--rounds = num-rounds, --steps-per-round 1, --sample-rate = "
+                                     "devices-per-round / devices.")
     cal.add_argument("--target-epsilon", type=float, required=True)
     cal.add_argument("--delta", type=float, default=1e-5)
     cal.add_argument("--sample-rate", type=float, required=True)

@@ -13,7 +13,8 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 
-from flwr.app import Context, Message, Metadata, RecordDict
+from flwr.app import Context, Error, Message, Metadata, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -41,13 +42,15 @@ def node_context(node_id: int, node_config: dict) -> Context:
 class InProcessGrid(Grid):
     """A Grid whose nodes are partitions served by calling the ClientApp directly."""
 
-    def __init__(self, client_app, num_nodes: int, keep_messages: bool = False):
+    def __init__(self, client_app, num_nodes: int, keep_messages: bool = False, first_node_id: int = 1):
+        """Nodes `first_node_id, ...` serve partitions 0, 1, ...: a second launch of the same devices can
+        get other node ids, as under Flower."""
         set_identity()
         self.keep_messages = keep_messages
         self.client_app = client_app
-        self.contexts = {node_id: node_context(node_id, {"partition-id": node_id - 1,
-                                                         "num-partitions": num_nodes})
-                         for node_id in range(1, num_nodes + 1)}
+        self.contexts = {first_node_id + p: node_context(first_node_id + p, {"partition-id": p,
+                                                                            "num-partitions": num_nodes})
+                         for p in range(num_nodes)}
         # With keep_messages: every instruction and reply, for tests that inspect what left a device.
         self.delivered: list[Message] = []
         self.replies: list[Message] = []
@@ -76,10 +79,17 @@ class InProcessGrid(Grid):
         for msg in messages:
             node = msg.metadata.dst_node_id
             delivered = instruction(msg.content, node, msg.metadata.message_type)
-            replies.append(self.client_app(delivered, self.contexts[node]))
+            replies.append(self._run_client(delivered, self.contexts[node]))
             if self.keep_messages:
                 self.delivered.append(delivered)
         if self.keep_messages:
             self.replies.extend(replies)
         return replies
 
+    def _run_client(self, message: Message, context: Context) -> Message:
+        """The ClientApp's reply; an exception becomes an error reply, worded as Flower's runtimes word it."""
+        try:
+            return self.client_app(message, context)
+        except Exception as exc:  # noqa: BLE001 - a device's failure is a reply, not the server's crash
+            reason = str(type(exc)) + ":<'" + str(exc) + "'>"
+            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
