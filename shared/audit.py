@@ -47,7 +47,7 @@ class AuditResult:
     accountant: str | None
     rounds: int
     steps: int  # DP-SGD steps the device took (all rounds)
-    sample_rate: float  # Poisson rate of the last round
+    sample_rate: float | None  # Poisson rate (None without DP)
     dp: bool
     noise_multiplier: float
     max_grad_norm: float
@@ -171,7 +171,7 @@ def audit_device(cfg: dict[str, Any], *, canaries: int = 1000, guesses_each: int
     return AuditResult(canaries=canaries, included=int(included.sum()), background=background, guesses=r_guesses,
                        correct=correct, beta=beta, delta=cfg["delta"], epsilon_lower_bound=bound,
                        claimed_epsilon=claimed, accountant=local.accountant if local.dp else None, rounds=rounds,
-                       steps=steps, sample_rate=float(result.sample_rate), dp=local.dp,
+                       steps=steps, sample_rate=float(result.sample_rate) if local.dp else None, dp=local.dp,
                        noise_multiplier=float(local.noise_multiplier), max_grad_norm=float(local.max_grad_norm),
                        seconds=round(time.perf_counter() - started, 2))
 

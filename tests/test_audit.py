@@ -19,7 +19,7 @@ from tests.test_cli import run_cli
 
 # A tiny model: every audit below trains and scores 400 canaries in a few seconds.
 TINY = {"max-len": 7, "window": 8, "hidden-size": 16, "num-heads": 1, "num-blocks": 1, "dropout": 0.0,
-        "local-epochs": 1, "batch-size": 8, "local-lr": 0.01, "deterministic-devices": True}
+        "local-epochs": 1, "batch-size": 8, "sample-rate": 0.04, "local-lr": 0.01, "deterministic-devices": True}
 CANARIES, ITEMS = 400, 200
 
 
