@@ -8,8 +8,10 @@
                       [--new-items FILE.jsonl]
     privrec report RUN_DIR [--out DIR]
     privrec calibrate --target-epsilon E --sample-rate Q --rounds R [--steps-per-round S]
+    privrec audit [--config FILE] [--set KEY=VALUE ...] [--canaries M] [--rounds R] [--out FILE]
 
 User mistakes (PrivrecError) print one line and exit with status 2; no traceback.
+`privrec report` exits with status 3 when it wrote the report but its cross-check flagged something.
 """
 
 from __future__ import annotations
@@ -296,6 +298,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------- report
+EXIT_FLAGGED = 3  # `privrec report`: written, but something is flagged; `privrec audit`: the bound exceeds the claim
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from shared.report import build_report
 
@@ -306,6 +311,33 @@ def cmd_report(args: argparse.Namespace) -> int:
     flagged = report["privacy"]["flagged-devices"]
     print(f"report written to {Path(args.out or args.run_dir) / 'report.html'} (+ report.md, report.json, "
           f"{len(report['plots'])} plots); flagged devices: {', '.join(flagged) or 'none'}")
+    if report["privacy"]["flagged"]:
+        print("privrec: the cross-check flagged this run (see the report's Cross-check section)", file=sys.stderr)
+        return EXIT_FLAGGED
+    return 0
+
+
+# ---------------------------------------------------------------------------- audit
+def cmd_audit(args: argparse.Namespace) -> int:
+    from shared.audit import audit_device, audit_users
+
+    cfg = _config_from_args(args)
+    common = {"canaries": args.canaries, "guesses_each": args.guesses, "background": args.background,
+              "num_items": args.items, "rounds": args.rounds, "beta": args.beta, "seed": cfg["seed"],
+              "progress": lambda r, total: print(f"audit: round {r}/{total} trained and scored", file=sys.stderr,
+                                                 flush=True)}
+    if args.user_level:
+        result = audit_users(cfg, sample_rate=args.user_sample_rate, **common)
+    else:
+        result = audit_device(cfg, **common)
+    print(result.sentence())
+    if args.out:
+        from shared.atomic import write_json_atomic
+
+        write_json_atomic(Path(args.out), result.to_json())
+    if result.violated:
+        print("privrec: the measured leakage exceeds the claimed epsilon: the claim is false", file=sys.stderr)
+        return EXIT_FLAGGED
     return 0
 
 
@@ -370,10 +402,34 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--accountant", choices=["rdp", "prv", "gdp"], default="rdp")
     cal.set_defaults(func=cmd_calibrate)
 
-    rep = sub.add_parser("report", help="privacy report of a run: md, self-contained html, json, plots")
+    rep = sub.add_parser("report", help="privacy report of a run: md, self-contained html, json, plots",
+                         description="Exit status: 0 report written, nothing flagged; 2 bad input (nothing "
+                                     f"written); {EXIT_FLAGGED} report written, but its cross-check flagged a "
+                                     "device, the user-level record, a statement or metrics.jsonl.")
     rep.add_argument("run_dir", help="run directory (runs/<run-id>)")
     rep.add_argument("--out", help="write the report here (default: into the run directory)")
     rep.set_defaults(func=cmd_report)
+
+    aud = sub.add_parser("audit", help="empirical lower bound on one device's epsilon (canaries, one run)",
+                         description="Steinke, Nasr and Jagielski (2023), one training run: each canary window joins "
+                                     "one device's data with probability 1/2, the device trains with the config's "
+                                     "DP settings, a white-box attacker scores each canary by its alignment with "
+                                     "the device's update, and the correct guesses become an epsilon the run "
+                                     "provably exceeds (confidence 1 - beta), shown next to the claimed epsilon. "
+                                     f"Exit status {EXIT_FLAGGED} when the bound exceeds the claim.")
+    add_config_flags(aud)
+    aud.add_argument("--user-level", action="store_true",
+                     help="audit user-level DP-FedAvg instead: canary users, the adversary sees the global models")
+    aud.add_argument("--user-sample-rate", type=float, default=0.5, help="--user-level: users' Poisson rate per "
+                                                                         "round (default 0.5)")
+    aud.add_argument("--canaries", type=int, default=1000, help="canary windows (or users) m (default 1000)")
+    aud.add_argument("--guesses", type=int, help="guesses 'in' and as many 'out' (default m/10 each)")
+    aud.add_argument("--background", type=int, default=0, help="windows (or users) always in (default 0)")
+    aud.add_argument("--items", type=int, default=1682, help="catalogue size the canaries draw from (default 1682)")
+    aud.add_argument("--rounds", type=int, default=1, help="rounds the device trains (default 1)")
+    aud.add_argument("--beta", type=float, default=0.05, help="1 - confidence (default 0.05)")
+    aud.add_argument("--out", help="also write the figures to this JSON file")
+    aud.set_defaults(func=cmd_audit)
 
     from shared.deploy.cli import add_data_split, add_deploy  # deployment: data split, deploy ...
 

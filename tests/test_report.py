@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.cli import main
+from shared.cli import EXIT_FLAGGED, main
 from shared.report.load import load_run
 from shared.report.recompute import REL_TOL, cross_check, recompute, same
 from tests import report_fixture as fx
@@ -36,7 +36,7 @@ CHROMIUM = "/usr/bin/chromium"
 def sim(tmp_path_factory):
     """Simulation run (ledgers present), user-level DP on, device 2's ledger under-reports: report in run dir."""
     run = fx.write_run(tmp_path_factory.mktemp("sim"), tamper=("2", "ledger-epsilon"))
-    assert main(["report", str(run)]) == 0
+    assert main(["report", str(run)]) == EXIT_FLAGGED  # written, and device 2 flagged
     return run, json.loads((run / "report.json").read_text())
 
 
@@ -50,7 +50,7 @@ def any_run(request, sim, tmp_path_factory):
         pytest.skip("set PRIVREC_REPORT_RUN=runs/<run-id> to check a real run's report too")
     run = tmp_path_factory.mktemp("real") / Path(real).name
     shutil.copytree(real, run)
-    assert main(["report", str(run)]) == 0
+    assert main(["report", str(run)]) in (0, EXIT_FLAGGED)
     return run, json.loads((run / "report.json").read_text())
 
 
@@ -232,7 +232,7 @@ def test_user_level_off_deployment_report(tmp_path, capsys):
 def test_old_simulation_run_is_rebuilt_from_its_ledgers(tmp_path):
     run = fx.write_run(tmp_path, user_dp=False, tamper=("1", "ledger-epsilon"))
     (run / "privacy.json").unlink()
-    assert main(["report", str(run)]) == 0
+    assert main(["report", str(run)]) == EXIT_FLAGGED
     report = json.loads((run / "report.json").read_text())
     p = report["privacy"]
     assert p["source"] == "ledgers" and "privacy.json is missing" in p["reason"]
@@ -283,6 +283,10 @@ def test_report_on_a_real_inprocess_run(tmp_path):
     assert [c["key"] for c in p["metrics-checks"]] == ["epsilon-max", "user-level-epsilon"]
     assert any(d["declined-round"] for d in p["devices"])  # the cap was reached
     assert all(d["recomputed"]["rdp"]["epsilon"] > 0 and d["ledger"]["epsilon"] for d in p["devices"])
+    # The independent checks ran against the device's own data (the run's store) and dp-accounting.
+    assert all(d["expected-history"]["basis"].startswith(("device data", "config sample-rate"))
+               and d["independent"]["rdp"]["epsilon"] > 0 for d in p["devices"])
+    assert p["flagged"] is False
     assert "protects nothing" in (run / "report.md").read_text().splitlines()[2]  # deterministic-devices first
 
 

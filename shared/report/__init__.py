@@ -2,6 +2,7 @@
 
     load.py       read and validate the run directory (PrivrecError naming the file/line/key at fault)
     recompute.py  recompute every epsilon with RDP and PRV; flag disagreements with the records
+    independent.py  the same with dp-accounting (RDP, PLD), and each history row against the config
     plots.py      PNG figures (matplotlib, Agg)
     render.py     report.json (docs/report-format.md), report.md, report.html (self-contained)
 """
@@ -31,7 +32,7 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict
     out = Path(out_dir).expanduser() if out_dir is not None else run.path
     if out.exists() and not out.is_dir():
         raise PrivrecError(f"--out {out}: exists and is not a directory")
-    check = cross_check(run.privacy, run.rounds) if run.privacy is not None else None
+    check = cross_check(run.privacy, run.rounds, run.config) if run.privacy is not None else None
     plots = make_plots(run, check)
     report = report_json(run, check, plots)
     files = {plot.file: plot.png for plot in plots}

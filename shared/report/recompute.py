@@ -1,9 +1,12 @@
-"""Second-accountant cross-check: recompute every epsilon from its history and compare.
+"""Cross-check: recompute every epsilon from its history and compare, with Opacus and with dp-accounting.
 
 For each device (and for user-level DP-FedAvg) the epsilon is recomputed from the recorded
-accountant history with RDP and with PRV (and with GDP when the run used it). The recomputation
-with the run's own accountant must reproduce the reported figure; a disagreement beyond
-TOLERANCE is flagged. Where the device ledgers are in the run directory (simulation), the
+accountant history with Opacus' RDP and PRV (and GDP when the run used it): the recomputation
+with the run's own accountant must reproduce the reported figure (a disagreement beyond REL_TOL
+is flagged). Independently, `shared.report.independent` recomputes it with another code base
+(dp-accounting's RDP and PLD accountants; more than 1% apart, or an under-report, is flagged)
+and checks every history row against the run's config (and the device's data where the device
+store is at hand). Where the device ledgers are in the run directory (simulation), the
 ledger's own figure is checked against its own history, and against the server's record: a
 ledger that shows LESS spend than the server saw is the dangerous direction (a device that would
 keep training past its real budget).
@@ -14,12 +17,15 @@ from __future__ import annotations
 import math
 import warnings
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
 from shared.errors import PrivrecError
 from shared.privacy.accounting import epsilon_from_state
+from shared.report import independent
+from shared.report.independent import Expected, Figure
 from shared.report.load import Device, Privacy, UserLevel
 
 # Relative tolerance of "the same epsilon": the reported figure and a recomputation with the same
@@ -60,6 +66,8 @@ class DeviceCheck:
     recomputed: dict[str, Epsilon]
     ledger_recomputed: Epsilon | None = None
     flags: list[Flag] = field(default_factory=list)
+    independent: dict[str, Figure] = field(default_factory=dict)  # dp-accounting: "rdp", "pld"
+    expected: Expected | None = None  # what the config (and device data) say each history row must be
 
 
 @dataclass
@@ -68,6 +76,8 @@ class UserLevelCheck:
     reported: float | None
     recomputed: dict[str, Epsilon]
     flags: list[Flag] = field(default_factory=list)
+    independent: dict[str, Figure] = field(default_factory=dict)
+    expected: Expected | None = None
 
 
 @dataclass
@@ -154,13 +164,39 @@ def _fmt(value: float | None) -> str:
     return "none" if value is None else f"{value:.6g}"
 
 
-def check_device(device: Device, delta: float, run_accountant: str) -> DeviceCheck:
-    acc = device.accountant
-    result = DeviceCheck(device=device, recomputed=recompute(device.history, delta, acc))
-    flags = result.flags
+def _independent(result: DeviceCheck | UserLevelCheck, history: list[tuple[float, float, int]], recorded: float | None,
+                 accountant: str, delta: float, expected: Expected | None, rounds: int,
+                 per_round: Callable[[float], int] | None) -> None:
+    """dp-accounting's figures against the record, and the history against the config: flags into `result`."""
+    opacus_rdp = result.recomputed.get("rdp")
+    result.independent = independent.recompute(merged(tuple(history)), delta, recorded,
+                                               opacus_rdp.value if opacus_rdp else None)
+    found = independent.compare(recorded, accountant, result.independent)
+    if found:
+        result.flags.append(Flag(*found))
+    if expected is not None:
+        result.expected = expected
+        result.flags += [Flag(code, detail) for code, detail in
+                         independent.check_history(history, rounds, expected, per_round)]
+
+
+def check_device(device: Device, delta: float, run_accountant: str, expected: Expected | None = None,
+                 epochs: int | None = None) -> DeviceCheck:
+    """The Opacus recomputation and the ledger checks, then the independent ones (dp-accounting, config)."""
+    result = DeviceCheck(device=device, recomputed=recompute(device.history, delta, device.accountant))
     if device.source == "ledger" and device.ledger is not None:  # the ledger is the only record, unreadable
-        flags.append(Flag("ledger-unreadable", f"{device.ledger.path.name}: {device.ledger.error}"))
+        result.flags.append(Flag("ledger-unreadable", f"{device.ledger.path.name}: {device.ledger.error}"))
         return result
+    _check_records(result, delta, run_accountant)
+    per_round = (lambda q: independent.steps_for(q, epochs)) if isinstance(epochs, int) and epochs > 0 else None
+    _independent(result, device.history, device.epsilon, device.accountant, delta, expected, len(device.rounds),
+                 per_round)
+    return result
+
+
+def _check_records(result: DeviceCheck, delta: float, run_accountant: str) -> None:
+    device, flags = result.device, result.flags
+    acc = device.accountant
     if acc != run_accountant:
         flags.append(Flag("accountant-mismatch", f"device used accountant {acc}, the run {run_accountant}"))
     mine = result.recomputed[acc]
@@ -175,10 +211,10 @@ def check_device(device: Device, delta: float, run_accountant: str) -> DeviceChe
         flags.append(Flag("epsilon-decreased", f"reported epsilon went down between rounds: {eps}"))
     ledger = device.ledger
     if ledger is None:  # deployment: the ledgers are on the devices
-        return result
+        return
     if ledger.error:
         flags.append(Flag("ledger-unreadable", f"{ledger.path.name}: {ledger.error}"))
-        return result
+        return
     ledger_acc = ledger.accountant or acc
     result.ledger_recomputed = _epsilon(merged(tuple(ledger.history)), delta, ledger_acc) \
         if ledger_acc in ("rdp", "prv", "gdp") else Epsilon(None, f"unknown accountant {ledger_acc!r}")
@@ -196,10 +232,9 @@ def check_device(device: Device, delta: float, run_accountant: str) -> DeviceChe
                           f"ledger shows less spend than the server saw: ledger epsilon {_fmt(ledger_eps)} "
                           f"(history gives {_fmt(lr.value)}), server {_fmt(device.epsilon)} "
                           f"(history gives {_fmt(mine.value)})"))
-    return result
 
 
-def check_user_level(user_level: UserLevel, delta: float) -> UserLevelCheck:
+def check_user_level(user_level: UserLevel, delta: float, expected: Expected | None = None) -> UserLevelCheck:
     reported = user_level.rounds[-1][1] if user_level.rounds else None
     acc = user_level.accountant
     result = UserLevelCheck(user_level=user_level, reported=reported,
@@ -211,6 +246,8 @@ def check_user_level(user_level: UserLevel, delta: float) -> UserLevelCheck:
         result.flags.append(Flag("reported-epsilon-mismatch",
                                  f"last reported user-level epsilon {_fmt(reported)}, its history gives "
                                  f"{_fmt(mine.value)} ({acc})"))
+    # One release per round: a history row is 1 "step" per round at the cohort's sampling rate.
+    _independent(result, user_level.history, reported, acc, delta, expected, len(user_level.rounds), lambda q: 1)
     return result
 
 
@@ -219,21 +256,33 @@ def _check_statement(statement: dict[str, Any], devices: list[DeviceCheck],
     """A statement must not claim less than the spend it summarises (max over devices)."""
     mechanism = str(statement.get("mechanism", ""))
     claimed = statement.get("epsilon")
-    basis, value = None, None
+    basis, value, second = None, None, None
     if "user" in mechanism.lower():
         if user_level is not None:
             basis = "user-level epsilon recomputed from its history (run's accountant)"
             value = user_level.recomputed[user_level.user_level.accountant].value
+            second = _independent_value(user_level.independent, user_level.user_level.accountant)
     else:
         basis = "maximum over devices of the epsilon recomputed from each history (run's accountant)"
         values = [d.recomputed[d.device.accountant].value for d in devices]
         value = max((v for v in values if v is not None), default=0.0)
+        second = max((v for d in devices if (v := _independent_value(d.independent, d.device.accountant))
+                      is not None), default=None)
     understated = isinstance(claimed, (int, float)) and below(float(claimed), value)
+    # The claim must not be below the second code base's figure either (its own tolerance: 1%).
+    under_second = (isinstance(claimed, (int, float)) and second is not None and float(claimed) < second
+                    and not independent.agrees(float(claimed), second))
+    detail = ("nothing in privacy.json to check it against" if basis is None else
+              f"statement claims epsilon {_fmt(claimed)} but the recomputation gives {_fmt(value)}" if understated
+              else f"statement claims epsilon {_fmt(claimed)} but dp-accounting gives {_fmt(second)}" if under_second
+              else None)
     return {"statement": statement, "basis": basis, "recomputed": value,
-            "ok": basis is not None and not understated,
-            "detail": "nothing in privacy.json to check it against" if basis is None else
-            f"statement claims epsilon {_fmt(claimed)} but the recomputation gives {_fmt(value)}" if understated
-            else None}
+            "ok": basis is not None and not understated and not under_second, "detail": detail}
+
+
+def _independent_value(figures: dict[str, Figure], accountant: str) -> float | None:
+    figure = figures.get(independent.COMPARED_WITH[accountant])
+    return figure.value if figure is not None else None
 
 
 def _check_metrics(rows: list[dict[str, Any]], devices: list[DeviceCheck],
@@ -255,12 +304,25 @@ def _check_metrics(rows: list[dict[str, Any]], devices: list[DeviceCheck],
     return checks
 
 
-def cross_check(privacy: Privacy, rows: list[dict[str, Any]] | None = None) -> CrossCheck:
-    devices = [check_device(d, privacy.delta, privacy.accountant)
+def cross_check(privacy: Privacy, rows: list[dict[str, Any]] | None = None,
+                config: dict[str, Any] | None = None) -> CrossCheck:
+    """Every check; `config` (the run's config.json) enables the history-against-config checks."""
+    windows = independent.device_windows(config) if config else None
+    epochs = config.get("local-epochs") if config else None
+
+    def expected(device: str) -> Expected | None:
+        if not config:
+            return None
+        return independent.expected_for(config, (windows or {}).get(device))
+
+    devices = [check_device(d, privacy.delta, privacy.accountant, expected(d.device), epochs)
                for d in sorted(privacy.devices.values(), key=lambda d: (not d.device.isdigit(),
                                                                         int(d.device) if d.device.isdigit() else 0,
                                                                         d.device))]
-    user_level = check_user_level(privacy.user_level, privacy.delta) if privacy.user_level else None
+    user_level = None
+    if privacy.user_level:
+        user_expected = independent.expected_user_level(config, privacy.user_level.population) if config else None
+        user_level = check_user_level(privacy.user_level, privacy.delta, user_expected)
     statements = [_check_statement(s, devices, user_level) for s in privacy.statements]
     return CrossCheck(devices=devices, user_level=user_level, statements=statements,
                       metrics=_check_metrics(rows or [], devices, user_level))

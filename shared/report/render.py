@@ -9,6 +9,8 @@ import json
 import time
 from typing import Any
 
+from shared.report import independent
+from shared.report.independent import Expected, Figure
 from shared.report.load import CONFIG_KEYS, Run, finite_or_none
 from shared.report.plots import Plot
 from shared.report.recompute import ABS_TOL, REL_TOL, SECOND, CrossCheck, DeviceCheck, Epsilon
@@ -19,8 +21,15 @@ ROUND_KEYS = ("round", "devices-trained", "declined", "capped-devices", "epsilon
               "hr@10", "hr@10-ci")
 
 
-def _eps_map(recomputed: dict[str, Epsilon]) -> dict[str, Any]:
+def _eps_map(recomputed: dict[str, Epsilon] | dict[str, Figure]) -> dict[str, Any]:
     return {name: e.to_json() for name, e in recomputed.items()}
+
+
+def _expected_json(expected: Expected | None) -> dict[str, Any] | None:
+    if expected is None:
+        return None
+    return {"noise-multiplier": expected.noise_multiplier, "sample-rate": expected.sample_rate,
+            "steps-per-round": expected.steps_per_round, "basis": expected.basis}
 
 
 def _device_json(d: DeviceCheck) -> dict[str, Any]:
@@ -37,6 +46,7 @@ def _device_json(d: DeviceCheck) -> dict[str, Any]:
             "rounds": [[r, finite_or_none(e)] for r, e in dev.rounds],
             "steps": sum(n for _, _, n in dev.history),
             "epsilon-reported": finite_or_none(dev.epsilon), "recomputed": _eps_map(d.recomputed),
+            "independent": _eps_map(d.independent), "expected-history": _expected_json(d.expected),
             "declined-round": dev.declined_round, "ledger": ledger, "flags": [f.to_json() for f in d.flags]}
 
 
@@ -54,7 +64,7 @@ def report_json(run: Run, check: CrossCheck | None, plots: list[Plot]) -> dict[s
                                "source": run.privacy.source if run.privacy else None,
                                "delta": cfg.get("delta"), "accountant": cfg.get("accountant"), "ledgers": None,
                                "statements": [], "devices": [], "flagged-devices": [], "user-level": None,
-                               "metrics-checks": []}
+                               "metrics-checks": [], "flagged": False}
     if run.privacy is not None and check is not None:
         p = run.privacy
         if p.source == "ledgers":
@@ -80,7 +90,11 @@ def report_json(run: Run, check: CrossCheck | None, plots: list[Plot]) -> dict[s
                 "expected-cohort": u.user_level.expected_cohort,
                 "rounds": [[r, finite_or_none(e)] for r, e in u.user_level.rounds],
                 "epsilon-reported": finite_or_none(u.reported), "recomputed": _eps_map(u.recomputed),
+                "independent": _eps_map(u.independent), "expected-history": _expected_json(u.expected),
                 "flags": [f.to_json() for f in u.flags]}
+        privacy["flagged"] = bool(privacy["flagged-devices"] or (check.user_level and check.user_level.flags)
+                                  or not all(s["ok"] for s in check.statements)
+                                  or not all(c["ok"] for c in check.metrics))
     notes = [privacy["reason"] + "."] if privacy["available"] and privacy["reason"] else []
     if status.get("state") != "completed":
         notes.append(f"The run is not complete (state: {status.get('state', 'unknown')}); figures cover the "
@@ -94,7 +108,8 @@ def report_json(run: Run, check: CrossCheck | None, plots: list[Plot]) -> dict[s
         "run": {"id": run.path.resolve().name, "path": str(run.path.resolve()), "state": status.get("state"),
                 "state-detail": status.get("error") or status.get("reason"), "completed": run.summary is not None},
         "config": {k: cfg.get(k) for k in CONFIG_KEYS},
-        "tolerance": {"relative": REL_TOL, "absolute": ABS_TOL},
+        "tolerance": {"relative": REL_TOL, "absolute": ABS_TOL,
+                      "independent": {"relative": independent.REL_TOL, "absolute": independent.ABS_TOL}},
         "privacy": privacy,
         "rounds": [{k: row.get(k) for k in ROUND_KEYS} for row in run.rounds],
         "evaluation": (run.summary or {}).get("federated-evaluation"),
@@ -166,11 +181,13 @@ def device_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     extra = [a for a in (p["accountant"],) if a not in SECOND]
     ledgers = p["ledgers"] is not None and p["ledgers"].startswith("simulation")
     head = (["device", "rounds trained", "epsilon reported"] + [f"recomputed {a.upper()}" for a in (*SECOND, *extra)]
+            + ["dp-accounting RDP", "dp-accounting PLD"]
             + (["ledger epsilon"] if ledgers else []) + ["declined round", "flag"])
     rows = []
     for d in p["devices"]:
         row = [d["device"], str(d["rounds-trained"]), _num(d["epsilon-reported"])]
         row += [_recomputed(d["recomputed"][a]) for a in (*SECOND, *extra)]
+        row += [_recomputed(d["independent"][a]) if a in d["independent"] else "-" for a in ("rdp", "pld")]
         if ledgers:
             row.append(_num(d["ledger"]["epsilon"]) if d["ledger"] and not d["ledger"]["error"] else "n/a")
         row += [_num(d["declined-round"], "d"), ", ".join(f["code"] for f in d["flags"]) or "ok"]
@@ -191,7 +208,8 @@ def _user_level_line(report: dict[str, Any]) -> str | None:
     u = report["privacy"]["user-level"]
     if not u:
         return None
-    recomputed = ", ".join(f"{name.upper()} {_recomputed(e)}" for name, e in u["recomputed"].items())
+    recomputed = ", ".join([f"{name.upper()} {_recomputed(e)}" for name, e in u["recomputed"].items()]
+                           + [f"dp-accounting {name.upper()} {_recomputed(e)}" for name, e in u["independent"].items()])
     return (f"User-level DP-FedAvg ({u['accountant']} accountant, population {u['population']}, expected cohort "
             f"{u['expected-cohort']}): epsilon after the last round {_num(u['epsilon-reported'])}; recomputed "
             f"from its history: {recomputed}; " + (", ".join(f["code"] for f in u["flags"]) or "ok") + ".")
@@ -200,10 +218,18 @@ def _user_level_line(report: dict[str, Any]) -> str | None:
 def _crosscheck_summary(report: dict[str, Any]) -> str:
     p = report["privacy"]
     tol = report["tolerance"]
+    ind = tol["independent"]
     return (f"{len(p['devices'])} devices; every epsilon recomputed from its recorded history with RDP and PRV "
             f"(Opacus accountants, delta {_num(p['delta'], 'g')}); the run's accountant is {p['accountant']}, and "
             f"its recomputation must match the reported figure within relative tolerance {tol['relative']:g} "
-            f"(absolute {tol['absolute']:g}). Ledgers: {p['ledgers']}. "
+            f"(absolute {tol['absolute']:g}). Independently, with another code base (Google's dp-accounting, "
+            f"RDP and PLD, add/remove one): the recorded figure must agree with dp-accounting's "
+            f"{independent.COMPARED_WITH.get(p['accountant'], 'pld').upper()} within {ind['relative']:.0%} "
+            f"(absolute {ind['absolute']:g}) and never be below it; every history row "
+            "(noise multiplier, sample rate, steps) is checked against the run's config"
+            + (" and the device's data." if any((d.get("expected-history") or {}).get("basis", "").startswith("device")
+                                                for d in p["devices"]) else ".")
+            + f" Ledgers: {p['ledgers']}. "
             f"Flagged: {len(p['flagged-devices'])} device(s)"
             + (f" ({', '.join(p['flagged-devices'])})." if p["flagged-devices"] else "."))
 
