@@ -8,6 +8,7 @@ Validation happens here, once, and raises `PrivrecError` naming the key and the 
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import time
 import tomllib
@@ -26,6 +27,9 @@ class Key:
     help: str
     check: Callable[[Any], bool] | None = None
     rule: str = ""  # says in words what `check` demands, for the error message
+    # Float keys must be finite: `inf > 0` passes every range check and then fails on each device,
+    # after it has reserved privacy spend. No key needs inf or nan today; one that does says so here.
+    allow_nonfinite: bool = False
 
 
 def _positive(v) -> bool:
@@ -98,7 +102,8 @@ SCHEMA: dict[str, Key] = {
     "public-epochs": Key(int, 20, "epochs of server-side pretraining on the consenting users", _positive,
                          "must be >= 1"),
     "dp": Key(bool, True, "DP-SGD on the device (Opacus)"),
-    "noise-multiplier": Key(float, 1.0, "DP-SGD noise std / clipping norm", _non_negative, "must be >= 0"),
+    "noise-multiplier": Key(float, 1.0, "DP-SGD noise std / clipping norm (> 0 when dp = true)", _non_negative,
+                            "must be >= 0"),
     "max-grad-norm": Key(float, 1.0, "per-example gradient clipping norm", _positive, "must be > 0"),
     "max-epsilon": Key(float, 0.0, "per-device cap on cumulative epsilon: a device whose next round would pass "
                                    "it declines and never trains again with its ledger (0 = no cap)",
@@ -193,6 +198,8 @@ def validate(values: Mapping[str, Any], where: str = "") -> dict[str, Any]:
             raise PrivrecError(_unknown_key_message(name, where))
         resolved[name] = _coerce(name, value, where)
     for name, key in SCHEMA.items():
+        if key.type is float and not key.allow_nonfinite and not math.isfinite(resolved[name]):
+            raise PrivrecError(f"{where}config key '{name}' = {resolved[name]!r}: must be a finite number")
         if key.check is not None and not key.check(resolved[name]):
             raise PrivrecError(f"{where}config key '{name}' = {resolved[name]!r}: {key.rule}")
     _check_relations(resolved, where)
@@ -206,6 +213,10 @@ def _check_relations(cfg: Mapping[str, Any], where: str) -> None:
     if cfg["window"] - 1 > cfg["max-len"]:
         raise PrivrecError(f"{where}config key 'window' = {cfg['window']}: a window feeds window-1 = "
                            f"{cfg['window'] - 1} items to the model, more than 'max-len' = {cfg['max-len']}")
+    if cfg["dp"] and cfg["noise-multiplier"] == 0:
+        # Opacus would clip but add no noise: unnoised updates would leave every device under a "DP" label.
+        raise PrivrecError(f"{where}config key 'noise-multiplier' = 0 with 'dp' = true adds no noise; "
+                           "set noise-multiplier > 0, or dp = false for a non-private run")
     if cfg["devices-per-round"] == 0 and cfg["fraction-train"] == 0:
         raise PrivrecError(f"{where}config keys 'devices-per-round' and 'fraction-train' are both 0: "
                            "no device would train")
