@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -32,6 +33,37 @@ logging.getLogger("flwr").propagate = False  # Opacus' basicConfig would double 
 log = logging.getLogger("flwr")  # Flower's handler: our lines appear in the run's log stream
 
 app = ServerApp()
+
+
+class RoundFailed(PrivrecError):
+    """More than half of the devices asked to train in a round failed: the run stops as failed."""
+
+
+def round_failed(failures: int, asked: int) -> bool:
+    """The run's failure threshold (docs/architecture.md): more than half of the devices asked failed.
+
+    A round with fewer failures still counts (aggregated from the devices that replied) and is
+    recorded with its failures; declines at a privacy cap and replies lost to round-timeout are not
+    failures.
+    """
+    return failures > 0 and 2 * failures > asked
+
+
+def device_error_text(reason: str | None) -> str:
+    """One line of what went wrong on a device, from a Flower error reply's reason.
+
+    Flower words it "<class 'T'>:<'message'>"; Ray's simulation wraps the device's exception in
+    ClientAppException ("... occurred. Message: <the device's message>").
+    """
+    text = reason or "no reason given"
+    match = re.fullmatch(r"<class '([\w.]+)'>:<'(.*)'>", text, re.S)
+    if match:
+        kind, text = match.group(1).rsplit(".", 1)[-1], match.group(2)
+        wrapped = re.search(r"Message: (.*)", text, re.S)
+        if kind == "ClientAppException" and wrapped:
+            kind, text = "", wrapped.group(1)
+        text = f"{kind}: {text}" if kind else text
+    return " ".join(text.split())[:400]
 
 
 @app.main()
@@ -136,7 +168,20 @@ class FederatedRun:
 
     # -- callbacks from the strategy -------------------------------------------------------
     def _on_train(self, server_round: int, stats: dict) -> None:
+        if "first-error" in stats:
+            stats["first-error"] = device_error_text(stats["first-error"])
+            log.warning("privrec: round %d: %d of %d devices failed; first device error: %s", server_round,
+                        stats["failures"], stats.get("asked", 0), stats["first-error"])
         self.train_stats[server_round] = stats
+        if round_failed(stats.get("failures", 0), stats.get("asked", 0)):
+            # Record what the round did (its failures and every device's reported spend), then stop:
+            # no model or checkpoint of a failed round is released.
+            row = self._metrics_row(server_round, None)  # already the run's true round
+            self.rows.append(row)
+            self.run_dir.append_metrics(row)
+            self.run_dir.write_json("privacy.json", self._privacy_record())
+            raise RoundFailed(f"round {row['round']}: {stats['failures']} of {stats['asked']} devices failed "
+                              f"(more than half); first device error: {stats['first-error']}")
 
     def _on_evaluate(self, server_round: int, stats: dict) -> None:
         self.eval_stats[server_round] = stats
@@ -174,7 +219,12 @@ class FederatedRun:
             "round": server_round,
             "seconds": round(time.perf_counter() - self.round_started, 3),
             "devices-trained": train.get("devices", 0),
+            "devices-asked": train.get("asked", 0),
             "failures": train.get("failures", 0),
+            "no-reply": train.get("no-reply", 0),
+            "first-error": train.get("first-error"),
+            "round-status": ("failed" if round_failed(train.get("failures", 0), train.get("asked", 0))
+                             else "partial" if train.get("failures", 0) else "ok"),
             "train-loss": train.get("train-loss"),
             # epsilon: this round's cohort, and every device that has trained so far (cumulative)
             "round-epsilon-max": train.get("epsilon-max"),

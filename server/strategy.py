@@ -142,6 +142,7 @@ class RoundTracking:
         self._secret_rng = random.SystemRandom()
         self.privacy = PrivacyTally()
         self.round_declines = 0
+        self.asked = 0
 
     def choose_cohort(self, grid: Grid) -> list[int]:
         _, connected = sample_nodes(grid, self.min_available_nodes, 0)  # waits until enough nodes joined
@@ -160,6 +161,7 @@ class RoundTracking:
                         grid: Grid) -> Iterable[Message]:
         server_round += self.round_offset
         cohort = self.choose_cohort(grid)
+        self.asked = len(cohort)  # devices sent a train message this round (failures are judged against it)
         self.current_global = {k: a.numpy() for k, a in arrays.items()}
         if not cohort:  # Poisson sampling drew nobody: the round is still a (pure-noise) release
             return []
@@ -200,7 +202,12 @@ class RoundTracking:
                 trained.append(msg)
         arrays, metrics = super().aggregate_train(server_round, trained)
         stats = dict(metrics) if metrics is not None else {"devices": 0}
-        stats["failures"] = sum(1 for m in replies if m.has_error())
+        errors = [m for m in replies if m.has_error()]
+        stats["failures"] = len(errors)
+        stats["asked"] = self.asked
+        stats["no-reply"] = max(0, self.asked - len(replies))  # lost or late past round-timeout
+        if errors:  # Flower's wording of the first device's exception, for the operator
+            stats["first-error"] = errors[0].error.reason
         stats["declined"] = declined
         stats["capped-devices"] = len(self.privacy.capped)
         stats.update(self.privacy.summary())

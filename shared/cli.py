@@ -107,6 +107,8 @@ def _report_simulation(run_path: Path, result, one_line) -> int:
     status = json.loads(status_path.read_text()).get("state") if status_path.exists() else "unknown"
     if not summary_path.exists() or status != "completed" or (result.flower_status or "").endswith("failed"):
         detail = json.loads(status_path.read_text()).get("error", "") if status_path.exists() else ""
+        if status == "failed" and detail:  # the ServerApp said why (e.g. a round whose devices failed)
+            raise PrivrecError(f"run failed: {detail} -- see {run_path / 'flower.log'}")
         raise PrivrecError(f"simulation did not complete (ServerApp status: {status}; Flower: "
                            f"{result.flower_status}) {detail} -- see {run_path / 'flower.log'}")
     summary = json.loads(summary_path.read_text())
@@ -157,25 +159,41 @@ class _Progress:
         from rich.table import Table
 
         table = Table(title=f"privrec simulation ({len(rows) - 1 if rows else 0}/{self.rounds} rounds)")
-        for name in ("round", "devices", "train loss", "NDCG@10", "HR@10", "epsilon max", "epsilon median", "s"):
+        for name in ("round", "devices", "failed", "train loss", "NDCG@10", "HR@10", "epsilon max",
+                     "epsilon median", "s"):
             table.add_column(name, justify="right")
         for row in rows[-12:]:
-            table.add_row(str(row["round"]), str(row["devices-trained"]), self._fmt(row.get("train-loss")),
+            table.add_row(str(row["round"]), str(row["devices-trained"]), str(row.get("failures", 0)),
+                          self._fmt(row.get("train-loss")),
                           self._fmt(row.get("ndcg@10")), self._fmt(row.get("hr@10")),
                           self._fmt(row.get("epsilon-max"), ".2f"), self._fmt(row.get("epsilon-median"), ".2f"),
                           self._fmt(row.get("seconds"), ".1f"))
         return table
 
+    @staticmethod
+    def _failure_line(row: dict) -> str | None:
+        if not row.get("failures"):
+            return None
+        ended = "; the run stops" if row.get("round-status") == "failed" else ""
+        return (f"round {row['round']}: {row['failures']} of {row.get('devices-asked', '?')} devices failed"
+                f"{ended}; first device error: {row.get('first-error')}")
+
     def poll(self) -> None:
         rows = self._rows()
         if self.live is not None:
             self.live.update(self._table(rows))
+            for line in filter(None, map(self._failure_line, rows[self.seen:])):
+                self.live.console.print(line, style="red", markup=False, highlight=False)
+            self.seen = len(rows)
             return
         for row in rows[self.seen:]:
             print(f"round {row['round']}/{self.rounds}: devices {row['devices-trained']}, "
                   f"train loss {self._fmt(row.get('train-loss'))}, NDCG@10 {self._fmt(row.get('ndcg@10'))}, "
                   f"HR@10 {self._fmt(row.get('hr@10'))}, epsilon max {self._fmt(row.get('epsilon-max'), '.2f')}, "
                   f"{self._fmt(row.get('seconds'), '.1f')} s", flush=True)
+            failure = self._failure_line(row)
+            if failure:
+                print(failure, flush=True)
         self.seen = len(rows)
 
 

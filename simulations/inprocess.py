@@ -13,7 +13,8 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 
-from flwr.app import Context, Message, Metadata, RecordDict
+from flwr.app import Context, Error, Message, Metadata, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -76,10 +77,17 @@ class InProcessGrid(Grid):
         for msg in messages:
             node = msg.metadata.dst_node_id
             delivered = instruction(msg.content, node, msg.metadata.message_type)
-            replies.append(self.client_app(delivered, self.contexts[node]))
+            replies.append(self._run_client(delivered, self.contexts[node]))
             if self.keep_messages:
                 self.delivered.append(delivered)
         if self.keep_messages:
             self.replies.extend(replies)
         return replies
 
+    def _run_client(self, message: Message, context: Context) -> Message:
+        """The ClientApp's reply; an exception becomes an error reply, worded as Flower's runtimes word it."""
+        try:
+            return self.client_app(message, context)
+        except Exception as exc:  # noqa: BLE001 - a device's failure is a reply, not the server's crash
+            reason = str(type(exc)) + ":<'" + str(exc) + "'>"
+            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)

@@ -421,3 +421,47 @@ def test_recommend_new_items_with_an_id_model_is_a_one_line_error(run_path, tmp_
     new = _jsonl(tmp_path, '{"item": "n1", "title": "Brand New (2030)"}')
     code, _, err = run_cli(capsys, "recommend", "--model", str(run_path), "--history", "i1", "--new-items", str(new))
     assert_user_error(code, err, "item IDs only", "item-representation = text")
+
+
+# ----------------------------------------------------------------------------- simulate: failing devices
+
+
+@pytest.fixture
+def inprocess_simulation(monkeypatch):
+    """`privrec simulate` with the real ServerApp and ClientApp in one process instead of Flower's processes."""
+    from flwr.app import Context, RecordDict
+
+    from client.app import app as client_app
+    from server.app import main as server_main
+    from simulations.inprocess import InProcessGrid
+
+    def run(cfg, num_devices, run_path, on_poll=None, cpus_per_device=1):
+        context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=cfg)
+        try:
+            server_main(InProcessGrid(client_app, num_devices), context)
+            status = "finished:completed"
+        except Exception:  # noqa: BLE001 - Flower would record the ServerApp's exception the same way
+            status = "finished:failed"
+        if on_poll:
+            on_poll()
+        return shared.launch.SimulationResult(run_id=1, flower_status=status, returncode=0)
+
+    monkeypatch.setattr(shared.launch, "run_simulation", run)
+
+
+def test_simulate_whose_devices_all_fail_exits_non_zero_with_the_device_error(tmp_path, capsys, cache,
+                                                                              inprocess_simulation, monkeypatch):
+    from tests.synthetic import walk_store
+    from tests.test_federation import _failing_train_round
+
+    store = walk_store(tmp_path / "store", num_users=6, num_items=30)
+    _failing_train_round(monkeypatch, lambda device: True)
+    code, out, err = run_cli(capsys, "simulate", "--set", f"data-store={store}", "--rounds", "2",
+                             "--devices-per-round", "4", "--run-dir", tmp_path / "runs", "--run-name", "bad",
+                             "--set", "eval-every=0", "--set", "max-len=16", "--set", "window=12",
+                             "--set", "hidden-size=16", "--set", "num-blocks=1")
+    line = assert_user_error(code, err, "run failed", "round 1: 4 of 4 devices failed",
+                             "ValueError: device", "simulated fault")
+    assert "95% CI" not in out  # no final figures of an untrained model
+    assert "round 1: 4 of 4 devices failed; the run stops; first device error: ValueError: device" in out
+    assert json.loads((tmp_path / "runs" / "bad" / "status.json").read_text())["state"] == "failed", line
