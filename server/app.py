@@ -20,7 +20,7 @@ from server.evaluation import central_evaluation
 from server.pretraining import pretrain
 from server.run_dir import RunDirectory
 from server.strategy import BudgetExhausted, build_strategy, cohort_size, user_sample_rate
-from shared.config import default_run_name, from_run_config
+from shared.config import clamp_to_population, default_run_name, from_run_config
 from shared.data.devices import read_catalogue
 from shared.data.store import open_store, prepare_store
 from shared.errors import PrivrecError
@@ -116,6 +116,10 @@ class FederatedRun:
             self.num_devices = self.store.num_devices
             self.run_dir.write_json("dataset.json", self.store.meta)
             device_config = {"data-store": str(store_dir), "state-dir": str(self.run_dir.path / "devices")}
+        clamped = clamp_to_population(cfg, self.num_devices)
+        if clamped:  # the run records what it does, not what was asked
+            log.warning("privrec: %s", clamped)
+            self.run_dir.write_json("config.json", cfg)
         # Text models: the frozen text table is built here from the public catalogue (encoded once,
         # cached by hash) and is not part of the shipped weights; devices build the same one themselves.
         features = features_for(cfg, Path(items_path).parent)

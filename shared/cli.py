@@ -37,17 +37,29 @@ def _parse_set(pairs: Sequence[str] | None) -> dict[str, Any]:
 def _config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     from shared.config import resolve
 
+    from shared.config import check_keys
+
     overrides = _parse_set(getattr(args, "set", None))
+    check_keys(overrides, where="--set: ")  # also the values a flag overrides below: a typo is never silent
     flag_keys = {"dataset": "dataset", "rounds": "num-rounds", "devices_per_round": "devices-per-round",
                  "noise_multiplier": "noise-multiplier", "seed": "seed", "run_dir": "run-dir",
                  "run_name": "run-name", "users_per_device": "users-per-device"}
-    for attr, key in flag_keys.items():
-        value = getattr(args, attr, None)
-        if value is not None:
-            overrides[key] = value
+    flags = {key: getattr(args, attr) for attr, key in flag_keys.items() if getattr(args, attr, None) is not None}
     if getattr(args, "no_dp", False):
-        overrides["dp"] = False
-    return resolve(args.config, overrides)
+        flags["dp"] = False
+    for key in sorted(set(flags) & set(overrides)):
+        if check_keys({key: overrides[key]})[key] != check_keys({key: flags[key]})[key]:
+            print(f"privrec: note: --set {key}={overrides[key]} is overridden by its flag ({flags[key]})",
+                  file=sys.stderr)
+    return resolve(args.config, {**overrides, **flags})
+
+
+def _say_dataset_notes(store) -> None:
+    """What preparing the data left out or kept as is (users too short to split, duplicated rows)."""
+    from shared.data.split import dataset_notes
+
+    for note in dataset_notes(store.meta):
+        print(f"privrec: note: {note}", flush=True)
 
 
 # ---------------------------------------------------------------------------- data
@@ -65,7 +77,7 @@ def cmd_data_fetch(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------- simulate
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from shared.config import default_run_name
+    from shared.config import clamp_to_population, default_run_name
     from shared.data.store import open_store, prepare_store
     from shared.launch import run_simulation
     from shared.privacy.statement import one_line
@@ -75,6 +87,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                                                                                   cfg["users-per-device"])
     store = open_store(store_dir)
     cfg["data-store"] = str(store_dir.resolve())
+    _say_dataset_notes(store)
+    clamped = clamp_to_population(cfg, store.num_devices)
+    if clamped:
+        print(f"privrec: note: {clamped}", flush=True)
     if cfg["item-representation"] != "id":  # encode the catalogue here, with a progress bar, once (cached)
         from shared.text.features import features_for
 
@@ -209,6 +225,7 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     cfg = _config_from_args(args)
     store_dir = cfg["data-store"] or prepare_store(cfg["dataset"], 1)
     store = open_store(store_dir)
+    _say_dataset_notes(store)
     users = store.all_users()
     result: dict[str, Any] = {"baseline": args.kind, "dataset": store.meta.get("dataset"), "users": store.num_users}
     if args.kind == "popularity":
@@ -260,13 +277,20 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         print(f"added {added} new item(s) from {args.new_items}, known by their text only", file=sys.stderr)
     if (args.history is None) == (args.input is None):
         raise PrivrecError("give exactly one of --history \"ITEM ITEM ...\" or --input FILE.jsonl")
+    covered = (f"nothing to recommend: the history already holds every one of the "
+               f"{len(recommender.item_ids) - 1} items in the catalogue")
     if args.history is not None:
-        for rank, rec in enumerate(recommender.top_k(args.history.split(), args.k, where="--history"), 1):
+        recs = recommender.top_k(args.history.split(), args.k, where="--history")
+        if not recs:
+            print(covered)
+        for rank, rec in enumerate(recs, 1):
             title = f"  {rec['title']}" if rec["title"] else ""
             new = "  [new, not in training]" if rec.get("new") else ""
             print(f"{rank:>3}. {rec['item']}{title}  (score {rec['score']:.3f}){new}")
         return 0
-    for out in recommender.top_k_file(Path(args.input), args.k):
+    for number, out in enumerate(recommender.top_k_file(Path(args.input), args.k), 1):
+        if not out["recommendations"]:
+            print(f"privrec: note: {args.input} record {number}: {covered}", file=sys.stderr)
         print(json.dumps(out))
     return 0
 
@@ -374,6 +398,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PrivrecError as exc:
         message = " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
         print(f"privrec: error: {message}", file=sys.stderr)  # always one line
+        return 2
+    except PermissionError as exc:  # a file or folder we may not read or write, wherever it was met
+        print(f"privrec: error: {exc.filename or ''}: {exc.strerror or 'permission denied'}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("privrec: interrupted", file=sys.stderr)

@@ -192,18 +192,24 @@ def validate(values: Mapping[str, Any], where: str = "") -> dict[str, Any]:
 
     `where` prefixes error messages (e.g. "sim.toml: ") so the user knows which input is wrong.
     """
-    resolved = defaults()
+    resolved = defaults()  # valid by construction (tests/test_config.py)
+    resolved.update(check_keys(values, where))
+    _check_relations(resolved, where)
+    return resolved
+
+
+def check_keys(values: Mapping[str, Any], where: str = "") -> dict[str, Any]:
+    """Each of `values` known, of its type, finite and in range (relations between keys are not checked)."""
+    out = {}
     for name, value in values.items():
         if name not in SCHEMA:
             raise PrivrecError(_unknown_key_message(name, where))
-        resolved[name] = _coerce(name, value, where)
-    for name, key in SCHEMA.items():
-        if key.type is float and not key.allow_nonfinite and not math.isfinite(resolved[name]):
-            raise PrivrecError(f"{where}config key '{name}' = {resolved[name]!r}: must be a finite number")
-        if key.check is not None and not key.check(resolved[name]):
-            raise PrivrecError(f"{where}config key '{name}' = {resolved[name]!r}: {key.rule}")
-    _check_relations(resolved, where)
-    return resolved
+        key, out[name] = SCHEMA[name], _coerce(name, value, where)
+        if key.type is float and not key.allow_nonfinite and not math.isfinite(out[name]):
+            raise PrivrecError(f"{where}config key '{name}' = {out[name]!r}: must be a finite number")
+        if key.check is not None and not key.check(out[name]):
+            raise PrivrecError(f"{where}config key '{name}' = {out[name]!r}: {key.rule}")
+    return out
 
 
 def _check_relations(cfg: Mapping[str, Any], where: str) -> None:
@@ -220,6 +226,19 @@ def _check_relations(cfg: Mapping[str, Any], where: str) -> None:
     if cfg["devices-per-round"] == 0 and cfg["fraction-train"] == 0:
         raise PrivrecError(f"{where}config keys 'devices-per-round' and 'fraction-train' are both 0: "
                            "no device would train")
+
+
+def clamp_to_population(cfg: dict[str, Any], num_devices: int) -> str | None:
+    """Lower `devices-per-round` to the population when it asks for more; returns the note to show.
+
+    The effective value is what the run records (config.json, checkpoints), so the record says what ran.
+    """
+    asked = cfg["devices-per-round"]
+    if asked <= num_devices:
+        return None
+    cfg["devices-per-round"] = num_devices
+    return (f"devices-per-round = {asked} is more than the {num_devices} devices: every round asks all "
+            f"{num_devices} (recorded as devices-per-round = {num_devices})")
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:

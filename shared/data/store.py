@@ -28,7 +28,7 @@ import numpy as np
 
 from shared.atomic import make_staging_dir, publish_dir, write_json_synced
 from shared.data.fetch import SOURCE_FILE, default_cache_dir, fetch_ml100k
-from shared.data.formats import content_sha256, load_interactions
+from shared.data.formats import content_sha256, duplicate_rows, load_interactions
 from shared.data.split import SplitData, leave_one_out
 from shared.errors import PrivrecError
 
@@ -334,6 +334,7 @@ def prepare_store(dataset: str, users_per_device: int = 1, cache_dir: Path | Non
         "source": source or inter.source,
         "source_detail": inter.source,
         "content_sha256": digest,
+        "duplicate_rows": duplicate_rows(inter),  # shown on the console (shared.data.split.dataset_notes)
     }
     # Replace only a damaged store; if a parallel run publishes the same store first, keep theirs.
     return _write_store(leave_one_out(inter), target, upd, meta_extra, replace=target.exists())
