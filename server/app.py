@@ -52,17 +52,20 @@ def round_failed(failures: int, asked: int) -> bool:
 def device_error_text(reason: str | None) -> str:
     """One line of what went wrong on a device, from a Flower error reply's reason.
 
-    Flower words it "<class 'T'>:<'message'>"; Ray's simulation wraps the device's exception in
-    ClientAppException ("... occurred. Message: <the device's message>").
+    Flower words it "<class 'T'>:<'message'>". Under Ray, T is RayTaskError(ClientAppException) and the
+    message is the device's whole traceback: the device's own exception is the line before "The above
+    exception was the direct cause", and its message also follows "ClientAppException occurred. Message: ".
     """
-    text = reason or "no reason given"
-    match = re.fullmatch(r"<class '([\w.]+)'>:<'(.*)'>", text, re.S)
-    if match:
-        kind, text = match.group(1).rsplit(".", 1)[-1], match.group(2)
-        wrapped = re.search(r"Message: (.*)", text, re.S)
-        if kind == "ClientAppException" and wrapped:
-            kind, text = "", wrapped.group(1)
-        text = f"{kind}: {text}" if kind else text
+    text = re.sub(r"\x1b\[[0-9;]*m", "", reason or "no reason given")  # Ray colours its actor names
+    original = re.search(r"^([A-Za-z_][\w.]*): ([^\n]*)\n\s*\nThe above exception was the direct cause", text, re.M)
+    wrapped = re.search(r"ClientAppException occurred\. Message: (.*?)(?:'>)?\s*$", text, re.S)
+    plain = re.fullmatch(r"<class '([^']+)'>:<'(.*)'>", text, re.S)
+    if original:
+        text = f"{original.group(1).rsplit('.', 1)[-1]}: {original.group(2)}"
+    elif wrapped:
+        text = wrapped.group(1)
+    elif plain:
+        text = f"{plain.group(1).rsplit('.', 1)[-1]}: {plain.group(2)}"
     return " ".join(text.split())[:400]
 
 

@@ -235,7 +235,21 @@ def test_a_few_failing_devices_are_recorded_and_the_run_goes_on(tmp_path, monkey
         assert row["first-error"] == "ValueError: device 0 cannot train: simulated fault"
 
 
+RAY_REASON = (  # as Flower 1.41's Ray simulation words it (from a real run's flower.log, shortened)
+    "<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'\x1b[36mray::ClientAppActor.run()\x1b[39m "
+    "(pid=24305, ip=192.0.2.2)\n  File \"client/device.py\", line 125, in train_round\n"
+    "    reserve(ledger_path, ledger, planned,\n"
+    "NotADirectoryError: [Errno 20] Not a directory: '/r/devices/device-0'\n\n"
+    "The above exception was the direct cause of the following exception:\n\n"
+    "\x1b[36mray::ClientAppActor.run()\x1b[39m (pid=24305)\n"
+    "  File \"flwr/simulation/ray_transport/ray_actor.py\", line 65, in run\n"
+    "    raise ClientAppException(str(ex)) from ex\n"
+    "flwr.clientapp.client_app.ClientAppException: \n"
+    "Exception ClientAppException occurred. Message: [Errno 20] Not a directory: '/r/devices/device-0''>")
+
+
 @pytest.mark.parametrize("reason, text", [
+    (RAY_REASON, "NotADirectoryError: [Errno 20] Not a directory: '/r/devices/device-0'"),
     ("<class 'flwr.clientapp.client_app.ClientAppException'>:<'\nException ClientAppException occurred. "
      "Message: server message: config key 'x' = 1: bad'>", "server message: config key 'x' = 1: bad"),
     ("<class 'shared.errors.PrivrecError'>:<'ledger unreadable'>", "PrivrecError: ledger unreadable"),
