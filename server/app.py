@@ -69,6 +69,13 @@ def device_error_text(reason: str | None) -> str:
     return " ".join(text.split())[:400]
 
 
+def _round_status(*stats: dict) -> str:
+    """`failed` past the threshold (training or evaluation), `partial` with any failure, else `ok`."""
+    if any(round_failed(s.get("failures", 0), s.get("asked", 0)) for s in stats):
+        return "failed"
+    return "partial" if any(s.get("failures", 0) for s in stats) else "ok"
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = from_run_config(context.run_config)
@@ -92,6 +99,7 @@ class FederatedRun:
         self.round_started = time.perf_counter()
         self.train_stats: dict[int, dict] = {}
         self.eval_stats: dict[int, dict] = {}
+        self.eval_failures: dict[int, dict] = {}
         self.rows: list[dict[str, Any]] = []
 
     def execute(self) -> None:
@@ -175,23 +183,31 @@ class FederatedRun:
 
     # -- callbacks from the strategy -------------------------------------------------------
     def _on_train(self, server_round: int, stats: dict) -> None:
+        self.train_stats[server_round] = stats
+        self._check_failures(server_round, stats, "")
+
+    def _on_evaluate(self, server_round: int, stats: dict) -> None:
+        if "test-ndcg@10" in stats:  # some devices evaluated
+            self.eval_stats[server_round] = stats
+        self.eval_failures[server_round] = stats
+        self._check_failures(server_round, stats, " evaluation")
+
+    def _check_failures(self, server_round: int, stats: dict, what: str) -> None:
+        """Say which devices failed (Flower's log, and metrics.jsonl for the console); past the threshold,
+        record the round and stop the run as failed. `server_round` is already the run's true round."""
         if "first-error" in stats:
             stats["first-error"] = device_error_text(stats["first-error"])
-            log.warning("privrec: round %d: %d of %d devices failed; first device error: %s", server_round,
-                        stats["failures"], stats.get("asked", 0), stats["first-error"])
-        self.train_stats[server_round] = stats
+            log.warning("privrec: round %d%s: %d of %d devices failed; first device error: %s", server_round,
+                        what, stats["failures"], stats.get("asked", 0), stats["first-error"])
         if round_failed(stats.get("failures", 0), stats.get("asked", 0)):
             # Record what the round did (its failures and every device's reported spend), then stop:
             # no model or checkpoint of a failed round is released.
-            row = self._metrics_row(server_round, None)  # already the run's true round
+            row = self._metrics_row(server_round, None)
             self.rows.append(row)
             self.run_dir.append_metrics(row)
             self.run_dir.write_json("privacy.json", self._privacy_record())
-            raise RoundFailed(f"round {row['round']}: {stats['failures']} of {stats['asked']} devices failed "
-                              f"(more than half); first device error: {stats['first-error']}")
-
-    def _on_evaluate(self, server_round: int, stats: dict) -> None:
-        self.eval_stats[server_round] = stats
+            raise RoundFailed(f"round {server_round}{what}: {stats['failures']} of {stats['asked']} devices "
+                              f"failed (more than half); first device error: {stats['first-error']}")
 
     def _end_of_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Called by Flower before round 1 (as round 0) and after every round."""
@@ -230,8 +246,10 @@ class FederatedRun:
             "failures": train.get("failures", 0),
             "no-reply": train.get("no-reply", 0),
             "first-error": train.get("first-error"),
-            "round-status": ("failed" if round_failed(train.get("failures", 0), train.get("asked", 0))
-                             else "partial" if train.get("failures", 0) else "ok"),
+            "eval-asked": self.eval_failures.get(server_round, {}).get("asked", 0),
+            "eval-failures": self.eval_failures.get(server_round, {}).get("failures", 0),
+            "eval-first-error": self.eval_failures.get(server_round, {}).get("first-error"),
+            "round-status": _round_status(train, self.eval_failures.get(server_round, {})),
             "train-loss": train.get("train-loss"),
             # epsilon: this round's cohort, and every device that has trained so far (cumulative)
             "round-epsilon-max": train.get("epsilon-max"),
@@ -302,6 +320,9 @@ class FederatedRun:
                 **{f"{split}-{m}": final_eval.get(f"{split}-{m}")
                    for split in ("test", "valid") for m in ("hr@10", "hr@10-ci", "ndcg@10", "ndcg@10-ci")},
             },
+            # Devices whose train or evaluate message raised, over the run (per round in metrics.jsonl).
+            "device-failures": {"train": sum(r.get("failures", 0) for r in self.rows),
+                                "evaluate": sum(r.get("eval-failures", 0) for r in self.rows)},
             "central-evaluation": central_rows[-1]["central"] if central_rows else None,
             "central-evaluation-initial": central_rows[0]["central"] if central_rows else None,
             "privacy": {**privacy, **privacy_statement(self.cfg), "capped-devices": len(strategy.privacy.capped),

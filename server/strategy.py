@@ -142,7 +142,7 @@ class RoundTracking:
         self._secret_rng = random.SystemRandom()
         self.privacy = PrivacyTally()
         self.round_declines = 0
-        self.asked = 0
+        self.asked = self.eval_asked = 0
 
     def choose_cohort(self, grid: Grid) -> list[int]:
         _, connected = sample_nodes(grid, self.min_available_nodes, 0)  # waits until enough nodes joined
@@ -185,9 +185,12 @@ class RoundTracking:
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         server_round += self.round_offset
+        self.eval_asked = 0
         if not self.is_eval_round(server_round):
             return []
-        return super().configure_evaluate(server_round, arrays, config, grid)
+        messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+        self.eval_asked = len(messages)
+        return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         server_round += self.round_offset
@@ -216,9 +219,15 @@ class RoundTracking:
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
         server_round += self.round_offset
+        replies = list(replies)
         metrics = super().aggregate_evaluate(server_round, replies)
-        if metrics is not None:
-            self.on_evaluate(server_round, dict(metrics))
+        errors = [m for m in replies if m.has_error()]
+        if metrics is not None or errors:
+            stats = dict(metrics) if metrics is not None else {}
+            stats.update({"failures": len(errors), "asked": self.eval_asked})
+            if errors:
+                stats["first-error"] = errors[0].error.reason
+            self.on_evaluate(server_round, stats)
         return metrics
 
 

@@ -129,9 +129,17 @@ def _report_simulation(run_path: Path, result, one_line) -> int:
                            f"{result.flower_status}) {detail} -- see {run_path / 'flower.log'}")
     summary = json.loads(summary_path.read_text())
     fed = summary["federated-evaluation"]
-    print(f"NDCG@10 {fed['test-ndcg@10']:.4f} (95% CI {fed['test-ndcg@10-ci'][0]:.4f}-{fed['test-ndcg@10-ci'][1]:.4f})"
-          f"  HR@10 {fed['test-hr@10']:.4f} (95% CI {fed['test-hr@10-ci'][0]:.4f}-{fed['test-hr@10-ci'][1]:.4f})"
-          f"  [federated evaluation, test items, {int(fed['users'])} users]")
+    if fed.get("test-ndcg@10") is None:
+        print("no federated evaluation: no device's evaluation reply arrived")
+    else:
+        print(f"NDCG@10 {fed['test-ndcg@10']:.4f} (95% CI {fed['test-ndcg@10-ci'][0]:.4f}-"
+              f"{fed['test-ndcg@10-ci'][1]:.4f})  HR@10 {fed['test-hr@10']:.4f} (95% CI "
+              f"{fed['test-hr@10-ci'][0]:.4f}-{fed['test-hr@10-ci'][1]:.4f})"
+              f"  [federated evaluation, test items, {int(fed['users'])} users]")
+    failures = summary.get("device-failures") or {}
+    if failures.get("train") or failures.get("evaluate"):
+        print(f"device failures: {failures.get('train', 0)} train and {failures.get('evaluate', 0)} evaluate "
+              f"replies were errors (below the threshold that fails a run; see metrics.jsonl)")
     central = summary.get("central-evaluation")
     if central:
         print(f"central check (simulation only): NDCG@10 {central['test-ndcg@10']:.4f}  "
@@ -187,19 +195,24 @@ class _Progress:
         return table
 
     @staticmethod
-    def _failure_line(row: dict) -> str | None:
-        if not row.get("failures"):
-            return None
+    def _failure_lines(row: dict) -> list[str]:
         ended = "; the run stops" if row.get("round-status") == "failed" else ""
-        return (f"round {row['round']}: {row['failures']} of {row.get('devices-asked', '?')} devices failed"
-                f"{ended}; first device error: {row.get('first-error')}")
+        out = []
+        for what, failed, asked, error in (
+                ("", row.get("failures"), row.get("devices-asked"), row.get("first-error")),
+                (" evaluation", row.get("eval-failures"), row.get("eval-asked"), row.get("eval-first-error"))):
+            if failed:
+                out.append(f"round {row['round']}{what}: {failed} of {asked or '?'} devices failed{ended}; "
+                           f"first device error: {error}")
+        return out
 
     def poll(self) -> None:
         rows = self._rows()
         if self.live is not None:
             self.live.update(self._table(rows))
-            for line in filter(None, map(self._failure_line, rows[self.seen:])):
-                self.live.console.print(line, style="red", markup=False, highlight=False)
+            for row in rows[self.seen:]:
+                for line in self._failure_lines(row):
+                    self.live.console.print(line, style="red", markup=False, highlight=False)
             self.seen = len(rows)
             return
         for row in rows[self.seen:]:
@@ -207,9 +220,8 @@ class _Progress:
                   f"train loss {self._fmt(row.get('train-loss'))}, NDCG@10 {self._fmt(row.get('ndcg@10'))}, "
                   f"HR@10 {self._fmt(row.get('hr@10'))}, epsilon max {self._fmt(row.get('epsilon-max'), '.2f')}, "
                   f"{self._fmt(row.get('seconds'), '.1f')} s", flush=True)
-            failure = self._failure_line(row)
-            if failure:
-                print(failure, flush=True)
+            for line in self._failure_lines(row):
+                print(line, flush=True)
         self.seen = len(rows)
 
 

@@ -567,3 +567,17 @@ def test_any_permission_error_is_one_line(tmp_path, capsys, cache, no_simulation
     monkeypatch.setattr(shared.data.store, "prepare_store", locked)
     code, _, err = run_cli(capsys, "simulate", "--dataset", "x.csv", "--run-dir", tmp_path / "runs")
     assert_user_error(code, err, "/data/locked/x.csv: Permission denied")
+
+
+def test_simulate_with_a_few_failing_devices_completes_and_counts_them(tmp_path, capsys, cache,
+                                                                      inprocess_simulation, monkeypatch):
+    from tests.synthetic import walk_store
+    from tests.test_federation import _failing_train_round
+
+    store = walk_store(tmp_path / "store", num_users=4, num_items=30)
+    _failing_train_round(monkeypatch, lambda device: device == "0")
+    code, out, err = run_cli(capsys, "simulate", *_small_run_flags(store), "--rounds", "2", "--devices-per-round", "4",
+                             "--run-dir", tmp_path / "runs", "--run-name", "p")
+    assert code == 0, err
+    assert out.count("round 1: 1 of 4 devices failed; first device error: ValueError: device 0") == 1
+    assert "device failures: 2 train and 0 evaluate replies were errors" in out

@@ -233,6 +233,24 @@ def test_a_few_failing_devices_are_recorded_and_the_run_goes_on(tmp_path, monkey
     for row in rows[1:]:  # device 0 is in every cohort of 8 and fails each time
         assert (row["failures"], row["devices-trained"], row["round-status"]) == (1, 7, "partial")
         assert row["first-error"] == "ValueError: device 0 cannot train: simulated fault"
+    assert json.loads((path / "summary.json").read_text())["device-failures"] == {"train": 3, "evaluate": 0}
+
+
+def test_a_round_whose_evaluation_fails_on_most_devices_fails_the_run(tmp_path, monkeypatch):
+    import client.app as client_module
+    from server.app import RoundFailed
+
+    def evaluate_round(*args, **kwargs):
+        raise RuntimeError("cannot evaluate: simulated fault")
+
+    monkeypatch.setattr(client_module, "evaluate_round", evaluate_round)
+    with pytest.raises(RoundFailed, match="round 1 evaluation: 8 of 8 devices failed .*RuntimeError: cannot"):
+        _server_main(tmp_path, **{"eval-every": 1})
+    path = tmp_path / "runs" / "f"
+    assert json.loads((path / "status.json").read_text())["state"] == "failed"
+    row = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()][-1]
+    assert (row["round"], row["eval-failures"], row["eval-asked"], row["round-status"]) == (1, 8, 8, "failed")
+    assert row["devices-trained"] == 4 and row["failures"] == 0
 
 
 RAY_REASON = (  # as Flower 1.41's Ray simulation words it (from a real run's flower.log, shortened)
