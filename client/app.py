@@ -3,7 +3,8 @@
 Receives the global model and the run config in a message, hands them to `client.device` (plain
 torch), and replies with exactly what may leave the device: the updated weights (train) and
 aggregate scalar metrics. Where the device's data and ledger live comes from the node config in
-a deployment (`data-dir`, `state-dir`), or from the server's message in a simulation.
+a deployment (`data-dir`, `state-dir`), or from the server's message in a simulation (the shared
+store and the population folder beside it that holds every simulated device's ledger).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from client.audit import audit_mod
 from client.device import evaluate_round, ledger_path, load_device, train_round
 from shared.config import SCHEMA, validate
 from shared.errors import PrivrecError
-from shared.privacy.ledger import PrivacyLedger, from_json, load_ledger, reconcile
+from shared.privacy.ledger import PrivacyLedger, from_json, ledger_lock, load_ledger, reconcile
+from shared.privacy.population import check_seen_spend, keep_listed
 from shared.text.features import TEXT_KEY, features_for
 
 # Opacus calls logging.basicConfig(); without this every Flower log line prints twice.
@@ -36,10 +38,14 @@ def _run_config(msg: Message) -> tuple[dict[str, Any], ConfigRecord]:
     return cfg, record
 
 
-def _device(context: Context, record: ConfigRecord) -> tuple[str, str, str]:
+def _device(context: Context, record: ConfigRecord, cfg: dict[str, Any]) -> tuple[str, str, str]:
     """(device id, store folder, ledger folder) for this node."""
     node = context.node_config
     if "data-dir" in node:  # deployment: the node's own store holds exactly one device
+        if cfg["deterministic-devices"]:
+            # Noise derived from the run seed is noise the server can regenerate and subtract.
+            raise PrivrecError("run config 'deterministic-devices' = true is refused on a real device "
+                               "(node config has 'data-dir'): it is for simulations only")
         return str(node.get("device-id", "0")), str(node["data-dir"]), str(node.get("state-dir", node["data-dir"]))
     if "partition-id" in node:  # simulation: one partition of the shared simulation store
         return str(node["partition-id"]), str(record["data-store"]), str(record["state-dir"])
@@ -47,7 +53,7 @@ def _device(context: Context, record: ConfigRecord) -> tuple[str, str, str]:
 
 
 def _load(context: Context, record: ConfigRecord, cfg: dict[str, Any]):
-    device, store_dir, state_dir = _device(context, record)
+    device, store_dir, state_dir = _device(context, record, cfg)
     device_index = 0 if "data-dir" in context.node_config else int(device)
     data, num_items = load_device(store_dir, device_index)
     # Text models: the device builds the frozen text table from its own copy of the public catalogue
@@ -57,6 +63,7 @@ def _load(context: Context, record: ConfigRecord, cfg: dict[str, Any]):
 
 
 LEDGER_MIRROR = "privacy-ledger"  # context.state key: in-memory copy of the device's ledger file
+SEEN_SPEND = "privacy-seen"  # instruction record: the spend the server has already seen from this device
 
 
 def _ledger_mirror(context: Context) -> PrivacyLedger | None:
@@ -70,23 +77,35 @@ def _mirror_ledger(context: Context, path: Path, device: str) -> PrivacyLedger:
     return ledger
 
 
+def _refuse_lost_spend(msg: Message, state_dir: str, device: str, path: Path) -> None:
+    """A device that trained before never restarts from an empty or older ledger (issue 9, finding 3)."""
+    keep_listed(state_dir, device, path)  # its population remembers that it trained
+    seen = msg.content.config_records.get(SEEN_SPEND)  # and so does the server
+    if seen is not None and str(seen["device"]) == device:
+        check_seen_spend(path, device, int(seen["steps"]))
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     torch.set_num_threads(1)
     cfg, record = _run_config(msg)
     device, data, num_items, state_dir, item_text = _load(context, record, cfg)
     path = ledger_path(state_dir, device)
-    reconcile(path, _ledger_mirror(context))  # a lost or stale ledger file never lowers the spend
+    with ledger_lock(path):  # train_round takes the lock again for its own load -> release
+        reconcile(path, _ledger_mirror(context))  # a lost or stale ledger file never lowers the spend
     global_state = msg.content.array_records["arrays"].to_torch_state_dict()
+    _refuse_lost_spend(msg, state_dir, device, path)
     outcome = train_round(
         data, num_items, global_state, cfg,
         ledger_path=path, device=device,
         run_id=str(record.get("run-id", "")), server_round=int(record["server-round"]),
         proximal_mu=float(record.get("proximal-mu", 0.0)), item_text=item_text,
     )
+    keep_listed(state_dir, device, path)  # listed before the update leaves
     ledger = _mirror_ledger(context, path, device)
     # The accountant history (noise multiplier, sample rate, steps per round) lets the server's report
-    # recompute this device's epsilon with a second accountant; it holds no interaction data.
+    # recompute this device's epsilon with a second accountant; under DP its rows are config values,
+    # the same for every device that trained in the same rounds.
     privacy = ConfigRecord({"device": device,
                             "history": json.dumps((ledger.accountant_state or {}).get("history") or [])})
     if outcome.declined:  # nothing trained, nothing but the refusal leaves the device

@@ -23,6 +23,7 @@ AUDIT_KEY = "audit-log"
 ALLOWED_METRICS = frozenset({
     "num-examples", "train-loss", "steps", "sample-rate", "seconds", "epsilon",
     "declined", "would-be-epsilon",  # a device at its privacy cap refuses the round
+    "epsilon-unbounded",  # its ledger records a non-private round: no finite epsilon
     *(f"{split}-{metric}@10-sum" for split in ("valid", "test") for metric in ("hit", "ndcg")),
 })
 

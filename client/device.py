@@ -1,11 +1,14 @@
 """What one device does with its own data: fine-tune the global model with DP-SGD, evaluate it.
 
 Plain torch/numpy: the Flower message handling lives in `client/app.py`. Only model weights and
-aggregate scalars leave this module; the device's histories never do.
+aggregate scalars leave this module; the device's histories never do. Under DP nothing that leaves
+depends on how many windows the device holds: the round's steps and sample rate are config values,
+its FedAvg weight is 1, and no training loss is sent (see `shared/training.py`).
 """
 
 from __future__ import annotations
 
+import math
 import time
 import zlib
 from collections.abc import Mapping
@@ -22,13 +25,13 @@ from shared.data.windows import make_windows
 from shared.metrics import eval_inputs, evaluate_histories
 from shared.model import ModelConfig, SASRec
 from shared.privacy.accounting import compose_history, epsilon_from_state, history_steps
-from shared.privacy.ledger import LEDGER_FILE, PrivacyLedger, decline, load_ledger, release, reserve
-from shared.training import LocalTrainConfig, sample_rate_for, steps_per_epoch, train_local
+from shared.privacy.ledger import LEDGER_FILE, PrivacyLedger, decline, ledger_lock, load_ledger, release, reserve
+from shared.training import LocalTrainConfig, dp_steps_per_epoch, train_local
 
 
 def local_train_config(cfg: Mapping[str, Any], seed: int | None, proximal_mu: float) -> LocalTrainConfig:
     return LocalTrainConfig(epochs=cfg["local-epochs"], lr=cfg["local-lr"], batch_size=cfg["batch-size"],
-                            dp=cfg["dp"], noise_multiplier=cfg["noise-multiplier"],
+                            sample_rate=cfg["sample-rate"], dp=cfg["dp"], noise_multiplier=cfg["noise-multiplier"],
                             max_grad_norm=cfg["max-grad-norm"], delta=cfg["delta"],
                             accountant=cfg["accountant"], grad_sample_mode=cfg["grad-sample-mode"],
                             proximal_mu=proximal_mu, optimizer=cfg["local-optimizer"],
@@ -70,24 +73,40 @@ def _device_seed(cfg: Mapping[str, Any], server_round: int, device: str) -> int 
                .generate_state(1)[0])
 
 
-def plan_round(ledger: PrivacyLedger, num_windows: int, cfg: Mapping[str, Any]) -> tuple[dict, float, int]:
+def round_steps(cfg: Mapping[str, Any]) -> int:
+    """DP-SGD steps of one round: local-epochs x ceil(1 / sample-rate), the same for every device."""
+    return cfg["local-epochs"] * dp_steps_per_epoch(cfg["sample-rate"])
+
+
+def plan_round(ledger: PrivacyLedger, cfg: Mapping[str, Any]) -> tuple[dict, float, int]:
     """(accountant state after this round, epsilon it would reach, steps) -- computed before training.
 
-    Poisson sampling takes exactly ceil(n / batch) steps per epoch, so the spend is known in advance.
+    Depends on the config and the ledger only, never on the device's data: every DP round is
+    `round_steps(cfg)` steps at rate `sample-rate`. After a non-private round the epsilon is inf.
     """
-    steps = cfg["local-epochs"] * steps_per_epoch(num_windows, cfg["batch-size"])
-    row = {"history": [[float(cfg["noise-multiplier"]), sample_rate_for(num_windows, cfg["batch-size"]), steps]],
+    steps = round_steps(cfg)
+    row = {"history": [[float(cfg["noise-multiplier"]), float(cfg["sample-rate"]), steps]],
            "mechanism": cfg["accountant"]}
-    planned = compose_history(ledger.accountant_state, row) if steps else ledger.accountant_state
-    if planned and not planned.get("history"):
-        planned = None
-    epsilon = epsilon_from_state(planned, cfg["delta"], cfg["accountant"])
+    planned = compose_history(ledger.accountant_state, row)
+    epsilon = math.inf if ledger.unbounded else epsilon_from_state(planned, cfg["delta"], cfg["accountant"])
     return planned, epsilon, steps
 
 
-def _declined(ledger: PrivacyLedger, would_be: float, started: float) -> TrainOutcome:
-    return TrainOutcome(None, {"declined": 1, "num-examples": 0, "epsilon": ledger.epsilon,
-                               "would-be-epsilon": would_be, "seconds": time.perf_counter() - started})
+def _declined(ledger: PrivacyLedger, would_be: float) -> TrainOutcome:
+    # inf never travels as a number (it is not JSON): an unbounded spend is a flag.
+    metrics: dict[str, float | int] = {"declined": 1, "num-examples": 0}
+    if math.isfinite(ledger.epsilon):
+        metrics["epsilon"] = ledger.epsilon
+    else:
+        metrics["epsilon-unbounded"] = 1
+    if math.isfinite(would_be):
+        metrics["would-be-epsilon"] = would_be
+    return TrainOutcome(None, metrics)
+
+
+def privacy_unit(cfg: Mapping[str, Any]) -> dict[str, str]:
+    """What a ledger entry's epsilon is about (stored with every DP round)."""
+    return {"unit": f"one window of up to {cfg['window']} interactions", "relation": "add/remove one window"}
 
 
 def build_model(cfg: Mapping[str, Any], num_items: int, global_state: Mapping[str, torch.Tensor],
@@ -102,50 +121,70 @@ def build_model(cfg: Mapping[str, Any], num_items: int, global_state: Mapping[st
 def train_round(data: DeviceData, num_items: int, global_state: Mapping[str, torch.Tensor],
                 cfg: Mapping[str, Any], ledger_path: Path, device: str, run_id: str,
                 server_round: int, proximal_mu: float = 0.0, item_text: np.ndarray | None = None) -> TrainOutcome:
-    """One round of on-device training; the privacy spend is on disk before the update is returned.
+    """One round of on-device training; the round is in the ledger before the update is returned.
 
-    Under DP the round is first checked against the device's cap (`max-epsilon`): a round that
-    would pass it is declined, the ledger remembers, and the device never trains again with it.
+    Every round, private or not, goes through the ledger, under its lock from load to release. A
+    device whose ledger has declined refuses any round. A round that would take the device past its
+    cap (`max-epsilon`; a non-private round's epsilon is infinite) is refused; a DP round that would
+    pass it is recorded as `declined` and the device never trains again with that ledger. A DP round
+    after a non-private one is refused: no finite epsilon can be stated for it.
     """
+    with ledger_lock(ledger_path):
+        return _train_round_locked(data, num_items, global_state, cfg, ledger_path, device, run_id, server_round,
+                                   proximal_mu, item_text)
+
+
+def _train_round_locked(data, num_items, global_state, cfg, ledger_path, device, run_id, server_round,
+                        proximal_mu, item_text) -> TrainOutcome:
     started = time.perf_counter()
+    train_cfg = local_train_config(cfg, _device_seed(cfg, server_round, device), proximal_mu)
+    train_cfg.validate()  # before the ledger: e.g. dp with noise 0 is refused even if the run config was not checked
     ledger = load_ledger(ledger_path, device)
+    if ledger.declined:
+        return _declined(ledger, float(ledger.declined.get("would-be-epsilon", ledger.epsilon)))
+    cap = cfg["max-epsilon"]
+    where = {"run": run_id, "round": server_round}
+    prior_state = ledger.accountant_state  # `reserve` replaces it with the planned state
+    if cfg["dp"]:
+        planned, planned_epsilon, planned_steps = plan_round(ledger, cfg)
+        if cap > 0 and planned_epsilon > cap:
+            record = {**where, "cap": cap, "time": time.time()}
+            if math.isfinite(planned_epsilon):
+                record.update({"epsilon": ledger.epsilon, "would-be-epsilon": planned_epsilon})
+            else:
+                record["reason"] = "a non-private round was released: epsilon is unbounded"
+            decline(ledger_path, ledger, record)
+            return _declined(ledger, planned_epsilon)
+        if ledger.unbounded:  # no cap, but no finite epsilon to report for this round either
+            return _declined(ledger, planned_epsilon)
+        reserve(ledger_path, ledger, planned,
+                {**where, "private": True, "steps": planned_steps, "sample_rate": float(cfg["sample-rate"]),
+                 "noise_multiplier": cfg["noise-multiplier"], "epsilon": planned_epsilon, "delta": cfg["delta"],
+                 "accountant": cfg["accountant"], **privacy_unit(cfg), "time": time.time()})
+    else:
+        if cap > 0:  # an unnoised release passes every cap; refused, but the budget stays for DP rounds
+            return _declined(ledger, math.inf)
+        reserve(ledger_path, ledger, ledger.accountant_state,
+                {**where, "private": False, "epsilon": None, "time": time.time()})
     held_out = held_out_items(cfg, num_items)
     windows = training_windows(data, cfg["window"], held_out)
-    if cfg["dp"]:
-        if ledger.declined:
-            return _declined(ledger, float(ledger.declined.get("would-be-epsilon", ledger.epsilon)), started)
-        planned, planned_epsilon, planned_steps = plan_round(ledger, len(windows), cfg)
-        if cfg["max-epsilon"] > 0 and planned_epsilon > cfg["max-epsilon"]:
-            decline(ledger_path, ledger, {"run": run_id, "round": server_round, "cap": cfg["max-epsilon"],
-                                          "epsilon": ledger.epsilon, "would-be-epsilon": planned_epsilon,
-                                          "time": time.time()})
-            return _declined(ledger, planned_epsilon, started)
-        prior_state = ledger.accountant_state
-        if planned_steps:
-            reserve(ledger_path, ledger, planned,
-                    {"run": run_id, "round": server_round, "steps": planned_steps,
-                     "sample_rate": sample_rate_for(len(windows), cfg["batch-size"]),
-                     "noise_multiplier": cfg["noise-multiplier"], "epsilon": planned_epsilon,
-                     "delta": cfg["delta"], "accountant": cfg["accountant"], "time": time.time()})
     model = build_model(cfg, num_items, global_state, item_text)
     global_params = {k: v.detach().clone() for k, v in model.named_parameters()} if proximal_mu > 0 else None
-    result = train_local(model, windows, local_train_config(cfg, _device_seed(cfg, server_round, device),
-                                                            proximal_mu),
-                         accountant_state=prior_state if cfg["dp"] else None, global_params=global_params)
-    if cfg["dp"] and planned_steps:
+    result = train_local(model, windows, train_cfg, accountant_state=prior_state if cfg["dp"] else None,
+                         global_params=global_params)
+    if cfg["dp"]:
         if result.steps != planned_steps or history_steps(result.accountant_state) != history_steps(planned):
             raise RuntimeError(f"device {device}: took {result.steps} DP steps, reserved {planned_steps}")
         release(ledger_path, ledger, epsilon=float(result.epsilon))
-    metrics = {
-        "num-examples": int(result.num_examples),
-        "train-loss": float(result.loss),
-        "steps": int(result.steps),
-        "sample-rate": float(result.sample_rate),
-        "seconds": time.perf_counter() - started,
-    }
-    if cfg["dp"]:  # cumulative over every round this device ever trained, at cfg["delta"]
-        metrics["epsilon"] = float(result.epsilon)
-    return TrainOutcome(state_dict=model.state_dict(), metrics=metrics)
+        # Nothing here depends on the device's data: FedAvg weight 1, config steps and rate, and an
+        # epsilon that follows from the (identical) history. No loss, no timing, no window count.
+        return TrainOutcome(model.state_dict(), {"num-examples": 1, "steps": int(result.steps),
+                                                 "sample-rate": float(result.sample_rate),
+                                                 "epsilon": float(result.epsilon)})
+    release(ledger_path, ledger)
+    return TrainOutcome(model.state_dict(), {"num-examples": int(result.num_examples),
+                                             "train-loss": float(result.loss), "steps": int(result.steps),
+                                             "seconds": time.perf_counter() - started})
 
 
 def evaluate_round(data: DeviceData, num_items: int, global_state: Mapping[str, torch.Tensor],

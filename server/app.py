@@ -25,6 +25,7 @@ from shared.data.devices import read_catalogue
 from shared.data.store import open_store, prepare_store
 from shared.errors import PrivrecError
 from shared.model import ModelConfig, SASRec
+from shared.privacy.population import default_population_dir
 from shared.privacy.statement import privacy_statement, sentences, user_level_statement
 from shared.privacy.user_level import user_level_epsilon, user_level_state
 from shared.text.features import TEXT_KEY, features_for
@@ -79,14 +80,18 @@ def _round_status(*stats: dict) -> str:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = from_run_config(context.run_config)
-    run_dir = RunDirectory.create(cfg["run-dir"], cfg["run-name"] or default_run_name())
-    run_dir.write_json("config.json", cfg)
-    run_dir.set_status("running")
+    # Lock, then check a resume, before the first write: a refused run leaves the directory as it was.
+    run_dir = RunDirectory.claim(cfg["run-dir"], cfg["run-name"] or default_run_name(), cfg)
     try:
-        FederatedRun(cfg, run_dir, grid).execute()
-    except BaseException as exc:
-        run_dir.set_status("failed", error=f"{type(exc).__name__}: {exc}")
-        raise
+        run_dir.write_json("config.json", cfg)
+        run_dir.set_status("running")
+        try:
+            FederatedRun(cfg, run_dir, grid).execute()
+        except BaseException as exc:
+            run_dir.set_status("failed", error=f"{type(exc).__name__}: {exc}")
+            raise
+    finally:
+        run_dir.release()
 
 
 class FederatedRun:
@@ -126,7 +131,13 @@ class FederatedRun:
             num_items, items_path = self.store.num_items, store_dir / "items.json"
             self.num_devices = self.store.num_devices
             self.run_dir.write_json("dataset.json", self.store.meta)
-            device_config = {"data-store": str(store_dir), "state-dir": str(self.run_dir.path / "devices")}
+            # Simulated devices' ledgers belong to the devices, not to this run: every run on the store
+            # shares them (a device in two runs composes both), unless the config names a fresh folder.
+            population = Path(cfg["population-dir"]).expanduser().resolve() if cfg["population-dir"] \
+                else default_population_dir(store_dir)
+            cfg["population-dir"] = str(population)
+            self.run_dir.write_json("config.json", cfg)  # records where this run's devices keep their ledgers
+            device_config = {"data-store": str(store_dir), "state-dir": str(population)}
         clamped = clamp_to_population(cfg, self.num_devices)
         if clamped:  # the run records what it does, not what was asked
             log.warning("privrec: %s", clamped)
@@ -149,6 +160,7 @@ class FederatedRun:
         if checkpoint is not None:
             restore_strategy(strategy, checkpoint)
             initial = checkpoint.arrays
+            self._save_model(checkpoint.arrays)  # the counted model, even if a crash came before model.pt
             self.rows = self.run_dir.reload_metrics(checkpoint.round)
             random.seed(cfg["seed"] + checkpoint.round)  # a fresh cohort draw for the rounds still to come
             log.info("privrec: resuming run %s after round %d of %d (checkpoint %s)", self.run_dir.path.name,
@@ -220,20 +232,25 @@ class FederatedRun:
         if self.store is not None and self.cfg["central-eval"] and wanted:
             central = central_evaluation(self.model_cfg, state, self.store, seed=self.cfg["seed"],
                                          item_text=self.item_text, cold_share=self.cfg["cold-item-share"])
-        if server_round > 0:
-            architecture = {"model": "SASRec", **asdict(self.model_cfg)}
-            if self.text_info:
-                architecture["item-text"] = self.text_info
-            self.run_dir.save_model(state, architecture)
         row = self._metrics_row(server_round, central)
         self.rows.append(row)
         self.run_dir.append_metrics(row)
+        self.run_dir.heartbeat()
         self.run_dir.write_json("privacy.json", self._privacy_record())
-        if server_round > 0:  # last: a checkpoint covers only rounds whose records are complete
+        if server_round > 0:
+            # The checkpoint (with the privacy tally) covers only rounds whose records are complete, and
+            # comes before model.pt: a crash in between never leaves a released model that is not counted.
             save_checkpoint(self.run_dir.path, server_round, state, self.strategy, self.cfg)
+            self._save_model(state)
         self.round_started = time.perf_counter()
         return MetricRecord({k: v for k, v in (central or {}).items() if isinstance(v, (int, float))}) \
             if central else None
+
+    def _save_model(self, state: dict[str, torch.Tensor]) -> None:
+        architecture = {"model": "SASRec", **asdict(self.model_cfg)}
+        if self.text_info:
+            architecture["item-text"] = self.text_info
+        self.run_dir.save_model(state, architecture)
 
     def _metrics_row(self, server_round: int, central: dict | None) -> dict[str, Any]:
         train = self.train_stats.get(server_round, {})
@@ -258,6 +275,7 @@ class FederatedRun:
             "epsilon-median": train.get("all-epsilon-median"),
             "devices-with-spend": train.get("devices-with-spend", 0),
             "declined": train.get("declined", 0),
+            "refused": train.get("refused", 0),  # replies whose spend was below what the server had seen
             "capped-devices": train.get("capped-devices", 0),
             "user-level-epsilon": self._user_level_epsilon(server_round),
         }

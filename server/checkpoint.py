@@ -3,7 +3,8 @@
 After every round the ServerApp replaces `runs/<run-id>/checkpoint/` as one unit (a staging folder
 renamed into place, see shared/atomic.py):
 
-    checkpoint/state.json   round counter, the config that matters for resuming, epsilon per device
+    checkpoint/state.json   round counter, the config that matters for resuming, the privacy tally
+                            (per device id: epsilon, cap, the accountant history it reported)
     checkpoint/model.pt     the global model after that round
     checkpoint/strategy.pt  the strategy's own state (FedAdam's moment estimates; empty for FedAvg)
 
@@ -24,14 +25,10 @@ import torch
 
 from shared.atomic import staged_dir, write_synced
 from shared.errors import PrivrecError
+from shared.resume import CHECKPOINT_DIR, MUST_MATCH, refuse_incompatible
 
-CHECKPOINT_DIR = "checkpoint"
-FORMAT = 1
-# A run can only continue with the same model and the same aggregation.
-MUST_MATCH = ("strategy", "max-len", "hidden-size", "num-heads", "num-blocks", "server-lr", "dp",
-              "noise-multiplier", "max-grad-norm", "accountant", "delta", "window", "item-representation",
-              # user-level accounting composes one (noise, q) over every round of the run
-              "user-dp", "user-noise-multiplier", "user-clipping-norm", "devices-per-round", "fraction-train")
+FORMAT = 2  # 2: the tally is keyed by device id (format 1 keyed epsilon and caps by Flower node id)
+READABLE = (1, 2)
 STRATEGY_STATE = ("m_t", "v_t")  # FedOpt's (FedAdam's) server moments; FedAvg/FedProx keep none
 
 
@@ -40,10 +37,11 @@ class Checkpoint:
     round: int
     arrays: dict[str, torch.Tensor]
     strategy_state: dict[str, dict[str, np.ndarray]]
-    epsilon_by_device: dict[int, float]
+    epsilon_by_device: dict[str, float]  # device id -> largest epsilon it reported
     config: dict[str, Any]
-    capped: dict[int, int]  # node id -> round it declined (devices at their cap are not asked again)
+    capped: dict[str, int]  # device id -> round it declined (devices at their cap are not asked again)
     records: dict[str, dict[str, Any]]  # privacy.json's per-device records
+    node_devices: dict[int, str]  # node id -> device id when the checkpoint was written (may be stale)
 
 
 def _tensor_bytes(obj: Any) -> bytes:
@@ -57,9 +55,11 @@ def save_checkpoint(run_path: Path, server_round: int, arrays: dict[str, torch.T
     privacy = strategy.privacy
     strategy_state = {name: {k: torch.from_numpy(np.asarray(v)) for k, v in getattr(strategy, name).items()}
                       for name in STRATEGY_STATE if getattr(strategy, name, None) is not None}
+    # population-dir as the ServerApp resolved it (the config may leave it empty: derived from the store)
     state = {"format": FORMAT, "round": server_round, "config": {k: cfg[k] for k in MUST_MATCH},
-             "epsilon-by-device": {str(k): v for k, v in privacy.epsilon_by_device.items()},
-             "capped": {str(k): v for k, v in privacy.capped.items()}, "records": privacy.records}
+             "population-dir": cfg["population-dir"],
+             "epsilon-by-device": dict(privacy.epsilon_by_device), "capped": dict(privacy.capped),
+             "records": privacy.records, "node-devices": {str(k): v for k, v in privacy.node_devices.items()}}
     with staged_dir(run_path / CHECKPOINT_DIR, replace=True) as staged:
         write_synced(staged / "model.pt", _tensor_bytes(arrays))
         write_synced(staged / "strategy.pt", _tensor_bytes(strategy_state))
@@ -73,27 +73,32 @@ def load_checkpoint(run_path: Path, cfg: dict[str, Any]) -> Checkpoint | None:
         return None
     try:
         state = json.loads((directory / "state.json").read_text())
-        if state.get("format") != FORMAT:
-            raise ValueError(f"format {state.get('format')!r}, expected {FORMAT}")
+        if state.get("format") not in READABLE:
+            raise ValueError(f"format {state.get('format')!r}, expected one of {READABLE}")
         arrays = torch.load(directory / "model.pt", weights_only=True)
         strategy_state = {name: {k: v.numpy() for k, v in values.items()}
                           for name, values in torch.load(directory / "strategy.pt", weights_only=True).items()}
-        epsilons = {int(k): float(v) for k, v in state["epsilon-by-device"].items()}
-        capped = {int(k): int(v) for k, v in state.get("capped", {}).items()}
         records = dict(state.get("records", {}))
+        if state["format"] == 1:  # node-keyed: rebuild the device-keyed tally from the per-device records
+            epsilons = {d: float(r["epsilon"]) for d, r in records.items() if r.get("rounds") or r.get("epsilon")}
+            capped = {d: int(r["declined-round"]) for d, r in records.items() if r.get("declined-round") is not None}
+        else:
+            epsilons = {str(k): float(v) for k, v in state["epsilon-by-device"].items()}
+            capped = {str(k): int(v) for k, v in state["capped"].items()}
+        node_devices = {int(k): str(v) for k, v in state.get("node-devices", {}).items()}
         server_round = int(state["round"])
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
         raise PrivrecError(f"{directory}: unreadable checkpoint ({exc}); set resume = false or choose "
                            "another run-name to start over") from None
-    for key in MUST_MATCH:
-        if key in state["config"] and state["config"][key] != cfg[key]:
-            raise PrivrecError(f"{directory}: written with config key '{key}' = {state['config'].get(key)!r}, "
-                               f"this run has {cfg[key]!r}; resume with the same value or choose another run-name")
-    if server_round > cfg["num-rounds"]:
-        raise PrivrecError(f"{directory}: already at round {server_round}, more than num-rounds = "
-                           f"{cfg['num-rounds']}")
+    refuse_incompatible(state, cfg, directory)
+    if state.get("population-dir", cfg["population-dir"]) != cfg["population-dir"]:
+        # The devices' ledgers must be the ones the tally was counted against.
+        raise PrivrecError(f"{directory}: written with simulated device ledgers in population-dir = "
+                           f"{state['population-dir']!r}, this run has {cfg['population-dir']!r}; resume on the same "
+                           "store and population-dir or choose another run-name")
     return Checkpoint(round=server_round, arrays=arrays, strategy_state=strategy_state,
-                      epsilon_by_device=epsilons, config=state["config"], capped=capped, records=records)
+                      epsilon_by_device=epsilons, config=state["config"], capped=capped, records=records,
+                      node_devices=node_devices)
 
 
 def restore_strategy(strategy: Any, checkpoint: Checkpoint) -> None:
@@ -103,3 +108,4 @@ def restore_strategy(strategy: Any, checkpoint: Checkpoint) -> None:
     strategy.privacy.epsilon_by_device.update(checkpoint.epsilon_by_device)
     strategy.privacy.capped.update(checkpoint.capped)
     strategy.privacy.records.update(checkpoint.records)
+    strategy.privacy.node_devices.update(checkpoint.node_devices)

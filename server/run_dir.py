@@ -1,9 +1,13 @@
 """The run directory `runs/<run-id>/`: everything a finished run leaves behind.
 
+    run.lock        held for the run's life by its owner (shared/run_owner.py): one run at a time
+    owner.json      pid, host, start time and heartbeat of the owner: tells a live run from a crashed one
     config.json     the resolved config (written at the start)
-    status.json     "running" | "failed" (with the error) | "completed"
+    status.json     "running" | "failed" (with the error) | "completed" | "interrupted" (stopped by a
+                    signal or by its launcher's death; with the reason) | "stopped" (older runs)
     metrics.jsonl   one line per round
-    model.pt        latest global model (state_dict), model.json its architecture
+    model.pt        latest global model (state_dict), model.json its architecture; written after the
+                    round's checkpoint, so the released model is always one the privacy tally counts
     items.json      the public catalogue (raw id and title per model index), for `privrec recommend`
     summary.json    final figures; written last, so its presence means the run completed
 
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -23,13 +28,16 @@ import torch
 
 from shared.atomic import write_bytes_atomic, write_json_atomic
 from shared.errors import PrivrecError
+from shared.resume import check_resumable
+from shared.run_owner import LOCK_ENV, RunLock
 
 SUMMARY = "summary.json"
 
 
 class RunDirectory:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, lock: RunLock | None = None):
         self.path = path
+        self.lock = lock  # None: a launcher holds the lock on this run's behalf
         self._metrics: list[dict[str, Any]] = []
 
     @classmethod
@@ -39,6 +47,30 @@ class RunDirectory:
             raise PrivrecError(f"run directory {path} already holds a completed run; choose another run-name")
         path.mkdir(parents=True, exist_ok=True)
         return cls(path)
+
+    @classmethod
+    def claim(cls, root: str | Path, run_id: str, cfg: dict[str, Any]) -> RunDirectory:
+        """`create` for the ServerApp: also lock the directory (unless a local launcher holds the lock
+        for this run) and check a resume, all before writing anything; a refused run changes nothing."""
+        path = Path(root).expanduser().resolve() / run_id
+        if (path / SUMMARY).exists():
+            raise PrivrecError(f"run directory {path} already holds a completed run; choose another run-name")
+        lock = None if os.environ.get(LOCK_ENV) == str(path) else RunLock.acquire(path, role="serverapp")
+        try:
+            check_resumable(path, cfg)
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+        return cls(path, lock)
+
+    def heartbeat(self) -> None:
+        if self.lock is not None:
+            self.lock.heartbeat()
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
 
     def write_json(self, name: str, payload: Any) -> None:
         write_json_atomic(self.path / name, payload)

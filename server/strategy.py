@@ -9,6 +9,7 @@ with a bootstrap confidence interval.
 from __future__ import annotations
 
 import json
+import logging
 import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -22,47 +23,82 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from shared.metrics import bootstrap_ci
 from shared.model import TRAINABLE_SCOPES
+from shared.privacy.accounting import history_steps
 from shared.privacy.user_level import clip_update, noisy_mean_update, poisson_cohort
 
+log = logging.getLogger("flwr")  # Flower's handler: our lines appear in the run's log stream
 K = 10
+SEEN_SPEND = "privacy-seen"  # instruction record read by client/app.py (same name there)
 
 
 class BudgetExhausted(Exception):
     """Too few devices remain under their privacy cap to fill a round: the run stops cleanly."""
 
 
+TRAINED, DECLINED, REFUSED = "trained", "declined", "refused"
+
+
 @dataclass
 class PrivacyTally:
-    """What the server learns of each device's privacy spend (keyed by Flower node id)."""
+    """What the server learns of each device's privacy spend, keyed by device id.
 
-    epsilon_by_device: dict[int, float] = field(default_factory=dict)
-    capped: dict[int, int] = field(default_factory=dict)  # node id -> first round it declined
+    Flower node ids change with every launch (a resumed run, a restarted SuperNode): they only tell
+    which device sent a reply in this launch (`node_devices`); everything counted is keyed by the
+    `device` of the reply's privacy record, so a device seen in two launches counts once.
+    """
+
+    epsilon_by_device: dict[str, float] = field(default_factory=dict)
+    capped: dict[str, int] = field(default_factory=dict)  # device id -> first round it declined
     records: dict[str, dict[str, Any]] = field(default_factory=dict)  # device id -> privacy.json entry
+    node_devices: dict[int, str] = field(default_factory=dict)  # this launch: node id -> device id
 
-    def update(self, node_id: int, epsilon: float) -> None:
+    def update(self, device: str, epsilon: float) -> None:
         # A device's epsilon never decreases; keep the largest ever reported.
-        self.epsilon_by_device[node_id] = max(epsilon, self.epsilon_by_device.get(node_id, 0.0))
+        self.epsilon_by_device[device] = max(epsilon, self.epsilon_by_device.get(device, 0.0))
 
-    def record_reply(self, server_round: int, node_id: int, content: RecordDict, accountant: str) -> bool:
-        """Book one train reply; returns True when the device declined (cap reached)."""
+    def seen_steps(self, device: str) -> int:
+        """DP steps in the latest accountant history this device reported (what a device must not go below)."""
+        entry = self.records.get(device)
+        return history_steps({"history": entry["history"]}) if entry else 0
+
+    def is_capped(self, node_id: int) -> bool:
+        return self.node_devices.get(node_id) in self.capped
+
+    def record_reply(self, server_round: int, node_id: int, content: RecordDict, accountant: str) -> str:
+        """Book one train reply: TRAINED, DECLINED (cap reached) or REFUSED (spend below what was seen)."""
         metrics = next(iter(content.metric_records.values()))
         declined = bool(metrics.get("declined", 0))
         privacy = content.config_records.get("privacy")
         device = str(privacy["device"]) if privacy else f"node-{node_id}"
-        entry = self.records.setdefault(device, {"node-id": node_id, "accountant": accountant, "history": [],
-                                                 "rounds": [], "epsilon": 0.0, "declined-round": None})
-        if privacy:
-            entry["history"] = json.loads(str(privacy["history"]))
+        self.node_devices[node_id] = device
+        entry = self.records.setdefault(device, {"accountant": accountant, "history": [], "rounds": [],
+                                                 "epsilon": 0.0, "declined-round": None})
+        history = json.loads(str(privacy["history"])) if privacy else entry["history"]
+        reason = self._below_seen(device, history, metrics)
+        if reason:  # a lost or rolled-back ledger: never counted, never lowers the record
+            entry.setdefault("refused", []).append({"round": server_round, "reason": reason})
+            log.warning("privrec: round %d: refused the update of device %s: %s", server_round, device, reason)
+            return REFUSED
+        entry["history"] = history
         if "epsilon" in metrics:
-            self.update(node_id, float(metrics["epsilon"]))
+            self.update(device, float(metrics["epsilon"]))
             entry["epsilon"] = max(entry["epsilon"], float(metrics["epsilon"]))
             if not declined:
                 entry["rounds"].append([server_round, float(metrics["epsilon"])])
         if declined:
-            self.capped.setdefault(node_id, server_round)
+            self.capped.setdefault(device, server_round)
             if entry["declined-round"] is None:
                 entry["declined-round"] = server_round
-        return declined
+        return DECLINED if declined else TRAINED
+
+    def _below_seen(self, device: str, history: list, metrics: Any) -> str | None:
+        seen_steps, reported_steps = self.seen_steps(device), history_steps({"history": history})
+        if reported_steps < seen_steps:
+            return f"reported {reported_steps} DP steps, fewer than the {seen_steps} already seen from this device"
+        seen_epsilon = self.epsilon_by_device.get(device)
+        if "epsilon" in metrics and seen_epsilon is not None and float(metrics["epsilon"]) < seen_epsilon * (1 - 1e-9):
+            return f"reported epsilon {float(metrics['epsilon']):.6g}, below the {seen_epsilon:.6g} already seen"
+        return None
 
     def summary(self) -> dict[str, Any]:
         values = np.array(list(self.epsilon_by_device.values()), dtype=float)
@@ -76,13 +112,17 @@ def train_metrics(replies: list[RecordDict], weight_key: str) -> MetricRecord:
     """This round's cohort: example-weighted train loss, epsilon max/median, counts."""
     rows = [next(iter(r.metric_records.values())) for r in replies]
     weights = np.array([float(m[weight_key]) for m in rows])
-    losses = np.array([float(m["train-loss"]) for m in rows])
     out = MetricRecord({
         "devices": len(rows),
         "examples": float(weights.sum()),
-        "train-loss": float((losses * weights).sum() / weights.sum()) if weights.sum() > 0 else 0.0,
         "steps-mean": float(np.mean([float(m["steps"]) for m in rows])),
     })
+    # Devices under DP send no training loss (it depends on their data); plain devices do.
+    with_loss = [(float(m["train-loss"]), float(m[weight_key])) for m in rows if "train-loss" in m]
+    if with_loss:
+        losses, loss_weights = np.array(with_loss).T
+        total = loss_weights.sum()
+        out["train-loss"] = float((losses * loss_weights).sum() / total) if total > 0 else 0.0
     if rows and "epsilon" in rows[0]:
         eps = np.array([float(m["epsilon"]) for m in rows])
         out["epsilon-max"] = float(eps.max())
@@ -146,7 +186,7 @@ class RoundTracking:
 
     def choose_cohort(self, grid: Grid) -> list[int]:
         _, connected = sample_nodes(grid, self.min_available_nodes, 0)  # waits until enough nodes joined
-        eligible = [n for n in connected if n not in self.privacy.capped]
+        eligible = [n for n in connected if not self.privacy.is_capped(n)]
         if self.poisson_rate is not None:
             if not eligible:
                 raise BudgetExhausted(f"every one of the {len(connected)} connected devices has reached its "
@@ -169,9 +209,25 @@ class RoundTracking:
         wait_for, self.min_available_nodes = self.min_available_nodes, 0
         self.min_train_nodes = len(cohort)
         try:
-            return super().configure_train(server_round, arrays, config, CohortView(grid, cohort))
+            messages = super().configure_train(server_round, arrays, config, CohortView(grid, cohort))
         finally:
             self.min_available_nodes = wait_for
+        return [self._with_seen_spend(m) for m in messages]
+
+    def _with_seen_spend(self, message: Message) -> Message:
+        """Tell a known device the spend the server has already seen from it: it refuses to train below it.
+
+        Only devices that replied in this launch are known by node id; after a restart the reply check
+        (`PrivacyTally.record_reply`) refuses a device whose spend went down.
+        """
+        device = self.privacy.node_devices.get(message.metadata.dst_node_id)
+        steps = self.privacy.seen_steps(device) if device is not None else 0
+        if not steps:
+            return message
+        content = RecordDict(dict(message.content.items()))  # the payload is shared by every message
+        content[SEEN_SPEND] = ConfigRecord({"device": device, "steps": steps})
+        return Message(content=content, message_type=message.metadata.message_type,
+                       dst_node_id=message.metadata.dst_node_id)
 
     def is_eval_round(self, server_round: int) -> bool:
         if server_round == self.num_rounds:
@@ -195,13 +251,16 @@ class RoundTracking:
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         server_round += self.round_offset
         replies = list(replies)
-        trained, declined = [], 0
+        trained, declined, refused = [], 0, 0
         for msg in replies:
             if msg.has_error():
                 trained.append(msg)  # Flower's aggregation logs and skips it
-            elif self.privacy.record_reply(server_round, msg.metadata.src_node_id, msg.content, self.accountant):
-                declined += 1
-            else:
+                continue
+            outcome = self.privacy.record_reply(server_round, msg.metadata.src_node_id, msg.content,
+                                                self.accountant)
+            declined += outcome == DECLINED
+            refused += outcome == REFUSED
+            if outcome == TRAINED:
                 trained.append(msg)
         arrays, metrics = super().aggregate_train(server_round, trained)
         stats = dict(metrics) if metrics is not None else {"devices": 0}
@@ -214,6 +273,7 @@ class RoundTracking:
         stats["declined"] = declined
         stats["capped-devices"] = len(self.privacy.capped)
         stats.update(self.privacy.summary())
+        stats["refused"] = refused  # replies whose spend was below what the server had seen from the device
         self.on_train(server_round, stats)
         return arrays, metrics
 

@@ -103,18 +103,47 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         raise PrivrecError(f"{run_path} already holds a completed run; pass another --run-name")
     print(f"privrec: {store.num_devices} devices ({store.num_users} users, {store.num_items} items), "
           f"{cfg['num-rounds']} rounds, run directory {run_path}", flush=True)
+    previous = _previous_run(run_path)
+    if previous:
+        print(previous, flush=True)
     progress = _Progress(run_path, cfg["num-rounds"])
     try:
         with progress:
             result = run_simulation(cfg, store.num_devices, run_path, on_poll=progress.poll)
     except KeyboardInterrupt:
-        # Flower's processes are stopped by now; say so in the run directory, which has no summary.
-        if not (run_path / "summary.json").exists():
-            from shared.atomic import write_json_atomic
-
-            write_json_atomic(run_path / "status.json", {"state": "interrupted"})
-        raise
+        # run_simulation stopped every process of the run and marked it `interrupted`.
+        raise PrivrecInterrupted(f"interrupted; every process of the run is stopped and {run_path / 'status.json'} "
+                                 "says so; run the same command again to resume from the last checkpoint") from None
     return _report_simulation(run_path, result, one_line)
+
+
+class PrivrecInterrupted(KeyboardInterrupt):
+    """A stopped run, with the line that tells the user what state it left behind."""
+
+
+def _previous_run(run_path: Path) -> str | None:
+    """One line about an earlier run in this directory that did not complete (crashed, or stopped)."""
+    from shared.resume import checkpoint_state
+    from shared.run_owner import liveness
+
+    try:
+        status = json.loads((run_path / "status.json").read_text())
+    except (OSError, ValueError):
+        return None
+    state = status.get("state") if isinstance(status, dict) else None
+    if state not in ("running", "interrupted", "failed", "stopped"):
+        return None
+    if state == "running":
+        verdict, why = liveness(run_path)
+        if verdict == "live":
+            return None  # run_simulation refuses it with the owner's details
+        state_line = why
+    else:
+        why = " ".join(str(status.get("reason") or status.get("error") or "").split())  # one line
+        state_line = f"the previous run ended {state}" + (f" ({why})" if why else "")
+    checkpoint = checkpoint_state(run_path)
+    after = f"resuming after round {checkpoint['round']}" if checkpoint else "no checkpoint: starting at round 1"
+    return f"privrec: {run_path}: {state_line}; {after}"
 
 
 def _report_simulation(run_path: Path, result, one_line) -> int:
@@ -325,6 +354,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     from shared.report import build_report
 
     report = build_report(args.run_dir, args.out)
+    run = report["run"]
+    if run["state"] != "completed":  # e.g. crashed: "running" in status.json, but its owner is gone
+        print(f"run state: {run['state'] or 'unknown'}" + (f" ({run['state-detail']})" if run["state-detail"] else ""))
     flagged = report["privacy"]["flagged-devices"]
     print(f"report written to {Path(args.out or args.run_dir) / 'report.html'} (+ report.md, report.json, "
           f"{len(report['plots'])} plots); flagged devices: {', '.join(flagged) or 'none'}")
@@ -379,10 +411,11 @@ def build_parser() -> argparse.ArgumentParser:
     rec.set_defaults(func=cmd_recommend)
 
     cal = sub.add_parser("calibrate", help="noise multiplier for a target epsilon",
-                         description="On-device DP-SGD: --rounds = rounds one device may join, --steps-per-round = "
-                                     "local-epochs x ceil(windows / batch-size), --sample-rate = "
-                                     "1 / ceil(windows / batch-size). User-level DP-FedAvg: --rounds = num-rounds, "
-                                     "--steps-per-round 1, --sample-rate = devices-per-round / devices.")
+                         description="On-device DP-SGD: --rounds = rounds one device may join, --sample-rate = the "
+                                     "run's sample-rate q, --steps-per-round = local-epochs x ceil(1 / q) (the "
+                                     "same for every device, whatever its window count). User-level DP-FedAvg: "
+                                     "--rounds = num-rounds, --steps-per-round 1, --sample-rate = "
+                                     "devices-per-round / devices.")
     cal.add_argument("--target-epsilon", type=float, required=True)
     cal.add_argument("--delta", type=float, default=1e-5)
     cal.add_argument("--sample-rate", type=float, required=True)
@@ -414,8 +447,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PermissionError as exc:  # a file or folder we may not read or write, wherever it was met
         print(f"privrec: error: {exc.filename or ''}: {exc.strerror or 'permission denied'}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("privrec: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(f"privrec: {exc}" if isinstance(exc, PrivrecInterrupted) else "privrec: interrupted", file=sys.stderr)
         return 130
 
 

@@ -55,6 +55,9 @@ SCHEMA: dict[str, Key] = {
                    lambda v: bool(v.strip()), "must not be empty"),
     "data-store": Key(str, "", "prepared device store folder; empty = prepare it from `dataset`"),
     "users-per-device": Key(int, 1, "users whose histories live on one device", _positive, "must be >= 1"),
+    "population-dir": Key(str, "", "simulation: folder of the simulated devices' privacy ledgers, shared by every "
+                                   "run on the store; empty = <data-store>.population beside the store (pass a "
+                                   "fresh folder for fresh simulated people)"),
     # model
     "max-len": Key(int, 50, "longest history the model attends to", _positive, "must be >= 1"),
     "hidden-size": Key(int, 64, "embedding and attention width", _positive, "must be >= 1"),
@@ -86,8 +89,12 @@ SCHEMA: dict[str, Key] = {
     # on-device training
     "local-epochs": Key(int, 1, "local passes over the device's windows per round", _positive, "must be >= 1"),
     "local-lr": Key(float, 0.005, "local Adam learning rate", _positive, "must be > 0"),
-    "batch-size": Key(int, 8, "expected local batch size (Poisson sampling rate = batch-size / windows)",
+    "batch-size": Key(int, 8, "local batch size; under DP the fixed divisor of each step's noisy gradient sum "
+                              "(never the device's own expected batch, which would depend on its data)",
                       _positive, "must be >= 1"),
+    "sample-rate": Key(float, 1.0, "DP only: Poisson rate q at which each window joins each DP-SGD step; a round "
+                                   "takes local-epochs x ceil(1 / q) steps whatever the device's window count",
+                       lambda v: 0 < v <= 1, "must be in (0, 1]"),
     "window": Key(int, 50, "interactions per training example (the privacy unit)",
                   lambda v: v >= 2, "must be >= 2"),
     "local-optimizer": Key(str, "adam", "on-device optimizer: adam, sgd", _one_of("adam", "sgd"),

@@ -4,6 +4,14 @@ We start the SuperLink ourselves (known PID, free port, private FLWR_HOME) inste
 managed local one, which detaches and outlives the command. The ServerApp and ClientApp are
 referenced by module path (`server.app:app`, `client.app:app` in pyproject.toml); nothing here
 imports them.
+
+A stopped run stops: the launcher holds the run directory's lock (shared/run_owner.py) for the
+run's life, turns SIGTERM and SIGHUP into the same clean stop as Ctrl-C, and starts a watchdog
+(`python -m shared.launch --watch`, in a session of its own) that outlives a `kill -9` of the
+launcher. Every process of the run (SuperLink, SuperExec, `flwr run`, Ray's GCS, raylet, agents
+and workers) carries the run's private FLWR_HOME in its environment; whoever stops the run kills
+them all by that marker, then records `interrupted` in status.json unless the run had completed
+or failed by itself.
 """
 
 from __future__ import annotations
@@ -17,15 +25,19 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import tomllib
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from shared.atomic import write_bytes_atomic, write_json_atomic
 from shared.errors import PrivrecError
+from shared.resume import check_resumable
+from shared.run_owner import LOCK_ENV, RunLock, boot_id, process_alive, process_start
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,59 +85,206 @@ class SimulationResult:
     returncode: int
 
 
+HOME_PREFIX = "privrec-flwr-"
+HOME_OWNER = "privrec-owner.json"  # in the temporary Flower home: which launcher made it
+
+
+def simulation_env(flwr_home: Path, locked_run: Path | None) -> dict[str, str]:
+    env = flower_env(flwr_home)
+    # Ray binds its GCS, raylet, agents and workers to the node's IP on all interfaces unless it
+    # believes multi-node clusters are off (its Windows/macOS default): then all of it is loopback.
+    env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    if locked_run is not None:
+        env[LOCK_ENV] = str(locked_run)  # tells the ServerApp that we hold this run's lock for it
+    return env
+
+
 @contextmanager
-def simulation_superlink(log_path: Path) -> Iterator[tuple[Path, dict[str, str]]]:
-    """A SuperLink in simulation mode on a free loopback port; always stopped on exit."""
-    flwr_home = Path(tempfile.mkdtemp(prefix="privrec-flwr-"))
+def simulation_superlink(log_path: Path, run_path: Path | None = None,
+                         lock: RunLock | None = None) -> Iterator[tuple[Path, dict[str, str]]]:
+    """A SuperLink in simulation mode on a free loopback port; always stopped on exit, also when the
+    launcher is killed (a watchdog stops everything then and marks the run `interrupted`)."""
+    sweep_stale_homes()
+    flwr_home = Path(tempfile.mkdtemp(prefix=HOME_PREFIX))
+    write_json_atomic(flwr_home / HOME_OWNER, {"pid": os.getpid(), "pid-start": process_start(os.getpid()),
+                                               "boot-id": boot_id()})
     port = free_port()
     (flwr_home / "config.toml").write_text(
         '[superlink]\ndefault = "privrec"\n\n'
         f'[superlink.privrec]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
-    env = flower_env(flwr_home)
+    run_path = run_path or log_path.parent
+    env = simulation_env(flwr_home, run_path if lock is not None else None)
+    watchdog = Watchdog.start(flwr_home, run_path, lock)
     command = [_bin("flower-superlink"), "--simulation", "--insecure", "--isolation", "subprocess",
                "--host", "127.0.0.1", "--port", str(port), "--disable-runtime-dependency-installation"]
-    with open(log_path, "ab") as log:
-        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
     try:
-        _wait_for_port(port, process, log_path)
-        yield flwr_home, env
+        with open(log_path, "ab") as log:
+            process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                       start_new_session=True)
+        try:
+            _wait_for_port(port, process, log_path)
+            yield flwr_home, env
+        finally:
+            stop_process_group(process)
     finally:
-        stop_process_group(process)
         stop_processes_with_env("FLWR_HOME", str(flwr_home))
+        shutil.rmtree(flwr_home, ignore_errors=True)
+        watchdog.dismiss()
+
+
+class Watchdog:
+    """A process that outlives the launcher: when the launcher dies without dismissing it (kill -9),
+    it stops every process of the run, marks the run `interrupted` and removes the Flower home.
+
+    It learns of the launcher's death from a pipe whose only writer is the launcher (EOF when the
+    launcher's process ends, however it ends), and it holds the run directory's lock (a shared open
+    file description) until it has cleaned up, so no new run starts among the old run's processes.
+    """
+
+    def __init__(self, process: subprocess.Popen, pipe: int):
+        self.process = process
+        self.pipe = pipe
+
+    @classmethod
+    def start(cls, flwr_home: Path, run_path: Path | None, lock: RunLock | None) -> Watchdog:
+        """Watch the processes that carry FLWR_HOME=`flwr_home`; `run_path` (if any) is marked on a kill."""
+        read_end, write_end = os.pipe()
+        fds = [read_end] + ([lock.fd] if lock is not None else [])
+        env = {k: v for k, v in os.environ.items() if k != "FLWR_HOME"}
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
+        command = [sys.executable, "-m", "shared.launch", "--watch", str(flwr_home), str(run_path or "-"),
+                   str(os.getpid())]
+        process = subprocess.Popen(command,
+                                   stdin=read_end, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                   pass_fds=fds, env=env, start_new_session=True)
+        os.close(read_end)
+        return cls(process, write_end)
+
+    def dismiss(self) -> None:
+        """The launcher cleaned up itself: the watchdog only checks, then exits (and drops the lock)."""
+        with suppress(OSError):
+            os.write(self.pipe, b"done\n")
+        with suppress(OSError):
+            os.close(self.pipe)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def watch(flwr_home: Path, run_path: Path | None, launcher: int) -> None:
+    """The watchdog's body (`python -m shared.launch --watch FLWR_HOME RUN_PATH|- LAUNCHER_PID`)."""
+    for sig in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    message = sys.stdin.buffer.read()  # returns at the launcher's end, clean or not
+    launcher_died = message != b"done\n"
+    before = read_status(run_path) if launcher_died and run_path else None
+    stop_processes_with_env("FLWR_HOME", str(flwr_home))
+    if launcher_died and run_path:
+        mark_interrupted(run_path, before, f"its launcher (pid {launcher}) died before the run ended")
+    if flwr_home.name.startswith(HOME_PREFIX):  # a temporary home; a deployment's own stays
         shutil.rmtree(flwr_home, ignore_errors=True)
 
 
+def sweep_stale_homes() -> None:
+    """Remove Flower homes (and stop their processes) left by launchers that died with their watchdog."""
+    for home in Path(tempfile.gettempdir()).glob(HOME_PREFIX + "*"):
+        try:
+            if home.stat().st_uid != os.getuid():
+                continue
+            owner = json.loads((home / HOME_OWNER).read_text())
+        except (OSError, ValueError):
+            continue  # not ours, or made by a privrec that recorded no owner: leave it
+        same_boot = owner.get("boot-id") == boot_id()
+        if same_boot and process_alive(int(owner.get("pid", 0)), owner.get("pid-start", "")):
+            continue
+        stop_processes_with_env("FLWR_HOME", str(home))
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def read_status(run_path: Path) -> dict[str, Any] | None:
+    try:
+        status = json.loads((run_path / "status.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return status if isinstance(status, dict) else None
+
+
+def mark_interrupted(run_path: Path, before: dict[str, Any] | None, reason: str) -> None:
+    """After every process of the run is stopped: status.json says `interrupted` unless the run had
+    completed, or had failed by itself (`before`: the status when the stop began)."""
+    if (run_path / "summary.json").exists() or (before or {}).get("state") in ("completed", "failed"):
+        return
+    if not run_path.is_dir():
+        return
+    rows = 0
+    with suppress(OSError):
+        rows = sum(1 for line in (run_path / "metrics.jsonl").read_text().splitlines() if line.strip())
+    with suppress(OSError):  # a full disk must not hide the stop itself
+        write_json_atomic(run_path / "status.json",
+                          {"state": "interrupted", "time": time.time(), "reason": reason,
+                           "last-round": rows - 1 if rows else None})
+
+
+def processes_with_env(name: str, value: str) -> dict[int, str]:
+    """pid -> start time of every process whose environment has `name=value`, and of all their
+    descendants: Ray's agents and workers retitle themselves (setproctitle), which blanks their
+    /proc/PID/environ, so they are found as children of the raylet that carries the marker."""
+    needle = b"\0" + f"{name}={value}".encode() + b"\0"
+    children: dict[int, list[int]] = {}
+    starts: dict[int, str] = {}
+    marked = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            environ = (proc / "environ").read_bytes()
+        except OSError:  # exited meanwhile, or not readable
+            continue
+        pid = int(proc.name)
+        children.setdefault(int(fields[1]), []).append(pid)
+        starts[pid] = fields[19]
+        if needle in b"\0" + environ + b"\0":
+            marked.append(pid)
+    found, todo = set(), list(marked)
+    while todo:
+        pid = todo.pop()
+        if pid not in found:
+            found.add(pid)
+            todo.extend(children.get(pid, []))
+    found.discard(os.getpid())
+    return {pid: starts[pid] for pid in found}
+
+
 def stop_processes_with_env(name: str, value: str, grace: float = 10) -> None:
-    """SIGTERM, then SIGKILL, every process whose environment has `name=value`.
+    """SIGTERM, then SIGKILL, every process whose environment has `name=value`, and their descendants.
 
     Some Flower helpers (flower-superexec) start their own sessions and outlive the process group
-    we kill; they all inherit our private FLWR_HOME, which no one else's processes carry.
+    we kill; they all inherit our private FLWR_HOME, which no one else's processes carry. Processes
+    seen once are followed by pid and start time even after their parent dies (Ray's agents are
+    then orphans without a readable marker).
     """
-    needle = f"{name}={value}".encode() + b"\0"
-
-    def ours() -> list[int]:
-        pids = []
-        for proc in Path("/proc").iterdir():
-            try:
-                if proc.name.isdigit() and needle in (proc / "environ").read_bytes() + b"\0":
-                    pids.append(int(proc.name))
-            except OSError:  # exited meanwhile, or not readable
-                continue
-        return [pid for pid in pids if pid != os.getpid()]
-
     if not Path("/proc").is_dir():  # not Linux: the process-group kill is all we can do
         return
-    deadline = time.monotonic() + grace
+    tracked = processes_with_env(name, value)
+
+    def alive() -> list[int]:
+        tracked.update(processes_with_env(name, value))
+        return [pid for pid, start in tracked.items() if process_start(pid) == start]  # zombies are done
+
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in ours():
-            try:
-                os.kill(pid, sig)
-            except OSError:
-                pass
-        while ours() and time.monotonic() < deadline:
+        signalled: set[int] = set()  # one SIGTERM each (a second can cut a clean shutdown short)
+        deadline = time.monotonic() + grace
+        while (left := alive()) and time.monotonic() < deadline:
+            for pid in left:
+                if sig == signal.SIGKILL or pid not in signalled:
+                    with suppress(OSError):
+                        os.kill(pid, sig)
+                    signalled.add(pid)
             time.sleep(0.2)
-        if not ours():
+        if not left:
             return
 
 
@@ -162,12 +321,34 @@ def stop_process_group(process: subprocess.Popen, grace: float = 10) -> None:
 
 def run_simulation(cfg: dict[str, Any], num_devices: int, run_path: Path,
                    on_poll: Callable[[], None] | None = None, cpus_per_device: int = 1) -> SimulationResult:
-    """Run one federated simulation with Flower; the ServerApp writes `run_path`."""
-    run_path.mkdir(parents=True, exist_ok=True)
-    overrides = run_path / "run-config.toml"
-    overrides.write_text(_toml(cfg))
+    """Run one federated simulation with Flower; the ServerApp writes `run_path`.
+
+    Refused with a PrivrecError, before anything is written: a run directory another run holds, and
+    a checkpoint this config cannot continue. SIGINT, SIGTERM and SIGHUP stop every process of the
+    run, mark it `interrupted` and raise KeyboardInterrupt.
+    """
+    run_path = Path(run_path)
+    lock = RunLock.acquire(run_path, role="launcher")
+    try:
+        check_resumable(run_path, cfg)
+        overrides = run_path / "run-config.toml"
+        write_bytes_atomic(overrides, _toml(cfg).encode())
+        with _signals_stop_the_run() as stop:
+            try:
+                return _simulate(cfg, num_devices, run_path, overrides, lock, on_poll, cpus_per_device, stop)
+            except KeyboardInterrupt:
+                # Every process of the run is stopped by now (the context managers' exits).
+                mark_interrupted(run_path, stop.status_before, f"stopped by {stop.cause}")
+                raise
+    finally:
+        lock.release()
+
+
+def _simulate(cfg: dict[str, Any], num_devices: int, run_path: Path, overrides: Path, lock: RunLock,
+              on_poll: Callable[[], None] | None, cpus_per_device: int, stop: _Stop) -> SimulationResult:
     log_path = run_path / "flower.log"
-    with simulation_superlink(log_path) as (_, env):
+    with simulation_superlink(log_path, run_path, lock) as (flwr_home, env):
+        lock.heartbeat(**{"flwr-home": str(flwr_home)})
         command = [_bin("flwr"), "run", str(project_root()), "privrec", "--stream",
                    "--run-config", str(overrides),
                    "--federation-config",
@@ -180,7 +361,11 @@ def run_simulation(cfg: dict[str, Any], num_devices: int, run_path: Path,
                 while process.poll() is None:
                     if on_poll:
                         on_poll()
+                    lock.heartbeat()
                     time.sleep(1.0)
+            except KeyboardInterrupt:
+                stop.status_before = read_status(run_path)  # before our signals reach the ServerApp
+                raise
             finally:
                 stop_process_group(process)
         run_id = _started_run_id(log_path)
@@ -188,6 +373,38 @@ def run_simulation(cfg: dict[str, Any], num_devices: int, run_path: Path,
     if on_poll:
         on_poll()
     return SimulationResult(run_id=run_id, flower_status=status, returncode=process.returncode)
+
+
+@dataclass
+class _Stop:
+    cause: str = "Ctrl-C (SIGINT)"
+    status_before: dict[str, Any] | None = None
+
+
+@contextmanager
+def _signals_stop_the_run() -> Iterator[_Stop]:
+    """SIGTERM and SIGHUP stop the run as Ctrl-C does (KeyboardInterrupt); further signals are ignored
+    while the run's processes are being stopped (a kill -9 still ends the launcher: the watchdog)."""
+    stop = _Stop()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.getsignal(sig) for sig in handled}
+
+    def handler(signum, frame):
+        for sig in handled:
+            signal.signal(sig, signal.SIG_IGN)
+        stop.cause = signal.Signals(signum).name if signum != signal.SIGINT else "Ctrl-C (SIGINT)"
+        raise KeyboardInterrupt
+
+    for sig in handled:
+        signal.signal(sig, handler)
+    try:
+        yield stop
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def _started_run_id(log_path: Path) -> int | None:
@@ -219,3 +436,7 @@ def _toml(values: dict[str, Any]) -> str:
     text = "\n".join(lines) + "\n"
     tomllib.loads(text)  # never hand Flower a file it cannot parse
     return text
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--watch"]:
+    watch(Path(sys.argv[2]), None if sys.argv[3] == "-" else Path(sys.argv[3]), int(sys.argv[4]))

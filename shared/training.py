@@ -1,11 +1,21 @@
 """One local training round on a device: plain Adam, or DP-SGD (Adam) through Opacus. No Flower here.
 
-Privacy unit: one *window* (a row of ``windows``). Under DP every round uses Poisson sampling with
-``q = 1 / ceil(n / batch_size)`` (exactly what Opacus derives from a ``DataLoader`` of batch size
-``batch_size``: equal to ``min(1, batch_size / n)`` whenever ``batch_size`` divides ``n`` or
-``n <= batch_size``, otherwise slightly smaller so that ``q * steps_per_epoch == 1``), for
-``steps_per_epoch = ceil(n / batch_size)`` steps per epoch: each window is used once per epoch in
-expectation and the accountant records the same ``q`` the sampler used.
+Privacy unit: one *window* (a row of ``windows``); neighbouring relation: adding or removing one
+window. Under DP everything the round releases is independent of how many windows the device holds,
+so the guarantee holds even to an adversary who sees the update, its step count and sample rate:
+
+- each window joins each step independently with the fixed probability ``q = cfg.sample_rate``
+  (Poisson sampling, Opacus' ``UniformWithReplacementSampler`` with an explicit ``q``), never a rate
+  derived from the window count;
+- a round takes ``epochs x ceil(1 / q)`` steps (``dp_steps_per_epoch``), whatever the window count:
+  a device without windows takes the same steps on empty batches (pure noise);
+- the noisy sum of clipped per-window gradients is divided by the fixed ``cfg.batch_size`` (Opacus'
+  ``expected_batch_size``), a constant of the config, never ``q x n`` from the data.
+
+Opacus' ``make_private`` derives ``q`` from a ``DataLoader`` as ``1 / len(loader)`` and the expected
+batch from the dataset size, both functions of the window count; the pieces below are Opacus' own
+(sampler, grad-sample module, ``DPOptimizer``, the accountant's optimizer hook), assembled with
+``q`` and the batch divisor taken from the config instead.
 
 Empty Poisson batches: Opacus' ghost mode crashes on a 0-row batch, so an empty batch is replaced by
 one all-padding row whose targets are all padding. Its loss is exactly 0 and its per-sample gradient
@@ -20,7 +30,7 @@ research/simulation; ``seed=None`` draws fresh OS entropy every round (torch's g
 a CSPRNG -- Opacus' ``secure_mode`` needs torchcsprng, unavailable for this torch).
 
 Cumulative accounting: the caller passes the accountant state returned by the previous round; it is
-loaded into a fresh ``PrivacyEngine``'s accountant *before* training, so the new steps compose with
+loaded into a fresh accountant *before* training, so the new steps compose with
 every earlier round and ``epsilon`` is the device's total.
 """
 
@@ -45,6 +55,7 @@ from shared.privacy.accounting import (
     epsilon_from_state,
     from_json_state,
     history_steps,
+    make_accountant,
     to_json_state,
 )
 
@@ -53,11 +64,10 @@ __all__ = [
     "LocalTrainResult",
     "SequenceLoss",
     "accountant_epsilon",
+    "dp_steps_per_epoch",
     "per_example_loss",
-    "sample_rate_for",
     "sequence_loss",
     "split_windows",
-    "steps_per_epoch",
     "train_local",
 ]
 
@@ -69,7 +79,8 @@ OPTIMIZERS = ("adam", "sgd")
 class LocalTrainConfig:
     epochs: int = 1
     lr: float = 0.005
-    batch_size: int = 8  # EXPECTED batch size under Poisson sampling
+    batch_size: int = 8  # plain: batch size; DP: the fixed divisor of the noisy gradient sum
+    sample_rate: float = 1.0  # DP only: Poisson rate per window and step (fixed, never from the data)
     dp: bool = True
     noise_multiplier: float = 1.0
     max_grad_norm: float = 1.0
@@ -102,12 +113,18 @@ class LocalTrainConfig:
             raise bad("lr", self.lr, "must be a finite number > 0")
         if not isinstance(self.dp, bool):
             raise bad("dp", self.dp, "must be true or false")
+        if not is_num(self.sample_rate) or not 0.0 < self.sample_rate <= 1.0:
+            raise bad("sample_rate", self.sample_rate, "must be in (0, 1]")
         if (
             not is_num(self.noise_multiplier)
             or not self.noise_multiplier >= 0
             or math.isinf(self.noise_multiplier)
         ):
             raise bad("noise_multiplier", self.noise_multiplier, "must be a finite number >= 0")
+        if self.dp and self.noise_multiplier == 0:
+            # Checked here too, not only in the run config: nothing unnoised ever leaves under dp = true.
+            raise bad("noise_multiplier", self.noise_multiplier, "must be > 0 when dp is true "
+                      "(0 would release unnoised updates with an infinite epsilon)")
         if (
             not is_num(self.max_grad_norm)
             or not self.max_grad_norm > 0
@@ -140,8 +157,8 @@ class LocalTrainConfig:
 class LocalTrainResult:
     loss: float  # mean training loss over the round's non-empty batches (nan if none)
     steps: int  # optimizer steps taken this round (under DP: every accounted step, empty ones too)
-    num_examples: int  # number of windows
-    sample_rate: float  # Poisson sample rate q (the one the accountant recorded)
+    num_examples: int  # number of windows (stays on the device under DP: it is the user's data size)
+    sample_rate: float  # DP: the Poisson rate q the sampler used and the accountant recorded; plain: nan
     epsilon: float  # cumulative over every round this device ever trained (nan when dp=False)
     accountant_state: dict | None  # JSON-serialisable; None when dp=False
 
@@ -193,19 +210,15 @@ def accountant_epsilon(accountant_state: dict | None, delta: float, accountant: 
     return epsilon_from_state(accountant_state, delta, accountant)
 
 
-def steps_per_epoch(num_windows: int, batch_size: int) -> int:
-    """``ceil(n / batch_size)`` (0 when there is no window)."""
-    return 0 if num_windows <= 0 else math.ceil(num_windows / batch_size)
+def dp_steps_per_epoch(sample_rate: float) -> int:
+    """DP-SGD steps per local epoch: ``ceil(1 / sample_rate)``, a constant of the config.
 
-
-def sample_rate_for(num_windows: int, batch_size: int) -> float:
-    """Poisson sample rate used (and accounted) by :func:`train_local`: ``1 / ceil(n / batch_size)``.
-
-    Use this (not ``batch_size / n``) when calibrating the noise multiplier with
-    ``opacus.accountants.utils.get_noise_multiplier``.
+    Each window is drawn at least once per epoch in expectation. The tolerance keeps a rate such as
+    ``1 / 93`` (whose float inverse is 92.99999999999999) at 93 steps, not 92 or 94.
     """
-    spe = steps_per_epoch(num_windows, batch_size)
-    return 0.0 if spe == 0 else 1.0 / spe
+    if not 0.0 < sample_rate <= 1.0:
+        raise PrivrecError(f"sample-rate={sample_rate!r} must be in (0, 1]")
+    return max(1, math.ceil(1.0 / sample_rate - 1e-9))
 
 
 def split_windows(windows: np.ndarray) -> tuple[Tensor, Tensor]:
@@ -227,8 +240,6 @@ def _check_windows(model: SASRec, windows: np.ndarray) -> np.ndarray:
         raise PrivrecError(f"windows must be a 2-D array [n, window], got shape {windows.shape}")
     if windows.shape[0] and not np.issubdtype(windows.dtype, np.integer):
         raise PrivrecError(f"windows must hold integer item ids, got dtype {windows.dtype}")
-    if windows.shape[0] == 0:
-        return windows
     if windows.shape[1] < 2:
         raise PrivrecError(f"window length must be >= 2, got {windows.shape[1]}")
     if windows.shape[1] - 1 > model.cfg.max_len:
@@ -236,6 +247,8 @@ def _check_windows(model: SASRec, windows: np.ndarray) -> np.ndarray:
             f"window={windows.shape[1]} needs max_len >= {windows.shape[1] - 1}, "
             f"but the model has max_len={model.cfg.max_len}"
         )
+    if windows.shape[0] == 0:
+        return windows.astype(np.int64)
     lo, hi = int(windows.min()), int(windows.max())
     if lo < 0 or hi > model.cfg.num_items:
         raise PrivrecError(
@@ -303,18 +316,13 @@ def train_local(
     prior = history_steps(accountant_state) if cfg.dp else 0
     if cfg.dp and accountant_state:
         from_json_state(accountant_state, cfg.accountant)  # mechanism check, clear error
-    q = sample_rate_for(n, cfg.batch_size)
-    if n == 0:
-        if cfg.dp:
-            state = to_json_state(accountant_state) if accountant_state else None
-            eps = epsilon_from_state(state, cfg.delta, cfg.accountant)
-        else:
-            state, eps = None, float("nan")
-        return LocalTrainResult(float("nan"), 0, 0, q, eps, state)
+    if n == 0 and not cfg.dp:
+        return LocalTrainResult(float("nan"), 0, 0, float("nan"), float("nan"), None)
+    # Under DP a device without windows still takes every step (on empty batches): whether it
+    # holds any data must not show in what it sends.
 
     torch_seed, loader_seed, noise_seed = _seeds(cfg.seed, prior)
     inputs, targets = split_windows(windows)
-    dataset = TensorDataset(inputs, targets)
     loader_gen = torch.Generator().manual_seed(loader_seed)
 
     with torch.random.fork_rng(devices=[]):
@@ -329,22 +337,12 @@ def train_local(
         optimizer = (torch.optim.Adam(params, lr=cfg.lr) if cfg.optimizer == "adam"
                      else torch.optim.SGD(params, lr=cfg.lr))
         if cfg.dp:
-            return _train_dp(
-                model,
-                dataset,
-                cfg,
-                accountant_state,
-                optimizer,
-                loader_gen,
-                noise_seed,
-                q,
-                prox,
-                on_epoch,
-            )
-        return _train_plain(model, dataset, cfg, optimizer, loader_gen, q, prox, on_epoch)
+            return _train_dp(model, inputs, targets, cfg, accountant_state, optimizer, loader_gen,
+                             noise_seed, prox, on_epoch)
+        return _train_plain(model, TensorDataset(inputs, targets), cfg, optimizer, loader_gen, prox, on_epoch)
 
 
-def _train_plain(model, dataset, cfg, optimizer, loader_gen, q, prox, on_epoch) -> LocalTrainResult:
+def _train_plain(model, dataset, cfg, optimizer, loader_gen, prox, on_epoch) -> LocalTrainResult:
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, generator=loader_gen)
     losses, steps = [], 0
     for epoch in range(cfg.epochs):
@@ -366,49 +364,44 @@ def _train_plain(model, dataset, cfg, optimizer, loader_gen, q, prox, on_epoch) 
         loss=float(np.mean(losses)) if losses else float("nan"),
         steps=steps,
         num_examples=len(dataset),
-        sample_rate=q,
+        sample_rate=float("nan"),
         epsilon=float("nan"),
         accountant_state=None,
     )
 
 
-def _train_dp(
-    model, dataset, cfg, accountant_state, optimizer, loader_gen, noise_seed, q, prox, on_epoch
-) -> LocalTrainResult:
-    from opacus import PrivacyEngine
+def _train_dp(model, inputs, targets, cfg, accountant_state, optimizer, loader_gen, noise_seed, prox,
+              on_epoch) -> LocalTrainResult:
+    from opacus.grad_sample import prepare_module
+    from opacus.optimizers import get_optimizer_class
+    from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+    from opacus.validators import ModuleValidator
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # gdp "experimental", secure-RNG notices
-        engine = PrivacyEngine(accountant=cfg.accountant)
-    if accountant_state:
-        # Before make_private: the new steps compose with every previous round.
-        engine.accountant.load_state_dict(from_json_state(accountant_state, cfg.accountant))
+    q = float(cfg.sample_rate)
     check_fixed_parameters(accountant_state, cfg.noise_multiplier, q, cfg.accountant)
+    accountant = make_accountant(cfg.accountant)
+    if accountant_state:
+        # Before the first step: the new steps compose with every previous round.
+        accountant.load_state_dict(from_json_state(accountant_state, cfg.accountant))
 
-    base_loader = DataLoader(dataset, batch_size=cfg.batch_size, generator=loader_gen)
-    criterion = SequenceLoss()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        out = engine.make_private(
-            module=model,
-            optimizer=optimizer,
-            criterion=criterion,
-            data_loader=base_loader,
-            noise_multiplier=float(cfg.noise_multiplier),
-            max_grad_norm=float(cfg.max_grad_norm),
-            poisson_sampling=True,
-            grad_sample_mode=cfg.grad_sample_mode,
-            noise_generator=torch.Generator().manual_seed(noise_seed),
-        )
-    if cfg.grad_sample_mode == "ghost":
-        gsm, dp_opt, dp_criterion, dp_loader = out
-    else:
-        gsm, dp_opt, dp_loader = out
-        dp_criterion = sequence_loss
-    if abs(dp_loader.sample_rate - q) > 1e-15:  # pragma: no cover - guards an Opacus change
-        raise RuntimeError(f"Opacus sample rate {dp_loader.sample_rate} != expected {q}")
+    n, length = int(inputs.shape[0]), int(inputs.shape[1])
+    steps_per_epoch_ = dp_steps_per_epoch(q)
+    # q and the step count come from the config, never from n (Opacus' sampler, explicit rate and steps).
+    sampler = (UniformWithReplacementSampler(num_samples=n, sample_rate=q, generator=loader_gen,
+                                             steps=steps_per_epoch_) if n else None)
+    ModuleValidator.validate(model, strict=True)
+    ghost = cfg.grad_sample_mode == "ghost"
+    gsm = prepare_module(model, grad_sample_mode=cfg.grad_sample_mode, batch_first=True, loss_reduction="mean",
+                         **({"max_grad_norm": float(cfg.max_grad_norm)} if ghost else {}))
+    gsm.forbid_grad_accumulation()  # Poisson sampling: one batch per step
+    dp_opt = get_optimizer_class(clipping="flat", distributed=False, grad_sample_mode=cfg.grad_sample_mode)(
+        optimizer=optimizer, noise_multiplier=float(cfg.noise_multiplier), max_grad_norm=float(cfg.max_grad_norm),
+        expected_batch_size=int(cfg.batch_size),  # fixed divisor of the noisy sum, not q * n
+        loss_reduction="mean", generator=torch.Generator().manual_seed(noise_seed))
+    dp_opt.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=q))  # every step is accounted
+    dp_criterion = DPLossFastGradientClipping(gsm, dp_opt, SequenceLoss(), "mean") if ghost else sequence_loss
 
-    length = dataset.tensors[0].shape[1]
     losses, steps = [], 0
     try:
         with warnings.catch_warnings():
@@ -416,15 +409,18 @@ def _train_dp(
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             for epoch in range(cfg.epochs):
                 epoch_losses = []
-                for x, y in dp_loader:
+                for indices in (sampler if sampler is not None else [[]] * steps_per_epoch_):
                     dp_opt.zero_grad(set_to_none=True)
-                    empty = x.shape[0] == 0
+                    empty = len(indices) == 0
                     if empty:  # data-independent stand-in: loss 0, per-sample gradient 0
                         x = torch.zeros(1, length, dtype=torch.long)
                         y = torch.zeros(1, length, dtype=torch.long)
+                    else:
+                        index = torch.as_tensor(indices, dtype=torch.long)
+                        x, y = inputs[index], targets[index]
                     loss = dp_criterion(gsm(x), y)
                     loss.backward()
-                    dp_opt.step()  # clip, add noise, count the step
+                    dp_opt.step()  # clip, add noise, divide by batch_size, count the step
                     if prox:
                         _proximal_step(prox, cfg.lr, cfg.proximal_mu)
                     steps += 1
@@ -438,14 +434,14 @@ def _train_dp(
         gsm.cleanup()  # remove hooks and grad_sample attributes: model is plain again
         model.zero_grad(set_to_none=True)
 
-    state = to_json_state(engine.accountant.state_dict())
+    state = to_json_state(accountant.state_dict())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        eps = float(engine.accountant.get_epsilon(delta=float(cfg.delta)))
+        eps = float(accountant.get_epsilon(delta=float(cfg.delta)))
     return LocalTrainResult(
         loss=float(np.mean(losses)) if losses else float("nan"),
         steps=steps,
-        num_examples=len(dataset),
+        num_examples=n,
         sample_rate=q,
         epsilon=eps,
         accountant_state=state,

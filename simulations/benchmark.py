@@ -91,7 +91,7 @@ def bench_throughput(cfg: dict, store_dir: Path, rounds: int, devices_per_round:
     run_root = Path(tempfile.mkdtemp(prefix="privrec-bench-"))
     run_cfg = {**cfg, "num-rounds": rounds, "devices-per-round": devices_per_round, "eval-every": 0,
                "central-eval": False, "fraction-evaluate": 0.01, "run-dir": str(run_root), "run-name": "throughput",
-               "data-store": str(store_dir)}
+               "data-store": str(store_dir), "population-dir": str(run_root / "population")}  # fresh simulated people
     run_cfg = config.validate(run_cfg)
     started = time.perf_counter()
     result = run_simulation(run_cfg, store.num_devices, run_root / "throughput")
@@ -131,9 +131,11 @@ def federated_run(cfg: dict, store_dir: Path, overrides: dict) -> dict:
     from simulations.inprocess import InProcessGrid
 
     torch.set_num_threads(1)
+    run_root = Path(tempfile.mkdtemp(prefix="privrec-acc-"))
+    # Every arm trains fresh simulated people: its own population folder, so no arm inherits another's spend.
     run_cfg = config.validate({**cfg, **overrides, "data-store": str(store_dir), "eval-every": 0,
-                               "central-eval": False, "run-dir": tempfile.mkdtemp(prefix="privrec-acc-"),
-                               "run-name": "acc", "deterministic-devices": True})
+                               "central-eval": False, "run-dir": str(run_root), "run-name": "acc",
+                               "population-dir": str(run_root / "population"), "deterministic-devices": True})
     run_dir = RunDirectory.create(run_cfg["run-dir"], run_cfg["run-name"])
     started = time.perf_counter()
     FederatedRun(run_cfg, run_dir, InProcessGrid(client_app, open_store(store_dir).num_devices)).execute()

@@ -17,6 +17,7 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
+from pathlib import Path
 
 from shared import config
 from shared.atomic import write_json_atomic
@@ -36,10 +37,11 @@ def curve(task: tuple) -> dict:
     torch.set_num_threads(1)
     logging.getLogger("flwr").setLevel(logging.WARNING)
     store_dir = prepare_store("ml-100k")
+    run_root = Path(tempfile.mkdtemp(prefix="privrec-curve-"))
     cfg = config.validate({**overrides, "seed": seed, "num-rounds": rounds, "eval-every": every,
                            "fraction-evaluate": 0.001, "central-eval": True, "data-store": str(store_dir),
-                           "run-dir": tempfile.mkdtemp(prefix="privrec-curve-"), "run-name": "curve",
-                           "deterministic-devices": True})
+                           "run-dir": str(run_root), "run-name": "curve", "deterministic-devices": True,
+                           "population-dir": str(run_root / "population")})  # fresh simulated people per curve
     run_dir = RunDirectory.create(cfg["run-dir"], cfg["run-name"])
     FederatedRun(cfg, run_dir, InProcessGrid(client_app, open_store(store_dir).num_devices)).execute()
     rows = [json.loads(line) for line in (run_dir.path / "metrics.jsonl").read_text().splitlines()]

@@ -42,13 +42,15 @@ def node_context(node_id: int, node_config: dict) -> Context:
 class InProcessGrid(Grid):
     """A Grid whose nodes are partitions served by calling the ClientApp directly."""
 
-    def __init__(self, client_app, num_nodes: int, keep_messages: bool = False):
+    def __init__(self, client_app, num_nodes: int, keep_messages: bool = False, first_node_id: int = 1):
+        """Nodes `first_node_id, ...` serve partitions 0, 1, ...: a second launch of the same devices can
+        get other node ids, as under Flower."""
         set_identity()
         self.keep_messages = keep_messages
         self.client_app = client_app
-        self.contexts = {node_id: node_context(node_id, {"partition-id": node_id - 1,
-                                                         "num-partitions": num_nodes})
-                         for node_id in range(1, num_nodes + 1)}
+        self.contexts = {first_node_id + p: node_context(first_node_id + p, {"partition-id": p,
+                                                                            "num-partitions": num_nodes})
+                         for p in range(num_nodes)}
         # With keep_messages: every instruction and reply, for tests that inspect what left a device.
         self.delivered: list[Message] = []
         self.replies: list[Message] = []

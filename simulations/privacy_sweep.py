@@ -7,9 +7,9 @@ For every target epsilon and mechanism the noise is calibrated with Opacus' acco
 (`shared.privacy.calibration`) before training, and the per-device cap (`max-epsilon`) makes the
 target a hard bound:
 
-* on-device DP-SGD (window-level): noise for a device that joins `--joins` rounds with one step
-  each at q = 1 (the typical device: at most `batch-size` windows); devices sampled more often,
-  or holding more windows, decline once the next round would pass the target.
+* on-device DP-SGD (window-level): noise for a device that joins `--joins` rounds of
+  local-epochs x ceil(1 / q) steps at q = sample-rate (the same for every device, whatever its
+  window count); devices sampled more often decline once the next round would pass the target.
 * user-level DP-FedAvg: noise for `--rounds` releases at q = devices-per-round / devices.
 * both: each mechanism at the target, for its own unit.
 
@@ -33,6 +33,7 @@ from pathlib import Path
 from shared import config
 from shared.data.store import open_store, prepare_store
 from shared.privacy.calibration import calibrate_noise
+from shared.training import dp_steps_per_epoch
 from simulations.output import log_progress, save_results, timestamped
 
 MECHANISMS = ("on-device", "user-level", "both")
@@ -44,7 +45,9 @@ def arm_settings(mechanism: str, epsilon: float, cfg: dict, num_devices: int, ro
     """Config overrides that hold `mechanism` to `epsilon` (at cfg's delta and accountant)."""
     out: dict = {"dp": False, "user-dp": False}
     if mechanism in ("on-device", "both"):
-        z = calibrate_noise(epsilon, cfg["delta"], 1.0, joins * cfg["local-epochs"], cfg["accountant"])
+        # Every device's round is the same: local-epochs x ceil(1 / sample-rate) steps at q = sample-rate.
+        steps = joins * cfg["local-epochs"] * dp_steps_per_epoch(cfg["sample-rate"])
+        z = calibrate_noise(epsilon, cfg["delta"], cfg["sample-rate"], steps, cfg["accountant"])
         out.update({"dp": True, "noise-multiplier": round(z, 4), "max-epsilon": epsilon})
     if mechanism in ("user-level", "both"):
         q = cfg["devices-per-round"] / num_devices

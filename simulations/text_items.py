@@ -99,10 +99,11 @@ def federated_run(cfg: dict, store_dir: Path, overrides: dict) -> dict:
 
     torch.set_num_threads(1)
     logging.getLogger("flwr").setLevel(logging.WARNING)
+    run_root = Path(tempfile.mkdtemp(prefix="privrec-text-"))
     run_cfg = config.validate({**cfg, **overrides, "data-store": str(store_dir), "eval-every": 0,
-                               "central-eval": True, "fraction-evaluate": 0.01,
-                               "run-dir": tempfile.mkdtemp(prefix="privrec-text-"), "run-name": "acc",
-                               "deterministic-devices": True})
+                               "central-eval": True, "fraction-evaluate": 0.01, "run-dir": str(run_root),
+                               "run-name": "acc", "deterministic-devices": True,
+                               "population-dir": str(run_root / "population")})  # fresh simulated people per arm
     run_dir = RunDirectory.create(run_cfg["run-dir"], run_cfg["run-name"])
     started = time.perf_counter()
     FederatedRun(run_cfg, run_dir, InProcessGrid(client_app, open_store(store_dir).num_devices)).execute()

@@ -262,7 +262,7 @@ def test_restarted_server_resumes_from_the_last_checkpoint(tmp_path, strategy):
     rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]  # not started over, no round twice
     # Devices record the true round in their ledgers: rounds 3 and 4 after 1 and 2, none twice.
-    ledgers = [json.loads(p.read_text()) for p in (path / "devices").glob("*/privacy-ledger.json")]
+    ledgers = [json.loads(p.read_text()) for p in (tmp_path / "store.population").glob("*/privacy-ledger.json")]
     trained = sorted(r["round"] for ledger in ledgers for r in ledger["rounds"])
     assert trained == [1, 1, 2, 2, 3, 3, 4, 4]
     for ledger in ledgers:

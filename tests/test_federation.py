@@ -52,7 +52,9 @@ def test_dp_federated_training_beats_the_untrained_model(tmp_path):
 
 def test_epsilon_is_cumulative_and_reported_as_max_and_median(tmp_path):
     cfg, path, grid, rows, summary = run_federation(tmp_path)
-    ledgers = {p.parent.name: json.loads(p.read_text()) for p in (path / "devices").glob("*/privacy-ledger.json")}
+    population = tmp_path / "store.population"  # beside the store: the devices' ledgers outlive the run
+    assert json.loads((path / "config.json").read_text())["population-dir"] == str(population.resolve())
+    ledgers = {p.parent.name: json.loads(p.read_text()) for p in population.glob("*/privacy-ledger.json")}
     assert ledgers, "devices that trained must have written a ledger"
     for ledger in ledgers.values():
         eps = [r["epsilon"] for r in ledger["rounds"]]
@@ -99,7 +101,11 @@ def test_without_dp_no_epsilon_is_claimed(tmp_path):
     _, path, _, rows, summary = run_federation(tmp_path, dp=False, **{"num-rounds": 2})
     assert summary["privacy"]["mechanism"] == "none"
     assert summary["privacy"]["all-epsilon-max"] is None
-    assert not (path / "devices").exists()
+    # Non-private rounds are still on each device's record: its epsilon is unbounded from now on.
+    population = tmp_path / "store.population"  # the devices' own ledgers, beside the store
+    ledgers = [json.loads(f.read_text()) for f in population.glob("*/privacy-ledger.json")]
+    assert ledgers and all(r["private"] is False and r["status"] == "released"
+                           for ledger in ledgers for r in ledger["rounds"])
 
 
 @pytest.mark.parametrize("strategy, extra", [("fedadam", {"server-lr": 0.01}), ("fedprox", {"proximal-mu": 0.1})])

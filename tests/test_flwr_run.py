@@ -65,7 +65,8 @@ def test_flwr_run_simulation_completes(tmp_path, no_stray_processes):
     assert summary["federated-evaluation"]["users"] == 4
     assert summary["privacy"]["all-epsilon-max"] > 0
     # Each device that trained has a ledger; the server's max matches the ledgers.
-    ledgers = [json.loads(p.read_text()) for p in (run_path / "devices").glob("*/privacy-ledger.json")]
+    # Ledgers belong to the devices: in the population folder beside the store, not in the run.
+    ledgers = [json.loads(p.read_text()) for p in (tmp_path / "store.population").glob("*/privacy-ledger.json")]
     assert max(led["rounds"][-1]["epsilon"] for led in ledgers) == pytest.approx(summary["privacy"]["all-epsilon-max"])
 
 

@@ -13,10 +13,9 @@ from shared.model import ModelConfig, SASRec
 from shared.training import (
     LocalTrainConfig,
     accountant_epsilon,
-    sample_rate_for,
+    dp_steps_per_epoch,
     sequence_loss,
     split_windows,
-    steps_per_epoch,
     train_local,
 )
 
@@ -69,8 +68,8 @@ def continuous(accountant, sigma, q, steps):
 def test_cumulative_epsilon_equals_one_continuous_accountant(accountant, rounds):
     w = windows(48)
     m = model()
-    cfg = LocalTrainConfig(epochs=1, batch_size=8, noise_multiplier=1.1, accountant=accountant)
     q = 1 / 6
+    cfg = LocalTrainConfig(epochs=1, batch_size=8, sample_rate=q, noise_multiplier=1.1, accountant=accountant)
     state, eps_prev, total = None, 0.0, 0
     for _ in range(rounds):
         res = train_local(m, w, cfg, accountant_state=state)
@@ -88,13 +87,36 @@ def test_cumulative_epsilon_equals_one_continuous_accountant(accountant, rounds)
     assert not any(hasattr(p, "grad_sample") for p in m.parameters())
 
 
-def test_sample_rate_and_steps_follow_opacus():
-    assert sample_rate_for(48, 8) == 1 / 6 and steps_per_epoch(48, 8) == 6
-    assert sample_rate_for(5, 8) == 1.0 and steps_per_epoch(5, 8) == 1
-    assert sample_rate_for(10, 8) == 0.5 and steps_per_epoch(10, 8) == 2  # q * steps == 1
-    res = train_local(model(), windows(10), LocalTrainConfig(epochs=3, batch_size=8, dp=True))
-    assert res.steps == 6 and res.sample_rate == 0.5
-    assert res.accountant_state["history"] == [[1.0, 0.5, 6]]
+def test_sample_rate_and_steps_come_from_the_config_not_the_data():
+    assert dp_steps_per_epoch(1.0) == 1 and dp_steps_per_epoch(0.5) == 2 and dp_steps_per_epoch(0.3) == 4
+    assert dp_steps_per_epoch(1 / 93) == 93 and dp_steps_per_epoch(1 / 99) == 99  # float 1/(1/93) < 93
+    cfg = LocalTrainConfig(epochs=3, batch_size=8, sample_rate=0.5, dp=True)
+    for n in (0, 3, 10, 48):  # whatever the window count: same steps, same q, same history
+        res = train_local(model(), windows(n) if n else np.zeros((0, W), dtype=np.int64), cfg)
+        assert res.steps == 6 and res.sample_rate == 0.5 and res.num_examples == n
+        assert res.accountant_state["history"] == [[1.0, 0.5, 6]]
+
+
+@pytest.mark.parametrize("n", [93 * 8, 93 * 8 - 7])
+def test_no_step_lost_when_one_over_q_rounds_down(n):
+    # Opacus' own loader takes int(1 / q) steps: 92 for q = 1/93 (ceil(n / b) = 93 under the old rule).
+    cfg = LocalTrainConfig(epochs=1, batch_size=8, sample_rate=1 / 93, noise_multiplier=1.0)
+    res = train_local(model(), windows(n), cfg)
+    assert res.steps == 93 and res.accountant_state["history"] == [[1.0, 1 / 93, 93]]
+
+
+def test_update_does_not_depend_on_the_data_size_through_normalisation():
+    # The noisy sum is divided by batch_size, a constant: with no signal (all-padding windows give
+    # zero gradients) the update is pure noise of the same scale for 1 window or 40.
+    base = LocalTrainConfig(epochs=1, lr=0.1, batch_size=4, sample_rate=1.0, noise_multiplier=1.0,
+                            optimizer="sgd", seed=5)
+    updates = []
+    for n in (1, 40):
+        m = model()
+        before = m.head.weight.detach().clone()
+        train_local(m, np.zeros((n, W), dtype=np.int64), base)
+        updates.append(m.head.weight.detach() - before)
+    assert torch.allclose(updates[0], updates[1])  # same seed, same noise, same divisor
 
 
 @pytest.mark.parametrize("mode", ["hooks", "ghost"])
@@ -103,7 +125,7 @@ def test_empty_poisson_batches_are_noised_and_counted(mode):
     w = windows(20)
     m = model()
     before = {k: v.clone() for k, v in m.state_dict().items()}
-    cfg = LocalTrainConfig(epochs=2, batch_size=1, noise_multiplier=1.0, grad_sample_mode=mode)
+    cfg = LocalTrainConfig(epochs=2, batch_size=1, sample_rate=0.05, noise_multiplier=1.0, grad_sample_mode=mode)
     res = train_local(m, w, cfg)
     assert res.steps == 40
     assert res.accountant_state["history"] == [[1.0, 0.05, 40]]
@@ -121,6 +143,7 @@ def test_dp_training_with_small_noise_lowers_loss(mode):
         epochs=8,
         lr=0.02,
         batch_size=8,
+        sample_rate=1 / 6,
         noise_multiplier=0.1,
         max_grad_norm=1.0,
         grad_sample_mode=mode,
@@ -145,7 +168,7 @@ def test_ghost_and_hooks_give_the_same_update():
     # same seeds -> same Poisson batches and noise; both modes clip the same per-sample gradients
     w = windows(24)
     ma, mb = model(), model()
-    cfg = {"epochs": 1, "batch_size": 8, "noise_multiplier": 0.5, "max_grad_norm": 0.1}
+    cfg = {"epochs": 1, "batch_size": 8, "sample_rate": 1 / 3, "noise_multiplier": 0.5, "max_grad_norm": 0.1}
     train_local(ma, w, LocalTrainConfig(grad_sample_mode="hooks", **cfg))
     train_local(mb, w, LocalTrainConfig(grad_sample_mode="ghost", **cfg))
     for (k, a), b in zip(ma.state_dict().items(), mb.state_dict().values()):
@@ -206,6 +229,9 @@ def test_fedprox_pulls_weights_to_global(dp):
         ("lr", -1.0),
         ("proximal_mu", -0.1),
         ("seed", 1.5),
+        ("sample_rate", 0.0),
+        ("sample_rate", 1.5),
+        ("noise_multiplier", 0.0),  # dp=True: never an unnoised release
     ],
 )
 def test_bad_config_raises_naming_key(key, value):
@@ -214,7 +240,7 @@ def test_bad_config_raises_naming_key(key, value):
     assert repr(value) in str(exc.value) or str(value) in str(exc.value)
 
 
-def test_empty_windows_leave_epsilon_unchanged():
+def test_device_without_windows_still_takes_every_noised_step():
     w = windows(16)
     m = model()
     first = train_local(m, w, LocalTrainConfig(batch_size=8))
@@ -225,20 +251,22 @@ def test_empty_windows_leave_epsilon_unchanged():
         LocalTrainConfig(batch_size=8),
         accountant_state=first.accountant_state,
     )
-    assert res.steps == 0 and res.num_examples == 0
-    assert res.epsilon == first.epsilon
-    assert res.accountant_state == first.accountant_state
-    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
-    fresh = train_local(model(), np.zeros((0, W), dtype=np.int64), LocalTrainConfig())
-    assert fresh.epsilon == 0.0 and fresh.steps == 0
+    # Whether a device holds data must not show: same steps, same accounting, a noised update.
+    assert res.steps == first.steps == 1 and res.num_examples == 0
+    assert res.accountant_state["history"] == [[1.0, 1.0, 2]] and res.epsilon > first.epsilon
+    assert any(not torch.equal(before[k], v) for k, v in m.state_dict().items())
+    plain = train_local(model(), np.zeros((0, W), dtype=np.int64), LocalTrainConfig(dp=False))
+    assert plain.steps == 0 and plain.accountant_state is None
 
 
 def test_gdp_refuses_changed_sample_rate_clearly():
     m = model()
     cfg = LocalTrainConfig(batch_size=8, accountant="gdp")
     first = train_local(m, windows(16), cfg)
+    train_local(m, windows(32), cfg, accountant_state=first.accountant_state)  # more data: same q
     with pytest.raises(PrivrecError, match="sample_rate"):
-        train_local(m, windows(32), cfg, accountant_state=first.accountant_state)
+        train_local(m, windows(16), LocalTrainConfig(batch_size=8, sample_rate=0.5, accountant="gdp"),
+                    accountant_state=first.accountant_state)
     with pytest.raises(PrivrecError, match="accountant"):  # mechanism mismatch
         train_local(
             m,

@@ -1,4 +1,4 @@
-"""Windows: the privacy unit of on-device DP training."""
+"""Windows: the privacy unit of on-device DP training (neighbouring relation: add/remove one window)."""
 
 from __future__ import annotations
 
@@ -16,9 +16,12 @@ def make_windows(train_seq: np.ndarray, window: int) -> np.ndarray:
     returned oldest first as an int64 array of shape [n_windows, window] ([0, window] if none).
 
     Privacy: windows do not overlap, so every interaction belongs to at most one window, i.e. to at
-    most one DP-SGD training example. DP-SGD's example-level guarantee therefore covers any single
-    window and hence any single interaction. Overlapping (sliding) windows would let one interaction
-    influence several examples and break that guarantee.
+    most one DP-SGD training example, and DP-SGD's guarantee (add/remove one window) covers any single
+    window. For a single interaction that covers *replacing* its item (one window changes: group
+    privacy of two add/remove steps), but not *inserting or deleting* it: windows are cut from the
+    newest item backwards, so an insertion or deletion shifts every older window. Overlapping
+    (sliding) windows would let one interaction influence several examples and break even the
+    replacement claim.
     """
     if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 2:
         raise PrivrecError(f"window={window!r}: must be an integer >= 2 (an input and a target)")

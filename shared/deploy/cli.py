@@ -156,13 +156,15 @@ def cmd_local(args: argparse.Namespace) -> int:
         _say(INSECURE_WARNING)
     workdir.mkdir(parents=True, exist_ok=True)
     security = prepare_security(workdir, Path(args.tls_dir) if args.tls_dir else None, args.insecure, args.auth)
-    # SIGTERM stops everything as Ctrl-C does.
+    # SIGTERM and SIGHUP stop everything as Ctrl-C does.
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGHUP, _interrupt)
     print(f"privrec: deployment of {args.devices} devices, {cfg['num-rounds']} rounds, run directory {run_path}",
           flush=True)
     try:
         with _Progress(run_path, cfg["num-rounds"]) as progress:
-            status = run_local(cfg, devices_dir, args.devices, workdir, security, on_poll=progress.poll)
+            status = run_local(cfg, devices_dir, args.devices, workdir, security, on_poll=progress.poll,
+                               run_path=run_path)
     except KeyboardInterrupt:
         # Every process is stopped by now; the run directory says so (and can be resumed).
         if not (run_path / "summary.json").exists():

@@ -36,7 +36,8 @@ NODE_KEY = "node.key"  # each device's own EC key lives in its folder, next to i
 
 
 class LocalDeployment:
-    def __init__(self, workdir: Path, devices_dir: Path, security: Security, host: str = "127.0.0.1"):
+    def __init__(self, workdir: Path, devices_dir: Path, security: Security, host: str = "127.0.0.1",
+                 run_path: Path | None = None):
         self.workdir = workdir.resolve()
         self.devices_dir = devices_dir.resolve()
         self.security = security
@@ -45,7 +46,7 @@ class LocalDeployment:
         self.address = f"{host}:{self.port}"
         self.flwr_home = self.workdir / "flwr-home"
         self.env = new_env(self.flwr_home)
-        self.processes = ProcessGroup(self.workdir / "logs", self.env)
+        self.processes = ProcessGroup(self.workdir / "logs", self.env, run_path=run_path)
         self.node_ids: dict[str, int] = {}  # device id -> Flower node id (registered with --auth)
         # One database per deployment: it survives a SuperLink restart (runs, registered keys), and
         # a later `deploy local` of the same run (a resume) registers its devices afresh.
@@ -158,9 +159,11 @@ def deployment_config(cfg: dict[str, Any], devices_dir: Path, num_devices: int) 
 
 
 def run_local(cfg: dict[str, Any], devices_dir: Path, num_devices: int, workdir: Path, security: Security,
-              on_poll: Callable[[], None] | None = None, log: Callable[[str], None] = print) -> str | None:
-    """Start everything, run to the end, stop everything; returns Flower's verdict on the run."""
-    with LocalDeployment(workdir, devices_dir, security) as deployment:
+              on_poll: Callable[[], None] | None = None, log: Callable[[str], None] = print,
+              run_path: Path | None = None) -> str | None:
+    """Start everything, run to the end, stop everything (also if we are killed: see ProcessGroup);
+    returns Flower's verdict on the run."""
+    with LocalDeployment(workdir, devices_dir, security, run_path=run_path) as deployment:
         deployment.start_superlink()
         log(f"privrec: SuperLink on {deployment.address} "
             f"({'insecure' if security.insecure else 'TLS'}{', node authentication' if security.auth else ''}); "

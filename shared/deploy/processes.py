@@ -19,7 +19,7 @@ from pathlib import Path
 
 from shared.deploy.certs import CA_CERT, SERVER_CERT, SERVER_KEY
 from shared.errors import PrivrecError
-from shared.launch import _bin, flower_env, free_port, stop_process_group
+from shared.launch import Watchdog, _bin, flower_env, free_port, stop_process_group
 
 CONNECTION = "privrec"  # the connection name privrec writes into $FLWR_HOME/config.toml
 
@@ -167,9 +167,15 @@ class ProcessGroup:
     env: dict[str, str]
     started: dict[str, Started] = field(default_factory=dict)
     sessions: list[int] = field(default_factory=list)  # every session ever started, stopped ones included
+    run_path: Path | None = None  # marked `interrupted` if our process is killed before `close()`
+    watchdog: Watchdog | None = None
 
     def start(self, name: str, command: list[str], cwd: Path | None = None) -> Started:
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        if self.watchdog is None and "FLWR_HOME" in self.env:
+            # Our processes live in sessions of their own: if we die without close() (kill -9), the
+            # watchdog stops every process that carries this deployment's FLWR_HOME.
+            self.watchdog = Watchdog.start(Path(self.env["FLWR_HOME"]), self.run_path, None)
         log_path = self.log_dir / f"{name}.log"
         with open(log_path, "ab") as log:
             log.write(f"$ {' '.join(command)}\n".encode())
@@ -204,6 +210,9 @@ class ProcessGroup:
     def close(self) -> None:
         for name in reversed(list(self.started)):
             self.stop(name)
+        if self.watchdog is not None:
+            self.watchdog.dismiss()
+            self.watchdog = None
 
     def __enter__(self) -> ProcessGroup:
         return self

@@ -108,8 +108,8 @@ def check_fixed_parameters(
             raise PrivrecError(
                 "accountant='gdp' needs the same noise_multiplier and sample rate in every round: "
                 f"previous rounds used noise_multiplier={sigma}, sample_rate={q}; this round has "
-                f"noise_multiplier={noise_multiplier}, sample_rate={sample_rate} (the sample rate "
-                "is 1/ceil(windows/batch_size), so the number of windows must not change). "
+                f"noise_multiplier={noise_multiplier}, sample_rate={sample_rate} (the run config's "
+                "noise-multiplier and sample-rate must not change across a device's runs). "
                 "Use accountant='rdp' or 'prv' for changing parameters."
             )
 

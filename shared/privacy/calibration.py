@@ -1,7 +1,8 @@
 """Choose a noise multiplier for a target epsilon (Opacus' accountant utilities, nothing hand-rolled).
 
-On-device DP-SGD: a device that joins `rounds` rounds and takes `steps_per_round` steps at Poisson
-rate q each time composes `rounds * steps_per_round` sampled Gaussian steps. User-level DP-FedAvg:
+On-device DP-SGD: a device that joins `rounds` rounds composes `rounds * steps_per_round` sampled
+Gaussian steps at Poisson rate q = `sample-rate`, with `steps_per_round = local-epochs x ceil(1 / q)`
+(config values, the same for every device). User-level DP-FedAvg:
 one sampled Gaussian release per round at the device sampling rate. Both are the same question
 for the accountant: the smallest sigma such that `steps` steps at rate q stay within epsilon.
 

@@ -12,12 +12,24 @@ ready to leave. A crash in between leaves a "reserved" entry that still counts: 
 over-report a round that was never released, never under-report one that was.
 
 A device whose next round would pass its cap (`max-epsilon`) records `declined` and never trains
-again with this ledger, in this run or any later one.
+again with this ledger, in this run or any later one, private or not.
+
+A non-private round (dp = false) is recorded too (reserved, then released, with `"private": false`):
+from then on the device's epsilon is unbounded (`epsilon` is inf in memory; the file stores the flag,
+never an infinite number, which JSON cannot hold).
+
+One round at a time: `ledger_lock` holds an exclusive lock on a file beside the ledger from loading
+it to releasing the round, so two train messages for one device cannot both start from the same
+spend and have the second write lose the first's steps.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,8 +58,15 @@ class PrivacyLedger:
         }
 
     @property
+    def unbounded(self) -> bool:
+        """True once a non-private round was reserved: no finite epsilon holds for this device any more."""
+        return any(entry.get("private") is False for entry in self.rounds)
+
+    @property
     def epsilon(self) -> float:
-        """The epsilon recorded with the latest released update (0 before any)."""
+        """The epsilon recorded with the latest DP round (0 before any); inf after a non-private round."""
+        if self.unbounded:
+            return math.inf
         return float(self.rounds[-1]["epsilon"]) if self.rounds else 0.0
 
 
@@ -92,13 +111,35 @@ def reconcile(path: Path, mirror: PrivacyLedger | None) -> None:
     if mirror is None:
         return
     on_disk = load_ledger(path, mirror.device)
-    if _spent_steps(mirror) > _spent_steps(on_disk) or (mirror.declined and not on_disk.declined):
+    if (_spent_steps(mirror) > _spent_steps(on_disk) or (mirror.declined and not on_disk.declined)
+            or (mirror.unbounded and not on_disk.unbounded)):
         save_ledger(path, mirror)
 
 
 def _spent_steps(ledger: PrivacyLedger) -> int:
     history = (ledger.accountant_state or {}).get("history") or []
     return sum(int(row[2]) for row in history)
+
+
+def lock_path(path: Path) -> Path:
+    return path.with_name(path.name + ".lock")
+
+
+@contextmanager
+def ledger_lock(path: Path) -> Iterator[None]:
+    """Exclusive lock for one device's ledger, held from load to release of a round.
+
+    `fcntl.flock` on a separate lock file (the ledger itself is replaced by rename on every write, so
+    a lock on it would be a lock on a file that no longer exists). Blocks until the other round ends;
+    the operating system drops the lock if the holder dies.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path(path), "a+b") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def reserve(path: Path, ledger: PrivacyLedger, planned_state: dict, entry: dict[str, Any]) -> None:

@@ -195,7 +195,7 @@ def _load_ledger(path: Path) -> Ledger:
     return ledger
 
 
-def load_privacy(path: Path, run_path: Path) -> Privacy:
+def load_privacy(path: Path, run_path: Path, ledgers_dir: Path | None = None) -> Privacy:
     where = path.name
     data = _object(path)
     if data.get("format") != PRIVACY_FORMAT:
@@ -213,7 +213,7 @@ def load_privacy(path: Path, run_path: Path) -> Privacy:
         raise PrivrecError(f"{path}: statements must be a list of objects with a 'mechanism'")
     if not isinstance(data["devices"], dict):
         raise PrivrecError(f"{path}: devices must be an object keyed by device id")
-    ledgers_dir = run_path / "devices"
+    ledgers_dir = ledgers_dir or run_path / "devices"
     ledgers_present = ledgers_dir.is_dir()
     devices = {}
     for device_id, entry in data["devices"].items():
@@ -282,10 +282,16 @@ def load_run(path: str | Path) -> Run:
         raise PrivrecError(f"{path} has no metrics.jsonl: the run never recorded a round, nothing to report")
     rounds = load_metrics(path / "metrics.jsonl")
     status = _object(path / "status.json") if (path / "status.json").exists() else None
+    if status is not None and status.get("state") == "running":
+        # "running" is what a crashed run leaves behind too: ask its owner record which it is.
+        from shared.run_owner import liveness
+
+        verdict, why = liveness(path)
+        status = {**status, "state": "crashed" if verdict == "crashed" else "running", "reason": why}
     summary = _object(path / "summary.json") if (path / "summary.json").exists() else None
     privacy, reason = None, None
     if (path / "privacy.json").exists():
-        privacy = load_privacy(path / "privacy.json", path)
+        privacy = load_privacy(path / "privacy.json", path, _ledgers_dir(path, config))
     else:
         privacy = privacy_from_ledgers(path, config)
         reason = ("privacy.json is missing: this run was made by a privrec version that did not write it "
@@ -294,6 +300,13 @@ def load_run(path: str | Path) -> Run:
                      if privacy else " and no device ledgers in the run directory"))
     return Run(path=path, config=config, status=status, summary=summary, rounds=rounds, privacy=privacy,
                privacy_missing_reason=reason)
+
+
+def _ledgers_dir(path: Path, config: dict[str, Any]) -> Path:
+    """Where the run's simulated devices keep their ledgers: the population folder the run names in
+    config.json (shared by every run on its store), or devices/ in runs from before populations."""
+    population = config.get("population-dir")
+    return Path(population) if population and not (path / "devices").is_dir() else path / "devices"
 
 
 def privacy_from_ledgers(path: Path, config: dict[str, Any]) -> Privacy | None:

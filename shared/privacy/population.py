@@ -1,0 +1,84 @@
+"""Which devices of a population have ever spent privacy: for them a missing ledger is an error.
+
+A device's ledger belongs to the device, not to a run. Ledgers live in a state folder that outlives
+runs: a deployed device's own `state/` folder, or, for simulated devices, a population folder next to
+the device store that every run on that store shares (`default_population_dir`):
+
+    <state folder>/trained-devices                      one device id per line, appended, never rewritten
+    <state folder>/device-<id>/privacy-ledger.json      the device's ledger (shared/privacy/ledger.py)
+
+A device is listed once its ledger exists, before its update leaves. From then on a missing ledger
+file stops the device ("train from zero" would under-report everything it spent before); nothing in
+privrec removes a line from the list. If the whole folder is lost, the server still knows: it sends
+each device the spend it has already seen from it, and `check_seen_spend` refuses to train below it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from shared.errors import PrivrecError
+from shared.privacy.accounting import history_steps
+from shared.privacy.ledger import load_ledger
+
+TRAINED_FILE = "trained-devices"
+
+
+def default_population_dir(store_dir: str | Path) -> Path:
+    """Simulated devices' ledgers: `<store>.population/` beside the store, shared by every run on it.
+
+    Beside, not inside: rebuilding a damaged store replaces its folder, and must not take the ledgers."""
+    store = Path(store_dir).expanduser().resolve()
+    return store.with_name(store.name + ".population")
+
+
+def trained_devices(folder: str | Path) -> set[str]:
+    path = Path(folder) / TRAINED_FILE
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return set()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PrivrecError(f"{path} is unreadable ({exc}); refusing to train without knowing which devices "
+                           "have spent privacy") from None
+    return {line.strip() for line in text.splitlines() if line.strip()}
+
+
+def mark_trained(folder: str | Path, device: str) -> None:
+    """List `device` (once). One O_APPEND write per line: devices of one population may append at once."""
+    if device in trained_devices(folder):
+        return
+    path = Path(folder) / TRAINED_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, f"{device}\n".encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def keep_listed(folder: str | Path, device: str, ledger_path: Path) -> None:
+    """List a device whose ledger exists; refuse one that is listed but whose ledger is gone."""
+    if ledger_path.exists():
+        mark_trained(folder, device)
+    elif device in trained_devices(folder):
+        raise PrivrecError(f"privacy ledger {ledger_path} is missing, but device {device} has trained before "
+                           f"(listed in {Path(folder) / TRAINED_FILE}); refusing to train from zero: restore "
+                           "the ledger from a backup")
+
+
+def check_seen_spend(ledger_path: Path, device: str, seen_steps: int) -> None:
+    """Refuse to train when the ledger records fewer DP steps than the server has already seen from the device.
+
+    `load_ledger` cannot tell a lost file from a device that never trained; the server's record (its
+    checkpointed tally of this device's replies) can. A ledger below it was lost or restored from an old
+    copy, and training on would restart the device's spend from there.
+    """
+    ledger = load_ledger(ledger_path, device)
+    mine = history_steps(ledger.accountant_state)
+    if mine < seen_steps:
+        raise PrivrecError(f"privacy ledger {ledger_path} records {mine} DP steps, fewer than the {seen_steps} the "
+                           f"server has already seen from device {device}; refusing to train rather than "
+                           "under-report its spend: restore the ledger from a backup")
