@@ -21,7 +21,7 @@ from server.pretraining import pretrain
 from server.run_dir import RunDirectory
 from server.strategy import BudgetExhausted, build_strategy, cohort_size, user_sample_rate
 from shared.config import clamp_to_population, default_run_name, from_run_config
-from shared.data.devices import read_catalogue
+from shared.data.devices import CATALOGUE_KEY, read_catalogue
 from shared.data.store import open_store, prepare_store
 from shared.errors import PrivrecError
 from shared.model import ModelConfig, SASRec
@@ -124,7 +124,9 @@ class FederatedRun:
             num_items, items_path = catalogue.pop("num_items"), catalogue.pop("items_path")
             self.num_devices = cfg["deploy-devices"] or catalogue["num_devices"]
             self.run_dir.write_json("dataset.json", catalogue)
-            device_config: dict[str, Any] = {}
+            # Devices check that they hold this very catalogue (their item indices must be the server's).
+            device_config: dict[str, Any] = {CATALOGUE_KEY: catalogue["items_sha256"]} \
+                if catalogue.get("items_sha256") else {}
         else:
             store_dir = Path(cfg["data-store"] or prepare_store(cfg["dataset"], cfg["users-per-device"]))
             self.store = open_store(store_dir)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import socket
@@ -408,3 +409,23 @@ def test_deploy_node_still_takes_a_device_folder(devices, capsys, monkeypatch):
     monkeypatch.setattr("shared.deploy.cli._exec", lambda command: seen.setdefault("command", command) and 0)
     assert main(["deploy", "node", "--data", str(out / "device-0"), "--superlink", "127.0.0.1:9", "--insecure"]) == 0
     assert f'data-dir="{(out / "device-0" / "data").resolve()}"' in " ".join(seen["command"])
+
+
+def test_a_device_split_from_other_data_refuses_the_servers_catalogue(devices, tmp_path):
+    """The server names the SHA-256 of its catalogue; a device holding another one fails, and says why."""
+    _, out = devices
+    data = out / "device-1" / "data"
+    items = json.loads((data / "items.json").read_text())
+    items["item_ids"][1], items["item_ids"][2] = items["item_ids"][2], items["item_ids"][1]  # other indices
+    (data / "items.json").unlink()
+    (data / "items.json").write_text(json.dumps(items))
+    meta = json.loads((data / "meta.json").read_text())
+    meta["items_sha256"] = hashlib.sha256((data / "items.json").read_bytes()).hexdigest()  # consistent in itself
+    (data / "meta.json").write_text(json.dumps(meta))
+    run_config = {**SMALL, "catalogue": str(out / "catalogue"), "central-eval": False, "num-rounds": 1,
+                  "devices-per-round": 3, "eval-every": 1, "run-dir": str(tmp_path / "runs"), "run-name": "cat"}
+    server_main(_deployment_grid(out, 3), Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                                                  run_config=run_config))
+    row = [json.loads(line) for line in (tmp_path / "runs" / "cat" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert (row["failures"], row["devices-trained"], row["round-status"]) == (1, 2, "partial")
+    assert "device-1/data/items.json" in row["first-error"] and "is not the server's catalogue" in row["first-error"]

@@ -17,7 +17,8 @@
 The catalogue is public and identical for every device, so one file serves them all where they
 share a disk; a device folder copied to another machine (cp -r, rsync, tar) carries a full copy and
 stays self-contained. A device checks its items.json against items_sha256 when it starts
-(`open_device`), which is also the hash in the server's catalogue.json. Where the file system has no
+(`open_device`), and against the hash the server names in every message (`CATALOGUE_KEY`, from the
+server's catalogue.json) before it trains or evaluates. Where the file system has no
 hard links, or a file reaches its link limit, the catalogue is copied instead.
 
 A SuperNode is started with `--node-config 'data-dir=".../device-<d>/data" state-dir=".../device-<d>/state"
@@ -44,6 +45,7 @@ DEVICES_FORMAT_VERSION = 1
 CATALOGUE_DIR = "catalogue"
 CATALOGUE_FILE = "catalogue.json"
 DEVICE_FILE = "device.json"
+CATALOGUE_KEY = "catalogue-sha256"  # message config: the SHA-256 of the items.json the server reads
 
 
 def split_devices(store: DeviceStore, out_dir: Path) -> Path:
@@ -160,6 +162,19 @@ def open_device(path: str | Path) -> DeviceFolder:
     _check_catalogue(path / "data" / ITEMS_FILE, store.meta.get("items_sha256"))
     (path / "state").mkdir(exist_ok=True)
     return DeviceFolder(path=path, device_id=device_id)
+
+
+def check_server_catalogue(store_dir: str | Path, server_sha256: str) -> None:
+    """A deployed device holds the catalogue the server names (the same items behind the same indices)."""
+    items = Path(store_dir) / ITEMS_FILE
+    try:
+        found = file_sha256(items)
+    except OSError as exc:
+        raise PrivrecError(f"{items}: cannot read ({exc.strerror or exc})") from None
+    if found != server_sha256:
+        raise PrivrecError(f"{items}: SHA-256 {found[:12]}... is not the server's catalogue ({server_sha256[:12]}...): "
+                           "this device was split from other data; give it the folder `privrec data split` "
+                           "wrote with the server's catalogue")
 
 
 def _check_catalogue(items: Path, expected: str | None) -> None:
