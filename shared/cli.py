@@ -35,9 +35,7 @@ def _parse_set(pairs: Sequence[str] | None) -> dict[str, Any]:
 
 
 def _config_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    from shared.config import resolve
-
-    from shared.config import check_keys
+    from shared.config import check_keys, resolve
 
     overrides = _parse_set(getattr(args, "set", None))
     check_keys(overrides, where="--set: ")  # also the values a flag overrides below: a typo is never silent
