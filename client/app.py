@@ -21,6 +21,7 @@ from flwr.clientapp import ClientApp
 from client.audit import audit_mod
 from client.device import evaluate_round, ledger_path, load_device, train_round
 from shared.config import SCHEMA, validate
+from shared.data.devices import CATALOGUE_KEY, check_server_catalogue
 from shared.errors import PrivrecError
 from shared.privacy.ledger import PrivacyLedger, from_json, ledger_lock, load_ledger, reconcile
 from shared.privacy.population import check_seen_spend, keep_listed
@@ -55,6 +56,8 @@ def _device(context: Context, record: ConfigRecord, cfg: dict[str, Any]) -> tupl
 def _load(context: Context, record: ConfigRecord, cfg: dict[str, Any]):
     device, store_dir, state_dir = _device(context, record, cfg)
     device_index = 0 if "data-dir" in context.node_config else int(device)
+    if "data-dir" in context.node_config and record.get(CATALOGUE_KEY):
+        check_server_catalogue(store_dir, str(record[CATALOGUE_KEY]))
     data, num_items = load_device(store_dir, device_index)
     # Text models: the device builds the frozen text table from its own copy of the public catalogue
     # (cached by hash); the server only names which one, and a mismatch is refused.

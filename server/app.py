@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -19,8 +20,8 @@ from server.evaluation import central_evaluation
 from server.pretraining import pretrain
 from server.run_dir import RunDirectory
 from server.strategy import BudgetExhausted, build_strategy, cohort_size, user_sample_rate
-from shared.config import default_run_name, from_run_config
-from shared.data.devices import read_catalogue
+from shared.config import clamp_to_population, default_run_name, from_run_config
+from shared.data.devices import CATALOGUE_KEY, read_catalogue
 from shared.data.store import open_store, prepare_store
 from shared.errors import PrivrecError
 from shared.model import ModelConfig, SASRec
@@ -33,6 +34,47 @@ logging.getLogger("flwr").propagate = False  # Opacus' basicConfig would double 
 log = logging.getLogger("flwr")  # Flower's handler: our lines appear in the run's log stream
 
 app = ServerApp()
+
+
+class RoundFailed(PrivrecError):
+    """More than half of the devices asked to train in a round failed: the run stops as failed."""
+
+
+def round_failed(failures: int, asked: int) -> bool:
+    """The run's failure threshold (docs/architecture.md): more than half of the devices asked failed.
+
+    A round with fewer failures still counts (aggregated from the devices that replied) and is
+    recorded with its failures; declines at a privacy cap and replies lost to round-timeout are not
+    failures.
+    """
+    return failures > 0 and 2 * failures > asked
+
+
+def device_error_text(reason: str | None) -> str:
+    """One line of what went wrong on a device, from a Flower error reply's reason.
+
+    Flower words it "<class 'T'>:<'message'>". Under Ray, T is RayTaskError(ClientAppException) and the
+    message is the device's whole traceback: the device's own exception is the line before "The above
+    exception was the direct cause", and its message also follows "ClientAppException occurred. Message: ".
+    """
+    text = re.sub(r"\x1b\[[0-9;]*m", "", reason or "no reason given")  # Ray colours its actor names
+    original = re.search(r"^([A-Za-z_][\w.]*): ([^\n]*)\n\s*\nThe above exception was the direct cause", text, re.M)
+    wrapped = re.search(r"ClientAppException occurred\. Message: (.*?)(?:'>)?\s*$", text, re.S)
+    plain = re.fullmatch(r"<class '([^']+)'>:<'(.*)'>", text, re.S)
+    if original:
+        text = f"{original.group(1).rsplit('.', 1)[-1]}: {original.group(2)}"
+    elif wrapped:
+        text = wrapped.group(1)
+    elif plain:
+        text = f"{plain.group(1).rsplit('.', 1)[-1]}: {plain.group(2)}"
+    return " ".join(text.split())[:400]
+
+
+def _round_status(*stats: dict) -> str:
+    """`failed` past the threshold (training or evaluation), `partial` with any failure, else `ok`."""
+    if any(round_failed(s.get("failures", 0), s.get("asked", 0)) for s in stats):
+        return "failed"
+    return "partial" if any(s.get("failures", 0) for s in stats) else "ok"
 
 
 @app.main()
@@ -62,6 +104,7 @@ class FederatedRun:
         self.round_started = time.perf_counter()
         self.train_stats: dict[int, dict] = {}
         self.eval_stats: dict[int, dict] = {}
+        self.eval_failures: dict[int, dict] = {}
         self.rows: list[dict[str, Any]] = []
 
     def execute(self) -> None:
@@ -81,7 +124,9 @@ class FederatedRun:
             num_items, items_path = catalogue.pop("num_items"), catalogue.pop("items_path")
             self.num_devices = cfg["deploy-devices"] or catalogue["num_devices"]
             self.run_dir.write_json("dataset.json", catalogue)
-            device_config: dict[str, Any] = {}
+            # Devices check that they hold this very catalogue (their item indices must be the server's).
+            device_config: dict[str, Any] = {CATALOGUE_KEY: catalogue["items_sha256"]} \
+                if catalogue.get("items_sha256") else {}
         else:
             store_dir = Path(cfg["data-store"] or prepare_store(cfg["dataset"], cfg["users-per-device"]))
             self.store = open_store(store_dir)
@@ -95,6 +140,10 @@ class FederatedRun:
             cfg["population-dir"] = str(population)
             self.run_dir.write_json("config.json", cfg)  # records where this run's devices keep their ledgers
             device_config = {"data-store": str(store_dir), "state-dir": str(population)}
+        clamped = clamp_to_population(cfg, self.num_devices)
+        if clamped:  # the run records what it does, not what was asked
+            log.warning("privrec: %s", clamped)
+            self.run_dir.write_json("config.json", cfg)
         # Text models: the frozen text table is built here from the public catalogue (encoded once,
         # cached by hash) and is not part of the shipped weights; devices build the same one themselves.
         features = features_for(cfg, Path(items_path).parent)
@@ -149,9 +198,30 @@ class FederatedRun:
     # -- callbacks from the strategy -------------------------------------------------------
     def _on_train(self, server_round: int, stats: dict) -> None:
         self.train_stats[server_round] = stats
+        self._check_failures(server_round, stats, "")
 
     def _on_evaluate(self, server_round: int, stats: dict) -> None:
-        self.eval_stats[server_round] = stats
+        if "test-ndcg@10" in stats:  # some devices evaluated
+            self.eval_stats[server_round] = stats
+        self.eval_failures[server_round] = stats
+        self._check_failures(server_round, stats, " evaluation")
+
+    def _check_failures(self, server_round: int, stats: dict, what: str) -> None:
+        """Say which devices failed (Flower's log, and metrics.jsonl for the console); past the threshold,
+        record the round and stop the run as failed. `server_round` is already the run's true round."""
+        if "first-error" in stats:
+            stats["first-error"] = device_error_text(stats["first-error"])
+            log.warning("privrec: round %d%s: %d of %d devices failed; first device error: %s", server_round,
+                        what, stats["failures"], stats.get("asked", 0), stats["first-error"])
+        if round_failed(stats.get("failures", 0), stats.get("asked", 0)):
+            # Record what the round did (its failures and every device's reported spend), then stop:
+            # no model or checkpoint of a failed round is released.
+            row = self._metrics_row(server_round, None)
+            self.rows.append(row)
+            self.run_dir.append_metrics(row)
+            self.run_dir.write_json("privacy.json", self._privacy_record())
+            raise RoundFailed(f"round {server_round}{what}: {stats['failures']} of {stats['asked']} devices "
+                              f"failed (more than half); first device error: {stats['first-error']}")
 
     def _end_of_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Called by Flower before round 1 (as round 0) and after every round."""
@@ -191,7 +261,14 @@ class FederatedRun:
             "round": server_round,
             "seconds": round(time.perf_counter() - self.round_started, 3),
             "devices-trained": train.get("devices", 0),
+            "devices-asked": train.get("asked", 0),
             "failures": train.get("failures", 0),
+            "no-reply": train.get("no-reply", 0),
+            "first-error": train.get("first-error"),
+            "eval-asked": self.eval_failures.get(server_round, {}).get("asked", 0),
+            "eval-failures": self.eval_failures.get(server_round, {}).get("failures", 0),
+            "eval-first-error": self.eval_failures.get(server_round, {}).get("first-error"),
+            "round-status": _round_status(train, self.eval_failures.get(server_round, {})),
             "train-loss": train.get("train-loss"),
             # epsilon: this round's cohort, and every device that has trained so far (cumulative)
             "round-epsilon-max": train.get("epsilon-max"),
@@ -263,6 +340,9 @@ class FederatedRun:
                 **{f"{split}-{m}": final_eval.get(f"{split}-{m}")
                    for split in ("test", "valid") for m in ("hr@10", "hr@10-ci", "ndcg@10", "ndcg@10-ci")},
             },
+            # Devices whose train or evaluate message raised, over the run (per round in metrics.jsonl).
+            "device-failures": {"train": sum(r.get("failures", 0) for r in self.rows),
+                                "evaluate": sum(r.get("eval-failures", 0) for r in self.rows)},
             "central-evaluation": central_rows[-1]["central"] if central_rows else None,
             "central-evaluation-initial": central_rows[0]["central"] if central_rows else None,
             "privacy": {**privacy, **privacy_statement(self.cfg), "capped-devices": len(strategy.privacy.capped),

@@ -182,6 +182,7 @@ class RoundTracking:
         self._secret_rng = random.SystemRandom()
         self.privacy = PrivacyTally()
         self.round_declines = 0
+        self.asked = self.eval_asked = 0
 
     def choose_cohort(self, grid: Grid) -> list[int]:
         _, connected = sample_nodes(grid, self.min_available_nodes, 0)  # waits until enough nodes joined
@@ -200,6 +201,7 @@ class RoundTracking:
                         grid: Grid) -> Iterable[Message]:
         server_round += self.round_offset
         cohort = self.choose_cohort(grid)
+        self.asked = len(cohort)  # devices sent a train message this round (failures are judged against it)
         self.current_global = {k: a.numpy() for k, a in arrays.items()}
         if not cohort:  # Poisson sampling drew nobody: the round is still a (pure-noise) release
             return []
@@ -239,9 +241,12 @@ class RoundTracking:
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         server_round += self.round_offset
+        self.eval_asked = 0
         if not self.is_eval_round(server_round):
             return []
-        return super().configure_evaluate(server_round, arrays, config, grid)
+        messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+        self.eval_asked = len(messages)
+        return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         server_round += self.round_offset
@@ -259,7 +264,12 @@ class RoundTracking:
                 trained.append(msg)
         arrays, metrics = super().aggregate_train(server_round, trained)
         stats = dict(metrics) if metrics is not None else {"devices": 0}
-        stats["failures"] = sum(1 for m in replies if m.has_error())
+        errors = [m for m in replies if m.has_error()]
+        stats["failures"] = len(errors)
+        stats["asked"] = self.asked
+        stats["no-reply"] = max(0, self.asked - len(replies))  # lost or late past round-timeout
+        if errors:  # Flower's wording of the first device's exception, for the operator
+            stats["first-error"] = errors[0].error.reason
         stats["declined"] = declined
         stats["capped-devices"] = len(self.privacy.capped)
         stats.update(self.privacy.summary())
@@ -269,9 +279,15 @@ class RoundTracking:
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
         server_round += self.round_offset
+        replies = list(replies)
         metrics = super().aggregate_evaluate(server_round, replies)
-        if metrics is not None:
-            self.on_evaluate(server_round, dict(metrics))
+        errors = [m for m in replies if m.has_error()]
+        if metrics is not None or errors:
+            stats = dict(metrics) if metrics is not None else {}
+            stats.update({"failures": len(errors), "asked": self.eval_asked})
+            if errors:
+                stats["first-error"] = errors[0].error.reason
+            self.on_evaluate(server_round, stats)
         return metrics
 
 

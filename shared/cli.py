@@ -37,19 +37,29 @@ def _parse_set(pairs: Sequence[str] | None) -> dict[str, Any]:
 
 
 def _config_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    from shared.config import resolve
+    from shared.config import check_keys, resolve
 
     overrides = _parse_set(getattr(args, "set", None))
+    check_keys(overrides, where="--set: ")  # also the values a flag overrides below: a typo is never silent
     flag_keys = {"dataset": "dataset", "rounds": "num-rounds", "devices_per_round": "devices-per-round",
                  "noise_multiplier": "noise-multiplier", "seed": "seed", "run_dir": "run-dir",
                  "run_name": "run-name", "users_per_device": "users-per-device"}
-    for attr, key in flag_keys.items():
-        value = getattr(args, attr, None)
-        if value is not None:
-            overrides[key] = value
+    flags = {key: getattr(args, attr) for attr, key in flag_keys.items() if getattr(args, attr, None) is not None}
     if getattr(args, "no_dp", False):
-        overrides["dp"] = False
-    return resolve(args.config, overrides)
+        flags["dp"] = False
+    for key in sorted(set(flags) & set(overrides)):
+        if check_keys({key: overrides[key]})[key] != check_keys({key: flags[key]})[key]:
+            print(f"privrec: note: --set {key}={overrides[key]} is overridden by its flag ({flags[key]})",
+                  file=sys.stderr)
+    return resolve(args.config, {**overrides, **flags})
+
+
+def _say_dataset_notes(store) -> None:
+    """What preparing the data left out or kept as is (users too short to split, duplicated rows)."""
+    from shared.data.split import dataset_notes
+
+    for note in dataset_notes(store.meta):
+        print(f"privrec: note: {note}", flush=True)
 
 
 # ---------------------------------------------------------------------------- data
@@ -67,7 +77,7 @@ def cmd_data_fetch(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------- simulate
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from shared.config import default_run_name
+    from shared.config import clamp_to_population, default_run_name
     from shared.data.store import open_store, prepare_store
     from shared.launch import run_simulation
     from shared.privacy.statement import one_line
@@ -77,6 +87,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                                                                                   cfg["users-per-device"])
     store = open_store(store_dir)
     cfg["data-store"] = str(store_dir.resolve())
+    _say_dataset_notes(store)
+    clamped = clamp_to_population(cfg, store.num_devices)
+    if clamped:
+        print(f"privrec: note: {clamped}", flush=True)
     if cfg["item-representation"] != "id":  # encode the catalogue here, with a progress bar, once (cached)
         from shared.text.features import features_for
 
@@ -138,13 +152,23 @@ def _report_simulation(run_path: Path, result, one_line) -> int:
     status = json.loads(status_path.read_text()).get("state") if status_path.exists() else "unknown"
     if not summary_path.exists() or status != "completed" or (result.flower_status or "").endswith("failed"):
         detail = json.loads(status_path.read_text()).get("error", "") if status_path.exists() else ""
+        if status == "failed" and detail:  # the ServerApp said why (e.g. a round whose devices failed)
+            raise PrivrecError(f"run failed: {detail} -- see {run_path / 'flower.log'}")
         raise PrivrecError(f"simulation did not complete (ServerApp status: {status}; Flower: "
                            f"{result.flower_status}) {detail} -- see {run_path / 'flower.log'}")
     summary = json.loads(summary_path.read_text())
     fed = summary["federated-evaluation"]
-    print(f"NDCG@10 {fed['test-ndcg@10']:.4f} (95% CI {fed['test-ndcg@10-ci'][0]:.4f}-{fed['test-ndcg@10-ci'][1]:.4f})"
-          f"  HR@10 {fed['test-hr@10']:.4f} (95% CI {fed['test-hr@10-ci'][0]:.4f}-{fed['test-hr@10-ci'][1]:.4f})"
-          f"  [federated evaluation, test items, {int(fed['users'])} users]")
+    if fed.get("test-ndcg@10") is None:
+        print("no federated evaluation: no device's evaluation reply arrived")
+    else:
+        print(f"NDCG@10 {fed['test-ndcg@10']:.4f} (95% CI {fed['test-ndcg@10-ci'][0]:.4f}-"
+              f"{fed['test-ndcg@10-ci'][1]:.4f})  HR@10 {fed['test-hr@10']:.4f} (95% CI "
+              f"{fed['test-hr@10-ci'][0]:.4f}-{fed['test-hr@10-ci'][1]:.4f})"
+              f"  [federated evaluation, test items, {int(fed['users'])} users]")
+    failures = summary.get("device-failures") or {}
+    if failures.get("train") or failures.get("evaluate"):
+        print(f"device failures: {failures.get('train', 0)} train and {failures.get('evaluate', 0)} evaluate "
+              f"replies were errors (below the threshold that fails a run; see metrics.jsonl)")
     central = summary.get("central-evaluation")
     if central:
         print(f"central check (simulation only): NDCG@10 {central['test-ndcg@10']:.4f}  "
@@ -188,25 +212,45 @@ class _Progress:
         from rich.table import Table
 
         table = Table(title=f"privrec simulation ({len(rows) - 1 if rows else 0}/{self.rounds} rounds)")
-        for name in ("round", "devices", "train loss", "NDCG@10", "HR@10", "epsilon max", "epsilon median", "s"):
+        for name in ("round", "devices", "failed", "train loss", "NDCG@10", "HR@10", "epsilon max",
+                     "epsilon median", "s"):
             table.add_column(name, justify="right")
         for row in rows[-12:]:
-            table.add_row(str(row["round"]), str(row["devices-trained"]), self._fmt(row.get("train-loss")),
+            table.add_row(str(row["round"]), str(row["devices-trained"]), str(row.get("failures", 0)),
+                          self._fmt(row.get("train-loss")),
                           self._fmt(row.get("ndcg@10")), self._fmt(row.get("hr@10")),
                           self._fmt(row.get("epsilon-max"), ".2f"), self._fmt(row.get("epsilon-median"), ".2f"),
                           self._fmt(row.get("seconds"), ".1f"))
         return table
 
+    @staticmethod
+    def _failure_lines(row: dict) -> list[str]:
+        ended = "; the run stops" if row.get("round-status") == "failed" else ""
+        out = []
+        for what, failed, asked, error in (
+                ("", row.get("failures"), row.get("devices-asked"), row.get("first-error")),
+                (" evaluation", row.get("eval-failures"), row.get("eval-asked"), row.get("eval-first-error"))):
+            if failed:
+                out.append(f"round {row['round']}{what}: {failed} of {asked or '?'} devices failed{ended}; "
+                           f"first device error: {error}")
+        return out
+
     def poll(self) -> None:
         rows = self._rows()
         if self.live is not None:
             self.live.update(self._table(rows))
+            for row in rows[self.seen:]:
+                for line in self._failure_lines(row):
+                    self.live.console.print(line, style="red", markup=False, highlight=False)
+            self.seen = len(rows)
             return
         for row in rows[self.seen:]:
             print(f"round {row['round']}/{self.rounds}: devices {row['devices-trained']}, "
                   f"train loss {self._fmt(row.get('train-loss'))}, NDCG@10 {self._fmt(row.get('ndcg@10'))}, "
                   f"HR@10 {self._fmt(row.get('hr@10'))}, epsilon max {self._fmt(row.get('epsilon-max'), '.2f')}, "
                   f"{self._fmt(row.get('seconds'), '.1f')} s", flush=True)
+            for line in self._failure_lines(row):
+                print(line, flush=True)
         self.seen = len(rows)
 
 
@@ -222,6 +266,7 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     cfg = _config_from_args(args)
     store_dir = cfg["data-store"] or prepare_store(cfg["dataset"], 1)
     store = open_store(store_dir)
+    _say_dataset_notes(store)
     users = store.all_users()
     result: dict[str, Any] = {"baseline": args.kind, "dataset": store.meta.get("dataset"), "users": store.num_users}
     if args.kind == "popularity":
@@ -273,13 +318,20 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         print(f"added {added} new item(s) from {args.new_items}, known by their text only", file=sys.stderr)
     if (args.history is None) == (args.input is None):
         raise PrivrecError("give exactly one of --history \"ITEM ITEM ...\" or --input FILE.jsonl")
+    covered = (f"nothing to recommend: the history already holds every one of the "
+               f"{len(recommender.item_ids) - 1} items in the catalogue")
     if args.history is not None:
-        for rank, rec in enumerate(recommender.top_k(args.history.split(), args.k, where="--history"), 1):
+        recs = recommender.top_k(args.history.split(), args.k, where="--history")
+        if not recs:
+            print(covered)
+        for rank, rec in enumerate(recs, 1):
             title = f"  {rec['title']}" if rec["title"] else ""
             new = "  [new, not in training]" if rec.get("new") else ""
             print(f"{rank:>3}. {rec['item']}{title}  (score {rec['score']:.3f}){new}")
         return 0
-    for out in recommender.top_k_file(Path(args.input), args.k):
+    for number, out in enumerate(recommender.top_k_file(Path(args.input), args.k), 1):
+        if not out["recommendations"]:
+            print(f"privrec: note: {args.input} record {number}: {covered}", file=sys.stderr)
         print(json.dumps(out))
     return 0
 
@@ -445,6 +497,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PrivrecError as exc:
         message = " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
         print(f"privrec: error: {message}", file=sys.stderr)  # always one line
+        return 2
+    except PermissionError as exc:  # a file or folder we may not read or write, wherever it was met
+        print(f"privrec: error: {exc.filename or ''}: {exc.strerror or 'permission denied'}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
         print(f"privrec: {exc}" if isinstance(exc, PrivrecInterrupted) else "privrec: interrupted", file=sys.stderr)

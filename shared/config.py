@@ -8,6 +8,7 @@ Validation happens here, once, and raises `PrivrecError` naming the key and the 
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import time
 import tomllib
@@ -26,6 +27,9 @@ class Key:
     help: str
     check: Callable[[Any], bool] | None = None
     rule: str = ""  # says in words what `check` demands, for the error message
+    # Float keys must be finite: `inf > 0` passes every range check and then fails on each device,
+    # after it has reserved privacy spend. No key needs inf or nan today; one that does says so here.
+    allow_nonfinite: bool = False
 
 
 def _positive(v) -> bool:
@@ -105,7 +109,8 @@ SCHEMA: dict[str, Key] = {
     "public-epochs": Key(int, 20, "epochs of server-side pretraining on the consenting users", _positive,
                          "must be >= 1"),
     "dp": Key(bool, True, "DP-SGD on the device (Opacus)"),
-    "noise-multiplier": Key(float, 1.0, "DP-SGD noise std / clipping norm", _non_negative, "must be >= 0"),
+    "noise-multiplier": Key(float, 1.0, "DP-SGD noise std / clipping norm (> 0 when dp = true)", _non_negative,
+                            "must be >= 0"),
     "max-grad-norm": Key(float, 1.0, "per-example gradient clipping norm", _positive, "must be > 0"),
     "max-epsilon": Key(float, 0.0, "per-device cap on cumulative epsilon: a device whose next round would pass "
                                    "it declines and never trains again with its ledger (0 = no cap)",
@@ -194,16 +199,24 @@ def validate(values: Mapping[str, Any], where: str = "") -> dict[str, Any]:
 
     `where` prefixes error messages (e.g. "sim.toml: ") so the user knows which input is wrong.
     """
-    resolved = defaults()
+    resolved = defaults()  # valid by construction (tests/test_config.py)
+    resolved.update(check_keys(values, where))
+    _check_relations(resolved, where)
+    return resolved
+
+
+def check_keys(values: Mapping[str, Any], where: str = "") -> dict[str, Any]:
+    """Each of `values` known, of its type, finite and in range (relations between keys are not checked)."""
+    out = {}
     for name, value in values.items():
         if name not in SCHEMA:
             raise PrivrecError(_unknown_key_message(name, where))
-        resolved[name] = _coerce(name, value, where)
-    for name, key in SCHEMA.items():
-        if key.check is not None and not key.check(resolved[name]):
-            raise PrivrecError(f"{where}config key '{name}' = {resolved[name]!r}: {key.rule}")
-    _check_relations(resolved, where)
-    return resolved
+        key, out[name] = SCHEMA[name], _coerce(name, value, where)
+        if key.type is float and not key.allow_nonfinite and not math.isfinite(out[name]):
+            raise PrivrecError(f"{where}config key '{name}' = {out[name]!r}: must be a finite number")
+        if key.check is not None and not key.check(out[name]):
+            raise PrivrecError(f"{where}config key '{name}' = {out[name]!r}: {key.rule}")
+    return out
 
 
 def _check_relations(cfg: Mapping[str, Any], where: str) -> None:
@@ -213,9 +226,26 @@ def _check_relations(cfg: Mapping[str, Any], where: str) -> None:
     if cfg["window"] - 1 > cfg["max-len"]:
         raise PrivrecError(f"{where}config key 'window' = {cfg['window']}: a window feeds window-1 = "
                            f"{cfg['window'] - 1} items to the model, more than 'max-len' = {cfg['max-len']}")
+    if cfg["dp"] and cfg["noise-multiplier"] == 0:
+        # Opacus would clip but add no noise: unnoised updates would leave every device under a "DP" label.
+        raise PrivrecError(f"{where}config key 'noise-multiplier' = 0 with 'dp' = true adds no noise; "
+                           "set noise-multiplier > 0, or dp = false for a non-private run")
     if cfg["devices-per-round"] == 0 and cfg["fraction-train"] == 0:
         raise PrivrecError(f"{where}config keys 'devices-per-round' and 'fraction-train' are both 0: "
                            "no device would train")
+
+
+def clamp_to_population(cfg: dict[str, Any], num_devices: int) -> str | None:
+    """Lower `devices-per-round` to the population when it asks for more; returns the note to show.
+
+    The effective value is what the run records (config.json, checkpoints), so the record says what ran.
+    """
+    asked = cfg["devices-per-round"]
+    if asked <= num_devices:
+        return None
+    cfg["devices-per-round"] = num_devices
+    return (f"devices-per-round = {asked} is more than the {num_devices} devices: every round asks all "
+            f"{num_devices} (recorded as devices-per-round = {num_devices})")
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:

@@ -82,6 +82,9 @@ class Recommender:
                 raise PrivrecError(f"{where}: 'title' must be a non-empty string (an item is known by its text)")
             if not isinstance(genres, list) or not all(isinstance(g, str) for g in genres):
                 raise PrivrecError(f"{where}: 'genres' must be a list of strings")
+            if year is not None and (isinstance(year, bool) or not isinstance(year, (str, int))):
+                raise PrivrecError(f"{where}: 'year' must be a number like 1999 or a string, "
+                                   f"not {json.dumps(year)}")
             if year is not None and str(year) not in title:
                 title = f"{title.strip()} ({year})"
             ids.append(str(raw))

@@ -411,7 +411,7 @@ def test_console_script_exits_2_with_one_line_and_no_traceback(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [
-        "privrec: error: unknown config key 'noise-multipler' (did you mean 'noise-multiplier'?)"
+        "privrec: error: --set: unknown config key 'noise-multipler' (did you mean 'noise-multiplier'?)"
     ]
     assert proc.stdout == ""
     assert not run_dir.exists() and not env_cache.exists()
@@ -421,3 +421,163 @@ def test_recommend_new_items_with_an_id_model_is_a_one_line_error(run_path, tmp_
     new = _jsonl(tmp_path, '{"item": "n1", "title": "Brand New (2030)"}')
     code, _, err = run_cli(capsys, "recommend", "--model", str(run_path), "--history", "i1", "--new-items", str(new))
     assert_user_error(code, err, "item IDs only", "item-representation = text")
+
+
+# ----------------------------------------------------------------------------- simulate: failing devices
+
+
+@pytest.fixture
+def inprocess_simulation(monkeypatch):
+    """`privrec simulate` with the real ServerApp and ClientApp in one process instead of Flower's processes."""
+    from flwr.app import Context, RecordDict
+
+    from client.app import app as client_app
+    from server.app import main as server_main
+    from simulations.inprocess import InProcessGrid
+
+    def run(cfg, num_devices, run_path, on_poll=None, cpus_per_device=1):
+        context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=cfg)
+        try:
+            server_main(InProcessGrid(client_app, num_devices), context)
+            status = "finished:completed"
+        except Exception:  # noqa: BLE001 - Flower would record the ServerApp's exception the same way
+            status = "finished:failed"
+        if on_poll:
+            on_poll()
+        return shared.launch.SimulationResult(run_id=1, flower_status=status, returncode=0)
+
+    monkeypatch.setattr(shared.launch, "run_simulation", run)
+
+
+def test_simulate_whose_devices_all_fail_exits_non_zero_with_the_device_error(tmp_path, capsys, cache,
+                                                                              inprocess_simulation, monkeypatch):
+    from tests.synthetic import walk_store
+    from tests.test_federation import _failing_train_round
+
+    store = walk_store(tmp_path / "store", num_users=6, num_items=30)
+    _failing_train_round(monkeypatch, lambda device: True)
+    code, out, err = run_cli(capsys, "simulate", "--set", f"data-store={store}", "--rounds", "2",
+                             "--devices-per-round", "4", "--run-dir", tmp_path / "runs", "--run-name", "bad",
+                             "--set", "eval-every=0", "--set", "max-len=16", "--set", "window=12",
+                             "--set", "hidden-size=16", "--set", "num-blocks=1")
+    line = assert_user_error(code, err, "run failed", "round 1: 4 of 4 devices failed",
+                             "ValueError: device", "simulated fault")
+    assert "95% CI" not in out  # no final figures of an untrained model
+    assert "round 1: 4 of 4 devices failed; the run stops; first device error: ValueError: device" in out
+    assert json.loads((tmp_path / "runs" / "bad" / "status.json").read_text())["state"] == "failed", line
+
+
+# ----------------------------------------------------------------------------- small things said on the console
+
+
+def test_recommend_says_so_when_the_history_covers_the_catalogue(run_path, tmp_path, capsys):
+    history = " ".join(f"i{n}" for n in range(1, NUM_ITEMS + 1))
+    code, out, err = run_cli(capsys, "recommend", "--model", run_path, "--history", history)
+    assert code == 0, err
+    assert out.strip() == f"nothing to recommend: the history already holds every one of the {NUM_ITEMS} items " \
+                          "in the catalogue"
+    path = _jsonl(tmp_path, json.dumps({"history": history.split()}))
+    code, out, err = run_cli(capsys, "recommend", "--model", run_path, "--input", path)
+    assert code == 0 and json.loads(out)["recommendations"] == []
+    assert "record 1: nothing to recommend" in err
+
+
+def test_set_values_overridden_by_a_flag_are_still_checked(tmp_path, capsys, cache, no_dataset_work):
+    code, _, err = run_cli(capsys, "simulate", "--set", "noise-multiplier=abc", "--noise-multiplier", "1",
+                           "--run-dir", tmp_path / "runs")
+    assert_user_error(code, err, "--set: config key 'noise-multiplier': 'abc' is not a valid float")
+    code, _, err = run_cli(capsys, "simulate", "--set", "num-rounds=-3", "--rounds", "2", "--run-dir", tmp_path / "r")
+    assert_user_error(code, err, "--set: config key 'num-rounds' = -3")
+
+
+def test_a_set_value_a_flag_overrides_is_pointed_out(tmp_path, capsys, cache, no_simulation):
+    from shared.cli import _config_from_args, build_parser
+
+    args = build_parser().parse_args(["simulate", "--set", "num-rounds=5", "--rounds", "2"])
+    assert _config_from_args(args)["num-rounds"] == 2
+    assert "--set num-rounds=5 is overridden by its flag (2)" in capsys.readouterr().err
+
+
+def _small_run_flags(store):
+    return ["--set", f"data-store={store}", "--set", "eval-every=0", "--set", "max-len=16", "--set", "window=12",
+            "--set", "hidden-size=16", "--set", "num-blocks=1"]
+
+
+def test_devices_per_round_above_the_population_is_said_and_recorded(tmp_path, capsys, cache,
+                                                                     inprocess_simulation):
+    from tests.synthetic import walk_store
+
+    store = walk_store(tmp_path / "store", num_users=3, num_items=30)
+    code, out, err = run_cli(capsys, "simulate", *_small_run_flags(store), "--rounds", "1",
+                             "--devices-per-round", "10", "--run-dir", tmp_path / "runs", "--run-name", "c")
+    assert code == 0, err
+    assert "devices-per-round = 10 is more than the 3 devices" in out
+    recorded = json.loads((tmp_path / "runs" / "c" / "config.json").read_text())
+    assert recorded["devices-per-round"] == 3
+
+
+def test_server_records_the_effective_devices_per_round_too(tmp_path):
+    from flwr.app import Context, RecordDict
+
+    from client.app import app as client_app
+    from server.app import main as server_main
+    from simulations.inprocess import InProcessGrid
+    from tests.synthetic import walk_store
+
+    store = walk_store(tmp_path / "store", num_users=3, num_items=30)
+    run_config = {"data-store": str(store), "num-rounds": 1, "devices-per-round": 10, "eval-every": 0,
+                  "max-len": 16, "window": 12, "hidden-size": 16, "num-blocks": 1,
+                  "run-dir": str(tmp_path / "runs"), "run-name": "s"}
+    server_main(InProcessGrid(client_app, 3), Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                                                      run_config=run_config))
+    assert json.loads((tmp_path / "runs" / "s" / "config.json").read_text())["devices-per-round"] == 3
+
+
+def test_dropped_users_and_duplicated_rows_are_counted_on_the_console(tmp_path, capsys, cache):
+    data = tmp_path / "dups.csv"
+    data.write_text("user,item,timestamp\n" + "".join(f"u{u},i{i},{i}\n" for u in range(3) for i in range(5))
+                    + "u0,i1,1\nu0,i1,1\nshort,i1,1\nshort,i2,2\nlone,i3,3\n")
+    code, out, err = run_cli(capsys, "baseline", "popularity", "--dataset", data)
+    assert code == 0, err
+    assert "privrec: note: 2 user(s) with fewer than 3 interactions left out" in out
+    assert "privrec: note: 2 duplicated row(s) (same user, item and timestamp as an earlier row) kept" in out
+
+
+def test_unreadable_dataset_folder_is_one_line(tmp_path, capsys, cache, no_simulation, monkeypatch):
+    import os
+
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    real = os.listdir
+
+    def listdir(path="."):
+        if Path(path) == folder:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr("shared.data.formats.os.listdir", listdir)
+    code, out, err = run_cli(capsys, "simulate", "--dataset", folder, "--run-dir", tmp_path / "runs")
+    assert_user_error(code, err, str(folder), "Permission denied")
+
+
+def test_any_permission_error_is_one_line(tmp_path, capsys, cache, no_simulation, monkeypatch):
+    def locked(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", "/data/locked/x.csv")
+
+    monkeypatch.setattr(shared.data.store, "prepare_store", locked)
+    code, _, err = run_cli(capsys, "simulate", "--dataset", "x.csv", "--run-dir", tmp_path / "runs")
+    assert_user_error(code, err, "/data/locked/x.csv: Permission denied")
+
+
+def test_simulate_with_a_few_failing_devices_completes_and_counts_them(tmp_path, capsys, cache,
+                                                                      inprocess_simulation, monkeypatch):
+    from tests.synthetic import walk_store
+    from tests.test_federation import _failing_train_round
+
+    store = walk_store(tmp_path / "store", num_users=4, num_items=30)
+    _failing_train_round(monkeypatch, lambda device: device == "0")
+    code, out, err = run_cli(capsys, "simulate", *_small_run_flags(store), "--rounds", "2", "--devices-per-round", "4",
+                             "--run-dir", tmp_path / "runs", "--run-name", "p")
+    assert code == 0, err
+    assert out.count("round 1: 1 of 4 devices failed; first device error: ValueError: device 0") == 1
+    assert "device failures: 2 train and 0 evaluate replies were errors" in out

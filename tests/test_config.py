@@ -73,3 +73,34 @@ def test_config_file_errors_name_the_file(tmp_path):
         config.resolve(path)
     with pytest.raises(PrivrecError, match="does not exist"):
         config.resolve(tmp_path / "missing.toml")
+
+
+FLOAT_KEYS = [name for name, key in config.SCHEMA.items() if key.type is float]
+
+
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan"), "inf", "nan"])
+def test_every_float_key_must_be_finite(key, value):
+    # `inf > 0` passed the range checks: every device then failed after reserving privacy spend.
+    with pytest.raises(PrivrecError, match=f"'{key}' = .*must be a finite number"):
+        config.validate({key: value})
+
+
+def test_non_finite_values_in_a_toml_file_name_the_file(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text("local-lr = inf\n")
+    with pytest.raises(PrivrecError, match=r"run.toml: config key 'local-lr' = inf: must be a finite number"):
+        config.resolve(path)
+
+
+def test_dp_without_noise_is_refused():
+    with pytest.raises(PrivrecError, match="'noise-multiplier' = 0 with 'dp' = true adds no noise") as err:
+        config.validate({"dp": True, "noise-multiplier": 0.0})
+    assert "\n" not in str(err.value)
+    assert config.validate({"dp": False, "noise-multiplier": 0.0})["dp"] is False  # a non-private run says so
+
+
+@pytest.mark.parametrize("key", ["user-noise-multiplier", "user-clipping-norm"])
+def test_user_level_dp_without_noise_or_clip_is_refused(key):
+    with pytest.raises(PrivrecError, match=f"'{key}' = 0.0: must be > 0"):
+        config.validate({"user-dp": True, key: 0.0})

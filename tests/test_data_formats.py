@@ -198,3 +198,53 @@ def test_bad_title_file_line(tmp_path):
     write(tmp_path / "u.item", "2|Fine\nno pipes here\n")
     msg = error_of(tmp_path)
     assert "u.item line 2" in msg
+
+
+# ----------------------------------------------------------------------------- files that are not text
+
+CSV_TEXT = "user,item,timestamp\nu1,i1,1\nu1,i2,2\nu1,i3,3\n"
+
+
+@pytest.mark.parametrize("encode, needles", [
+    (lambda t: __import__("gzip").compress(t.encode()), ["gzip archive", "gunzip"]),
+    (lambda t: t.encode("utf-16"), ["UTF-16 text", "little-endian BOM", "UTF-8"]),
+    (lambda t: t.encode("utf-16-be"), ["UTF-16 text without a byte-order mark"]),
+    (lambda t: b"\xfe\xff" + t.encode("utf-16-be"), ["UTF-16 text", "big-endian BOM"]),
+    (lambda t: __import__("bz2").compress(t.encode()), ["bzip2 archive"]),
+])
+def test_a_csv_that_is_not_utf8_text_says_what_it_seems_to_be(tmp_path, encode, needles):
+    message = error_of(write(tmp_path / "data.csv", encode(CSV_TEXT)))
+    assert message.startswith("data.csv: this file looks like")
+    assert "not valid utf-8" not in message
+    for needle in needles:
+        assert needle in message
+
+
+def test_utf8_bom_is_still_fine(tmp_path):
+    assert load_interactions(write(tmp_path / "data.csv", b"\xef\xbb\xbf" + CSV_TEXT.encode())).users == ["u1"] * 3
+
+
+def test_unreadable_folder_is_a_one_line_error(tmp_path, monkeypatch):
+    # Tests may run as root, which reads any folder: fake the permission error a user would get.
+    folder = tmp_path / "data"
+    folder.mkdir()
+    write(folder / "x.csv", CSV_TEXT)
+    real_listdir = __import__("os").listdir
+
+    def listdir(path="."):
+        if Path(path) == folder:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_listdir(path)
+
+    monkeypatch.setattr("shared.data.formats.os.listdir", listdir)
+    assert error_of(folder) == f"{folder}: cannot read (Permission denied)"
+
+
+def test_unreadable_path_is_a_one_line_error(tmp_path, monkeypatch):
+    target = tmp_path / "locked" / "x.csv"
+
+    def stat(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "stat", stat)
+    assert error_of(target) == f"{target}: cannot read (Permission denied)"

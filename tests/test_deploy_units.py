@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import socket
 import stat
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -345,3 +348,84 @@ def test_the_latest_flower_run_id_is_read_from_an_appended_log(tmp_path):
     (tmp_path / "w" / "logs").mkdir(parents=True)
     (tmp_path / "w" / "logs" / "run.log").write_text("Successfully started run 11\n...\nSuccessfully started run 42\n")
     assert deployment.run_id() == 42
+
+
+# ----------------------------------------------------------------------------- one catalogue for every device
+
+
+def test_device_folders_share_one_catalogue_file(devices):
+    store, out = devices
+    catalogue = out / "catalogue" / "items.json"
+    for d in range(store.num_devices):
+        items = out / f"device-{d}" / "data" / "items.json"
+        assert os.path.samefile(items, catalogue)  # one file on disk, not a copy per device
+        device_store = open_store(out / f"device-{d}" / "data")
+        assert device_store.meta["items_sha256"] == read_catalogue(out / "catalogue")["items_sha256"]
+        assert device_store.item_ids == store.item_ids and device_store.item_genres == store.item_genres
+    assert os.stat(catalogue).st_nlink == store.num_devices + 1
+    assert json.loads(catalogue.read_text())["item_ids"] == store.item_ids
+
+
+@pytest.mark.parametrize("error", [errno.EXDEV, errno.EPERM, errno.EMLINK])
+def test_catalogue_is_copied_where_links_are_impossible(tmp_path, monkeypatch, error):
+    store = open_store(walk_store(tmp_path / "store", num_users=4, num_items=30))
+    real_link, calls = os.link, []
+
+    def link(src, dst):
+        calls.append(Path(src))
+        if len(calls) == 1 or error != errno.EMLINK:
+            raise OSError(error, os.strerror(error))
+        real_link(src, dst)
+
+    monkeypatch.setattr("shared.data.devices.os.link", link)
+    out = split_devices(store, tmp_path / "devices")
+    for d in range(4):
+        assert open_device(out / f"device-{d}").device_id == str(d)
+    if error == errno.EMLINK:  # the catalogue is full of links: device 0 got a copy, the next ones link to it
+        assert calls[1] != calls[0]
+        assert os.path.samefile(out / "device-1" / "data" / "items.json", out / "device-0" / "data" / "items.json")
+    else:
+        assert not os.path.samefile(out / "device-1" / "data" / "items.json", out / "catalogue" / "items.json")
+
+
+def test_a_device_with_a_changed_catalogue_is_refused(devices, tmp_path):
+    _, out = devices
+    items = out / "device-1" / "data" / "items.json"
+    changed = json.loads(items.read_text())
+    changed["item_titles"][1] = "Something else"
+    items.unlink()  # replace only this device's link; the others keep the catalogue
+    items.write_text(json.dumps(changed))
+    with pytest.raises(PrivrecError, match="items.json: SHA-256 .* differs from items_sha256"):
+        open_device(out / "device-1")
+    assert open_device(out / "device-0").device_id == "0"
+
+
+def test_deploy_node_still_takes_a_device_folder(devices, capsys, monkeypatch):
+    import shared.deploy.processes as processes
+
+    _, out = devices
+    seen = {}
+    monkeypatch.setattr(processes, "wait_until_reachable", lambda *a, **k: None)
+    monkeypatch.setattr("shared.deploy.cli._exec", lambda command: seen.setdefault("command", command) and 0)
+    assert main(["deploy", "node", "--data", str(out / "device-0"), "--superlink", "127.0.0.1:9", "--insecure"]) == 0
+    assert f'data-dir="{(out / "device-0" / "data").resolve()}"' in " ".join(seen["command"])
+
+
+def test_a_device_split_from_other_data_refuses_the_servers_catalogue(devices, tmp_path):
+    """The server names the SHA-256 of its catalogue; a device holding another one fails, and says why."""
+    _, out = devices
+    data = out / "device-1" / "data"
+    items = json.loads((data / "items.json").read_text())
+    items["item_ids"][1], items["item_ids"][2] = items["item_ids"][2], items["item_ids"][1]  # other indices
+    (data / "items.json").unlink()
+    (data / "items.json").write_text(json.dumps(items))
+    meta = json.loads((data / "meta.json").read_text())
+    meta["items_sha256"] = hashlib.sha256((data / "items.json").read_bytes()).hexdigest()  # consistent in itself
+    (data / "meta.json").write_text(json.dumps(meta))
+    run_config = {**SMALL, "catalogue": str(out / "catalogue"), "central-eval": False, "num-rounds": 1,
+                  "devices-per-round": 3, "eval-every": 1, "run-dir": str(tmp_path / "runs"), "run-name": "cat"}
+    server_main(_deployment_grid(out, 3), Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                                                  run_config=run_config))
+    row = [json.loads(line) for line in (tmp_path / "runs" / "cat" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert (row["failures"], row["devices-trained"], row["round-status"]) == (1, 2, "partial")
+    assert "device-1/data/items.json" in row["first-error"] and "is not the server's catalogue" in row["first-error"]

@@ -182,3 +182,104 @@ def test_interrupted_run_leaves_complete_files_and_no_summary(tmp_path):
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert set(torch.load(path / "model.pt", weights_only=True))  # the round-2 checkpoint loads
     assert not list(path.glob(".*"))  # no temp files left behind
+
+
+# ----------------------------------------------------------------------------- device failures
+def _server_main(tmp_path, **overrides):
+    from flwr.app import Context, RecordDict
+
+    from server.app import main as server_main
+
+    store = walk_store(tmp_path / "store", num_users=NUM_DEVICES, num_items=NUM_ITEMS)
+    run_config = {"data-store": str(store), "num-rounds": 3, "devices-per-round": 4, "eval-every": 0,
+                  "max-len": 16, "window": 12, "hidden-size": 16, "num-blocks": 1,
+                  "run-dir": str(tmp_path / "runs"), "run-name": "f", **overrides}
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+    server_main(InProcessGrid(client_app, NUM_DEVICES), context)
+    return tmp_path / "runs" / "f"
+
+
+def _failing_train_round(monkeypatch, fails):
+    import client.app as client_module
+
+    real = client_module.train_round
+
+    def train_round(*args, device, **kwargs):
+        if fails(device):
+            raise ValueError(f"device {device} cannot train: simulated fault")
+        return real(*args, device=device, **kwargs)
+
+    monkeypatch.setattr(client_module, "train_round", train_round)
+
+
+def test_a_run_in_which_every_device_fails_is_failed(tmp_path, monkeypatch):
+    """A valid config whose devices all fail: the run ends `failed`, never `completed` with an untrained model."""
+    from server.app import RoundFailed
+
+    _failing_train_round(monkeypatch, lambda device: True)
+    with pytest.raises(RoundFailed, match=r"round 1: 4 of 4 devices failed .*first device error: "
+                                          r"ValueError: device \d cannot train: simulated fault"):
+        _server_main(tmp_path)
+    path = tmp_path / "runs" / "f"
+    assert not (path / "summary.json").exists() and not (path / "model.pt").exists()
+    status = json.loads((path / "status.json").read_text())
+    assert status["state"] == "failed" and "simulated fault" in status["error"]
+    rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1]
+    assert rows[1]["failures"] == 4 and rows[1]["devices-asked"] == 4 and rows[1]["round-status"] == "failed"
+    assert "simulated fault" in rows[1]["first-error"]
+    assert (path / "privacy.json").exists()
+
+
+def test_a_few_failing_devices_are_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
+    _failing_train_round(monkeypatch, lambda device: device == "0")
+    path = _server_main(tmp_path, **{"devices-per-round": 8})
+    rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+    assert json.loads((path / "status.json").read_text())["state"] == "completed"
+    for row in rows[1:]:  # device 0 is in every cohort of 8 and fails each time
+        assert (row["failures"], row["devices-trained"], row["round-status"]) == (1, 7, "partial")
+        assert row["first-error"] == "ValueError: device 0 cannot train: simulated fault"
+    assert json.loads((path / "summary.json").read_text())["device-failures"] == {"train": 3, "evaluate": 0}
+
+
+def test_a_round_whose_evaluation_fails_on_most_devices_fails_the_run(tmp_path, monkeypatch):
+    import client.app as client_module
+    from server.app import RoundFailed
+
+    def evaluate_round(*args, **kwargs):
+        raise RuntimeError("cannot evaluate: simulated fault")
+
+    monkeypatch.setattr(client_module, "evaluate_round", evaluate_round)
+    with pytest.raises(RoundFailed, match="round 1 evaluation: 8 of 8 devices failed .*RuntimeError: cannot"):
+        _server_main(tmp_path, **{"eval-every": 1})
+    path = tmp_path / "runs" / "f"
+    assert json.loads((path / "status.json").read_text())["state"] == "failed"
+    row = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()][-1]
+    assert (row["round"], row["eval-failures"], row["eval-asked"], row["round-status"]) == (1, 8, 8, "failed")
+    assert row["devices-trained"] == 4 and row["failures"] == 0
+
+
+RAY_REASON = (  # as Flower 1.41's Ray simulation words it (from a real run's flower.log, shortened)
+    "<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'\x1b[36mray::ClientAppActor.run()\x1b[39m "
+    "(pid=24305, ip=192.0.2.2)\n  File \"client/device.py\", line 125, in train_round\n"
+    "    reserve(ledger_path, ledger, planned,\n"
+    "NotADirectoryError: [Errno 20] Not a directory: '/r/devices/device-0'\n\n"
+    "The above exception was the direct cause of the following exception:\n\n"
+    "\x1b[36mray::ClientAppActor.run()\x1b[39m (pid=24305)\n"
+    "  File \"flwr/simulation/ray_transport/ray_actor.py\", line 65, in run\n"
+    "    raise ClientAppException(str(ex)) from ex\n"
+    "flwr.clientapp.client_app.ClientAppException: \n"
+    "Exception ClientAppException occurred. Message: [Errno 20] Not a directory: '/r/devices/device-0''>")
+
+
+@pytest.mark.parametrize("reason, text", [
+    (RAY_REASON, "NotADirectoryError: [Errno 20] Not a directory: '/r/devices/device-0'"),
+    ("<class 'flwr.clientapp.client_app.ClientAppException'>:<'\nException ClientAppException occurred. "
+     "Message: server message: config key 'x' = 1: bad'>", "server message: config key 'x' = 1: bad"),
+    ("<class 'shared.errors.PrivrecError'>:<'ledger unreadable'>", "PrivrecError: ledger unreadable"),
+    (None, "no reason given"),
+])
+def test_device_error_text_is_one_readable_line(reason, text):
+    from server.app import device_error_text
+
+    assert device_error_text(reason) == text

@@ -88,6 +88,8 @@ def test_new_items_file_errors_name_the_line(run_dir, tmp_path, minilm):
     for line, message in [('{"item": "m1", "title": "Again"}', "'m1' is already in the catalogue"),
                           ('{"item": "x", "title": "  "}', "'title' must be a non-empty string"),
                           ('{"item": "x", "title": "T", "genres": "Drama"}', "'genres' must be a list"),
+                          ('{"item": "x", "title": "T", "year": {"from": 1999}}', "'year' must be a number"),
+                          ('{"item": "x", "title": "T", "year": true}', "'year' must be a number"),
                           ('{"item": "x"', "not valid JSON")]:
         bad.write_text('{"item": "ok", "title": "Fine"}\n' + line + "\n")
         with pytest.raises(PrivrecError, match=f"bad.jsonl line 2: .*{message}"):

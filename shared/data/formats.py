@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,9 +46,12 @@ class Interactions:
 def load_interactions(path: str | Path) -> Interactions:
     """Load a file or a directory in any supported format (see module docstring)."""
     path = Path(path)
-    if not path.exists():
-        raise PrivrecError(f"{path}: no such file or directory")
-    data_file = _find_data_file(path) if path.is_dir() else path
+    try:
+        if not path.exists():
+            raise PrivrecError(f"{path}: no such file or directory")
+        data_file = _find_data_file(path) if path.is_dir() else path
+    except OSError as exc:  # e.g. a folder without read or search permission
+        raise PrivrecError(f"{exc.filename or path}: cannot read ({exc.strerror or exc})") from None
     name = data_file.name
     if name == "u.data":
         return _load_ml100k(data_file)
@@ -79,10 +83,16 @@ def content_sha256(inter: Interactions) -> str:
     return h.hexdigest()
 
 
+def duplicate_rows(inter: Interactions) -> int:
+    """Rows that repeat an earlier row's user, item and timestamp (kept: they are counted, not dropped)."""
+    return len(inter) - len(set(zip(inter.users, inter.items, inter.timestamps.tolist())))
+
+
 # ----------------------------------------------------------------------------- detection
 
 
 def _find_data_file(directory: Path) -> Path:
+    os.listdir(directory)  # raises PermissionError for an unreadable folder (glob would just find nothing)
     for fixed in ("u.data", "ratings.dat"):
         if (directory / fixed).is_file():
             return directory / fixed
@@ -107,6 +117,9 @@ def _read_lines(path: Path, encoding: str = "utf-8") -> list[str]:
         raw = path.read_bytes()
     except OSError as exc:
         raise PrivrecError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    what = _looks_like(raw)
+    if what:
+        raise PrivrecError(f"{path.name}: this file looks like {what}, not {encoding} text")
     try:
         text = raw.decode(encoding)
     except UnicodeDecodeError as exc:
@@ -117,6 +130,30 @@ def _read_lines(path: Path, encoding: str = "utf-8") -> list[str]:
     if text.startswith("\ufeff"):  # BOM written by some spreadsheet tools
         text = text[1:]
     return [line.rstrip("\r") for line in text.split("\n")]
+
+
+# Leading bytes of files people save under a .csv name that are not UTF-8 text.
+_SIGNATURES = (
+    (b"\x1f\x8b", "a gzip archive: decompress it first (gunzip FILE)"),
+    (b"PK\x03\x04", "a zip archive (or an .xlsx workbook): extract it, or export CSV as UTF-8"),
+    (b"BZh", "a bzip2 archive: decompress it first (bunzip2 FILE)"),
+    (b"\xfd7zXZ\x00", "an xz archive: decompress it first (unxz FILE)"),
+    (b"\xff\xfe\x00\x00", "UTF-32 text (little-endian BOM): save it as UTF-8"),
+    (b"\x00\x00\xfe\xff", "UTF-32 text (big-endian BOM): save it as UTF-8"),
+    (b"\xff\xfe", "UTF-16 text (little-endian BOM): save it as UTF-8 (iconv -f UTF-16 -t UTF-8)"),
+    (b"\xfe\xff", "UTF-16 text (big-endian BOM): save it as UTF-8 (iconv -f UTF-16 -t UTF-8)"),
+)
+
+
+def _looks_like(raw: bytes) -> str | None:
+    """What a file that is not text seems to be, from its first bytes (None: nothing recognised)."""
+    for magic, what in _SIGNATURES:
+        if raw.startswith(magic):
+            return what
+    head = raw[:4096]
+    if head and head.count(b"\x00") > len(head) // 4:  # UTF-16 without a BOM: every other byte is 0
+        return "UTF-16 text without a byte-order mark (every other byte is 0): save it as UTF-8"
+    return None
 
 
 def _parse_timestamp(value: str, fname: str, lineno: int) -> float:

@@ -95,3 +95,17 @@ def leave_one_out(inter: Interactions, min_interactions: int = 3) -> SplitData:
         dropped_users=dropped,
         item_genres=genres,
     )
+
+
+def dataset_notes(meta: dict) -> list[str]:
+    """Console notes on what preparing a store left out or kept as is, from its meta.json."""
+    notes = []
+    dropped = meta.get("dropped_users") or 0
+    if dropped:
+        notes.append(f"{dropped} user(s) with fewer than 3 interactions left out (each user needs one train, "
+                     "one validation and one test item)")
+    duplicates = meta.get("duplicate_rows") or 0
+    if duplicates:
+        notes.append(f"{duplicates} duplicated row(s) (same user, item and timestamp as an earlier row) kept as "
+                     "repeated interactions")
+    return notes

@@ -38,9 +38,12 @@ def _exec(command: list[str]) -> int:
 # ---------------------------------------------------------------------------- data split
 def cmd_data_split(args: argparse.Namespace) -> int:
     from shared.data.devices import split_devices
+    from shared.data.split import dataset_notes
     from shared.data.store import open_store, prepare_store
 
     store = open_store(prepare_store(args.dataset, args.users_per_device))
+    for note in dataset_notes(store.meta):
+        print(f"privrec: note: {note}", flush=True)
     out = split_devices(store, Path(args.out))
     print(f"{store.num_devices} device folders ({store.num_users} users, {args.users_per_device} per device) "
           f"and the public catalogue in {out}")

@@ -11,6 +11,7 @@ cumulative epsilon over all rounds (composition), never a per-round figure.
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from typing import Any
 
@@ -24,6 +25,8 @@ __all__ = [
     "from_json_state",
     "history_steps",
     "make_accountant",
+    "prv_grid_points",
+    "prv_too_costly",
     "to_json_state",
 ]
 
@@ -152,3 +155,45 @@ def compose_history(state_a: dict | None, state_b: dict | None) -> dict:
         else:
             merged.append([sigma, q, n])
     return {"history": merged, "mechanism": mechanism}
+
+
+# PRV (Opacus, after Gopi et al.) discretises the composed privacy loss on a grid it sizes before
+# computing anything: the domain [-L, L] from RDP bounds, and a mesh that shrinks as 1/sqrt(total
+# steps). Peak memory measured here: 165-175 bytes per grid point (7.5 million points: 1.6 GB, 8 s);
+# 100,000 rounds x 1,000 steps at q = 0.01 reached 19.7 GB before it was killed. The guard sizes the
+# grid the same way Opacus will and refuses beyond PRV_MAX_BYTES.
+PRV_BYTES_PER_POINT = 200
+PRV_MAX_BYTES = 2_000_000_000
+PRV_EPS_ERROR = 0.01  # Opacus' defaults in PRVAccountant.get_epsilon: eps_error 0.01, delta_error delta/1000
+
+
+def prv_grid_points(history: list[tuple[float, float, int]] | tuple, delta: float) -> int:
+    """Points of the grid Opacus' PRV accountant would build for `history` at `delta` (no PRV computed)."""
+    import numpy as np
+    from opacus.accountants.analysis.prv import Domain, PoissonSubsampledGaussianPRV, compute_safe_domain_size
+
+    rows = [(float(s), float(q), int(n)) for s, q, n in history if int(n) > 0]
+    if not rows:
+        return 0
+    delta_error = delta / 1000
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        half_width = compute_safe_domain_size(
+            prvs=[PoissonSubsampledGaussianPRV(q, sigma) for sigma, q, _ in rows],
+            max_self_compositions=[n for _, _, n in rows], eps_error=PRV_EPS_ERROR, delta_error=delta_error)
+    if not math.isfinite(half_width):
+        return sys.maxsize
+    mesh = PRV_EPS_ERROR / np.sqrt(sum(n for _, _, n in rows) * np.log(12 / delta_error) / 2)
+    return Domain.create_aligned(-half_width, half_width, mesh).size
+
+
+def prv_too_costly(history: list[tuple[float, float, int]] | tuple, delta: float,
+                   max_bytes: int = PRV_MAX_BYTES) -> str | None:
+    """Why PRV must not be computed for `history` (its grid would need more than `max_bytes`), or None."""
+    points = prv_grid_points(history, delta)
+    need = points * PRV_BYTES_PER_POINT
+    if need <= max_bytes:
+        return None
+    steps = sum(int(n) for _, _, n in history)
+    return (f"PRV would discretise {steps:,} steps on a grid of {points:,} points (about {need / 1e9:,.1f} GB; "
+            f"the limit is {max_bytes / 1e9:.1f} GB)")

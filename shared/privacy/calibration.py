@@ -5,6 +5,10 @@ Gaussian steps at Poisson rate q = `sample-rate`, with `steps_per_round = local-
 (config values, the same for every device). User-level DP-FedAvg:
 one sampled Gaussian release per round at the device sampling rate. Both are the same question
 for the accountant: the smallest sigma such that `steps` steps at rate q stay within epsilon.
+
+PRV's memory grows with the step count and epsilon (`shared.privacy.accounting.prv_too_costly`);
+its search is refused, before it starts, when the grid at the smallest noise multiplier it would
+try does not fit.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from __future__ import annotations
 import warnings
 
 from shared.errors import PrivrecError
-from shared.privacy.accounting import ACCOUNTANTS, epsilon_from_state
+from shared.privacy.accounting import ACCOUNTANTS, epsilon_from_state, prv_too_costly
 
 
 def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int,
@@ -26,6 +30,8 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
     for name, value, ok in checks:
         if not ok:
             raise PrivrecError(f"calibration: {name}={value!r} is out of range")
+    if accountant == "prv":
+        _refuse_costly_prv(target_epsilon, delta, sample_rate, steps)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -36,6 +42,23 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
             raise PrivrecError(f"calibration: no noise multiplier reaches epsilon {target_epsilon} at delta "
                                f"{delta} ({exc})") from None
     return sigma
+
+
+def _refuse_costly_prv(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> None:
+    """PrivrecError before PRV's search starts if its grid would not fit in memory.
+
+    Opacus' `get_noise_multiplier` tries sigma = 20 first, doubles it until epsilon is below the
+    target, then bisects down from there: the smallest sigma it tries is min(20, just over half the
+    answer). PRV's answer is at most RDP's and, in the regimes we measured, at least 0.8 of it, so
+    the grid at min(20, 0.4 x RDP's sigma) is the largest the search builds. RDP's calibration
+    costs milliseconds.
+    """
+    sigma_rdp = calibrate_noise(target_epsilon, delta, sample_rate, steps, "rdp")
+    smallest_tried = min(20.0, 0.4 * sigma_rdp)
+    reason = prv_too_costly([(smallest_tried, sample_rate, int(steps))], delta)
+    if reason:
+        raise PrivrecError(f"calibration with --accountant prv refused: {reason}. RDP's bound needs noise "
+                           f"multiplier {sigma_rdp:.4f} for epsilon {target_epsilon:g} (--accountant rdp)")
 
 
 def check_calibration(sigma: float, target_epsilon: float, delta: float, sample_rate: float, steps: int,

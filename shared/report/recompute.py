@@ -23,7 +23,7 @@ from functools import lru_cache
 from typing import Any
 
 from shared.errors import PrivrecError
-from shared.privacy.accounting import epsilon_from_state
+from shared.privacy.accounting import epsilon_from_state, prv_too_costly
 from shared.report import independent
 from shared.report.independent import Expected, Figure
 from shared.report.load import Device, Privacy, UserLevel
@@ -138,26 +138,14 @@ def recompute(history: list[tuple[float, float, int]], delta: float, run_account
     rows = merged(tuple(history))
     out = {}
     for accountant in dict.fromkeys((*SECOND, run_accountant)):
-        skip = _prv_too_costly(rows, out.get("rdp")) if accountant == "prv" != run_accountant else None
-        out[accountant] = Epsilon(None, skip) if skip else _epsilon(rows, delta, accountant)
+        skip = prv_too_costly(rows, delta) if accountant == "prv" != run_accountant else None
+        out[accountant] = Epsilon(None, f"skipped: {skip}") if skip else _epsilon(rows, delta, accountant)
     return out
 
 
-# PRV's grid grows with the spread of the composed privacy loss: measured ~1 GB and 10-30 s for
-# epsilon ~ 200-500 or ~1,000 steps, and an out-of-memory kill at sigma 0.2, 5,000 steps. As the
-# *second* accountant it is skipped beyond these bounds (the guarantee is vacuous there anyway);
-# as the run's own accountant it is always computed, because the device computed it too.
-PRV_MAX_EPSILON = 300.0
-PRV_MAX_STEPS = 2000
-
-
-def _prv_too_costly(rows: History, rdp: Epsilon | None) -> str | None:
-    steps = sum(n for _, _, n in rows)
-    if steps > PRV_MAX_STEPS:
-        return f"PRV skipped: {steps} steps > {PRV_MAX_STEPS} (its grid would need gigabytes)"
-    if rdp is not None and (rdp.value is None or rdp.value > PRV_MAX_EPSILON):
-        return f"PRV skipped: RDP epsilon {_fmt(rdp.value)} > {PRV_MAX_EPSILON:g} (its grid would need gigabytes)"
-    return None
+# PRV as the *second* accountant is skipped when its grid would not fit (shared.privacy.accounting,
+# the same guard `privrec calibrate` uses); as the run's own accountant it is always computed,
+# because the device computed it too.
 
 
 def _fmt(value: float | None) -> str:
