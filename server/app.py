@@ -19,8 +19,9 @@ from server.checkpoint import CHECKPOINT_DIR, load_checkpoint, restore_strategy,
 from server.evaluation import central_evaluation
 from server.pretraining import pretrain
 from server.run_dir import RunDirectory
+from server.secagg import SecureAggregationGrid
 from server.strategy import BudgetExhausted, build_strategy, cohort_size, user_sample_rate
-from shared.config import clamp_to_population, default_run_name, from_run_config
+from shared.config import check_secure_aggregation, clamp_to_population, default_run_name, from_run_config
 from shared.data.devices import CATALOGUE_KEY, read_catalogue
 from shared.data.store import open_store, prepare_store
 from shared.errors import PrivrecError
@@ -28,6 +29,7 @@ from shared.model import ModelConfig, SASRec
 from shared.privacy.population import default_population_dir
 from shared.privacy.statement import privacy_statement, sentences, user_level_statement
 from shared.privacy.user_level import user_level_epsilon, user_level_state
+from shared.secagg import params_from_config
 from shared.text.features import TEXT_KEY, features_for
 
 logging.getLogger("flwr").propagate = False  # Opacus' basicConfig would double every log line
@@ -158,6 +160,14 @@ class FederatedRun:
 
         strategy = build_strategy(cfg, self.num_devices, self._on_train, self._on_evaluate)
         self.strategy = strategy
+        grid = self.grid
+        if cfg["secure-aggregation"]:
+            cohort = cohort_size(cfg, self.num_devices)
+            check_secure_aggregation(cfg, cohort, "run config: ")  # also when the cohort is a fraction
+            # The strategy sees only the aggregate; DP-FedAvg divides by the expected cohort.
+            grid = SecureAggregationGrid(self.grid, params_from_config(cfg),
+                                         denominator=float(cohort) if cfg["user-dp"] else None)
+            self.secure_grid = grid
         checkpoint = load_checkpoint(self.run_dir.path, cfg) if cfg["resume"] else None
         if checkpoint is not None:
             restore_strategy(strategy, checkpoint)
@@ -179,7 +189,7 @@ class FederatedRun:
         stopped = None
         try:
             strategy.start(
-                grid=self.grid,
+                grid=grid,
                 initial_arrays=ArrayRecord(initial),
                 num_rounds=cfg["num-rounds"] - strategy.round_offset,
                 timeout=cfg["round-timeout"],

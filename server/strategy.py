@@ -310,6 +310,10 @@ class UserLevelDP(FedAvg):
         if not self.user_dp:
             return super().aggregate_train(server_round, replies)
         valid, _ = self._check_and_log_replies(list(replies), is_train=True)
+        if self.user_dp.get("distributed-noise"):
+            # Secure aggregation: every reply holds the same aggregate, already clipped and noised on the
+            # devices (server/secagg.py); clipping or noising it again here would be wrong.
+            return super().aggregate_train(server_round, valid) if valid else (None, None)
         current = self.current_global
         noised_keys = [k for k in current if k not in TRAINABLE_SCOPES[self.user_dp["device-trains"]]]
         clipped, self.last_clip_norms = [], []
@@ -360,7 +364,8 @@ def build_strategy(cfg: dict[str, Any], num_devices: int, on_train, on_evaluate)
                             poisson_rate=user_sample_rate(cfg, num_devices) if cfg["user-dp"] else None, **kwargs)
     if cfg["user-dp"]:
         strategy.enable_user_dp({"noise-multiplier": cfg["user-noise-multiplier"], "clip": cfg["user-clipping-norm"],
-                                 "expected-cohort": float(cohort), "device-trains": cfg["device-trains"]})
+                                 "expected-cohort": float(cohort), "device-trains": cfg["device-trains"],
+                                 "distributed-noise": cfg["secure-aggregation"]})
     return strategy
 
 
