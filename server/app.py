@@ -108,6 +108,7 @@ class FederatedRun:
         self.eval_stats: dict[int, dict] = {}
         self.eval_failures: dict[int, dict] = {}
         self.rows: list[dict[str, Any]] = []
+        self.secure_grid: SecureAggregationGrid | None = None
 
     def execute(self) -> None:
         cfg = self.cfg
@@ -207,6 +208,8 @@ class FederatedRun:
 
     # -- callbacks from the strategy -------------------------------------------------------
     def _on_train(self, server_round: int, stats: dict) -> None:
+        if self.secure_grid is not None and self.secure_grid.rounds:  # devices summed and dropped, or refused
+            stats["secure-aggregation"] = self.secure_grid.rounds.pop()
         self.train_stats[server_round] = stats
         self._check_failures(server_round, stats, "")
 
@@ -291,6 +294,8 @@ class FederatedRun:
             "capped-devices": train.get("capped-devices", 0),
             "user-level-epsilon": self._user_level_epsilon(server_round),
         }
+        if "secure-aggregation" in train:
+            row["secure-aggregation"] = train["secure-aggregation"]
         for name in ("hr@10", "ndcg@10"):
             row[name] = evaluation.get(f"test-{name}")
             row[name + "-ci"] = evaluation.get(f"test-{name}-ci")

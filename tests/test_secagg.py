@@ -306,6 +306,11 @@ def test_federated_run_with_secure_aggregation(tmp_path, user_dp):
     assert [r["round"] for r in rows] == [0, 1, 2]
     if not user_dp:  # a fixed cohort of 6, none dropped (user-dp draws a Poisson cohort)
         assert [r["devices-trained"] for r in rows[1:]] == [6, 6]
+        assert [r["secure-aggregation"] for r in rows[1:]] == [{"devices": 6, "dropped": 0}] * 2
+    summary = json.loads((run_dir.path / "summary.json").read_text())
+    if user_dp:
+        assert "the server" in summary["privacy"]["user-level"]["adversary"]
+        assert "m_min = 2" in summary["privacy"]["user-level"]["adversary"]
     train_arrays = [a for r in grid.replies if "arrays" in r.content.array_records and
                     "num-examples" in next(iter(r.content.metric_records.values()))
                     and "steps" in next(iter(r.content.metric_records.values()))
