@@ -10,6 +10,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 from scipy import stats
 
+from client.audit import ALLOWED_METRICS, read_audit
 from client.secagg import SECAGG, device_vector, secagg_mod
 from server.secagg import SecureAggregationGrid, secure_sum
 from shared import config
@@ -300,6 +301,8 @@ def test_federated_run_with_secure_aggregation(tmp_path, user_dp):
                            "user-dp": user_dp, "user-noise-multiplier": 0.1, "user-clipping-norm": 0.5})
     run_dir = RunDirectory.create(cfg["run-dir"], cfg["run-name"])
     grid = InProcessGrid(client_app, 6, keep_messages=True)
+    for node, context in grid.contexts.items():  # the audit mod logs every reply as it leaves the device
+        context.node_config["audit-log"] = str(tmp_path / f"audit-{node}.jsonl")
     FederatedRun(cfg, run_dir, grid).execute()
     assert json.loads((run_dir.path / "status.json").read_text())["state"] == "completed"
     rows = [json.loads(line) for line in (run_dir.path / "metrics.jsonl").read_text().splitlines()]
@@ -316,3 +319,26 @@ def test_federated_run_with_secure_aggregation(tmp_path, user_dp):
                     and "steps" in next(iter(r.content.metric_records.values()))
                     for a in r.content.array_records["arrays"].values()]
     assert train_arrays and all(a.numpy().dtype == np.uint32 for a in train_arrays)  # masked, every one
+    # The devices' own audit logs agree: every train reply's arrays are uint32 masks, other stages send none.
+    entries = [e for node in grid.contexts for e in read_audit(tmp_path / f"audit-{node}.jsonl")]
+    train_entries = [e for e in entries if e["type"] == "train"]
+    assert {e.get("secagg-stage") for e in train_entries} == {"setup", "share", "upload", "unmask"}
+    for entry in train_entries:
+        dtypes = {a["dtype"] for record in entry["arrays"].values() for a in record.values()}
+        assert dtypes == ({"uint32"} if entry["secagg-stage"] == "upload" else set())
+        assert set(entry["metrics"].get("metrics", {})) <= ALLOWED_METRICS
+
+
+def test_deploy_local_refuses_a_threshold_above_the_cohort_before_starting(tmp_path, capsys):
+    from shared.cli import main
+    from shared.data.devices import split_devices
+    from shared.data.store import open_store
+    from tests.synthetic import walk_store
+    from tests.test_cli import assert_user_error
+
+    store = open_store(walk_store(tmp_path / "store", num_users=3, num_items=30))
+    devices_dir = split_devices(store, tmp_path / "devices")
+    code = main(["deploy", "local", "--devices", "3", "--devices-dir", str(devices_dir), "--secure-aggregation",
+                 "--run-dir", str(tmp_path / "runs"), "--run-name", "r"])
+    assert_user_error(code, capsys.readouterr().err, "'secagg-threshold' = 8")
+    assert not (tmp_path / "runs" / "r" / "deploy").exists()  # nothing started
