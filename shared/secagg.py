@@ -1,8 +1,8 @@
 """Secure aggregation (SecAgg+, semi-honest) for privrec: the protocol's arithmetic, without transport.
 
 The server learns only the sum of the vectors of the devices that survive a round, never one device's
-vector. Built on Flower's primitives (`flwr.common.secure_aggregation`: Shamir shares, key agreement,
-authenticated encryption, quantization); this file holds only the protocol's bookkeeping.
+vector. Built on Flower's primitives (`flwr.common.secure_aggregation`: key agreement, authenticated encryption,
+quantization, share packing) and pycryptodome's Shamir scheme (the one Flower's wrapper calls); this file holds only the protocol's bookkeeping.
 
 Stages (names as in Bonawitz et al. 2017 and Bell et al. 2020, "SecAgg+"):
 1. setup      each device makes two EC key pairs (one to encrypt shares, one to agree masks) and
@@ -37,8 +37,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
+from Crypto.Protocol.SecretSharing import Shamir
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, encrypt, generate_shared_key
 from flwr.common.secure_aggregation.quantization import dequantize, quantize
 from flwr.common.secure_aggregation.secaggplus_utils import (
@@ -48,7 +49,6 @@ from flwr.common.secure_aggregation.secaggplus_utils import (
 from flwr.supercore.primitives.asymmetric import (
     bytes_to_private_key,
     bytes_to_public_key,
-    generate_key_pairs,
     private_key_to_bytes,
     public_key_to_bytes,
 )
@@ -160,8 +160,36 @@ def _add(a: list[np.ndarray], b: list[np.ndarray], sign: int = 1) -> list[np.nda
         return [x + y if sign > 0 else x - y for x, y in zip(a, b)]
 
 
-def _pair_seed(private_pem: bytes, public_pem: bytes) -> bytes:
-    return generate_shared_key(bytes_to_private_key(private_pem), bytes_to_public_key(public_pem))
+# P-256: a 128-bit security level like AES-128, and ECDH several times faster than Flower's default P-384.
+CURVE = ec.SECP256R1()
+_P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+
+
+def create_shares(secret: bytes, threshold: int, num: int) -> list[bytes]:
+    """Shamir shares of a secret of 16-byte chunks (pycryptodome, as Flower's `create_shares`, in Flower's share format
+    of a 4-byte index and 16-byte chunks, but without its padding block and per-call thread pool, which cost
+    most of a round's time)."""
+    chunks = [Shamir.split(threshold, num, secret[i:i + 16], ssss=False) for i in range(0, len(secret), 16)]
+    return [index.to_bytes(4, "little") + b"".join(c[holder][1] for c in chunks)
+            for holder, (index, _) in enumerate(chunks[0])]
+
+
+def combine_shares(shares: Sequence[bytes]) -> bytes:
+    """The secret from at least `threshold` shares made by `create_shares`."""
+    pairs = [(int.from_bytes(s[:4], "little"), s[4:]) for s in shares]
+    return b"".join(Shamir.combine([(i, s[c:c + 16]) for i, s in pairs], ssss=False)
+                    for c in range(0, len(pairs[0][1]), 16))
+
+
+def mask_key_from_seed(seed: bytes) -> ec.EllipticCurvePrivateKey:
+    """The mask key pair from a 16-byte seed: the seed (not a PEM file) is what gets Shamir-shared."""
+    scalar = int.from_bytes(hashlib.sha512(seed).digest(), "big") % (_P256_ORDER - 1) + 1
+    return ec.derive_private_key(scalar, CURVE)
+
+
+def _pair_seed(private: bytes | ec.EllipticCurvePrivateKey, public_pem: bytes) -> bytes:
+    key = bytes_to_private_key(private) if isinstance(private, bytes) else private
+    return generate_shared_key(key, bytes_to_public_key(public_pem))
 
 
 # -- the device's side --------------------------------------------------------------------------
@@ -172,33 +200,37 @@ class DeviceSession:
     node: int
     threshold: int
     enc_private: bytes = b""
-    mask_private: bytes = b""
+    mask_seed: bytes = b""  # the mask key pair derives from it (`mask_key_from_seed`)
     self_seed: bytes = b""
     peers: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)  # node -> (enc pk, mask pk)
+    channel: dict[int, bytes] = field(default_factory=dict)  # node -> symmetric key of our encrypted channel
     held: dict[int, bytes] = field(default_factory=dict)  # node -> encrypted share pair it gave us
-    own_shares: tuple[bytes, bytes] = (b"", b"")  # our own (b share, mask key share)
+    own_shares: tuple[bytes, bytes] = (b"", b"")  # our own (b share, mask seed share)
 
     def setup(self) -> tuple[bytes, bytes]:
         """Stage 1: fresh key pairs; returns the public (encryption, masking) keys."""
-        enc_sk, enc_pk = generate_key_pairs()
-        mask_sk, mask_pk = generate_key_pairs()
-        self.enc_private, self.mask_private = private_key_to_bytes(enc_sk), private_key_to_bytes(mask_sk)
-        return public_key_to_bytes(enc_pk), public_key_to_bytes(mask_pk)
+        enc_sk = ec.generate_private_key(CURVE)
+        self.mask_seed = os.urandom(16)  # 128-bit, the level of P-256 and of one Shamir chunk
+        self.enc_private = private_key_to_bytes(enc_sk)
+        return (public_key_to_bytes(enc_sk.public_key()),
+                public_key_to_bytes(mask_key_from_seed(self.mask_seed).public_key()))
 
     def share_keys(self, peers: Mapping[int, tuple[bytes, bytes]]) -> dict[int, bytes]:
-        """Stage 2: Shamir-share b and the mask key among self + neighbours; one ciphertext per neighbour."""
+        """Stage 2: Shamir-share b and the mask seed among self + neighbours; one ciphertext per neighbour."""
         self.peers = {int(k): v for k, v in peers.items() if int(k) != self.node}
-        self.self_seed = os.urandom(32)
+        self.self_seed = os.urandom(16)
         holders = [self.node, *sorted(self.peers)]
         b_shares = create_shares(self.self_seed, self.threshold, len(holders))
-        sk_shares = create_shares(self.mask_private, self.threshold, len(holders))
+        sk_shares = create_shares(self.mask_seed, self.threshold, len(holders))
+        enc_private = bytes_to_private_key(self.enc_private)
         out = {}
         for holder, b_share, sk_share in zip(holders, b_shares, sk_shares):
             if holder == self.node:
                 self.own_shares = (b_share, sk_share)
                 continue
-            key = _pair_seed(self.enc_private, self.peers[holder][0])
-            out[holder] = encrypt(key, share_keys_plaintext_concat(self.node, holder, b_share, sk_share))
+            self.channel[holder] = _pair_seed(enc_private, self.peers[holder][0])
+            out[holder] = encrypt(self.channel[holder],
+                                  share_keys_plaintext_concat(self.node, holder, b_share, sk_share))
         return out
 
     def mask(self, vector: Sequence[np.ndarray], received: Mapping[int, bytes]) -> list[np.ndarray]:
@@ -211,8 +243,9 @@ class DeviceSession:
         self.peers = {p: k for p, k in self.peers.items() if p in self.held}
         shapes = [v.shape for v in vector]
         masked = _add(list(vector), mask_stream(self.self_seed, shapes))
+        mask_private = mask_key_from_seed(self.mask_seed)
         for peer, (_, mask_pk) in self.peers.items():
-            pair = mask_stream(_pair_seed(self.mask_private, mask_pk), shapes)
+            pair = mask_stream(_pair_seed(mask_private, mask_pk), shapes)
             masked = _add(masked, pair, 1 if self.node < peer else -1)
         return masked
 
@@ -228,8 +261,7 @@ class DeviceSession:
         for peer, ciphertext in self.held.items():
             if peer not in survivors and peer not in dropped:
                 continue
-            key = _pair_seed(self.enc_private, self.peers[peer][0])
-            src, dst, b_share, sk_share = share_keys_plaintext_separate(decrypt(key, ciphertext))
+            src, dst, b_share, sk_share = share_keys_plaintext_separate(decrypt(self.channel[peer], ciphertext))
             if src != peer or dst != self.node:
                 raise SecAggAborted(f"a share claimed to come from device {peer} was made for another pair")
             out[peer] = b_share if peer in survivors else sk_share
@@ -237,18 +269,20 @@ class DeviceSession:
 
     def to_state(self) -> dict:
         return {"node": self.node, "threshold": self.threshold, "enc": self.enc_private,
-                "mask": self.mask_private, "seed": self.self_seed,
+                "mask": self.mask_seed, "seed": self.self_seed,
                 "peer-ids": sorted(self.peers), "peer-enc": [self.peers[p][0] for p in sorted(self.peers)],
                 "peer-mask": [self.peers[p][1] for p in sorted(self.peers)],
+                "peer-channel": [self.channel.get(p, b"") for p in sorted(self.peers)],
                 "held-ids": sorted(self.held), "held": [self.held[p] for p in sorted(self.held)],
                 "own-b": self.own_shares[0], "own-sk": self.own_shares[1]}
 
     @classmethod
     def from_state(cls, state: Mapping) -> DeviceSession:
         s = cls(node=int(state["node"]), threshold=int(state["threshold"]), enc_private=bytes(state["enc"]),
-                mask_private=bytes(state["mask"]), self_seed=bytes(state["seed"]))
+                mask_seed=bytes(state["mask"]), self_seed=bytes(state["seed"]))
         s.peers = {int(p): (bytes(e), bytes(m)) for p, e, m in zip(state["peer-ids"], state["peer-enc"],
                                                                     state["peer-mask"])}
+        s.channel = {int(p): bytes(c) for p, c in zip(state["peer-ids"], state["peer-channel"]) if c}
         s.held = {int(p): bytes(c) for p, c in zip(state["held-ids"], state["held"])}
         s.own_shares = (bytes(state["own-b"]), bytes(state["own-sk"]))
         return s
@@ -312,7 +346,7 @@ class ServerSession:
             total = _add(total, mask_stream(seed, shapes), -1)
         dropped = [n for n in self.public if n not in self.masked]
         for node in dropped:
-            mask_private = self._rebuild(node, by_owner, "mask key")
+            mask_private = mask_key_from_seed(self._rebuild(node, by_owner, "mask seed"))
             for peer in self.graph[node]:
                 if peer in self.masked:  # the survivor added +-PRG(s_peer,node); remove it
                     pair = mask_stream(_pair_seed(mask_private, self.public[peer][1]), shapes)

@@ -155,7 +155,7 @@ def secure_aggregation_terms(cfg: Mapping[str, Any]) -> dict[str, Any]:
                         "wrap-around is impossible (cohort x (2^bits - 1) < 2^32, checked before the run and "
                         "in every round)",
         "randomness": "devices: NumPy's PCG64 from OS entropy for noise (research-grade, not a CSPRNG); masks: "
-                      "AES-256-CTR keystreams from ECDH (SECP384R1) and 32-byte OS-random seeds",
+                      "AES-256-CTR keystreams from ECDH (SECP384R1) and 16-byte OS-random seeds",
     }
 
 
