@@ -2,16 +2,17 @@
 
 The server learns only the sum of the vectors of the devices that survive a round, never one device's
 vector. Built on Flower's primitives (`flwr.common.secure_aggregation`: key agreement, authenticated encryption,
-quantization, share packing) and pycryptodome's Shamir scheme (the one Flower's wrapper calls); this file holds only the protocol's bookkeeping.
+quantization, share packing) and pycryptodome's Shamir scheme (the one Flower's wrapper calls); this
+file holds only the protocol's bookkeeping.
 
 Stages (names as in Bonawitz et al. 2017 and Bell et al. 2020, "SecAgg+"):
 1. setup      each device makes two EC key pairs (one to encrypt shares, one to agree masks) and
               advertises the public halves.
-2. share      each device draws a self-mask seed b and Shamir-shares b and its mask secret key among
-              itself and its neighbours (threshold t), each share encrypted for its holder.
-3. upload     each device sends y = q(x) + PRG(b) + sum over neighbours j of +-PRG(agree(i, j)) mod 2^F.
+2. share      each device draws a self-mask seed b and Shamir-shares b and the seed of its mask key
+              among itself and its neighbours (threshold t), each share encrypted for its holder.
+3. upload     each device sends y = q(x) + PRG(b) + sum over neighbours j of +-PRG(agree(i, j)) mod 2^32.
 4. unmask     each surviving device returns, for each neighbour, the share of b (neighbour survived)
-              or of its mask key (neighbour dropped), never both. With t shares per device the server
+              or of its mask key seed (neighbour dropped), never both. With t shares per device the server
               removes every mask: the pairwise masks of survivors cancel, the rest it recomputes.
 
 Neighbours: a ring over a random order, 2(t - 1) neighbours each (all others in small cohorts), so a
@@ -37,9 +38,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from Crypto.Protocol.SecretSharing import Shamir
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from Crypto.Protocol.SecretSharing import Shamir
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, encrypt, generate_shared_key
 from flwr.common.secure_aggregation.quantization import dequantize, quantize
 from flwr.common.secure_aggregation.secaggplus_utils import (
