@@ -160,7 +160,8 @@ class DroppingGrid(InProcessGrid):
                            if m.metadata.dst_node_id == r.metadata.src_node_id), None)
             stage = str(record["stage"]) if record else ""
             node = r.metadata.src_node_id
-            if node in self.drop and self.order.index(stage) >= self.order.index(self.drop[node]):
+            if node in self.drop and stage in self.order and \
+                    self.order.index(stage) >= self.order.index(self.drop[node]):
                 continue
             out.append(r)
         return out
@@ -327,6 +328,26 @@ def test_federated_run_with_secure_aggregation(tmp_path, user_dp):
         dtypes = {a["dtype"] for record in entry["arrays"].values() for a in record.values()}
         assert dtypes == ({"uint32"} if entry["secagg-stage"] == "upload" else set())
         assert set(entry["metrics"].get("metrics", {})) <= ALLOWED_METRICS
+
+
+def test_federated_run_refuses_a_round_with_too_few_survivors_and_keeps_the_model(tmp_path):
+    from client.app import app as client_app
+    from server.app import FederatedRun
+    from server.run_dir import RunDirectory
+    from tests.synthetic import walk_store
+
+    store = walk_store(tmp_path / "store", num_users=5, num_items=30)
+    cfg = config.validate({"max-len": 16, "window": 6, "hidden-size": 16, "num-heads": 2, "num-blocks": 1,
+                           "batch-size": 2, "dp": False, "data-store": str(store), "num-rounds": 1,
+                           "devices-per-round": 5, "eval-every": 0, "run-dir": str(tmp_path / "runs"),
+                           "run-name": "t", "central-eval": True, "secure-aggregation": True,
+                           "secagg-threshold": 3, "secagg-min-cohort": 3})
+    run_dir = RunDirectory.create(cfg["run-dir"], cfg["run-name"])
+    grid = DroppingGrid(client_app, 5, drop={1: "upload", 2: "upload", 3: "upload"})  # 2 of 5 left
+    FederatedRun(cfg, run_dir, grid).execute()
+    rows = [json.loads(line) for line in (run_dir.path / "metrics.jsonl").read_text().splitlines()]
+    assert "at least 3" in rows[1]["secure-aggregation"]["refused"] and rows[1]["devices-trained"] == 0
+    assert rows[1]["central"]["test-ndcg@10"] == rows[0]["central"]["test-ndcg@10"]  # the model is unchanged
 
 
 def test_deploy_local_refuses_a_threshold_above_the_cohort_before_starting(tmp_path, capsys):
