@@ -517,3 +517,42 @@ def test_a_run_owned_by_another_host_is_judged_by_its_heartbeat(tmp_path):
     (run_path / OWNER).write_text(json.dumps({**owner, "heartbeat": time.time() - 600}))
     verdict, why = liveness(run_path)
     assert verdict == "crashed" and "no heartbeat" in why and "another-host" in why
+
+
+# ------------------------------------------------------------------------------ ledger faults
+# Deleted ledgers: tests/test_device_spend.py (between runs, on resume, the population list, the
+# server's seen spend). A truncated ledger is the same fault seen through a crash or a full disk.
+
+
+def test_a_truncated_ledger_is_refused_never_reset_and_the_failure_is_shown(tmp_path):
+    from flwr.app import Context, RecordDict
+
+    from client.app import app as client_app
+    from server.app import main as server_main
+    from shared.privacy.population import default_population_dir
+    from simulations.inprocess import InProcessGrid
+
+    devices = 3
+    store = walk_store(tmp_path / "store", num_users=devices, num_items=30)
+    run_config = {"max-len": 16, "window": 12, "hidden-size": 16, "num-blocks": 1, "eval-every": 0,
+                  "central-eval": False, "deterministic-devices": True, "data-store": str(store),
+                  "num-rounds": 1, "devices-per-round": devices, "run-dir": str(tmp_path / "runs")}
+
+    def run(name: str) -> InProcessGrid:
+        grid = InProcessGrid(client_app, devices, keep_messages=True)
+        context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                          run_config={**run_config, "run-name": name})
+        server_main(grid, context)
+        return grid
+
+    run("first")
+    ledger = default_population_dir(str(store)) / "device-0" / LEDGER_FILE
+    whole = ledger.read_bytes()
+    ledger.write_bytes(whole[: len(whole) // 2])  # a torn write: the file ends mid-JSON
+    grid = run("second")
+    assert ledger.read_bytes() == whole[: len(whole) // 2]  # left for the operator, never replaced by zero
+    errors = [reply.error.reason for reply in grid.replies if reply.has_error()]
+    assert len(errors) == 1 and "unreadable" in errors[0] and "refusing to train" in errors[0]
+    rows = [json.loads(line) for line in (tmp_path / "runs" / "second" / "metrics.jsonl").read_text().splitlines()]
+    trained = [row for row in rows if row.get("devices-asked")]
+    assert trained[-1]["failures"] == 1 and "unreadable" in trained[-1]["first-error"]
