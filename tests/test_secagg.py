@@ -381,11 +381,11 @@ def test_federated_run_refuses_a_round_with_too_few_survivors_and_keeps_the_mode
 
 
 def test_deploy_local_refuses_a_threshold_above_the_cohort_before_starting(tmp_path, capsys):
-    from shared.cli import main
     from shared.data.devices import split_devices
     from shared.data.store import open_store
     from tests.synthetic import walk_store
     from tests.test_cli import assert_user_error
+    from tools.cli import main
 
     store = open_store(walk_store(tmp_path / "store", num_users=3, num_items=30))
     devices_dir = split_devices(store, tmp_path / "devices")
