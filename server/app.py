@@ -6,6 +6,7 @@ import logging
 import random
 import re
 import time
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -20,11 +21,11 @@ from server.evaluation import central_evaluation
 from server.pretraining import pretrain
 from server.run_dir import RunDirectory
 from server.strategy import BudgetExhausted, build_strategy, cohort_size, user_sample_rate
-from shared.config import clamp_to_population, default_run_name, from_run_config
+from shared.config import RunConfig, clamp_to_population, default_run_name, from_run_config
 from shared.data.devices import CATALOGUE_KEY, read_catalogue
 from shared.data.store import open_store, prepare_store
 from shared.errors import PrivrecError
-from shared.model import ModelConfig, SASRec
+from shared.model import model_for
 from shared.privacy.population import default_population_dir
 from shared.privacy.statement import privacy_statement, sentences, user_level_statement
 from shared.privacy.user_level import user_level_epsilon, user_level_state
@@ -79,14 +80,15 @@ def _round_status(*stats: dict) -> str:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    cfg = from_run_config(context.run_config)
+    run = from_run_config(context.run_config)
+    cfg = run.as_dict()
     # Lock, then check a resume, before the first write: a refused run leaves the directory as it was.
-    run_dir = RunDirectory.claim(cfg["run-dir"], cfg["run-name"] or default_run_name(), cfg)
+    run_dir = RunDirectory.claim(run.outputs.run_dir, run.outputs.run_name or default_run_name(), cfg)
     try:
         run_dir.write_json("config.json", cfg)
         run_dir.set_status("running")
         try:
-            FederatedRun(cfg, run_dir, grid).execute()
+            FederatedRun(run, run_dir, grid).execute()
         except BaseException as exc:
             run_dir.set_status("failed", error=f"{type(exc).__name__}: {exc}")
             raise
@@ -95,10 +97,15 @@ def main(grid: Grid, context: Context) -> None:
 
 
 class FederatedRun:
-    """One federated training run: strategy, per-round records, final summary."""
+    """One federated training run: strategy, per-round records, final summary.
 
-    def __init__(self, cfg: dict[str, Any], run_dir: RunDirectory, grid: Grid):
-        self.cfg = cfg
+    `self.run` holds the typed settings; `self.cfg` the flat values this run records in config.json
+    (with what the run resolved: the population folder, a devices-per-round clamped to the population).
+    """
+
+    def __init__(self, cfg: RunConfig | Mapping[str, Any], run_dir: RunDirectory, grid: Grid):
+        self.run = RunConfig.of(cfg)
+        self.cfg = self.run.as_dict()
         self.run_dir = run_dir
         self.grid = grid
         self.round_started = time.perf_counter()
@@ -144,16 +151,16 @@ class FederatedRun:
         if clamped:  # the run records what it does, not what was asked
             log.warning("privrec: %s", clamped)
             self.run_dir.write_json("config.json", cfg)
+        self.run = RunConfig.from_values(cfg)  # with what the run resolved
         # Text models: the frozen text table is built here from the public catalogue (encoded once,
         # cached by hash) and is not part of the shipped weights; devices build the same one themselves.
-        features = features_for(cfg, Path(items_path).parent)
-        self.item_text = None if features is None else torch.from_numpy(features.vectors)
+        features = features_for(self.run, Path(items_path).parent)
+        model = model_for(self.run, num_items, features)
+        self.model_cfg = model.cfg
+        self.item_text = model.item_text if self.model_cfg.uses_text else None
         self.text_info = {} if features is None else {"dataset": features.dataset, "key": features.key,
                                                       "catalogue_sha256": features.catalogue_sha256,
                                                       "encoder_id": features.encoder_id}
-        text_dim = 0 if features is None else int(features.vectors.shape[1])
-        self.model_cfg = ModelConfig.from_run_config(cfg, num_items, text_dim)
-        model = SASRec(self.model_cfg, self.item_text)
         self.run_dir.copy_catalogue(items_path)
 
         strategy = build_strategy(cfg, self.num_devices, self._on_train, self._on_evaluate)
@@ -169,10 +176,12 @@ class FederatedRun:
                      checkpoint.round, cfg["num-rounds"], self.run_dir.path / CHECKPOINT_DIR)
         else:
             if cfg["public-share"] > 0:
-                model, info = pretrain(cfg, self.store, self.model_cfg, self.item_text)
+                model, info = pretrain(self.run, self.store, self.model_cfg, self.item_text)
                 self.run_dir.write_json("pretraining.json", info)
             initial = model.state_dict()
-        message_config = ConfigRecord({**cfg, **device_config, "run-id": self.run_dir.path.name,
+        # Only what a device cannot read from its own run config: values this run derived. Flower adds
+        # `server-round`, and FedProx alone adds `proximal-mu` (configure_train).
+        message_config = ConfigRecord({**device_config, "run-id": self.run_dir.path.name,
                                        **({TEXT_KEY: features.key} if features is not None else {})})
         started = time.perf_counter()
         self.round_started = started

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from shared.config import ACCOUNTANTS, SCHEMA
 from shared.errors import PrivrecError
 
 
@@ -451,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--sample-rate", type=float, required=True)
     cal.add_argument("--rounds", type=int, required=True)
     cal.add_argument("--steps-per-round", type=int, default=1)
-    cal.add_argument("--accountant", choices=["rdp", "prv", "gdp"], default="rdp")
+    cal.add_argument("--accountant", choices=ACCOUNTANTS, default=SCHEMA["accountant"].default)
     cal.set_defaults(func=cmd_calibrate)
 
     rep = sub.add_parser("report", help="privacy report of a run: md, self-contained html, json, plots",

@@ -106,7 +106,8 @@ def federated_run(cfg: dict, store_dir: Path, overrides: dict) -> dict:
                                "population-dir": str(run_root / "population")})  # fresh simulated people per arm
     run_dir = RunDirectory.create(run_cfg["run-dir"], run_cfg["run-name"])
     started = time.perf_counter()
-    FederatedRun(run_cfg, run_dir, InProcessGrid(client_app, open_store(store_dir).num_devices)).execute()
+    grid = InProcessGrid(client_app, open_store(store_dir).num_devices, run_config=run_cfg)
+    FederatedRun(run_cfg, run_dir, grid).execute()
     summary = json.loads((run_dir.path / "summary.json").read_text())
     central = summary["central-evaluation"]
     result = {key: central.get(f"test-{key}") for key in
