@@ -25,7 +25,7 @@ from shared.config import RunConfig, clamp_to_population, default_run_name, from
 from shared.data.devices import CATALOGUE_KEY, read_catalogue
 from shared.data.store import open_store, prepare_store
 from shared.errors import PrivrecError
-from shared.model import model_for
+from shared.model import SASRec, architecture_for
 from shared.privacy.population import default_population_dir
 from shared.privacy.statement import privacy_statement, sentences, user_level_statement
 from shared.privacy.user_level import user_level_epsilon, user_level_state
@@ -155,9 +155,8 @@ class FederatedRun:
         # Text models: the frozen text table is built here from the public catalogue (encoded once,
         # cached by hash) and is not part of the shipped weights; devices build the same one themselves.
         features = features_for(self.run, Path(items_path).parent)
-        model = model_for(self.run, num_items, features)
-        self.model_cfg = model.cfg
-        self.item_text = model.item_text if self.model_cfg.uses_text else None
+        self.model_cfg, self.item_text = architecture_for(self.run, num_items, features)
+        model = SASRec(self.model_cfg, self.item_text)
         self.text_info = {} if features is None else {"dataset": features.dataset, "key": features.key,
                                                       "catalogue_sha256": features.catalogue_sha256,
                                                       "encoder_id": features.encoder_id}

@@ -257,12 +257,11 @@ class _Progress:
 
 # ---------------------------------------------------------------------------- baselines
 def cmd_baseline(args: argparse.Namespace) -> int:
-    import torch
 
     from shared.baselines import evaluate_popularity, train_centralized
     from shared.data.store import open_store, prepare_store
     from shared.metrics import eval_inputs, evaluate_histories, summarize
-    from shared.model import ModelConfig
+    from shared.model import architecture_for
 
     cfg = _config_from_args(args)
     store_dir = cfg["data-store"] or prepare_store(cfg["dataset"], 1)
@@ -278,8 +277,7 @@ def cmd_baseline(args: argparse.Namespace) -> int:
         from shared.text.features import features_for
 
         features = features_for(cfg, store_dir)  # text models: the catalogue's frozen text table
-        item_text = None if features is None else torch.from_numpy(features.vectors)
-        model_cfg = ModelConfig.from_run_config(cfg, store.num_items, 0 if item_text is None else item_text.shape[1])
+        model_cfg, item_text = architecture_for(cfg, store.num_items, features)
         from rich.progress import Progress
 
         with Progress(transient=True) as bar:

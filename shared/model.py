@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from shared.config import REPRESENTATIONS, SCHEMA, ModelSection, RunConfig, heads_problem, strict_problem
 from shared.errors import PrivrecError
 
-__all__ = ["REPRESENTATIONS", "ModelConfig", "SASRec", "model_for"]
+__all__ = ["REPRESENTATIONS", "ModelConfig", "SASRec", "architecture_for", "model_for"]
 
 
 def _default(key: str):
@@ -93,17 +93,22 @@ class ModelConfig:
                                f"text_dim >= 1, got {self.text_dim!r}")
 
 
-def model_for(cfg: RunConfig | Mapping, num_items: int, item_text=None,
-              state: Mapping[str, Tensor] | None = None) -> SASRec:
-    """The one assembly of a run's model: text features -> ModelConfig -> SASRec (-> received weights).
+def architecture_for(cfg: RunConfig | Mapping, num_items: int, item_text=None) -> tuple[ModelConfig, Tensor | None]:
+    """A run's architecture and frozen text table: text features -> ModelConfig, in one place.
 
-    `item_text`: the frozen text table (`shared.text.features.features_for`: TextFeatures, array or tensor),
-    None for ID-only models. `state`: weights to load (the global model), else a fresh initialisation.
+    `item_text`: the catalogue's text features (`shared.text.features.features_for`: TextFeatures, array or
+    tensor), None for ID-only models.
     """
     if item_text is not None and hasattr(item_text, "vectors"):
         item_text = item_text.vectors
     table = None if item_text is None else torch.as_tensor(item_text)
-    model_cfg = ModelConfig.from_run_config(cfg, num_items, 0 if table is None else int(table.shape[1]))
+    return ModelConfig.from_run_config(cfg, num_items, 0 if table is None else int(table.shape[1])), table
+
+
+def model_for(cfg: RunConfig | Mapping, num_items: int, item_text=None,
+              state: Mapping[str, Tensor] | None = None) -> SASRec:
+    """A run's model: `architecture_for`, then SASRec with `state`'s weights (else a fresh initialisation)."""
+    model_cfg, table = architecture_for(cfg, num_items, item_text)
     return SASRec(model_cfg, table) if state is None else SASRec.from_state(model_cfg, state, table)
 
 
