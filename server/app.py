@@ -117,32 +117,33 @@ class FederatedRun:
     def execute(self) -> None:
         cfg = self.cfg
         # Flower samples devices with Python's global `random`; seed it for reproducible cohorts.
-        random.seed(cfg["seed"])
-        np.random.seed(cfg["seed"])
-        torch.manual_seed(cfg["seed"])
-        if cfg["catalogue"]:
+        random.seed(self.run.federation.seed)
+        np.random.seed(self.run.federation.seed)
+        torch.manual_seed(self.run.federation.seed)
+        if self.run.deployment.catalogue:
             # Deployment: devices hold their own data (node config); the server reads the public
             # catalogue only, never a device's histories.
-            if cfg["public-share"] > 0:
+            if self.run.federation.public_share > 0:
                 raise PrivrecError("config key 'public-share' needs the consenting users' histories on the server; "
                                    "a deployment's server reads only the catalogue: set public-share = 0")
-            catalogue = read_catalogue(cfg["catalogue"])
+            catalogue = read_catalogue(self.run.deployment.catalogue)
             self.store = None
             num_items, items_path = catalogue.pop("num_items"), catalogue.pop("items_path")
-            self.num_devices = cfg["deploy-devices"] or catalogue["num_devices"]
+            self.num_devices = self.run.deployment.deploy_devices or catalogue["num_devices"]
             self.run_dir.write_json("dataset.json", catalogue)
             # Devices check that they hold this very catalogue (their item indices must be the server's).
             device_config: dict[str, Any] = {CATALOGUE_KEY: catalogue["items_sha256"]} \
                 if catalogue.get("items_sha256") else {}
         else:
-            store_dir = Path(cfg["data-store"] or prepare_store(cfg["dataset"], cfg["users-per-device"]))
+            data = self.run.data
+            store_dir = Path(data.data_store or prepare_store(data.dataset, data.users_per_device))
             self.store = open_store(store_dir)
             num_items, items_path = self.store.num_items, store_dir / "items.json"
             self.num_devices = self.store.num_devices
             self.run_dir.write_json("dataset.json", self.store.meta)
             # Simulated devices' ledgers belong to the devices, not to this run: every run on the store
             # shares them (a device in two runs composes both), unless the config names a fresh folder.
-            population = Path(cfg["population-dir"]).expanduser().resolve() if cfg["population-dir"] \
+            population = Path(self.run.data.population_dir).expanduser().resolve() if self.run.data.population_dir \
                 else default_population_dir(store_dir)
             cfg["population-dir"] = str(population)
             self.run_dir.write_json("config.json", cfg)  # records where this run's devices keep their ledgers
@@ -164,17 +165,17 @@ class FederatedRun:
 
         strategy = build_strategy(cfg, self.num_devices, self._on_train, self._on_evaluate)
         self.strategy = strategy
-        checkpoint = load_checkpoint(self.run_dir.path, cfg) if cfg["resume"] else None
+        checkpoint = load_checkpoint(self.run_dir.path, cfg) if self.run.outputs.resume else None
         if checkpoint is not None:
             restore_strategy(strategy, checkpoint)
             initial = checkpoint.arrays
             self._save_model(checkpoint.arrays)  # the counted model, even if a crash came before model.pt
             self.rows = self.run_dir.reload_metrics(checkpoint.round)
-            random.seed(cfg["seed"] + checkpoint.round)  # a fresh cohort draw for the rounds still to come
+            random.seed(self.run.federation.seed + checkpoint.round)  # a fresh cohort draw for the rounds still to come
             log.info("privrec: resuming run %s after round %d of %d (checkpoint %s)", self.run_dir.path.name,
-                     checkpoint.round, cfg["num-rounds"], self.run_dir.path / CHECKPOINT_DIR)
+                     checkpoint.round, self.run.federation.num_rounds, self.run_dir.path / CHECKPOINT_DIR)
         else:
-            if cfg["public-share"] > 0:
+            if self.run.federation.public_share > 0:
                 model, info = pretrain(self.run, self.store, self.model_cfg, self.item_text)
                 self.run_dir.write_json("pretraining.json", info)
             initial = model.state_dict()
@@ -189,8 +190,8 @@ class FederatedRun:
             strategy.start(
                 grid=self.grid,
                 initial_arrays=ArrayRecord(initial),
-                num_rounds=cfg["num-rounds"] - strategy.round_offset,
-                timeout=cfg["round-timeout"],
+                num_rounds=self.run.federation.num_rounds - strategy.round_offset,
+                timeout=self.run.federation.round_timeout,
                 train_config=message_config,
                 evaluate_config=ConfigRecord(dict(message_config)),
                 evaluate_fn=self._end_of_round,
@@ -238,10 +239,10 @@ class FederatedRun:
         server_round += self.strategy.round_offset
         state = arrays.to_torch_state_dict()
         central = None
-        wanted = server_round in (0, self.cfg["num-rounds"]) or server_round in self.eval_stats
-        if self.store is not None and self.cfg["central-eval"] and wanted:
-            central = central_evaluation(self.model_cfg, state, self.store, seed=self.cfg["seed"],
-                                         item_text=self.item_text, cold_share=self.cfg["cold-item-share"])
+        wanted = server_round in (0, self.run.federation.num_rounds) or server_round in self.eval_stats
+        if self.store is not None and self.run.federation.central_eval and wanted:
+            central = central_evaluation(self.model_cfg, state, self.store, seed=self.run.federation.seed,
+                                         item_text=self.item_text, cold_share=self.run.data.cold_item_share)
         row = self._metrics_row(server_round, central)
         self.rows.append(row)
         self.run_dir.append_metrics(row)
@@ -299,30 +300,30 @@ class FederatedRun:
 
     # -- privacy records -------------------------------------------------------------------
     def _user_level_epsilon(self, rounds: int) -> float | None:
-        if not self.cfg["user-dp"] or rounds == 0:
+        if not self.run.user_dp.enabled or rounds == 0:
             return None
-        return user_level_epsilon(self.cfg["user-noise-multiplier"], user_sample_rate(self.cfg, self.num_devices),
-                                  rounds, self.cfg["delta"], self.cfg["accountant"])
+        return user_level_epsilon(self.run.user_dp.noise_multiplier, user_sample_rate(self.cfg, self.num_devices),
+                                  rounds, self.run.device.delta, self.run.device.accountant)
 
     def _privacy_record(self) -> dict[str, Any]:
         """`privacy.json`: what every device reported of its spend, and the user-level history (see docs)."""
         cfg, tally = self.cfg, self.strategy.privacy
         rounds = self.rows[-1]["round"] if self.rows else 0
         user_level = None
-        if cfg["user-dp"]:
+        if self.run.user_dp.enabled:
             q = user_sample_rate(cfg, self.num_devices)
-            state = user_level_state(cfg["user-noise-multiplier"], q, rounds, cfg["accountant"])
-            user_level = {"accountant": cfg["accountant"], "history": state["history"],
+            state = user_level_state(self.run.user_dp.noise_multiplier, q, rounds, self.run.device.accountant)
+            user_level = {"accountant": self.run.device.accountant, "history": state["history"],
                           "rounds": [[r["round"], r["user-level-epsilon"]] for r in self.rows if r["round"] > 0],
                           "population": self.num_devices,
                           "expected-cohort": cohort_size(cfg, self.num_devices),
-                          "noise-multiplier": cfg["user-noise-multiplier"],
-                          "clipping-norm": cfg["user-clipping-norm"]}
+                          "noise-multiplier": self.run.user_dp.noise_multiplier,
+                          "clipping-norm": self.run.user_dp.clipping_norm}
         summary = tally.summary()
         return {
             "format": 1,
-            "delta": cfg["delta"],
-            "accountant": cfg["accountant"],
+            "delta": self.run.device.delta,
+            "accountant": self.run.device.accountant,
             "statements": sentences(cfg, summary["all-epsilon-max"], self._user_level_epsilon(rounds),
                                     summary["devices-with-spend"], self.num_devices),
             "devices": tally.records,
@@ -337,7 +338,7 @@ class FederatedRun:
         cohort = cohort_size(self.cfg, self.num_devices)
         return {
             "run-id": self.run_dir.path.name,
-            "rounds": self.cfg["num-rounds"],
+            "rounds": self.run.federation.num_rounds,
             "seconds": round(seconds, 2),
             "devices": self.num_devices,
             "devices-per-round": cohort,
@@ -357,5 +358,5 @@ class FederatedRun:
                         **({"user-level": {**user_level_statement(
                             self.cfg, user_sample_rate(self.cfg, self.num_devices), self.num_devices),
                             "epsilon": self._user_level_epsilon(len([r for r in self.rows if r["round"] > 0]))}}
-                           if self.cfg["user-dp"] else {})},
+                           if self.run.user_dp.enabled else {})},
         }
