@@ -170,8 +170,17 @@ def test_refuses_an_out_folder_that_holds_files(source, tmp_path, capsys):
     assert [p.name for p in (tmp_path / "refused").iterdir()] == ["keep.txt"]
 
 
-def test_fit_source_refuses_directly(source):
-    inter = load_interactions(source)
-    model = fit_source(inter, smoothing=2.0)
+def test_generate_refuses_directly(source):
+    model = fit_source(load_interactions(source), smoothing=2.0)
     with pytest.raises(PrivrecError, match="--users 0"):
-        synth.check_population(model, 0)
+        next(synth.generate(model, 0, seed=0))
+
+
+def test_a_csv_source_with_repeats_and_no_catalogue(tmp_path):
+    rng = np.random.default_rng(5)
+    rows = [f"{u},{rng.integers(0, 6)},{t}" for u in range(12) for t in range(int(rng.integers(4, 15)))]
+    (tmp_path / "src.csv").write_text("user,item,timestamp\n" + "\n".join(rows) + "\n")
+    summary = write_synthetic(load_interactions(tmp_path / "src.csv"), tmp_path / "syn", 50, 0)
+    assert summary["repeats_allowed"] and summary["files"] == ["syn.inter"]  # no titles: no .item file
+    syn = load_interactions(tmp_path / "syn")
+    assert len(set(syn.users)) == 50 and set(syn.items) <= {str(i) for i in range(6)}

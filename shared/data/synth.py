@@ -171,11 +171,11 @@ def calibrate_smoothing(model: SourceModel, target: float, users: int) -> float:
     return float(np.exp((lo + hi) / 2))
 
 
-def check_population(model: SourceModel, users: object) -> int:
+def check_population(users: object, mean_length: float) -> int:
     """`users` as an int, or a one-line refusal naming it (0, negative, or beyond this machine's memory)."""
     if isinstance(users, bool) or not isinstance(users, int) or users < 1:
         raise PrivrecError(f"--users {users!r}: must be a whole number of at least 1")
-    rows = users * float(model.lengths.mean())
+    rows = users * float(mean_length)
     need, have = rows * LOAD_BYTES_PER_INTERACTION, available_memory()
     if need > have:
         raise PrivrecError(f"--users {users}: about {rows:,.0f} interactions, which privrec needs about "
@@ -207,7 +207,7 @@ class SyntheticChunk:
 
 def generate(model: SourceModel, users: int, seed: int):
     """Yield `SyntheticChunk`s covering users 0..users-1, rows grouped by user in chronological order."""
-    users = check_population(model, users)
+    users = check_population(users, float(model.lengths.mean()))
     n = len(model.items)
     max_len = int(model.lengths.max()) if model.allow_repeats else int(min(model.lengths.max(),
                                                                             np.count_nonzero(model.popularity)))
@@ -291,8 +291,8 @@ def write_synthetic(inter: Interactions, out: str | Path, users: int, seed: int,
     out = Path(out).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise PrivrecError(f"--out {out}: already exists and is not an empty folder; choose a new one")
+    check_population(users, len(inter) / max(1, len(set(inter.users))))  # before the fit: it takes seconds
     model = fit_source(inter, smoothing)
-    check_population(model, users)
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", out.resolve().name).strip("._") or "synthetic"
     rows = 0
     item_text = np.asarray(model.items, dtype=object)
