@@ -30,20 +30,11 @@ import torch
 from shared.baselines import evaluate_popularity, popularity_scores
 from shared.data.formats import Interactions, load_interactions
 from shared.data.split import SplitData, leave_one_out
-from shared.data.synth import write_synthetic
+from shared.data.synth import gini, write_synthetic
 from shared.metrics import eval_inputs, hit_at_k, ndcg_at_k, target_ranks
 from simulations.output import log_progress, save_results, timestamped
 
 QUANTILES = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
-
-
-def gini(counts: np.ndarray) -> float:
-    """Gini coefficient of non-negative counts (0: all equal, towards 1: all on one item)."""
-    x = np.sort(np.asarray(counts, dtype=np.float64))
-    n, total = x.shape[0], x.sum()
-    if n == 0 or total == 0:
-        return 0.0
-    return float((2.0 * np.arange(1, n + 1) - n - 1) @ x / (n * total))
 
 
 def top_share(counts: np.ndarray, fraction: float) -> float:

@@ -10,7 +10,7 @@ from shared.data import synth
 from shared.data.formats import load_interactions
 from shared.data.split import leave_one_out
 from shared.data.store import open_store, prepare_store
-from shared.data.synth import bigram_hit_rate, fit_source, write_synthetic
+from shared.data.synth import bigram_hit_rate, fit_source, gini, write_synthetic
 from shared.errors import PrivrecError
 
 NUM_ITEMS = 40
@@ -83,6 +83,7 @@ def test_statistics_close_to_the_source(source, tmp_path):
         return counts / counts.sum()
 
     assert 0.5 * np.abs(popularity(syn) - popularity(inter)).sum() < 0.1  # total variation distance
+    assert abs(gini(popularity(syn)) - gini(popularity(inter))) < 0.03
     assert popularity(syn)[NUM_ITEMS:].sum() == 0  # never-met catalogue items stay unmet
 
     def predictability(data):

@@ -10,7 +10,8 @@ What is fitted (`fit_source`), from the source's chronological histories (stable
   smoothing strength, calibrated so that synthetic users' last items are as predictable from their previous
   ones as the source's (`bigram_hit_rate`, `calibrate_smoothing`). Sampling needs no dense matrix: with
   probability ``C[i] / (C[i] + a)`` take the successor of a uniformly drawn occurrence of ``i`` as a
-  predecessor, else a popularity draw;
+  predecessor, else a popularity draw (popularity to a power, calibrated so that the synthetic item
+  popularity has the source's Gini coefficient: the chain and the no-repeat rule alone flatten it);
 - repeats: when no source user meets an item twice (MovieLens), no synthetic user does either (rejection,
   then an exact draw from the user's unseen items by popularity);
 - timestamps: a source user's first timestamp plus gaps drawn from the source's within-user gaps.
@@ -38,7 +39,8 @@ from shared.errors import PrivrecError
 
 MIN_SOURCE_USERS = 10
 SMOOTHING_RANGE = (1.0, 1e4)  # where the calibration looks for the smoothing strength
-CALIBRATION_STEPS = 8
+BACKOFF_POWER_RANGE = (0.5, 3.0)
+CALIBRATION_STEPS = 7
 CALIBRATION_USERS = 2000
 CALIBRATION_SEED = 0  # fixed: the fitted model depends on the source only, not on --seed
 # Bytes privrec needs to hold one interaction while it reads the file back (Python strings and lists in
@@ -66,6 +68,7 @@ class SourceModel:
     smoothing: float
     source: str
     source_sha256: str
+    backoff_power: float = 1.0  # back-off and fallback draws follow popularity ** backoff_power
     source_hit_rate: float | None = None  # the source's bigram_hit_rate, when the smoothing was calibrated
 
     @property
@@ -112,10 +115,21 @@ def fit_source(inter: Interactions, smoothing: float | None = None) -> SourceMod
         source_sha256=content_sha256(inter),
     )
     if smoothing is None:
-        target = bigram_hit_rate(seq_user, seq_item, n)
-        smoothing = calibrate_smoothing(model, target, min(CALIBRATION_USERS, max(model.num_users, 500)))
-        model = replace(model, smoothing=smoothing, source_hit_rate=target)
+        target_hit, target_gini = bigram_hit_rate(seq_user, seq_item, n), gini(model.popularity)
+        users = min(CALIBRATION_USERS, max(model.num_users, 500))
+        model = replace(model, smoothing=calibrate_smoothing(model, target_hit, users), source_hit_rate=target_hit)
+        model = replace(model, backoff_power=calibrate_backoff_power(model, target_gini, users))
+        model = replace(model, smoothing=calibrate_smoothing(model, target_hit, users))
     return model
+
+
+def gini(counts: np.ndarray) -> float:
+    """Gini coefficient of non-negative counts (0: all equal, towards 1: all on one item)."""
+    x = np.sort(np.asarray(counts, dtype=np.float64))
+    n, total = x.shape[0], x.sum()
+    if n == 0 or total == 0:
+        return 0.0
+    return float((2.0 * np.arange(1, n + 1) - n - 1) @ x / (n * total))
 
 
 def bigram_hit_rate(user: np.ndarray, item: np.ndarray, n: int, k: int = 10) -> float:
@@ -155,20 +169,37 @@ def _ragged(rows: np.ndarray, starts: np.ndarray, counts: np.ndarray, values: np
     return np.repeat(rows, counts), values[np.repeat(starts, counts) + within]
 
 
+def _sample_all(model: SourceModel, users: int) -> tuple[np.ndarray, np.ndarray]:
+    parts = list(generate(model, users, CALIBRATION_SEED))  # the same random numbers for every candidate
+    return np.concatenate([part.user for part in parts]), np.concatenate([part.item for part in parts])
+
+
 def calibrate_smoothing(model: SourceModel, target: float, users: int) -> float:
     """The smoothing `a` under which `users` synthetic users are as predictable (`bigram_hit_rate`) as the
-    source: bisection on log a, with the same random numbers for every candidate."""
+    source: bisection on log a."""
     lo, hi = np.log(SMOOTHING_RANGE[0]), np.log(SMOOTHING_RANGE[1])
     for _ in range(CALIBRATION_STEPS):
         mid = (lo + hi) / 2
-        parts = list(generate(replace(model, smoothing=float(np.exp(mid))), users, CALIBRATION_SEED))
-        user = np.concatenate([part.user for part in parts])
-        item = np.concatenate([part.item for part in parts])
+        user, item = _sample_all(replace(model, smoothing=float(np.exp(mid))), users)
         if bigram_hit_rate(user, item, len(model.items)) > target:
             lo = mid  # too predictable: smooth more
         else:
             hi = mid
     return float(np.exp((lo + hi) / 2))
+
+
+def calibrate_backoff_power(model: SourceModel, target: float, users: int) -> float:
+    """The power on popularity in back-off draws under which `users` synthetic users' item popularity has the
+    source's Gini coefficient (the chain and the no-repeat rule flatten it): bisection."""
+    lo, hi = BACKOFF_POWER_RANGE
+    for _ in range(CALIBRATION_STEPS):
+        mid = (lo + hi) / 2
+        _, item = _sample_all(replace(model, backoff_power=mid), users)
+        if gini(np.bincount(item, minlength=len(model.items))) < target:
+            lo = mid  # too flat: sharpen the back-off
+        else:
+            hi = mid
+    return (lo + hi) / 2
 
 
 def check_population(users: object, mean_length: float) -> int:
@@ -222,7 +253,8 @@ def _sample_chunk(model: SourceModel, size: int, first_user: int, max_len: int,
                   rng: np.random.Generator) -> SyntheticChunk:
     n = len(model.items)
     a = model.smoothing
-    pop_cdf = np.cumsum(model.popularity)
+    backoff = model.popularity ** model.backoff_power
+    pop_cdf = np.cumsum(backoff)
     first_cdf = np.cumsum(model.first_counts)
     lengths = np.minimum(rng.choice(model.lengths, size), max_len)
     lengths = np.sort(lengths)[::-1]  # longest first: the users still growing at step t are a prefix
@@ -257,7 +289,7 @@ def _sample_chunk(model: SourceModel, size: int, first_user: int, max_len: int,
                 cand[todo] = start(todo.size) if t == 0 else successor(seq[todo, t - 1])
                 todo = todo[seen[todo, cand[todo]]]
             for r in todo:  # rare: an exact draw among this user's unseen items, by popularity
-                weights = np.where(seen[r], 0.0, model.popularity)
+                weights = np.where(seen[r], 0.0, backoff)
                 cand[r] = np.searchsorted(np.cumsum(weights), rng.random() * weights.sum(), side="right")
             seen[rows, cand] = True
         seq[:k, t] = cand
@@ -319,6 +351,7 @@ def write_synthetic(inter: Interactions, out: str | Path, users: int, seed: int,
             "interactions": rows,
             "seed": seed,
             "smoothing": model.smoothing,
+            "backoff_power": model.backoff_power,
             "source_bigram_hr@10": model.source_hit_rate,
             "repeats_allowed": model.allow_repeats,
             "files": [f"{name}.inter"] + ([f"{name}.item"] if inter.item_titles else []),
