@@ -5,13 +5,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shared.cli import main
 from shared.data import synth
 from shared.data.formats import load_interactions
 from shared.data.split import leave_one_out
 from shared.data.store import open_store, prepare_store
 from shared.data.synth import bigram_hit_rate, fit_source, gini, write_synthetic
 from shared.errors import PrivrecError
+from tools.cli import main
 
 NUM_ITEMS = 40
 
@@ -185,3 +185,12 @@ def test_a_csv_source_with_repeats_and_no_catalogue(tmp_path):
     assert summary["repeats_allowed"] and summary["files"] == ["syn.inter"]  # no titles: no .item file
     syn = load_interactions(tmp_path / "syn")
     assert len(set(syn.users)) == 50 and set(syn.items) <= {str(i) for i in range(6)}
+
+
+def test_refuses_an_out_folder_it_cannot_create(source, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    code, _, err = run_cli(capsys, "data", "synth", "--like", str(source), "--users", "5",
+                           "--out", str(blocker / "out"))
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert str(blocker) in err

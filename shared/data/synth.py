@@ -329,7 +329,7 @@ def write_synthetic(inter: Interactions, out: str | Path, users: int, seed: int,
     rows = 0
     item_text = np.asarray(model.items, dtype=object)
     stamp = (lambda t: str(int(t))) if model.integral_times else repr
-    with staged_dir(out, replace=True) as staged:
+    with staged_dir(out, making="a folder for the synthetic data", writing="the synthetic data") as staged:
         with open(staged / f"{name}.inter", "w", encoding="utf-8", newline="\n") as f:
             f.write("user_id:token\titem_id:token\ttimestamp:float\n")
             for part in generate(model, users, seed):
