@@ -473,6 +473,7 @@ def summarise(rows: list[dict]) -> dict:
     out["epsilon"] = rows[0]["epsilon"]
     out["releases_z"] = rows[0]["releases_z"]
     out["chosen"] = [r["chosen"] for r in rows]
+    out["dp-sgd"] = rows[0].get("dp-sgd")
     return out
 
 
@@ -488,6 +489,10 @@ def markdown(results: dict) -> str:
         eps = s["epsilon"]
         chosen = ", ".join(f"{c['w_content']:g}/{c['w_seq']:g}" for c in s["chosen"])
         releases = ", ".join(f"{z:g}" for z in s["releases_z"]) or "-"
+        sgd = s.get("dp-sgd")
+        if sgd:
+            releases += (f" + DP-SGD (Poisson q={sgd['rate']:g}, {sgd['steps']} steps, z={sgd['z']:g})" if sgd["z"]
+                         else " + clipped SGD without noise")
         lines.append(f"| {name} | {s['ndcg@10']['mean']:.4f} +- {s['ndcg@10']['std']:.4f} | "
                      f"{s['hr@10']['mean']:.4f} +- {s['hr@10']['std']:.4f} | {releases} | "
                      f"{eps['pld']:.2f} ({eps['rdp']:.2f}) | {chosen} | {s['seconds']['mean']:.1f} |")
