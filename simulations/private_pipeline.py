@@ -1,6 +1,6 @@
 """User-level private recommenders without a consenting cohort (issue 13): what reaches how far.
 
-    python -m simulations.private_pipeline                  # every arm, seeds 0 1 2 (about 5 min, one thread)
+    python -m simulations.private_pipeline                  # every arm, seeds 0 1 2 (3-8 min, one thread)
     python -m simulations.private_pipeline --seeds 0        # one seed
 
 ML-100K, one user per device, the project's chronological leave-one-out split and full-ranking metric
@@ -22,6 +22,12 @@ ML-100K, one user per device, the project's chronological leave-one-out split an
   - cooc-eig: the item co-occurrence Gram sum_u x_u x_u^T (x_u = the user's item set / sqrt(n), so
     ||x x^T||_F = 1), noised, restricted to the 300 items the DP popularity ranks highest, top 16 eigenpairs.
   The device scores item j by sum_k 0.7^k M[last_k, j] over its last 3 items (normalised by the row max).
+* DP-SGD tiny scorer (idea 4 of issue 13): the score above with the content weight replaced by a weighting
+  of the 384 text dimensions, plus learned scales of the DP popularity, of the raw catalogue-id proximity and
+  of the title-year proximity of each item to the device's recent items (387 weights; public features and
+  on-device history only). User-level DP-SGD: Poisson rate 0.25 over users, 100 steps, each device's gradient
+  of its mean softmax loss over its last 5 training targets clipped to L2 1, N(0, (6.5 * 1)^2) on the sum,
+  divided by the expected cohort (0.25 * 943), Adam (lr 0.05) on the server; settings fixed a priori.
 * Private hyperparameter choice: the candidate weights (w_content, w_seq) are scored on every user's
   validation item; each device sends its vector of per-candidate validation NDCG@10 clipped to L2 norm 1
   and the server takes the argmax of the Gaussian-noised sum (a report-noisy-max with Gaussian noise).
