@@ -22,7 +22,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from shared.metrics import bootstrap_ci
-from shared.model import TRAINABLE_SCOPES
+from shared.model import FROZEN_BY_SCOPE
 from shared.privacy.accounting import history_steps
 from shared.privacy.user_level import clip_update, noisy_mean_update, poisson_cohort
 
@@ -311,7 +311,7 @@ class UserLevelDP(FedAvg):
             return super().aggregate_train(server_round, replies)
         valid, _ = self._check_and_log_replies(list(replies), is_train=True)
         current = self.current_global
-        noised_keys = [k for k in current if k not in TRAINABLE_SCOPES[self.user_dp["device-trains"]]]
+        noised_keys = [k for k in current if k not in FROZEN_BY_SCOPE[self.user_dp["device-trains"]]]
         clipped, self.last_clip_norms = [], []
         for msg in valid:
             arrays = next(iter(msg.content.array_records.values()))

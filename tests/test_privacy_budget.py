@@ -133,7 +133,7 @@ def _federation(tmp_path, num_devices=6, **overrides):
                            "eval-every": 0, "run-dir": str(tmp_path / "runs"), "run-name": "t",
                            "deterministic-devices": True, "fraction-evaluate": 0.5, **overrides})
     run_dir = RunDirectory.create(cfg["run-dir"], cfg["run-name"])
-    grid = InProcessGrid(client_app, num_devices, keep_messages=True)
+    grid = InProcessGrid(client_app, num_devices, keep_messages=True, run_config=cfg)
     FederatedRun(cfg, run_dir, grid).execute()
     rows = [json.loads(line) for line in (run_dir.path / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((run_dir.path / "summary.json").read_text())
