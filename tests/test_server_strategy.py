@@ -6,8 +6,9 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
-from server.cohort import BudgetExhausted
+from server.cohort import BudgetExhausted, CohortView
 from server.strategy import PrivacyTally, build_strategy, cohort_size, evaluate_metrics, train_metrics
+from server.user_dp import ClippedSum, UserLevelDP
 from shared import config
 from simulations.inprocess import set_identity
 
@@ -127,3 +128,24 @@ def test_rounds_after_a_resume_carry_their_true_number_and_evaluate_on_schedule(
     assert messages[0].content["config"]["server-round"] == 2
     assert len(list(strategy.configure_evaluate(1, arrays, ConfigRecord(), _Nodes(range(6))))) > 0  # round 2
     assert list(strategy.configure_evaluate(2, arrays, ConfigRecord(), _Nodes(range(6)))) == []  # round 3
+
+
+def test_user_level_dp_releases_from_the_sum_its_update_sum_gives():
+    """The DP wrapper reads only a `ClippedSum` (what a secure-aggregation round would supply) and divides by
+    the expected cohort; arrays devices cannot change stay exactly as they were."""
+    set_identity()
+
+    class KnownSum:
+        def configure(self, server_round, messages, grid):
+            return messages
+
+        def clipped_sum(self, replies, current, keys, clip):
+            return ClippedSum(total={k: np.full(current[k].shape, 2.0) for k in keys}, count=2)
+
+    dp = UserLevelDP(FedAvg(min_train_nodes=0, min_available_nodes=0), noise_multiplier=0.0, clipping_norm=1.0,
+                     expected_cohort=4.0, frozen=["item_emb.weight"], summation=KnownSum())
+    current = {"w": torch.ones(3), "item_emb.weight": torch.ones(2)}
+    dp.configure_train(1, ArrayRecord(current), ConfigRecord(), CohortView(None, []))
+    arrays, _ = dp.aggregate_train(1, [])
+    assert np.allclose(arrays["w"].numpy(), 1.5)  # 1 + 2 / 4, whatever number of replies arrived
+    assert np.array_equal(arrays["item_emb.weight"].numpy(), np.ones(2))
