@@ -17,6 +17,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from shared.errors import PrivrecError
+
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     """Replace `path` with `data`: the old content or the new, never a mix."""
@@ -97,12 +99,24 @@ def publish_dir(staged: Path, target: Path, replace: bool = True) -> bool:
 
 
 @contextmanager
-def staged_dir(target: Path, replace: bool = True) -> Iterator[Path]:
-    """Fill the yielded staging directory; on success it is published as `target`, on any error removed."""
-    staged = make_staging_dir(target)
+def staged_dir(target: Path, replace: bool = True, *, making: str = "", writing: str = "") -> Iterator[Path]:
+    """Fill the yielded staging directory; on success it is published as `target`, on any error removed.
+
+    Given `making` and `writing`, the file system's refusals become one-line PrivrecErrors: `<parent of
+    target>: cannot create <making> (...)` for the staging directory, `<target>: cannot write <writing> (...)`
+    while filling or publishing it.
+    """
+    try:
+        staged = make_staging_dir(target)
+    except OSError as exc:
+        if not making:
+            raise
+        raise PrivrecError(f"{target.parent}: cannot create {making} ({exc})") from None
     try:
         yield staged
         publish_dir(staged, target, replace)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(staged, ignore_errors=True)
+        if writing and isinstance(exc, OSError):
+            raise PrivrecError(f"{target}: cannot write {writing} ({exc})") from None
         raise

@@ -163,6 +163,14 @@ def _unknown_key_message(name: str, where: str) -> str:
     return f"{where}unknown config key '{name}'{hint}"
 
 
+def _parse_number(text: str, want: type) -> int | float | None:
+    """`text` as an int or float (Python's own syntax), or None when it is not one."""
+    try:
+        return want(text)
+    except ValueError:
+        return None
+
+
 def _coerce(name: str, value: Any, where: str) -> Any:
     want = SCHEMA[name].type
     if want is bool:
@@ -175,19 +183,13 @@ def _coerce(name: str, value: Any, where: str) -> Any:
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
+        if isinstance(value, str) and (number := _parse_number(value, int)) is not None:
+            return number
     elif want is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
+        if isinstance(value, str) and (number := _parse_number(value, float)) is not None:
+            return number
     elif want is str:
         if isinstance(value, str):
             return value

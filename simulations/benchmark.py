@@ -84,8 +84,8 @@ def _step(model, optimizer, criterion, inputs, targets) -> None:
 # ------------------------------------------------------------------------------------- (b)
 def bench_throughput(cfg: dict, store_dir: Path, rounds: int, devices_per_round: int) -> dict:
     from client.device import load_device, train_round
-    from shared.launch import run_simulation
     from shared.model import ModelConfig, SASRec
+    from tools.launch import run_simulation
 
     store = open_store(store_dir)
     run_root = Path(tempfile.mkdtemp(prefix="privrec-bench-"))

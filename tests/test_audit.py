@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from shared.audit import audit_device, audit_users
-from shared.cli import EXIT_FLAGGED
 from shared.config import resolve
 from shared.errors import PrivrecError
 from shared.privacy.audit import epsilon_lower_bound, guess, p_value
 from tests.test_cli import run_cli
+from tools.audit import audit_device, audit_users
+from tools.cli import EXIT_FLAGGED
 
 # A tiny model: every audit below trains and scores 400 canaries in a few seconds.
 TINY = {"max-len": 7, "window": 8, "hidden-size": 16, "num-heads": 1, "num-blocks": 1, "dropout": 0.0,
@@ -142,16 +142,16 @@ def test_user_level_without_noise_shows_a_large_bound():
 
 def test_audit_exits_3_when_the_bound_exceeds_the_claim(monkeypatch, capsys):
     """A claim the measurement refutes (here a faked one: the real mechanism never produces it) fails the command."""
-    import shared.audit
+    import tools.audit
 
-    real = shared.audit.audit_device
+    real = tools.audit.audit_device
 
     def refuted(cfg, **kwargs):
         result = real(cfg, **kwargs)
         result.claimed_epsilon = result.epsilon_lower_bound - 0.1
         return result
 
-    monkeypatch.setattr(shared.audit, "audit_device", refuted)
+    monkeypatch.setattr(tools.audit, "audit_device", refuted)
     sets = [arg for key, value in {**TINY, "noise-multiplier": 0.01}.items() for arg in ("--set", f"{key}={value}")]
     code, stdout, err = run_cli(capsys, "audit", *sets, "--canaries", "200", "--items", str(ITEMS))
     assert code == EXIT_FLAGGED and "claim is false" in err

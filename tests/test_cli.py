@@ -1,6 +1,6 @@
 """The `privrec` command line: user mistakes give one clear line on stderr, exit 2, no traceback.
 
-Most tests call `shared.cli.main([...])` in-process (fast); one runs the installed console script.
+Most tests call `tools.cli.main([...])` in-process (fast); one runs the installed console script.
 Bad config must be rejected before any dataset work or Flower process starts; bad data before any
 run directory exists; bad `recommend` input before anything is printed.
 """
@@ -18,9 +18,9 @@ import pytest
 import torch
 
 import shared.data.store
-import shared.launch
-from shared.cli import main
+import tools.launch
 from tests.test_federation import NUM_ITEMS, run_federation
+from tools.cli import main
 
 FIXTURES = Path(__file__).parent / "fixtures" / "cli"
 
@@ -61,7 +61,7 @@ def no_simulation(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("run_simulation must not be reached")
 
-    monkeypatch.setattr(shared.launch, "run_simulation", forbidden)
+    monkeypatch.setattr(tools.launch, "run_simulation", forbidden)
 
 
 @pytest.fixture
@@ -400,7 +400,7 @@ def test_data_fetch_unknown_dataset_is_named(capsys, cache):
 
 def test_console_script_exits_2_with_one_line_and_no_traceback(tmp_path):
     script = Path(sys.executable).parent / "privrec"
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "shared.cli"]
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "tools.cli"]
     run_dir = tmp_path / "runs"
     env_cache = tmp_path / "cache"
     proc = subprocess.run(
@@ -444,9 +444,9 @@ def inprocess_simulation(monkeypatch):
             status = "finished:failed"
         if on_poll:
             on_poll()
-        return shared.launch.SimulationResult(run_id=1, flower_status=status, returncode=0)
+        return tools.launch.SimulationResult(run_id=1, flower_status=status, returncode=0)
 
-    monkeypatch.setattr(shared.launch, "run_simulation", run)
+    monkeypatch.setattr(tools.launch, "run_simulation", run)
 
 
 def test_simulate_whose_devices_all_fail_exits_non_zero_with_the_device_error(tmp_path, capsys, cache,
@@ -491,10 +491,11 @@ def test_set_values_overridden_by_a_flag_are_still_checked(tmp_path, capsys, cac
 
 
 def test_a_set_value_a_flag_overrides_is_pointed_out(tmp_path, capsys, cache, no_simulation):
-    from shared.cli import _config_from_args, build_parser
+    from tools.cli import build_parser
+    from tools.options import config_from_args
 
     args = build_parser().parse_args(["simulate", "--set", "num-rounds=5", "--rounds", "2"])
-    assert _config_from_args(args)["num-rounds"] == 2
+    assert config_from_args(args)["num-rounds"] == 2
     assert "--set num-rounds=5 is overridden by its flag (2)" in capsys.readouterr().err
 
 

@@ -388,3 +388,16 @@ def test_every_interaction_in_at_most_one_window(window):
 def test_bad_window(bad):
     with pytest.raises(PrivrecError, match="window="):
         make_windows(np.arange(1, 10), bad)
+
+
+def test_a_store_that_cannot_be_written_is_one_clear_error_and_leaves_nothing(tmp_path, monkeypatch):
+    """The staging directory is made, then writing fails: one PrivrecError naming the store, no leftovers."""
+    split = leave_one_out(make_inter(ROWS))
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(store_mod, "_write_store_files", disk_full)
+    with pytest.raises(PrivrecError, match=r"/s: cannot write the device store \(.*No space left"):
+        store_mod._write_store(split, tmp_path / "s", 1, {}, replace=True)
+    assert list(tmp_path.iterdir()) == []

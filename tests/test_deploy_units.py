@@ -22,15 +22,15 @@ import server.app
 from client.app import app as client_app
 from client.audit import ALLOWED_METRICS, read_audit
 from server.app import main as server_main
-from shared.cli import main
 from shared.data.devices import open_device, read_catalogue, split_devices
 from shared.data.store import open_store
-from shared.deploy.certs import make_certs, make_node_key
-from shared.deploy.processes import Security, superlink_command, supernode_command, wait_until_reachable
 from shared.errors import PrivrecError
 from simulations.inprocess import InProcessGrid
 from tests.synthetic import walk_store
 from tests.test_cli import assert_user_error
+from tools.cli import main
+from tools.deploy.certs import make_certs, make_node_key
+from tools.deploy.processes import Security, superlink_command, supernode_command, wait_until_reachable
 
 SMALL = {"max-len": 16, "window": 12, "hidden-size": 16, "num-blocks": 1, "local-epochs": 1}
 
@@ -326,7 +326,7 @@ def test_node_waiting_for_its_superlink_logs_retries_not_tracebacks(tmp_path, de
         port = sock.getsockname()[1]
     log = tmp_path / "node.log"
     with open(log, "wb") as handle:
-        process = subprocess.Popen([sys.executable, "-m", "shared.cli", "deploy", "node", "--data",
+        process = subprocess.Popen([sys.executable, "-m", "tools.cli", "deploy", "node", "--data",
                                     str(out / "device-0"), "--superlink", f"127.0.0.1:{port}", "--insecure"],
                                    stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -342,7 +342,7 @@ def test_node_waiting_for_its_superlink_logs_retries_not_tracebacks(tmp_path, de
 
 
 def test_the_latest_flower_run_id_is_read_from_an_appended_log(tmp_path):
-    from shared.deploy.local import LocalDeployment
+    from tools.deploy.local import LocalDeployment
 
     deployment = LocalDeployment(tmp_path / "w", tmp_path, Security(insecure=True))
     (tmp_path / "w" / "logs").mkdir(parents=True)
@@ -401,12 +401,12 @@ def test_a_device_with_a_changed_catalogue_is_refused(devices, tmp_path):
 
 
 def test_deploy_node_still_takes_a_device_folder(devices, capsys, monkeypatch):
-    import shared.deploy.processes as processes
+    import tools.deploy.processes as processes
 
     _, out = devices
     seen = {}
     monkeypatch.setattr(processes, "wait_until_reachable", lambda *a, **k: None)
-    monkeypatch.setattr("shared.deploy.cli._exec", lambda command: seen.setdefault("command", command) and 0)
+    monkeypatch.setattr("tools.deploy.cli._exec", lambda command: seen.setdefault("command", command) and 0)
     assert main(["deploy", "node", "--data", str(out / "device-0"), "--superlink", "127.0.0.1:9", "--insecure"]) == 0
     assert f'data-dir="{(out / "device-0" / "data").resolve()}"' in " ".join(seen["command"])
 

@@ -18,10 +18,10 @@ from client.audit import read_audit
 from shared import config
 from shared.data.devices import split_devices
 from shared.data.store import open_store
-from shared.deploy.local import LocalDeployment, deployment_config, prepare_security
-from shared.deploy.processes import session_pids
 from tests.synthetic import walk_store
 from tests.test_deploy_units import assert_only_weights_and_scalars, expected_shapes
+from tools.deploy.local import LocalDeployment, deployment_config, prepare_security
+from tools.deploy.processes import session_pids
 
 pytestmark = pytest.mark.slow
 

@@ -28,14 +28,14 @@ import pytest
 
 from server.run_dir import RunDirectory
 from shared import config
-from shared.cli import _previous_run
-from shared.cli import main as cli_main
 from shared.errors import PrivrecError
-from shared.launch import HOME_OWNER, HOME_PREFIX, _signals_stop_the_run, run_simulation, sweep_stale_homes
 from shared.privacy.ledger import LEDGER_FILE
-from shared.report.load import load_run
 from shared.run_owner import OWNER, RunLock, boot_id, liveness, lock_is_held, read_owner
 from tests.synthetic import walk_store
+from tools.cli import _previous_run
+from tools.cli import main as cli_main
+from tools.launch import HOME_OWNER, HOME_PREFIX, _signals_stop_the_run, run_simulation, sweep_stale_homes
+from tools.report.load import load_run
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--set", "max-len=16", "--set", "window=12", "--set", "hidden-size=16", "--set", "num-blocks=1",
@@ -147,7 +147,7 @@ def status(run_path: Path) -> dict:
 
 
 def simulate_command(store: Path, runs: Path, name: str, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "shared.cli", "simulate", "--set", f"data-store={store}", "--run-dir", str(runs),
+    return [sys.executable, "-m", "tools.cli", "simulate", "--set", f"data-store={store}", "--run-dir", str(runs),
             "--run-name", name, *TINY, *extra]
 
 
@@ -294,7 +294,7 @@ LAUNCHER = """
 import subprocess, sys, time
 from pathlib import Path
 from shared.atomic import write_json_atomic
-from shared.launch import Watchdog
+from tools.launch import Watchdog
 from shared.run_owner import RunLock
 run_path, home = Path(sys.argv[1]), Path(sys.argv[2])
 lock = RunLock.acquire(run_path, role="launcher")
@@ -310,7 +310,7 @@ time.sleep(300)
 DEPLOY_LAUNCHER = """
 import sys, time
 from pathlib import Path
-from shared.deploy.processes import ProcessGroup
+from tools.deploy.processes import ProcessGroup
 run_path, home = Path(sys.argv[1]), Path(sys.argv[2])
 group = ProcessGroup(run_path / "logs", {"FLWR_HOME": str(home), "PATH": "/usr/bin:/bin"}, run_path=run_path)
 group.start("superlink", ["sleep", "300"])  # stands in for `privrec deploy local`'s SuperLink and SuperNodes
@@ -378,7 +378,7 @@ def test_a_second_run_on_a_locked_directory_is_refused_before_writing_anything(t
     def no_flower(*args, **kwargs):
         raise AssertionError("Flower must not start for a refused run")
 
-    monkeypatch.setattr("shared.launch.subprocess.Popen", no_flower)
+    monkeypatch.setattr("tools.launch.subprocess.Popen", no_flower)
     with pytest.raises(PrivrecError, match=rf"in use by another run \(pid {os.getpid()} on "):
         run_simulation(cfg, 2, tmp_path / "r")
     # The ServerApp refuses too, when nobody launched it locally (a deployment).
@@ -405,7 +405,7 @@ def test_a_refused_resume_rewrites_nothing(tmp_path, monkeypatch):
                            "num-rounds": 4, "noise-multiplier": 1.0})
     _fake_checkpoint(tmp_path / "r", cfg)
     before = {p.name: p.read_bytes() for p in (tmp_path / "r").iterdir() if p.is_file()}
-    monkeypatch.setattr("shared.launch.subprocess.Popen", lambda *a, **k: pytest.fail("Flower started"))
+    monkeypatch.setattr("tools.launch.subprocess.Popen", lambda *a, **k: pytest.fail("Flower started"))
     other = {**cfg, "noise-multiplier": 2.0}
     with pytest.raises(PrivrecError, match="'noise-multiplier' = 1.0, this run has 2.0"):
         run_simulation(other, 2, tmp_path / "r")
@@ -517,3 +517,42 @@ def test_a_run_owned_by_another_host_is_judged_by_its_heartbeat(tmp_path):
     (run_path / OWNER).write_text(json.dumps({**owner, "heartbeat": time.time() - 600}))
     verdict, why = liveness(run_path)
     assert verdict == "crashed" and "no heartbeat" in why and "another-host" in why
+
+
+# ------------------------------------------------------------------------------ ledger faults
+# Deleted ledgers: tests/test_device_spend.py (between runs, on resume, the population list, the
+# server's seen spend). A truncated ledger is the same fault seen through a crash or a full disk.
+
+
+def test_a_truncated_ledger_is_refused_never_reset_and_the_failure_is_shown(tmp_path):
+    from flwr.app import Context, RecordDict
+
+    from client.app import app as client_app
+    from server.app import main as server_main
+    from shared.privacy.population import default_population_dir
+    from simulations.inprocess import InProcessGrid
+
+    devices = 3
+    store = walk_store(tmp_path / "store", num_users=devices, num_items=30)
+    run_config = {"max-len": 16, "window": 12, "hidden-size": 16, "num-blocks": 1, "eval-every": 0,
+                  "central-eval": False, "deterministic-devices": True, "data-store": str(store),
+                  "num-rounds": 1, "devices-per-round": devices, "run-dir": str(tmp_path / "runs")}
+
+    def run(name: str) -> InProcessGrid:
+        grid = InProcessGrid(client_app, devices, keep_messages=True)
+        context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                          run_config={**run_config, "run-name": name})
+        server_main(grid, context)
+        return grid
+
+    run("first")
+    ledger = default_population_dir(str(store)) / "device-0" / LEDGER_FILE
+    whole = ledger.read_bytes()
+    ledger.write_bytes(whole[: len(whole) // 2])  # a torn write: the file ends mid-JSON
+    grid = run("second")
+    assert ledger.read_bytes() == whole[: len(whole) // 2]  # left for the operator, never replaced by zero
+    errors = [reply.error.reason for reply in grid.replies if reply.has_error()]
+    assert len(errors) == 1 and "unreadable" in errors[0] and "refusing to train" in errors[0]
+    rows = [json.loads(line) for line in (tmp_path / "runs" / "second" / "metrics.jsonl").read_text().splitlines()]
+    trained = [row for row in rows if row.get("devices-asked")]
+    assert trained[-1]["failures"] == 1 and "unreadable" in trained[-1]["first-error"]

@@ -12,8 +12,8 @@ import pytest
 
 from shared import config
 from shared.data.store import open_store
-from shared.launch import run_simulation
 from tests.synthetic import walk_store
+from tools.launch import run_simulation
 
 pytestmark = pytest.mark.slow
 

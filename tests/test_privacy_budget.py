@@ -21,7 +21,6 @@ from server.run_dir import RunDirectory
 from server.strategy import build_strategy
 from server.user_dp import ServerSideClipping, UserLevelDP
 from shared import config
-from shared.cli import main as cli_main
 from shared.data.store import open_store
 from shared.errors import PrivrecError
 from shared.model import ModelConfig, SASRec
@@ -30,6 +29,7 @@ from shared.privacy.ledger import PrivacyLedger, load_ledger
 from shared.privacy.user_level import clip_update, noisy_mean_update, poisson_cohort, user_level_epsilon
 from simulations.inprocess import InProcessGrid, set_identity
 from tests.synthetic import walk_store
+from tools.cli import main as cli_main
 
 NUM_ITEMS = 30
 SMALL = {"max-len": 16, "window": 6, "hidden-size": 16, "num-heads": 2, "num-blocks": 1, "dropout": 0.0,

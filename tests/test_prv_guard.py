@@ -8,9 +8,9 @@ import pytest
 from opacus.accountants import PRVAccountant
 from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV
 
-from shared.cli import main as cli_main
 from shared.privacy.accounting import PRV_MAX_BYTES, prv_grid_points, prv_too_costly
-from shared.report.recompute import recompute
+from tools.cli import main as cli_main
+from tools.report.recompute import recompute
 
 
 @pytest.mark.parametrize("history", [[(1.0, 0.01, 1000)], [(0.8, 0.1, 3000)], [(2.0, 1.0, 200), (1.5, 0.5, 40)]])

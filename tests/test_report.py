@@ -20,11 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from shared.cli import EXIT_FLAGGED, main
-from shared.report.load import load_run
-from shared.report.recompute import REL_TOL, cross_check, recompute, same
 from tests import report_fixture as fx
 from tests.test_cli import assert_user_error, run_cli
+from tools.cli import EXIT_FLAGGED, main
+from tools.report.load import load_run
+from tools.report.recompute import REL_TOL, cross_check, recompute, same
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE_PLOTS = {"epsilon-histogram.png", "epsilon-rounds.png", "capped-rounds.png", "user-epsilon-rounds.png",

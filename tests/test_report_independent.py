@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 from dp_accounting import pld, rdp
 
-from shared.cli import EXIT_FLAGGED, main
-from shared.report import independent
-from shared.report.independent import Expected, check_history, compare, expected_for
-from shared.report.load import load_run
-from shared.report.recompute import cross_check
 from tests import report_fixture as fx
 from tests.synthetic import walk_store
+from tools.cli import EXIT_FLAGGED, main
+from tools.report import independent
+from tools.report.independent import Expected, check_history, compare, expected_for
+from tools.report.load import load_run
+from tools.report.recompute import cross_check
 
 
 def _dpa(history, delta=fx.DELTA):
@@ -73,7 +73,7 @@ def test_a_shared_accountant_bug_is_caught_by_the_second_code_base(tmp_path, mon
         entry["rounds"] = [[r, e * 0.9] for r, e in entry["rounds"]]
     privacy["statements"][0]["epsilon"] *= 0.9
     _save(run, privacy)
-    import shared.report.recompute as recompute
+    import tools.report.recompute as recompute
 
     real = recompute.epsilon_from_state
     monkeypatch.setattr(recompute, "epsilon_from_state", lambda *a, **k: real(*a, **k) * 0.9)

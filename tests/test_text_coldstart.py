@@ -10,9 +10,9 @@ import torch
 
 from shared.errors import PrivrecError
 from shared.model import ModelConfig, SASRec
-from shared.recommend import Recommender
 from shared.text.features import Catalogue, text_features
 from shared.training import LocalTrainConfig, train_local
+from tools.recommend import Recommender
 
 SCIFI = ["Star Wars (1977)", "Return of the Jedi (1983)", "Empire Strikes Back, The (1980)",
          "Star Trek: The Wrath of Khan (1982)", "Alien (1979)", "Aliens (1986)"]

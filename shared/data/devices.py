@@ -33,6 +33,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,11 +85,8 @@ class SharedCatalogue:
 
 
 def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def _write_catalogue(store: DeviceStore, directory: Path) -> SharedCatalogue:
@@ -166,29 +164,32 @@ def open_device(path: str | Path) -> DeviceFolder:
 
 def check_server_catalogue(store_dir: str | Path, server_sha256: str) -> None:
     """A deployed device holds the catalogue the server names (the same items behind the same indices)."""
-    items = Path(store_dir) / ITEMS_FILE
-    try:
-        found = file_sha256(items)
-    except OSError as exc:
-        raise PrivrecError(f"{items}: cannot read ({exc.strerror or exc})") from None
-    if found != server_sha256:
-        raise PrivrecError(f"{items}: SHA-256 {found[:12]}... is not the server's catalogue ({server_sha256[:12]}...): "
-                           "this device was split from other data; give it the folder `privrec data split` "
-                           "wrote with the server's catalogue")
+    _check_items_sha256(Path(store_dir) / ITEMS_FILE, server_sha256,
+                        lambda items, found: f"{items}: SHA-256 {found[:12]}... is not the server's catalogue "
+                                             f"({server_sha256[:12]}...): this device was split from other data; "
+                                             "give it the folder `privrec data split` wrote with the server's "
+                                             "catalogue")
 
 
 def _check_catalogue(items: Path, expected: str | None) -> None:
     """The device's catalogue is the one it was split with (the server's catalogue.json names the same hash)."""
     if expected is None:  # device folders written before the hash was recorded
         return
+    _check_items_sha256(items, expected,
+                        lambda items, found: f"{items}: SHA-256 {found[:12]}... differs from items_sha256 "
+                                             f"{expected[:12]}... in {items.parent / 'meta.json'}: the catalogue "
+                                             "was changed or damaged; copy it again from "
+                                             "DEVICES_DIR/catalogue/items.json")
+
+
+def _check_items_sha256(items: Path, expected: str, mismatch: Callable[[Path, str], str]) -> None:
+    """`items` hashes to `expected`, else a PrivrecError worded by `mismatch(items, found)`."""
     try:
         found = file_sha256(items)
     except OSError as exc:
         raise PrivrecError(f"{items}: cannot read ({exc.strerror or exc})") from None
     if found != expected:
-        raise PrivrecError(f"{items}: SHA-256 {found[:12]}... differs from items_sha256 {expected[:12]}... in "
-                           f"{items.parent / 'meta.json'}: the catalogue was changed or damaged; copy it again "
-                           "from DEVICES_DIR/catalogue/items.json")
+        raise PrivrecError(mismatch(items, found))
 
 
 def read_catalogue(path: str | Path) -> dict:

@@ -27,7 +27,7 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
-from shared.atomic import make_staging_dir, publish_dir, write_json_synced, write_synced
+from shared.atomic import staged_dir, write_json_synced, write_synced
 from shared.data.formats import content_sha256, load_interactions
 from shared.errors import PrivrecError
 
@@ -63,11 +63,8 @@ def default_cache_dir() -> Path:
 
 
 def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -124,11 +121,7 @@ def cache_problem(directory: Path) -> str | None:
 
 def _build(target: Path, source: str, fill: Callable[[Path], str], replace: bool) -> Path:
     """Fill a staging dir, verify it holds ML-100K, write SOURCE.json last, publish it."""
-    try:
-        staged = make_staging_dir(target)
-    except OSError as exc:
-        raise PrivrecError(f"{target.parent}: cannot create cache directory ({exc})") from None
-    try:
+    with staged_dir(target, replace, making="cache directory", writing="the ML-100K copy") as staged:
         origin = fill(staged)
         content_hash = verify_ml100k_content(staged)
         files = {
@@ -146,13 +139,6 @@ def _build(target: Path, source: str, fill: Callable[[Path], str], replace: bool
                 "files": files,
             },
         )
-        publish_dir(staged, target, replace)
-    except OSError as exc:
-        shutil.rmtree(staged, ignore_errors=True)
-        raise PrivrecError(f"{target}: cannot write the ML-100K copy ({exc})") from None
-    except BaseException:
-        shutil.rmtree(staged, ignore_errors=True)
-        raise
     log.info("ML-100K from %s cached at %s", source, target)
     return target
 

@@ -20,6 +20,7 @@ import csv
 import hashlib
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -231,15 +232,22 @@ def _describe(kind: str, data_file: Path, title_file: Path | None) -> str:
 
 
 def _load_ml100k(path: Path) -> Interactions:
+    return _load_movielens(path, "MovieLens-100K", "\t", "u.item", _load_pipe_titles, _load_ml100k_genres)
+
+
+def _load_movielens(path: Path, kind: str, separator: str, item_file_name: str,
+                    load_titles: Callable[[Path], dict[str, str]],
+                    load_genres: Callable[[Path], dict[str, list[str]]]) -> Interactions:
+    """A MovieLens ratings file (user, item, rating, timestamp), with titles and genres from its item file."""
     table = _Table(path)
     names = "user, item, rating, timestamp"
     for lineno, line in _data_lines(_read_lines(path)):
-        user, item, _rating, ts = _split_fields(line, "\t", 4, names, path.name, lineno)
+        user, item, _rating, ts = _split_fields(line, separator, 4, names, path.name, lineno)
         table.add(user, item, ts, lineno)
-    item_file = path.with_name("u.item")
-    titles = _load_pipe_titles(item_file) if item_file.is_file() else {}
-    genres = _load_ml100k_genres(item_file) if item_file.is_file() else {}
-    return table.build(titles, _describe("MovieLens-100K", path, item_file if titles else None), genres)
+    item_file = path.with_name(item_file_name)
+    titles = load_titles(item_file) if item_file.is_file() else {}
+    genres = load_genres(item_file) if item_file.is_file() else {}
+    return table.build(titles, _describe(kind, path, item_file if titles else None), genres)
 
 
 def _load_pipe_titles(path: Path) -> dict[str, str]:
@@ -287,15 +295,7 @@ def _load_titles(path: Path, separator: str, layout: str) -> dict[str, str]:
 
 
 def _load_ml1m(path: Path) -> Interactions:
-    table = _Table(path)
-    names = "user, item, rating, timestamp"
-    for lineno, line in _data_lines(_read_lines(path)):
-        user, item, _rating, ts = _split_fields(line, "::", 4, names, path.name, lineno)
-        table.add(user, item, ts, lineno)
-    movie_file = path.with_name("movies.dat")
-    titles = _load_ml1m_titles(movie_file) if movie_file.is_file() else {}
-    genres = _load_ml1m_genres(movie_file) if movie_file.is_file() else {}
-    return table.build(titles, _describe("MovieLens-1M", path, movie_file if titles else None), genres)
+    return _load_movielens(path, "MovieLens-1M", "::", "movies.dat", _load_ml1m_titles, _load_ml1m_genres)
 
 
 def _load_ml1m_titles(path: Path) -> dict[str, str]:

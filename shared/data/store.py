@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import re
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.atomic import make_staging_dir, publish_dir, write_json_synced
+from shared.atomic import staged_dir, write_json_synced
 from shared.data.fetch import SOURCE_FILE, default_cache_dir, fetch_ml100k
 from shared.data.formats import content_sha256, duplicate_rows, load_interactions
 from shared.data.split import SplitData, leave_one_out
@@ -85,19 +84,8 @@ def _write_store(
             f"inconsistent split: {len(split.user_ids)} users, {len(split.train)} train "
             f"sequences, {len(split.valid)} valid and {len(split.test)} test items"
         )
-    try:
-        staged = make_staging_dir(out_dir)
-    except OSError as exc:
-        raise PrivrecError(f"{out_dir.parent}: cannot create store directory ({exc})") from None
-    try:
+    with staged_dir(out_dir, replace, making="store directory", writing="the device store") as staged:
         _write_store_files(split, staged, upd, meta_extra)
-        publish_dir(staged, out_dir, replace)
-    except OSError as exc:
-        shutil.rmtree(staged, ignore_errors=True)
-        raise PrivrecError(f"{out_dir}: cannot write the device store ({exc})") from None
-    except BaseException:
-        shutil.rmtree(staged, ignore_errors=True)
-        raise
     return out_dir
 
 

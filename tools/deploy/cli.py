@@ -1,4 +1,4 @@
-"""`privrec data split` and `privrec deploy ...`: registered into the `privrec` parser by shared/cli.py.
+"""`privrec data split` and `privrec deploy ...`: registered into the `privrec` parser by tools/cli.py.
 
     privrec data split --dataset ml-100k --out DEVICES_DIR [--users-per-device N]
     privrec deploy certs DIR [--host NAME ...]
@@ -20,6 +20,8 @@ import sys
 from pathlib import Path
 
 from shared.errors import PrivrecError
+from tools.options import config_from_args
+from tools.progress import Progress
 
 
 def _say(line: str) -> None:
@@ -60,7 +62,7 @@ def add_data_split(data_sub) -> None:
 
 # ---------------------------------------------------------------------------- deploy
 def cmd_certs(args: argparse.Namespace) -> int:
-    from shared.deploy.certs import LOCAL_HOSTS, make_certs
+    from tools.deploy.certs import LOCAL_HOSTS, make_certs
 
     hosts = tuple(dict.fromkeys([*(args.host or []), *LOCAL_HOSTS]))
     make_certs(Path(args.dir), hosts=hosts)
@@ -70,7 +72,7 @@ def cmd_certs(args: argparse.Namespace) -> int:
 
 
 def cmd_key(args: argparse.Namespace) -> int:
-    from shared.deploy.certs import make_node_key
+    from tools.deploy.certs import make_node_key
 
     key, public = make_node_key(Path(args.keyfile))
     print(f"node key {key} (keep it on the device), public key {public} (register it: "
@@ -79,7 +81,7 @@ def cmd_key(args: argparse.Namespace) -> int:
 
 
 def _security(args: argparse.Namespace):
-    from shared.deploy.processes import INSECURE_WARNING, Security
+    from tools.deploy.processes import INSECURE_WARNING, Security
 
     tls_dir = Path(args.tls_dir) if getattr(args, "tls_dir", None) else None
     if args.insecure:
@@ -90,7 +92,7 @@ def _security(args: argparse.Namespace):
 
 
 def cmd_superlink(args: argparse.Namespace) -> int:
-    from shared.deploy.processes import superlink_command
+    from tools.deploy.processes import superlink_command
 
     security = _security(args)
     database = Path(args.database) if args.database else None
@@ -99,7 +101,7 @@ def cmd_superlink(args: argparse.Namespace) -> int:
 
 def cmd_node(args: argparse.Namespace) -> int:
     from shared.data.devices import open_device
-    from shared.deploy.processes import INSECURE_WARNING, free_port, supernode_command, wait_until_reachable
+    from tools.deploy.processes import INSECURE_WARNING, free_port, supernode_command, wait_until_reachable
 
     device = open_device(args.data)
     if args.insecure and (args.ca_cert or args.key):
@@ -111,7 +113,7 @@ def cmd_node(args: argparse.Namespace) -> int:
         raise PrivrecError(f"--ca-cert {args.ca_cert}: no such file")
     key = Path(args.key).resolve() if args.key else None
     if key is not None:
-        from shared.deploy.certs import make_node_key
+        from tools.deploy.certs import make_node_key
 
         if not key.is_file():
             raise PrivrecError(f"--key {args.key}: no such file (make one with `privrec deploy key FILE`)")
@@ -123,18 +125,17 @@ def cmd_node(args: argparse.Namespace) -> int:
 
 
 def cmd_local(args: argparse.Namespace) -> int:
-    from shared.cli import _config_from_args, _Progress
     from shared.config import default_run_name
     from shared.data.devices import split_devices
     from shared.data.store import open_store, prepare_store
-    from shared.deploy.local import prepare_security, run_local
-    from shared.deploy.processes import INSECURE_WARNING
+    from tools.deploy.local import prepare_security, run_local
+    from tools.deploy.processes import INSECURE_WARNING
 
     if args.tls and args.insecure:
         raise PrivrecError("give either --tls or --insecure, not both")
     if args.devices < 1:
         raise PrivrecError(f"--devices {args.devices}: must be >= 1")
-    cfg = _config_from_args(args)
+    cfg = config_from_args(args)
     run_root = Path(cfg["run-dir"]).expanduser().resolve()
     cfg["run-dir"] = str(run_root)
     cfg["run-name"] = cfg["run-name"] or default_run_name()
@@ -161,7 +162,7 @@ def cmd_local(args: argparse.Namespace) -> int:
     print(f"privrec: deployment of {args.devices} devices, {cfg['num-rounds']} rounds, run directory {run_path}",
           flush=True)
     try:
-        with _Progress(run_path, cfg["num-rounds"]) as progress:
+        with Progress(run_path, cfg["num-rounds"]) as progress:
             status = run_local(cfg, devices_dir, args.devices, workdir, security, on_poll=progress.poll,
                                run_path=run_path)
     except KeyboardInterrupt:

@@ -17,9 +17,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shared.deploy.certs import CA_CERT, SERVER_CERT, SERVER_KEY
 from shared.errors import PrivrecError
-from shared.launch import Watchdog, _bin, flower_env, free_port, stop_process_group
+from tools.deploy.certs import CA_CERT, SERVER_CERT, SERVER_KEY
+from tools.launch import Watchdog, _bin, flower_env, free_port, stop_process_group
 
 CONNECTION = "privrec"  # the connection name privrec writes into $FLWR_HOME/config.toml
 
@@ -229,7 +229,7 @@ def new_env(flwr_home: Path) -> dict[str, str]:
 
 def privrec_command(*args: str) -> list[str]:
     """This interpreter's `privrec` CLI (works without an activated venv)."""
-    return [sys.executable, "-m", "shared.cli", *args]
+    return [sys.executable, "-m", "tools.cli", *args]
 
 
 __all__ = ["CONNECTION", "INSECURE_WARNING", "ProcessGroup", "Security", "Started", "free_port", "new_env",

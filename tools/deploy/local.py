@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from shared.data.devices import CATALOGUE_DIR, DeviceFolder, open_device
-from shared.deploy.certs import make_certs, make_node_key
-from shared.deploy.processes import (
+from shared.errors import PrivrecError
+from tools.deploy.certs import make_certs, make_node_key
+from tools.deploy.processes import (
     CONNECTION,
     ProcessGroup,
     Security,
@@ -29,8 +30,7 @@ from shared.deploy.processes import (
     superlink_command,
     write_connection,
 )
-from shared.errors import PrivrecError
-from shared.launch import _bin, _toml, flower_run_status, free_port, project_root
+from tools.launch import _bin, _toml, flower_run_status, free_port, project_root
 
 NODE_KEY = "node.key"  # each device's own EC key lives in its folder, next to its data
 

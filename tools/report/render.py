@@ -9,11 +9,11 @@ import json
 import time
 from typing import Any
 
-from shared.report import independent
-from shared.report.independent import Expected, Figure
-from shared.report.load import CONFIG_KEYS, Run, finite_or_none
-from shared.report.plots import Plot
-from shared.report.recompute import ABS_TOL, REL_TOL, SECOND, CrossCheck, DeviceCheck, Epsilon
+from tools.report import independent
+from tools.report.independent import Expected, Figure
+from tools.report.load import CONFIG_KEYS, Run, finite_or_none
+from tools.report.plots import Plot
+from tools.report.recompute import ABS_TOL, REL_TOL, SECOND, CrossCheck, DeviceCheck, Epsilon
 
 REPORT_FORMAT = 1
 ROUND_KEYS = ("round", "devices-trained", "declined", "capped-devices", "epsilon-max", "epsilon-median",

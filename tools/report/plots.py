@@ -6,8 +6,8 @@ import io
 from dataclasses import dataclass
 from typing import Any
 
-from shared.report.load import Run
-from shared.report.recompute import CrossCheck
+from tools.report.load import Run
+from tools.report.recompute import CrossCheck
 
 
 @dataclass

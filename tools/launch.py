@@ -7,7 +7,7 @@ imports them.
 
 A stopped run stops: the launcher holds the run directory's lock (shared/run_owner.py) for the
 run's life, turns SIGTERM and SIGHUP into the same clean stop as Ctrl-C, and starts a watchdog
-(`python -m shared.launch --watch`, in a session of its own) that outlives a `kill -9` of the
+(`python -m tools.launch --watch`, in a session of its own) that outlives a `kill -9` of the
 launcher. Every process of the run (SuperLink, SuperExec, `flwr run`, Ray's GCS, raylet, agents
 and workers) carries the run's private FLWR_HOME in its environment; whoever stops the run kills
 them all by that marker, then records `interrupted` in status.json unless the run had completed
@@ -152,7 +152,7 @@ class Watchdog:
         fds = [read_end] + ([lock.fd] if lock is not None else [])
         env = {k: v for k, v in os.environ.items() if k != "FLWR_HOME"}
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
-        command = [sys.executable, "-m", "shared.launch", "--watch", str(flwr_home), str(run_path or "-"),
+        command = [sys.executable, "-m", "tools.launch", "--watch", str(flwr_home), str(run_path or "-"),
                    str(os.getpid())]
         process = subprocess.Popen(command,
                                    stdin=read_end, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -174,7 +174,7 @@ class Watchdog:
 
 
 def watch(flwr_home: Path, run_path: Path | None, launcher: int) -> None:
-    """The watchdog's body (`python -m shared.launch --watch FLWR_HOME RUN_PATH|- LAUNCHER_PID`)."""
+    """The watchdog's body (`python -m tools.launch --watch FLWR_HOME RUN_PATH|- LAUNCHER_PID`)."""
     for sig in (signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
     message = sys.stdin.buffer.read()  # returns at the launcher's end, clean or not

@@ -23,10 +23,10 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict
     Everything is rendered in memory first and each file is then replaced atomically, so a
     failure leaves the previous report (or none), never a half-written file.
     """
-    from shared.report.load import load_run
-    from shared.report.plots import make_plots
-    from shared.report.recompute import cross_check
-    from shared.report.render import dumps, report_json, to_html, to_markdown
+    from tools.report.load import load_run
+    from tools.report.plots import make_plots
+    from tools.report.recompute import cross_check
+    from tools.report.render import dumps, report_json, to_html, to_markdown
 
     run = load_run(run_dir)
     out = Path(out_dir).expanduser() if out_dir is not None else run.path

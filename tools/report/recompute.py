@@ -3,7 +3,7 @@
 For each device (and for user-level DP-FedAvg) the epsilon is recomputed from the recorded
 accountant history with Opacus' RDP and PRV (and GDP when the run used it): the recomputation
 with the run's own accountant must reproduce the reported figure (a disagreement beyond REL_TOL
-is flagged). Independently, `shared.report.independent` recomputes it with another code base
+is flagged). Independently, `tools.report.independent` recomputes it with another code base
 (dp-accounting's RDP and PLD accountants; more than 1% apart, or an under-report, is flagged)
 and checks every history row against the run's config (and the device's data where the device
 store is at hand). Where the device ledgers are in the run directory (simulation), the
@@ -24,9 +24,9 @@ from typing import Any
 
 from shared.errors import PrivrecError
 from shared.privacy.accounting import epsilon_from_state, prv_too_costly
-from shared.report import independent
-from shared.report.independent import Expected, Figure
-from shared.report.load import Device, Privacy, UserLevel
+from tools.report import independent
+from tools.report.independent import Expected, Figure
+from tools.report.load import Device, Privacy, UserLevel
 
 # Relative tolerance of "the same epsilon": the reported figure and a recomputation with the same
 # accountant on the same history run the same deterministic code, so only float formatting

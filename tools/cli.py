@@ -1,6 +1,7 @@
 """The `privrec` command line.
 
     privrec data fetch ml-100k [--from PATH]
+    privrec data synth --like ml-100k|PATH --users N --seed S --out DIR
     privrec simulate [--config FILE] [--dataset ml-100k|PATH] [--rounds N] [--devices-per-round K]
                      [--noise-multiplier Z] [--seed S] [--no-dp] [--set KEY=VALUE ...] [--run-dir DIR]
     privrec baseline centralized|popularity [--config FILE] [--dataset ...] [--epochs N] [--out FILE]
@@ -24,34 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from shared.errors import PrivrecError
-
-
-def _parse_set(pairs: Sequence[str] | None) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for pair in pairs or []:
-        if "=" not in pair:
-            raise PrivrecError(f"--set {pair!r}: expected KEY=VALUE")
-        key, value = pair.split("=", 1)
-        out[key.strip()] = value.strip()
-    return out
-
-
-def _config_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    from shared.config import check_keys, resolve
-
-    overrides = _parse_set(getattr(args, "set", None))
-    check_keys(overrides, where="--set: ")  # also the values a flag overrides below: a typo is never silent
-    flag_keys = {"dataset": "dataset", "rounds": "num-rounds", "devices_per_round": "devices-per-round",
-                 "noise_multiplier": "noise-multiplier", "seed": "seed", "run_dir": "run-dir",
-                 "run_name": "run-name", "users_per_device": "users-per-device"}
-    flags = {key: getattr(args, attr) for attr, key in flag_keys.items() if getattr(args, attr, None) is not None}
-    if getattr(args, "no_dp", False):
-        flags["dp"] = False
-    for key in sorted(set(flags) & set(overrides)):
-        if check_keys({key: overrides[key]})[key] != check_keys({key: flags[key]})[key]:
-            print(f"privrec: note: --set {key}={overrides[key]} is overridden by its flag ({flags[key]})",
-                  file=sys.stderr)
-    return resolve(args.config, {**overrides, **flags})
+from tools.options import config_from_args
+from tools.progress import Progress
 
 
 def _say_dataset_notes(store) -> None:
@@ -75,14 +50,26 @@ def cmd_data_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    from shared.data.fetch import fetch_ml100k
+    from shared.data.formats import load_interactions
+    from shared.data.synth import write_synthetic
+
+    source = fetch_ml100k() if args.like == "ml-100k" else Path(args.like).expanduser()
+    summary = write_synthetic(load_interactions(source), args.out, args.users, args.seed, like=args.like)
+    print(f"{summary['users']:,} synthetic users ({summary['interactions']:,} interactions) like {args.like} "
+          f"written to {args.out}")
+    return 0
+
+
 # ---------------------------------------------------------------------------- simulate
 def cmd_simulate(args: argparse.Namespace) -> int:
     from shared.config import clamp_to_population, default_run_name
     from shared.data.store import open_store, prepare_store
-    from shared.launch import run_simulation
     from shared.privacy.statement import one_line
+    from tools.launch import run_simulation
 
-    cfg = _config_from_args(args)
+    cfg = config_from_args(args)
     store_dir = Path(cfg["data-store"]) if cfg["data-store"] else prepare_store(cfg["dataset"],
                                                                                   cfg["users-per-device"])
     store = open_store(store_dir)
@@ -106,7 +93,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     previous = _previous_run(run_path)
     if previous:
         print(previous, flush=True)
-    progress = _Progress(run_path, cfg["num-rounds"])
+    progress = Progress(run_path, cfg["num-rounds"])
     try:
         with progress:
             result = run_simulation(cfg, store.num_devices, run_path, on_poll=progress.poll)
@@ -178,82 +165,6 @@ def _report_simulation(run_path: Path, result, one_line) -> int:
     return 0
 
 
-class _Progress:
-    """Live view of metrics.jsonl while Flower runs (a rich table on a terminal, lines otherwise)."""
-
-    def __init__(self, run_path: Path, rounds: int):
-        self.path = run_path / "metrics.jsonl"
-        self.rounds = rounds
-        self.seen = 0
-        self.live = None
-
-    def __enter__(self):
-        if sys.stdout.isatty():
-            from rich.live import Live
-
-            self.live = Live(self._table([]), refresh_per_second=2)
-            self.live.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self.live is not None:
-            self.live.__exit__(*exc)
-
-    def _rows(self) -> list[dict]:
-        if not self.path.exists():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-
-    @staticmethod
-    def _fmt(value, spec=".4f") -> str:
-        return "-" if value is None else format(value, spec)
-
-    def _table(self, rows: list[dict]):
-        from rich.table import Table
-
-        table = Table(title=f"privrec simulation ({len(rows) - 1 if rows else 0}/{self.rounds} rounds)")
-        for name in ("round", "devices", "failed", "train loss", "NDCG@10", "HR@10", "epsilon max",
-                     "epsilon median", "s"):
-            table.add_column(name, justify="right")
-        for row in rows[-12:]:
-            table.add_row(str(row["round"]), str(row["devices-trained"]), str(row.get("failures", 0)),
-                          self._fmt(row.get("train-loss")),
-                          self._fmt(row.get("ndcg@10")), self._fmt(row.get("hr@10")),
-                          self._fmt(row.get("epsilon-max"), ".2f"), self._fmt(row.get("epsilon-median"), ".2f"),
-                          self._fmt(row.get("seconds"), ".1f"))
-        return table
-
-    @staticmethod
-    def _failure_lines(row: dict) -> list[str]:
-        ended = "; the run stops" if row.get("round-status") == "failed" else ""
-        out = []
-        for what, failed, asked, error in (
-                ("", row.get("failures"), row.get("devices-asked"), row.get("first-error")),
-                (" evaluation", row.get("eval-failures"), row.get("eval-asked"), row.get("eval-first-error"))):
-            if failed:
-                out.append(f"round {row['round']}{what}: {failed} of {asked or '?'} devices failed{ended}; "
-                           f"first device error: {error}")
-        return out
-
-    def poll(self) -> None:
-        rows = self._rows()
-        if self.live is not None:
-            self.live.update(self._table(rows))
-            for row in rows[self.seen:]:
-                for line in self._failure_lines(row):
-                    self.live.console.print(line, style="red", markup=False, highlight=False)
-            self.seen = len(rows)
-            return
-        for row in rows[self.seen:]:
-            print(f"round {row['round']}/{self.rounds}: devices {row['devices-trained']}, "
-                  f"train loss {self._fmt(row.get('train-loss'))}, NDCG@10 {self._fmt(row.get('ndcg@10'))}, "
-                  f"HR@10 {self._fmt(row.get('hr@10'))}, epsilon max {self._fmt(row.get('epsilon-max'), '.2f')}, "
-                  f"{self._fmt(row.get('seconds'), '.1f')} s", flush=True)
-            for line in self._failure_lines(row):
-                print(line, flush=True)
-        self.seen = len(rows)
-
-
 # ---------------------------------------------------------------------------- baselines
 def cmd_baseline(args: argparse.Namespace) -> int:
     import torch
@@ -263,7 +174,7 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     from shared.metrics import eval_inputs, evaluate_histories, summarize
     from shared.model import ModelConfig
 
-    cfg = _config_from_args(args)
+    cfg = config_from_args(args)
     store_dir = cfg["data-store"] or prepare_store(cfg["dataset"], 1)
     store = open_store(store_dir)
     _say_dataset_notes(store)
@@ -310,7 +221,7 @@ def cmd_baseline(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------- recommend
 def cmd_recommend(args: argparse.Namespace) -> int:
-    from shared.recommend import Recommender
+    from tools.recommend import Recommender
 
     recommender = Recommender.load(Path(args.model))
     if args.new_items:
@@ -354,7 +265,7 @@ EXIT_FLAGGED = 3  # `privrec report`: written, but something is flagged; `privre
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from shared.report import build_report
+    from tools.report import build_report
 
     report = build_report(args.run_dir, args.out)
     run = report["run"]
@@ -371,9 +282,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------- audit
 def cmd_audit(args: argparse.Namespace) -> int:
-    from shared.audit import audit_device, audit_users
+    from tools.audit import audit_device, audit_users
 
-    cfg = _config_from_args(args)
+    cfg = config_from_args(args)
     common = {"canaries": args.canaries, "guesses_each": args.guesses, "background": args.background,
               "num_items": args.items, "rounds": args.rounds, "beta": args.beta, "seed": cfg["seed"],
               "progress": lambda r, total: print(f"audit: round {r}/{total} trained and scored", file=sys.stderr,
@@ -403,6 +314,16 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("dataset", help="ml-100k")
     fetch.add_argument("--from", dest="source", help="use this local copy (folder with u.data or .inter)")
     fetch.set_defaults(func=cmd_data_fetch)
+    synth = data.add_parser("synth", help="synthetic users fitted to a dataset, over its real item catalogue",
+                            description="Fits a first-order Markov chain with popularity back-off, the history-"
+                                        "length distribution and the time gaps to the source, then samples new "
+                                        "users (docs/synthetic-data.md). Writes RecBole atomic files that "
+                                        "--dataset DIR reads.")
+    synth.add_argument("--like", required=True, help="ml-100k, or a path to a MovieLens/RecBole/CSV file or folder")
+    synth.add_argument("--users", type=int, required=True, help="number of synthetic users")
+    synth.add_argument("--seed", type=int, default=0, help="the same seed and source give the same files")
+    synth.add_argument("--out", required=True, help="new folder to write (must not exist or be empty)")
+    synth.set_defaults(func=cmd_data_synth)
 
     def add_config_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument("--config", help="TOML file of config keys (see `shared/config.py`)")
@@ -483,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     aud.add_argument("--out", help="also write the figures to this JSON file")
     aud.set_defaults(func=cmd_audit)
 
-    from shared.deploy.cli import add_data_split, add_deploy  # deployment: data split, deploy ...
+    from tools.deploy.cli import add_data_split, add_deploy  # deployment: data split, deploy ...
 
     add_data_split(data)
     add_deploy(sub, add_config_flags)

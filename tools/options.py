@@ -1,0 +1,41 @@
+"""Run config from the command line: `--config FILE`, `--set KEY=VALUE` and the flags that name a key.
+
+Used by `privrec simulate`, `baseline`, `audit` (tools/cli.py) and `privrec deploy local` (tools/deploy/cli.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from shared.errors import PrivrecError
+
+
+def parse_set(pairs: Sequence[str] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise PrivrecError(f"--set {pair!r}: expected KEY=VALUE")
+        key, value = pair.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out
+
+
+def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    from shared.config import check_keys, resolve
+
+    overrides = parse_set(getattr(args, "set", None))
+    check_keys(overrides, where="--set: ")  # also the values a flag overrides below: a typo is never silent
+    flag_keys = {"dataset": "dataset", "rounds": "num-rounds", "devices_per_round": "devices-per-round",
+                 "noise_multiplier": "noise-multiplier", "seed": "seed", "run_dir": "run-dir",
+                 "run_name": "run-name", "users_per_device": "users-per-device"}
+    flags = {key: getattr(args, attr) for attr, key in flag_keys.items() if getattr(args, attr, None) is not None}
+    if getattr(args, "no_dp", False):
+        flags["dp"] = False
+    for key in sorted(set(flags) & set(overrides)):
+        if check_keys({key: overrides[key]})[key] != check_keys({key: flags[key]})[key]:
+            print(f"privrec: note: --set {key}={overrides[key]} is overridden by its flag ({flags[key]})",
+                  file=sys.stderr)
+    return resolve(args.config, {**overrides, **flags})
