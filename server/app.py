@@ -17,10 +17,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from server.checkpoint import CHECKPOINT_DIR, load_checkpoint, restore_strategy, save_checkpoint
+from server.cohort import BudgetExhausted
 from server.evaluation import central_evaluation
 from server.pretraining import pretrain
 from server.run_dir import RunDirectory
-from server.strategy import BudgetExhausted, build_strategy, cohort_size, user_sample_rate
+from server.strategy import build_strategy, cohort_size, user_sample_rate
 from shared.config import RunConfig, clamp_to_population, default_run_name, from_run_config
 from shared.data.devices import CATALOGUE_KEY, read_catalogue
 from shared.data.store import open_store, prepare_store
