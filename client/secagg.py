@@ -14,8 +14,9 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 
+from shared.config import from_run_config
 from shared.errors import PrivrecError
-from shared.model import TRAINABLE_SCOPES
+from shared.model import FROZEN_BY_SCOPE
 from shared.privacy.user_level import clip_update
 from shared.secagg import DeviceSession, params_from_config, quantize_vector, share_noise_std
 
@@ -25,7 +26,7 @@ STATE = "secagg-session"  # context.state record holding this round's secrets
 
 def summed_keys(keys, device_trains: str) -> list[str]:
     """The arrays a device's update may change (its trainable scope): only these are summed."""
-    frozen = TRAINABLE_SCOPES[device_trains]
+    frozen = FROZEN_BY_SCOPE[device_trains]
     return [k for k in keys if k not in frozen]
 
 
@@ -70,7 +71,7 @@ def _upload(msg: Message, context: Context, call_next: ClientAppCallable, sessio
     reply = call_next(msg, context)
     if reply.has_error() or "arrays" not in reply.content.array_records:
         return reply  # declined or failed: nothing to mask, the device counts as dropped
-    cfg = msg.content.config_records["config"]
+    cfg = from_run_config(context.run_config).values  # the run's static settings, as every ClientApp reads them
     params = params_from_config(cfg)
     current = {k: a.numpy() for k, a in msg.content.array_records["arrays"].items()}
     trained = {k: a.numpy() for k, a in reply.content.array_records["arrays"].items()}

@@ -53,11 +53,11 @@ def record_bytes(content: RecordDict) -> int:
 
 
 def one_round(devices: int, num_params: int, secure: bool, threshold: int) -> dict:
-    grid = InProcessGrid(stub_app(), devices, keep_messages=True)
     cfg = {"device-trains": "all", "user-dp": False, "secagg-threshold": threshold, "secagg-clip-range": 1.0,
            "secagg-quantization-bits": 16, "secagg-min-cohort": threshold}
+    grid = InProcessGrid(stub_app(), devices, keep_messages=True, run_config=cfg)
     arrays = ArrayRecord({"w": Array(np.zeros(num_params, np.float32))})
-    content = RecordDict({"arrays": arrays, "config": ConfigRecord(cfg)})
+    content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})})
     messages = [instruction(content, n, "train") for n in grid.get_node_ids()]
     started = time.perf_counter()
     if secure:

@@ -135,20 +135,24 @@ def _stub_update(node):
     return {"w": rng.uniform(-DELTA_SCALE, DELTA_SCALE, (64, 8)), "b": rng.uniform(-DELTA_SCALE, DELTA_SCALE, (8,))}
 
 
-def _train_messages(nodes, **cfg):
-    cfg = {"device-trains": "all", "user-dp": False, "secagg-threshold": 3, "secagg-clip-range": 1.0,
-           "secagg-quantization-bits": 16, "secagg-min-cohort": 3, "user-clipping-norm": 1.0,
-           "user-noise-multiplier": 1.0, **cfg}
+def _stub_run(**cfg):
+    """The run config every stub ClientApp reads (Flower hands it to each app of the run)."""
+    return {"device-trains": "all", "user-dp": False, "secagg-threshold": 3, "secagg-clip-range": 1.0,
+            "secagg-quantization-bits": 16, "secagg-min-cohort": 3, "user-clipping-norm": 1.0,
+            "user-noise-multiplier": 1.0, **cfg}
+
+
+def _train_messages(nodes):
     arrays = ArrayRecord({"w": Array(np.zeros((64, 8), np.float32)), "b": Array(np.zeros(8, np.float32))})
-    content = RecordDict({"arrays": arrays, "config": ConfigRecord(cfg)})
+    content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})})
     return [instruction(content, n, "train") for n in nodes]
 
 
 class DroppingGrid(InProcessGrid):
     """Devices in `drop` stop answering from the given stage on (a device killed mid-round)."""
 
-    def __init__(self, client_app, num_nodes, drop: dict[int, str]):
-        super().__init__(client_app, num_nodes, keep_messages=True)
+    def __init__(self, client_app, num_nodes, drop: dict[int, str], run_config=None):
+        super().__init__(client_app, num_nodes, keep_messages=True, run_config=run_config or _stub_run())
         self.drop = drop
         self.order = ["setup", "share", "upload", "unmask"]
 
@@ -184,9 +188,9 @@ def test_round_over_grid_refused_below_threshold_and_grid_releases_nothing():
     params = SecAggParams(threshold=4, clip_range=1.0, quantization_bits=16, min_cohort=4)
     nodes = list(grid.get_node_ids())
     with pytest.raises(SecAggAborted, match="at least 4"):
-        secure_sum(grid, _train_messages(nodes, **{"secagg-threshold": 4, "secagg-min-cohort": 4}), params)
+        secure_sum(grid, _train_messages(nodes), params)
     wrapped = SecureAggregationGrid(DroppingGrid(_stub_client_app(), 8, drop=drop), params)
-    assert wrapped.send_and_receive(_train_messages(nodes, **{"secagg-threshold": 4, "secagg-min-cohort": 4})) == []
+    assert wrapped.send_and_receive(_train_messages(nodes)) == []
     assert "refused" in wrapped.rounds[-1]
 
 
@@ -242,15 +246,12 @@ def test_device_clips_its_update_before_adding_noise():
 def test_secure_round_with_user_dp_carries_central_noise():
     """Zero updates, user-dp on: the unmasked sum of m_min devices has variance >= (z C)^2."""
     z, clip = 1.0, 0.5
-    grid = DroppingGrid(_zero_client_app(), 4, drop={})
     params = SecAggParams(threshold=2, clip_range=clip + 6 * share_noise_std(z, clip, 4), quantization_bits=20,
                           min_cohort=4)
-    messages = _train_messages(list(grid.get_node_ids()), **{"user-dp": True, "user-clipping-norm": clip,
-                                                             "user-noise-multiplier": z, "secagg-threshold": 2,
-                                                             "secagg-min-cohort": 4,
-                                                             "secagg-clip-range": params.clip_range,
-                                                             "secagg-quantization-bits": 20})
-    result = secure_sum(grid, messages, params)
+    grid = DroppingGrid(_zero_client_app(), 4, drop={}, run_config=_stub_run(**{
+        "user-dp": True, "user-clipping-norm": clip, "user-noise-multiplier": z, "secagg-threshold": 2,
+        "secagg-min-cohort": 4, "secagg-clip-range": params.clip_range, "secagg-quantization-bits": 20}))
+    result = secure_sum(grid, _train_messages(list(grid.get_node_ids())), params)
     noise = np.concatenate([result.total["w"].ravel(), result.total["b"].ravel()])
     assert np.var(noise) == pytest.approx((z * clip) ** 2, rel=0.1)
 
@@ -301,7 +302,7 @@ def test_federated_run_with_secure_aggregation(tmp_path, user_dp):
                            "secure-aggregation": True, "secagg-threshold": 2, "secagg-min-cohort": 2,
                            "user-dp": user_dp, "user-noise-multiplier": 0.1, "user-clipping-norm": 0.5})
     run_dir = RunDirectory.create(cfg["run-dir"], cfg["run-name"])
-    grid = InProcessGrid(client_app, 6, keep_messages=True)
+    grid = InProcessGrid(client_app, 6, keep_messages=True, run_config=cfg)
     for node, context in grid.contexts.items():  # the audit mod logs every reply as it leaves the device
         context.node_config["audit-log"] = str(tmp_path / f"audit-{node}.jsonl")
     FederatedRun(cfg, run_dir, grid).execute()
@@ -352,7 +353,7 @@ def test_same_model_with_and_without_secure_aggregation_up_to_quantization(tmp_p
                                "secure-aggregation": secure, "secagg-threshold": 2, "secagg-min-cohort": 2,
                                "secagg-quantization-bits": 24})
         run_dir = RunDirectory.create(cfg["run-dir"], cfg["run-name"])
-        FederatedRun(cfg, run_dir, InProcessGrid(client_app, 4)).execute()
+        FederatedRun(cfg, run_dir, InProcessGrid(client_app, 4, run_config=cfg)).execute()
         models.append(torch.load(run_dir.path / "model.pt"))
     step = 2 * 2.0 / (2 ** 24 - 1)  # default clip range 2.0, 24 bits
     diffs = {k: float((models[0][k] - models[1][k]).abs().max()) for k in models[0]}
@@ -373,7 +374,7 @@ def test_federated_run_refuses_a_round_with_too_few_survivors_and_keeps_the_mode
                            "run-name": "t", "central-eval": True, "secure-aggregation": True,
                            "secagg-threshold": 3, "secagg-min-cohort": 3})
     run_dir = RunDirectory.create(cfg["run-dir"], cfg["run-name"])
-    grid = DroppingGrid(client_app, 5, drop={1: "upload", 2: "upload", 3: "upload"})  # 2 of 5 left
+    grid = DroppingGrid(client_app, 5, drop={1: "upload", 2: "upload", 3: "upload"}, run_config=cfg)  # 2 of 5
     FederatedRun(cfg, run_dir, grid).execute()
     rows = [json.loads(line) for line in (run_dir.path / "metrics.jsonl").read_text().splitlines()]
     assert "at least 3" in rows[1]["secure-aggregation"]["refused"] and rows[1]["devices-trained"] == 0

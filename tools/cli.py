@@ -1,6 +1,7 @@
 """The `privrec` command line.
 
     privrec data fetch ml-100k [--from PATH]
+    privrec data synth --like ml-100k|PATH --users N --seed S --out DIR
     privrec simulate [--config FILE] [--dataset ml-100k|PATH] [--rounds N] [--devices-per-round K]
                      [--noise-multiplier Z] [--seed S] [--no-dp] [--set KEY=VALUE ...] [--run-dir DIR]
     privrec baseline centralized|popularity [--config FILE] [--dataset ...] [--epochs N] [--out FILE]
@@ -23,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from shared.config import ACCOUNTANTS, SCHEMA
 from shared.errors import PrivrecError
 from tools.options import config_from_args
 from tools.progress import Progress
@@ -46,6 +48,18 @@ def cmd_data_fetch(args: argparse.Namespace) -> int:
     path = fetch_ml100k(local_path=args.source)
     source = json.loads((path / "SOURCE.json").read_text())
     print(f"ml-100k ready in {path} (source: {source.get('source')})")
+    return 0
+
+
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    from shared.data.fetch import fetch_ml100k
+    from shared.data.formats import load_interactions
+    from shared.data.synth import write_synthetic
+
+    source = fetch_ml100k() if args.like == "ml-100k" else Path(args.like).expanduser()
+    summary = write_synthetic(load_interactions(source), args.out, args.users, args.seed, like=args.like)
+    print(f"{summary['users']:,} synthetic users ({summary['interactions']:,} interactions) like {args.like} "
+          f"written to {args.out}")
     return 0
 
 
@@ -154,12 +168,11 @@ def _report_simulation(run_path: Path, result, one_line) -> int:
 
 # ---------------------------------------------------------------------------- baselines
 def cmd_baseline(args: argparse.Namespace) -> int:
-    import torch
 
     from shared.baselines import evaluate_popularity, train_centralized
     from shared.data.store import open_store, prepare_store
     from shared.metrics import eval_inputs, evaluate_histories, summarize
-    from shared.model import ModelConfig
+    from shared.model import architecture_for
 
     cfg = config_from_args(args)
     store_dir = cfg["data-store"] or prepare_store(cfg["dataset"], 1)
@@ -175,8 +188,7 @@ def cmd_baseline(args: argparse.Namespace) -> int:
         from shared.text.features import features_for
 
         features = features_for(cfg, store_dir)  # text models: the catalogue's frozen text table
-        item_text = None if features is None else torch.from_numpy(features.vectors)
-        model_cfg = ModelConfig.from_run_config(cfg, store.num_items, 0 if item_text is None else item_text.shape[1])
+        model_cfg, item_text = architecture_for(cfg, store.num_items, features)
         from rich.progress import Progress
 
         with Progress(transient=True) as bar:
@@ -301,6 +313,16 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("dataset", help="ml-100k")
     fetch.add_argument("--from", dest="source", help="use this local copy (folder with u.data or .inter)")
     fetch.set_defaults(func=cmd_data_fetch)
+    synth = data.add_parser("synth", help="synthetic users fitted to a dataset, over its real item catalogue",
+                            description="Fits a first-order Markov chain with popularity back-off, the history-"
+                                        "length distribution and the time gaps to the source, then samples new "
+                                        "users (docs/synthetic-data.md). Writes RecBole atomic files that "
+                                        "--dataset DIR reads.")
+    synth.add_argument("--like", required=True, help="ml-100k, or a path to a MovieLens/RecBole/CSV file or folder")
+    synth.add_argument("--users", type=int, required=True, help="number of synthetic users")
+    synth.add_argument("--seed", type=int, default=0, help="the same seed and source give the same files")
+    synth.add_argument("--out", required=True, help="new folder to write (must not exist or be empty)")
+    synth.set_defaults(func=cmd_data_synth)
 
     def add_config_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument("--config", help="TOML file of config keys (see `shared/config.py`)")
@@ -349,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--sample-rate", type=float, required=True)
     cal.add_argument("--rounds", type=int, required=True)
     cal.add_argument("--steps-per-round", type=int, default=1)
-    cal.add_argument("--accountant", choices=["rdp", "prv", "gdp"], default="rdp")
+    cal.add_argument("--accountant", choices=ACCOUNTANTS, default=SCHEMA["accountant"].default)
     cal.set_defaults(func=cmd_calibrate)
 
     rep = sub.add_parser("report", help="privacy report of a run: md, self-contained html, json, plots",
