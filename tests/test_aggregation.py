@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from shared.aggregation import ServerOptimizer, mean_update, touched_rows
+from shared.aggregation import ServerOptimizer, mean_update, running_average, touched_rows
 from shared.errors import PrivrecError
 
 
@@ -65,3 +65,12 @@ def test_adaptive_first_step_moves_each_weight_by_about_lr_toward_the_update(kin
 def test_unknown_server_optimizer_is_refused():
     with pytest.raises(PrivrecError, match="kind"):
         ServerOptimizer(kind="sgd-nesterov")
+
+
+def test_running_average_starts_at_the_weights_and_moves_by_one_minus_decay():
+    avg = running_average(None, {"w": np.array([1.0], dtype=np.float32)}, 0.9)
+    avg = running_average(avg, {"w": np.array([11.0], dtype=np.float32)}, 0.9)
+    np.testing.assert_allclose(avg["w"], [2.0])
+    assert avg["w"].dtype == np.float32
+    with pytest.raises(PrivrecError, match="decay"):
+        running_average(avg, avg, 1.0)
