@@ -20,8 +20,15 @@ import torch
 
 from client.app import app as client_app
 from server.analytics import federated_popularity
-from shared.analytics import (ACCOUNTANT, CONTENT_WEIGHT, PROFILE_DECAY, PROFILE_ITEMS, content_scores,
-                              noise_for_epsilon, release_epsilon)
+from shared.analytics import (
+    ACCOUNTANT,
+    CONTENT_WEIGHT,
+    PROFILE_DECAY,
+    PROFILE_ITEMS,
+    content_scores,
+    noise_for_epsilon,
+    release_epsilon,
+)
 from shared.data.store import open_store
 from shared.metrics import eval_inputs, summarize, target_ranks
 from shared.privacy.population import default_population_dir
@@ -64,7 +71,8 @@ def run_private_baseline(kind: str, cfg: dict[str, Any], store_dir: str | Path, 
         if kind == "popularity":
             ranks = _ranks(lambda u: release.histogram, targets, exclude)
         else:
-            ranks = _ranks(lambda u: content_scores(inputs[u], release.histogram, np.asarray(text, np.float64)),
+            table = np.asarray(text, np.float64)
+            ranks = _ranks(lambda u, inputs=inputs: content_scores(inputs[u], release.histogram, table),
                            targets, exclude)
         result[split] = summarize({"rank": ranks}, seed=seed)
     eps = release_epsilon(z, delta)
