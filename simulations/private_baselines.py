@@ -62,6 +62,8 @@ def run_private_baseline(kind: str, cfg: dict[str, Any], store_dir: str | Path, 
         from shared.text.features import store_text_features
 
         text = store_text_features(store_dir, progress=False).vectors
+    if text is not None:
+        text = np.asarray(text, np.float64)
     users = store.all_users()
     result: dict[str, Any] = {"baseline": f"{kind} (user-level DP)", "dataset": store.meta.get("dataset"),
                               "users": store.num_users, "devices": release.devices,
@@ -71,8 +73,7 @@ def run_private_baseline(kind: str, cfg: dict[str, Any], store_dir: str | Path, 
         if kind == "popularity":
             ranks = _ranks(lambda u: release.histogram, targets, exclude)
         else:
-            table = np.asarray(text, np.float64)
-            ranks = _ranks(lambda u, inputs=inputs: content_scores(inputs[u], release.histogram, table),
+            ranks = _ranks(lambda u, inputs=inputs: content_scores(inputs[u], release.histogram, text),
                            targets, exclude)
         result[split] = summarize({"rank": ranks}, seed=seed)
     eps = release_epsilon(z, delta)
