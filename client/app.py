@@ -1,10 +1,14 @@
 """privrec ClientApp: the Flower edge of a device.
 
-Receives the global model and the run config in a message, hands them to `client.device` (plain
-torch), and replies with exactly what may leave the device: the updated weights (train) and
-aggregate scalar metrics. Where the device's data and ledger live comes from the node config in
-a deployment (`data-dir`, `state-dir`), or from the server's message in a simulation (the shared
-store and the population folder beside it that holds every simulated device's ledger).
+Reads the run's static settings from `context.run_config` (Flower gives every ClientApp the run
+config the ServerApp got, in simulation and deployment) and parses them once per message into a
+`RunConfig`; the server's message carries the global model and only per-round or per-run derived
+values (`server-round`, `run-id`, the text-features key, the catalogue hash, the spend the server has
+seen, FedProx's `proximal-mu`). It hands them to `client.device` (plain torch) and replies with exactly
+what may leave the device: the updated weights (train) and aggregate scalar metrics. Where the
+device's data and ledger live comes from the node config in a deployment (`data-dir`, `state-dir`),
+or from the server's message in a simulation (the shared store and the population folder beside it
+that holds every simulated device's ledger).
 """
 
 from __future__ import annotations
@@ -12,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -21,7 +24,7 @@ from flwr.clientapp import ClientApp
 from client.analytics import answer_popularity_query
 from client.audit import audit_mod
 from client.device import evaluate_round, ledger_path, load_device, train_round
-from shared.config import SCHEMA, validate
+from shared.config import RunConfig, from_run_config
 from shared.data.devices import CATALOGUE_KEY, check_server_catalogue
 from shared.errors import PrivrecError
 from shared.privacy.ledger import PrivacyLedger, from_json, ledger_lock, load_ledger, reconcile
@@ -34,17 +37,16 @@ logging.getLogger("flwr").propagate = False
 app = ClientApp(mods=[audit_mod])  # records every reply when the node config has `audit-log`
 
 
-def _run_config(msg: Message) -> tuple[dict[str, Any], ConfigRecord]:
-    record = msg.content.config_records["config"]
-    cfg = validate({k: v for k, v in record.items() if k in SCHEMA}, where="server message: ")
-    return cfg, record
+def _run_config(msg: Message, context: Context) -> tuple[RunConfig, ConfigRecord]:
+    """The run's static settings (from the run config) and this round's values (from the message)."""
+    return from_run_config(context.run_config), msg.content.config_records["config"]
 
 
-def _device(context: Context, record: ConfigRecord, cfg: dict[str, Any]) -> tuple[str, str, str]:
+def _device(context: Context, record: ConfigRecord, run: RunConfig) -> tuple[str, str, str]:
     """(device id, store folder, ledger folder) for this node."""
     node = context.node_config
     if "data-dir" in node:  # deployment: the node's own store holds exactly one device
-        if cfg["deterministic-devices"]:
+        if run.federation.deterministic_devices:
             # Noise derived from the run seed is noise the server can regenerate and subtract.
             raise PrivrecError("run config 'deterministic-devices' = true is refused on a real device "
                                "(node config has 'data-dir'): it is for simulations only")
@@ -54,15 +56,15 @@ def _device(context: Context, record: ConfigRecord, cfg: dict[str, Any]) -> tupl
     raise PrivrecError("node config has neither 'data-dir' (deployment) nor 'partition-id' (simulation)")
 
 
-def _load(context: Context, record: ConfigRecord, cfg: dict[str, Any]):
-    device, store_dir, state_dir = _device(context, record, cfg)
+def _load(context: Context, record: ConfigRecord, run: RunConfig):
+    device, store_dir, state_dir = _device(context, record, run)
     device_index = 0 if "data-dir" in context.node_config else int(device)
     if "data-dir" in context.node_config and record.get(CATALOGUE_KEY):
         check_server_catalogue(store_dir, str(record[CATALOGUE_KEY]))
     data, num_items = load_device(store_dir, device_index)
     # Text models: the device builds the frozen text table from its own copy of the public catalogue
     # (cached by hash); the server only names which one, and a mismatch is refused.
-    features = features_for(cfg, store_dir, expected_key=record.get(TEXT_KEY))
+    features = features_for(run, store_dir, expected_key=record.get(TEXT_KEY))
     return device, data, num_items, state_dir, None if features is None else features.vectors
 
 
@@ -92,17 +94,18 @@ def _refuse_lost_spend(msg: Message, state_dir: str, device: str, path: Path) ->
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     torch.set_num_threads(1)
-    cfg, record = _run_config(msg)
-    device, data, num_items, state_dir, item_text = _load(context, record, cfg)
+    run, record = _run_config(msg, context)
+    device, data, num_items, state_dir, item_text = _load(context, record, run)
     path = ledger_path(state_dir, device)
     with ledger_lock(path):  # train_round takes the lock again for its own load -> release
         reconcile(path, _ledger_mirror(context))  # a lost or stale ledger file never lowers the spend
     global_state = msg.content.array_records["arrays"].to_torch_state_dict()
     _refuse_lost_spend(msg, state_dir, device, path)
     outcome = train_round(
-        data, num_items, global_state, cfg,
+        data, num_items, global_state, run,
         ledger_path=path, device=device,
         run_id=str(record.get("run-id", "")), server_round=int(record["server-round"]),
+        # Sent by FedProx's configure_train only: no other strategy's round has a proximal term.
         proximal_mu=float(record.get("proximal-mu", 0.0)), item_text=item_text,
     )
     keep_listed(state_dir, device, path)  # listed before the update leaves
@@ -122,10 +125,10 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     torch.set_num_threads(1)
-    cfg, record = _run_config(msg)
-    _, data, num_items, _, item_text = _load(context, record, cfg)
+    run, record = _run_config(msg, context)
+    _, data, num_items, _, item_text = _load(context, record, run)
     global_state = msg.content.array_records["arrays"].to_torch_state_dict()
-    metrics = evaluate_round(data, num_items, global_state, cfg, item_text=item_text)
+    metrics = evaluate_round(data, num_items, global_state, run, item_text=item_text)
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 

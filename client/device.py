@@ -19,23 +19,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from shared.coldstart import held_out_items, without_items
+from shared.coldstart import held_out_items
+from shared.config import DeviceTraining, RunConfig
 from shared.data.store import DeviceData, open_store
-from shared.data.windows import make_windows
+from shared.data.windows import history_windows
 from shared.metrics import eval_inputs, evaluate_histories
-from shared.model import ModelConfig, SASRec
+from shared.model import SASRec, model_for
 from shared.privacy.accounting import compose_history, epsilon_from_state, history_steps
 from shared.privacy.ledger import LEDGER_FILE, PrivacyLedger, decline, ledger_lock, load_ledger, release, reserve
 from shared.training import LocalTrainConfig, dp_steps_per_epoch, train_local
-
-
-def local_train_config(cfg: Mapping[str, Any], seed: int | None, proximal_mu: float) -> LocalTrainConfig:
-    return LocalTrainConfig(epochs=cfg["local-epochs"], lr=cfg["local-lr"], batch_size=cfg["batch-size"],
-                            sample_rate=cfg["sample-rate"], dp=cfg["dp"], noise_multiplier=cfg["noise-multiplier"],
-                            max_grad_norm=cfg["max-grad-norm"], delta=cfg["delta"],
-                            accountant=cfg["accountant"], grad_sample_mode=cfg["grad-sample-mode"],
-                            proximal_mu=proximal_mu, optimizer=cfg["local-optimizer"],
-                            trainable=cfg["device-trains"], seed=seed)
 
 
 def load_device(store_dir: str | Path, device_id: int) -> tuple[DeviceData, int]:
@@ -45,13 +37,8 @@ def load_device(store_dir: str | Path, device_id: int) -> tuple[DeviceData, int]
 
 
 def training_windows(data: DeviceData, window: int, held_out: np.ndarray | None = None) -> np.ndarray:
-    """All of the device's training examples: non-overlapping windows of each user's history.
-
-    `held_out` items (the cold-start protocol) are removed from the histories first, so no window holds one.
-    """
-    train = without_items(data.train, held_out) if held_out is not None else data.train
-    parts = [make_windows(seq, window) for seq in train]
-    return np.concatenate(parts) if parts else np.zeros((0, window), dtype=np.int64)
+    """All of the device's training examples: non-overlapping windows of each of its users' histories."""
+    return history_windows(data.train, window, held_out)
 
 
 @dataclass
@@ -64,31 +51,33 @@ class TrainOutcome:
         return self.state_dict is None
 
 
-def _device_seed(cfg: Mapping[str, Any], server_round: int, device: str) -> int | None:
+def _device_seed(run: RunConfig, server_round: int, device: str) -> int | None:
     # DP noise must be unpredictable to the server, which knows the run seed: fresh OS entropy,
     # unless a simulation asks for repeatable runs (then: per run seed, round and device).
-    if not cfg["deterministic-devices"]:
+    if not run.federation.deterministic_devices:
         return None
-    return int(np.random.SeedSequence([cfg["seed"], server_round, zlib.crc32(device.encode())])
+    return int(np.random.SeedSequence([run.federation.seed, server_round, zlib.crc32(device.encode())])
                .generate_state(1)[0])
 
 
-def round_steps(cfg: Mapping[str, Any]) -> int:
+def round_steps(cfg: RunConfig | Mapping[str, Any]) -> int:
     """DP-SGD steps of one round: local-epochs x ceil(1 / sample-rate), the same for every device."""
-    return cfg["local-epochs"] * dp_steps_per_epoch(cfg["sample-rate"])
+    device = RunConfig.of(cfg).device
+    return device.epochs * dp_steps_per_epoch(device.sample_rate)
 
 
-def plan_round(ledger: PrivacyLedger, cfg: Mapping[str, Any]) -> tuple[dict, float, int]:
+def plan_round(ledger: PrivacyLedger, cfg: RunConfig | Mapping[str, Any]) -> tuple[dict, float, int]:
     """(accountant state after this round, epsilon it would reach, steps) -- computed before training.
 
     Depends on the config and the ledger only, never on the device's data: every DP round is
     `round_steps(cfg)` steps at rate `sample-rate`. After a non-private round the epsilon is inf.
     """
+    device = RunConfig.of(cfg).device
     steps = round_steps(cfg)
-    row = {"history": [[float(cfg["noise-multiplier"]), float(cfg["sample-rate"]), steps]],
-           "mechanism": cfg["accountant"]}
+    row = {"history": [[float(device.noise_multiplier), float(device.sample_rate), steps]],
+           "mechanism": device.accountant}
     planned = compose_history(ledger.accountant_state, row)
-    epsilon = math.inf if ledger.unbounded else epsilon_from_state(planned, cfg["delta"], cfg["accountant"])
+    epsilon = math.inf if ledger.unbounded else epsilon_from_state(planned, device.delta, device.accountant)
     return planned, epsilon, steps
 
 
@@ -104,22 +93,20 @@ def _declined(ledger: PrivacyLedger, would_be: float) -> TrainOutcome:
     return TrainOutcome(None, metrics)
 
 
-def privacy_unit(cfg: Mapping[str, Any]) -> dict[str, str]:
+def privacy_unit(device: DeviceTraining) -> dict[str, str]:
     """What a ledger entry's epsilon is about (stored with every DP round)."""
-    return {"unit": f"one window of up to {cfg['window']} interactions", "relation": "add/remove one window"}
+    return {"unit": f"one window of up to {device.window} interactions", "relation": "add/remove one window"}
 
 
-def build_model(cfg: Mapping[str, Any], num_items: int, global_state: Mapping[str, torch.Tensor],
+def build_model(cfg: RunConfig | Mapping[str, Any], num_items: int, global_state: Mapping[str, torch.Tensor],
                 item_text: np.ndarray | None) -> SASRec:
     """The global model as this device runs it: received weights plus, for text models, the frozen text
     table the device computed itself from the public catalogue (never received, never sent)."""
-    text_dim = 0 if item_text is None else int(item_text.shape[1])
-    return SASRec.from_state(ModelConfig.from_run_config(cfg, num_items, text_dim), global_state,
-                             None if item_text is None else torch.from_numpy(item_text))
+    return model_for(cfg, num_items, item_text, state=global_state)
 
 
 def train_round(data: DeviceData, num_items: int, global_state: Mapping[str, torch.Tensor],
-                cfg: Mapping[str, Any], ledger_path: Path, device: str, run_id: str,
+                cfg: RunConfig | Mapping[str, Any], ledger_path: Path, device: str, run_id: str,
                 server_round: int, proximal_mu: float = 0.0, item_text: np.ndarray | None = None) -> TrainOutcome:
     """One round of on-device training; the round is in the ledger before the update is returned.
 
@@ -130,23 +117,24 @@ def train_round(data: DeviceData, num_items: int, global_state: Mapping[str, tor
     after a non-private one is refused: no finite epsilon can be stated for it.
     """
     with ledger_lock(ledger_path):
-        return _train_round_locked(data, num_items, global_state, cfg, ledger_path, device, run_id, server_round,
-                                   proximal_mu, item_text)
+        return _train_round_locked(data, num_items, global_state, RunConfig.of(cfg), ledger_path, device, run_id,
+                                   server_round, proximal_mu, item_text)
 
 
-def _train_round_locked(data, num_items, global_state, cfg, ledger_path, device, run_id, server_round,
+def _train_round_locked(data, num_items, global_state, run: RunConfig, ledger_path, device, run_id, server_round,
                         proximal_mu, item_text) -> TrainOutcome:
     started = time.perf_counter()
-    train_cfg = local_train_config(cfg, _device_seed(cfg, server_round, device), proximal_mu)
-    train_cfg.validate()  # before the ledger: e.g. dp with noise 0 is refused even if the run config was not checked
+    dev = run.device
+    train_cfg = LocalTrainConfig.for_round(dev, seed=_device_seed(run, server_round, device), proximal_mu=proximal_mu)
+    train_cfg.validate()  # before the ledger: a bad proximal weight is refused before any spend is reserved
     ledger = load_ledger(ledger_path, device)
     if ledger.declined:
         return _declined(ledger, float(ledger.declined.get("would-be-epsilon", ledger.epsilon)))
-    cap = cfg["max-epsilon"]
+    cap = dev.max_epsilon
     where = {"run": run_id, "round": server_round}
     prior_state = ledger.accountant_state  # `reserve` replaces it with the planned state
-    if cfg["dp"]:
-        planned, planned_epsilon, planned_steps = plan_round(ledger, cfg)
+    if dev.dp:
+        planned, planned_epsilon, planned_steps = plan_round(ledger, run)
         if cap > 0 and planned_epsilon > cap:
             record = {**where, "cap": cap, "time": time.time()}
             if math.isfinite(planned_epsilon):
@@ -158,21 +146,20 @@ def _train_round_locked(data, num_items, global_state, cfg, ledger_path, device,
         if ledger.unbounded:  # no cap, but no finite epsilon to report for this round either
             return _declined(ledger, planned_epsilon)
         reserve(ledger_path, ledger, planned,
-                {**where, "private": True, "steps": planned_steps, "sample_rate": float(cfg["sample-rate"]),
-                 "noise_multiplier": cfg["noise-multiplier"], "epsilon": planned_epsilon, "delta": cfg["delta"],
-                 "accountant": cfg["accountant"], **privacy_unit(cfg), "time": time.time()})
+                {**where, "private": True, "steps": planned_steps, "sample_rate": float(dev.sample_rate),
+                 "noise_multiplier": dev.noise_multiplier, "epsilon": planned_epsilon, "delta": dev.delta,
+                 "accountant": dev.accountant, **privacy_unit(dev), "time": time.time()})
     else:
         if cap > 0:  # an unnoised release passes every cap; refused, but the budget stays for DP rounds
             return _declined(ledger, math.inf)
         reserve(ledger_path, ledger, ledger.accountant_state,
                 {**where, "private": False, "epsilon": None, "time": time.time()})
-    held_out = held_out_items(cfg, num_items)
-    windows = training_windows(data, cfg["window"], held_out)
-    model = build_model(cfg, num_items, global_state, item_text)
+    windows = training_windows(data, dev.window, held_out_items(run, num_items))
+    model = build_model(run, num_items, global_state, item_text)
     global_params = {k: v.detach().clone() for k, v in model.named_parameters()} if proximal_mu > 0 else None
-    result = train_local(model, windows, train_cfg, accountant_state=prior_state if cfg["dp"] else None,
+    result = train_local(model, windows, train_cfg, accountant_state=prior_state if dev.dp else None,
                          global_params=global_params)
-    if cfg["dp"]:
+    if dev.dp:
         if result.steps != planned_steps or history_steps(result.accountant_state) != history_steps(planned):
             raise RuntimeError(f"device {device}: took {result.steps} DP steps, reserved {planned_steps}")
         release(ledger_path, ledger, epsilon=float(result.epsilon))
@@ -188,7 +175,8 @@ def _train_round_locked(data, num_items, global_state, cfg, ledger_path, device,
 
 
 def evaluate_round(data: DeviceData, num_items: int, global_state: Mapping[str, torch.Tensor],
-                   cfg: Mapping[str, Any], k: int = 10, item_text: np.ndarray | None = None) -> dict[str, float | int]:
+                   cfg: RunConfig | Mapping[str, Any], k: int = 10,
+                   item_text: np.ndarray | None = None) -> dict[str, float | int]:
     """HR@k / NDCG@k sums over this device's users, on validation and test items."""
     model = build_model(cfg, num_items, global_state, item_text)
     metrics: dict[str, float | int] = {"num-examples": len(data.test)}

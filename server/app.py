@@ -6,6 +6,7 @@ import logging
 import random
 import re
 import time
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -16,15 +17,16 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from server.checkpoint import CHECKPOINT_DIR, load_checkpoint, restore_strategy, save_checkpoint
+from server.cohort import BudgetExhausted
 from server.evaluation import central_evaluation
 from server.pretraining import pretrain
 from server.run_dir import RunDirectory
-from server.strategy import BudgetExhausted, build_strategy, cohort_size, user_sample_rate
-from shared.config import clamp_to_population, default_run_name, from_run_config
+from server.strategy import build_strategy, cohort_size, user_sample_rate
+from shared.config import RunConfig, clamp_to_population, default_run_name, from_run_config
 from shared.data.devices import CATALOGUE_KEY, read_catalogue
 from shared.data.store import open_store, prepare_store
 from shared.errors import PrivrecError
-from shared.model import ModelConfig, SASRec
+from shared.model import SASRec, architecture_for
 from shared.privacy.population import default_population_dir
 from shared.privacy.statement import privacy_statement, sentences, user_level_statement
 from shared.privacy.user_level import user_level_epsilon, user_level_state
@@ -79,14 +81,15 @@ def _round_status(*stats: dict) -> str:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    cfg = from_run_config(context.run_config)
+    run = from_run_config(context.run_config)
+    cfg = run.as_dict()
     # Lock, then check a resume, before the first write: a refused run leaves the directory as it was.
-    run_dir = RunDirectory.claim(cfg["run-dir"], cfg["run-name"] or default_run_name(), cfg)
+    run_dir = RunDirectory.claim(run.outputs.run_dir, run.outputs.run_name or default_run_name(), cfg)
     try:
         run_dir.write_json("config.json", cfg)
         run_dir.set_status("running")
         try:
-            FederatedRun(cfg, run_dir, grid).execute()
+            FederatedRun(run, run_dir, grid).execute()
         except BaseException as exc:
             run_dir.set_status("failed", error=f"{type(exc).__name__}: {exc}")
             raise
@@ -95,10 +98,15 @@ def main(grid: Grid, context: Context) -> None:
 
 
 class FederatedRun:
-    """One federated training run: strategy, per-round records, final summary."""
+    """One federated training run: strategy, per-round records, final summary.
 
-    def __init__(self, cfg: dict[str, Any], run_dir: RunDirectory, grid: Grid):
-        self.cfg = cfg
+    `self.run` holds the typed settings; `self.cfg` the flat values this run records in config.json
+    (with what the run resolved: the population folder, a devices-per-round clamped to the population).
+    """
+
+    def __init__(self, cfg: RunConfig | Mapping[str, Any], run_dir: RunDirectory, grid: Grid):
+        self.run = RunConfig.of(cfg)
+        self.cfg = self.run.as_dict()
         self.run_dir = run_dir
         self.grid = grid
         self.round_started = time.perf_counter()
@@ -110,32 +118,33 @@ class FederatedRun:
     def execute(self) -> None:
         cfg = self.cfg
         # Flower samples devices with Python's global `random`; seed it for reproducible cohorts.
-        random.seed(cfg["seed"])
-        np.random.seed(cfg["seed"])
-        torch.manual_seed(cfg["seed"])
-        if cfg["catalogue"]:
+        random.seed(self.run.federation.seed)
+        np.random.seed(self.run.federation.seed)
+        torch.manual_seed(self.run.federation.seed)
+        if self.run.deployment.catalogue:
             # Deployment: devices hold their own data (node config); the server reads the public
             # catalogue only, never a device's histories.
-            if cfg["public-share"] > 0:
+            if self.run.federation.public_share > 0:
                 raise PrivrecError("config key 'public-share' needs the consenting users' histories on the server; "
                                    "a deployment's server reads only the catalogue: set public-share = 0")
-            catalogue = read_catalogue(cfg["catalogue"])
+            catalogue = read_catalogue(self.run.deployment.catalogue)
             self.store = None
             num_items, items_path = catalogue.pop("num_items"), catalogue.pop("items_path")
-            self.num_devices = cfg["deploy-devices"] or catalogue["num_devices"]
+            self.num_devices = self.run.deployment.deploy_devices or catalogue["num_devices"]
             self.run_dir.write_json("dataset.json", catalogue)
             # Devices check that they hold this very catalogue (their item indices must be the server's).
             device_config: dict[str, Any] = {CATALOGUE_KEY: catalogue["items_sha256"]} \
                 if catalogue.get("items_sha256") else {}
         else:
-            store_dir = Path(cfg["data-store"] or prepare_store(cfg["dataset"], cfg["users-per-device"]))
+            data = self.run.data
+            store_dir = Path(data.data_store or prepare_store(data.dataset, data.users_per_device))
             self.store = open_store(store_dir)
             num_items, items_path = self.store.num_items, store_dir / "items.json"
             self.num_devices = self.store.num_devices
             self.run_dir.write_json("dataset.json", self.store.meta)
             # Simulated devices' ledgers belong to the devices, not to this run: every run on the store
             # shares them (a device in two runs composes both), unless the config names a fresh folder.
-            population = Path(cfg["population-dir"]).expanduser().resolve() if cfg["population-dir"] \
+            population = Path(self.run.data.population_dir).expanduser().resolve() if self.run.data.population_dir \
                 else default_population_dir(store_dir)
             cfg["population-dir"] = str(population)
             self.run_dir.write_json("config.json", cfg)  # records where this run's devices keep their ledgers
@@ -144,35 +153,36 @@ class FederatedRun:
         if clamped:  # the run records what it does, not what was asked
             log.warning("privrec: %s", clamped)
             self.run_dir.write_json("config.json", cfg)
+        self.run = RunConfig.from_values(cfg)  # with what the run resolved
         # Text models: the frozen text table is built here from the public catalogue (encoded once,
         # cached by hash) and is not part of the shipped weights; devices build the same one themselves.
-        features = features_for(cfg, Path(items_path).parent)
-        self.item_text = None if features is None else torch.from_numpy(features.vectors)
+        features = features_for(self.run, Path(items_path).parent)
+        self.model_cfg, self.item_text = architecture_for(self.run, num_items, features)
+        model = SASRec(self.model_cfg, self.item_text)
         self.text_info = {} if features is None else {"dataset": features.dataset, "key": features.key,
                                                       "catalogue_sha256": features.catalogue_sha256,
                                                       "encoder_id": features.encoder_id}
-        text_dim = 0 if features is None else int(features.vectors.shape[1])
-        self.model_cfg = ModelConfig.from_run_config(cfg, num_items, text_dim)
-        model = SASRec(self.model_cfg, self.item_text)
         self.run_dir.copy_catalogue(items_path)
 
         strategy = build_strategy(cfg, self.num_devices, self._on_train, self._on_evaluate)
         self.strategy = strategy
-        checkpoint = load_checkpoint(self.run_dir.path, cfg) if cfg["resume"] else None
+        checkpoint = load_checkpoint(self.run_dir.path, cfg) if self.run.outputs.resume else None
         if checkpoint is not None:
             restore_strategy(strategy, checkpoint)
             initial = checkpoint.arrays
             self._save_model(checkpoint.arrays)  # the counted model, even if a crash came before model.pt
             self.rows = self.run_dir.reload_metrics(checkpoint.round)
-            random.seed(cfg["seed"] + checkpoint.round)  # a fresh cohort draw for the rounds still to come
+            random.seed(self.run.federation.seed + checkpoint.round)  # a fresh cohort draw for the rounds still to come
             log.info("privrec: resuming run %s after round %d of %d (checkpoint %s)", self.run_dir.path.name,
-                     checkpoint.round, cfg["num-rounds"], self.run_dir.path / CHECKPOINT_DIR)
+                     checkpoint.round, self.run.federation.num_rounds, self.run_dir.path / CHECKPOINT_DIR)
         else:
-            if cfg["public-share"] > 0:
-                model, info = pretrain(cfg, self.store, self.model_cfg, self.item_text)
+            if self.run.federation.public_share > 0:
+                model, info = pretrain(self.run, self.store, self.model_cfg, self.item_text)
                 self.run_dir.write_json("pretraining.json", info)
             initial = model.state_dict()
-        message_config = ConfigRecord({**cfg, **device_config, "run-id": self.run_dir.path.name,
+        # Only what a device cannot read from its own run config: values this run derived. Flower adds
+        # `server-round`, and FedProx alone adds `proximal-mu` (configure_train).
+        message_config = ConfigRecord({**device_config, "run-id": self.run_dir.path.name,
                                        **({TEXT_KEY: features.key} if features is not None else {})})
         started = time.perf_counter()
         self.round_started = started
@@ -181,8 +191,8 @@ class FederatedRun:
             strategy.start(
                 grid=self.grid,
                 initial_arrays=ArrayRecord(initial),
-                num_rounds=cfg["num-rounds"] - strategy.round_offset,
-                timeout=cfg["round-timeout"],
+                num_rounds=self.run.federation.num_rounds - strategy.round_offset,
+                timeout=self.run.federation.round_timeout,
                 train_config=message_config,
                 evaluate_config=ConfigRecord(dict(message_config)),
                 evaluate_fn=self._end_of_round,
@@ -230,10 +240,10 @@ class FederatedRun:
         server_round += self.strategy.round_offset
         state = arrays.to_torch_state_dict()
         central = None
-        wanted = server_round in (0, self.cfg["num-rounds"]) or server_round in self.eval_stats
-        if self.store is not None and self.cfg["central-eval"] and wanted:
-            central = central_evaluation(self.model_cfg, state, self.store, seed=self.cfg["seed"],
-                                         item_text=self.item_text, cold_share=self.cfg["cold-item-share"])
+        wanted = server_round in (0, self.run.federation.num_rounds) or server_round in self.eval_stats
+        if self.store is not None and self.run.federation.central_eval and wanted:
+            central = central_evaluation(self.model_cfg, state, self.store, seed=self.run.federation.seed,
+                                         item_text=self.item_text, cold_share=self.run.data.cold_item_share)
         row = self._metrics_row(server_round, central)
         self.rows.append(row)
         self.run_dir.append_metrics(row)
@@ -291,30 +301,30 @@ class FederatedRun:
 
     # -- privacy records -------------------------------------------------------------------
     def _user_level_epsilon(self, rounds: int) -> float | None:
-        if not self.cfg["user-dp"] or rounds == 0:
+        if not self.run.user_dp.enabled or rounds == 0:
             return None
-        return user_level_epsilon(self.cfg["user-noise-multiplier"], user_sample_rate(self.cfg, self.num_devices),
-                                  rounds, self.cfg["delta"], self.cfg["accountant"])
+        return user_level_epsilon(self.run.user_dp.noise_multiplier, user_sample_rate(self.cfg, self.num_devices),
+                                  rounds, self.run.device.delta, self.run.device.accountant)
 
     def _privacy_record(self) -> dict[str, Any]:
         """`privacy.json`: what every device reported of its spend, and the user-level history (see docs)."""
         cfg, tally = self.cfg, self.strategy.privacy
         rounds = self.rows[-1]["round"] if self.rows else 0
         user_level = None
-        if cfg["user-dp"]:
+        if self.run.user_dp.enabled:
             q = user_sample_rate(cfg, self.num_devices)
-            state = user_level_state(cfg["user-noise-multiplier"], q, rounds, cfg["accountant"])
-            user_level = {"accountant": cfg["accountant"], "history": state["history"],
+            state = user_level_state(self.run.user_dp.noise_multiplier, q, rounds, self.run.device.accountant)
+            user_level = {"accountant": self.run.device.accountant, "history": state["history"],
                           "rounds": [[r["round"], r["user-level-epsilon"]] for r in self.rows if r["round"] > 0],
                           "population": self.num_devices,
                           "expected-cohort": cohort_size(cfg, self.num_devices),
-                          "noise-multiplier": cfg["user-noise-multiplier"],
-                          "clipping-norm": cfg["user-clipping-norm"]}
+                          "noise-multiplier": self.run.user_dp.noise_multiplier,
+                          "clipping-norm": self.run.user_dp.clipping_norm}
         summary = tally.summary()
         return {
             "format": 1,
-            "delta": cfg["delta"],
-            "accountant": cfg["accountant"],
+            "delta": self.run.device.delta,
+            "accountant": self.run.device.accountant,
             "statements": sentences(cfg, summary["all-epsilon-max"], self._user_level_epsilon(rounds),
                                     summary["devices-with-spend"], self.num_devices),
             "devices": tally.records,
@@ -329,7 +339,7 @@ class FederatedRun:
         cohort = cohort_size(self.cfg, self.num_devices)
         return {
             "run-id": self.run_dir.path.name,
-            "rounds": self.cfg["num-rounds"],
+            "rounds": self.run.federation.num_rounds,
             "seconds": round(seconds, 2),
             "devices": self.num_devices,
             "devices-per-round": cohort,
@@ -349,5 +359,5 @@ class FederatedRun:
                         **({"user-level": {**user_level_statement(
                             self.cfg, user_sample_rate(self.cfg, self.num_devices), self.num_devices),
                             "epsilon": self._user_level_epsilon(len([r for r in self.rows if r["round"] > 0]))}}
-                           if self.cfg["user-dp"] else {})},
+                           if self.run.user_dp.enabled else {})},
         }

@@ -53,8 +53,8 @@ def _tensor_bytes(obj: Any) -> bytes:
 def save_checkpoint(run_path: Path, server_round: int, arrays: dict[str, torch.Tensor], strategy: Any,
                     cfg: dict[str, Any]) -> None:
     privacy = strategy.privacy
-    strategy_state = {name: {k: torch.from_numpy(np.asarray(v)) for k, v in getattr(strategy, name).items()}
-                      for name in STRATEGY_STATE if getattr(strategy, name, None) is not None}
+    strategy_state = {name: {k: torch.from_numpy(np.asarray(v)) for k, v in getattr(strategy.flower, name).items()}
+                      for name in STRATEGY_STATE if getattr(strategy.flower, name, None) is not None}
     # population-dir as the ServerApp resolved it (the config may leave it empty: derived from the store)
     state = {"format": FORMAT, "round": server_round, "config": {k: cfg[k] for k in MUST_MATCH},
              "population-dir": cfg["population-dir"],
@@ -103,7 +103,7 @@ def load_checkpoint(run_path: Path, cfg: dict[str, Any]) -> Checkpoint | None:
 
 def restore_strategy(strategy: Any, checkpoint: Checkpoint) -> None:
     for name, values in checkpoint.strategy_state.items():
-        setattr(strategy, name, values)
+        setattr(strategy.flower, name, values)
     strategy.round_offset = checkpoint.round
     strategy.privacy.epsilon_by_device.update(checkpoint.epsilon_by_device)
     strategy.privacy.capped.update(checkpoint.capped)

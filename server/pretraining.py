@@ -9,6 +9,7 @@ the histories they shared; everybody else's guarantee is unchanged (their data i
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -16,6 +17,7 @@ import torch
 
 from shared.baselines import train_centralized
 from shared.coldstart import held_out_items, without_items
+from shared.config import RunConfig
 from shared.data.store import DeviceStore
 from shared.model import ModelConfig, SASRec
 
@@ -23,23 +25,25 @@ PRETRAIN_LR = 0.001  # the centralized baseline's settings (`privrec baseline ce
 PRETRAIN_BATCH = 64
 
 
-def consenting_devices(cfg: dict[str, Any], num_devices: int) -> np.ndarray:
+def consenting_devices(cfg: RunConfig | Mapping[str, Any], num_devices: int) -> np.ndarray:
     """The devices whose users consented, drawn from the run seed (sorted device ids)."""
-    count = int(round(cfg["public-share"] * num_devices))
-    rng = np.random.default_rng([cfg["seed"], 0x5055424C])  # independent of every other use of the seed
+    federation = RunConfig.of(cfg).federation
+    count = int(round(federation.public_share * num_devices))
+    rng = np.random.default_rng([federation.seed, 0x5055424C])  # independent of every other use of the seed
     return np.sort(rng.choice(num_devices, size=count, replace=False))
 
 
-def pretrain(cfg: dict[str, Any], store: DeviceStore, model_cfg: ModelConfig,
+def pretrain(cfg: RunConfig | Mapping[str, Any], store: DeviceStore, model_cfg: ModelConfig,
              item_text: torch.Tensor | None = None) -> tuple[SASRec, dict[str, Any]]:
-    devices = consenting_devices(cfg, store.num_devices)
+    run = RunConfig.of(cfg)
+    devices = consenting_devices(run, store.num_devices)
     histories = [seq for d in devices for seq in store.device(int(d)).train]
-    held_out = held_out_items(cfg, store.num_items)
+    held_out = held_out_items(run, store.num_items)
     if held_out is not None:  # the cold-start protocol holds its items out of every training history
         histories = without_items(histories, held_out)
-    model = train_centralized(histories, store.num_items, model_cfg, window=cfg["window"],
-                              epochs=cfg["public-epochs"], lr=PRETRAIN_LR, batch_size=PRETRAIN_BATCH,
-                              seed=cfg["seed"], item_text=item_text)
+    model = train_centralized(histories, store.num_items, model_cfg, window=run.device.window,
+                              epochs=run.federation.public_epochs, lr=PRETRAIN_LR, batch_size=PRETRAIN_BATCH,
+                              seed=run.federation.seed, item_text=item_text)
     info = {"consenting-devices": int(devices.size), "consenting-users": len(histories),
-            "interactions": int(sum(len(h) for h in histories)), "epochs": cfg["public-epochs"]}
+            "interactions": int(sum(len(h) for h in histories)), "epochs": run.federation.public_epochs}
     return model, info

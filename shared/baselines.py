@@ -2,7 +2,7 @@
 
 * Popularity: items ranked by how often they occur in the *training* histories (never valid/test).
 * Centralized SASRec: one model trained with plain Adam on the union of every user's training
-  windows -- the SAME non-overlapping windows devices train on (``shared.data.windows.make_windows``)
+  windows -- the SAME non-overlapping windows devices train on (``shared.data.windows.history_windows``)
   -- so the gap to federated/DP results is due to federation and privacy only.
 """
 
@@ -13,13 +13,13 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from shared.data.windows import make_windows
+from shared.data.windows import history_windows
 from shared.errors import PrivrecError
 from shared.metrics import eval_inputs, hit_at_k, ndcg_at_k, target_ranks
 from shared.model import ModelConfig, SASRec
 from shared.training import LocalTrainConfig, train_local
 
-__all__ = ["all_windows", "evaluate_popularity", "popularity_scores", "train_centralized"]
+__all__ = ["evaluate_popularity", "popularity_scores", "train_centralized"]
 
 
 def popularity_scores(train: Sequence[np.ndarray], num_items: int) -> np.ndarray:
@@ -61,15 +61,6 @@ def evaluate_popularity(
     return {"hit": hit_at_k(ranks, k), "ndcg": ndcg_at_k(ranks, k), "rank": ranks}
 
 
-def all_windows(train: Sequence[np.ndarray], window: int) -> np.ndarray:
-    """Every user's training windows stacked: int64 ``[n, window]``."""
-    parts = [make_windows(np.asarray(seq, dtype=np.int64), window) for seq in train]
-    parts = [p for p in parts if p.shape[0]]
-    if not parts:
-        return np.zeros((0, window), dtype=np.int64)
-    return np.concatenate(parts, axis=0)
-
-
 def train_centralized(
     train: Sequence[np.ndarray],
     num_items: int,
@@ -90,7 +81,7 @@ def train_centralized(
         raise PrivrecError(
             f"model_cfg.num_items={model_cfg.num_items} differs from num_items={num_items}"
         )
-    windows = all_windows(train, window)
+    windows = history_windows(train, window)
     if windows.shape[0] == 0:
         raise PrivrecError(f"no training window of length >= 2 with window={window}")
     with torch.random.fork_rng(devices=[]):

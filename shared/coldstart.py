@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from shared.config import RunConfig
 from shared.errors import PrivrecError
 from shared.metrics import summarize
 
@@ -26,13 +27,14 @@ def cold_items(num_items: int, share: float, seed: int) -> np.ndarray:
     return np.sort(rng.choice(np.arange(1, num_items + 1), size=count, replace=False)).astype(np.int64)
 
 
-def held_out_items(cfg: Mapping[str, Any], num_items: int) -> np.ndarray | None:
+def held_out_items(cfg: RunConfig | Mapping[str, Any], num_items: int) -> np.ndarray | None:
     """The run's cold items (`cold-item-share`, `seed`), or None when the protocol is off.
 
     Every reader of training histories (devices, server-side pretraining) holds out the same items.
     """
-    share = cfg["cold-item-share"]
-    return cold_items(num_items, share, cfg["seed"]) if share else None
+    run = RunConfig.of(cfg)
+    share = run.data.cold_item_share
+    return cold_items(num_items, share, run.federation.seed) if share else None
 
 
 def without_items(histories: Sequence[np.ndarray], items: np.ndarray) -> list[np.ndarray]:

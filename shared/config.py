@@ -15,7 +15,10 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
+
+import numpy as np
 
 from shared.errors import PrivrecError
 
@@ -44,13 +47,16 @@ def _one_of(*choices: str) -> Callable[[Any], bool]:
     return lambda v: v in choices
 
 
+# Enumerations: the one list of each (other modules import them from here).
 STRATEGIES = ("fedavg", "fedadam", "fedprox")
 ACCOUNTANTS = ("rdp", "prv", "gdp")
 GRAD_SAMPLE_MODES = ("hooks", "ghost")
+OPTIMIZERS = ("adam", "sgd")
+TRAINABLE_SCOPES = ("all", "no-item-tables")  # what a device trains (shared.model.FROZEN_BY_SCOPE)
 REPRESENTATIONS = ("id", "text", "text+id")
 
-SCHEMA: dict[str, Key] = {
-    # data
+# the data and the simulated population
+_DATA: dict[str, Key] = {
     "dataset": Key(str, "ml-100k", "'ml-100k', or a path to a MovieLens/RecBole/CSV file or folder",
                    lambda v: bool(v.strip()), "must not be empty"),
     "data-store": Key(str, "", "prepared device store folder; empty = prepare it from `dataset`"),
@@ -58,13 +64,24 @@ SCHEMA: dict[str, Key] = {
     "population-dir": Key(str, "", "simulation: folder of the simulated devices' privacy ledgers, shared by every "
                                    "run on the store; empty = <data-store>.population beside the store (pass a "
                                    "fresh folder for fresh simulated people)"),
-    # model
+    "cold-item-share": Key(float, 0.0, "cold-start protocol: share of items (drawn with `seed`) kept out of "
+                                       "every training window and evaluated separately; 0 = off",
+                           lambda v: 0 <= v < 1, "must be in [0, 1)"),
+}
+# the model's architecture
+_MODEL: dict[str, Key] = {
     "max-len": Key(int, 50, "longest history the model attends to", _positive, "must be >= 1"),
     "hidden-size": Key(int, 64, "embedding and attention width", _positive, "must be >= 1"),
     "num-heads": Key(int, 2, "attention heads per block", _positive, "must be >= 1"),
     "num-blocks": Key(int, 2, "self-attention blocks", _positive, "must be >= 1"),
     "dropout": Key(float, 0.2, "dropout probability", lambda v: 0 <= v < 1, "must be in [0, 1)"),
-    # federation
+    "item-representation": Key(str, "id", "how the model knows items: id (a trainable embedding per item), "
+                                          "text (frozen all-MiniLM-L6-v2 vectors of title, year and genres "
+                                          "through trainable projections), text+id (both)",
+                               _one_of(*REPRESENTATIONS), "must be one of " + ", ".join(REPRESENTATIONS)),
+}
+# the federation: rounds, cohorts, aggregation (the server's settings)
+_FEDERATION: dict[str, Key] = {
     "strategy": Key(str, "fedavg", "server aggregation: " + ", ".join(STRATEGIES),
                     _one_of(*STRATEGIES), "must be one of " + ", ".join(STRATEGIES)),
     "num-rounds": Key(int, 10, "federated rounds", _positive, "must be >= 1"),
@@ -86,7 +103,16 @@ SCHEMA: dict[str, Key] = {
     "deterministic-devices": Key(bool, False, "simulation only: derive each device's sampling and DP noise "
                                               "from `seed` so runs repeat exactly; whoever knows the seed "
                                               "can subtract the noise, so never use it in a deployment"),
-    # on-device training
+    "public-share": Key(float, 0.0, "simulation: share of users who consent to share their training histories "
+                                    "for non-private pretraining on the server before federation (they get "
+                                    "no privacy guarantee)", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "public-epochs": Key(int, 20, "epochs of server-side pretraining on the consenting users", _positive,
+                         "must be >= 1"),
+    "round-timeout": Key(float, 3600.0, "seconds the server waits for replies in a round; late or lost "
+                                        "devices are left out of that round", _positive, "must be > 0"),
+}
+# on-device training and its DP-SGD (record-level DP); delta and accountant serve both levels
+_DEVICE: dict[str, Key] = {
     "local-epochs": Key(int, 1, "local passes over the device's windows per round", _positive, "must be >= 1"),
     "local-lr": Key(float, 0.005, "local Adam learning rate", _positive, "must be > 0"),
     "batch-size": Key(int, 8, "local batch size; under DP the fixed divisor of each step's noisy gradient sum "
@@ -97,17 +123,12 @@ SCHEMA: dict[str, Key] = {
                        lambda v: 0 < v <= 1, "must be in (0, 1]"),
     "window": Key(int, 50, "interactions per training example (the privacy unit)",
                   lambda v: v >= 2, "must be >= 2"),
-    "local-optimizer": Key(str, "adam", "on-device optimizer: adam, sgd", _one_of("adam", "sgd"),
-                           "must be one of adam, sgd"),
+    "local-optimizer": Key(str, "adam", "on-device optimizer: adam, sgd", _one_of(*OPTIMIZERS),
+                           "must be one of " + ", ".join(OPTIMIZERS)),
     "device-trains": Key(str, "all", "what a device trains: all, or no-item-tables (item embedding and output "
                                      "weights, and text projections, stay global; DP noise falls on far "
                                      "fewer parameters)",
-                         _one_of("all", "no-item-tables"), "must be one of all, no-item-tables"),
-    "public-share": Key(float, 0.0, "simulation: share of users who consent to share their training histories "
-                                    "for non-private pretraining on the server before federation (they get "
-                                    "no privacy guarantee)", lambda v: 0 <= v < 1, "must be in [0, 1)"),
-    "public-epochs": Key(int, 20, "epochs of server-side pretraining on the consenting users", _positive,
-                         "must be >= 1"),
+                         _one_of(*TRAINABLE_SCOPES), "must be one of " + ", ".join(TRAINABLE_SCOPES)),
     "dp": Key(bool, True, "DP-SGD on the device (Opacus)"),
     "noise-multiplier": Key(float, 1.0, "DP-SGD noise std / clipping norm (> 0 when dp = true)", _non_negative,
                             "must be >= 0"),
@@ -120,32 +141,42 @@ SCHEMA: dict[str, Key] = {
                       _one_of(*ACCOUNTANTS), "must be one of " + ", ".join(ACCOUNTANTS)),
     "grad-sample-mode": Key(str, "hooks", "Opacus per-example gradient mode: " + ", ".join(GRAD_SAMPLE_MODES),
                             _one_of(*GRAD_SAMPLE_MODES), "must be one of " + ", ".join(GRAD_SAMPLE_MODES)),
-    # user-level DP (DP-FedAvg on the server)
+}
+# user-level DP (DP-FedAvg on the server)
+_USER_DP: dict[str, Key] = {
     "user-dp": Key(bool, False, "user-level DP: Poisson-sample devices, clip each device's update to "
                                 "user-clipping-norm and add Gaussian noise to their sum (DP-FedAvg)"),
     "user-noise-multiplier": Key(float, 1.0, "DP-FedAvg noise std / user-clipping-norm", _positive, "must be > 0"),
     "user-clipping-norm": Key(float, 0.5, "L2 bound on one device's model update (DP-FedAvg)", _positive,
                               "must be > 0"),
-    # outputs
+}
+# where and how a run is recorded
+_OUTPUTS: dict[str, Key] = {
     "run-dir": Key(str, "runs", "folder that receives runs/<run-id>/"),
     "run-name": Key(str, "", "run id (folder name); empty = time stamp"),
-    # item text features
-    "item-representation": Key(str, "id", "how the model knows items: id (a trainable embedding per item), "
-                                          "text (frozen all-MiniLM-L6-v2 vectors of title, year and genres "
-                                          "through trainable projections), text+id (both)",
-                               _one_of(*REPRESENTATIONS), "must be one of " + ", ".join(REPRESENTATIONS)),
-    "cold-item-share": Key(float, 0.0, "cold-start protocol: share of items (drawn with `seed`) kept out of "
-                                       "every training window and evaluated separately; 0 = off",
-                           lambda v: 0 <= v < 1, "must be in [0, 1)"),
-    # deployment
+    "resume": Key(bool, True, "continue from runs/<run-id>/checkpoint/ when it exists (same run-name)"),
+}
+# deployment (real SuperNodes)
+_DEPLOYMENT: dict[str, Key] = {
     "catalogue": Key(str, "", "deployment: DEVICES_DIR/catalogue from `privrec data split`; when set, the "
                               "ServerApp reads only this public catalogue and never any device data"),
     "deploy-devices": Key(int, 0, "deployment: SuperNodes taking part (0 = every device in the catalogue)",
                           _non_negative, "must be >= 0"),
-    "round-timeout": Key(float, 3600.0, "seconds the server waits for replies in a round; late or lost "
-                                        "devices are left out of that round", _positive, "must be > 0"),
-    "resume": Key(bool, True, "continue from runs/<run-id>/checkpoint/ when it exists (same run-name)"),
 }
+
+# Section name -> its keys; each section becomes one frozen dataclass below (field = key with "_",
+# or the name in RENAMED).
+SECTIONS: dict[str, dict[str, Key]] = {"data": _DATA, "model": _MODEL, "federation": _FEDERATION,
+                                       "device": _DEVICE, "user_dp": _USER_DP, "outputs": _OUTPUTS,
+                                       "deployment": _DEPLOYMENT}
+RENAMED = {"local-epochs": "epochs", "local-lr": "lr", "local-optimizer": "optimizer", "device-trains": "trainable",
+           "user-dp": "enabled", "user-noise-multiplier": "noise_multiplier", "user-clipping-norm": "clipping_norm"}
+SCHEMA: dict[str, Key] = {name: key for section in SECTIONS.values() for name, key in section.items()}
+
+
+def field_name(key: str) -> str:
+    """The attribute a config key has in its section (`local-lr` -> `device.lr`)."""
+    return RENAMED.get(key, key.replace("-", "_"))
 
 
 def default_run_name() -> str:
@@ -213,25 +244,64 @@ def check_keys(values: Mapping[str, Any], where: str = "") -> dict[str, Any]:
     for name, value in values.items():
         if name not in SCHEMA:
             raise PrivrecError(_unknown_key_message(name, where))
-        key, out[name] = SCHEMA[name], _coerce(name, value, where)
-        if key.type is float and not key.allow_nonfinite and not math.isfinite(out[name]):
-            raise PrivrecError(f"{where}config key '{name}' = {out[name]!r}: must be a finite number")
-        if key.check is not None and not key.check(out[name]):
-            raise PrivrecError(f"{where}config key '{name}' = {out[name]!r}: {key.rule}")
+        out[name] = _coerce(name, value, where)
+        wrong = out_of_range(name, out[name])
+        if wrong:
+            raise PrivrecError(f"{where}config key '{name}' = {out[name]!r}: {wrong}")
     return out
 
 
+def out_of_range(name: str, value: Any) -> str | None:
+    """What is wrong with `value` (already of the key's type) for key `name`, in words; None when it is fine."""
+    key = SCHEMA[name]
+    if key.type is float and not key.allow_nonfinite and not math.isfinite(value):
+        return "must be a finite number"
+    if key.check is not None and not key.check(value):
+        return key.rule
+    return None
+
+
+def strict_problem(name: str, value: Any) -> str | None:
+    """`out_of_range`, for a value that did not come through this schema (a library caller's argument):
+    its type must already be the key's (no string or float-to-int coercion)."""
+    want = SCHEMA[name].type
+    numeric = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    ok = {bool: isinstance(value, bool), str: isinstance(value, str),
+          int: isinstance(value, (int, np.integer)) and not isinstance(value, bool), float: numeric}[want]
+    return out_of_range(name, value) if ok else f"must be a {want.__name__}"
+
+
+def heads_problem(hidden_size: int, num_heads: int) -> str | None:
+    """Attention heads split the width evenly."""
+    return None if hidden_size % num_heads == 0 else \
+        f"hidden-size = {hidden_size} must be divisible by num-heads = {num_heads}"
+
+
+def unnoised_problem(dp: bool, noise_multiplier: float) -> str | None:
+    """DP with noise 0: Opacus would clip but add no noise, and unnoised updates would leave under a "DP" label.
+
+    The one privacy check every entry checks, the run config and a direct `train_local` call alike.
+    """
+    if dp and noise_multiplier == 0:
+        return ("'noise-multiplier' = 0 with 'dp' = true adds no noise; set noise-multiplier > 0, or dp = false "
+                "for a non-private run")
+    return None
+
+
 def _check_relations(cfg: Mapping[str, Any], where: str) -> None:
-    if cfg["hidden-size"] % cfg["num-heads"]:
+    if heads_problem(cfg["hidden-size"], cfg["num-heads"]):
         raise PrivrecError(f"{where}config key 'hidden-size' = {cfg['hidden-size']} must be divisible by "
                            f"'num-heads' = {cfg['num-heads']}")
     if cfg["window"] - 1 > cfg["max-len"]:
         raise PrivrecError(f"{where}config key 'window' = {cfg['window']}: a window feeds window-1 = "
                            f"{cfg['window'] - 1} items to the model, more than 'max-len' = {cfg['max-len']}")
-    if cfg["dp"] and cfg["noise-multiplier"] == 0:
-        # Opacus would clip but add no noise: unnoised updates would leave every device under a "DP" label.
-        raise PrivrecError(f"{where}config key 'noise-multiplier' = 0 with 'dp' = true adds no noise; "
-                           "set noise-multiplier > 0, or dp = false for a non-private run")
+    unnoised = unnoised_problem(cfg["dp"], cfg["noise-multiplier"])
+    if unnoised:
+        raise PrivrecError(f"{where}config key {unnoised}")
+    if cfg["proximal-mu"] > 0 and cfg["strategy"] != "fedprox":
+        # Only FedProx sends the proximal weight to the devices: under another strategy it would do nothing.
+        raise PrivrecError(f"{where}config key 'proximal-mu' = {cfg['proximal-mu']} has no effect with "
+                           f"'strategy' = {cfg['strategy']}: set strategy = fedprox, or proximal-mu = 0")
     if cfg["devices-per-round"] == 0 and cfg["fraction-train"] == 0:
         raise PrivrecError(f"{where}config keys 'devices-per-round' and 'fraction-train' are both 0: "
                            "no device would train")
@@ -280,6 +350,127 @@ def resolve(config_file: str | Path | None = None, overrides: Mapping[str, Any] 
     return validate(merged)
 
 
-def from_run_config(run_config: Mapping[str, Any]) -> dict[str, Any]:
-    """Validated config from Flower's `context.run_config` (pyproject defaults + `-c` overrides)."""
-    return validate(dict(run_config), where="run config: ")
+@dataclass(frozen=True)
+class DataSection:
+    dataset: str
+    data_store: str
+    users_per_device: int
+    population_dir: str
+    cold_item_share: float
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    max_len: int
+    hidden_size: int
+    num_heads: int
+    num_blocks: int
+    dropout: float
+    item_representation: str
+
+
+@dataclass(frozen=True)
+class FederationSection:
+    strategy: str
+    num_rounds: int
+    devices_per_round: int
+    fraction_train: float
+    server_lr: float
+    proximal_mu: float
+    eval_every: int
+    fraction_evaluate: float
+    central_eval: bool
+    seed: int
+    deterministic_devices: bool
+    public_share: float
+    public_epochs: int
+    round_timeout: float
+
+
+@dataclass(frozen=True)
+class DeviceTraining:
+    """On-device training and its DP-SGD; `delta` and `accountant` are the run's, for both DP levels."""
+    epochs: int
+    lr: float
+    batch_size: int
+    sample_rate: float
+    window: int
+    optimizer: str
+    trainable: str
+    dp: bool
+    noise_multiplier: float
+    max_grad_norm: float
+    max_epsilon: float
+    delta: float
+    accountant: str
+    grad_sample_mode: str
+
+
+@dataclass(frozen=True)
+class UserDPSection:
+    enabled: bool
+    noise_multiplier: float
+    clipping_norm: float
+
+
+@dataclass(frozen=True)
+class OutputsSection:
+    run_dir: str
+    run_name: str
+    resume: bool
+
+
+@dataclass(frozen=True)
+class DeploymentSection:
+    catalogue: str
+    deploy_devices: int
+
+
+SECTION_TYPES = {"data": DataSection, "model": ModelSection, "federation": FederationSection,
+                 "device": DeviceTraining, "user_dp": UserDPSection, "outputs": OutputsSection,
+                 "deployment": DeploymentSection}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A validated run config in typed sections, built once per process from the flat keys.
+
+    `values` is the flat config the sections were built from (what a run records in config.json).
+    """
+    data: DataSection
+    model: ModelSection
+    federation: FederationSection
+    device: DeviceTraining
+    user_dp: UserDPSection
+    outputs: OutputsSection
+    deployment: DeploymentSection
+    values: Mapping[str, Any]
+
+    @classmethod
+    def from_values(cls, values: Mapping[str, Any], where: str = "") -> RunConfig:
+        """Validated (defaults fill what `values` leaves out) and split into sections."""
+        flat = validate(values, where)
+        sections = {name: SECTION_TYPES[name](**{field_name(k): flat[k] for k in keys})
+                    for name, keys in SECTIONS.items()}
+        return cls(**sections, values=MappingProxyType(flat))
+
+    @classmethod
+    def of(cls, cfg: RunConfig | Mapping[str, Any]) -> RunConfig:
+        """`cfg` itself, or the RunConfig of a flat config mapping (for callers that hold one)."""
+        return cfg if isinstance(cfg, RunConfig) else cls.from_values(cfg)
+
+    def with_values(self, **changes: Any) -> RunConfig:
+        """A copy with some flat keys changed (`with_values(**{"devices-per-round": 3})`), validated again."""
+        return RunConfig.from_values({**self.values, **changes})
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.values)
+
+
+def from_run_config(run_config: Mapping[str, Any]) -> RunConfig:
+    """The RunConfig of Flower's `context.run_config` (pyproject defaults + `--run-config` overrides).
+
+    Flower hands the same run config to the ServerApp and to every ClientApp, in simulation and in
+    deployment: each side parses it here, once, and messages carry only per-round values.
+    """
+    return RunConfig.from_values(dict(run_config), where="run config: ")

@@ -1,6 +1,6 @@
 """SASRec-style causal self-attention next-item model (plain torch, no Flower, Opacus-compatible).
 
-Design constraints (see /work/shared/BRIEF.md, "Opacus with attention models"):
+Design constraints (Opacus with attention models):
 
 * Attention is built from ``nn.Linear`` (q, k, v, out) + ``F.scaled_dot_product_attention``; no
   ``nn.MultiheadAttention`` / ``nn.TransformerEncoder`` (their masks break under Opacus).
@@ -31,36 +31,43 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from shared.config import REPRESENTATIONS
+from shared.config import REPRESENTATIONS, SCHEMA, ModelSection, RunConfig, heads_problem, strict_problem
 from shared.errors import PrivrecError
 
-__all__ = ["REPRESENTATIONS", "ModelConfig", "SASRec"]
+__all__ = ["REPRESENTATIONS", "ModelConfig", "SASRec", "architecture_for", "model_for"]
+
+
+def _default(key: str):
+    return SCHEMA[key].default
 
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """The architecture: the run config's model section over a catalogue of `num_items` items.
+
+    Defaults and ranges are the run-config schema's (shared/config.py); a run builds this with `from_run_config`.
+    """
     num_items: int
-    max_len: int = 50
-    hidden_size: int = 64
-    num_heads: int = 2
-    num_blocks: int = 2
-    dropout: float = 0.2
-    item_representation: str = "id"  # one of REPRESENTATIONS
+    max_len: int = _default("max-len")
+    hidden_size: int = _default("hidden-size")
+    num_heads: int = _default("num-heads")
+    num_blocks: int = _default("num-blocks")
+    dropout: float = _default("dropout")
+    item_representation: str = _default("item-representation")  # one of REPRESENTATIONS
     text_dim: int = 0  # width of the frozen item text vectors (text models only)
 
     @classmethod
-    def from_run_config(cls, cfg, num_items: int, text_dim: int = 0) -> ModelConfig:
-        """The architecture a run config (see shared/config.py) asks for, over `num_items` items."""
-        representation = cfg.get("item-representation", "id")
-        return cls(num_items=num_items, max_len=cfg["max-len"], hidden_size=cfg["hidden-size"],
-                   num_heads=cfg["num-heads"], num_blocks=cfg["num-blocks"], dropout=cfg["dropout"],
-                   item_representation=representation, text_dim=text_dim if representation != "id" else 0)
+    def from_run_config(cls, cfg: RunConfig | Mapping, num_items: int, text_dim: int = 0) -> ModelConfig:
+        """The architecture a run config asks for, over `num_items` items (text_dim: text models' vector width)."""
+        model = RunConfig.of(cfg).model
+        return cls(num_items=num_items, **{f.name: getattr(model, f.name) for f in fields(ModelSection)},
+                   text_dim=text_dim if model.item_representation != "id" else 0)
 
     @property
     def uses_text(self) -> bool:
@@ -71,27 +78,38 @@ class ModelConfig:
         return self.item_representation != "text"
 
     def __post_init__(self) -> None:
-        for key in ("num_items", "max_len", "hidden_size", "num_heads"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise PrivrecError(f"model config: {key} must be an integer >= 1, got {value!r}")
-        if not isinstance(self.num_blocks, int) or self.num_blocks < 0:
-            raise PrivrecError(
-                f"model config: num_blocks must be an integer >= 0, got {self.num_blocks!r}"
-            )
-        if self.hidden_size % self.num_heads != 0:
-            raise PrivrecError(
-                f"model config: hidden_size={self.hidden_size} must be divisible by "
-                f"num_heads={self.num_heads}"
-            )
-        if not (0.0 <= float(self.dropout) < 1.0):
-            raise PrivrecError(f"model config: dropout must be in [0, 1), got {self.dropout!r}")
-        if self.item_representation not in REPRESENTATIONS:
-            raise PrivrecError(f"model config: item_representation must be one of {', '.join(REPRESENTATIONS)}, "
-                               f"got {self.item_representation!r}")
+        if not isinstance(self.num_items, int) or isinstance(self.num_items, bool) or self.num_items < 1:
+            raise PrivrecError(f"model config: num_items must be an integer >= 1, got {self.num_items!r}")
+        for f in fields(ModelSection):  # the schema's checks, for a caller that did not come through it
+            key = f.name.replace("_", "-")
+            problem = strict_problem(key, getattr(self, f.name))
+            if problem:
+                raise PrivrecError(f"model config: {f.name} {problem}, got {getattr(self, f.name)!r}")
+        if heads_problem(self.hidden_size, self.num_heads):
+            raise PrivrecError(f"model config: hidden_size={self.hidden_size} must be divisible by "
+                               f"num_heads={self.num_heads}")
         if self.uses_text and (not isinstance(self.text_dim, int) or self.text_dim < 1):
             raise PrivrecError(f"model config: item_representation={self.item_representation!r} needs "
                                f"text_dim >= 1, got {self.text_dim!r}")
+
+
+def architecture_for(cfg: RunConfig | Mapping, num_items: int, item_text=None) -> tuple[ModelConfig, Tensor | None]:
+    """A run's architecture and frozen text table: text features -> ModelConfig, in one place.
+
+    `item_text`: the catalogue's text features (`shared.text.features.features_for`: TextFeatures, array or
+    tensor), None for ID-only models.
+    """
+    if item_text is not None and hasattr(item_text, "vectors"):
+        item_text = item_text.vectors
+    table = None if item_text is None else torch.as_tensor(item_text)
+    return ModelConfig.from_run_config(cfg, num_items, 0 if table is None else int(table.shape[1])), table
+
+
+def model_for(cfg: RunConfig | Mapping, num_items: int, item_text=None,
+              state: Mapping[str, Tensor] | None = None) -> SASRec:
+    """A run's model: `architecture_for`, then SASRec with `state`'s weights (else a fresh initialisation)."""
+    model_cfg, table = architecture_for(cfg, num_items, item_text)
+    return SASRec(model_cfg, table) if state is None else SASRec.from_state(model_cfg, state, table)
 
 
 class CausalSelfAttention(nn.Module):
@@ -150,7 +168,8 @@ class Block(nn.Module):
         return x
 
 
-TRAINABLE_SCOPES: dict[str, tuple[str, ...]] = {
+# What each of the schema's TRAINABLE_SCOPES (config key `device-trains`) keeps frozen on a device.
+FROZEN_BY_SCOPE: dict[str, tuple[str, ...]] = {
     "all": (),
     # Everything that maps items to or from the hidden space: ID tables and, in text models, the
     # projections of the frozen text features. What is left is the sequence body.
@@ -281,9 +300,9 @@ class SASRec(nn.Module):
         text_in/text_out in text models), so on-device DP noise falls only on the attention body,
         position embeddings and the output bias.
         """
-        if scope not in TRAINABLE_SCOPES:
-            raise ValueError(f"trainable scope must be one of {', '.join(TRAINABLE_SCOPES)}, got {scope!r}")
-        frozen = TRAINABLE_SCOPES[scope]
+        if scope not in FROZEN_BY_SCOPE:
+            raise ValueError(f"trainable scope must be one of {', '.join(FROZEN_BY_SCOPE)}, got {scope!r}")
+        frozen = FROZEN_BY_SCOPE[scope]
         for name, param in self.named_parameters():
             param.requires_grad_(name not in frozen)
         return sum(p.numel() for p in self.parameters() if p.requires_grad)

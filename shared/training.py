@@ -47,10 +47,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from shared.config import SCHEMA, SECTIONS, DeviceTraining, field_name, strict_problem, unnoised_problem
 from shared.errors import PrivrecError
 from shared.model import SASRec
 from shared.privacy.accounting import (
-    ACCOUNTANTS,
     check_fixed_parameters,
     epsilon_from_state,
     from_json_state,
@@ -71,85 +71,59 @@ __all__ = [
     "train_local",
 ]
 
-GRAD_SAMPLE_MODES = ("hooks", "ghost")
-OPTIMIZERS = ("adam", "sgd")
+def _default(key: str):
+    return SCHEMA[key].default
+
+
+# LocalTrainConfig field -> the run-config key that defines its default, range and choices: every
+# on-device key but the two a device applies before training (window, max-epsilon), and FedProx's weight.
+_KEY_OF = {**{field_name(key): key for key in SECTIONS["device"] if key not in ("window", "max-epsilon")},
+           "proximal_mu": "proximal-mu"}
 
 
 @dataclass(frozen=True)
 class LocalTrainConfig:
-    epochs: int = 1
-    lr: float = 0.005
-    batch_size: int = 8  # plain: batch size; DP: the fixed divisor of the noisy gradient sum
-    sample_rate: float = 1.0  # DP only: Poisson rate per window and step (fixed, never from the data)
-    dp: bool = True
-    noise_multiplier: float = 1.0
-    max_grad_norm: float = 1.0
-    delta: float = 1e-5
-    accountant: str = "rdp"  # "rdp" | "prv" | "gdp"
-    grad_sample_mode: str = "hooks"  # "hooks" | "ghost"
-    proximal_mu: float = 0.0
-    optimizer: str = "adam"  # "adam" | "sgd" (plain SGD averages DP noise away across devices; Adam rescales it)
-    trainable: str = "all"  # SASRec.set_trainable scope
+    """One round of `train_local`: the run's on-device settings, plus the round's seed and proximal weight.
+
+    Defaults, ranges and choices are the run-config schema's (shared/config.py); a run builds this
+    from its `DeviceTraining` section with `for_round`.
+    """
+    epochs: int = _default("local-epochs")
+    lr: float = _default("local-lr")
+    batch_size: int = _default("batch-size")  # plain: batch size; DP: the fixed divisor of the noisy gradient sum
+    sample_rate: float = _default("sample-rate")  # DP only: Poisson rate per window and step (never from the data)
+    dp: bool = _default("dp")
+    noise_multiplier: float = _default("noise-multiplier")
+    max_grad_norm: float = _default("max-grad-norm")
+    delta: float = _default("delta")
+    accountant: str = _default("accountant")
+    grad_sample_mode: str = _default("grad-sample-mode")
+    proximal_mu: float = 0.0  # FedProx's per-round weight, sent by the server only under strategy = fedprox
+    optimizer: str = _default("local-optimizer")  # plain SGD averages DP noise away across devices; Adam rescales it
+    trainable: str = _default("device-trains")  # SASRec.set_trainable scope
     # Seeds dropout, Poisson sampling and DP noise (mixed with the device's step count so rounds
     # differ). None = fresh OS entropy: not reproducible, but sampling and noise are then not
     # predictable from the (public) run config -- see the module docstring.
     seed: int | None = 0
 
+    @classmethod
+    def for_round(cls, device: DeviceTraining, *, seed: int | None, proximal_mu: float) -> LocalTrainConfig:
+        return cls(**{f: getattr(device, f) for f in _KEY_OF if f != "proximal_mu"}, proximal_mu=proximal_mu,
+                   seed=seed)
+
     def validate(self) -> None:
+        """The schema's checks on each field (a library caller may pass anything), and the DP noise guard."""
         def bad(key: str, value, why: str) -> PrivrecError:
             return PrivrecError(f"local training config: {key}={value!r} is invalid: {why}")
 
-        def is_int(v) -> bool:
-            return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-        def is_num(v) -> bool:
-            return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
-
-        if not is_int(self.epochs) or self.epochs < 1:
-            raise bad("epochs", self.epochs, "must be an integer >= 1")
-        if not is_int(self.batch_size) or self.batch_size < 1:
-            raise bad("batch_size", self.batch_size, "must be an integer >= 1")
-        if not is_num(self.lr) or not math.isfinite(self.lr) or self.lr <= 0:
-            raise bad("lr", self.lr, "must be a finite number > 0")
-        if not isinstance(self.dp, bool):
-            raise bad("dp", self.dp, "must be true or false")
-        if not is_num(self.sample_rate) or not 0.0 < self.sample_rate <= 1.0:
-            raise bad("sample_rate", self.sample_rate, "must be in (0, 1]")
-        if (
-            not is_num(self.noise_multiplier)
-            or not self.noise_multiplier >= 0
-            or math.isinf(self.noise_multiplier)
-        ):
-            raise bad("noise_multiplier", self.noise_multiplier, "must be a finite number >= 0")
-        if self.dp and self.noise_multiplier == 0:
-            # Checked here too, not only in the run config: nothing unnoised ever leaves under dp = true.
+        for field, key in _KEY_OF.items():
+            problem = strict_problem(key, getattr(self, field))
+            if problem:
+                raise bad(field, getattr(self, field), problem)
+        if unnoised_problem(self.dp, self.noise_multiplier):
             raise bad("noise_multiplier", self.noise_multiplier, "must be > 0 when dp is true "
                       "(0 would release unnoised updates with an infinite epsilon)")
-        if (
-            not is_num(self.max_grad_norm)
-            or not self.max_grad_norm > 0
-            or math.isinf(self.max_grad_norm)
-        ):
-            raise bad("max_grad_norm", self.max_grad_norm, "must be a finite number > 0")
-        if not is_num(self.delta) or not (0.0 < self.delta < 1.0):
-            raise bad("delta", self.delta, "must be in (0, 1)")
-        if self.accountant not in ACCOUNTANTS:
-            raise bad("accountant", self.accountant, f"must be one of {', '.join(ACCOUNTANTS)}")
-        if self.grad_sample_mode not in GRAD_SAMPLE_MODES:
-            raise bad(
-                "grad_sample_mode",
-                self.grad_sample_mode,
-                f"must be one of {', '.join(GRAD_SAMPLE_MODES)}",
-            )
-        if (
-            not is_num(self.proximal_mu)
-            or not self.proximal_mu >= 0
-            or math.isinf(self.proximal_mu)
-        ):
-            raise bad("proximal_mu", self.proximal_mu, "must be a finite number >= 0")
-        if self.optimizer not in OPTIMIZERS:
-            raise bad("optimizer", self.optimizer, f"must be one of {', '.join(OPTIMIZERS)}")
-        if self.seed is not None and not is_int(self.seed):
+        if self.seed is not None and (not isinstance(self.seed, (int, np.integer)) or isinstance(self.seed, bool)):
             raise bad("seed", self.seed, "must be an integer or None")
 
 

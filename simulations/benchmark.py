@@ -42,7 +42,7 @@ def bench_steps(cfg: dict, store_dir: Path, repeats: int = 30) -> dict:
     from opacus import PrivacyEngine
 
     from client.device import training_windows
-    from shared.model import ModelConfig, SASRec
+    from shared.model import model_for
     from shared.training import SequenceLoss, sequence_loss, split_windows
 
     torch.set_num_threads(1)
@@ -56,13 +56,13 @@ def bench_steps(cfg: dict, store_dir: Path, repeats: int = 30) -> dict:
     def timed(step) -> float:
         return median_seconds(step, repeats, warmup=5)
 
-    plain_model = SASRec(ModelConfig.from_run_config(cfg, store.num_items))
+    plain_model = model_for(cfg, store.num_items)
     plain_opt = torch.optim.Adam(plain_model.parameters(), lr=1e-3)
     results["plain_s"] = timed(lambda: _step(plain_model, plain_opt, sequence_loss, inputs, targets))
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(inputs, targets),
                                          batch_size=len(inputs))
     for mode in ("hooks", "ghost"):
-        model = SASRec(ModelConfig.from_run_config(cfg, store.num_items))
+        model = model_for(cfg, store.num_items)
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
         engine = PrivacyEngine(accountant="rdp")
         made = engine.make_private(module=model, optimizer=opt, data_loader=loader, noise_multiplier=1.0,
@@ -84,7 +84,7 @@ def _step(model, optimizer, criterion, inputs, targets) -> None:
 # ------------------------------------------------------------------------------------- (b)
 def bench_throughput(cfg: dict, store_dir: Path, rounds: int, devices_per_round: int) -> dict:
     from client.device import load_device, train_round
-    from shared.model import ModelConfig, SASRec
+    from shared.model import model_for
     from tools.launch import run_simulation
 
     store = open_store(store_dir)
@@ -109,7 +109,7 @@ def bench_throughput(cfg: dict, store_dir: Path, rounds: int, devices_per_round:
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
     sample = rng.choice(store.num_devices, size=min(64, store.num_devices), replace=False)
-    state = SASRec(ModelConfig.from_run_config(run_cfg, store.num_items)).state_dict()
+    state = model_for(run_cfg, store.num_items).state_dict()
     ledger_dir = Path(tempfile.mkdtemp(prefix="privrec-bench-ledgers-"))
     start = time.perf_counter()
     for device in sample:
@@ -138,7 +138,8 @@ def federated_run(cfg: dict, store_dir: Path, overrides: dict) -> dict:
                                "population-dir": str(run_root / "population"), "deterministic-devices": True})
     run_dir = RunDirectory.create(run_cfg["run-dir"], run_cfg["run-name"])
     started = time.perf_counter()
-    FederatedRun(run_cfg, run_dir, InProcessGrid(client_app, open_store(store_dir).num_devices)).execute()
+    grid = InProcessGrid(client_app, open_store(store_dir).num_devices, run_config=run_cfg)
+    FederatedRun(run_cfg, run_dir, grid).execute()
     summary = json.loads((run_dir.path / "summary.json").read_text())
     fed = summary["federated-evaluation"]
     privacy = summary["privacy"]

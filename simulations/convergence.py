@@ -43,7 +43,7 @@ def curve(task: tuple) -> dict:
                            "run-dir": str(run_root), "run-name": "curve", "deterministic-devices": True,
                            "population-dir": str(run_root / "population")})  # fresh simulated people per curve
     run_dir = RunDirectory.create(cfg["run-dir"], cfg["run-name"])
-    FederatedRun(cfg, run_dir, InProcessGrid(client_app, open_store(store_dir).num_devices)).execute()
+    FederatedRun(cfg, run_dir, InProcessGrid(client_app, open_store(store_dir).num_devices, run_config=cfg)).execute()
     rows = [json.loads(line) for line in (run_dir.path / "metrics.jsonl").read_text().splitlines()]
     return {"seed": seed, "points": [{"round": r["round"], "ndcg@10": r["central"]["test-ndcg@10"],
                                       "hr@10": r["central"]["test-hr@10"]} for r in rows if "central" in r]}

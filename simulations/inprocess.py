@@ -11,7 +11,8 @@ does it.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from flwr.app import Context, Error, Message, Metadata, RecordDict
 from flwr.common.constant import ErrorCode
@@ -35,22 +36,28 @@ def instruction(content: RecordDict, node_id: int, message_type: str, round_: in
     return Message(content=content, metadata=metadata)
 
 
-def node_context(node_id: int, node_config: dict) -> Context:
-    return Context(run_id=RUN_ID, node_id=node_id, node_config=node_config, state=RecordDict(), run_config={})
+def node_context(node_id: int, node_config: dict, run_config: Mapping[str, Any] | None = None) -> Context:
+    """A node's Context as Flower builds it: its node config, and the run config every app of the run gets."""
+    return Context(run_id=RUN_ID, node_id=node_id, node_config=node_config, state=RecordDict(),
+                   run_config=dict(run_config or {}))
 
 
 class InProcessGrid(Grid):
     """A Grid whose nodes are partitions served by calling the ClientApp directly."""
 
-    def __init__(self, client_app, num_nodes: int, keep_messages: bool = False, first_node_id: int = 1):
+    def __init__(self, client_app, num_nodes: int, keep_messages: bool = False, first_node_id: int = 1, *,
+                 run_config: Mapping[str, Any] | None = None):
         """Nodes `first_node_id, ...` serve partitions 0, 1, ...: a second launch of the same devices can
-        get other node ids, as under Flower."""
+        get other node ids, as under Flower. `run_config` is the run's config, which Flower hands to the
+        ServerApp and to every ClientApp alike (the flat keys of shared/config.py); `serve` sets it from the
+        ServerApp's Context."""
         set_identity()
         self.keep_messages = keep_messages
         self.client_app = client_app
         self.contexts = {first_node_id + p: node_context(first_node_id + p, {"partition-id": p,
                                                                             "num-partitions": num_nodes})
                          for p in range(num_nodes)}
+        self.run_config = None if run_config is None else dict(run_config)
         # With keep_messages: every instruction and reply, for tests that inspect what left a device.
         self.delivered: list[Message] = []
         self.replies: list[Message] = []
@@ -75,9 +82,12 @@ class InProcessGrid(Grid):
         raise NotImplementedError
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        if self.run_config is None:
+            raise RuntimeError("InProcessGrid: no run config for the ClientApps; pass run_config= or use serve()")
         replies = []
         for msg in messages:
             node = msg.metadata.dst_node_id
+            self.contexts[node].run_config = dict(self.run_config)  # as Flower: the run's config, on every node
             delivered = instruction(msg.content, node, msg.metadata.message_type)
             replies.append(self._run_client(delivered, self.contexts[node]))
             if self.keep_messages:
@@ -93,3 +103,9 @@ class InProcessGrid(Grid):
         except Exception as exc:  # noqa: BLE001 - a device's failure is a reply, not the server's crash
             reason = str(type(exc)) + ":<'" + str(exc) + "'>"
             return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
+
+
+def serve(server_main, grid: InProcessGrid, context: Context) -> None:
+    """Run a ServerApp's main on `grid`; its ClientApps get the ServerApp's run config, as under Flower."""
+    grid.run_config = dict(context.run_config)
+    server_main(grid, context)

@@ -41,14 +41,12 @@ OPTIONS = ("id", "text", "text+id")
 
 def _model(cfg: dict, store_dir: Path):
     """A freshly initialised global model for `cfg` (text features from the cache)."""
-    from shared.model import ModelConfig, SASRec
+    from shared.model import model_for
     from shared.text.features import features_for
 
     features = features_for(cfg, store_dir)
-    vectors = None if features is None else torch.from_numpy(features.vectors)
     torch.manual_seed(cfg["seed"])
-    text_dim = 0 if vectors is None else int(vectors.shape[1])
-    return SASRec(ModelConfig.from_run_config(cfg, open_store(store_dir).num_items, text_dim), vectors)
+    return model_for(cfg, open_store(store_dir).num_items, features)
 
 
 def bench_cost(cfg: dict, store_dir: Path, repeats: int = 20) -> dict:
@@ -106,7 +104,8 @@ def federated_run(cfg: dict, store_dir: Path, overrides: dict) -> dict:
                                "population-dir": str(run_root / "population")})  # fresh simulated people per arm
     run_dir = RunDirectory.create(run_cfg["run-dir"], run_cfg["run-name"])
     started = time.perf_counter()
-    FederatedRun(run_cfg, run_dir, InProcessGrid(client_app, open_store(store_dir).num_devices)).execute()
+    grid = InProcessGrid(client_app, open_store(store_dir).num_devices, run_config=run_cfg)
+    FederatedRun(run_cfg, run_dir, grid).execute()
     summary = json.loads((run_dir.path / "summary.json").read_text())
     central = summary["central-evaluation"]
     result = {key: central.get(f"test-{key}") for key in

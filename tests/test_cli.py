@@ -433,12 +433,12 @@ def inprocess_simulation(monkeypatch):
 
     from client.app import app as client_app
     from server.app import main as server_main
-    from simulations.inprocess import InProcessGrid
+    from simulations.inprocess import InProcessGrid, serve
 
     def run(cfg, num_devices, run_path, on_poll=None, cpus_per_device=1):
         context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=cfg)
         try:
-            server_main(InProcessGrid(client_app, num_devices), context)
+            serve(server_main, InProcessGrid(client_app, num_devices), context)
             status = "finished:completed"
         except Exception:  # noqa: BLE001 - Flower would record the ServerApp's exception the same way
             status = "finished:failed"
@@ -522,14 +522,14 @@ def test_server_records_the_effective_devices_per_round_too(tmp_path):
 
     from client.app import app as client_app
     from server.app import main as server_main
-    from simulations.inprocess import InProcessGrid
+    from simulations.inprocess import InProcessGrid, serve
     from tests.synthetic import walk_store
 
     store = walk_store(tmp_path / "store", num_users=3, num_items=30)
     run_config = {"data-store": str(store), "num-rounds": 1, "devices-per-round": 10, "eval-every": 0,
                   "max-len": 16, "window": 12, "hidden-size": 16, "num-blocks": 1,
                   "run-dir": str(tmp_path / "runs"), "run-name": "s"}
-    server_main(InProcessGrid(client_app, 3), Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+    serve(server_main, InProcessGrid(client_app, 3), Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
                                                       run_config=run_config))
     assert json.loads((tmp_path / "runs" / "s" / "config.json").read_text())["devices-per-round"] == 3
 

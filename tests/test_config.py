@@ -1,5 +1,6 @@
 """The run-config schema: defaults agree with pyproject.toml, and bad values are named."""
 
+import dataclasses
 import tomllib
 from pathlib import Path
 
@@ -104,3 +105,32 @@ def test_dp_without_noise_is_refused():
 def test_user_level_dp_without_noise_or_clip_is_refused(key):
     with pytest.raises(PrivrecError, match=f"'{key}' = 0.0: must be > 0"):
         config.validate({"user-dp": True, key: 0.0})
+
+
+# ----------------------------------------------------------------------------- typed sections (issue 11)
+def test_every_key_is_one_field_of_one_typed_section():
+    run = config.RunConfig.from_values({"local-lr": 0.01, "user-noise-multiplier": 2.0})
+    fields = [(section, config.field_name(key)) for section, keys in config.SECTIONS.items() for key in keys]
+    assert len(fields) == len(set(fields)) == len(config.SCHEMA)
+    assert run.device.lr == 0.01 and run.user_dp.noise_multiplier == 2.0 and run.values["local-lr"] == 0.01
+    for section, keys in config.SECTIONS.items():
+        for key in keys:
+            assert getattr(getattr(run, section), config.field_name(key)) == run.values[key]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        run.device.lr = 1.0  # typed sections are read-only: a change goes through with_values (validated)
+    with pytest.raises(PrivrecError, match="'local-lr' = -1.0"):
+        run.with_values(**{"local-lr": -1.0})
+
+
+def test_enumerations_and_defaults_live_only_in_the_schema():
+    from shared.model import FROZEN_BY_SCOPE, ModelConfig
+    from shared.privacy import accounting
+    from shared.training import LocalTrainConfig
+
+    assert accounting.ACCOUNTANTS is config.ACCOUNTANTS
+    assert tuple(FROZEN_BY_SCOPE) == config.TRAINABLE_SCOPES
+    run = config.RunConfig.from_values({})
+    local = LocalTrainConfig()
+    assert all(getattr(local, f) == getattr(run.device, f) for f in vars(run.device) if hasattr(local, f))
+    model = ModelConfig(num_items=3)
+    assert all(getattr(model, f) == getattr(run.model, f) for f in vars(run.model))

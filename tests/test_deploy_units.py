@@ -25,7 +25,7 @@ from server.app import main as server_main
 from shared.data.devices import open_device, read_catalogue, split_devices
 from shared.data.store import open_store
 from shared.errors import PrivrecError
-from simulations.inprocess import InProcessGrid
+from simulations.inprocess import InProcessGrid, serve
 from tests.synthetic import walk_store
 from tests.test_cli import assert_user_error
 from tools.cli import main
@@ -170,12 +170,12 @@ def test_deployment_server_reads_only_the_catalogue(devices, tmp_path, monkeypat
     run_config = {**SMALL, "catalogue": str(out / "catalogue"), "central-eval": False, "num-rounds": 2,
                   "devices-per-round": 3, "eval-every": 1, "run-dir": str(tmp_path / "runs"), "run-name": "dep"}
     grid = _deployment_grid(out, 3)
-    server_main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
+    serve(server_main, grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
     summary = json.loads((tmp_path / "runs" / "dep" / "summary.json").read_text())
     assert summary["federated-evaluation"]["users"] == 5 and summary["devices"] == 3
     for message in grid.delivered:  # no device paths travel in messages in a deployment
         sent = message.content.config_records["config"]
-        assert sent["data-store"] == "" and "state-dir" not in sent
+        assert "data-store" not in sent and "state-dir" not in sent
     for d in range(3):  # each device's ledger is in its own state folder
         ledger = json.loads((out / f"device-{d}" / "state" / f"device-{d}" / "privacy-ledger.json").read_text())
         assert [r["round"] for r in ledger["rounds"]] == [1, 2]
@@ -242,7 +242,7 @@ def test_restarted_server_resumes_from_the_last_checkpoint(tmp_path, strategy):
         return Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
 
     with pytest.raises(ConnectionError):
-        server_main(DyingGrid(client_app, 4), context())
+        serve(server_main, DyingGrid(client_app, 4), context())
     saved = json.loads((path / "checkpoint" / "state.json").read_text())
     assert saved["round"] == 2
     model_after_2 = torch.load(path / "checkpoint" / "model.pt", weights_only=True)
@@ -259,7 +259,7 @@ def test_restarted_server_resumes_from_the_last_checkpoint(tmp_path, strategy):
         return original(messages, timeout=timeout)
 
     grid.send_and_receive = spy
-    server_main(grid, context())
+    serve(server_main, grid, context())
     rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]  # not started over, no round twice
     # Devices record the true round in their ledgers: rounds 3 and 4 after 1 and 2, none twice.
@@ -280,12 +280,13 @@ def test_incompatible_checkpoint_is_refused(tmp_path):
     store = walk_store(tmp_path / "store", num_users=3, num_items=30)
     base = {**SMALL, "data-store": str(store), "num-rounds": 1, "devices-per-round": 2, "eval-every": 0,
             "run-dir": str(tmp_path / "runs"), "run-name": "r"}
-    server_main(InProcessGrid(client_app, 3), Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+    serve(server_main, InProcessGrid(client_app, 3), Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
                                                       run_config=base))
     (tmp_path / "runs" / "r" / "summary.json").unlink()  # pretend it stopped before the end
     with pytest.raises(PrivrecError, match="'hidden-size' = 16"):
-        server_main(InProcessGrid(client_app, 3), Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
-                                                          run_config={**base, "hidden-size": 32, "num-rounds": 2}))
+        wider = {**base, "hidden-size": 32, "num-rounds": 2}
+        serve(server_main, InProcessGrid(client_app, 3), Context(run_id=1, node_id=0, node_config={},
+                                                                 state=RecordDict(), run_config=wider))
     assert np.isfinite(json.loads((tmp_path / "runs" / "r" / "checkpoint" / "state.json").read_text())["round"])
 
 
@@ -424,7 +425,7 @@ def test_a_device_split_from_other_data_refuses_the_servers_catalogue(devices, t
     (data / "meta.json").write_text(json.dumps(meta))
     run_config = {**SMALL, "catalogue": str(out / "catalogue"), "central-eval": False, "num-rounds": 1,
                   "devices-per-round": 3, "eval-every": 1, "run-dir": str(tmp_path / "runs"), "run-name": "cat"}
-    server_main(_deployment_grid(out, 3), Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+    serve(server_main, _deployment_grid(out, 3), Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
                                                   run_config=run_config))
     row = [json.loads(line) for line in (tmp_path / "runs" / "cat" / "metrics.jsonl").read_text().splitlines()][-1]
     assert (row["failures"], row["devices-trained"], row["round-status"]) == (1, 2, "partial")

@@ -3,6 +3,7 @@ or not, goes through the ledger under a lock; capped devices refuse; deployments
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import threading
@@ -150,14 +151,20 @@ def test_non_private_round_under_a_cap_is_refused_but_not_recorded_as_declined(s
 
 # ------------------------------------------------------------- findings 6 and 8: refused configurations
 def test_device_refuses_dp_without_noise_before_touching_the_ledger(setup):
-    path = setup[3] / "ledger-0.json"
-    with pytest.raises(PrivrecError, match="noise_multiplier"):
-        _round(setup, 0, 1, **{"noise-multiplier": 0.0})  # run-config validation bypassed
+    store, cfg, state, tmp_path = setup
+    path = tmp_path / "ledger-0.json"
+    with pytest.raises(PrivrecError, match="'noise-multiplier' = 0 with 'dp' = true"):
+        _round(setup, 0, 1, **{"noise-multiplier": 0.0})  # a flat config is validated on the way in
+    run = config.RunConfig.from_values(cfg)
+    unnoised = dataclasses.replace(run, device=dataclasses.replace(run.device, noise_multiplier=0.0))
+    with pytest.raises(PrivrecError, match="noise_multiplier"):  # a RunConfig built past the schema
+        train_round(store.device(0), NUM_ITEMS, state, unnoised, ledger_path=path, device="0", run_id="r",
+                    server_round=1)
     assert not path.exists()
 
 
-def _train_message(cfg: dict, state, round_: int = 1):
-    record = ConfigRecord({**{k: v for k, v in cfg.items()}, "server-round": round_, "run-id": "r"})
+def _train_message(state, round_: int = 1):
+    record = ConfigRecord({"server-round": round_, "run-id": "r"})  # the static config is the node's run config
     return instruction(RecordDict({"arrays": ArrayRecord(state), "config": record}), 1, "train", round_)
 
 
@@ -166,7 +173,7 @@ def test_deployed_device_refuses_deterministic_noise(setup, tmp_path):
     set_identity()
     node = {"data-dir": str(tmp_path / "device"), "state-dir": str(tmp_path / "state"), "device-id": "0"}
     with pytest.raises(PrivrecError, match="'deterministic-devices' = true is refused on a real device"):
-        client_app(_train_message({**cfg, "data-store": ""}, state), node_context(1, node))
+        client_app(_train_message(state), node_context(1, node, cfg))
     assert not (tmp_path / "state").exists()
 
 

@@ -26,7 +26,7 @@ from shared.data.devices import open_device, split_devices
 from shared.data.store import open_store
 from shared.errors import PrivrecError
 from shared.privacy.population import TRAINED_FILE, default_population_dir, keep_listed, trained_devices
-from simulations.inprocess import InProcessGrid
+from simulations.inprocess import InProcessGrid, serve
 from tests.synthetic import walk_store
 
 SMALL = {"max-len": 16, "window": 12, "hidden-size": 16, "num-blocks": 1, "local-epochs": 1, "eval-every": 0,
@@ -78,10 +78,10 @@ def _epsilon(path: Path) -> float:
 def test_a_device_in_two_runs_composes_both(tmp_path):
     """The measured defect: a device in two runs reported the same epsilon twice (each run started at 0)."""
     base = _simulation(tmp_path)
-    server_main(InProcessGrid(client_app, NUM_DEVICES), _context({**base, "run-name": "first"}))
+    serve(server_main, InProcessGrid(client_app, NUM_DEVICES), _context({**base, "run-name": "first"}))
     population = default_population_dir(base["data-store"])
     after_first = _epsilon(_ledger(population, 0))
-    server_main(InProcessGrid(client_app, NUM_DEVICES), _context({**base, "run-name": "second"}))
+    serve(server_main, InProcessGrid(client_app, NUM_DEVICES), _context({**base, "run-name": "second"}))
     ledger = json.loads(_ledger(population, 0).read_text())
     assert [(r["run"], r["round"]) for r in ledger["rounds"]] == [("first", 1), ("first", 2), ("second", 1),
                                                                   ("second", 2)]
@@ -96,7 +96,7 @@ def test_a_device_in_two_runs_composes_both(tmp_path):
 def test_a_fresh_population_folder_gives_fresh_devices(tmp_path):
     base = _simulation(tmp_path, **{"num-rounds": 1})
     for name in ("a", "b"):
-        server_main(InProcessGrid(client_app, NUM_DEVICES),
+        serve(server_main, InProcessGrid(client_app, NUM_DEVICES),
                     _context({**base, "run-name": name, "population-dir": str(tmp_path / f"people-{name}")}))
     assert _epsilon(_ledger(tmp_path / "people-a", 0)) == pytest.approx(_epsilon(_ledger(tmp_path / "people-b", 0)))
     config_b = json.loads((tmp_path / "runs" / "b" / "config.json").read_text())
@@ -105,11 +105,11 @@ def test_a_fresh_population_folder_gives_fresh_devices(tmp_path):
 
 def test_deleted_ledger_between_runs_is_refused_never_reset(tmp_path):
     base = _simulation(tmp_path, **{"num-rounds": 1})
-    server_main(InProcessGrid(client_app, NUM_DEVICES), _context({**base, "run-name": "first"}))
+    serve(server_main, InProcessGrid(client_app, NUM_DEVICES), _context({**base, "run-name": "first"}))
     population = default_population_dir(base["data-store"])
     _ledger(population, 0).unlink()
     grid = InProcessGrid(client_app, NUM_DEVICES, keep_messages=True)
-    server_main(grid, _context({**base, "run-name": "second"}))
+    serve(server_main, grid, _context({**base, "run-name": "second"}))
     assert not _ledger(population, 0).exists()  # not recreated from zero
     failed = [r for r in grid.replies if r.has_error()]
     assert len(failed) == 1 and "has trained before" in failed[0].error.reason
@@ -123,11 +123,11 @@ def test_deleted_ledger_on_resume_is_refused_never_reset(tmp_path):
     """Measured: a device lost its ledger while the server was down and trained rounds 3-5 from zero."""
     run_config = _simulation(tmp_path, **{"num-rounds": 4, "run-name": "r"})
     with pytest.raises(ConnectionError):
-        server_main(DyingGrid(client_app, NUM_DEVICES), _context(run_config))
+        serve(server_main, DyingGrid(client_app, NUM_DEVICES), _context(run_config))
     population = default_population_dir(run_config["data-store"])
     _ledger(population, 1).unlink()
     grid = InProcessGrid(client_app, NUM_DEVICES, keep_messages=True)
-    server_main(grid, _context(run_config))
+    serve(server_main, grid, _context(run_config))
     assert not _ledger(population, 1).exists()
     assert [r["failures"] for r in _rows(tmp_path / "runs" / "r")[3:]] == [1, 1]
 
@@ -179,10 +179,10 @@ def test_device_refuses_to_train_below_the_spend_the_server_has_seen(tmp_path):
     dying = DyingGrid(client_app, NUM_DEVICES)
     dying.contexts = grid.contexts
     with pytest.raises(ConnectionError):
-        server_main(dying, _context(run_config))
+        serve(server_main, dying, _context(run_config))
     _lose_everything(out, 2)
     grid, _ = _deployment(tmp_path, keep_messages=True)  # same node ids: known devices
-    server_main(grid, _context(run_config))
+    serve(server_main, grid, _context(run_config))
     sent = [m.content.config_records.get("privacy-seen") for m in grid.delivered
             if m.metadata.message_type == "train"]
     assert all(s is not None and s["steps"] > 0 for s in sent)
@@ -199,12 +199,12 @@ def test_reply_below_the_seen_spend_is_refused_and_devices_count_once(tmp_path):
     dying = DyingGrid(client_app, NUM_DEVICES)
     dying.contexts = grid.contexts
     with pytest.raises(ConnectionError):
-        server_main(dying, _context(run_config))
+        serve(server_main, dying, _context(run_config))
     run = tmp_path / "runs" / "dep"
     before = json.loads((run / "privacy.json").read_text())["devices"]["2"]
     _lose_everything(out, 2)
     grid, _ = _deployment(tmp_path, first_node_id=101, keep_messages=True)  # new node ids
-    server_main(grid, _context(run_config))
+    serve(server_main, grid, _context(run_config))
     assert not any(m.content.config_records.get("privacy-seen") for m in grid.delivered[:NUM_DEVICES])
     rows = _rows(run)
     assert rows[3]["refused"] == 1 and rows[3]["devices-trained"] == NUM_DEVICES - 1
@@ -233,7 +233,7 @@ def test_model_pt_is_never_ahead_of_the_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(server.app, "save_checkpoint", crash_in_round_two)
     run_config = _simulation(tmp_path, **{"num-rounds": 3, "run-name": "r"})
     with pytest.raises(OSError, match="disk full"):
-        server_main(InProcessGrid(client_app, NUM_DEVICES), _context(run_config))
+        serve(server_main, InProcessGrid(client_app, NUM_DEVICES), _context(run_config))
     run = tmp_path / "runs" / "r"
     released = torch.load(run / "model.pt", weights_only=True)
     counted = torch.load(run / "checkpoint" / "model.pt", weights_only=True)
@@ -258,7 +258,7 @@ def test_server_records_do_not_reveal_a_devices_window_count(tmp_path):
     store = open_store(run_config["data-store"])
     windows = {len(store.device(d).train[0]) // 4 for d in range(NUM_DEVICES)}
     assert len(windows) > 1, "the devices must differ in window count for this test to mean anything"
-    server_main(InProcessGrid(client_app, NUM_DEVICES), _context(run_config))
+    serve(server_main, InProcessGrid(client_app, NUM_DEVICES), _context(run_config))
     run = tmp_path / "runs" / "r"
     for records in (json.loads((run / "privacy.json").read_text())["devices"],
                     json.loads((run / "checkpoint" / "state.json").read_text())["records"]):

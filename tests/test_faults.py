@@ -467,7 +467,7 @@ def test_a_full_disk_fails_the_run_keeps_the_spend_and_frees_the_directory(tmp_p
     import server.run_dir
     from client.app import app as client_app
     from server.app import main
-    from simulations.inprocess import InProcessGrid
+    from simulations.inprocess import InProcessGrid, serve
 
     store = walk_store(tmp_path / "store", num_users=4, num_items=30)
     cfg = config.validate({"data-store": str(store), "num-rounds": 3, "devices-per-round": 3, "eval-every": 0,
@@ -489,7 +489,7 @@ def test_a_full_disk_fails_the_run_keeps_the_spend_and_frees_the_directory(tmp_p
                         lambda path, payload: disk_fills_up(path, json.dumps(payload).encode()))
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=cfg)
     with pytest.raises(OSError, match="No space left"):
-        main(InProcessGrid(client_app, 4), context)
+        serve(main, InProcessGrid(client_app, 4), context)
 
     assert not (run_path / "summary.json").exists()
     assert not lock_is_held(run_path)

@@ -12,7 +12,8 @@ from client.app import app as client_app
 from server.app import FederatedRun
 from server.run_dir import RunDirectory
 from shared import config
-from simulations.inprocess import InProcessGrid
+from shared.errors import PrivrecError
+from simulations.inprocess import InProcessGrid, serve
 from tests.synthetic import walk_store
 
 NUM_DEVICES = 8
@@ -27,7 +28,7 @@ def run_federation(tmp_path, **overrides):
         "local-epochs": 4, "local-lr": 0.02, "batch-size": 2, "noise-multiplier": 0.3, "max-grad-norm": 1.0,
         "run-dir": str(tmp_path / "runs"), "run-name": "t", "deterministic-devices": True, **overrides})
     run_dir = RunDirectory.create(cfg["run-dir"], cfg["run-name"])
-    grid = InProcessGrid(client_app, NUM_DEVICES, keep_messages=True)
+    grid = InProcessGrid(client_app, NUM_DEVICES, keep_messages=True, run_config=cfg)
     FederatedRun(cfg, run_dir, grid).execute()
     rows = [json.loads(line) for line in (run_dir.path / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((run_dir.path / "summary.json").read_text())
@@ -112,8 +113,60 @@ def test_without_dp_no_epsilon_is_claimed(tmp_path):
 def test_fedadam_and_fedprox_run_and_learn(tmp_path, strategy, extra):
     _, _, grid, rows, summary = run_federation(tmp_path, strategy=strategy, **extra)
     assert summary["central-evaluation"]["test-ndcg@10"] > rows[0]["central"]["test-ndcg@10"] + 0.1
-    if strategy == "fedprox":  # the proximal weight reaches the devices through the round's config
-        assert all(m.content.config_records["config"]["proximal-mu"] == 0.1 for m in grid.delivered)
+    train = [m.content.config_records["config"] for m in grid.delivered if m.metadata.message_type == "train"]
+    if strategy == "fedprox":  # the proximal weight reaches the devices through FedProx's round config only
+        assert train and all(c["proximal-mu"] == 0.1 for c in train)
+    else:
+        assert train and not any("proximal-mu" in c for c in train)
+
+
+def test_messages_carry_only_per_round_values(tmp_path):
+    """The static config is every node's run config (Flower's context.run_config), never the message."""
+    cfg, _, grid, _, _ = run_federation(tmp_path, **{"num-rounds": 2})
+    train = [m for m in grid.delivered if m.metadata.message_type == "train"]
+    assert train
+    for message in train:
+        record = message.content.config_records["config"]
+        assert set(record) <= {"server-round", "run-id", "data-store", "state-dir", "item-text-key",
+                               "catalogue-sha256", "proximal-mu"}
+        assert not set(record) & {"noise-multiplier", "local-lr", "hidden-size", "accountant", "dp", "seed"}
+    assert all(ctx.run_config == dict(cfg) for ctx in grid.contexts.values())
+
+
+def test_proximal_mu_without_fedprox_is_refused():
+    """Only FedProx sends a proximal weight: a non-zero one under another strategy would silently do nothing."""
+    with pytest.raises(PrivrecError, match="'proximal-mu' = 0.1 has no effect with 'strategy' = fedavg"):
+        config.validate({"strategy": "fedavg", "proximal-mu": 0.1})
+    assert config.validate({"strategy": "fedprox", "proximal-mu": 0.1})["proximal-mu"] == 0.1
+
+
+def test_a_device_applies_no_proximal_term_unless_the_round_sends_one(tmp_path, monkeypatch):
+    """The device reads proximal-mu from FedProx's round config, never from the (static) run config."""
+    from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+    import client.device as device_module
+    from shared.model import ModelConfig, SASRec
+    from simulations.inprocess import instruction, node_context, set_identity
+
+    seen, real = [], device_module.train_local
+
+    def spy(model, windows, cfg, **kwargs):
+        seen.append(cfg.proximal_mu)
+        return real(model, windows, cfg, **kwargs)
+
+    monkeypatch.setattr(device_module, "train_local", spy)
+    set_identity()
+    store = walk_store(tmp_path / "store", num_users=2, num_items=NUM_ITEMS)
+    cfg = config.validate({"data-store": str(store), "max-len": 16, "window": 12, "hidden-size": 16,
+                           "num-blocks": 1, "strategy": "fedprox", "proximal-mu": 0.5})
+    state = SASRec(ModelConfig.from_run_config(cfg, NUM_ITEMS)).state_dict()
+    context = node_context(1, {"partition-id": 0, "num-partitions": 2}, cfg)
+    for round_, extra in ((1, {}), (2, {"proximal-mu": 0.25})):
+        record = ConfigRecord({"data-store": str(store), "state-dir": str(tmp_path / "ledgers"), "run-id": "r",
+                               "server-round": round_, **extra})
+        content = RecordDict({"arrays": ArrayRecord(state), "config": record})
+        client_app(instruction(content, 1, "train", round_), context)
+    assert seen == [0.0, 0.25]
 
 
 def test_lost_ledger_file_never_lowers_the_spend(tmp_path):
@@ -128,12 +181,12 @@ def test_lost_ledger_file_never_lowers_the_spend(tmp_path):
     cfg = config.validate({"data-store": str(store), "max-len": 16, "window": 12, "hidden-size": 16,
                            "num-blocks": 1, "local-epochs": 2})
     model = SASRec(ModelConfig.from_run_config(cfg, NUM_ITEMS))
-    context = node_context(1, {"partition-id": 0, "num-partitions": 2})
+    context = node_context(1, {"partition-id": 0, "num-partitions": 2}, cfg)
     state_dir = tmp_path / "ledgers"
 
     def train(round_: int) -> float:
         content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": ConfigRecord(
-            {**cfg, "server-round": round_, "state-dir": str(state_dir), "run-id": "r"})})
+            {"data-store": str(store), "server-round": round_, "state-dir": str(state_dir), "run-id": "r"})})
         reply = client_app(instruction(content, 1, "train", round_), context)
         return float(reply.content.metric_records["metrics"]["epsilon"])
 
@@ -173,7 +226,7 @@ def test_interrupted_run_leaves_complete_files_and_no_summary(tmp_path):
                   "run-dir": str(tmp_path / "runs"), "run-name": "dies"}
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
     with pytest.raises(ConnectionError):
-        server_main(DyingGrid(client_app, NUM_DEVICES), context)
+        serve(server_main, DyingGrid(client_app, NUM_DEVICES), context)
     path = tmp_path / "runs" / "dies"
     assert not (path / "summary.json").exists()
     status = json.loads((path / "status.json").read_text())
@@ -195,7 +248,7 @@ def _server_main(tmp_path, **overrides):
                   "max-len": 16, "window": 12, "hidden-size": 16, "num-blocks": 1,
                   "run-dir": str(tmp_path / "runs"), "run-name": "f", **overrides}
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
-    server_main(InProcessGrid(client_app, NUM_DEVICES), context)
+    serve(server_main, InProcessGrid(client_app, NUM_DEVICES), context)
     return tmp_path / "runs" / "f"
 
 

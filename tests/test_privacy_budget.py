@@ -8,15 +8,18 @@ import random
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
 from opacus.accountants import PRVAccountant, RDPAccountant
 
 import client.device as device_module
 from client.app import app as client_app
 from client.device import plan_round, train_round
 from server.app import FederatedRun
+from server.cohort import CohortView
 from server.run_dir import RunDirectory
 from server.strategy import build_strategy
+from server.user_dp import ServerSideClipping, UserLevelDP
 from shared import config
 from shared.data.store import open_store
 from shared.errors import PrivrecError
@@ -24,7 +27,7 @@ from shared.model import ModelConfig, SASRec
 from shared.privacy.calibration import calibrate_noise, check_calibration
 from shared.privacy.ledger import PrivacyLedger, load_ledger
 from shared.privacy.user_level import clip_update, noisy_mean_update, poisson_cohort, user_level_epsilon
-from simulations.inprocess import InProcessGrid
+from simulations.inprocess import InProcessGrid, set_identity
 from tests.synthetic import walk_store
 from tools.cli import main as cli_main
 
@@ -133,7 +136,7 @@ def _federation(tmp_path, num_devices=6, **overrides):
                            "eval-every": 0, "run-dir": str(tmp_path / "runs"), "run-name": "t",
                            "deterministic-devices": True, "fraction-evaluate": 0.5, **overrides})
     run_dir = RunDirectory.create(cfg["run-dir"], cfg["run-name"])
-    grid = InProcessGrid(client_app, num_devices, keep_messages=True)
+    grid = InProcessGrid(client_app, num_devices, keep_messages=True, run_config=cfg)
     FederatedRun(cfg, run_dir, grid).execute()
     rows = [json.loads(line) for line in (run_dir.path / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((run_dir.path / "summary.json").read_text())
@@ -209,11 +212,14 @@ def test_poisson_cohort_rate():
 def test_strategy_aggregates_clipped_noised_mean_with_a_fixed_denominator(tmp_path):
     cfg = config.validate({**SMALL, "user-dp": True, "user-noise-multiplier": 1.0, "user-clipping-norm": 0.1,
                            "devices-per-round": 4})
-    strategy = build_strategy(cfg, num_devices=10, on_train=lambda *a: None, on_evaluate=lambda *a: None)
-    strategy.noise_rng = np.random.default_rng(0)
+    set_identity()  # the server builds Messages (as in a ServerApp process)
+    summation = ServerSideClipping()
+    strategy = UserLevelDP(FedAvg(min_train_nodes=0, min_available_nodes=0),
+                           noise_multiplier=cfg["user-noise-multiplier"], clipping_norm=cfg["user-clipping-norm"],
+                           expected_cohort=4.0, summation=summation, rng=np.random.default_rng(0))
     model = SASRec(ModelConfig.from_run_config(cfg, NUM_ITEMS))
     global_state = {k: v.clone() for k, v in model.state_dict().items()}
-    strategy.current_global = {k: v.numpy() for k, v in global_state.items()}
+    strategy.configure_train(1, ArrayRecord(global_state), ConfigRecord(), CohortView(None, []))
     replies = []
     for _ in range(2):  # two of an expected four replied; both moved every weight by +1 (huge)
         moved = {k: v + 1.0 for k, v in global_state.items()}
@@ -222,7 +228,7 @@ def test_strategy_aggregates_clipped_noised_mean_with_a_fixed_denominator(tmp_pa
         msg = Message(content, dst_node_id=0, message_type="train")
         replies.append(msg)
     arrays, _ = strategy.aggregate_train(1, replies)
-    assert strategy.last_clip_norms and all(n > 10 for n in strategy.last_clip_norms)
+    assert summation.last_norms and all(n > 10 for n in summation.last_norms)
     new = arrays.to_torch_state_dict()
     delta = torch.cat([(new[k] - global_state[k]).ravel() for k in new]).double().numpy()
     dim = delta.size

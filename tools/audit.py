@@ -19,14 +19,15 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from shared.config import RunConfig
 from shared.errors import PrivrecError
-from shared.model import ModelConfig, SASRec
+from shared.model import SASRec, model_for
 from shared.privacy.audit import epsilon_lower_bound, guess
 from shared.training import LocalTrainConfig, per_example_loss, split_windows, train_local
 
@@ -105,14 +106,7 @@ def _alignment(model: SASRec, canaries: np.ndarray, update: dict[str, torch.Tens
 
 def train_config(cfg: dict[str, Any], seed: int | None) -> LocalTrainConfig:
     """The device's on-device training settings from a run config (keys of shared/config.py)."""
-    values = {"epochs": cfg["local-epochs"], "lr": cfg["local-lr"], "batch_size": cfg["batch-size"],
-              "dp": cfg["dp"], "noise_multiplier": cfg["noise-multiplier"], "max_grad_norm": cfg["max-grad-norm"],
-              "delta": cfg["delta"], "accountant": cfg["accountant"], "grad_sample_mode": cfg["grad-sample-mode"],
-              "optimizer": cfg["local-optimizer"], "trainable": cfg["device-trains"], "seed": seed}
-    known = {f.name for f in fields(LocalTrainConfig)}
-    if "sample_rate" in known and "sample-rate" in cfg:  # fixed-rate devices (data-size independent DP)
-        values["sample_rate"] = cfg["sample-rate"]
-    return LocalTrainConfig(**{k: v for k, v in values.items() if k in known})
+    return LocalTrainConfig.for_round(RunConfig.of(cfg).device, seed=seed, proximal_mu=0.0)
 
 
 def audit_device(cfg: dict[str, Any], *, canaries: int = 1000, guesses_each: int | None = None,
@@ -140,7 +134,7 @@ def audit_device(cfg: dict[str, Any], *, canaries: int = 1000, guesses_each: int
 
     torch_state = torch.random.get_rng_state()
     torch.manual_seed(int(seed))
-    model = SASRec(ModelConfig.from_run_config(cfg, num_items))
+    model = model_for(cfg, num_items)
     torch.random.set_rng_state(torch_state)
     train_seed = int(seed) if cfg.get("deterministic-devices") else None  # None: fresh entropy, as on devices
     local = train_config(cfg, train_seed)
@@ -262,7 +256,7 @@ def audit_users(cfg: dict[str, Any], *, canaries: int = 200, background: int = 0
 
     torch_state = torch.random.get_rng_state()
     torch.manual_seed(int(seed))
-    model = SASRec(ModelConfig.from_run_config(cfg, num_items))
+    model = model_for(cfg, num_items)
     torch.random.set_rng_state(torch_state)
     deterministic = bool(cfg.get("deterministic-devices"))
     local = train_config(cfg, int(seed) if deterministic else None)

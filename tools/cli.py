@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from shared.config import ACCOUNTANTS, SCHEMA
 from shared.errors import PrivrecError
 from tools.options import config_from_args
 from tools.progress import Progress
@@ -168,12 +169,11 @@ def _report_simulation(run_path: Path, result, one_line) -> int:
 
 # ---------------------------------------------------------------------------- baselines
 def cmd_baseline(args: argparse.Namespace) -> int:
-    import torch
 
     from shared.baselines import evaluate_popularity, train_centralized
     from shared.data.store import open_store, prepare_store
     from shared.metrics import eval_inputs, evaluate_histories, summarize
-    from shared.model import ModelConfig
+    from shared.model import architecture_for
 
     if args.epsilon is not None or args.kind == "content":
         return _private_baseline(args)
@@ -191,8 +191,7 @@ def cmd_baseline(args: argparse.Namespace) -> int:
         from shared.text.features import features_for
 
         features = features_for(cfg, store_dir)  # text models: the catalogue's frozen text table
-        item_text = None if features is None else torch.from_numpy(features.vectors)
-        model_cfg = ModelConfig.from_run_config(cfg, store.num_items, 0 if item_text is None else item_text.shape[1])
+        model_cfg, item_text = architecture_for(cfg, store.num_items, features)
         from rich.progress import Progress
 
         with Progress(transient=True) as bar:
@@ -416,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--sample-rate", type=float, required=True)
     cal.add_argument("--rounds", type=int, required=True)
     cal.add_argument("--steps-per-round", type=int, default=1)
-    cal.add_argument("--accountant", choices=["rdp", "prv", "gdp"], default="rdp")
+    cal.add_argument("--accountant", choices=ACCOUNTANTS, default=SCHEMA["accountant"].default)
     cal.set_defaults(func=cmd_calibrate)
 
     rep = sub.add_parser("report", help="privacy report of a run: md, self-contained html, json, plots",

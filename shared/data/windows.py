@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
+from shared.coldstart import without_items
 from shared.errors import PrivrecError
 
 
@@ -38,3 +41,15 @@ def make_windows(train_seq: np.ndarray, window: int) -> np.ndarray:
     head = np.zeros((1, window), dtype=np.int64)
     head[0, window - leftover :] = seq[:leftover]
     return np.concatenate([head, full], axis=0)
+
+
+def history_windows(histories: Sequence[np.ndarray], window: int, held_out: np.ndarray | None = None) -> np.ndarray:
+    """The training examples of a set of histories: each one's `make_windows`, stacked, int64 ``[n, window]``.
+
+    Devices (their own users), server-side pretraining and the centralized baseline all cut here.
+    `held_out` items (the cold-start protocol) are removed from the histories first, so no window holds one.
+    """
+    if held_out is not None:
+        histories = without_items(histories, held_out)
+    parts = [w for w in (make_windows(np.asarray(seq, dtype=np.int64), window) for seq in histories) if w.shape[0]]
+    return np.concatenate(parts) if parts else np.zeros((0, window), dtype=np.int64)

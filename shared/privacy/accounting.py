@@ -15,6 +15,7 @@ import sys
 import warnings
 from typing import Any
 
+from shared.config import ACCOUNTANTS
 from shared.errors import PrivrecError
 
 __all__ = [
@@ -29,8 +30,6 @@ __all__ = [
     "prv_too_costly",
     "to_json_state",
 ]
-
-ACCOUNTANTS = ("rdp", "prv", "gdp")
 
 
 def _check_accountant(accountant: str) -> str:

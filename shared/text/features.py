@@ -16,7 +16,7 @@ import io
 import json
 import logging
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -24,6 +24,7 @@ from typing import Protocol
 import numpy as np
 
 from shared.atomic import write_bytes_atomic
+from shared.config import RunConfig
 from shared.errors import PrivrecError
 
 log = logging.getLogger(__name__)
@@ -162,13 +163,13 @@ def store_text_features(store_dir: str | Path, cache_dir: str | Path | None = No
 TEXT_KEY = "item-text-key"  # message config key: which text features the server's model was built on
 
 
-def features_for(cfg, store_dir: str | Path, expected_key: str | None = None,
+def features_for(cfg: RunConfig | Mapping, store_dir: str | Path, expected_key: str | None = None,
                  cache_dir: str | Path | None = None) -> TextFeatures | None:
     """The text features a run config's model needs (None for ID-only models).
 
     `expected_key` (the server's) must match what this side computed from its catalogue.
     """
-    if cfg["item-representation"] == "id":
+    if RunConfig.of(cfg).model.item_representation == "id":
         return None
     features = store_text_features(store_dir, cache_dir)
     if expected_key is not None and str(expected_key) != features.key:

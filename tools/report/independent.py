@@ -254,21 +254,17 @@ def device_windows(config: dict[str, Any]) -> dict[str, int] | None:
     path = Path(store_dir).expanduser()
     if not path.is_dir():
         return None
-    from shared.coldstart import held_out_items, without_items
+    from shared.coldstart import held_out_items
     from shared.data.store import open_store
-    from shared.data.windows import make_windows
+    from shared.data.windows import history_windows
     from shared.errors import PrivrecError
 
     try:
         store = open_store(path)
         held_out = held_out_items({"cold-item-share": config.get("cold-item-share") or 0.0,
                                    "seed": config.get("seed", 0)}, store.num_items)
-        counts = {}
-        for device in range(store.num_devices):
-            train = store.device(device).train
-            if held_out is not None:
-                train = without_items(train, held_out)
-            counts[str(device)] = int(sum(len(make_windows(np.asarray(seq), config["window"])) for seq in train))
+        counts = {str(device): len(history_windows(store.device(device).train, config["window"], held_out))
+                  for device in range(store.num_devices)}
     except (PrivrecError, OSError, ValueError, KeyError):
         return None  # not this run's store any more: fall back to the config-only checks
     return counts

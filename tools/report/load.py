@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shared.config import ACCOUNTANTS
 from shared.errors import PrivrecError
 
 PRIVACY_FORMAT = 1
 LEDGER_FORMAT = 1
-ACCOUNTANTS = ("rdp", "prv", "gdp")
 
 # Config keys the report shows; absent ones (runs from before issue 3) are shown as null.
 CONFIG_KEYS = ("dp", "noise-multiplier", "max-grad-norm", "window", "batch-size", "local-epochs", "delta",

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
+from shared.config import ACCOUNTANTS
 from shared.errors import PrivrecError
 from shared.privacy.accounting import epsilon_from_state, prv_too_costly
 from tools.report import independent
@@ -205,7 +206,7 @@ def _check_records(result: DeviceCheck, delta: float, run_accountant: str) -> No
         return
     ledger_acc = ledger.accountant or acc
     result.ledger_recomputed = _epsilon(merged(tuple(ledger.history)), delta, ledger_acc) \
-        if ledger_acc in ("rdp", "prv", "gdp") else Epsilon(None, f"unknown accountant {ledger_acc!r}")
+        if ledger_acc in ACCOUNTANTS else Epsilon(None, f"unknown accountant {ledger_acc!r}")
     lr = result.ledger_recomputed
     if lr.value is None:
         flags.append(Flag("ledger-unverifiable", f"recomputing the ledger's history failed: {lr.error}"))
