@@ -137,8 +137,8 @@ def popularity_query(msg: Message, context: Context) -> Message:
     """Federated analytics (`privrec baseline popularity|content --epsilon`): this device's unit-norm item-set
     vector, recorded as a user-level release in its ledger first; nothing but the refusal leaves when the
     release would pass the device's cap."""
-    cfg, record = _run_config(msg)
-    device, store_dir, state_dir = _device(context, record, cfg)
+    run, record = _run_config(msg, context)
+    device, store_dir, state_dir = _device(context, record, run)
     data, num_items = load_device(store_dir, 0 if "data-dir" in context.node_config else int(device))
     query = msg.content.config_records["analytics"]
     path = ledger_path(state_dir, device)
@@ -146,7 +146,7 @@ def popularity_query(msg: Message, context: Context) -> Message:
         reconcile(path, _ledger_mirror(context))
     vector, epsilon = answer_popularity_query(
         data, num_items, ledger_path=path, device=device, noise_multiplier=float(query["noise-multiplier"]),
-        delta=float(query["delta"]), max_epsilon=float(cfg["max-epsilon"]), release_id=str(query["release"]))
+        delta=float(query["delta"]), max_epsilon=float(run.device.max_epsilon), release_id=str(query["release"]))
     _mirror_ledger(context, path, device)
     metrics = {"declined": int(vector is None), "user-level-epsilon": epsilon}
     if vector is not None:

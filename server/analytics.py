@@ -28,13 +28,17 @@ class Release:
     failed: int  # devices that did not reply -- absent from the sum
 
 
-def federated_popularity(grid: Grid, run_config: Mapping[str, Any], *, num_items: int, noise_multiplier: float,
+def federated_popularity(grid: Grid, device_config: Mapping[str, Any], *, num_items: int, noise_multiplier: float,
                          delta: float, release_id: str, rng: np.random.Generator) -> Release:
-    """One user-level Gaussian release of the item-set histogram over every device of `grid`."""
+    """One user-level Gaussian release of the item-set histogram over every device of `grid`.
+
+    `device_config`: the per-run values a simulated device needs (`data-store`, `state-dir`); the static
+    settings (its `max-epsilon`) reach the devices as Flower's run config.
+    """
     if not noise_multiplier > 0:
         raise PrivrecError(f"noise multiplier {noise_multiplier}: a release needs noise > 0")
     query = ConfigRecord({"noise-multiplier": float(noise_multiplier), "delta": float(delta), "release": release_id})
-    messages = [Message(RecordDict({"config": ConfigRecord(dict(run_config)), "analytics": query}),
+    messages = [Message(RecordDict({"config": ConfigRecord(dict(device_config)), "analytics": query}),
                         dst_node_id=node, message_type="query.popularity")
                 for node in grid.get_node_ids()]
     total = np.zeros(num_items + 1, dtype=np.float64)

@@ -54,9 +54,9 @@ def run_private_baseline(kind: str, cfg: dict[str, Any], store_dir: str | Path, 
     store = open_store(store_dir)
     population = Path(cfg["population-dir"]).expanduser().resolve() if cfg.get("population-dir") \
         else default_population_dir(store_dir)
-    run_config = {**cfg, "data-store": str(store_dir), "state-dir": str(population)}
-    grid = InProcessGrid(client_app, store.num_devices)
-    release = federated_popularity(grid, run_config, num_items=store.num_items, noise_multiplier=z, delta=delta,
+    device_config = {"data-store": str(store_dir), "state-dir": str(population)}
+    grid = InProcessGrid(client_app, store.num_devices, run_config=cfg)
+    release = federated_popularity(grid, device_config, num_items=store.num_items, noise_multiplier=z, delta=delta,
                                    release_id=f"baseline-{kind}-seed{seed}", rng=np.random.default_rng(seed))
     if kind == "content" and text is None:
         from shared.text.features import store_text_features

@@ -62,13 +62,17 @@ def _cfg(tmp_path, store):
     return resolve(None, {"data-store": str(store), "population-dir": str(tmp_path / "population")})
 
 
+def _device_config(tmp_path, store):
+    return {"data-store": str(store), "state-dir": str(tmp_path / "population")}
+
+
 def test_each_device_sends_a_unit_norm_vector_and_the_release_carries_the_calibrated_noise(tmp_path):
     store = walk_store(tmp_path / "store", num_users=30, num_items=3000)
-    cfg = {**_cfg(tmp_path, store), "state-dir": str(tmp_path / "population")}
-    grid = InProcessGrid(client_app, open_store(store).num_devices, keep_messages=True)
+    grid = InProcessGrid(client_app, open_store(store).num_devices, keep_messages=True,
+                         run_config=_cfg(tmp_path, store))
     z = noise_for_epsilon(1.0, DELTA)
-    release = federated_popularity(grid, cfg, num_items=3000, noise_multiplier=z, delta=DELTA,
-                                   release_id="t", rng=np.random.default_rng(1))
+    release = federated_popularity(grid, _device_config(tmp_path, store), num_items=3000, noise_multiplier=z,
+                                   delta=DELTA, release_id="t", rng=np.random.default_rng(1))
     norms = [np.linalg.norm(r.content.metric_records["metrics"]["item-set"]) for r in grid.replies]
     assert len(norms) == 30 and np.allclose(norms, 1.0)
     assert release.devices == 30 and release.declined == release.failed == 0
@@ -80,17 +84,18 @@ def test_each_device_sends_a_unit_norm_vector_and_the_release_carries_the_calibr
 def test_the_device_ledger_records_each_release_and_declines_past_its_cap(tmp_path):
     store = walk_store(tmp_path / "store", num_users=4, num_items=20)
     z = noise_for_epsilon(1.0, DELTA)
-    cfg = {**_cfg(tmp_path, store), "max-epsilon": 1.2, "state-dir": str(tmp_path / "population")}
-    first = federated_popularity(InProcessGrid(client_app, 4), cfg, num_items=20, noise_multiplier=z, delta=DELTA,
-                                 release_id="a", rng=np.random.default_rng(0))
+    cfg = {**_cfg(tmp_path, store), "max-epsilon": 1.2}
+    devices = _device_config(tmp_path, store)
+    first = federated_popularity(InProcessGrid(client_app, 4, run_config=cfg), devices, num_items=20,
+                                 noise_multiplier=z, delta=DELTA, release_id="a", rng=np.random.default_rng(0))
     ledger = json.loads((tmp_path / "population" / "device-0" / "privacy-ledger.json").read_text())
     assert first.devices == 4
     assert [r["release"] for r in ledger["releases"]] == ["a"]
     assert ledger["releases"][0]["unit"] == "user" and ledger["releases"][0]["noise_multiplier"] == z
     # A second release at the same noise would compose past max-epsilon 1.2: every device declines.
     with pytest.raises(PrivrecError, match="no device contributed"):
-        federated_popularity(InProcessGrid(client_app, 4), cfg, num_items=20, noise_multiplier=z, delta=DELTA,
-                             release_id="b", rng=np.random.default_rng(0))
+        federated_popularity(InProcessGrid(client_app, 4, run_config=cfg), devices, num_items=20,
+                             noise_multiplier=z, delta=DELTA, release_id="b", rng=np.random.default_rng(0))
     ledger = json.loads((tmp_path / "population" / "device-0" / "privacy-ledger.json").read_text())
     assert [r["release"] for r in ledger["releases"]] == ["a"]
 
