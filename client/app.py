@@ -21,6 +21,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.analytics import answer_popularity_query
 from client.audit import audit_mod
 from client.device import evaluate_round, ledger_path, load_device, train_round
 from client.secagg import secagg_mod
@@ -129,4 +130,26 @@ def evaluate(msg: Message, context: Context) -> Message:
     _, data, num_items, _, item_text = _load(context, record, run)
     global_state = msg.content.array_records["arrays"].to_torch_state_dict()
     metrics = evaluate_round(data, num_items, global_state, run, item_text=item_text)
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+@app.query("popularity")
+def popularity_query(msg: Message, context: Context) -> Message:
+    """Federated analytics (`privrec baseline popularity|content --epsilon`): this device's unit-norm item-set
+    vector, recorded as a user-level release in its ledger first; nothing but the refusal leaves when the
+    release would pass the device's cap."""
+    run, record = _run_config(msg, context)
+    device, store_dir, state_dir = _device(context, record, run)
+    data, num_items = load_device(store_dir, 0 if "data-dir" in context.node_config else int(device))
+    query = msg.content.config_records["analytics"]
+    path = ledger_path(state_dir, device)
+    with ledger_lock(path):
+        reconcile(path, _ledger_mirror(context))
+    vector, epsilon = answer_popularity_query(
+        data, num_items, ledger_path=path, device=device, noise_multiplier=float(query["noise-multiplier"]),
+        delta=float(query["delta"]), max_epsilon=float(run.device.max_epsilon), release_id=str(query["release"]))
+    _mirror_ledger(context, path, device)
+    metrics = {"declined": int(vector is None), "user-level-epsilon": epsilon}
+    if vector is not None:
+        metrics["item-set"] = vector.tolist()
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

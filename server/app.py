@@ -23,6 +23,7 @@ from server.pretraining import pretrain
 from server.run_dir import RunDirectory
 from server.secagg import SecureAggregationGrid
 from server.strategy import build_strategy, cohort_size, user_sample_rate
+from shared.aggregation import running_average
 from shared.config import (
     RunConfig,
     check_secure_aggregation,
@@ -123,6 +124,8 @@ class FederatedRun:
         self.eval_failures: dict[int, dict] = {}
         self.rows: list[dict[str, Any]] = []
         self.secure_grid: SecureAggregationGrid | None = None
+        # model-average > 0: the running average of the global model, the model evaluated and released
+        self.average: dict[str, np.ndarray] | None = None
 
     def execute(self) -> None:
         cfg = self.cfg
@@ -187,7 +190,10 @@ class FederatedRun:
         if checkpoint is not None:
             restore_strategy(strategy, checkpoint)
             initial = checkpoint.arrays
-            self._save_model(checkpoint.arrays)  # the counted model, even if a crash came before model.pt
+            if checkpoint.average is not None:
+                self.average = {k: v.numpy() for k, v in checkpoint.average.items()}
+            # the counted model, even if a crash came before model.pt
+            self._save_model(checkpoint.arrays if checkpoint.average is None else checkpoint.average)
             self.rows = self.run_dir.reload_metrics(checkpoint.round)
             random.seed(self.run.federation.seed + checkpoint.round)  # a fresh cohort draw for the rounds still to come
             log.info("privrec: resuming run %s after round %d of %d (checkpoint %s)", self.run_dir.path.name,
@@ -258,10 +264,11 @@ class FederatedRun:
             return None  # resumed: the checkpointed round was recorded before the restart
         server_round += self.strategy.round_offset
         state = arrays.to_torch_state_dict()
+        released = self._released(state)
         central = None
         wanted = server_round in (0, self.run.federation.num_rounds) or server_round in self.eval_stats
         if self.store is not None and self.run.federation.central_eval and wanted:
-            central = central_evaluation(self.model_cfg, state, self.store, seed=self.run.federation.seed,
+            central = central_evaluation(self.model_cfg, released, self.store, seed=self.run.federation.seed,
                                          item_text=self.item_text, cold_share=self.run.data.cold_item_share)
         row = self._metrics_row(server_round, central)
         self.rows.append(row)
@@ -271,11 +278,21 @@ class FederatedRun:
         if server_round > 0:
             # The checkpoint (with the privacy tally) covers only rounds whose records are complete, and
             # comes before model.pt: a crash in between never leaves a released model that is not counted.
-            save_checkpoint(self.run_dir.path, server_round, state, self.strategy, self.cfg)
-            self._save_model(state)
+            save_checkpoint(self.run_dir.path, server_round, state, self.strategy, self.cfg,
+                            average=None if self.average is None else released)
+            self._save_model(released)
         self.round_started = time.perf_counter()
         return MetricRecord({k: v for k, v in (central or {}).items() if isinstance(v, (int, float))}) \
             if central else None
+
+    def _released(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The model this round evaluates and releases: the global model, or with model-average > 0 the
+        running average of it (started at round 0's model; training goes on from the global model)."""
+        decay = self.run.federation.model_average
+        if decay == 0:
+            return state
+        self.average = running_average(self.average, {k: v.numpy() for k, v in state.items()}, decay)
+        return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.average.items()}
 
     def _save_model(self, state: dict[str, torch.Tensor]) -> None:
         architecture = {"model": "SASRec", **asdict(self.model_cfg)}

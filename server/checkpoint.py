@@ -7,6 +7,7 @@ renamed into place, see shared/atomic.py):
                             (per device id: epsilon, cap, the accountant history it reported)
     checkpoint/model.pt     the global model after that round
     checkpoint/strategy.pt  the strategy's own state (FedAdam's moment estimates; empty for FedAvg)
+    checkpoint/average.pt   the running average of the global model (model-average > 0 only)
 
 Submitting the run again with the same `run-name` (and `resume = true`, the default) continues
 with the next round. A checkpoint from an incompatible config is refused, never silently mixed.
@@ -42,6 +43,7 @@ class Checkpoint:
     capped: dict[str, int]  # device id -> round it declined (devices at their cap are not asked again)
     records: dict[str, dict[str, Any]]  # privacy.json's per-device records
     node_devices: dict[int, str]  # node id -> device id when the checkpoint was written (may be stale)
+    average: dict[str, torch.Tensor] | None = None  # running average of the global model (model-average)
 
 
 def _tensor_bytes(obj: Any) -> bytes:
@@ -51,7 +53,7 @@ def _tensor_bytes(obj: Any) -> bytes:
 
 
 def save_checkpoint(run_path: Path, server_round: int, arrays: dict[str, torch.Tensor], strategy: Any,
-                    cfg: dict[str, Any]) -> None:
+                    cfg: dict[str, Any], *, average: dict[str, torch.Tensor] | None = None) -> None:
     privacy = strategy.privacy
     strategy_state = {name: {k: torch.from_numpy(np.asarray(v)) for k, v in getattr(strategy.flower, name).items()}
                       for name in STRATEGY_STATE if getattr(strategy.flower, name, None) is not None}
@@ -63,6 +65,8 @@ def save_checkpoint(run_path: Path, server_round: int, arrays: dict[str, torch.T
     with staged_dir(run_path / CHECKPOINT_DIR, replace=True) as staged:
         write_synced(staged / "model.pt", _tensor_bytes(arrays))
         write_synced(staged / "strategy.pt", _tensor_bytes(strategy_state))
+        if average is not None:
+            write_synced(staged / "average.pt", _tensor_bytes(average))
         write_synced(staged / "state.json", (json.dumps(state, indent=1) + "\n").encode())
 
 
@@ -78,6 +82,8 @@ def load_checkpoint(run_path: Path, cfg: dict[str, Any]) -> Checkpoint | None:
         arrays = torch.load(directory / "model.pt", weights_only=True)
         strategy_state = {name: {k: v.numpy() for k, v in values.items()}
                           for name, values in torch.load(directory / "strategy.pt", weights_only=True).items()}
+        average = torch.load(directory / "average.pt", weights_only=True) \
+            if (directory / "average.pt").is_file() else None
         records = dict(state.get("records", {}))
         if state["format"] == 1:  # node-keyed: rebuild the device-keyed tally from the per-device records
             epsilons = {d: float(r["epsilon"]) for d, r in records.items() if r.get("rounds") or r.get("epsilon")}
@@ -98,7 +104,7 @@ def load_checkpoint(run_path: Path, cfg: dict[str, Any]) -> Checkpoint | None:
                            "store and population-dir or choose another run-name")
     return Checkpoint(round=server_round, arrays=arrays, strategy_state=strategy_state,
                       epsilon_by_device=epsilons, config=state["config"], capped=capped, records=records,
-                      node_devices=node_devices)
+                      node_devices=node_devices, average=average)
 
 
 def restore_strategy(strategy: Any, checkpoint: Checkpoint) -> None:

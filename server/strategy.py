@@ -9,6 +9,8 @@ overrides only the hooks its job needs. Outermost first:
     CohortChoice        the round's cohort among devices below their privacy cap     (server/cohort.py)
     SpendBooking        every reply booked in the privacy tally; declines, refusals  (server/booking.py)
     UserLevelDP         DP-FedAvg clip + noise, fixed denominator (user-dp only)     (server/user_dp.py)
+    PerRowAveraging     item_emb rows averaged over the devices that changed them   (server/per_row.py)
+                        (aggregation = per-row; non-private runs only)
     FedAvg | FedAdam | FedProx   Flower's own, unchanged
 
 The figures privrec reports are made here: epsilon as max and median over devices (never a mean),
@@ -25,6 +27,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
 from server.booking import SpendBooking
 from server.cohort import CohortChoice
+from server.per_row import PerRowAveraging
 from server.rounds import EvaluationSchedule, ResumedRun, RoundReport
 from server.tally import PrivacyTally
 from server.user_dp import UserLevelDP
@@ -107,6 +110,8 @@ def build_strategy(cfg: dict[str, Any], num_devices: int, on_train, on_evaluate)
         strategy = UserLevelDP(strategy, noise_multiplier=cfg["user-noise-multiplier"],
                                clipping_norm=cfg["user-clipping-norm"], expected_cohort=float(cohort),
                                frozen=FROZEN_BY_SCOPE[cfg["device-trains"]])
+    elif cfg["aggregation"] == "per-row":  # the config refuses it with user-dp (and dp)
+        strategy = PerRowAveraging(strategy)
     strategy = SpendBooking(strategy, tally=tally, accountant=cfg["accountant"], metrics_fn=train_metrics)
     strategy = CohortChoice(strategy, tally=tally, cohort=cohort, min_available=cohort,
                             poisson_rate=user_sample_rate(cfg, num_devices) if cfg["user-dp"] else None)

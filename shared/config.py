@@ -49,6 +49,7 @@ def _one_of(*choices: str) -> Callable[[Any], bool]:
 
 # Enumerations: the one list of each (other modules import them from here).
 STRATEGIES = ("fedavg", "fedadam", "fedprox")
+AGGREGATIONS = ("fedavg", "per-row")
 ACCOUNTANTS = ("rdp", "prv", "gdp")
 GRAD_SAMPLE_MODES = ("hooks", "ghost")
 OPTIMIZERS = ("adam", "sgd")
@@ -92,6 +93,13 @@ _FEDERATION: dict[str, Key] = {
     "server-lr": Key(float, 0.01, "server learning rate (FedAdam's eta)", _positive, "must be > 0"),
     "proximal-mu": Key(float, 0.0, "FedProx proximal weight (strategy = fedprox)", _non_negative,
                        "must be >= 0"),
+    "aggregation": Key(str, "fedavg", "how the round's model is made from the replies: fedavg (weighted mean), or "
+                                      "per-row (each item_emb row averaged over the devices that changed it; "
+                                      "non-private runs only)",
+                       _one_of(*AGGREGATIONS), "must be one of " + ", ".join(AGGREGATIONS)),
+    "model-average": Key(float, 0.0, "decay of a running average of the global model over rounds, which is "
+                                     "evaluated centrally and released as model.pt (training continues from "
+                                     "the global model); 0 = off", lambda v: 0 <= v < 1, "must be in [0, 1)"),
     "eval-every": Key(int, 5, "federated evaluation every N rounds (and after the last); 0 = only after the last",
                       _non_negative, "must be >= 0"),
     "fraction-evaluate": Key(float, 1.0, "share of devices that evaluate in an evaluation round",
@@ -319,6 +327,15 @@ def _check_relations(cfg: Mapping[str, Any], where: str) -> None:
         # Only FedProx sends the proximal weight to the devices: under another strategy it would do nothing.
         raise PrivrecError(f"{where}config key 'proximal-mu' = {cfg['proximal-mu']} has no effect with "
                            f"'strategy' = {cfg['strategy']}: set strategy = fedprox, or proximal-mu = 0")
+    if cfg["aggregation"] == "per-row":
+        # Which rows a device changed names the items in its windows; under DP every row is noised anyway.
+        for key in ("dp", "user-dp"):
+            if cfg[key]:
+                raise PrivrecError(f"{where}config key 'aggregation' = per-row reveals which items each device "
+                                   f"holds: it needs '{key}' = false (a non-private run), or aggregation = fedavg")
+        if cfg["item-representation"] == "text":
+            raise PrivrecError(f"{where}config key 'aggregation' = per-row averages rows of the item embedding, "
+                               "which item-representation = text has none of: use id or text+id, or fedavg")
     if cfg["devices-per-round"] == 0 and cfg["fraction-train"] == 0:
         raise PrivrecError(f"{where}config keys 'devices-per-round' and 'fraction-train' are both 0: "
                            "no device would train")
@@ -416,6 +433,8 @@ class FederationSection:
     fraction_train: float
     server_lr: float
     proximal_mu: float
+    aggregation: str
+    model_average: float
     eval_every: int
     fraction_evaluate: float
     central_eval: bool

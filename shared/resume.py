@@ -19,7 +19,8 @@ MUST_MATCH = ("strategy", "max-len", "hidden-size", "num-heads", "num-blocks", "
               # user-level accounting composes one (noise, q) over every round of the run
               "user-dp", "user-noise-multiplier", "user-clipping-norm", "devices-per-round", "fraction-train",
               "deploy-devices",  # the population the user-level q is computed over
-              "sample-rate")  # on-device q: some accountants (gdp) need it fixed across rounds
+              "sample-rate",  # on-device q: some accountants (gdp) need it fixed across rounds
+              "aggregation", "model-average")  # the round's model, and the released average's decay
 
 
 def checkpoint_state(run_path: Path) -> dict[str, Any] | None:

@@ -530,7 +530,7 @@ def test_a_truncated_ledger_is_refused_never_reset_and_the_failure_is_shown(tmp_
     from client.app import app as client_app
     from server.app import main as server_main
     from shared.privacy.population import default_population_dir
-    from simulations.inprocess import InProcessGrid
+    from simulations.inprocess import InProcessGrid, serve
 
     devices = 3
     store = walk_store(tmp_path / "store", num_users=devices, num_items=30)
@@ -542,7 +542,7 @@ def test_a_truncated_ledger_is_refused_never_reset_and_the_failure_is_shown(tmp_
         grid = InProcessGrid(client_app, devices, keep_messages=True)
         context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
                           run_config={**run_config, "run-name": name})
-        server_main(grid, context)
+        serve(server_main, grid, context)
         return grid
 
     run("first")

@@ -5,6 +5,7 @@
     privrec simulate [--config FILE] [--dataset ml-100k|PATH] [--rounds N] [--devices-per-round K]
                      [--noise-multiplier Z] [--seed S] [--no-dp] [--set KEY=VALUE ...] [--run-dir DIR]
     privrec baseline centralized|popularity [--config FILE] [--dataset ...] [--epochs N] [--out FILE]
+    privrec baseline popularity|content --epsilon E [--delta D] [--seed S] [--dataset ...] [--out FILE]
     privrec recommend --model RUN_DIR (--history "ITEM ITEM ..." | --input FILE.jsonl) [-k 10]
                       [--new-items FILE.jsonl]
     privrec report RUN_DIR [--out DIR]
@@ -174,6 +175,8 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     from shared.metrics import eval_inputs, evaluate_histories, summarize
     from shared.model import architecture_for
 
+    if args.epsilon is not None or args.kind == "content":
+        return _private_baseline(args)
     cfg = config_from_args(args)
     store_dir = cfg["data-store"] or prepare_store(cfg["dataset"], 1)
     store = open_store(store_dir)
@@ -208,6 +211,43 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     print(f"{args.kind} baseline: NDCG@10 {test['ndcg@10']:.4f} (95% CI {test['ndcg@10-ci'][0]:.4f}-"
           f"{test['ndcg@10-ci'][1]:.4f})  HR@10 {test['hr@10']:.4f} (95% CI {test['hr@10-ci'][0]:.4f}-"
           f"{test['hr@10-ci'][1]:.4f})  [test items, {store.num_users} users, no federation, no DP]")
+    if args.out:
+        from shared.atomic import write_json_atomic
+
+        try:
+            write_json_atomic(Path(args.out), result)
+        except OSError as exc:
+            raise PrivrecError(f"--out {args.out}: cannot write ({exc.strerror or exc})") from None
+    return 0
+
+
+def _private_baseline(args: argparse.Namespace) -> int:
+    """User-level DP baselines, run as federated analytics over the real ClientApp (issue 13, item 1)."""
+    import importlib
+
+    from shared.analytics import check_release_request
+    from shared.data.store import open_store, prepare_store
+
+    if args.kind == "centralized":
+        raise PrivrecError("--epsilon: `baseline centralized` has no private version; use popularity or content")
+    if args.epsilon is None:
+        raise PrivrecError(f"`baseline {args.kind}` needs --epsilon E (its user-level privacy budget)")
+    check_release_request(args.epsilon, args.delta)
+    cfg = config_from_args(args)
+    store_dir = cfg["data-store"] or prepare_store(cfg["dataset"], cfg["users-per-device"])
+    _say_dataset_notes(open_store(store_dir))
+    # The driver imports both apps (in-process grid); tools reach it by module path only.
+    driver = importlib.import_module("simulations.private_baselines")
+    result = driver.run_private_baseline(args.kind, cfg, store_dir, epsilon=args.epsilon, delta=args.delta,
+                                         seed=cfg["seed"])
+    test = result["test"]
+    print(f"{args.kind} baseline (user-level DP, federated analytics over {result['devices']} devices): "
+          f"NDCG@10 {test['ndcg@10']:.4f} (95% CI {test['ndcg@10-ci'][0]:.4f}-{test['ndcg@10-ci'][1]:.4f})  "
+          f"HR@10 {test['hr@10']:.4f} (95% CI {test['hr@10-ci'][0]:.4f}-{test['hr@10-ci'][1]:.4f})  [test items]")
+    print(f"privacy: {driver.statement(result)}")
+    if result["declined"] or result["failed"]:
+        print(f"privrec: note: {result['declined']} device(s) declined (their cap), {result['failed']} failed; "
+              "neither is in the sum")
     if args.out:
         from shared.atomic import write_json_atomic
 
@@ -341,8 +381,12 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--run-name", help="run id (default: a time stamp)")
     sim.set_defaults(func=cmd_simulate)
 
-    base = sub.add_parser("baseline", help="non-federated, non-private references on the same split")
-    base.add_argument("kind", choices=["centralized", "popularity"])
+    base = sub.add_parser("baseline", help="references on the same split: non-private (centralized, popularity) "
+                                           "or user-level DP (popularity, content with --epsilon)")
+    base.add_argument("kind", choices=["centralized", "popularity", "content"])
+    base.add_argument("--epsilon", type=float, help="user-level DP: popularity histogram released as federated "
+                                                    "analytics at this epsilon (content: also its bias)")
+    base.add_argument("--delta", type=float, default=1e-5, help="delta of --epsilon (default 1e-5)")
     add_config_flags(base)
     base.add_argument("--epochs", type=int, default=30)
     base.add_argument("--lr", type=float, default=0.001)

@@ -47,6 +47,10 @@ class PrivacyLedger:
     accountant_state: dict | None = None  # Opacus accountant state_dict: {"history": [[sigma, q, steps]...], ...}
     rounds: list[dict[str, Any]] = field(default_factory=list)  # one entry per reserved/released round
     declined: dict[str, Any] | None = None  # set once the cap was reached: the device never trains again
+    # User-level releases (federated analytics, `shared.analytics`): one entry per Gaussian release the device
+    # took part in. Their unit is the user's whole history, not one window, so they are composed apart from
+    # the DP-SGD history above (see `user_level_history`), never mixed into it.
+    releases: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -55,7 +59,12 @@ class PrivacyLedger:
             "accountant_state": self.accountant_state,
             "rounds": self.rounds,
             "declined": self.declined,
+            "releases": self.releases,
         }
+
+    def user_level_history(self) -> list[list[float]]:
+        """Accountant rows [noise multiplier, sample rate, steps] of the user-level releases."""
+        return [[float(r["noise_multiplier"]), float(r["sample_rate"]), int(r["steps"])] for r in self.releases]
 
     @property
     def unbounded(self) -> bool:
@@ -94,8 +103,11 @@ def from_json(data: dict[str, Any], where: str) -> PrivacyLedger:
         declined = data.get("declined")
         if declined is not None and not isinstance(declined, dict):
             raise ValueError("declined is neither null nor an object")
+        releases = data.get("releases", [])  # absent in ledgers written before analytics existed
+        if not isinstance(releases, list):
+            raise ValueError("releases is not a list")
         return PrivacyLedger(device=str(data["device"]), accountant_state=state, rounds=list(data["rounds"]),
-                             declined=declined)
+                             declined=declined, releases=list(releases))
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise PrivrecError(f"privacy ledger {where} is unreadable ({exc}); refusing to train "
                            "rather than under-report spent privacy") from None
@@ -112,7 +124,7 @@ def reconcile(path: Path, mirror: PrivacyLedger | None) -> None:
         return
     on_disk = load_ledger(path, mirror.device)
     if (_spent_steps(mirror) > _spent_steps(on_disk) or (mirror.declined and not on_disk.declined)
-            or (mirror.unbounded and not on_disk.unbounded)):
+            or (mirror.unbounded and not on_disk.unbounded) or len(mirror.releases) > len(on_disk.releases)):
         save_ledger(path, mirror)
 
 

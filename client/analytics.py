@@ -1,0 +1,39 @@
+"""A device's part in federated analytics: its clipped contribution, recorded in its ledger before it leaves.
+
+The device records the release it joins in its privacy ledger (`PrivacyLedger.releases`, user-level unit)
+*before* replying, under the ledger lock, and declines when the composed user-level epsilon of all its
+releases would pass its cap (`max-epsilon` > 0). The DP-SGD spend (window-level unit) is a separate
+record: the two units differ, and the ledger keeps them apart rather than adding unlike epsilons.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from shared.analytics import item_set_vector
+from shared.data.store import DeviceData
+from shared.privacy.accounting import epsilon_from_state
+from shared.privacy.ledger import ledger_lock, load_ledger, save_ledger
+
+POPULARITY_RELEASE = "popularity-histogram"
+
+
+def answer_popularity_query(data: DeviceData, num_items: int, *, ledger_path: Path, device: str,
+                            noise_multiplier: float, delta: float, max_epsilon: float,
+                            release_id: str) -> tuple[np.ndarray | None, float]:
+    """(the device's unit-norm item-set vector, or None when it declines; its user-level epsilon after it)."""
+    with ledger_lock(ledger_path):
+        ledger = load_ledger(ledger_path, device)
+        history = ledger.user_level_history() + [[noise_multiplier, 1.0, 1]]
+        epsilon = epsilon_from_state({"history": history, "mechanism": "rdp"}, delta, "rdp")
+        if max_epsilon > 0 and epsilon > max_epsilon:
+            return None, epsilon_from_state({"history": ledger.user_level_history(), "mechanism": "rdp"},
+                                            delta, "rdp") if ledger.releases else 0.0
+        ledger.releases.append({"kind": POPULARITY_RELEASE, "release": release_id, "unit": "user",
+                                "relation": "add/remove one user", "mechanism": "gaussian-sum",
+                                "noise_multiplier": noise_multiplier, "sample_rate": 1.0, "steps": 1,
+                                "user-level-epsilon": epsilon, "delta": delta, "accountant": "rdp"})
+        save_ledger(ledger_path, ledger)  # recorded before the vector leaves: over-report, never under-report
+    return item_set_vector(data.train, num_items), epsilon

@@ -1,0 +1,184 @@
+"""Issue 12 in the ServerApp: `aggregation = per-row` and `model-average` (shared/aggregation.py, wired in)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
+
+import server.app
+from client.app import app as client_app
+from server.app import main as server_main
+from server.per_row import PerRowAveraging
+from server.strategy import build_strategy
+from shared import config
+from shared.aggregation import mean_update, running_average, touched_rows
+from shared.errors import PrivrecError
+from simulations.inprocess import InProcessGrid, serve, set_identity
+from tests.synthetic import walk_store
+
+NUM_DEVICES = 6
+SMALL = {"max-len": 16, "window": 12, "hidden-size": 16, "num-heads": 2, "num-blocks": 1, "dropout": 0.0,
+         "local-epochs": 2, "local-lr": 0.02, "batch-size": 2, "dp": False, "deterministic-devices": True,
+         "devices-per-round": 3, "eval-every": 0}
+
+
+def _reply(arrays: dict[str, np.ndarray], examples: float) -> Message:
+    content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+                          "metrics": MetricRecord({"num-examples": examples})})
+    return Message(content, dst_node_id=0, message_type=MessageType.TRAIN)
+
+
+def test_a_row_touched_by_one_device_of_two_moves_by_that_devices_full_update():
+    set_identity()
+    wrapper = PerRowAveraging(FedAvg(min_train_nodes=0, min_available_nodes=0))
+    current = {"item_emb.weight": np.zeros((3, 2), dtype=np.float32), "w": np.zeros(2, dtype=np.float32)}
+    wrapper.configure_train(1, ArrayRecord({k: Array(v) for k, v in current.items()}), ConfigRecord(),
+                            _NoNodes())
+    a = {"item_emb.weight": np.array([[0, 0], [1, 1], [2, 2]], np.float32), "w": np.array([1, 1], np.float32)}
+    b = {"item_emb.weight": np.array([[0, 0], [0, 0], [4, 4]], np.float32), "w": np.array([4, 4], np.float32)}
+    arrays, _ = wrapper.aggregate_train(1, [_reply(a, 1.0), _reply(b, 3.0)])
+    emb = arrays["item_emb.weight"].numpy()
+    assert np.allclose(emb[1], 1.0)  # only device a touched row 1: its whole update, not 1/4 of it
+    assert np.allclose(emb[2], (2 * 1 + 4 * 3) / 4)  # both touched row 2: example-weighted mean
+    assert np.allclose(emb[0], 0.0)
+    assert np.allclose(arrays["w"].numpy(), (1 * 1 + 4 * 3) / 4)  # every other array: FedAvg
+
+
+class _NoNodes:
+    def get_node_ids(self):
+        return []
+
+
+def test_per_row_is_wrapped_only_when_asked():
+    cfg = config.validate({"dp": False, "aggregation": "per-row"})
+    strategy = build_strategy(cfg, 6, lambda r, s: None, lambda r, s: None)
+    chain, inner = [], strategy
+    while hasattr(inner, "strategy"):
+        chain.append(type(inner).__name__)
+        inner = inner.strategy
+    assert "PerRowAveraging" in chain and type(inner) is FedAvg
+    plain = build_strategy(config.validate({}), 6, lambda r, s: None, lambda r, s: None)
+    inner, names = plain, []
+    while hasattr(inner, "strategy"):
+        names.append(type(inner).__name__)
+        inner = inner.strategy
+    assert "PerRowAveraging" not in names
+
+
+@pytest.mark.parametrize("overrides, named", [
+    ({"aggregation": "per-row"}, "'dp' = false"),  # dp = true is the default
+    ({"aggregation": "per-row", "dp": False, "user-dp": True}, "'user-dp' = false"),
+    ({"aggregation": "per-row", "dp": False, "item-representation": "text"}, "item-representation = text"),
+    ({"model-average": 1.0}, "model-average"),
+    ({"aggregation": "mean"}, "aggregation"),
+])
+def test_refusals_name_the_key(overrides, named):
+    with pytest.raises(PrivrecError, match="aggregation|model-average") as err:
+        config.validate(overrides)
+    assert named in str(err.value) and "\n" not in str(err.value)
+
+
+def _context(run_config):
+    return Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+
+
+def _train_models(grid):
+    """The global model each train message carried, in order (one per round)."""
+    out = []
+    for m in grid.delivered:
+        if m.metadata.message_type == "train":
+            state = m.content.array_records["arrays"].to_torch_state_dict()
+            if not out or any(not torch.equal(state[k], out[-1][k]) for k in state):
+                out.append(state)
+    return out
+
+
+def test_per_row_round_is_shared_aggregation_on_the_rounds_replies(tmp_path):
+    store = walk_store(tmp_path / "store", num_users=NUM_DEVICES, num_items=40)
+    run_config = {**SMALL, "data-store": str(store), "num-rounds": 1, "aggregation": "per-row",
+                  "run-dir": str(tmp_path / "runs"), "run-name": "p"}
+    grid = InProcessGrid(client_app, NUM_DEVICES, keep_messages=True)
+    serve(server_main, grid, _context(run_config))
+    (sent,) = _train_models(grid)
+    current = {k: v.numpy().astype(np.float64) for k, v in sent.items()}
+    replies = [r for r in grid.replies if r.content.array_records]
+    assert len(replies) == 3
+    updates = [{k: v.numpy().astype(np.float64) - current[k]
+                for k, v in r.content.array_records["arrays"].to_torch_state_dict().items()} for r in replies]
+    weights = [float(r.content.metric_records["metrics"]["num-examples"]) for r in replies]
+    masks = [{"item_emb.weight": touched_rows(u["item_emb.weight"])} for u in updates]
+    # Some row is touched by some but not all devices, so per-row and FedAvg differ in this round.
+    touched = np.stack([m["item_emb.weight"] for m in masks])
+    assert np.any(touched.any(0) & ~touched.all(0))
+    expected = mean_update(updates, weights, masks)
+    model = torch.load(tmp_path / "runs" / "p" / "checkpoint" / "model.pt", weights_only=True)
+    for k, v in model.items():
+        assert np.allclose(v.numpy(), current[k] + expected[k], atol=1e-6), k
+    fedavg = mean_update(updates, weights)["item_emb.weight"]
+    assert not np.allclose(model["item_emb.weight"].numpy(), current["item_emb.weight"] + fedavg, atol=1e-6)
+
+
+def test_the_running_average_is_evaluated_saved_and_survives_a_resume(tmp_path, monkeypatch):
+    decay = 0.5
+    evaluated = []
+    real_evaluation = server.app.central_evaluation
+
+    def spy(model_cfg, state, *args, **kwargs):
+        evaluated.append({k: v.clone() for k, v in state.items()})
+        return real_evaluation(model_cfg, state, *args, **kwargs)
+
+    monkeypatch.setattr(server.app, "central_evaluation", spy)
+
+    class DyingGrid(InProcessGrid):
+        trains = 0
+
+        def send_and_receive(self, messages, *, timeout=None):
+            messages = list(messages)
+            if messages and messages[0].metadata.message_type == "train":
+                DyingGrid.trains += 1
+                if DyingGrid.trains == 3:
+                    raise ConnectionError("SuperLink went away")
+            return super().send_and_receive(messages, timeout=timeout)
+
+    store = walk_store(tmp_path / "store", num_users=NUM_DEVICES, num_items=40)
+    run_config = {**SMALL, "data-store": str(store), "num-rounds": 3, "model-average": decay,
+                  "run-dir": str(tmp_path / "runs"), "run-name": "a"}
+    path = tmp_path / "runs" / "a"
+    grid = DyingGrid(client_app, NUM_DEVICES, keep_messages=True)
+    with pytest.raises(ConnectionError):
+        serve(server_main, grid, _context(run_config))
+    g0, g1 = _train_models(grid)  # the global models rounds 1 and 2 trained from
+    g2 = torch.load(path / "checkpoint" / "model.pt", weights_only=True)  # the raw global model: training goes on
+    assert any(not torch.equal(g2[k], g1[k]) for k in g2)
+    average = None
+    for g in (g0, g1, g2):
+        average = running_average(average, {k: v.numpy() for k, v in g.items()}, decay)
+    saved_average = torch.load(path / "checkpoint" / "average.pt", weights_only=True)
+    released = torch.load(path / "model.pt", weights_only=True)
+    for k in g2:
+        assert np.allclose(saved_average[k].numpy(), average[k], atol=1e-6), k
+        assert torch.equal(released[k], saved_average[k])
+    assert evaluated and all(torch.equal(evaluated[0][k], g0[k]) for k in g0)  # round 0: the average is g0
+
+    # A different decay cannot continue this average.
+    with pytest.raises(PrivrecError, match="model-average"):
+        serve(server_main, InProcessGrid(client_app, NUM_DEVICES), _context({**run_config, "model-average": 0.9}))
+
+    evaluated.clear()
+    grid = InProcessGrid(client_app, NUM_DEVICES, keep_messages=True)
+    serve(server_main, grid, _context(run_config))
+    (sent,) = _train_models(grid)
+    assert all(torch.equal(sent[k], g2[k]) for k in g2)  # round 3 trains from the raw global model
+    g3 = torch.load(path / "checkpoint" / "model.pt", weights_only=True)
+    average = running_average(average, {k: v.numpy() for k, v in g3.items()}, decay)
+    released = torch.load(path / "model.pt", weights_only=True)
+    for k in g3:
+        assert np.allclose(released[k].numpy(), average[k], atol=1e-6), k  # the average went on from round 2's
+        assert torch.equal(evaluated[-1][k], released[k])  # the final central evaluation is of the average
+    summary = json.loads((path / "summary.json").read_text())
+    assert summary["central-evaluation"] is not None
