@@ -24,6 +24,7 @@ from flwr.clientapp import ClientApp
 from client.analytics import answer_popularity_query
 from client.audit import audit_mod
 from client.device import evaluate_round, ledger_path, load_device, train_round
+from client.secagg import secagg_mod
 from shared.config import RunConfig, from_run_config
 from shared.data.devices import CATALOGUE_KEY, check_server_catalogue
 from shared.errors import PrivrecError
@@ -91,7 +92,7 @@ def _refuse_lost_spend(msg: Message, state_dir: str, device: str, path: Path) ->
         check_seen_spend(path, device, int(seen["steps"]))
 
 
-@app.train()
+@app.train(mods=[secagg_mod])  # answers secure-aggregation stages; plain train messages pass through
 def train(msg: Message, context: Context) -> Message:
     torch.set_num_threads(1)
     run, record = _run_config(msg, context)

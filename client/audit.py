@@ -31,6 +31,9 @@ ALLOWED_METRICS = frozenset({
 def describe(reply: Message, instruction: Message) -> dict:
     entry: dict = {"time": time.time(), "type": instruction.metadata.message_type,
                    "round": _round(instruction), "error": reply.has_error()}
+    secagg = instruction.content.config_records.get("secagg")  # a secure-aggregation stage (client/secagg.py)
+    if secagg is not None:
+        entry["secagg-stage"] = str(secagg["stage"])
     if reply.has_error():
         return entry
     content = reply.content

@@ -21,9 +21,16 @@ from server.cohort import BudgetExhausted
 from server.evaluation import central_evaluation
 from server.pretraining import pretrain
 from server.run_dir import RunDirectory
+from server.secagg import SecureAggregationGrid
 from server.strategy import build_strategy, cohort_size, user_sample_rate
 from shared.aggregation import running_average
-from shared.config import RunConfig, clamp_to_population, default_run_name, from_run_config
+from shared.config import (
+    RunConfig,
+    check_secure_aggregation,
+    clamp_to_population,
+    default_run_name,
+    from_run_config,
+)
 from shared.data.devices import CATALOGUE_KEY, read_catalogue
 from shared.data.store import open_store, prepare_store
 from shared.errors import PrivrecError
@@ -31,6 +38,7 @@ from shared.model import SASRec, architecture_for
 from shared.privacy.population import default_population_dir
 from shared.privacy.statement import privacy_statement, sentences, user_level_statement
 from shared.privacy.user_level import user_level_epsilon, user_level_state
+from shared.secagg import params_from_config
 from shared.text.features import TEXT_KEY, features_for
 
 logging.getLogger("flwr").propagate = False  # Opacus' basicConfig would double every log line
@@ -115,6 +123,7 @@ class FederatedRun:
         self.eval_stats: dict[int, dict] = {}
         self.eval_failures: dict[int, dict] = {}
         self.rows: list[dict[str, Any]] = []
+        self.secure_grid: SecureAggregationGrid | None = None
         # model-average > 0: the running average of the global model, the model evaluated and released
         self.average: dict[str, np.ndarray] | None = None
 
@@ -169,6 +178,14 @@ class FederatedRun:
 
         strategy = build_strategy(cfg, self.num_devices, self._on_train, self._on_evaluate)
         self.strategy = strategy
+        grid = self.grid
+        if cfg["secure-aggregation"]:
+            cohort = cohort_size(cfg, self.num_devices)
+            check_secure_aggregation(cfg, cohort, "run config: ")  # also when the cohort is a fraction
+            # The strategy sees only the aggregate; DP-FedAvg divides by the expected cohort.
+            grid = SecureAggregationGrid(self.grid, params_from_config(cfg),
+                                         denominator=float(cohort) if cfg["user-dp"] else None)
+            self.secure_grid = grid
         checkpoint = load_checkpoint(self.run_dir.path, cfg) if self.run.outputs.resume else None
         if checkpoint is not None:
             restore_strategy(strategy, checkpoint)
@@ -195,7 +212,7 @@ class FederatedRun:
         stopped = None
         try:
             strategy.start(
-                grid=self.grid,
+                grid=grid,
                 initial_arrays=ArrayRecord(initial),
                 num_rounds=self.run.federation.num_rounds - strategy.round_offset,
                 timeout=self.run.federation.round_timeout,
@@ -213,6 +230,8 @@ class FederatedRun:
 
     # -- callbacks from the strategy -------------------------------------------------------
     def _on_train(self, server_round: int, stats: dict) -> None:
+        if self.secure_grid is not None and self.secure_grid.rounds:  # devices summed and dropped, or refused
+            stats["secure-aggregation"] = self.secure_grid.rounds.pop()
         self.train_stats[server_round] = stats
         self._check_failures(server_round, stats, "")
 
@@ -308,6 +327,8 @@ class FederatedRun:
             "capped-devices": train.get("capped-devices", 0),
             "user-level-epsilon": self._user_level_epsilon(server_round),
         }
+        if "secure-aggregation" in train:
+            row["secure-aggregation"] = train["secure-aggregation"]
         for name in ("hr@10", "ndcg@10"):
             row[name] = evaluation.get(f"test-{name}")
             row[name + "-ci"] = evaluation.get(f"test-{name}-ci")

@@ -104,7 +104,9 @@ def build_strategy(cfg: dict[str, Any], num_devices: int, on_train, on_evaluate)
                              proximal_mu=cfg["proximal-mu"])
     tally = PrivacyTally()
     strategy: Strategy = flower
-    if cfg["user-dp"]:
+    # Under secure aggregation the devices clip and noise their own updates and the Grid wrapper
+    # (server/secagg.py) releases current + noised sum / expected cohort: no server-side DP on top.
+    if cfg["user-dp"] and not cfg["secure-aggregation"]:
         strategy = UserLevelDP(strategy, noise_multiplier=cfg["user-noise-multiplier"],
                                clipping_norm=cfg["user-clipping-norm"], expected_cohort=float(cohort),
                                frozen=FROZEN_BY_SCOPE[cfg["device-trains"]])

@@ -158,6 +158,20 @@ _USER_DP: dict[str, Key] = {
     "user-clipping-norm": Key(float, 0.5, "L2 bound on one device's model update (DP-FedAvg)", _positive,
                               "must be > 0"),
 }
+# secure aggregation (SecAgg+ over the Message API: server/secagg.py, client/secagg.py)
+_SECURE_AGGREGATION: dict[str, Key] = {
+    "secure-aggregation": Key(bool, False, "SecAgg+: devices mask their updates; the server unmasks only the sum "
+                                           "of at least max(secagg-threshold, secagg-min-cohort) devices"),
+    "secagg-threshold": Key(int, 8, "Shamir threshold t: shares needed to rebuild a device's secrets; each "
+                                    "device has 2(t-1) neighbours", lambda v: v >= 2, "must be >= 2"),
+    "secagg-clip-range": Key(float, 2.0, "update coordinates are clipped to [-r, r] before quantization",
+                             _positive, "must be > 0"),
+    "secagg-quantization-bits": Key(int, 16, "bits per quantized coordinate; devices x (2^bits - 1) must stay "
+                                             "below 2^32", lambda v: 1 <= v <= 30, "must be in [1, 30]"),
+    "secagg-min-cohort": Key(int, 8, "m_min: the fewest devices whose sum the server unmasks; under user-dp "
+                                     "each device adds noise variance (z C)^2 / m_min",
+                             _positive, "must be >= 1"),
+}
 # where and how a run is recorded
 _OUTPUTS: dict[str, Key] = {
     "run-dir": Key(str, "runs", "folder that receives runs/<run-id>/"),
@@ -175,10 +189,13 @@ _DEPLOYMENT: dict[str, Key] = {
 # Section name -> its keys; each section becomes one frozen dataclass below (field = key with "_",
 # or the name in RENAMED).
 SECTIONS: dict[str, dict[str, Key]] = {"data": _DATA, "model": _MODEL, "federation": _FEDERATION,
-                                       "device": _DEVICE, "user_dp": _USER_DP, "outputs": _OUTPUTS,
+                                       "device": _DEVICE, "user_dp": _USER_DP,
+                                       "secure_aggregation": _SECURE_AGGREGATION, "outputs": _OUTPUTS,
                                        "deployment": _DEPLOYMENT}
 RENAMED = {"local-epochs": "epochs", "local-lr": "lr", "local-optimizer": "optimizer", "device-trains": "trainable",
-           "user-dp": "enabled", "user-noise-multiplier": "noise_multiplier", "user-clipping-norm": "clipping_norm"}
+           "user-dp": "enabled", "user-noise-multiplier": "noise_multiplier", "user-clipping-norm": "clipping_norm",
+           "secure-aggregation": "enabled", "secagg-threshold": "threshold", "secagg-clip-range": "clip_range",
+           "secagg-quantization-bits": "quantization_bits", "secagg-min-cohort": "min_cohort"}
 SCHEMA: dict[str, Key] = {name: key for section in SECTIONS.values() for name, key in section.items()}
 
 
@@ -322,6 +339,28 @@ def _check_relations(cfg: Mapping[str, Any], where: str) -> None:
     if cfg["devices-per-round"] == 0 and cfg["fraction-train"] == 0:
         raise PrivrecError(f"{where}config keys 'devices-per-round' and 'fraction-train' are both 0: "
                            "no device would train")
+    if cfg["secure-aggregation"] and cfg["devices-per-round"] > 0:
+        check_secure_aggregation(cfg, cfg["devices-per-round"], where)
+
+
+def check_secure_aggregation(cfg: Mapping[str, Any], cohort: int, where: str = "") -> None:
+    """Refuse secure-aggregation settings that cannot protect anyone in a cohort of `cohort` devices."""
+    from shared.secagg import SecAggParams, check_clip_range, check_no_wrap  # Flower's crypto: only when asked
+
+    params = SecAggParams(threshold=cfg["secagg-threshold"], clip_range=cfg["secagg-clip-range"],
+                          quantization_bits=cfg["secagg-quantization-bits"], min_cohort=cfg["secagg-min-cohort"])
+    if params.threshold > cohort:
+        raise PrivrecError(f"{where}config key 'secagg-threshold' = {params.threshold} is larger than the cohort "
+                           f"of {cohort} devices per round: no sum could ever be unmasked")
+    if params.min_cohort > cohort:
+        raise PrivrecError(f"{where}config key 'secagg-min-cohort' = {params.min_cohort} is larger than the cohort "
+                           f"of {cohort} devices per round: no sum could ever be unmasked")
+    try:
+        check_no_wrap(params, cohort)
+        if cfg["user-dp"]:
+            check_clip_range(params, cfg["user-clipping-norm"], cfg["user-noise-multiplier"])
+    except PrivrecError as exc:
+        raise PrivrecError(f"{where}{exc}") from None
 
 
 def clamp_to_population(cfg: dict[str, Any], num_devices: int) -> str | None:
@@ -433,6 +472,15 @@ class UserDPSection:
 
 
 @dataclass(frozen=True)
+class SecureAggregationSection:
+    enabled: bool
+    threshold: int
+    clip_range: float
+    quantization_bits: int
+    min_cohort: int
+
+
+@dataclass(frozen=True)
 class OutputsSection:
     run_dir: str
     run_name: str
@@ -446,7 +494,8 @@ class DeploymentSection:
 
 
 SECTION_TYPES = {"data": DataSection, "model": ModelSection, "federation": FederationSection,
-                 "device": DeviceTraining, "user_dp": UserDPSection, "outputs": OutputsSection,
+                 "device": DeviceTraining, "user_dp": UserDPSection,
+                 "secure_aggregation": SecureAggregationSection, "outputs": OutputsSection,
                  "deployment": DeploymentSection}
 
 
@@ -461,6 +510,7 @@ class RunConfig:
     federation: FederationSection
     device: DeviceTraining
     user_dp: UserDPSection
+    secure_aggregation: SecureAggregationSection
     outputs: OutputsSection
     deployment: DeploymentSection
     values: Mapping[str, Any]

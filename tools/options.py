@@ -34,6 +34,8 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     flags = {key: getattr(args, attr) for attr, key in flag_keys.items() if getattr(args, attr, None) is not None}
     if getattr(args, "no_dp", False):
         flags["dp"] = False
+    if getattr(args, "secure_aggregation", False):
+        flags["secure-aggregation"] = True
     for key in sorted(set(flags) & set(overrides)):
         if check_keys({key: overrides[key]})[key] != check_keys({key: flags[key]})[key]:
             print(f"privrec: note: --set {key}={overrides[key]} is overridden by its flag ({flags[key]})",

@@ -132,6 +132,30 @@ def user_level_statement(cfg: Mapping[str, Any], sample_rate: float, population:
         "adversary": "anyone who sees the global models the server releases (other devices, users of the model); "
                      "NOT the server itself, which sees individual updates before noise",
         "randomness": "NumPy's PCG64 generator seeded from OS entropy (research-grade, not a CSPRNG)",
+        **(secure_aggregation_terms(cfg) if cfg.get("secure-aggregation") else {}),
+    }
+
+
+def secure_aggregation_terms(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """User-level DP with secure aggregation: the noise comes from the devices, and the server sees only sums."""
+    m_min = cfg["secagg-min-cohort"]
+    return {
+        "mechanism": "user-level DP-FedAvg with distributed noise under secure aggregation (SecAgg+): each device "
+                     f"clips its update to L2 norm user-clipping-norm = {cfg['user-clipping-norm']}, adds Gaussian "
+                     f"noise of variance (z C)^2 / m_min (z = {cfg['user-noise-multiplier']}, m_min = "
+                     f"secagg-min-cohort = {m_min}) and masks it; the server unmasks only the sum of at least "
+                     f"max(secagg-threshold, m_min) = {max(cfg['secagg-threshold'], m_min)} devices, whose noise "
+                     "variance is then at least the central (z C)^2, and divides it by the expected cohort",
+        "adversary": "anyone who sees the released global models, AND the honest-but-curious server, as long as at "
+                     f"least m_min = {m_min} of the devices in every unmasked sum follow the protocol and keep "
+                     "their noise secret (devices colluding with the server can remove their own shares)",
+        "quantization": f"each device rounds stochastically to {cfg['secagg-quantization-bits']} bits over "
+                        f"[-{cfg['secagg-clip-range']}, {cfg['secagg-clip-range']}]; the accountant treats the "
+                        "quantized sum as the continuous Gaussian sum (the rounding is not modelled); modular "
+                        "wrap-around is impossible (cohort x (2^bits - 1) < 2^32, checked before the run and "
+                        "in every round)",
+        "randomness": "devices: NumPy's PCG64 from OS entropy for noise (research-grade, not a CSPRNG); masks: "
+                      "AES-256-CTR keystreams from ECDH (SECP384R1) and 16-byte OS-random seeds",
     }
 
 
@@ -161,12 +185,23 @@ def sentences(cfg: Mapping[str, Any], device_epsilon: float | None, user_epsilon
                 f"entire history) {_epsilon_phrase(cfg['accountant'], user_epsilon)} at delta {cfg['delta']:g} "
                 f"for adding or removing one device ({cfg['accountant'].upper()} accountant, Poisson sampling "
                 f"of devices over a population of {population}, all rounds composed) against anyone who sees "
-                "the released global models, but not against the server.")
+                "the released global models, but not against the server." if not cfg.get("secure-aggregation") else
+                f"User-level DP-FedAvg with distributed noise under secure aggregation: each device's whole "
+                f"contribution (with one user per device, a user's entire history) "
+                f"{_epsilon_phrase(cfg['accountant'], user_epsilon)} at delta {cfg['delta']:g} for adding or "
+                f"removing one device ({cfg['accountant'].upper()} accountant, Poisson sampling of devices over a "
+                f"population of {population}, all rounds composed) against anyone who sees the released global "
+                f"models and against the server, while at least secagg-min-cohort = {cfg['secagg-min-cohort']} "
+                "devices in every unmasked sum follow the protocol (quantization to "
+                f"{cfg['secagg-quantization-bits']} bits not modelled by the accountant).")
         out.append({"mechanism": "user-level DP-FedAvg", "sentence": text, "epsilon": user_epsilon,
                     "delta": cfg["delta"], "accountant": cfg["accountant"],
                     "is-a-bound": is_guarantee(cfg["accountant"]), "unit": USER_LEVEL_UNIT,
                     "relation": DEVICE_RELATION,
-                    "adversary": "anyone who sees released global models (not the server)",
+                    "adversary": "anyone who sees released global models (not the server)"
+                    if not cfg.get("secure-aggregation") else
+                    f"anyone who sees released global models, and the server while at least "
+                    f"{cfg['secagg-min-cohort']} devices per unmasked sum follow the protocol",
                     "sampling": "Poisson sampling of devices"})
     if not out:
         out.append({"mechanism": "none", "sentence": "No differential privacy: neither dp nor user-dp is on.",

@@ -152,6 +152,11 @@ def cmd_local(args: argparse.Namespace) -> int:
     available = len(list(devices_dir.glob("device-*")))
     if args.devices > available:
         raise PrivrecError(f"--devices {args.devices}: {devices_dir} holds only {available} device folders")
+    if cfg["secure-aggregation"]:  # refused here, before any process starts, against the real cohort
+        from shared.config import check_secure_aggregation
+
+        wanted = cfg["devices-per-round"] or round(cfg["fraction-train"] * args.devices)
+        check_secure_aggregation(cfg, max(1, min(wanted, args.devices)))
     if args.insecure:
         _say(INSECURE_WARNING)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -232,6 +237,8 @@ def add_deploy(sub, add_config_flags) -> None:
     local.add_argument("--users-per-device", type=int)
     local.add_argument("--noise-multiplier", type=float)
     local.add_argument("--no-dp", action="store_true")
+    local.add_argument("--secure-aggregation", action="store_true",
+                       help="SecAgg+: the server unmasks only sums (secagg-* keys via --set)")
     local.add_argument("--devices-dir", help="use these device folders (default: split --dataset into the run dir)")
     local.add_argument("--tls", action="store_true", help="TLS with fresh test certificates (the default)")
     local.add_argument("--tls-dir", help="TLS with these certificates (ca.crt, server.crt, server.key)")

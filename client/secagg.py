@@ -1,0 +1,101 @@
+"""The device's side of secure aggregation: a train mod that answers the stages of `shared.secagg`.
+
+A train message without a `secagg` record passes straight to the train function. With one, the
+stage decides: `setup`, `share` and `unmask` are answered here (keys and shares, no data); `upload`
+runs the real train function, then replaces its weights by the masked vector of the device's update
+(clipped to user-clipping-norm and noised with its share of the central noise under user-level DP),
+so no unmasked array ever leaves the device. The round's secrets live in `context.state` between
+messages and are deleted after `unmask`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp.typing import ClientAppCallable
+
+from shared.config import from_run_config
+from shared.errors import PrivrecError
+from shared.model import FROZEN_BY_SCOPE
+from shared.privacy.user_level import clip_update
+from shared.secagg import DeviceSession, params_from_config, quantize_vector, share_noise_std
+
+SECAGG = "secagg"  # instruction record naming the stage (same name in server/secagg.py)
+STATE = "secagg-session"  # context.state record holding this round's secrets
+
+
+def summed_keys(keys, device_trains: str) -> list[str]:
+    """The arrays a device's update may change (its trainable scope): only these are summed."""
+    frozen = FROZEN_BY_SCOPE[device_trains]
+    return [k for k in keys if k not in frozen]
+
+
+def device_vector(update: dict[str, np.ndarray], cfg, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """What the device masks: its update, under user-level DP clipped to C plus N(0, (z C)^2 / m_min)."""
+    if not cfg["user-dp"]:
+        return update
+    clip = float(cfg["user-clipping-norm"])
+    clipped, _ = clip_update(update, clip)
+    std = share_noise_std(float(cfg["user-noise-multiplier"]), clip, int(cfg["secagg-min-cohort"]))
+    return {k: v + rng.normal(0.0, std, size=v.shape) for k, v in clipped.items()}
+
+
+def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    record = msg.content.config_records.get(SECAGG)
+    if record is None:
+        return call_next(msg, context)
+    stage = str(record["stage"])
+    if stage == "setup":
+        session = DeviceSession(node=context.node_id, threshold=int(record["threshold"]))
+        enc_pk, mask_pk = session.setup()
+        _save(context, session)
+        return _reply(msg, {"enc-pk": enc_pk, "mask-pk": mask_pk})
+    session = _load(context)
+    if stage == "share":
+        peers = {int(p): (bytes(e), bytes(m)) for p, e, m in zip(record["peer-ids"], record["peer-enc"],
+                                                                  record["peer-mask"])}
+        out = session.share_keys(peers)
+        _save(context, session)
+        return _reply(msg, {"dst": list(out), "ct": list(out.values())})
+    if stage == "upload":
+        return _upload(msg, context, call_next, session, record)
+    if stage == "unmask":
+        shares = session.unmask([int(n) for n in record["survivors"]], [int(n) for n in record["dropped"]])
+        del context.state.config_records[STATE]  # the round's secrets end here
+        return _reply(msg, {"owners": list(shares), "shares": list(shares.values())})
+    raise PrivrecError(f"secure aggregation: unknown stage {stage!r} in the server's message")
+
+
+def _upload(msg: Message, context: Context, call_next: ClientAppCallable, session: DeviceSession,
+            record: ConfigRecord) -> Message:
+    reply = call_next(msg, context)
+    if reply.has_error() or "arrays" not in reply.content.array_records:
+        return reply  # declined or failed: nothing to mask, the device counts as dropped
+    cfg = from_run_config(context.run_config).values  # the run's static settings, as every ClientApp reads them
+    params = params_from_config(cfg)
+    current = {k: a.numpy() for k, a in msg.content.array_records["arrays"].items()}
+    trained = {k: a.numpy() for k, a in reply.content.array_records["arrays"].items()}
+    keys = summed_keys(trained, str(cfg["device-trains"]))
+    update = {k: trained[k].astype(np.float64) - current[k].astype(np.float64) for k in keys}
+    vector = device_vector(update, cfg, np.random.default_rng())  # OS entropy: the server cannot replay it
+    received = {int(s): bytes(c) for s, c in zip(record["src"], record["ct"])}
+    masked = session.mask(quantize_vector([vector[k] for k in keys], params), received)
+    _save(context, session)
+    content = RecordDict({name: rec for name, rec in reply.content.items() if name != "arrays"})
+    content["arrays"] = ArrayRecord({k: Array(np.ascontiguousarray(m)) for k, m in zip(keys, masked)})
+    return Message(content, reply_to=msg)
+
+
+def _reply(msg: Message, values: dict) -> Message:
+    return Message(RecordDict({SECAGG: ConfigRecord(values)}), reply_to=msg)
+
+
+def _save(context: Context, session: DeviceSession) -> None:
+    context.state.config_records[STATE] = ConfigRecord(session.to_state())
+
+
+def _load(context: Context) -> DeviceSession:
+    state = context.state.config_records.get(STATE)
+    if state is None:
+        raise PrivrecError("secure aggregation: a stage arrived before this device's setup (restarted node?)")
+    return DeviceSession.from_state(state)

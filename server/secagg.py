@@ -1,0 +1,153 @@
+"""The server's side of secure aggregation: runs the SecAgg+ stages over the Grid with Flower Messages.
+
+`secure_sum(grid, train_messages, params, timeout)` sends the four stages (setup, share, upload,
+unmask; see `shared.secagg`) to the devices the strategy chose and returns the sum of the vectors of
+the devices that survived, never one device's vector. Devices may drop at any stage; the round is
+refused (`SecAggAborted`, nothing released) when fewer than max(secagg-threshold, secagg-min-cohort)
+survive or a survivor's shares fall below the threshold.
+
+`SecureAggregationGrid` plugs this into any Flower strategy without changing it: it stands in for the
+Grid, and when the strategy sends its train messages it runs `secure_sum` instead and hands back the
+devices' replies with their masked arrays replaced by the aggregate model `global + sum / denominator`
+(the same in every reply, so FedAvg's weighted mean, FedAdam and FedProx all take it as it is). The
+strategy thus only ever holds the aggregate.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.common import MessageType
+from flwr.serverapp import Grid
+
+from shared.secagg import SecAggAborted, SecAggParams, ServerSession
+
+log = logging.getLogger("flwr")
+SECAGG = "secagg"  # instruction record naming the stage (same name in client/secagg.py)
+
+
+@dataclass
+class SecureSum:
+    total: dict[str, np.ndarray]  # float64 sum of the survivors' vectors, per array key
+    devices: int  # survivors whose vectors are in `total`
+    replies: list[Message]  # the upload replies (masked arrays), declines and errors
+    dropped: list[int] = field(default_factory=list)  # sampled devices whose vector is not in the sum
+
+
+def _stage(grid: Grid, contents: dict[int, RecordDict], timeout: float | None) -> dict[int, Message]:
+    messages = [Message(content=c, message_type=MessageType.TRAIN, dst_node_id=n) for n, c in contents.items()]
+    return {r.metadata.src_node_id: r for r in grid.send_and_receive(messages, timeout=timeout)}
+
+
+def _answers(replies: dict[int, Message]) -> dict[int, ConfigRecord]:
+    return {n: r.content.config_records[SECAGG] for n, r in replies.items()
+            if not r.has_error() and SECAGG in r.content.config_records}
+
+
+def secure_sum(grid: Grid, train_messages: Sequence[Message], params: SecAggParams,
+               timeout: float | None = None) -> SecureSum:
+    """Sum of the surviving devices' vectors for these train messages (one per device)."""
+    train = {m.metadata.dst_node_id: m for m in train_messages}
+    session = ServerSession.start(params, list(train))
+    setup = _answers(_stage(grid, {n: RecordDict({SECAGG: ConfigRecord({"stage": "setup",
+                                                                         "threshold": params.threshold})})
+                                   for n in train}, timeout))
+    session.public = {n: (bytes(a["enc-pk"]), bytes(a["mask-pk"])) for n, a in setup.items()}
+    session.keep(list(setup), "setup")
+
+    share_requests = {}
+    for n in session.public:
+        peers = session.peers_of(n)
+        share_requests[n] = RecordDict({SECAGG: ConfigRecord({
+            "stage": "share", "peer-ids": list(peers), "peer-enc": [k[0] for k in peers.values()],
+            "peer-mask": [k[1] for k in peers.values()]})})
+    shared = _answers(_stage(grid, share_requests, timeout))
+    session.keep(list(shared), "share")
+    inbox: dict[int, tuple[list[int], list[bytes]]] = {n: ([], []) for n in shared}
+    for src, answer in shared.items():
+        for dst, ciphertext in zip(answer["dst"], answer["ct"]):
+            if int(dst) in inbox:
+                inbox[int(dst)][0].append(src)
+                inbox[int(dst)][1].append(bytes(ciphertext))
+
+    uploads = {}
+    for n, (sources, ciphertexts) in inbox.items():
+        content = RecordDict(dict(train[n].content.items()))  # the strategy's train payload, shared
+        content[SECAGG] = ConfigRecord({"stage": "upload", "src": sources, "ct": ciphertexts})
+        uploads[n] = content
+    upload_replies = _stage(grid, uploads, timeout)
+    keys: list[str] | None = None
+    for n, reply in upload_replies.items():
+        if reply.has_error() or "arrays" not in reply.content.array_records:
+            continue
+        arrays = reply.content.array_records["arrays"]
+        if keys is None:
+            keys = list(arrays.keys())
+        if list(arrays.keys()) != keys:
+            log.warning("privrec: secure aggregation: device %d sent other arrays than the rest; left out", n)
+            continue
+        session.masked[n] = [arrays[k].numpy() for k in keys]
+    survivors = sorted(session.masked)
+    if len(survivors) < params.min_survivors:
+        raise SecAggAborted(f"only {len(survivors)} masked vectors arrived; at least {params.min_survivors} "
+                            "must survive for the sum to be unmasked")
+
+    unmask_requests = {}
+    for n in survivors:
+        alive, dropped = session.unmask_request(n, survivors)
+        unmask_requests[n] = RecordDict({SECAGG: ConfigRecord({"stage": "unmask", "survivors": alive,
+                                                               "dropped": dropped})})
+    answers = _answers(_stage(grid, unmask_requests, timeout))
+    shares = {n: {int(o): bytes(s) for o, s in zip(a["owners"], a["shares"])} for n, a in answers.items()}
+    total, devices = session.unmask(shares)
+    return SecureSum(total=dict(zip(keys or [], total)), devices=devices, replies=list(upload_replies.values()),
+                     dropped=[n for n in train if n not in session.masked])
+
+
+class SecureAggregationGrid:
+    """A Grid whose train round trips run secure aggregation; everything else passes through.
+
+    `denominator`: None divides the sum by the survivors (plain mean); a number divides by it (DP-FedAvg
+    divides by the expected cohort, whatever the number of replies).
+    """
+
+    def __init__(self, grid: Grid, params: SecAggParams, denominator: float | None = None):
+        self._grid = grid
+        self.params = params
+        self.denominator = denominator
+        self.rounds: list[dict] = []  # per train round: devices summed, dropped, or why it was refused
+
+    def __getattr__(self, name: str):
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
+        if not messages or messages[0].metadata.message_type != MessageType.TRAIN:
+            return self._grid.send_and_receive(messages, timeout=timeout)
+        try:
+            result = secure_sum(self._grid, messages, self.params, timeout)
+        except SecAggAborted as exc:
+            log.warning("privrec: secure aggregation refused this round, nothing released: %s", exc)
+            self.rounds.append({"refused": str(exc)})
+            return []
+        self.rounds.append({"devices": result.devices, "dropped": len(result.dropped)})
+        current = messages[0].content.array_records["arrays"]
+        divide = self.denominator or result.devices
+        aggregate = ArrayRecord({k: Array(np.ascontiguousarray(
+            (a.numpy() + result.total[k] / divide).astype(a.numpy().dtype) if k in result.total else a.numpy()))
+            for k, a in current.items()})
+        return [_with_aggregate(r, aggregate) for r in result.replies]
+
+
+def _with_aggregate(reply: Message, aggregate: ArrayRecord) -> Message:
+    """The reply with its masked arrays replaced by the round's aggregate (declines and errors as they are)."""
+    if reply.has_error() or "arrays" not in reply.content.array_records:
+        return reply
+    out = copy.copy(reply)  # the device's own reply stays as it arrived (masked), e.g. for audit logs
+    out.content = RecordDict({**dict(reply.content.items()), "arrays": aggregate})
+    return out

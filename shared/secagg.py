@@ -1,0 +1,362 @@
+"""Secure aggregation (SecAgg+, semi-honest) for privrec: the protocol's arithmetic, without transport.
+
+The server learns only the sum of the vectors of the devices that survive a round, never one device's
+vector. Built on Flower's primitives (`flwr.common.secure_aggregation`: key agreement, authenticated encryption,
+quantization, share packing) and pycryptodome's Shamir scheme (the one Flower's wrapper calls); this
+file holds only the protocol's bookkeeping.
+
+Stages (names as in Bonawitz et al. 2017 and Bell et al. 2020, "SecAgg+"):
+1. setup      each device makes two EC key pairs (one to encrypt shares, one to agree masks) and
+              advertises the public halves.
+2. share      each device draws a self-mask seed b and Shamir-shares b and the seed of its mask key
+              among itself and its neighbours (threshold t), each share encrypted for its holder.
+3. upload     each device sends y = q(x) + PRG(b) + sum over neighbours j of +-PRG(agree(i, j)) mod 2^32.
+4. unmask     each surviving device returns, for each neighbour, the share of b (neighbour survived)
+              or of its mask key seed (neighbour dropped), never both. With t shares per device the server
+              removes every mask: the pairwise masks of survivors cancel, the rest it recomputes.
+
+Neighbours: a ring over a random order, 2(t - 1) neighbours each (all others in small cohorts), so a
+device's secrets are split into 2t - 1 shares of which t, a strict majority, rebuild them.
+
+Wrap-around: each quantized coordinate lies in [0, 2^bits - 1]; the 32-bit field (as many bytes as a
+float32 update) holds the sum of n devices exactly when n (2^bits - 1) < 2^32. A larger cohort or bit
+width is refused (`check_no_wrap`), so the unmasked sum is never reduced modulo the field.
+
+Distributed noise (user-level DP): each device adds N(0, (z C)^2 / m_min) to its L2-clipped update
+before masking; a sum of at least m_min devices then carries variance >= (z C)^2, the central noise.
+The server refuses to unmask fewer than max(t, m_min) devices. Noise beyond the clip range would be
+clipped by the quantizer; `check_clip_range` demands a clip range of C + 6 share std devs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from Crypto.Protocol.SecretSharing import Shamir
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, encrypt, generate_shared_key
+from flwr.common.secure_aggregation.quantization import dequantize, quantize
+from flwr.common.secure_aggregation.secaggplus_utils import (
+    share_keys_plaintext_concat,
+    share_keys_plaintext_separate,
+)
+from flwr.supercore.primitives.asymmetric import (
+    bytes_to_private_key,
+    bytes_to_public_key,
+    private_key_to_bytes,
+    public_key_to_bytes,
+)
+
+from shared.errors import PrivrecError
+
+FIELD_BITS = 32  # masked vectors travel as uint32
+MAX_QUANTIZATION_BITS = 30  # Flower's stochastic rounding works in int32
+CLIP_MARGIN_STDS = 6.0  # P(|N(0, 1)| > 6) < 2e-9 per coordinate
+
+
+class SecAggAborted(PrivrecError):
+    """A round's sum cannot be unmasked (too few survivors or shares): nothing is released."""
+
+
+@dataclass(frozen=True)
+class SecAggParams:
+    threshold: int  # t: shares needed to rebuild one device's secret
+    clip_range: float  # coordinates are clipped to [-clip_range, clip_range] before quantization
+    quantization_bits: int  # levels per coordinate: 2^bits - 1 steps over the clip range
+    min_cohort: int  # m_min: the fewest devices whose sum the server may unmask
+
+    @property
+    def levels(self) -> int:
+        return 2 ** self.quantization_bits - 1
+
+    @property
+    def min_survivors(self) -> int:
+        return max(self.threshold, self.min_cohort)
+
+
+def params_from_config(cfg: Mapping) -> SecAggParams:
+    return SecAggParams(threshold=int(cfg["secagg-threshold"]), clip_range=float(cfg["secagg-clip-range"]),
+                        quantization_bits=int(cfg["secagg-quantization-bits"]),
+                        min_cohort=int(cfg["secagg-min-cohort"]))
+
+
+def check_no_wrap(params: SecAggParams, devices: int, key: str = "secagg-quantization-bits") -> None:
+    """Refuse a bit width whose sum over `devices` could wrap around the 32-bit field."""
+    if (devices * params.levels).bit_length() > FIELD_BITS:
+        raise PrivrecError(f"config key '{key}' = {params.quantization_bits}: the sum of {devices} devices' "
+                           f"{params.quantization_bits}-bit values could wrap around the {FIELD_BITS}-bit field "
+                           f"(needs {devices} x (2^{params.quantization_bits} - 1) < 2^{FIELD_BITS}); use fewer bits")
+
+
+def share_noise_std(noise_multiplier: float, clip: float, min_cohort: int) -> float:
+    """One device's Gaussian share: std z C / sqrt(m_min), so m_min shares add up to the central z C."""
+    return noise_multiplier * clip / math.sqrt(min_cohort)
+
+
+def check_clip_range(params: SecAggParams, clip: float, noise_multiplier: float | None) -> None:
+    """The quantizer must not clip a clipped update, nor (in practice) its noise share."""
+    need = clip + (CLIP_MARGIN_STDS * share_noise_std(noise_multiplier, clip, params.min_cohort)
+                   if noise_multiplier else 0.0)
+    if params.clip_range < need:
+        raise PrivrecError(f"config key 'secagg-clip-range' = {params.clip_range}: must be at least "
+                           f"{need:.6g} (user-clipping-norm plus {CLIP_MARGIN_STDS:g} std devs of a device's "
+                           "noise share), or the quantizer clips the update and its noise")
+
+
+def neighbours(order: Sequence[int], threshold: int) -> dict[int, list[int]]:
+    """SecAgg+ graph: a ring over `order`, t - 1 neighbours on each side (everyone when the ring is small)."""
+    n, half = len(order), threshold - 1
+    if 2 * half >= n - 1:
+        return {node: [m for m in order if m != node] for node in order}
+    out = {}
+    for i, node in enumerate(order):
+        out[node] = [order[(i + d) % n] for d in range(-half, half + 1) if d != 0]
+    return out
+
+
+def random_order(nodes: Sequence[int]) -> list[int]:
+    """The ring's order, from OS entropy (a predictable order would let the server pick neighbourhoods)."""
+    order = list(nodes)
+    random.SystemRandom().shuffle(order)
+    return order
+
+
+# -- arithmetic ---------------------------------------------------------------------------------
+def mask_stream(seed: bytes, shapes: Sequence[tuple[int, ...]]) -> list[np.ndarray]:
+    """Uniform integers mod 2^32 from a seed: AES-256-CTR keystream (a cryptographic PRG)."""
+    key = hashlib.sha256(seed).digest()
+    dtype = np.uint32
+    sizes = [int(np.prod(s, dtype=np.int64)) for s in shapes]
+    stream = Cipher(algorithms.AES(key), modes.CTR(b"\0" * 16)).encryptor()
+    raw = np.frombuffer(stream.update(b"\0" * (sum(sizes) * np.dtype(dtype).itemsize)), dtype=dtype)
+    out, start = [], 0
+    for shape, size in zip(shapes, sizes):
+        out.append(raw[start:start + size].reshape(shape))
+        start += size
+    return out
+
+
+def quantize_vector(arrays: Sequence[np.ndarray], params: SecAggParams) -> list[np.ndarray]:
+    """Clip to the range and round stochastically to integers in [0, levels] (Flower's quantizer)."""
+    quantized = quantize([np.asarray(a, dtype=np.float64) for a in arrays], params.clip_range, params.levels)
+    return [q.astype(np.int64).astype(np.uint32) for q in quantized]
+
+
+def dequantize_sum(total: Sequence[np.ndarray], params: SecAggParams, devices: int) -> list[np.ndarray]:
+    """Float sum of `devices` quantized vectors: each carried an offset of clip_range."""
+    floats = dequantize([t.astype(np.float64) for t in total], params.clip_range, params.levels)
+    return [f - (devices - 1) * params.clip_range for f in floats]  # dequantize removed one offset
+
+
+def _add(a: list[np.ndarray], b: list[np.ndarray], sign: int = 1) -> list[np.ndarray]:
+    # unsigned numpy arithmetic wraps modulo 2^bits: exactly the field's addition
+    with np.errstate(over="ignore"):
+        return [x + y if sign > 0 else x - y for x, y in zip(a, b)]
+
+
+# P-256: a 128-bit security level like AES-128, and ECDH several times faster than Flower's default P-384.
+CURVE = ec.SECP256R1()
+_P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+
+
+def create_shares(secret: bytes, threshold: int, num: int) -> list[bytes]:
+    """Shamir shares of a secret of 16-byte chunks (pycryptodome, as Flower's `create_shares`, in Flower's share format
+    of a 4-byte index and 16-byte chunks, but without its padding block and per-call thread pool, which cost
+    most of a round's time)."""
+    chunks = [Shamir.split(threshold, num, secret[i:i + 16], ssss=False) for i in range(0, len(secret), 16)]
+    return [index.to_bytes(4, "little") + b"".join(c[holder][1] for c in chunks)
+            for holder, (index, _) in enumerate(chunks[0])]
+
+
+def combine_shares(shares: Sequence[bytes]) -> bytes:
+    """The secret from at least `threshold` shares made by `create_shares`."""
+    pairs = [(int.from_bytes(s[:4], "little"), s[4:]) for s in shares]
+    return b"".join(Shamir.combine([(i, s[c:c + 16]) for i, s in pairs], ssss=False)
+                    for c in range(0, len(pairs[0][1]), 16))
+
+
+def mask_key_from_seed(seed: bytes) -> ec.EllipticCurvePrivateKey:
+    """The mask key pair from a 16-byte seed: the seed (not a PEM file) is what gets Shamir-shared."""
+    scalar = int.from_bytes(hashlib.sha512(seed).digest(), "big") % (_P256_ORDER - 1) + 1
+    return ec.derive_private_key(scalar, CURVE)
+
+
+def _pair_seed(private: bytes | ec.EllipticCurvePrivateKey, public_pem: bytes) -> bytes:
+    key = bytes_to_private_key(private) if isinstance(private, bytes) else private
+    return generate_shared_key(key, bytes_to_public_key(public_pem))
+
+
+# -- the device's side --------------------------------------------------------------------------
+@dataclass
+class DeviceSession:
+    """One device's secrets for one round. `to_state`/`from_state` keep it between messages."""
+
+    node: int
+    threshold: int
+    enc_private: bytes = b""
+    mask_seed: bytes = b""  # the mask key pair derives from it (`mask_key_from_seed`)
+    self_seed: bytes = b""
+    peers: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)  # node -> (enc pk, mask pk)
+    channel: dict[int, bytes] = field(default_factory=dict)  # node -> symmetric key of our encrypted channel
+    held: dict[int, bytes] = field(default_factory=dict)  # node -> encrypted share pair it gave us
+    own_shares: tuple[bytes, bytes] = (b"", b"")  # our own (b share, mask seed share)
+
+    def setup(self) -> tuple[bytes, bytes]:
+        """Stage 1: fresh key pairs; returns the public (encryption, masking) keys."""
+        enc_sk = ec.generate_private_key(CURVE)
+        self.mask_seed = os.urandom(16)  # 128-bit, the level of P-256 and of one Shamir chunk
+        self.enc_private = private_key_to_bytes(enc_sk)
+        return (public_key_to_bytes(enc_sk.public_key()),
+                public_key_to_bytes(mask_key_from_seed(self.mask_seed).public_key()))
+
+    def share_keys(self, peers: Mapping[int, tuple[bytes, bytes]]) -> dict[int, bytes]:
+        """Stage 2: Shamir-share b and the mask seed among self + neighbours; one ciphertext per neighbour."""
+        self.peers = {int(k): v for k, v in peers.items() if int(k) != self.node}
+        self.self_seed = os.urandom(16)
+        holders = [self.node, *sorted(self.peers)]
+        b_shares = create_shares(self.self_seed, self.threshold, len(holders))
+        sk_shares = create_shares(self.mask_seed, self.threshold, len(holders))
+        enc_private = bytes_to_private_key(self.enc_private)
+        out = {}
+        for holder, b_share, sk_share in zip(holders, b_shares, sk_shares):
+            if holder == self.node:
+                self.own_shares = (b_share, sk_share)
+                continue
+            self.channel[holder] = _pair_seed(enc_private, self.peers[holder][0])
+            out[holder] = encrypt(self.channel[holder],
+                                  share_keys_plaintext_concat(self.node, holder, b_share, sk_share))
+        return out
+
+    def mask(self, vector: Sequence[np.ndarray], received: Mapping[int, bytes]) -> list[np.ndarray]:
+        """Stage 3: quantized `vector` plus self mask plus signed pairwise masks, mod 2^32.
+
+        Pairwise masks only with the neighbours whose shares arrived: a neighbour that dropped before
+        sharing has no shares from which the server could rebuild its side of the mask.
+        """
+        self.held = {int(k): v for k, v in received.items() if int(k) in self.peers}
+        self.peers = {p: k for p, k in self.peers.items() if p in self.held}
+        shapes = [v.shape for v in vector]
+        masked = _add(list(vector), mask_stream(self.self_seed, shapes))
+        mask_private = mask_key_from_seed(self.mask_seed)
+        for peer, (_, mask_pk) in self.peers.items():
+            pair = mask_stream(_pair_seed(mask_private, mask_pk), shapes)
+            masked = _add(masked, pair, 1 if self.node < peer else -1)
+        return masked
+
+    def unmask(self, survivors: Sequence[int], dropped: Sequence[int]) -> dict[int, bytes]:
+        """Stage 4: for each survivor the share of its b, for each dropped neighbour that of its mask key."""
+        survivors, dropped = set(map(int, survivors)), set(map(int, dropped))
+        if survivors & dropped:
+            raise SecAggAborted("the server named a device both surviving and dropped: both of its secrets "
+                                "would be revealed")
+        out = {}
+        if self.node in survivors:
+            out[self.node] = self.own_shares[0]
+        for peer, ciphertext in self.held.items():
+            if peer not in survivors and peer not in dropped:
+                continue
+            src, dst, b_share, sk_share = share_keys_plaintext_separate(decrypt(self.channel[peer], ciphertext))
+            if src != peer or dst != self.node:
+                raise SecAggAborted(f"a share claimed to come from device {peer} was made for another pair")
+            out[peer] = b_share if peer in survivors else sk_share
+        return out
+
+    def to_state(self) -> dict:
+        return {"node": self.node, "threshold": self.threshold, "enc": self.enc_private,
+                "mask": self.mask_seed, "seed": self.self_seed,
+                "peer-ids": sorted(self.peers), "peer-enc": [self.peers[p][0] for p in sorted(self.peers)],
+                "peer-mask": [self.peers[p][1] for p in sorted(self.peers)],
+                "peer-channel": [self.channel.get(p, b"") for p in sorted(self.peers)],
+                "held-ids": sorted(self.held), "held": [self.held[p] for p in sorted(self.held)],
+                "own-b": self.own_shares[0], "own-sk": self.own_shares[1]}
+
+    @classmethod
+    def from_state(cls, state: Mapping) -> DeviceSession:
+        s = cls(node=int(state["node"]), threshold=int(state["threshold"]), enc_private=bytes(state["enc"]),
+                mask_seed=bytes(state["mask"]), self_seed=bytes(state["seed"]))
+        s.peers = {int(p): (bytes(e), bytes(m)) for p, e, m in zip(state["peer-ids"], state["peer-enc"],
+                                                                    state["peer-mask"])}
+        s.channel = {int(p): bytes(c) for p, c in zip(state["peer-ids"], state["peer-channel"]) if c}
+        s.held = {int(p): bytes(c) for p, c in zip(state["held-ids"], state["held"])}
+        s.own_shares = (bytes(state["own-b"]), bytes(state["own-sk"]))
+        return s
+
+
+# -- the server's side --------------------------------------------------------------------------
+@dataclass
+class ServerSession:
+    """The server's view of one round: the graph, the public keys, the masked vectors it received."""
+
+    params: SecAggParams
+    graph: dict[int, list[int]]
+    public: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)  # node -> (enc pk, mask pk)
+    masked: dict[int, list[np.ndarray]] = field(default_factory=dict)
+
+    @classmethod
+    def start(cls, params: SecAggParams, nodes: Sequence[int]) -> ServerSession:
+        if len(nodes) < params.min_survivors:
+            raise SecAggAborted(f"{len(nodes)} devices sampled, fewer than the {params.min_survivors} "
+                                "secure aggregation needs (max of secagg-threshold and secagg-min-cohort)")
+        try:
+            check_no_wrap(params, len(nodes))  # a Poisson cohort can outgrow the configured one
+        except PrivrecError as exc:
+            raise SecAggAborted(str(exc)) from None
+        return cls(params=params, graph=neighbours(random_order(nodes), params.threshold))
+
+    def keep(self, alive: Sequence[int], stage: str) -> None:
+        """Drop every device that did not answer `stage`; abort below the minimum."""
+        alive = set(alive)
+        if len(alive) < self.params.min_survivors:
+            raise SecAggAborted(f"only {len(alive)} devices answered the {stage} stage; at least "
+                                f"{self.params.min_survivors} must survive for the sum to be unmasked")
+        self.public = {n: k for n, k in self.public.items() if n in alive}
+
+    def peers_of(self, node: int) -> dict[int, tuple[bytes, bytes]]:
+        return {p: self.public[p] for p in self.graph[node] if p in self.public}
+
+    def unmask_request(self, node: int, survivors: Sequence[int]) -> tuple[list[int], list[int]]:
+        """(surviving, dropped) neighbours of `node` (and itself if it survived) whose shares it must send."""
+        surviving = set(survivors)
+        mine = [node, *self.graph[node]]
+        # dropped: advertised keys in stage 2 (so they may hold pairwise masks) but sent no vector
+        return ([p for p in mine if p in surviving], [p for p in self.graph[node]
+                                                     if p in self.public and p not in surviving])
+
+    def unmask(self, shares: Mapping[int, Mapping[int, bytes]]) -> tuple[list[np.ndarray], int]:
+        """Sum of the survivors' float vectors from every responder's shares; (sum, number of survivors)."""
+        survivors = sorted(self.masked)
+        if len(survivors) < self.params.min_survivors:
+            raise SecAggAborted(f"only {len(survivors)} masked vectors arrived; at least "
+                                f"{self.params.min_survivors} are needed to unmask")
+        by_owner: dict[int, list[bytes]] = {}
+        for answers in shares.values():
+            for owner, share in answers.items():
+                by_owner.setdefault(int(owner), []).append(share)
+        shapes = [a.shape for a in self.masked[survivors[0]]]
+        total = [np.zeros(s, dtype=np.uint32) for s in shapes]
+        for node in survivors:
+            total = _add(total, self.masked[node])
+            seed = self._rebuild(node, by_owner, "self-mask seed")
+            total = _add(total, mask_stream(seed, shapes), -1)
+        dropped = [n for n in self.public if n not in self.masked]
+        for node in dropped:
+            mask_private = mask_key_from_seed(self._rebuild(node, by_owner, "mask seed"))
+            for peer in self.graph[node]:
+                if peer in self.masked:  # the survivor added +-PRG(s_peer,node); remove it
+                    pair = mask_stream(_pair_seed(mask_private, self.public[peer][1]), shapes)
+                    total = _add(total, pair, -1 if peer < node else 1)
+        return dequantize_sum(total, self.params, len(survivors)), len(survivors)
+
+    def _rebuild(self, node: int, by_owner: Mapping[int, list[bytes]], what: str) -> bytes:
+        got = by_owner.get(node, [])
+        if len(got) < self.params.threshold:
+            raise SecAggAborted(f"device {node}'s {what} has {len(got)} shares, fewer than the threshold "
+                                f"{self.params.threshold}: the sum cannot be unmasked")
+        return combine_shares(got[: self.params.threshold])
