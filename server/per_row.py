@@ -17,7 +17,7 @@ import logging
 from collections.abc import Iterable
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -54,9 +54,7 @@ class PerRowAveraging(StrategyWrapper):
         if not valid:
             return self.strategy.aggregate_train(server_round, replies)  # Flower's own handling of an empty round
         model = self.aggregate(valid)
-        pseudo_reply = Message(RecordDict({"arrays": model, "metrics": MetricRecord({self.weight_key: 1.0})}),
-                               dst_node_id=0, message_type=MessageType.TRAIN)
-        return self.strategy.aggregate_train(server_round, [pseudo_reply])
+        return self.hand_over(server_round, model, self.weight_key)
 
     def aggregate(self, replies: list[Message]) -> ArrayRecord:
         """The round's model from the devices' replies (no error replies)."""

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -123,10 +123,7 @@ class UserLevelDP(StrategyWrapper):
             if msg.has_error():
                 log.info("\t> Received error in reply from node %d: %s", msg.metadata.src_node_id, msg.error.reason)
         released = self.release(valid)
-        # The release enters the wrapped strategy as the round's one reply, of weight 1.
-        pseudo_reply = Message(RecordDict({"arrays": released, "metrics": MetricRecord({self.weight_key: 1.0})}),
-                               dst_node_id=0, message_type=MessageType.TRAIN)
-        return self.strategy.aggregate_train(server_round, [pseudo_reply])
+        return self.hand_over(server_round, released, self.weight_key)
 
     def release(self, replies: Sequence[Message]) -> ArrayRecord:
         """The round's noised model. With no reply at all it is pure noise: the round is still a release."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -37,3 +37,14 @@ class StrategyWrapper(Strategy):
 
     def summary(self) -> None:
         self.strategy.summary()
+
+    def hand_over(self, server_round: int, model: ArrayRecord,
+                  weight_key: str) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Give the wrapped Flower strategy `model` as the round's one reply, of weight 1.
+
+        For wrappers that compute the round's model themselves (user-level DP, per-row averaging):
+        FedAvg and FedProx return it unchanged, FedAdam takes its server step from it.
+        """
+        reply = Message(RecordDict({"arrays": model, "metrics": MetricRecord({weight_key: 1.0})}),
+                        dst_node_id=0, message_type=MessageType.TRAIN)
+        return self.strategy.aggregate_train(server_round, [reply])

@@ -466,13 +466,15 @@ class DeviceTraining:
 
 @dataclass(frozen=True)
 class UserDPSection:
+    """DP-FedAvg on the server (`user-dp`, `user-*`): the unit is one device's whole contribution."""
     enabled: bool
-    noise_multiplier: float
-    clipping_norm: float
+    noise_multiplier: float  # noise std on the sum, in units of clipping_norm
+    clipping_norm: float  # L2 bound on one device's model update
 
 
 @dataclass(frozen=True)
 class SecureAggregationSection:
+    """SecAgg+ (`secure-aggregation`, `secagg-*`): the server unmasks only sums of at least min_cohort devices."""
     enabled: bool
     threshold: int
     clip_range: float
@@ -482,6 +484,7 @@ class SecureAggregationSection:
 
 @dataclass(frozen=True)
 class OutputsSection:
+    """Where a run writes (`run-dir/run-name`) and whether it continues from its checkpoint."""
     run_dir: str
     run_name: str
     resume: bool
@@ -489,6 +492,7 @@ class OutputsSection:
 
 @dataclass(frozen=True)
 class DeploymentSection:
+    """Real SuperNodes: the public catalogue the ServerApp reads and how many devices take part."""
     catalogue: str
     deploy_devices: int
 
