@@ -1,6 +1,7 @@
 """Issue 14's accuracy target: the same federated run on ML-100K with and without secure aggregation.
 
     PYTHONPATH=. python -m simulations.secagg_accuracy --rounds 5 --devices 64
+    PYTHONPATH=. python -m simulations.secagg_accuracy --rounds 5 --devices 64 --noise user-dp
 
 In process (simulations/inprocess.py): the real ServerApp logic (`server.app.FederatedRun`) and the
 real ClientApp (`client.app`) train on the 943 one-user devices of ML-100K. Both runs share seed,
@@ -10,6 +11,8 @@ secure aggregation's mean does. What differs is only the SecAgg+ round (clip to 
 quantize, mask, unmask). User-level DP is left off: with secure aggregation its noise is drawn on
 the devices from OS entropy (the server must not be able to replay it), so it cannot be the same
 draw as the server's central noise, and a comparison would measure two noise draws, not the protocol.
+`--noise user-dp` runs that comparison anyway (dp = false, user-dp = true, same seed and noise level,
+hence the same Poisson cohorts, but different noise draws): its difference bounds protocol + draw.
 Central NDCG@10 (test items, every user) of both final models: simulations/results/secagg-accuracy-*.
 """
 
@@ -40,7 +43,8 @@ def one_run(secure: bool, args, root: Path) -> dict:
     cfg = config.validate({
         "data-store": str(store_path), "num-rounds": args.rounds, "devices-per-round": args.devices,
         "eval-every": 0, "central-eval": True, "fraction-evaluate": args.fraction_evaluate, "seed": args.seed,
-        "dp": True, "deterministic-devices": True, "user-dp": False,
+        **({"dp": True, "deterministic-devices": True, "user-dp": False} if args.noise == "device-dp" else
+           {"dp": False, "user-dp": True, "user-noise-multiplier": args.user_noise_multiplier}),
         "secure-aggregation": secure, "secagg-threshold": args.threshold, "secagg-min-cohort": args.threshold,
         "secagg-quantization-bits": args.bits, "secagg-clip-range": args.clip_range,
         "run-dir": str(root / f"runs-{secure}"), "run-name": "run", "population-dir": str(root / f"pop-{secure}")})
@@ -62,6 +66,9 @@ def main() -> None:
     parser.add_argument("--threshold", type=int, default=8)
     parser.add_argument("--bits", type=int, default=24, help="secagg-quantization-bits")
     parser.add_argument("--clip-range", type=float, default=2.0, help="secagg-clip-range")
+    parser.add_argument("--noise", choices=["device-dp", "user-dp"], default="device-dp",
+                        help="device-dp: same on-device noise in both runs; user-dp: central vs distributed noise")
+    parser.add_argument("--user-noise-multiplier", type=float, default=1.0)
     parser.add_argument("--fraction-evaluate", type=float, default=0.05)
     args = parser.parse_args()
     runs = []
@@ -77,7 +84,10 @@ def main() -> None:
                "target": "abs-difference <= 0.002", "met": diff <= 0.002}
     report = "\n".join([
         f"# Secure aggregation vs plain, ML-100K, {args.rounds} rounds x {args.devices} devices, seed {args.seed}",
-        "", "On-device DP-SGD (dp = true, deterministic-devices: same device noise in both runs), user-dp off; "
+        "", ("On-device DP-SGD (dp = true, deterministic-devices: same device noise in both runs), user-dp off; "
+             if args.noise == "device-dp" else
+             f"User-level DP (user-dp = true, z = {args.user_noise_multiplier}; central noise vs distributed "
+             "noise: same level, different draws), on-device DP off; ") +
         f"SecAgg+ with threshold {args.threshold}, {args.bits} bits, clip range {args.clip_range}.", "",
         f"| run | central {metric} | seconds |", "|---|---|---|",
         *[f"| {'secure aggregation' if r['secure-aggregation'] else 'plain'} | {r['central'][metric]:.5f} | "
