@@ -125,6 +125,7 @@ def main() -> None:
     parser.add_argument("--out")
     args = parser.parse_args()
     rows = []
+    stem = timestamped("secagg-bench")
     if args.train:  # imports, store, first torch calls: paid once, before any timed round
         with tempfile.TemporaryDirectory() as warm_dir:
             one_round(2, args.params, False, 2, train_setup(2, args.dp, warm_dir))
@@ -146,23 +147,27 @@ def main() -> None:
                  "cpu-ratio": round(secure["cpu-seconds"] / plain["cpu-seconds"], 2)}
         rows += [plain, {**secure, **ratio}]
         print(json.dumps(plain), "\n" + json.dumps({**secure, **ratio}), flush=True)
+        if args.train:  # after every size: a long sweep cut short keeps what it measured
+            save_report(stem, args, rows)
     if args.out:
         with open(args.out, "w", encoding="utf-8") as handle:
             json.dump(rows, handle, indent=1)
-    if args.train:
-        report = "\n".join([
-            "# Secure aggregation overhead per round, real device training (ML-100K, default SASRec, 1 epoch, "
-            f"on-device DP {'on' if args.dp else 'off'}, threshold {args.threshold}, 16 bits)", "",
-            f"Medians of {args.repeats} alternating plain/secure rounds; wall and CPU seconds of the whole round "
-            "(all devices and the server, one after the other in one process).", "",
-            "| devices | bytes plain | bytes secure | bytes ratio | s plain | s secure | time ratio | CPU s plain | "
-            "CPU s secure | CPU ratio |", "|---|---|---|---|---|---|---|---|---|---|",
-            *[f"| {p['devices']} | {p['bytes-up'] + p['bytes-down']} | {s['bytes-up'] + s['bytes-down']} | "
-              f"{s['bytes-ratio']} | {p['seconds']} | {s['seconds']} | {s['time-ratio']} | {p['cpu-seconds']} | "
-              f"{s['cpu-seconds']} | {s['cpu-ratio']} |"
-              for p, s in zip(rows[::2], rows[1::2])],
-            "", "Targets at 64 devices: bytes ratio <= 2, time ratio <= 1.5."])
-        save_results(timestamped("secagg-bench"), {"settings": vars(args), "rows": rows}, report)
+
+
+def save_report(stem, args, rows: list[dict]) -> None:
+    report = "\n".join([
+        "# Secure aggregation overhead per round, real device training (ML-100K, default SASRec, 1 epoch, "
+        f"on-device DP {'on' if args.dp else 'off'}, threshold {args.threshold}, 16 bits)", "",
+        f"Medians of {args.repeats} alternating plain/secure rounds; wall and CPU seconds of the whole round "
+        "(all devices and the server, one after the other in one process).", "",
+        "| devices | bytes plain | bytes secure | bytes ratio | s plain | s secure | time ratio | CPU s plain | "
+        "CPU s secure | CPU ratio |", "|---|---|---|---|---|---|---|---|---|---|",
+        *[f"| {p['devices']} | {p['bytes-up'] + p['bytes-down']} | {s['bytes-up'] + s['bytes-down']} | "
+          f"{s['bytes-ratio']} | {p['seconds']} | {s['seconds']} | {s['time-ratio']} | {p['cpu-seconds']} | "
+          f"{s['cpu-seconds']} | {s['cpu-ratio']} |"
+          for p, s in zip(rows[::2], rows[1::2])],
+        "", "Targets at 64 devices: bytes ratio <= 2, time ratio <= 1.5."])
+    save_results(stem, {"settings": vars(args), "rows": rows}, report)
 
 
 if __name__ == "__main__":
