@@ -27,9 +27,10 @@ import pytest
 from shared import config
 from shared.data.store import open_store
 from tests.synthetic import walk_store
-from tools.launch import free_port, processes_with_env, run_simulation, stop_processes_with_env
-
-pytestmark = pytest.mark.slow
+from shared.errors import PrivrecError
+from tools.cli import _ray_address
+from tools.launch import (free_port, processes_with_env, run_simulation, simulation_env,
+                          stop_processes_with_env)
 
 MARKER = "PRIVREC_TEST_CLUSTER"
 
@@ -76,6 +77,7 @@ def _cluster_daemons(marker: str) -> set[int]:
     return daemons
 
 
+@pytest.mark.slow
 def test_simulation_runs_on_both_nodes_of_a_ray_cluster(tmp_path):
     marker = uuid.uuid4().hex
     env = dict(os.environ, **{MARKER: marker, "RAY_ADDRESS": ""})
@@ -126,3 +128,20 @@ def test_simulation_runs_on_both_nodes_of_a_ray_cluster(tmp_path):
         left = processes_with_env(MARKER, marker)
         shutil.rmtree(temp_dir, ignore_errors=True)
         assert not left, f"Ray processes were left running: {left}"
+
+
+def test_local_runs_never_join_a_cluster_they_find(tmp_path, monkeypatch):
+    """Without --ray-address, a RAY_ADDRESS in the shell (or the latest `ray start` on the machine,
+    which ray.init() joins when RAY_ADDRESS is unset) must not take the run onto someone's cluster."""
+    monkeypatch.setenv("RAY_ADDRESS", "10.9.9.9:6379")
+    local = simulation_env(tmp_path, None)
+    assert local["RAY_ADDRESS"] == "local" and local["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"
+    cluster = simulation_env(tmp_path, None, "10.0.0.5:6379")
+    assert cluster["RAY_ADDRESS"] == "10.0.0.5:6379" and "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in cluster
+
+
+@pytest.mark.parametrize("bad", ["10.0.0.5", ":6379", "head:port", "head:0", "head:70000"])
+def test_bad_ray_address_is_one_line(bad):
+    with pytest.raises(PrivrecError, match="--ray-address"):
+        _ray_address(bad)
+    assert _ray_address("10.0.0.5:6379") == "10.0.0.5:6379"
