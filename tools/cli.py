@@ -4,6 +4,7 @@
     privrec data synth --like ml-100k|PATH --users N --seed S --out DIR
     privrec simulate [--config FILE] [--dataset ml-100k|PATH] [--rounds N] [--devices-per-round K]
                      [--noise-multiplier Z] [--seed S] [--no-dp] [--set KEY=VALUE ...] [--run-dir DIR]
+                     [--ray-address HOST:PORT]
     privrec baseline centralized|popularity [--config FILE] [--dataset ...] [--epochs N] [--out FILE]
     privrec baseline popularity|content --epsilon E [--delta D] [--seed S] [--dataset ...] [--out FILE]
     privrec recommend --model RUN_DIR (--history "ITEM ITEM ..." | --input FILE.jsonl) [-k 10]
@@ -72,6 +73,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from tools.launch import run_simulation
 
     cfg = config_from_args(args)
+    ray_address = _ray_address(args.ray_address)
     store_dir = Path(cfg["data-store"]) if cfg["data-store"] else prepare_store(cfg["dataset"],
                                                                                   cfg["users-per-device"])
     store = open_store(store_dir)
@@ -98,12 +100,24 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     progress = Progress(run_path, cfg["num-rounds"])
     try:
         with progress:
-            result = run_simulation(cfg, store.num_devices, run_path, on_poll=progress.poll)
+            result = run_simulation(cfg, store.num_devices, run_path, on_poll=progress.poll,
+                                    ray_address=ray_address)
     except KeyboardInterrupt:
         # run_simulation stopped every process of the run and marked it `interrupted`.
         raise PrivrecInterrupted(f"interrupted; every process of the run is stopped and {run_path / 'status.json'} "
                                  "says so; run the same command again to resume from the last checkpoint") from None
     return _report_simulation(run_path, result, one_line)
+
+
+def _ray_address(value: str | None) -> str | None:
+    """--ray-address HOST:PORT of a running Ray cluster's head (docs/multi-node.md); checked here so a
+    typo is one line, not a Ray traceback from inside the simulation."""
+    if value is None:
+        return None
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise PrivrecError(f"--ray-address {value!r}: expected HOST:PORT of a Ray head, e.g. 10.0.0.5:6379")
+    return value
 
 
 class PrivrecInterrupted(KeyboardInterrupt):
@@ -379,6 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--no-dp", action="store_true", help="train without differential privacy")
     sim.add_argument("--run-dir", help="parent folder of run directories (default runs/)")
     sim.add_argument("--run-name", help="run id (default: a time stamp)")
+    sim.add_argument("--ray-address", metavar="HOST:PORT",
+                     help="run the devices on this running Ray cluster (`ray start --head`; this machine must "
+                          "be one of its nodes; see docs/multi-node.md); default: a private Ray on loopback")
     sim.set_defaults(func=cmd_simulate)
 
     base = sub.add_parser("baseline", help="references on the same split: non-private (centralized, popularity) "

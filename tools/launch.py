@@ -89,19 +89,29 @@ HOME_PREFIX = "privrec-flwr-"
 HOME_OWNER = "privrec-owner.json"  # in the temporary Flower home: which launcher made it
 
 
-def simulation_env(flwr_home: Path, locked_run: Path | None) -> dict[str, str]:
+def simulation_env(flwr_home: Path, locked_run: Path | None, ray_address: str | None = None) -> dict[str, str]:
     env = flower_env(flwr_home)
-    # Ray binds its GCS, raylet, agents and workers to the node's IP on all interfaces unless it
-    # believes multi-node clusters are off (its Windows/macOS default): then all of it is loopback.
-    env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    if ray_address:
+        # Flower's Ray backend calls ray.init() without an address, which honours RAY_ADDRESS: the
+        # simulation joins the user's cluster (docs/multi-node.md). That cluster's processes are not
+        # ours: they do not carry our FLWR_HOME, so stopping the run stops only our driver (whose
+        # actors Ray then ends), never the cluster.
+        env["RAY_ADDRESS"] = ray_address
+    else:
+        # Our own Ray, never a cluster found by accident (RAY_ADDRESS in the shell, or the latest
+        # `ray start` on this machine, which ray.init() would otherwise join).
+        env["RAY_ADDRESS"] = "local"
+        # Ray binds its GCS, raylet, agents and workers to the node's IP on all interfaces unless it
+        # believes multi-node clusters are off (its Windows/macOS default): then all of it is loopback.
+        env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     if locked_run is not None:
         env[LOCK_ENV] = str(locked_run)  # tells the ServerApp that we hold this run's lock for it
     return env
 
 
 @contextmanager
-def simulation_superlink(log_path: Path, run_path: Path | None = None,
-                         lock: RunLock | None = None) -> Iterator[tuple[Path, dict[str, str]]]:
+def simulation_superlink(log_path: Path, run_path: Path | None = None, lock: RunLock | None = None,
+                         ray_address: str | None = None) -> Iterator[tuple[Path, dict[str, str]]]:
     """A SuperLink in simulation mode on a free loopback port; always stopped on exit, also when the
     launcher is killed (a watchdog stops everything then and marks the run `interrupted`)."""
     sweep_stale_homes()
@@ -113,7 +123,7 @@ def simulation_superlink(log_path: Path, run_path: Path | None = None,
         '[superlink]\ndefault = "privrec"\n\n'
         f'[superlink.privrec]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
     run_path = run_path or log_path.parent
-    env = simulation_env(flwr_home, run_path if lock is not None else None)
+    env = simulation_env(flwr_home, run_path if lock is not None else None, ray_address)
     watchdog = Watchdog.start(flwr_home, run_path, lock)
     command = [_bin("flower-superlink"), "--simulation", "--insecure", "--isolation", "subprocess",
                "--host", "127.0.0.1", "--port", str(port), "--disable-runtime-dependency-installation"]
@@ -320,8 +330,12 @@ def stop_process_group(process: subprocess.Popen, grace: float = 10) -> None:
 
 
 def run_simulation(cfg: dict[str, Any], num_devices: int, run_path: Path,
-                   on_poll: Callable[[], None] | None = None, cpus_per_device: int = 1) -> SimulationResult:
+                   on_poll: Callable[[], None] | None = None, cpus_per_device: int = 1,
+                   ray_address: str | None = None) -> SimulationResult:
     """Run one federated simulation with Flower; the ServerApp writes `run_path`.
+
+    `ray_address` (HOST:PORT of a running Ray cluster's head, this machine being one of its nodes)
+    runs the devices on that cluster; without it the run starts its own Ray on loopback.
 
     Refused with a PrivrecError, before anything is written: a run directory another run holds, and
     a checkpoint this config cannot continue. SIGINT, SIGTERM and SIGHUP stop every process of the
@@ -335,7 +349,8 @@ def run_simulation(cfg: dict[str, Any], num_devices: int, run_path: Path,
         write_bytes_atomic(overrides, _toml(cfg).encode())
         with _signals_stop_the_run() as stop:
             try:
-                return _simulate(cfg, num_devices, run_path, overrides, lock, on_poll, cpus_per_device, stop)
+                return _simulate(cfg, num_devices, run_path, overrides, lock, on_poll, cpus_per_device, stop,
+                                 ray_address)
             except KeyboardInterrupt:
                 # Every process of the run is stopped by now (the context managers' exits).
                 mark_interrupted(run_path, stop.status_before, f"stopped by {stop.cause}")
@@ -345,9 +360,10 @@ def run_simulation(cfg: dict[str, Any], num_devices: int, run_path: Path,
 
 
 def _simulate(cfg: dict[str, Any], num_devices: int, run_path: Path, overrides: Path, lock: RunLock,
-              on_poll: Callable[[], None] | None, cpus_per_device: int, stop: _Stop) -> SimulationResult:
+              on_poll: Callable[[], None] | None, cpus_per_device: int, stop: _Stop,
+              ray_address: str | None = None) -> SimulationResult:
     log_path = run_path / "flower.log"
-    with simulation_superlink(log_path, run_path, lock) as (flwr_home, env):
+    with simulation_superlink(log_path, run_path, lock, ray_address) as (flwr_home, env):
         lock.heartbeat(**{"flwr-home": str(flwr_home)})
         command = [_bin("flwr"), "run", str(project_root()), "privrec", "--stream",
                    "--run-config", str(overrides),
