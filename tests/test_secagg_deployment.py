@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -89,9 +90,13 @@ def cluster8(tmp_path_factory):
         deployment.close()
 
 
-@pytest.mark.xfail(strict=False, reason="open defect (s14b, 2 runs): with 2 of 6 sampled SuperNodes SIGKILLed after "
-                   "their upload, round 1 logs 'only 0 masked vectors arrived' although the 4 survivors' audit "
-                   "logs show their upload left; not yet diagnosed (server/secagg.py _stage / Grid.send_and_receive)")
+# An open defect, kept runnable but out of the default suite: 6 to 10 minutes of 8 real SuperNodes on 2 cores
+# for a case that fails today. PRIVREC_SECAGG_FAULT8=1 runs it.
+@pytest.mark.skipif(os.environ.get("PRIVREC_SECAGG_FAULT8") != "1",
+                    reason="open defect, set PRIVREC_SECAGG_FAULT8=1 to run: with 2 of 6 sampled SuperNodes SIGKILLed "
+                           "after their upload, round 1 logs 'only 0 masked vectors arrived' although the 4 survivors' "
+                           "audit logs show their upload left (server/secagg.py _stage / Grid.send_and_receive)")
+@pytest.mark.xfail(strict=False, reason="the open defect above")
 def test_eight_supernodes_two_killed_after_masking_complete_their_rounds(cluster8, tmp_path):
     """SIGKILL 2 of 8 SuperNodes as soon as each has sent its masked vector (before unmasking): round 1
     unmasks the survivors' sum; round 2 runs with whoever is left (dead nodes it still asks time out)."""
