@@ -225,14 +225,20 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     print(f"{args.kind} baseline: NDCG@10 {test['ndcg@10']:.4f} (95% CI {test['ndcg@10-ci'][0]:.4f}-"
           f"{test['ndcg@10-ci'][1]:.4f})  HR@10 {test['hr@10']:.4f} (95% CI {test['hr@10-ci'][0]:.4f}-"
           f"{test['hr@10-ci'][1]:.4f})  [test items, {store.num_users} users, no federation, no DP]")
-    if args.out:
-        from shared.atomic import write_json_atomic
-
-        try:
-            write_json_atomic(Path(args.out), result)
-        except OSError as exc:
-            raise PrivrecError(f"--out {args.out}: cannot write ({exc.strerror or exc})") from None
+    _write_out(args.out, result)
     return 0
+
+
+def _write_out(out: str | None, result: dict) -> None:
+    """`--out FILE`: the baseline's figures as JSON, written atomically (never half a file)."""
+    if not out:
+        return
+    from shared.atomic import write_json_atomic
+
+    try:
+        write_json_atomic(Path(out), result)
+    except OSError as exc:
+        raise PrivrecError(f"--out {out}: cannot write ({exc.strerror or exc})") from None
 
 
 def _private_baseline(args: argparse.Namespace) -> int:
@@ -262,13 +268,7 @@ def _private_baseline(args: argparse.Namespace) -> int:
     if result["declined"] or result["failed"]:
         print(f"privrec: note: {result['declined']} device(s) declined (their cap), {result['failed']} failed; "
               "neither is in the sum")
-    if args.out:
-        from shared.atomic import write_json_atomic
-
-        try:
-            write_json_atomic(Path(args.out), result)
-        except OSError as exc:
-            raise PrivrecError(f"--out {args.out}: cannot write ({exc.strerror or exc})") from None
+    _write_out(args.out, result)
     return 0
 
 
