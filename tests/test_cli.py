@@ -435,7 +435,7 @@ def inprocess_simulation(monkeypatch):
     from server.app import main as server_main
     from simulations.inprocess import InProcessGrid, serve
 
-    def run(cfg, num_devices, run_path, on_poll=None, cpus_per_device=1):
+    def run(cfg, num_devices, run_path, on_poll=None, cpus_per_device=1, ray_address=None):
         context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=cfg)
         try:
             serve(server_main, InProcessGrid(client_app, num_devices), context)
