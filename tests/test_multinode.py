@@ -18,7 +18,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -26,11 +25,10 @@ import pytest
 
 from shared import config
 from shared.data.store import open_store
-from tests.synthetic import walk_store
 from shared.errors import PrivrecError
+from tests.synthetic import walk_store
 from tools.cli import _ray_address
-from tools.launch import (free_port, processes_with_env, run_simulation, simulation_env,
-                          stop_processes_with_env)
+from tools.launch import free_port, processes_with_env, run_simulation, simulation_env, stop_processes_with_env
 
 MARKER = "PRIVREC_TEST_CLUSTER"
 
