@@ -18,6 +18,7 @@ from client.audit import read_audit
 from shared import config
 from shared.data.devices import split_devices
 from shared.data.store import open_store
+from shared.run_owner import lock_is_held
 from tests.synthetic import walk_store
 from tests.test_deploy_units import assert_only_weights_and_scalars, expected_shapes
 from tools.deploy.local import LocalDeployment, deployment_config, prepare_security
@@ -197,6 +198,9 @@ def test_faults_a_node_dies_mid_round_then_the_superlink_restarts_and_the_run_re
     # time out on them: wait for them as an operator would, then resubmit with a patient round timeout.
     _wait_for(lambda: all(_reconnected(path, since[i]) for i, path in survivors.items()), 120,
               "the surviving nodes to reconnect", cluster)
+    # The old ServerApp may outlive its SuperLink for a while and still holds the run directory's lock
+    # (a second run on it is refused by design): resubmit once it is gone, as an operator would.
+    _wait_for(lambda: not lock_is_held(run_path), 180, "the old ServerApp to release the run directory", cluster)
     cluster.submit({**cfg, "round-timeout": 300.0}, name="faults-2")  # the same run (same run-name) again
     _finish(cluster, "faults-2", run_path)
 
