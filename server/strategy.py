@@ -10,7 +10,7 @@ overrides only the hooks its job needs. Outermost first:
     SpendBooking        every reply booked in the privacy tally; declines, refusals  (server/booking.py)
     UserLevelDP         DP-FedAvg clip + noise, fixed denominator (user-dp only)     (server/user_dp.py)
     PerRowAveraging     item_emb rows averaged over the devices that changed them   (server/per_row.py)
-                        (aggregation = per-row; non-private runs only)
+                        (aggregation = per-row, or auto in a non-private run)
     FedAvg | FedAdam | FedProx   Flower's own, unchanged
 
 The figures privrec reports are made here: epsilon as max and median over devices (never a mean),
@@ -31,6 +31,7 @@ from server.per_row import PerRowAveraging
 from server.rounds import EvaluationSchedule, ResumedRun, RoundReport
 from server.tally import PrivacyTally
 from server.user_dp import UserLevelDP
+from shared.config import aggregation_in_effect
 from shared.metrics import bootstrap_ci
 from shared.model import FROZEN_BY_SCOPE
 
@@ -110,7 +111,7 @@ def build_strategy(cfg: dict[str, Any], num_devices: int, on_train, on_evaluate)
         strategy = UserLevelDP(strategy, noise_multiplier=cfg["user-noise-multiplier"],
                                clipping_norm=cfg["user-clipping-norm"], expected_cohort=float(cohort),
                                frozen=FROZEN_BY_SCOPE[cfg["device-trains"]])
-    elif cfg["aggregation"] == "per-row":  # the config refuses it with user-dp (and dp)
+    elif aggregation_in_effect(cfg) == "per-row":  # never with dp, user-dp or secure aggregation
         strategy = PerRowAveraging(strategy)
     strategy = SpendBooking(strategy, tally=tally, accountant=cfg["accountant"], metrics_fn=train_metrics)
     strategy = CohortChoice(strategy, tally=tally, cohort=cohort, min_available=cohort,
