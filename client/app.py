@@ -24,6 +24,7 @@ from flwr.clientapp import ClientApp
 from client.analytics import answer_popularity_query
 from client.audit import audit_mod
 from client.device import evaluate_round, ledger_path, load_device, train_round
+from client.node import evaluate_devices, hosts_devices, train_devices
 from client.secagg import secagg_mod
 from shared.config import RunConfig, from_run_config
 from shared.data.devices import CATALOGUE_KEY, check_server_catalogue
@@ -94,6 +95,8 @@ def _refuse_lost_spend(msg: Message, state_dir: str, device: str, path: Path) ->
 
 @app.train(mods=[secagg_mod])  # answers secure-aggregation stages; plain train messages pass through
 def train(msg: Message, context: Context) -> Message:
+    if hosts_devices(msg):  # a simulated node hosting several devices (devices-per-node > 1)
+        return train_devices(msg, context)
     torch.set_num_threads(1)
     run, record = _run_config(msg, context)
     device, data, num_items, state_dir, item_text = _load(context, record, run)
@@ -125,6 +128,8 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
+    if hosts_devices(msg):
+        return evaluate_devices(msg, context)
     torch.set_num_threads(1)
     run, record = _run_config(msg, context)
     _, data, num_items, _, item_text = _load(context, record, run)

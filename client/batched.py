@@ -1,0 +1,111 @@
+"""Many devices' local rounds in one pass (torch.func): each device trains exactly as it would alone.
+
+`train_local` (shared/training.py) on one device without on-device DP is: load the global weights,
+then for every epoch one optimizer step per batch of at most `batch-size` windows on the mean of
+`per_example_loss`. When every device of a group holds between 1 and `batch-size` windows, each epoch
+is one step on all of its windows: the same shape of computation for every device. Then the group's
+steps run as one vectorised pass: `functional_call` of the model on each device's own weights,
+`vmap` over devices of `grad` of that device's loss (its windows padded with all-padding rows, which
+add exactly 0 to the loss sum, divided by the device's own window count), and Adam or SGD applied per
+device with torch's update rule. Nothing is shared between devices but the starting weights.
+
+Equal to the one-device path up to float rounding when there is no randomness in the step: dropout
+0 (a device draws its dropout masks from its own seeded generator, which one vectorised pass cannot
+replay) and no FedProx term. `batchable` says when a group qualifies; the node trains every other
+device alone (client/node.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.func import functional_call, grad_and_value, vmap
+
+from shared.config import RunConfig
+from shared.model import SASRec
+from shared.training import LocalTrainConfig, LocalTrainResult, per_example_loss, split_windows
+
+ADAM_BETAS = (0.9, 0.999)  # torch.optim.Adam's defaults, as train_local builds it
+ADAM_EPS = 1e-8
+
+
+def batchable(run: RunConfig, proximal_mu: float) -> bool:
+    """Whether a round's local training has no randomness and no per-device term (see module doc)."""
+    return not run.device.dp and proximal_mu == 0 and run.model.dropout == 0
+
+
+def fits_one_batch(num_windows: int, batch_size: int) -> bool:
+    """A device whose every epoch is exactly one step (devices without windows take none: trained alone)."""
+    return 1 <= num_windows <= batch_size
+
+
+@dataclass
+class BatchedRound:
+    """Each device's trained weights (the trainable ones, stacked: [devices, ...]) and its round result."""
+
+    weights: dict[str, Tensor]
+    results: list[LocalTrainResult]
+
+
+def train_batched(model: SASRec, windows: list[np.ndarray], cfg: LocalTrainConfig) -> BatchedRound:
+    """Train one copy of `model`'s weights per entry of `windows` (int [n_d, W], 1 <= n_d <= batch size).
+
+    `model` holds the global weights and is not changed. Returns the trainable weights of every device
+    after `cfg.epochs` steps, in the order of `windows`.
+    """
+    if cfg.dp or cfg.proximal_mu > 0 or any(not fits_one_batch(len(w), cfg.batch_size) for w in windows):
+        raise ValueError("train_batched: only rounds without on-device DP or FedProx, of one batch per epoch")
+    model.train()
+    model.set_trainable(cfg.trainable)
+    trainable = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
+    fixed = {k: p.detach() for k, p in model.named_parameters() if not p.requires_grad}
+    fixed.update(dict(model.named_buffers()))
+    devices = len(windows)
+    counts = torch.tensor([len(w) for w in windows], dtype=torch.float32)
+    width = max(len(w) for w in windows)
+    inputs, targets = split_windows(np.concatenate([_pad(np.asarray(w), width) for w in windows]))
+    inputs = inputs.view(devices, width, -1)
+    targets = targets.view(devices, width, -1)
+
+    def device_loss(weights: dict[str, Tensor], x: Tensor, y: Tensor, n: Tensor) -> Tensor:
+        logits = functional_call(model, {**weights, **fixed}, (x,))
+        return per_example_loss(logits, y).sum() / n  # padding rows add exactly 0
+
+    step = vmap(grad_and_value(device_loss), randomness="different")
+    weights = {k: v.unsqueeze(0).repeat(devices, *([1] * v.dim())) for k, v in trainable.items()}
+    moments = {k: (torch.zeros_like(v), torch.zeros_like(v)) for k, v in weights.items()}
+    losses = torch.zeros(devices, cfg.epochs)
+    with torch.no_grad():
+        for epoch in range(cfg.epochs):
+            with torch.enable_grad():
+                grads, loss = step(weights, inputs, targets, counts)
+            losses[:, epoch] = loss.detach()
+            for k in weights:
+                weights[k] = _update(cfg, weights[k], grads[k], moments[k], epoch + 1)
+    results = [LocalTrainResult(loss=float(losses[d].mean()), steps=cfg.epochs, num_examples=len(windows[d]),
+                                sample_rate=float("nan"), epsilon=float("nan"), accountant_state=None)
+               for d in range(devices)]
+    return BatchedRound(weights=weights, results=results)
+
+
+def _pad(windows: np.ndarray, rows: int) -> np.ndarray:
+    padded = np.zeros((rows, windows.shape[1]), dtype=np.int64)
+    padded[: len(windows)] = windows
+    return padded
+
+
+def _update(cfg: LocalTrainConfig, weight: Tensor, grad: Tensor, moments: tuple[Tensor, Tensor], t: int) -> Tensor:
+    """torch.optim.Adam's (defaults) or SGD's update, elementwise, so the same for each device's slice."""
+    if cfg.optimizer != "adam":
+        return weight - cfg.lr * grad
+    beta1, beta2 = ADAM_BETAS
+    exp_avg, exp_avg_sq = moments
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    step_size = cfg.lr / (1 - beta1 ** t)
+    denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2 ** t)).add_(ADAM_EPS)
+    return weight.addcdiv(exp_avg, denom, value=-step_size)
