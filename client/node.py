@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from client.batched import batchable, fits_one_batch, train_batched
 from client.device import (
@@ -189,9 +189,7 @@ def _aggregate(run: RunConfig, trained: list[_Listed], global_state) -> tuple[Ar
             {"ids": ids, "count": len(trained), "weight": total_weight, "kind": WEIGHTED_MEAN})
 
 
-def _array(value: np.ndarray):
-    from flwr.app import Array
-
+def _array(value: np.ndarray) -> Array:
     return Array(np.ascontiguousarray(value))
 
 
