@@ -27,7 +27,7 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from shared.config import RunConfig
 from shared.model import SASRec
-from shared.training import LocalTrainConfig, LocalTrainResult, per_example_loss, split_windows
+from shared.training import LocalTrainConfig, LocalTrainResult, split_windows
 
 ADAM_BETAS = (0.9, 0.999)  # torch.optim.Adam's defaults, as train_local builds it
 ADAM_EPS = 1e-8
@@ -73,7 +73,7 @@ def train_batched(model: SASRec, windows: list[np.ndarray], cfg: LocalTrainConfi
 
     def device_loss(weights: dict[str, Tensor], x: Tensor, y: Tensor, n: Tensor) -> Tensor:
         logits = functional_call(model, {**weights, **fixed}, (x,))
-        return per_example_loss(logits, y).sum() / n  # padding rows add exactly 0
+        return window_losses(logits, y).sum() / n  # padding rows add exactly 0
 
     step = vmap(grad_and_value(device_loss), randomness="different")
     weights = {k: v.unsqueeze(0).repeat(devices, *([1] * v.dim())) for k, v in trainable.items()}
@@ -90,6 +90,15 @@ def train_batched(model: SASRec, windows: list[np.ndarray], cfg: LocalTrainConfi
                                 sample_rate=float("nan"), epsilon=float("nan"), accountant_state=None)
                for d in range(devices)]
     return BatchedRound(weights=weights, results=results)
+
+
+def window_losses(logits: Tensor, targets: Tensor) -> Tensor:
+    """`shared.training.per_example_loss` written with logsumexp and gather: the same values, and vmap
+    has batching rules for both (its rule for cross-entropy's backward falls back to a slow scatter)."""
+    real = targets != 0
+    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    cross_entropy = (torch.logsumexp(logits, dim=-1) - picked) * real
+    return cross_entropy.sum(dim=1) / real.sum(dim=1).clamp(min=1).to(logits.dtype)
 
 
 def _pad(windows: np.ndarray, rows: int) -> np.ndarray:

@@ -41,6 +41,7 @@ from client.device import (
     train_round,
     training_windows,
 )
+from shared.atomic import one_sync
 from shared.coldstart import held_out_items
 from shared.config import RunConfig, from_run_config
 from shared.data.store import open_store
@@ -48,10 +49,10 @@ from shared.device_nodes import CLIPPED_SUM, NODE_AGGREGATE, NODE_DEVICES, SEEN_
 from shared.errors import PrivrecError
 from shared.model import FROZEN_BY_SCOPE
 from shared.privacy.ledger import PrivacyLedger, from_json, ledger_lock, load_ledger, reconcile
-from shared.privacy.population import check_seen_spend, keep_listed
-from shared.privacy.user_level import clip_update
+from shared.privacy.population import check_seen_spend, keep_all_listed
 from shared.text.features import TEXT_KEY, features_for
 
+AGGREGATE_CHUNK = 32  # devices whose float64 updates are held at once when summing
 MIRROR_PREFIX = "privacy-ledger:"  # context.state key per device: in-memory copy of its ledger file
 
 
@@ -85,13 +86,15 @@ def train_devices(msg: Message, context: Context) -> Message:
     proximal_mu = float(record.get("proximal-mu", 0.0))
     listed = _listed(msg)
     seen = _seen_spend(msg)
-    for dev in listed:  # each device's ledger, as client/app.py prepares a lone device's
-        path = ledger_path(state_dir, dev.device)
-        with ledger_lock(path):
-            reconcile(path, _mirror(context, dev.device))
-        keep_listed(state_dir, dev.device, path)
-        if dev.device in seen:
-            check_seen_spend(path, dev.device, seen[dev.device])
+    ledgers = {dev.device: ledger_path(state_dir, dev.device) for dev in listed}
+    with one_sync():  # each device's ledger, as client/app.py prepares a lone device's
+        for dev in listed:
+            with ledger_lock(ledgers[dev.device]):
+                reconcile(ledgers[dev.device], _mirror(context, dev.device))
+    keep_all_listed(state_dir, ledgers)
+    for device, steps in seen.items():
+        if device in ledgers:
+            check_seen_spend(ledgers[device], device, steps)
     held_out = held_out_items(run, store.num_items)
     windows = {dev.index: training_windows(store.device(dev.index), run.device.window, held_out) for dev in listed}
     together = [d for d in listed if batchable(run, proximal_mu)
@@ -116,14 +119,15 @@ def _train_together(run: RunConfig, devices: list[_Listed], windows: dict[int, n
     from its reservation to its release, as `train_round` holds it."""
     with ExitStack() as locks:
         tickets = {}
-        for dev in devices:
-            path = ledger_path(state_dir, dev.device)
-            locks.enter_context(ledger_lock(path))
-            ticket = begin_round(run, path, dev.device, run_id, server_round)
-            if isinstance(ticket, TrainOutcome):
-                dev.outcome = ticket  # declined: nothing trained, nothing but the refusal leaves
-            else:
-                tickets[dev.index] = ticket
+        with one_sync():  # every reservation is durable before any device trains
+            for dev in devices:
+                path = ledger_path(state_dir, dev.device)
+                locks.enter_context(ledger_lock(path))
+                ticket = begin_round(run, path, dev.device, run_id, server_round)
+                if isinstance(ticket, TrainOutcome):
+                    dev.outcome = ticket  # declined: nothing trained, nothing but the refusal leaves
+                else:
+                    tickets[dev.index] = ticket
         training = [d for d in devices if d.index in tickets]
         if not training:
             return
@@ -132,22 +136,20 @@ def _train_together(run: RunConfig, devices: list[_Listed], windows: dict[int, n
         model = build_model(run, num_items, global_state, item_text)
         first = tickets[training[0].index]
         batched = train_batched(model, [windows[d.index] for d in training], first.train_cfg)
-        for position, dev in enumerate(training):
-            state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            for k, stacked in batched.weights.items():
-                state[k] = stacked[position]
-            dev.weights = state
-            dev.outcome = finish_round(run, tickets[dev.index], ledger_path(state_dir, dev.device), dev.device,
-                                       state, batched.results[position])
+        fixed = {k: v.detach() for k, v in model.state_dict().items() if k not in batched.weights}
+        with one_sync():  # every release is durable before the reply leaves
+            for position, dev in enumerate(training):
+                dev.weights = {**fixed, **{k: stacked[position] for k, stacked in batched.weights.items()}}
+                dev.outcome = finish_round(run, tickets[dev.index], ledger_path(state_dir, dev.device),
+                                           dev.device, dev.weights, batched.results[position])
 
 
 def _reply(msg: Message, context: Context, run: RunConfig, listed: list[_Listed], global_state, state_dir: str
            ) -> Message:
     metrics, privacy = [], []
+    keep_all_listed(state_dir, {dev.device: ledger_path(state_dir, dev.device) for dev in listed})  # before it leaves
     for dev in listed:
-        path = ledger_path(state_dir, dev.device)
-        keep_listed(state_dir, dev.device, path)  # listed before the update leaves
-        ledger = _mirror_ledger(context, path, dev.device)
+        ledger = _mirror_ledger(context, ledger_path(state_dir, dev.device), dev.device)
         metrics.append(dev.outcome.metrics)
         privacy.append({"device": dev.device,
                         "history": json.dumps((ledger.accountant_state or {}).get("history") or [])})
@@ -163,29 +165,34 @@ def _reply(msg: Message, context: Context, run: RunConfig, listed: list[_Listed]
 
 
 def _aggregate(run: RunConfig, trained: list[_Listed], global_state) -> tuple[ArrayRecord, dict]:
+    """The devices' updates (weights - global, float64) summed with one factor per device: under user-level
+    DP min(1, C / ||update||), `shared.privacy.user_level.clip_update`'s clipping, over all trainable arrays
+    together; otherwise its FedAvg weight, divided by the total weight (an example-weighted mean)."""
     ids = [d.node_id for d in trained]
-    if run.user_dp.enabled:
-        frozen = set(FROZEN_BY_SCOPE[run.device.trainable])
-        keys = [k for k in global_state if k not in frozen]
-        current = {k: global_state[k].numpy().astype(np.float64) for k in keys}
-        total = {k: np.zeros_like(current[k]) for k in keys}
-        for dev in trained:  # the same clipping the server applies to a lone device's weights
-            clipped, _ = clip_update({k: dev.weights[k].numpy().astype(np.float64) - current[k] for k in keys},
-                                     run.user_dp.clipping_norm)
-            for k in keys:
-                total[k] += clipped[k]
-        return (ArrayRecord({k: _array(v) for k, v in total.items()}),
+    user_dp = run.user_dp.enabled
+    frozen = set(FROZEN_BY_SCOPE[run.device.trainable]) if user_dp else set()
+    keys = [k for k in global_state if k not in frozen]
+    current = {k: global_state[k].to(torch.float64) for k in keys}
+    total = {k: torch.zeros_like(current[k]) for k in keys}
+    weights = torch.tensor([float(d.outcome.metrics["num-examples"]) for d in trained], dtype=torch.float64)
+    for start in range(0, len(trained), AGGREGATE_CHUNK):  # a chunk's float64 updates at a time
+        chunk = trained[start:start + AGGREGATE_CHUNK]
+        updates = {k: torch.stack([d.weights[k] for d in chunk]).to(torch.float64) - current[k] for k in keys}
+        if user_dp:
+            norms = torch.sqrt(sum(u.square().flatten(1).sum(1) for u in updates.values()))
+            factor = torch.where(norms > 0, (run.user_dp.clipping_norm / norms).clamp(max=1.0), 1.0)
+        else:
+            factor = weights[start:start + len(chunk)]
+        for k, u in updates.items():
+            total[k] += (u * factor.view(-1, *([1] * (u.dim() - 1)))).sum(0)
+    if user_dp:
+        return (ArrayRecord({k: _array(v.numpy()) for k, v in total.items()}),
                 {"ids": ids, "count": len(trained), "weight": float(len(trained)), "kind": CLIPPED_SUM})
-    weights = [float(d.outcome.metrics["num-examples"]) for d in trained]
-    total_weight = sum(weights)
-    mean = {}
-    for k, v in global_state.items():
-        if total_weight > 0:
-            acc = sum(w * d.weights[k].numpy().astype(np.float64) for w, d in zip(weights, trained))
-            mean[k] = (acc / total_weight).astype(v.numpy().dtype)
-        else:  # no device held a window: the global weights, of weight 0 (as each device would send them)
-            mean[k] = v.numpy()
-    return (ArrayRecord({k: _array(v) for k, v in mean.items()}),
+    total_weight = float(weights.sum())
+    # No device held a window: the global weights, of weight 0 (as each device would have sent them).
+    mean = {k: (current[k] + total[k] / total_weight if total_weight > 0 else current[k]).to(global_state[k].dtype)
+            for k in keys}
+    return (ArrayRecord({k: _array(v.numpy()) for k, v in mean.items()}),
             {"ids": ids, "count": len(trained), "weight": total_weight, "kind": WEIGHTED_MEAN})
 
 
