@@ -5,9 +5,9 @@ then for every epoch one optimizer step per batch of at most `batch-size` window
 `per_example_loss`. When every device of a group holds between 1 and `batch-size` windows, each epoch
 is one step on all of its windows: the same shape of computation for every device. Then the group's
 steps run as one vectorised pass: `functional_call` of the model on each device's own weights,
-`vmap` over devices of `grad` of that device's loss (its windows padded with all-padding rows, which
-add exactly 0 to the loss sum, divided by the device's own window count), and Adam or SGD applied per
-device with torch's update rule. Nothing is shared between devices but the starting weights.
+`vmap` over devices of `grad` of that device's loss (devices of equal window count share a pass, so
+no shape differs), and Adam or SGD applied per device with torch's update rule. Nothing is shared
+between devices but the starting weights.
 
 Equal to the one-device path up to float rounding when there is no randomness in the step: dropout
 0 (a device draws its dropout masks from its own seeded generator, which one vectorised pass cannot
@@ -31,6 +31,7 @@ from shared.training import LocalTrainConfig, LocalTrainResult, split_windows
 
 ADAM_BETAS = (0.9, 0.999)  # torch.optim.Adam's defaults, as train_local builds it
 ADAM_EPS = 1e-8
+PASS_DEVICES = 64  # devices in one vectorised pass (their weights, gradients and Adam moments at once)
 
 
 def batchable(run: RunConfig, proximal_mu: float) -> bool:
@@ -55,7 +56,8 @@ def train_batched(model: SASRec, windows: list[np.ndarray], cfg: LocalTrainConfi
     """Train one copy of `model`'s weights per entry of `windows` (int [n_d, W], 1 <= n_d <= batch size).
 
     `model` holds the global weights and is not changed. Returns the trainable weights of every device
-    after `cfg.epochs` steps, in the order of `windows`.
+    after `cfg.epochs` steps, in the order of `windows`. Devices with the same window count share a pass
+    (at most `PASS_DEVICES` at once), so no device is padded.
     """
     if cfg.dp or cfg.proximal_mu > 0 or any(not fits_one_batch(len(w), cfg.batch_size) for w in windows):
         raise ValueError("train_batched: only rounds without on-device DP or FedProx, of one batch per epoch")
@@ -64,32 +66,37 @@ def train_batched(model: SASRec, windows: list[np.ndarray], cfg: LocalTrainConfi
     trainable = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
     fixed = {k: p.detach() for k, p in model.named_parameters() if not p.requires_grad}
     fixed.update(dict(model.named_buffers()))
-    devices = len(windows)
-    counts = torch.tensor([len(w) for w in windows], dtype=torch.float32)
-    width = max(len(w) for w in windows)
-    inputs, targets = split_windows(np.concatenate([_pad(np.asarray(w), width) for w in windows]))
-    inputs = inputs.view(devices, width, -1)
-    targets = targets.view(devices, width, -1)
 
-    def device_loss(weights: dict[str, Tensor], x: Tensor, y: Tensor, n: Tensor) -> Tensor:
+    def device_loss(weights: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
         logits = functional_call(model, {**weights, **fixed}, (x,))
-        return window_losses(logits, y).sum() / n  # padding rows add exactly 0
+        return window_losses(logits, y).mean()
 
     step = vmap(grad_and_value(device_loss), randomness="different")
-    weights = {k: v.unsqueeze(0).repeat(devices, *([1] * v.dim())) for k, v in trainable.items()}
-    moments = {k: (torch.zeros_like(v), torch.zeros_like(v)) for k, v in weights.items()}
-    losses = torch.zeros(devices, cfg.epochs)
-    with torch.no_grad():
-        for epoch in range(cfg.epochs):
-            with torch.enable_grad():
-                grads, loss = step(weights, inputs, targets, counts)
-            losses[:, epoch] = loss.detach()
-            for k in weights:
-                weights[k] = _update(cfg, weights[k], grads[k], moments[k], epoch + 1)
+    out = {k: v.unsqueeze(0).repeat(len(windows), *([1] * v.dim())) for k, v in trainable.items()}
+    losses = torch.zeros(len(windows), cfg.epochs)
+    by_count: dict[int, list[int]] = {}
+    for d, w in enumerate(windows):
+        by_count.setdefault(len(w), []).append(d)
+    for count, members in sorted(by_count.items()):
+        for start in range(0, len(members), PASS_DEVICES):
+            chosen = torch.tensor(members[start:start + PASS_DEVICES])
+            inputs, targets = split_windows(np.concatenate([windows[d] for d in chosen.tolist()]))
+            inputs, targets = inputs.view(len(chosen), count, -1), targets.view(len(chosen), count, -1)
+            weights = {k: v[chosen] for k, v in out.items()}
+            moments = {k: (torch.zeros_like(v), torch.zeros_like(v)) for k, v in weights.items()}
+            with torch.no_grad():
+                for epoch in range(cfg.epochs):
+                    with torch.enable_grad():
+                        grads, loss = step(weights, inputs, targets)
+                    losses[chosen, epoch] = loss.detach()
+                    for k in weights:
+                        weights[k] = _update(cfg, weights[k], grads[k], moments[k], epoch + 1)
+                for k, v in weights.items():
+                    out[k][chosen] = v
     results = [LocalTrainResult(loss=float(losses[d].mean()), steps=cfg.epochs, num_examples=len(windows[d]),
                                 sample_rate=float("nan"), epsilon=float("nan"), accountant_state=None)
-               for d in range(devices)]
-    return BatchedRound(weights=weights, results=results)
+               for d in range(len(windows))]
+    return BatchedRound(weights=out, results=results)
 
 
 def window_losses(logits: Tensor, targets: Tensor) -> Tensor:
@@ -99,12 +106,6 @@ def window_losses(logits: Tensor, targets: Tensor) -> Tensor:
     picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     cross_entropy = (torch.logsumexp(logits, dim=-1) - picked) * real
     return cross_entropy.sum(dim=1) / real.sum(dim=1).clamp(min=1).to(logits.dtype)
-
-
-def _pad(windows: np.ndarray, rows: int) -> np.ndarray:
-    padded = np.zeros((rows, windows.shape[1]), dtype=np.int64)
-    padded[: len(windows)] = windows
-    return padded
 
 
 def _update(cfg: LocalTrainConfig, weight: Tensor, grad: Tensor, moments: tuple[Tensor, Tensor], t: int) -> Tensor:
