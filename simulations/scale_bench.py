@@ -49,13 +49,44 @@ def arm_config(store_dir: Path, run_root: Path, devices_per_node: int, args) -> 
         "population-dir": str(run_root / f"population-k{devices_per_node}")})  # fresh simulated people per arm
 
 
+def tree_rss_mib(root: int) -> float:
+    """Resident memory of process `root` and all its descendants (read from /proc), in MiB."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+                parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    tree, frontier = {root}, [root]
+    while frontier:
+        children = [pid for pid, parent in parents.items() if parent in frontier and pid not in tree]
+        tree.update(children)
+        frontier = children
+    total_kib = 0
+    for pid in tree:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        total_kib += next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), 0)
+    return total_kib / 1024
+
+
 def end_to_end(store_dir: Path, devices_per_node: int, args) -> dict:
     from tools.launch import run_simulation
 
     run_root = Path(tempfile.mkdtemp(prefix="privrec-scale-"))
     cfg = arm_config(store_dir, run_root, devices_per_node, args)
+    peak = [0.0]
+
+    def sample_memory() -> None:  # every second while the run lasts: the launcher, SuperLink, Ray, apps
+        peak[0] = max(peak[0], tree_rss_mib(os.getpid()))
+
     started = time.perf_counter()
-    result = run_simulation(cfg, open_store(store_dir).num_devices, run_root / cfg["run-name"])
+    result = run_simulation(cfg, open_store(store_dir).num_devices, run_root / cfg["run-name"],
+                            on_poll=sample_memory)
     wall = time.perf_counter() - started
     if result.flower_status != "finished:completed":
         raise RuntimeError(f"devices-per-node {devices_per_node}: simulation {result.flower_status}; see {run_root}")
@@ -63,9 +94,15 @@ def end_to_end(store_dir: Path, devices_per_node: int, args) -> dict:
     steady = [r for r in rows if 2 <= r["round"] < args.rounds]
     devices = sum(r["devices-trained"] for r in steady)
     seconds = sum(r["seconds"] for r in steady)
+    population = Path(cfg["population-dir"])
+    files = [p for p in population.rglob("*") if p.is_file()]
+    run_files = [p for p in (run_root / cfg["run-name"]).rglob("*") if p.is_file()]
     return {"devices_per_node": devices_per_node, "steady_rounds": len(steady), "devices_trained": devices,
             "seconds": seconds, "devices_per_s": devices / seconds, "wall_s": wall,
-            "devices_per_round": [r["devices-trained"] for r in rows if r["round"] > 0]}
+            "devices_per_round": [r["devices-trained"] for r in rows if r["round"] > 0],
+            "peak_rss_mib_all_processes": peak[0], "population_files": len(files),
+            "population_bytes": sum(p.stat().st_size for p in files), "run_record_files": len(run_files),
+            "run_record_bytes": sum(p.stat().st_size for p in run_files)}
 
 
 def pure_one_device(store_dir: Path, args) -> float:
@@ -136,6 +173,14 @@ def markdown(results: dict) -> str:
         pure = arm["pure_devices_per_s_one_cpu"] * cpus
         lines.append(f"| {arm['devices_per_node']} | {arm['nodes']} | {arm['devices_per_s']:.1f} | "
                      f"{arm['devices_per_s'] / base:.2f} | {pure:.1f} | {pure / arm['devices_per_s'] - 1:+.0%} |")
+    lines += ["", "| devices per node | peak memory, all processes (MiB) | devices trained | population files "
+              "(ledgers, locks, list) | population MB | run record files | run record MB |",
+              "|---|---|---|---|---|---|---|"]
+    for arm in results["arms"]:
+        lines.append(f"| {arm['devices_per_node']} | {arm['peak_rss_mib_all_processes']:.0f} | "
+                     f"{sum(arm['devices_per_round'])} | {arm['population_files']} | "
+                     f"{arm['population_bytes'] / 1e6:.1f} | {arm['run_record_files']} | "
+                     f"{arm['run_record_bytes'] / 1e6:.1f} |")
     lines += ["", f"Pure compute of one device alone (`train_round`, one thread): "
               f"{results['pure_one_device_per_s']:.1f} devices/s, ideal {results['pure_one_device_per_s'] * cpus:.1f} "
               f"on {cpus} CPUs; peak RSS of this process {results['peak_rss_mib']:.0f} MiB.", ""]

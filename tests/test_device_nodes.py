@@ -207,3 +207,23 @@ def test_a_device_list_is_refused_on_a_deployed_node(tmp_path):
         instruction(_train_message(cfg, state, store, tmp_path / "pop", [0, 1]), 1, "train"),
         node_context(1, {"data-dir": str(store)}, cfg))
     assert reply.has_error() and "devices-per-node is for simulations only" in reply.error.reason
+
+
+def test_a_hosted_device_whose_ledger_was_lost_is_refused(tmp_path):
+    """Each hosted device keeps the population rule of a lone one: listed once it trained, and a missing
+    ledger afterwards stops it (training from zero would under-report its spend)."""
+    store = _store(tmp_path)
+    cfg = config.validate({**SMALL, "data-store": str(store), "dp": False, "user-dp": True})
+    state = model_for(cfg, NUM_ITEMS).state_dict()
+    population = tmp_path / "pop"
+    grid = InProcessGrid(client_app, 1, run_config=cfg)
+    context = node_context(1, {"partition-id": 0, "num-partitions": 1}, cfg)
+    first = grid._run_client(instruction(_train_message(cfg, state, store, population, [0, 1, 2]), 1, "train"),
+                             context)
+    assert not first.has_error()
+    assert (population / "trained-devices").read_text().split() == ["0", "1", "2"]
+    (population / "device-1" / "privacy-ledger.json").unlink()
+    context.state = type(context.state)()  # and the node restarted: no in-memory mirror either
+    again = grid._run_client(instruction(_train_message(cfg, state, store, population, [0, 1, 2], round_=2), 1,
+                                         "train"), context)
+    assert again.has_error() and "device 1 has trained before" in again.error.reason
