@@ -7,7 +7,7 @@ or evaluate message per node naming the sampled devices on it (`node-devices`: t
 the ids the server knows them by). Each listed device keeps everything it has on its own: its data
 slice of the shared store, its own ledger file (locked, reconciled with the node's in-memory mirror of
 it, checked against the spend the server has seen from it), its own seed derivation
-(`client.device._device_seed`) and its own local round (`client.device.train_round`, or the same
+(`client.device._device_seed`) and its own local round (`client.device.train_round`'s steps, or the same
 round vectorised with other devices by `client.batched` when the round has no randomness). Devices
 under on-device DP (dp = true) always train one by one with their own Opacus accountant and ledger.
 
@@ -38,7 +38,6 @@ from client.device import (
     evaluate_round,
     finish_round,
     ledger_path,
-    train_round,
     training_windows,
 )
 from shared.atomic import one_sync
@@ -51,6 +50,7 @@ from shared.model import FROZEN_BY_SCOPE
 from shared.privacy.ledger import PrivacyLedger, from_json, ledger_lock, load_ledger, reconcile
 from shared.privacy.population import check_seen_spend, keep_all_listed
 from shared.text.features import TEXT_KEY, features_for
+from shared.training import train_local
 
 AGGREGATE_CHUNK = 32  # devices whose float64 updates are held at once when summing
 MIRROR_PREFIX = "privacy-ledger:"  # context.state key per device: in-memory copy of its ledger file
@@ -99,31 +99,42 @@ def train_devices(msg: Message, context: Context) -> Message:
     windows = {dev.index: training_windows(store.device(dev.index), run.device.window, held_out) for dev in listed}
     together = [d for d in listed if batchable(run, proximal_mu)
                 and fits_one_batch(len(windows[d.index]), run.device.batch_size)]
-    if len(together) > 1:
-        _train_together(run, together, windows, global_state, store.num_items, item_text, state_dir, run_id,
-                        server_round)
-    for dev in listed:
-        if dev.outcome is None:
-            dev.outcome = train_round(store.device(dev.index), store.num_items, global_state, run,
-                                      ledger_path=ledger_path(state_dir, dev.device), device=dev.device,
-                                      run_id=run_id, server_round=server_round, proximal_mu=proximal_mu,
-                                      item_text=item_text)
-            if not dev.outcome.declined:
-                dev.weights = dev.outcome.state_dict
+    if len(together) < 2:
+        together = []
+    alone = [d for d in listed if d not in together]
+    round_ = _Round(run, global_state, store.num_items, item_text, state_dir, run_id, server_round, proximal_mu)
+    for group, vectorised in ((together, True), (alone, False)):
+        if group:
+            _train_group(round_, group, windows, vectorised)
     return _reply(msg, context, run, listed, global_state, state_dir)
 
 
-def _train_together(run: RunConfig, devices: list[_Listed], windows: dict[int, np.ndarray], global_state,
-                    num_items: int, item_text, state_dir: str, run_id: str, server_round: int) -> None:
-    """One vectorised pass for the devices whose rounds have the same shape; each keeps its ledger's lock
-    from its reservation to its release, as `train_round` holds it."""
+@dataclass
+class _Round:
+    run: RunConfig
+    global_state: dict
+    num_items: int
+    item_text: np.ndarray | None
+    state_dir: str
+    run_id: str
+    server_round: int
+    proximal_mu: float
+
+
+def _train_group(round_: _Round, devices: list[_Listed], windows: dict[int, np.ndarray], vectorised: bool) -> None:
+    """`client.device.train_round` for each device, its steps in order: under its ledger's lock, reserve
+    (`begin_round`), train, release (`finish_round`). The group's reservations are made durable together
+    before any device trains, and its releases before the reply leaves (one `os.sync()` each). The
+    devices train in one vectorised pass (`client.batched`) or one by one (`train_local`, with Opacus
+    and the device's own accountant under on-device DP)."""
+    run = round_.run
     with ExitStack() as locks:
         tickets = {}
-        with one_sync():  # every reservation is durable before any device trains
+        with one_sync():
             for dev in devices:
-                path = ledger_path(state_dir, dev.device)
+                path = ledger_path(round_.state_dir, dev.device)
                 locks.enter_context(ledger_lock(path))
-                ticket = begin_round(run, path, dev.device, run_id, server_round)
+                ticket = begin_round(run, path, dev.device, round_.run_id, round_.server_round, round_.proximal_mu)
                 if isinstance(ticket, TrainOutcome):
                     dev.outcome = ticket  # declined: nothing trained, nothing but the refusal leaves
                 else:
@@ -131,17 +142,29 @@ def _train_together(run: RunConfig, devices: list[_Listed], windows: dict[int, n
         training = [d for d in devices if d.index in tickets]
         if not training:
             return
-        # Sorted by window count: devices in one pass are padded to the largest of them.
-        training.sort(key=lambda d: len(windows[d.index]))
-        model = build_model(run, num_items, global_state, item_text)
-        first = tickets[training[0].index]
-        batched = train_batched(model, [windows[d.index] for d in training], first.train_cfg)
-        fixed = {k: v.detach() for k, v in model.state_dict().items() if k not in batched.weights}
-        with one_sync():  # every release is durable before the reply leaves
+        results = {}
+        if vectorised:
+            model = build_model(run, round_.num_items, round_.global_state, round_.item_text)
+            # every device's config but its seed is the run's; the seed only drives dropout (0 here)
+            batched = train_batched(model, [windows[d.index] for d in training], tickets[training[0].index].train_cfg)
+            fixed = {k: v.detach() for k, v in model.state_dict().items() if k not in batched.weights}
             for position, dev in enumerate(training):
                 dev.weights = {**fixed, **{k: stacked[position] for k, stacked in batched.weights.items()}}
-                dev.outcome = finish_round(run, tickets[dev.index], ledger_path(state_dir, dev.device),
-                                           dev.device, dev.weights, batched.results[position])
+                results[dev.index] = batched.results[position]
+        else:
+            for dev in training:
+                ticket = tickets[dev.index]
+                model = build_model(run, round_.num_items, round_.global_state, round_.item_text)
+                global_params = {k: v.detach().clone() for k, v in model.named_parameters()} \
+                    if round_.proximal_mu > 0 else None
+                results[dev.index] = train_local(model, windows[dev.index], ticket.train_cfg,
+                                                 accountant_state=ticket.prior_state if run.device.dp else None,
+                                                 global_params=global_params)
+                dev.weights = model.state_dict()
+        with one_sync():
+            for dev in training:
+                dev.outcome = finish_round(run, tickets[dev.index], ledger_path(round_.state_dir, dev.device),
+                                           dev.device, dev.weights, results[dev.index])
 
 
 def _reply(msg: Message, context: Context, run: RunConfig, listed: list[_Listed], global_state, state_dir: str
