@@ -173,11 +173,12 @@ def markdown(results: dict) -> str:
              f"start: {results['load_average']}.", "",
              "| devices per node | Flower nodes | end to end (devices/s) | x devices-per-node 1 | "
              "pure compute, ideal on 2 CPUs (devices/s) | Flower engine overhead |", "|---|---|---|---|---|---|"]
-    base = results["arms"][0]["devices_per_s"] if results["arms"] else None
+    base = next((a["devices_per_s"] for a in results["arms"] if a["devices_per_node"] == 1), None)
     for arm in results["arms"]:
         pure = arm["pure_devices_per_s_one_cpu"] * cpus
+        versus_one = f"{arm['devices_per_s'] / base:.2f}" if base else "-"
         lines.append(f"| {arm['devices_per_node']} | {arm['nodes']} | {arm['devices_per_s']:.1f} | "
-                     f"{arm['devices_per_s'] / base:.2f} | {pure:.1f} | {pure / arm['devices_per_s'] - 1:+.0%} |")
+                     f"{versus_one} | {pure:.1f} | {pure / arm['devices_per_s'] - 1:+.0%} |")
     lines += ["", "| devices per node | peak memory, all processes (MiB) | devices trained | population files "
               "(ledgers, locks, list) | population MB | run record files | run record MB |",
               "|---|---|---|---|---|---|---|"]
