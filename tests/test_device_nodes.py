@@ -227,3 +227,11 @@ def test_a_hosted_device_whose_ledger_was_lost_is_refused(tmp_path):
     again = grid._run_client(instruction(_train_message(cfg, state, store, population, [0, 1, 2], round_=2), 1,
                                          "train"), context)
     assert again.has_error() and "device 1 has trained before" in again.error.reason
+
+
+def test_a_simulation_starts_one_flower_node_per_block_of_devices():
+    from tools.launch import simulated_nodes
+
+    assert simulated_nodes(config.validate({}), 943) == 943
+    assert simulated_nodes(config.validate({"devices-per-node": 256}), 943) == 4
+    assert simulated_nodes(config.validate({"devices-per-node": 5000}), 100_000) == 20
