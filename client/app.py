@@ -24,12 +24,15 @@ from flwr.clientapp import ClientApp
 from client.analytics import answer_popularity_query
 from client.audit import audit_mod
 from client.device import evaluate_round, ledger_path, load_device, train_round
+from client.scorer import evaluate_scorer, train_scorer
 from client.secagg import secagg_mod
 from shared.config import RunConfig, from_run_config
 from shared.data.devices import CATALOGUE_KEY, check_server_catalogue
+from shared.data.store import ITEMS_FILE
 from shared.errors import PrivrecError
 from shared.privacy.ledger import PrivacyLedger, from_json, ledger_lock, load_ledger, reconcile
 from shared.privacy.population import check_seen_spend, keep_listed
+from shared.scorer import read_catalogue
 from shared.text.features import TEXT_KEY, features_for
 
 # Opacus calls logging.basicConfig(); without this every Flower log line prints twice.
@@ -101,6 +104,8 @@ def train(msg: Message, context: Context) -> Message:
     with ledger_lock(path):  # train_round takes the lock again for its own load -> release
         reconcile(path, _ledger_mirror(context))  # a lost or stale ledger file never lowers the spend
     global_state = msg.content.array_records["arrays"].to_torch_state_dict()
+    if run.model.kind == "content-scorer":
+        return _train_scorer(msg, context, run, record, data, item_text, global_state, path, device, state_dir)
     _refuse_lost_spend(msg, state_dir, device, path)
     outcome = train_round(
         data, num_items, global_state, run,
@@ -123,12 +128,34 @@ def train(msg: Message, context: Context) -> Message:
     return Message(reply, reply_to=msg)
 
 
+def _catalogue(context: Context, record: ConfigRecord, run: RunConfig, item_text):
+    """The public item side of the content scorer, from this device's copy of the catalogue."""
+    return read_catalogue(Path(_device(context, record, run)[1]) / ITEMS_FILE, item_text)
+
+
+def _train_scorer(msg, context, run, record, data, item_text, global_state, path, device, state_dir) -> Message:
+    """model = content-scorer: the device's gradient (one FedSGD step), its round recorded as a user-level release."""
+    state, metrics = train_scorer(data, _catalogue(context, record, run, item_text), global_state, run,
+                                  ledger_path=path, device=device,
+                                  release_id=f"{record.get('run-id', '')}-round{int(record['server-round'])}")
+    keep_listed(state_dir, device, path)
+    _mirror_ledger(context, path, device)
+    privacy = ConfigRecord({"device": device, "history": "[]"})  # no window-level DP-SGD in this mode
+    reply = RecordDict({"metrics": MetricRecord(metrics), "privacy": privacy})
+    if state is not None:
+        reply["arrays"] = ArrayRecord(state)
+    return Message(reply, reply_to=msg)
+
+
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     torch.set_num_threads(1)
     run, record = _run_config(msg, context)
     _, data, num_items, _, item_text = _load(context, record, run)
     global_state = msg.content.array_records["arrays"].to_torch_state_dict()
+    if run.model.kind == "content-scorer":
+        metrics = evaluate_scorer(data, _catalogue(context, record, run, item_text), global_state, run)
+        return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
     metrics = evaluate_round(data, num_items, global_state, run, item_text=item_text)
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 

@@ -55,6 +55,7 @@ GRAD_SAMPLE_MODES = ("hooks", "ghost")
 OPTIMIZERS = ("adam", "sgd")
 TRAINABLE_SCOPES = ("all", "no-item-tables")  # what a device trains (shared.model.FROZEN_BY_SCOPE)
 REPRESENTATIONS = ("id", "text", "text+id")
+MODELS = ("sasrec", "content-scorer")
 
 # the data and the simulated population
 _DATA: dict[str, Key] = {
@@ -71,6 +72,22 @@ _DATA: dict[str, Key] = {
 }
 # the model's architecture
 _MODEL: dict[str, Key] = {
+    "model": Key(str, "sasrec", "what is trained: sasrec (the sequence model below), or content-scorer (a DP "
+                                "popularity release as federated analytics, then user-level DP-FedAvg of 387 "
+                                "weights over public text features and on-device profiles; shared/scorer.py)",
+                 _one_of(*MODELS), "must be one of " + ", ".join(MODELS)),
+    "popularity-noise-multiplier": Key(float, 4.0, "content-scorer: noise std of the user-level DP popularity "
+                                                   "release (sensitivity 1: each user's item set / sqrt(n))",
+                                       _positive, "must be > 0"),
+    "profile-items": Key(int, 5, "content-scorer: last items of the user's history in the on-device profile",
+                         _positive, "must be >= 1"),
+    "profile-decay": Key(float, 0.8, "content-scorer: weight decay^k of the k-th most recent item in the profile",
+                         lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    "scorer-targets": Key(int, 10, "content-scorer: a device's gradient is of its mean loss over its last N "
+                                   "training items", _positive, "must be >= 1"),
+    "target-epsilon": Key(float, 2.0, "content-scorer: user-level budget of the whole run (popularity release + "
+                                      "every round, composed); a config that would exceed it is refused before "
+                                      "anything starts (0 = no cap)", _non_negative, "must be >= 0"),
     "max-len": Key(int, 50, "longest history the model attends to", _positive, "must be >= 1"),
     "hidden-size": Key(int, 64, "embedding and attention width", _positive, "must be >= 1"),
     "num-heads": Key(int, 2, "attention heads per block", _positive, "must be >= 1"),
@@ -192,7 +209,7 @@ SECTIONS: dict[str, dict[str, Key]] = {"data": _DATA, "model": _MODEL, "federati
                                        "device": _DEVICE, "user_dp": _USER_DP,
                                        "secure_aggregation": _SECURE_AGGREGATION, "outputs": _OUTPUTS,
                                        "deployment": _DEPLOYMENT}
-RENAMED = {"local-epochs": "epochs", "local-lr": "lr", "local-optimizer": "optimizer", "device-trains": "trainable",
+RENAMED = {"model": "kind", "local-epochs": "epochs", "local-lr": "lr", "local-optimizer": "optimizer", "device-trains": "trainable",
            "user-dp": "enabled", "user-noise-multiplier": "noise_multiplier", "user-clipping-norm": "clipping_norm",
            "secure-aggregation": "enabled", "secagg-threshold": "threshold", "secagg-clip-range": "clip_range",
            "secagg-quantization-bits": "quantization_bits", "secagg-min-cohort": "min_cohort"}
@@ -336,11 +353,41 @@ def _check_relations(cfg: Mapping[str, Any], where: str) -> None:
         if cfg["item-representation"] == "text":
             raise PrivrecError(f"{where}config key 'aggregation' = per-row averages rows of the item embedding, "
                                "which item-representation = text has none of: use id or text+id, or fedavg")
+    if cfg["model"] == "content-scorer":
+        _check_content_scorer(cfg, where)
     if cfg["devices-per-round"] == 0 and cfg["fraction-train"] == 0:
         raise PrivrecError(f"{where}config keys 'devices-per-round' and 'fraction-train' are both 0: "
                            "no device would train")
     if cfg["secure-aggregation"] and cfg["devices-per-round"] > 0:
         check_secure_aggregation(cfg, cfg["devices-per-round"], where)
+
+
+def _check_content_scorer(cfg: Mapping[str, Any], where: str) -> None:
+    """What model = content-scorer needs: its guarantee is user-level DP-FedAvg, and nothing else of it exists."""
+    needs = {"dp": (False, "it runs no on-device DP-SGD (its guarantee is user-level: user-dp)"),
+             "user-dp": (True, "its rounds are released only under user-level DP-FedAvg"),
+             "secure-aggregation": (False, "secure aggregation is not wired for it yet"),
+             "public-share": (0.0, "it has no consenting cohort (no server-side pretraining)"),
+             "model-average": (0.0, "its accountant covers the global models only")}
+    for key, (wanted, why) in needs.items():
+        if cfg[key] != wanted:
+            shown = str(wanted).lower() if isinstance(wanted, bool) else wanted
+            raise PrivrecError(f"{where}config key '{key}' = {cfg[key]!r} with model = content-scorer: {why}; "
+                               f"set {key} = {shown}, or model = sasrec")
+    if cfg["accountant"] == "gdp":
+        raise PrivrecError(f"{where}config key 'accountant' = gdp with model = content-scorer: Opacus' gdp cannot "
+                           "compose the popularity release with the rounds; use rdp or prv")
+
+
+# `privrec simulate` with no `model` given runs the private pipeline of issue 13: the DP popularity release
+# then user-level DP-FedAvg of the content scorer, total user-level epsilon <= 2 at delta 1e-5 (Opacus RDP),
+# sized to finish within 10 minutes on 2 cores (README). Fixed a priori: chosen from ML-100K measurements on
+# validation items (simulations/results/), not tuned on the run's data.
+DEFAULT_PIPELINE: dict[str, Any] = {
+    "model": "content-scorer", "dp": False, "user-dp": True, "strategy": "fedadam", "server-lr": 0.3,
+    "num-rounds": 10, "devices-per-round": 0, "fraction-train": 1.0, "user-noise-multiplier": 8.2,
+    "user-clipping-norm": 1.0, "eval-every": 0,
+}
 
 
 def check_secure_aggregation(cfg: Mapping[str, Any], cohort: int, where: str = "") -> None:
@@ -417,6 +464,12 @@ class DataSection:
 
 @dataclass(frozen=True)
 class ModelSection:
+    kind: str
+    popularity_noise_multiplier: float
+    profile_items: int
+    profile_decay: float
+    scorer_targets: int
+    target_epsilon: float
     max_len: int
     hidden_size: int
     num_heads: int
