@@ -104,7 +104,7 @@ def train(msg: Message, context: Context) -> Message:
     with ledger_lock(path):  # train_round takes the lock again for its own load -> release
         reconcile(path, _ledger_mirror(context))  # a lost or stale ledger file never lowers the spend
     global_state = msg.content.array_records["arrays"].to_torch_state_dict()
-    if run.model.kind == "content-scorer":
+    if run.pipeline.model == "content-scorer":
         return _train_scorer(msg, context, run, record, data, item_text, global_state, path, device, state_dir)
     _refuse_lost_spend(msg, state_dir, device, path)
     outcome = train_round(
@@ -153,7 +153,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     run, record = _run_config(msg, context)
     _, data, num_items, _, item_text = _load(context, record, run)
     global_state = msg.content.array_records["arrays"].to_torch_state_dict()
-    if run.model.kind == "content-scorer":
+    if run.pipeline.model == "content-scorer":
         metrics = evaluate_scorer(data, _catalogue(context, record, run, item_text), global_state, run)
         return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
     metrics = evaluate_round(data, num_items, global_state, run, item_text=item_text)

@@ -49,8 +49,8 @@ def train_scorer(data: DeviceData, catalogue: Catalogue, global_state: Mapping[s
                                 "user-level-epsilon": epsilon, "delta": run.device.delta, "accountant": "rdp"})
         save_ledger(ledger_path, ledger)  # recorded before the update leaves: over-report, never under-report
     model = _model(catalogue, global_state)
-    grads = user_gradient(model, catalogue, data.train, run.model.scorer_targets, run.model.profile_items,
-                          run.model.profile_decay)
+    grads = user_gradient(model, catalogue, data.train, run.pipeline.scorer_targets, run.pipeline.profile_items,
+                          run.pipeline.profile_decay)
     # FedAvg weight 1 and a config step count: nothing in the metrics depends on the device's data.
     return fedsgd_update(model, grads), {"num-examples": 1, "steps": 1}
 
@@ -60,8 +60,8 @@ def evaluate_scorer(data: DeviceData, catalogue: Catalogue, global_state: Mappin
     """HR@10 / NDCG@10 sums over this device's users (validation and test items), scored on the device."""
     model = _model(catalogue, global_state)
     return {"num-examples": len(data.test),
-            **evaluation_sums(model, catalogue, data.train, data.valid, data.test, run.model.profile_items,
-                              run.model.profile_decay)}
+            **evaluation_sums(model, catalogue, data.train, data.valid, data.test, run.pipeline.profile_items,
+                              run.pipeline.profile_decay)}
 
 
 __all__ = ["evaluate_scorer", "train_scorer"]

@@ -169,7 +169,7 @@ class FederatedRun:
             log.warning("privrec: %s", clamped)
             self.run_dir.write_json("config.json", cfg)
         self.run = RunConfig.from_values(cfg)  # with what the run resolved
-        self.scorer = self.run.model.kind == "content-scorer"
+        self.scorer = self.run.pipeline.model == "content-scorer"
         if self.scorer:  # the whole run's user-level budget, before anything is released
             pipeline.check_pipeline_budget(cfg, user_sample_rate(cfg, self.num_devices), "run config: ")
         # Text models: the frozen text table is built here from the public catalogue (encoded once,
@@ -359,7 +359,7 @@ class FederatedRun:
     # -- privacy records -------------------------------------------------------------------
     def _user_level_epsilon(self, rounds: int) -> float | None:
         if self.scorer:  # the popularity release is spent from round 0 on
-            return pipeline.pipeline_epsilon(self.run.model.popularity_noise_multiplier,
+            return pipeline.pipeline_epsilon(self.run.pipeline.popularity_noise_multiplier,
                                              self.run.user_dp.noise_multiplier,
                                              user_sample_rate(self.cfg, self.num_devices), rounds,
                                              self.run.device.delta, self.run.device.accountant)

@@ -38,7 +38,7 @@ def released_popularity(grid: Grid, run: RunConfig, run_dir: RunDirectory, devic
         return np.asarray(json.loads(path.read_text())["histogram"], dtype=np.float64)
     sample_nodes(grid, num_devices, 0)  # waits until every device has joined: each one contributes
     release = federated_popularity(grid, device_config, num_items=num_items,
-                                   noise_multiplier=run.model.popularity_noise_multiplier, delta=run.device.delta,
+                                   noise_multiplier=run.pipeline.popularity_noise_multiplier, delta=run.device.delta,
                                    release_id=f"{run_dir.path.name}-popularity", rng=np.random.default_rng())
     run_dir.write_json(POPULARITY_FILE, {"histogram": release.histogram.tolist(),
                                          "noise-multiplier": release.noise_multiplier, "devices": release.devices,
@@ -63,7 +63,7 @@ def central_scorer_evaluation(state: Mapping[str, torch.Tensor], catalogue: Cata
     out: dict[str, Any] = {"label": "central (simulation only: reads every user's held-out items)"}
     for split in ("valid", "test"):
         ranks = evaluation_ranks(model, catalogue, users.train, users.valid, users.test, split,
-                                 run.model.profile_items, run.model.profile_decay)
+                                 run.pipeline.profile_items, run.pipeline.profile_decay)
         out[f"{split}-hr@10"] = float(hit_at_k(ranks).mean())
         out[f"{split}-ndcg@10"] = float(ndcg_at_k(ranks).mean())
     return out
@@ -72,7 +72,7 @@ def central_scorer_evaluation(state: Mapping[str, torch.Tensor], catalogue: Cata
 def scorer_architecture(catalogue: Catalogue, run: RunConfig, text_info: Mapping[str, Any]) -> dict[str, Any]:
     """What model.pt needs beside its weights to be used again (the text table is rebuilt from the catalogue)."""
     return {"model": "content-scorer", "num_items": catalogue.num_items, "dim": int(catalogue.text.shape[1]),
-            "profile-items": run.model.profile_items, "profile-decay": run.model.profile_decay,
+            "profile-items": run.pipeline.profile_items, "profile-decay": run.pipeline.profile_decay,
             "item-text": dict(text_info)}
 
 

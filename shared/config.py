@@ -70,8 +70,8 @@ _DATA: dict[str, Key] = {
                                        "every training window and evaluated separately; 0 = off",
                            lambda v: 0 <= v < 1, "must be in [0, 1)"),
 }
-# the model's architecture
-_MODEL: dict[str, Key] = {
+# what a run trains, and the levers of the private content-scorer pipeline (issue 13)
+_PIPELINE: dict[str, Key] = {
     "model": Key(str, "sasrec", "what is trained: sasrec (the sequence model below), or content-scorer (a DP "
                                 "popularity release as federated analytics, then user-level DP-FedAvg of 387 "
                                 "weights over public text features and on-device profiles; shared/scorer.py)",
@@ -88,6 +88,9 @@ _MODEL: dict[str, Key] = {
     "target-epsilon": Key(float, 2.0, "content-scorer: user-level budget of the whole run (popularity release + "
                                       "every round, composed); a config that would exceed it is refused before "
                                       "anything starts (0 = no cap)", _non_negative, "must be >= 0"),
+}
+# the SASRec model's architecture
+_MODEL: dict[str, Key] = {
     "max-len": Key(int, 50, "longest history the model attends to", _positive, "must be >= 1"),
     "hidden-size": Key(int, 64, "embedding and attention width", _positive, "must be >= 1"),
     "num-heads": Key(int, 2, "attention heads per block", _positive, "must be >= 1"),
@@ -205,11 +208,12 @@ _DEPLOYMENT: dict[str, Key] = {
 
 # Section name -> its keys; each section becomes one frozen dataclass below (field = key with "_",
 # or the name in RENAMED).
-SECTIONS: dict[str, dict[str, Key]] = {"data": _DATA, "model": _MODEL, "federation": _FEDERATION,
+SECTIONS: dict[str, dict[str, Key]] = {"data": _DATA, "pipeline": _PIPELINE, "model": _MODEL,
+                                       "federation": _FEDERATION,
                                        "device": _DEVICE, "user_dp": _USER_DP,
                                        "secure_aggregation": _SECURE_AGGREGATION, "outputs": _OUTPUTS,
                                        "deployment": _DEPLOYMENT}
-RENAMED = {"model": "kind", "local-epochs": "epochs", "local-lr": "lr", "local-optimizer": "optimizer", "device-trains": "trainable",
+RENAMED = {"local-epochs": "epochs", "local-lr": "lr", "local-optimizer": "optimizer", "device-trains": "trainable",
            "user-dp": "enabled", "user-noise-multiplier": "noise_multiplier", "user-clipping-norm": "clipping_norm",
            "secure-aggregation": "enabled", "secagg-threshold": "threshold", "secagg-clip-range": "clip_range",
            "secagg-quantization-bits": "quantization_bits", "secagg-min-cohort": "min_cohort"}
@@ -442,14 +446,21 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def resolve(config_file: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Defaults, then the config file, then explicit overrides (e.g. CLI flags), validated."""
-    merged: dict[str, Any] = {}
+def resolve(config_file: str | Path | None = None, overrides: Mapping[str, Any] | None = None,
+            preset: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Defaults, then `preset` (unless the file or overrides choose a `model` themselves), then the config file,
+    then explicit overrides (e.g. CLI flags), validated."""
+    explicit: dict[str, Any] = {}
     if config_file is not None:
         file_values = load_toml(config_file)
-        validate(file_values, where=f"{config_file}: ")  # report file mistakes against the file
-        merged.update(file_values)
-    merged.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        if preset is None or "model" in file_values:
+            validate(file_values, where=f"{config_file}: ")  # report file mistakes against the file
+        else:
+            validate({**preset, **file_values}, where=f"{config_file}: ")
+        explicit.update(file_values)
+    explicit.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    merged = dict(preset) if preset is not None and "model" not in explicit else {}
+    merged.update(explicit)
     return validate(merged)
 
 
@@ -463,13 +474,18 @@ class DataSection:
 
 
 @dataclass(frozen=True)
-class ModelSection:
-    kind: str
+class PipelineSection:
+    """What is trained (`model`) and the content scorer's levers (shared/scorer.py, shared/privacy/pipeline.py)."""
+    model: str
     popularity_noise_multiplier: float
     profile_items: int
     profile_decay: float
     scorer_targets: int
     target_epsilon: float
+
+
+@dataclass(frozen=True)
+class ModelSection:
     max_len: int
     hidden_size: int
     num_heads: int
@@ -550,7 +566,7 @@ class DeploymentSection:
     deploy_devices: int
 
 
-SECTION_TYPES = {"data": DataSection, "model": ModelSection, "federation": FederationSection,
+SECTION_TYPES = {"data": DataSection, "pipeline": PipelineSection, "model": ModelSection, "federation": FederationSection,
                  "device": DeviceTraining, "user_dp": UserDPSection,
                  "secure_aggregation": SecureAggregationSection, "outputs": OutputsSection,
                  "deployment": DeploymentSection}
@@ -563,6 +579,7 @@ class RunConfig:
     `values` is the flat config the sections were built from (what a run records in config.json).
     """
     data: DataSection
+    pipeline: PipelineSection
     model: ModelSection
     federation: FederationSection
     device: DeviceTraining

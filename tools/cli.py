@@ -67,12 +67,14 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------- simulate
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from shared.config import clamp_to_population, default_run_name
+    from shared.config import DEFAULT_PIPELINE, clamp_to_population, default_run_name
     from shared.data.store import open_store, prepare_store
     from shared.privacy.statement import one_line
     from tools.launch import run_simulation
 
-    cfg = config_from_args(args)
+    # Without a `model` of its own, a simulation runs the private pipeline (issue 13): DP popularity release
+    # + user-level DP-FedAvg of the content scorer; `--set model=sasrec` gives the sequence model.
+    cfg = config_from_args(args, preset=DEFAULT_PIPELINE)
     ray_address = _ray_address(args.ray_address)
     store_dir = Path(cfg["data-store"]) if cfg["data-store"] else prepare_store(cfg["dataset"],
                                                                                   cfg["users-per-device"])
@@ -82,7 +84,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     clamped = clamp_to_population(cfg, store.num_devices)
     if clamped:
         print(f"privrec: note: {clamped}", flush=True)
-    if cfg["item-representation"] != "id":  # encode the catalogue here, with a progress bar, once (cached)
+    if cfg["model"] == "content-scorer":  # the whole run's budget, before anything starts
+        from shared.privacy.pipeline import check_pipeline_budget, planned_sample_rate
+
+        check_pipeline_budget(cfg, planned_sample_rate(cfg, store.num_devices))
+    if cfg["item-representation"] != "id" or cfg["model"] == "content-scorer":  # encode once, with a progress bar
         from shared.text.features import features_for
 
         features_for(cfg, store_dir)
@@ -107,6 +113,34 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         raise PrivrecInterrupted(f"interrupted; every process of the run is stopped and {run_path / 'status.json'} "
                                  "says so; run the same command again to resume from the last checkpoint") from None
     return _report_simulation(run_path, result, one_line)
+
+
+def _reference_baselines(run_path: Path) -> None:
+    """The private baselines at the run's own user-level epsilon, printed beside its figures (issue 13: the
+    pipeline must beat both). A separate release on the same simulated users, recorded in a throwaway
+    population: a reference, not part of the run's guarantee."""
+    import importlib
+    import tempfile
+
+    from shared.atomic import write_json_atomic
+
+    cfg = json.loads((run_path / "config.json").read_text())
+    store_dir = Path(cfg["data-store"])
+    privacy = json.loads((run_path / "privacy.json").read_text())
+    epsilon, delta = float(privacy["epsilon"]), float(privacy["delta"])
+    driver = importlib.import_module("simulations.private_baselines")
+    figures = {}
+    with tempfile.TemporaryDirectory(prefix="privrec-baselines-") as population:
+        for kind in ("popularity", "content"):
+            result = driver.run_private_baseline(kind, {**cfg, "population-dir": population}, store_dir,
+                                                 epsilon=epsilon, delta=delta, seed=cfg["seed"])
+            figures[kind] = result
+            test = result["test"]
+            print(f"reference: baseline {kind} at the same user-level epsilon {epsilon:.2f} (delta {delta:g}): "
+                  f"NDCG@10 {test['ndcg@10']:.4f}  HR@10 {test['hr@10']:.4f}  [test items; a separate release "
+                  "computed after the run, not part of its guarantee]", flush=True)
+    write_json_atomic(run_path / "baselines.json", {k: {"test": v["test"], "privacy": v["privacy"]}
+                                                    for k, v in figures.items()})
 
 
 def _ray_address(value: str | None) -> str | None:
@@ -176,6 +210,8 @@ def _report_simulation(run_path: Path, result, one_line) -> int:
     if central:
         print(f"central check (simulation only): NDCG@10 {central['test-ndcg@10']:.4f}  "
               f"HR@10 {central['test-hr@10']:.4f}")
+    if (summary["privacy"].get("user-level") or {}).get("pipeline"):
+        _reference_baselines(run_path)
     print("privacy: " + one_line(summary["privacy"]))
     print(f"run directory: {run_path}")
     return 0

@@ -48,6 +48,13 @@ def pipeline_epsilon(popularity_noise: float, noise_multiplier: float, sample_ra
     return float(epsilon_from_state(state, delta, accountant))
 
 
+def planned_sample_rate(cfg: Mapping[str, Any], num_devices: int) -> float:
+    """Poisson rate q = expected cohort / population, as the ServerApp computes it
+    (`server.strategy.user_sample_rate`; tools cannot import server/, a test keeps the two equal)."""
+    wanted = cfg["devices-per-round"] if cfg["devices-per-round"] > 0 else int(round(cfg["fraction-train"] * num_devices))
+    return max(1, min(wanted, num_devices)) / num_devices
+
+
 def planned_epsilon(cfg: Mapping[str, Any], sample_rate: float) -> float:
     """The epsilon a content-scorer config reaches after all its rounds (before anything runs)."""
     return pipeline_epsilon(cfg["popularity-noise-multiplier"], cfg["user-noise-multiplier"], sample_rate,
