@@ -24,15 +24,13 @@ from flwr.clientapp import ClientApp
 from client.analytics import answer_popularity_query
 from client.audit import audit_mod
 from client.device import evaluate_round, ledger_path, load_device, train_round
-from client.scorer import evaluate_scorer, train_scorer
+from client.scorer import evaluate_scorer, public_side, train_scorer
 from client.secagg import secagg_mod
 from shared.config import RunConfig, from_run_config
 from shared.data.devices import CATALOGUE_KEY, check_server_catalogue
-from shared.data.store import ITEMS_FILE
 from shared.errors import PrivrecError
 from shared.privacy.ledger import PrivacyLedger, from_json, ledger_lock, load_ledger, reconcile
 from shared.privacy.population import check_seen_spend, keep_listed
-from shared.scorer import read_catalogue
 from shared.text.features import TEXT_KEY, features_for
 
 # Opacus calls logging.basicConfig(); without this every Flower log line prints twice.
@@ -68,6 +66,8 @@ def _load(context: Context, record: ConfigRecord, run: RunConfig):
     data, num_items = load_device(store_dir, device_index)
     # Text models: the device builds the frozen text table from its own copy of the public catalogue
     # (cached by hash); the server only names which one, and a mismatch is refused.
+    if run.pipeline.model == "content-scorer":  # its public side comes from `_catalogue`, kept per process
+        return device, data, num_items, state_dir, None
     features = features_for(run, store_dir, expected_key=record.get(TEXT_KEY))
     return device, data, num_items, state_dir, None if features is None else features.vectors
 
@@ -128,9 +128,10 @@ def train(msg: Message, context: Context) -> Message:
     return Message(reply, reply_to=msg)
 
 
-def _catalogue(context: Context, record: ConfigRecord, run: RunConfig, item_text):
+def _catalogue(context: Context, record: ConfigRecord, run: RunConfig, item_text=None):
     """The public item side of the content scorer, from this device's copy of the catalogue."""
-    return read_catalogue(Path(_device(context, record, run)[1]) / ITEMS_FILE, item_text)
+    key = record.get(TEXT_KEY)
+    return public_side(_device(context, record, run)[1], None if key is None else str(key))
 
 
 def _train_scorer(msg, context, run, record, data, item_text, global_state, path, device, state_dir) -> Message:

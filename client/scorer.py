@@ -14,17 +14,37 @@ accountant counts for it, never an under-statement. A device whose next release 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import lru_cache
 from pathlib import Path
 
 import torch
 
 from shared.config import RunConfig
-from shared.data.store import DeviceData
+from shared.data.store import ITEMS_FILE, DeviceData
+from shared.errors import PrivrecError
 from shared.privacy.accounting import epsilon_from_state
 from shared.privacy.ledger import ledger_lock, load_ledger, save_ledger
-from shared.scorer import Catalogue, ContentScorer, evaluation_sums, fedsgd_update, user_gradient
+from shared.scorer import Catalogue, ContentScorer, evaluation_sums, fedsgd_update, read_catalogue, user_gradient
 
 ROUND_RELEASE = "content-scorer-round"
+
+
+def public_side(store_dir: str | Path, expected_key: str | None) -> Catalogue:
+    """The public item side from this device's copy of the catalogue; `expected_key` (the server's text
+    features) must match. Kept per process: it is public and the same for every message of a run."""
+    items = Path(store_dir) / ITEMS_FILE
+    return _public_side(str(store_dir), items.stat().st_mtime_ns, expected_key)
+
+
+@lru_cache(maxsize=4)
+def _public_side(store_dir: str, items_mtime_ns: int, expected_key: str | None) -> Catalogue:
+    from shared.text.features import store_text_features
+
+    features = store_text_features(store_dir)
+    if expected_key is not None and str(expected_key) != features.key:
+        raise PrivrecError(f"{store_dir}: this catalogue's text features are {features.key}, but the global model "
+                           f"was built on {expected_key}: the catalogues differ")
+    return read_catalogue(Path(store_dir) / ITEMS_FILE, features.vectors)
 
 
 def _model(catalogue: Catalogue, global_state: Mapping[str, torch.Tensor]) -> ContentScorer:
@@ -64,4 +84,4 @@ def evaluate_scorer(data: DeviceData, catalogue: Catalogue, global_state: Mappin
                               run.pipeline.profile_decay)}
 
 
-__all__ = ["evaluate_scorer", "train_scorer"]
+__all__ = ["evaluate_scorer", "public_side", "train_scorer"]

@@ -86,11 +86,11 @@ def test_a_config_that_would_release_unnoised_or_outside_the_mode_is_refused_nam
 
 def test_a_config_over_its_target_epsilon_is_refused_before_anything_runs():
     cfg = _scorer_cfg()
-    assert check_pipeline_budget(cfg, 1.0) <= cfg["target-epsilon"] == 2.0  # the default pipeline fits its budget
+    assert check_pipeline_budget(cfg, 0.25) <= cfg["target-epsilon"] == 2.0  # the default pipeline fits its budget
     with pytest.raises(PrivrecError, match=r"^config key 'target-epsilon' = 2: this run would reach user-level "
                                            r"epsilon \d+\.\d+"):
-        check_pipeline_budget(_scorer_cfg(**{"num-rounds": 40}), 1.0)
-    assert check_pipeline_budget(_scorer_cfg(**{"num-rounds": 40, "target-epsilon": 0.0}), 1.0) > 2.0  # 0 = no cap
+        check_pipeline_budget(_scorer_cfg(**{"num-rounds": 40}), 0.25)
+    assert check_pipeline_budget(_scorer_cfg(**{"num-rounds": 40, "target-epsilon": 0.0}), 0.25) > 2.0  # 0 = no cap
 
 
 # ------------------------------------------------------------------ the pipeline, in process
@@ -126,16 +126,17 @@ def _run(tmp_path, store, name, **overrides):
 
 
 def test_the_pipeline_releases_popularity_then_rounds_and_records_the_composed_epsilon(tmp_path, digit_store):
-    cfg, path, grid, rows, summary, privacy = _run(tmp_path, digit_store, "default", **{"num-rounds": 3})
+    cfg, path, grid, rows, summary, privacy = _run(tmp_path, digit_store, "default",
+                                                   **{"num-rounds": 3, "fraction-train": 1.0})
     kinds = [m.metadata.message_type for m in grid.delivered]
     assert kinds[:NUM_DEVICES] == ["query.popularity"] * NUM_DEVICES  # the release comes first, once
     assert kinds.count("query.popularity") == NUM_DEVICES and kinds.count("train") == 3 * NUM_DEVICES  # q = 1
-    expected = pipeline_epsilon(4.0, 8.2, 1.0, 3, 1e-5, "rdp")
+    expected = pipeline_epsilon(4.0, 2.5, 1.0, 3, 1e-5, "rdp")
     assert privacy["epsilon"] == pytest.approx(expected, rel=1e-12)
-    assert privacy["user-level"]["pipeline"]["history"] == [[4.0, 1.0, 1], [8.2, 1.0, 3]]
+    assert privacy["user-level"]["pipeline"]["history"] == [[4.0, 1.0, 1], [2.5, 1.0, 3]]
     assert summary["privacy"]["user-level"]["epsilon"] == pytest.approx(expected, rel=1e-12)
     assert [r["user-level-epsilon"] for r in rows] == sorted(r["user-level-epsilon"] for r in rows)  # cumulative
-    assert rows[0]["user-level-epsilon"] == pytest.approx(pipeline_epsilon(4.0, 8.2, 1.0, 0, 1e-5, "rdp"))
+    assert rows[0]["user-level-epsilon"] == pytest.approx(pipeline_epsilon(4.0, 2.5, 1.0, 0, 1e-5, "rdp"))
     statement = privacy["statements"][0]["sentence"]
     assert "add/remove one user" in summary["privacy"]["user-level"]["relation"] and "not against the server" in statement
     # What leaves a device: the scorer's weights (and the frozen released bias), never its history.
