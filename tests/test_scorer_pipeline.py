@@ -127,16 +127,17 @@ def _run(tmp_path, store, name, **overrides):
 
 def test_the_pipeline_releases_popularity_then_rounds_and_records_the_composed_epsilon(tmp_path, digit_store):
     cfg, path, grid, rows, summary, privacy = _run(tmp_path, digit_store, "default",
-                                                   **{"num-rounds": 3, "fraction-train": 1.0})
+                                                   **{"num-rounds": 3, "fraction-train": 1.0,
+                                                      "user-noise-multiplier": 8.2})
     kinds = [m.metadata.message_type for m in grid.delivered]
     assert kinds[:NUM_DEVICES] == ["query.popularity"] * NUM_DEVICES  # the release comes first, once
     assert kinds.count("query.popularity") == NUM_DEVICES and kinds.count("train") == 3 * NUM_DEVICES  # q = 1
-    expected = pipeline_epsilon(4.0, 2.5, 1.0, 3, 1e-5, "rdp")
+    expected = pipeline_epsilon(4.0, 8.2, 1.0, 3, 1e-5, "rdp")
     assert privacy["epsilon"] == pytest.approx(expected, rel=1e-12)
-    assert privacy["user-level"]["pipeline"]["history"] == [[4.0, 1.0, 1], [2.5, 1.0, 3]]
+    assert privacy["user-level"]["pipeline"]["history"] == [[4.0, 1.0, 1], [8.2, 1.0, 3]]
     assert summary["privacy"]["user-level"]["epsilon"] == pytest.approx(expected, rel=1e-12)
     assert [r["user-level-epsilon"] for r in rows] == sorted(r["user-level-epsilon"] for r in rows)  # cumulative
-    assert rows[0]["user-level-epsilon"] == pytest.approx(pipeline_epsilon(4.0, 2.5, 1.0, 0, 1e-5, "rdp"))
+    assert rows[0]["user-level-epsilon"] == pytest.approx(pipeline_epsilon(4.0, 8.2, 1.0, 0, 1e-5, "rdp"))
     statement = privacy["statements"][0]["sentence"]
     assert "add/remove one user" in summary["privacy"]["user-level"]["relation"] and "not against the server" in statement
     # What leaves a device: the scorer's weights (and the frozen released bias), never its history.
@@ -151,7 +152,18 @@ def test_a_trained_scorer_beats_the_untrained_one(tmp_path, digit_store):
     # Little noise, no budget: this checks that the federated gradient steps learn, not the privacy.
     cfg, path, grid, rows, summary, privacy = _run(
         tmp_path, digit_store, "learn", **{"num-rounds": 15, "user-noise-multiplier": 0.01, "target-epsilon": 0.0,
-                                           "server-lr": 0.3})
+                                           "server-lr": 0.3, "fraction-train": 1.0})
     assert summary["central-evaluation"]["test-ndcg@10"] > summary["central-evaluation-initial"]["test-ndcg@10"] + 0.1
     assert summary["federated-evaluation"]["test-ndcg@10"] == pytest.approx(
         summary["central-evaluation"]["test-ndcg@10"], abs=1e-6)
+
+
+@pytest.mark.parametrize("overrides", [{"fraction-train": 0.25}, {"fraction-train": 1.0}, {"devices-per-round": 7},
+                                       {"devices-per-round": 5000}])
+def test_the_cli_budget_check_uses_the_servers_sampling_rate(overrides):
+    from server.strategy import user_sample_rate
+    from shared.privacy.pipeline import planned_sample_rate
+
+    cfg = _scorer_cfg(**{"devices-per-round": 0, **overrides})
+    for population in (1, 8, 943):
+        assert planned_sample_rate(cfg, population) == user_sample_rate(cfg, population)
