@@ -167,3 +167,33 @@ def test_the_cli_budget_check_uses_the_servers_sampling_rate(overrides):
     cfg = _scorer_cfg(**{"devices-per-round": 0, **overrides})
     for population in (1, 8, 943):
         assert planned_sample_rate(cfg, population) == user_sample_rate(cfg, population)
+
+
+from tests.test_cli import inprocess_simulation, run_cli  # noqa: E402,F401 - the CLI's in-process stand-in
+
+
+def test_privrec_simulate_without_options_runs_the_pipeline_and_prints_figures_baselines_and_epsilon(
+        tmp_path, digit_store, capsys, inprocess_simulation):  # noqa: F811
+    code, out, err = run_cli(capsys, "simulate", "--set", f"data-store={digit_store}", "--run-dir", tmp_path / "runs",
+                             "--run-name", "cli", "--set", f"population-dir={tmp_path / 'pop'}")
+    assert code == 0, err
+    recorded = json.loads((tmp_path / "runs" / "cli" / "config.json").read_text())
+    assert {k: recorded[k] for k in config.DEFAULT_PIPELINE} == config.DEFAULT_PIPELINE  # the private pipeline
+    privacy = json.loads((tmp_path / "runs" / "cli" / "privacy.json").read_text())
+    assert privacy["epsilon"] == pytest.approx(pipeline_epsilon(4.0, 2.5, 2 / NUM_DEVICES, 10, 1e-5, "rdp"))
+    assert privacy["epsilon"] <= 2.0
+    lines = out.splitlines()
+    assert any(line.startswith("NDCG@10 ") and "HR@10" in line for line in lines)
+    for kind in ("popularity", "content"):
+        assert any(line.startswith(f"reference: baseline {kind} at the same user-level epsilon "
+                                   f"{privacy['epsilon']:.2f}") for line in lines)
+    assert f"privacy: user-level epsilon {privacy['epsilon']:.2f} at delta 1e-05" in out
+    assert "unit: one user's whole history, add/remove one user" in out
+
+
+def test_privrec_simulate_refuses_a_pipeline_over_its_budget_before_any_work(tmp_path, digit_store, capsys,
+                                                                             inprocess_simulation):  # noqa: F811
+    code, out, err = run_cli(capsys, "simulate", "--set", f"data-store={digit_store}", "--rounds", "100",
+                             "--run-dir", tmp_path / "runs", "--run-name", "over")
+    assert code == 2 and "config key 'target-epsilon' = 2: this run would reach" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "runs" / "over").exists()

@@ -117,30 +117,23 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 def _reference_baselines(run_path: Path) -> None:
     """The private baselines at the run's own user-level epsilon, printed beside its figures (issue 13: the
-    pipeline must beat both). A separate release on the same simulated users, recorded in a throwaway
-    population: a reference, not part of the run's guarantee."""
+    pipeline must beat both). Simulation only: their release is computed centrally from the store, a
+    reference, not a release of the run nor part of its guarantee."""
     import importlib
-    import tempfile
 
     from shared.atomic import write_json_atomic
 
     cfg = json.loads((run_path / "config.json").read_text())
-    store_dir = Path(cfg["data-store"])
     privacy = json.loads((run_path / "privacy.json").read_text())
     epsilon, delta = float(privacy["epsilon"]), float(privacy["delta"])
-    driver = importlib.import_module("simulations.private_baselines")
-    figures = {}
-    with tempfile.TemporaryDirectory(prefix="privrec-baselines-") as population:
-        for kind in ("popularity", "content"):
-            result = driver.run_private_baseline(kind, {**cfg, "population-dir": population}, store_dir,
-                                                 epsilon=epsilon, delta=delta, seed=cfg["seed"])
-            figures[kind] = result
-            test = result["test"]
-            print(f"reference: baseline {kind} at the same user-level epsilon {epsilon:.2f} (delta {delta:g}): "
-                  f"NDCG@10 {test['ndcg@10']:.4f}  HR@10 {test['hr@10']:.4f}  [test items; a separate release "
-                  "computed after the run, not part of its guarantee]", flush=True)
-    write_json_atomic(run_path / "baselines.json", {k: {"test": v["test"], "privacy": v["privacy"]}
-                                                    for k, v in figures.items()})
+    driver = importlib.import_module("simulations.private_baselines")  # tools reach simulations by path only
+    figures = driver.reference_baselines(cfg["data-store"], epsilon=epsilon, delta=delta, seed=cfg["seed"])
+    for kind, result in figures.items():
+        test = result["test"]
+        print(f"reference: baseline {kind} at the same user-level epsilon {epsilon:.2f} (delta {delta:g}): "
+              f"NDCG@10 {test['ndcg@10']:.4f}  HR@10 {test['hr@10']:.4f}  [test items; computed centrally in "
+              "simulation, not part of the run's guarantee]")
+    write_json_atomic(run_path / "baselines.json", figures)
 
 
 def _ray_address(value: str | None) -> str | None:
@@ -420,7 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int)
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config key (repeatable)")
 
-    sim = sub.add_parser("simulate", help="federated simulation with on-device DP (Flower + Ray)")
+    sim = sub.add_parser("simulate", help="federated simulation (Flower + Ray); without a model of its own: the "
+                                          "user-level private pipeline (DP popularity + DP-FedAvg content scorer)")
     add_config_flags(sim)
     sim.add_argument("--rounds", type=int)
     sim.add_argument("--devices-per-round", type=int)
