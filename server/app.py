@@ -387,7 +387,9 @@ class FederatedRun:
             record = self._pipeline_record(rounds)
             return {"format": 1, "delta": self.run.device.delta, "accountant": self.run.device.accountant,
                     "epsilon": record["epsilon"], "statements": [pipeline.sentence(record, rounds)],
-                    "devices": tally.records, "user-level": {**user_level, "pipeline": record}}
+                    # the one composed history (popularity release first), so a report recomputes the figure
+                    "devices": tally.records, "user-level": {**user_level, "history": record["history"],
+                                                             "pipeline": record}}
         return {
             "format": 1,
             "delta": self.run.device.delta,

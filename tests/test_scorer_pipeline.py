@@ -146,6 +146,10 @@ def test_the_pipeline_releases_popularity_then_rounds_and_records_the_composed_e
     ledger = json.loads(next((tmp_path / "population-default").glob("*/privacy-ledger.json")).read_text())
     assert [r["kind"] for r in ledger["releases"]] == ["popularity-histogram"] + ["content-scorer-round"] * 3
     assert summary["federated-evaluation"]["test-ndcg@10"] is not None
+    # `privrec report` recomputes the user-level figure from the recorded history (two accountants): no flag.
+    from tools.cli import main
+
+    assert main(["report", str(path)]) == 0
 
 
 def test_a_trained_scorer_beats_the_untrained_one(tmp_path, digit_store):
