@@ -40,7 +40,7 @@ from shared.privacy import pipeline
 from shared.privacy.population import default_population_dir
 from shared.privacy.statement import privacy_statement, sentences, user_level_statement
 from shared.privacy.user_level import user_level_epsilon, user_level_state
-from shared.scorer import read_catalogue
+from shared.scorer import read_catalogue as scorer_catalogue
 from shared.secagg import params_from_config
 from shared.text.features import TEXT_KEY, features_for
 
@@ -176,7 +176,7 @@ class FederatedRun:
         # cached by hash) and is not part of the shipped weights; devices build the same one themselves.
         features = features_for(self.run, Path(items_path).parent)
         if self.scorer:
-            self.catalogue = read_catalogue(items_path, features.vectors)
+            self.catalogue = scorer_catalogue(items_path, features.vectors)
             model = None  # made from the popularity release, below
         else:
             self.model_cfg, self.item_text = architecture_for(self.run, num_items, features)

@@ -568,7 +568,8 @@ class DeploymentSection:
     deploy_devices: int
 
 
-SECTION_TYPES = {"data": DataSection, "pipeline": PipelineSection, "model": ModelSection, "federation": FederationSection,
+SECTION_TYPES = {"data": DataSection, "pipeline": PipelineSection, "model": ModelSection,
+                 "federation": FederationSection,
                  "device": DeviceTraining, "user_dp": UserDPSection,
                  "secure_aggregation": SecureAggregationSection, "outputs": OutputsSection,
                  "deployment": DeploymentSection}

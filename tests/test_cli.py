@@ -501,7 +501,8 @@ def test_a_set_value_a_flag_overrides_is_pointed_out(tmp_path, capsys, cache, no
 
 def _small_run_flags(store):
     # SASRec runs (`privrec simulate` without a model runs the content-scorer pipeline since issue 13)
-    return ["--set", "model=sasrec", "--set", f"data-store={store}", "--set", "eval-every=0", "--set", "max-len=16", "--set", "window=12",
+    return ["--set", "model=sasrec", "--set", f"data-store={store}", "--set", "eval-every=0", "--set", "max-len=16",
+            "--set", "window=12",
             "--set", "hidden-size=16", "--set", "num-blocks=1"]
 
 

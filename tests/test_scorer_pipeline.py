@@ -15,15 +15,16 @@ from dp_accounting.rdp import rdp_privacy_accountant
 from shared import config
 from shared.errors import PrivrecError
 from shared.privacy.pipeline import check_pipeline_budget, pipeline_epsilon
-from shared.scorer import ContentScorer, fedsgd_update, public_catalogue, user_gradient
 from shared.privacy.user_level import clip_update
+from shared.scorer import ContentScorer, fedsgd_update, public_catalogue, user_gradient
 
 NUM_DEVICES, NUM_ITEMS = 8, 40
 
 
 def _catalogue(num_items: int = NUM_ITEMS, dim: int = 6, seed: int = 0):
     rng = np.random.default_rng(seed)
-    return public_catalogue(rng.normal(size=(num_items + 1, dim)), ["<pad>"] + [str(i) for i in range(1, num_items + 1)],
+    ids = ["<pad>"] + [str(i) for i in range(1, num_items + 1)]
+    return public_catalogue(rng.normal(size=(num_items + 1, dim)), ids,
                             [None] + [f"Film {i} ({1950 + i})" for i in range(1, num_items + 1)])
 
 
@@ -139,7 +140,8 @@ def test_the_pipeline_releases_popularity_then_rounds_and_records_the_composed_e
     assert [r["user-level-epsilon"] for r in rows] == sorted(r["user-level-epsilon"] for r in rows)  # cumulative
     assert rows[0]["user-level-epsilon"] == pytest.approx(pipeline_epsilon(4.0, 8.2, 1.0, 0, 1e-5, "rdp"))
     statement = privacy["statements"][0]["sentence"]
-    assert "add/remove one user" in summary["privacy"]["user-level"]["relation"] and "not against the server" in statement
+    assert "add/remove one user" in summary["privacy"]["user-level"]["relation"]
+    assert "not against the server" in statement
     # What leaves a device: the scorer's weights (and the frozen released bias), never its history.
     reply = next(m for m in grid.replies if m.content.array_records)
     assert set(reply.content.array_records["arrays"].keys()) == {"text_weight", "scales", "popularity"}

@@ -10,11 +10,11 @@ adding or removing that user. The run releases, in this order:
    to C on the server, N(0, (z C)^2) on the sum, divided by the fixed q N -- the sampled Gaussian mechanism
    (q, z), once per round. The server optimizer (FedAdam) and evaluation are post-processing.
 
-Hyperparameters are fixed before the run (the defaults); the run makes no choice on its private data, so nothing
-else is released. The defaults themselves were chosen by the developers from measurements on ML-100K (validation
-items; README): that choice is not in the epsilon, which is said wherever the figure is. Opacus' accountant (the run's `accountant`:
-rdp or prv) composes the two as one history; `tests/test_scorer_pipeline.py` checks the figure against
-dp-accounting (another code base).
+Hyperparameters are fixed before the run (the defaults); the run makes no choice on its private data, so
+nothing else is released. The defaults themselves were chosen by the developers from measurements on ML-100K
+(validation items; README): that choice is not in the epsilon, which is said wherever the figure is. Opacus'
+accountant (the run's `accountant`: rdp or prv) composes the two as one history; `tests/test_scorer_pipeline.py`
+checks the figure against dp-accounting (another code base).
 """
 
 from __future__ import annotations
@@ -51,7 +51,8 @@ def pipeline_epsilon(popularity_noise: float, noise_multiplier: float, sample_ra
 def planned_sample_rate(cfg: Mapping[str, Any], num_devices: int) -> float:
     """Poisson rate q = expected cohort / population, as the ServerApp computes it
     (`server.strategy.user_sample_rate`; tools cannot import server/, a test keeps the two equal)."""
-    wanted = cfg["devices-per-round"] if cfg["devices-per-round"] > 0 else int(round(cfg["fraction-train"] * num_devices))
+    wanted = cfg["devices-per-round"] if cfg["devices-per-round"] > 0 \
+        else int(round(cfg["fraction-train"] * num_devices))
     return max(1, min(wanted, num_devices)) / num_devices
 
 
