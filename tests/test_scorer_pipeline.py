@@ -203,3 +203,17 @@ def test_privrec_simulate_refuses_a_pipeline_over_its_budget_before_any_work(tmp
                              "--run-dir", tmp_path / "runs", "--run-name", "over")
     assert code == 2 and "config key 'target-epsilon' = 2: this run would reach" in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "runs" / "over").exists()
+
+
+def test_devices_at_their_cap_decline_and_their_ledgers_never_pass_it(tmp_path, digit_store):
+    cfg, path, grid, rows, summary, privacy = _run(
+        tmp_path, digit_store, "capped", **{"num-rounds": 6, "fraction-train": 1.0, "user-noise-multiplier": 8.2,
+                                            "max-epsilon": 1.25})
+    from shared.privacy.accounting import epsilon_from_state
+
+    for ledger_file in (tmp_path / "population-capped").glob("*/privacy-ledger.json"):
+        ledger = json.loads(ledger_file.read_text())
+        history = [[r["noise_multiplier"], r["sample_rate"], r["steps"]] for r in ledger["releases"]]
+        assert epsilon_from_state({"history": history, "mechanism": "rdp"}, 1e-5, "rdp") <= 1.25
+        assert 1 < len(history) < 7  # the release and some rounds, not all six
+    assert summary["stopped-early"]["reason"].startswith("every one of the 8 connected devices has reached")
