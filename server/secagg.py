@@ -11,12 +11,17 @@ Grid, and when the strategy sends its train messages it runs `secure_sum` instea
 devices' replies with their masked arrays replaced by the aggregate model `global + sum / denominator`
 (the same in every reply, so FedAvg's weighted mean, FedAdam and FedProx all take it as it is). The
 strategy thus only ever holds the aggregate.
+
+Each stage pulls every device's reply on its own (`_exchange`), not with `grid.send_and_receive`: see
+there why a device killed in the middle of its upload would otherwise cost the survivors' replies.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import threading
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -39,9 +44,67 @@ class SecureSum:
     dropped: list[int] = field(default_factory=list)  # sampled devices whose vector is not in the sum
 
 
+POLL_SECONDS = 1.0  # how often each outstanding reply is asked for (Flower's own loop: every 3 s)
+
+
 def _stage(grid: Grid, contents: dict[int, RecordDict], timeout: float | None) -> dict[int, Message]:
+    """One stage's replies by the node they answer (errors included: a dead node's reply is an error)."""
     messages = [Message(content=c, message_type=MessageType.TRAIN, dst_node_id=n) for n, c in contents.items()]
-    return {r.metadata.src_node_id: r for r in grid.send_and_receive(messages, timeout=timeout)}
+    started = time.monotonic()
+    try:
+        replies = _exchange(grid, messages, timeout)
+    except NotImplementedError:  # a stand-in Grid that answers whole batches only (in-process runs)
+        replies = {r.metadata.src_node_id: r for r in grid.send_and_receive(messages, timeout=timeout)}
+    stage = next(iter(contents.values()))[SECAGG]["stage"] if contents else "?"
+    log.info("privrec: secure aggregation, %s stage: %d of %d replies in %.1f s", stage,
+             sum(not r.has_error() for r in replies.values()), len(messages), time.monotonic() - started)
+    return replies
+
+
+def _exchange(grid: Grid, messages: list[Message], timeout: float | None) -> dict[int, Message]:
+    """Send `messages`; pull each reply on a thread of its own until all are in or `timeout` has passed.
+
+    Why not `grid.send_and_receive`: Flower's deployment Grid claims every reply available at the
+    SuperLink in one call and then downloads their contents. A reply whose sender died after announcing
+    it and before uploading its arrays (a SuperNode killed just after sending its masked vector) holds
+    that call until the SuperLink's object-push session expires (180 s in Flower 1.41), together with
+    every reply claimed with it, and the timeout is checked only between calls: the survivors' replies
+    that arrived meanwhile were never pulled ("only 0 masked vectors arrived"). Pulled one by one, a
+    dead sender's reply holds only its own daemon thread, which the stage leaves behind at its deadline.
+    """
+    ids = {i for i in grid.push_messages(messages) if i}
+    node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id in ids}
+    if not node_of:
+        return {}
+    replies: dict[int, Message] = {}
+    lock, stop, settled = threading.Lock(), threading.Event(), threading.Event()
+    unsettled = [len(node_of)]
+
+    def pull(message_id: str) -> None:
+        try:
+            while not stop.is_set():
+                got = list(grid.pull_messages([message_id]))
+                if got:
+                    with lock:
+                        replies[node_of[message_id]] = got[0]
+                    return
+                stop.wait(POLL_SECONDS)
+        except Exception as exc:  # noqa: BLE001 - a failed pull is a lost reply, like a dead device's
+            if not stop.is_set():
+                log.warning("privrec: secure aggregation: pulling node %d's reply failed: %s",
+                            node_of[message_id], exc)
+        finally:
+            with lock:
+                unsettled[0] -= 1
+                if unsettled[0] == 0:
+                    settled.set()
+
+    for message_id in node_of:
+        threading.Thread(target=pull, args=(message_id,), daemon=True, name="privrec-secagg-pull").start()
+    settled.wait(timeout)
+    stop.set()
+    with lock:
+        return dict(replies)
 
 
 def _answers(replies: dict[int, Message]) -> dict[int, ConfigRecord]:
