@@ -45,6 +45,7 @@ class SecureSum:
 
 
 POLL_SECONDS = 1.0  # how often each outstanding reply is asked for (Flower's own loop: every 3 s)
+LIVENESS_SECONDS = 5.0  # how often a stage checks whether the nodes it still waits for are online
 
 
 def _stage(grid: Grid, contents: dict[int, RecordDict], timeout: float | None) -> dict[int, Message]:
@@ -101,7 +102,18 @@ def _exchange(grid: Grid, messages: list[Message], timeout: float | None) -> dic
 
     for message_id in node_of:
         threading.Thread(target=pull, args=(message_id,), daemon=True, name="privrec-secagg-pull").start()
-    settled.wait(timeout)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while not settled.wait(LIVENESS_SECONDS if deadline is None
+                           else max(0.0, min(LIVENESS_SECONDS, deadline - time.monotonic()))):
+        if deadline is not None and time.monotonic() >= deadline:
+            break
+        # A node the SuperLink reports offline (missed heartbeats) will not finish its reply: stop waiting
+        # for the stage once every node still owing one is offline, instead of for the whole timeout.
+        with lock:
+            owing = set(node_of.values()) - set(replies)
+        if owing and not owing & set(grid.get_node_ids()):
+            log.info("privrec: secure aggregation: nodes %s went offline; going on without them", sorted(owing))
+            break
     stop.set()
     with lock:
         return dict(replies)

@@ -24,6 +24,8 @@ from shared.secagg import (
     SecAggAborted,
     SecAggParams,
     ServerSession,
+    apply_masks,
+    mask_stream,
     neighbours,
     quantize_vector,
     share_noise_std,
@@ -77,6 +79,27 @@ def test_unmasked_sum_equals_plain_sum_up_to_quantization():
     (total, devices), survivors = _run_protocol(PARAMS, nodes, xs)
     assert devices == 8 and survivors == nodes
     assert _close(total, _plain_sum(xs, nodes), 8, PARAMS)
+
+
+def test_quantizer_rounds_without_bias_inside_its_levels():
+    params = SecAggParams(threshold=2, clip_range=1.0, quantization_bits=4, min_cohort=2)  # 15 steps
+    values, edges = quantize_vector([np.full(200_000, 0.3), np.array([-5.0, 5.0, -1.0, 1.0])], params,
+                                    np.random.default_rng(0))
+    assert edges.tolist() == [0, 15, 0, 15] and edges.dtype == np.uint32  # clipped, never past the top level
+    exact = (0.3 + 1.0) * 15 / 2  # 9.75: rounds to 9 or 10, 10 three times in four
+    assert set(np.unique(values)) == {9, 10} and values.mean() == pytest.approx(exact, abs=0.005)
+
+
+def test_masks_applied_in_place_equal_the_sum_of_their_streams():
+    vector = [np.arange(12, dtype=np.uint32).reshape(3, 4), np.full(5, 2**32 - 1, dtype=np.uint32)]
+    seeds = [(b"a" * 16, 1), (b"b" * 16, -1), (b"c" * 16, 1)]
+    expected = [v.copy() for v in vector]
+    for seed, sign in seeds:
+        for e, m in zip(expected, mask_stream(seed, [v.shape for v in vector])):
+            (np.add if sign > 0 else np.subtract)(e, m, out=e)
+    assert all(np.array_equal(a, b) for a, b in zip(apply_masks(vector, seeds), expected))
+    assert all(np.array_equal(a, b) for a, b in zip(apply_masks(apply_masks(vector, seeds),
+                                                                [(s, -g) for s, g in seeds]), vector))
 
 
 def test_sparse_graph_has_majority_threshold():
@@ -193,8 +216,9 @@ class SuperLinkGrid(InProcessGrid):
     downloads each one's contents in turn. A device in `killed_mid_upload` dies right after announcing its
     masked vector, before uploading it (a SuperNode SIGKILLed at that moment): pulling that reply blocks
     `hold` seconds (Flower: until the SuperLink's object-push session expires, 180 s) and yields an error,
-    as Flower's does; the device never answers again. In the upload stage the others' replies arrive
-    `late` seconds after the victims'. `send_and_receive` is Flower's own loop.
+    as Flower's does; the device never answers again, and the SuperLink lists it offline (as after its
+    missed heartbeats). In the upload stage the others' replies arrive `late` seconds after the victims'.
+    `send_and_receive` is Flower's own loop.
     """
 
     send_and_receive = HttpGrid.send_and_receive
@@ -227,6 +251,9 @@ class SuperLinkGrid(InProcessGrid):
             self.announced[message_id] = (time.monotonic() + (self.late if stage == "upload" else 0.0), reply)
         return ids
 
+    def get_node_ids(self):
+        return [n for n in self.contexts if n not in self.dead]
+
     def pull_messages(self, message_ids):
         now = time.monotonic()
         with self.lock:
@@ -248,7 +275,7 @@ def test_devices_killed_mid_upload_leave_the_survivors_sum():
     (Flower's `send_and_receive` spent the stage's whole timeout on the victims' replies and pulled none of
     the survivors': "only 0 masked vectors arrived".)"""
     grid = SuperLinkGrid(_stub_client_app(), 8, killed_mid_upload={2, 5})
-    nodes = list(grid.get_node_ids())
+    nodes = list(range(1, 9))
     started = time.monotonic()
     result = secure_sum(grid, _train_messages(nodes), PARAMS, timeout=2.0)
     assert time.monotonic() - started < 2 * 2.0 + 2  # no stage waited beyond its timeout
@@ -257,6 +284,21 @@ def test_devices_killed_mid_upload_leave_the_survivors_sum():
     for key in ("w", "b"):
         plain = sum(_stub_update(n)[key] for n in survivors)
         assert np.abs(result.total[key] - plain).max() <= 6 * 2 * PARAMS.clip_range / PARAMS.levels
+
+
+def test_a_stage_stops_waiting_once_the_devices_it_waits_for_are_offline(monkeypatch):
+    """A dead device's half-sent reply would hold its pull for the SuperLink's push-session lifetime (here 30 s,
+    Flower's 180 s): the stage goes on as soon as every device it still waits for is offline, not at its
+    timeout (20 s)."""
+    import server.secagg
+
+    monkeypatch.setattr(server.secagg, "LIVENESS_SECONDS", 0.2)
+    grid = SuperLinkGrid(_stub_client_app(), 8, killed_mid_upload={3, 7}, hold=30.0)
+    nodes = list(range(1, 9))
+    started = time.monotonic()
+    result = secure_sum(grid, _train_messages(nodes), PARAMS, timeout=20.0)
+    assert time.monotonic() - started < 6
+    assert result.devices == 6 and sorted(result.dropped) == [3, 7]
 
 
 def test_min_cohort_guards_the_central_noise_when_devices_drop_after_masking():
@@ -270,7 +312,7 @@ def test_min_cohort_guards_the_central_noise_when_devices_drop_after_masking():
                        "secagg-threshold": 3, "secagg-min-cohort": m_min, "secagg-clip-range": params.clip_range,
                        "secagg-quantization-bits": 20})
     grid = SuperLinkGrid(_zero_client_app(), 6, killed_mid_upload={1, 4}, run_config=run)
-    result = secure_sum(grid, _train_messages(list(grid.get_node_ids()), rows=4000), params, timeout=2.0)
+    result = secure_sum(grid, _train_messages(list(range(1, 7)), rows=4000), params, timeout=2.0)
     assert result.devices == m_min
     noise = np.concatenate([result.total["w"].ravel(), result.total["b"].ravel()])  # 32,008 coordinates
     assert np.var(noise) == pytest.approx((z * clip) ** 2, rel=0.05)  # m_min shares of (z C)^2 / m_min
