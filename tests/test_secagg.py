@@ -269,6 +269,17 @@ class SuperLinkGrid(InProcessGrid):
         return out
 
 
+@pytest.fixture
+def quick_polls(monkeypatch):
+    """The stage's pull cadence scaled down to the stand-in SuperLink's (sub-second) timings."""
+    import server.secagg
+
+    monkeypatch.setattr(server.secagg, "POLL_SECONDS", 0.1, raising=False)
+    monkeypatch.setattr(server.secagg, "STUCK_SECONDS", 0.3, raising=False)
+    monkeypatch.setattr(server.secagg, "LIVENESS_SECONDS", 0.2, raising=False)
+
+
+@pytest.mark.usefixtures("quick_polls")
 def test_devices_killed_mid_upload_leave_the_survivors_sum():
     """Two devices die after announcing their masked vectors, before uploading them: the round unmasks the
     other six's sum, rebuilding the victims' pairwise masks from the survivors' shares of their mask keys.
@@ -286,13 +297,11 @@ def test_devices_killed_mid_upload_leave_the_survivors_sum():
         assert np.abs(result.total[key] - plain).max() <= 6 * 2 * PARAMS.clip_range / PARAMS.levels
 
 
-def test_a_stage_stops_waiting_once_the_devices_it_waits_for_are_offline(monkeypatch):
+@pytest.mark.usefixtures("quick_polls")
+def test_a_stage_stops_waiting_once_the_devices_it_waits_for_are_offline():
     """A dead device's half-sent reply would hold its pull for the SuperLink's push-session lifetime (here 30 s,
     Flower's 180 s): the stage goes on as soon as every device it still waits for is offline, not at its
     timeout (20 s)."""
-    import server.secagg
-
-    monkeypatch.setattr(server.secagg, "LIVENESS_SECONDS", 0.2)
     grid = SuperLinkGrid(_stub_client_app(), 8, killed_mid_upload={3, 7}, hold=30.0)
     nodes = list(range(1, 9))
     started = time.monotonic()
@@ -301,6 +310,7 @@ def test_a_stage_stops_waiting_once_the_devices_it_waits_for_are_offline(monkeyp
     assert result.devices == 6 and sorted(result.dropped) == [3, 7]
 
 
+@pytest.mark.usefixtures("quick_polls")
 def test_min_cohort_guards_the_central_noise_when_devices_drop_after_masking():
     """User-level DP: the sum released after drop-outs carries the noise shares of at least m_min devices, so
     at least the central variance (z C)^2; one survivor fewer than secagg-min-cohort and nothing is released,
