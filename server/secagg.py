@@ -44,7 +44,8 @@ class SecureSum:
     dropped: list[int] = field(default_factory=list)  # sampled devices whose vector is not in the sum
 
 
-POLL_SECONDS = 2.0  # pause between two passes over the replies still outstanding (Flower's own loop: 3 s)
+POLL_SECONDS = 2.0  # longest pause between two passes over the replies still outstanding (Flower: 3 s)
+FIRST_POLL_SECONDS = 0.1  # the first pause, doubled every pass: quick stages (simulation) stay quick
 STUCK_SECONDS = 5.0  # a pull this long is downloading a reply whose sender may have died: go on without it
 LIVENESS_SECONDS = 5.0  # how often a stage checks whether the nodes it still waits for are online
 
@@ -137,6 +138,7 @@ class _Replies:
             return dict(self.got)
 
     def _poll(self, generation: int) -> None:
+        pause = FIRST_POLL_SECONDS
         while not self.stop.is_set():
             with self.lock:
                 if generation != self.generation:
@@ -165,7 +167,8 @@ class _Replies:
                             self.settled.set()
                     if generation != self.generation:
                         return  # left behind while stuck: the live poller has the rest
-            self.stop.wait(POLL_SECONDS)
+            self.stop.wait(pause)
+            pause = min(2 * pause, POLL_SECONDS)
 
 
 def _answers(replies: dict[int, Message]) -> dict[int, ConfigRecord]:

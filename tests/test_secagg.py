@@ -275,6 +275,7 @@ def quick_polls(monkeypatch):
     import server.secagg
 
     monkeypatch.setattr(server.secagg, "POLL_SECONDS", 0.1, raising=False)
+    monkeypatch.setattr(server.secagg, "FIRST_POLL_SECONDS", 0.05, raising=False)
     monkeypatch.setattr(server.secagg, "STUCK_SECONDS", 0.3, raising=False)
     monkeypatch.setattr(server.secagg, "LIVENESS_SECONDS", 0.2, raising=False)
 
