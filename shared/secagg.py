@@ -276,8 +276,9 @@ class DeviceSession:
         self.held = {int(k): v for k, v in received.items() if int(k) in self.peers}
         self.peers = {p: k for p, k in self.peers.items() if p in self.held}
         mask_private = mask_key_from_seed(self.mask_seed)
-        return apply_masks(vector, [(self.self_seed, 1), *((_pair_seed(mask_private, mask_pk), 1 if self.node < peer
-                                                            else -1) for peer, (_, mask_pk) in self.peers.items())])
+        pairs = [(_pair_seed(mask_private, mask_pk), 1 if self.node < peer else -1)
+                 for peer, (_, mask_pk) in self.peers.items()]
+        return apply_masks(vector, [(self.self_seed, 1), *pairs])
 
     def unmask(self, survivors: Sequence[int], dropped: Sequence[int]) -> dict[int, bytes]:
         """Stage 4: for each survivor the share of its b, for each dropped neighbour that of its mask key."""
