@@ -17,13 +17,11 @@ import json
 import logging
 from pathlib import Path
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.analytics import answer_popularity_query
 from client.audit import audit_mod
-from client.device import evaluate_round, ledger_path, load_device, train_round
 from client.secagg import secagg_mod
 from shared.config import RunConfig, from_run_config
 from shared.data.devices import CATALOGUE_KEY, check_server_catalogue
@@ -36,6 +34,18 @@ from shared.text.features import TEXT_KEY, features_for
 logging.getLogger("flwr").propagate = False
 
 app = ClientApp(mods=[audit_mod])  # records every reply when the node config has `audit-log`
+
+
+def _device_code():
+    """`client.device` (torch, Opacus, the model), imported by the first message that needs it: under a
+    SuperNode every message starts a ClientApp process of its own, and a secure-aggregation key stage
+    (setup, share, unmask: keys and shares only) then starts without loading torch, in a fraction of the time."""
+    import torch
+
+    from client import device
+
+    torch.set_num_threads(1)
+    return device
 
 
 def _run_config(msg: Message, context: Context) -> tuple[RunConfig, ConfigRecord]:
@@ -62,7 +72,7 @@ def _load(context: Context, record: ConfigRecord, run: RunConfig):
     device_index = 0 if "data-dir" in context.node_config else int(device)
     if "data-dir" in context.node_config and record.get(CATALOGUE_KEY):
         check_server_catalogue(store_dir, str(record[CATALOGUE_KEY]))
-    data, num_items = load_device(store_dir, device_index)
+    data, num_items = _device_code().load_device(store_dir, device_index)
     # Text models: the device builds the frozen text table from its own copy of the public catalogue
     # (cached by hash); the server only names which one, and a mismatch is refused.
     features = features_for(run, store_dir, expected_key=record.get(TEXT_KEY))
@@ -94,15 +104,15 @@ def _refuse_lost_spend(msg: Message, state_dir: str, device: str, path: Path) ->
 
 @app.train(mods=[secagg_mod])  # answers secure-aggregation stages; plain train messages pass through
 def train(msg: Message, context: Context) -> Message:
-    torch.set_num_threads(1)
+    code = _device_code()
     run, record = _run_config(msg, context)
     device, data, num_items, state_dir, item_text = _load(context, record, run)
-    path = ledger_path(state_dir, device)
+    path = code.ledger_path(state_dir, device)
     with ledger_lock(path):  # train_round takes the lock again for its own load -> release
         reconcile(path, _ledger_mirror(context))  # a lost or stale ledger file never lowers the spend
     global_state = msg.content.array_records["arrays"].to_torch_state_dict()
     _refuse_lost_spend(msg, state_dir, device, path)
-    outcome = train_round(
+    outcome = code.train_round(
         data, num_items, global_state, run,
         ledger_path=path, device=device,
         run_id=str(record.get("run-id", "")), server_round=int(record["server-round"]),
@@ -125,11 +135,11 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    torch.set_num_threads(1)
+    code = _device_code()
     run, record = _run_config(msg, context)
     _, data, num_items, _, item_text = _load(context, record, run)
     global_state = msg.content.array_records["arrays"].to_torch_state_dict()
-    metrics = evaluate_round(data, num_items, global_state, run, item_text=item_text)
+    metrics = code.evaluate_round(data, num_items, global_state, run, item_text=item_text)
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
@@ -138,11 +148,12 @@ def popularity_query(msg: Message, context: Context) -> Message:
     """Federated analytics (`privrec baseline popularity|content --epsilon`): this device's unit-norm item-set
     vector, recorded as a user-level release in its ledger first; nothing but the refusal leaves when the
     release would pass the device's cap."""
+    code = _device_code()
     run, record = _run_config(msg, context)
     device, store_dir, state_dir = _device(context, record, run)
-    data, num_items = load_device(store_dir, 0 if "data-dir" in context.node_config else int(device))
+    data, num_items = code.load_device(store_dir, 0 if "data-dir" in context.node_config else int(device))
     query = msg.content.config_records["analytics"]
-    path = ledger_path(state_dir, device)
+    path = code.ledger_path(state_dir, device)
     with ledger_lock(path):
         reconcile(path, _ledger_mirror(context))
     vector, epsilon = answer_popularity_query(
