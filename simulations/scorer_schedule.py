@@ -85,7 +85,8 @@ def main() -> None:
             row = {"q": q, "rounds": int(rounds), "z": z, "lr": lr, "seed": seed,
                    **run(data, q, int(rounds), z, lr, seed)}
             results["rows"].append(row)
-            lines.append(f"| {q:g} | {int(rounds)} | {z:g} | {lr:g} | {seed} | {row['valid']:.4f} | {row['test']:.4f} |")
+            lines.append(f"| {q:g} | {int(rounds)} | {z:g} | {lr:g} | {seed} | {row['valid']:.4f} "
+                         f"| {row['test']:.4f} |")
             log_progress(lines[-1])
     save_results(timestamped("scorer-schedule"), results, "\n".join(lines))
 
