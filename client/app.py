@@ -75,6 +75,8 @@ def _load(context: Context, record: ConfigRecord, run: RunConfig):
     data, num_items = _device_code().load_device(store_dir, device_index)
     # Text models: the device builds the frozen text table from its own copy of the public catalogue
     # (cached by hash); the server only names which one, and a mismatch is refused.
+    if run.pipeline.model == "content-scorer":  # its public side comes from `_catalogue`, kept per process
+        return device, data, num_items, state_dir, None
     features = features_for(run, store_dir, expected_key=record.get(TEXT_KEY))
     return device, data, num_items, state_dir, None if features is None else features.vectors
 
@@ -111,6 +113,8 @@ def train(msg: Message, context: Context) -> Message:
     with ledger_lock(path):  # train_round takes the lock again for its own load -> release
         reconcile(path, _ledger_mirror(context))  # a lost or stale ledger file never lowers the spend
     global_state = msg.content.array_records["arrays"].to_torch_state_dict()
+    if run.pipeline.model == "content-scorer":
+        return _train_scorer(msg, context, run, record, data, item_text, global_state, path, device, state_dir)
     _refuse_lost_spend(msg, state_dir, device, path)
     outcome = code.train_round(
         data, num_items, global_state, run,
@@ -133,12 +137,41 @@ def train(msg: Message, context: Context) -> Message:
     return Message(reply, reply_to=msg)
 
 
+def _catalogue(context: Context, record: ConfigRecord, run: RunConfig, item_text=None):
+    """The public item side of the content scorer, from this device's copy of the catalogue."""
+    from client.scorer import public_side  # torch: imported by the messages that need it
+
+    key = record.get(TEXT_KEY)
+    return public_side(_device(context, record, run)[1], None if key is None else str(key))
+
+
+def _train_scorer(msg, context, run, record, data, item_text, global_state, path, device, state_dir) -> Message:
+    """model = content-scorer: the device's gradient (one FedSGD step), its round recorded as a user-level release."""
+    from client.scorer import train_scorer  # torch: imported by the messages that need it
+
+    state, metrics = train_scorer(data, _catalogue(context, record, run, item_text), global_state, run,
+                                  ledger_path=path, device=device,
+                                  release_id=f"{record.get('run-id', '')}-round{int(record['server-round'])}")
+    keep_listed(state_dir, device, path)
+    _mirror_ledger(context, path, device)
+    privacy = ConfigRecord({"device": device, "history": "[]"})  # no window-level DP-SGD in this mode
+    reply = RecordDict({"metrics": MetricRecord(metrics), "privacy": privacy})
+    if state is not None:
+        reply["arrays"] = ArrayRecord(state)
+    return Message(reply, reply_to=msg)
+
+
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     code = _device_code()
     run, record = _run_config(msg, context)
     _, data, num_items, _, item_text = _load(context, record, run)
     global_state = msg.content.array_records["arrays"].to_torch_state_dict()
+    if run.pipeline.model == "content-scorer":
+        from client.scorer import evaluate_scorer  # torch: imported by the messages that need it
+
+        metrics = evaluate_scorer(data, _catalogue(context, record, run, item_text), global_state, run)
+        return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
     metrics = code.evaluate_round(data, num_items, global_state, run, item_text=item_text)
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
