@@ -192,6 +192,7 @@ def test_devices_per_node_gives_the_same_model_under_user_level_dp(tmp_path, mon
     ({"devices-per-node": 2, "secure-aggregation": True, "fraction-train": 0.5, "devices-per-round": 0},
      "'secure-aggregation'"),
     ({"devices-per-node": 2, "aggregation": "per-row", "dp": False}, "'aggregation'"),
+    ({"devices-per-node": 2, "model": "content-scorer", "dp": False, "user-dp": True}, "'model'"),
 ])
 def test_bad_devices_per_node_is_refused_in_one_line(values, named):
     with pytest.raises(PrivrecError) as err:
