@@ -85,6 +85,7 @@ def _wrapped(cfg) -> bool:
     ({"dp": False, "user-dp": True}, "fedavg"),
     ({"dp": False, "secure-aggregation": True}, "fedavg"),
     ({"dp": False, "item-representation": "text"}, "fedavg"),
+    ({"dp": False, "devices-per-node": 2}, "fedavg"),
     ({"dp": False, "aggregation": "fedavg"}, "fedavg"),
     ({"dp": False, "aggregation": "per-row"}, "per-row"),
 ])
@@ -98,10 +99,16 @@ def test_the_default_aggregation_is_per_row_exactly_where_it_is_allowed(override
 def test_privrec_simulate_no_dp_runs_per_row_by_default():
     from tools.options import config_from_args
 
-    cfg = config_from_args(argparse.Namespace(config=None, set=None, no_dp=True))
+    def simulate(no_dp, *pairs):  # the config `privrec simulate` resolves (tools/cli.py: cmd_simulate)
+        args = argparse.Namespace(config=None, set=list(pairs), no_dp=no_dp)
+        return config_from_args(args, preset=config.DEFAULT_PIPELINE)
+
+    cfg = simulate(True, "model=sasrec")
     assert cfg["dp"] is False and config.aggregation_in_effect(cfg) == "per-row" and _wrapped(cfg)
-    private = config_from_args(argparse.Namespace(config=None, set=None, no_dp=False))
-    assert config.aggregation_in_effect(private) == "fedavg" and not _wrapped(private)
+    for private in (simulate(False, "model=sasrec"), simulate(True)):  # on-device DP; the user-level DP pipeline
+        assert config.aggregation_in_effect(private) == "fedavg" and not _wrapped(private)
+    hosted = simulate(True, "model=sasrec", "devices-per-node=4")  # a node's reply merges its devices' updates
+    assert config.aggregation_in_effect(hosted) == "fedavg"
 
 
 def test_a_resume_compares_the_aggregation_in_effect(tmp_path):
@@ -122,6 +129,7 @@ def test_a_resume_compares_the_aggregation_in_effect(tmp_path):
     ({"aggregation": "per-row", "dp": False, "user-dp": True}, "'user-dp' = false"),
     ({"aggregation": "per-row", "dp": False, "item-representation": "text"}, "item-representation = text"),
     ({"aggregation": "per-row", "dp": False, "secure-aggregation": True}, "secure-aggregation = true"),
+    ({"aggregation": "per-row", "dp": False, "devices-per-node": 2}, "devices-per-node = 2"),
     ({"model-average": 1.0}, "model-average"),
     ({"aggregation": "mean"}, "aggregation"),
 ])
