@@ -11,7 +11,7 @@ overrides only the hooks its job needs. Outermost first:
     NodeAggregates      nodes' aggregates of their devices (devices-per-node > 1)    (server/device_nodes.py)
     UserLevelDP         DP-FedAvg clip + noise, fixed denominator (user-dp only)     (server/user_dp.py)
     PerRowAveraging     item_emb rows averaged over the devices that changed them   (server/per_row.py)
-                        (aggregation = per-row; non-private runs only)
+                        (aggregation = per-row, or auto in a non-private run)
     FedAvg | FedAdam | FedProx   Flower's own, unchanged
 
 The figures privrec reports are made here: epsilon as max and median over devices (never a mean),
@@ -33,6 +33,7 @@ from server.per_row import PerRowAveraging
 from server.rounds import EvaluationSchedule, ResumedRun, RoundReport
 from server.tally import PrivacyTally
 from server.user_dp import UserLevelDP
+from shared.config import aggregation_in_effect
 from shared.metrics import bootstrap_ci
 from shared.model import FROZEN_BY_SCOPE
 from shared.scorer import FROZEN as SCORER_FROZEN
@@ -116,7 +117,7 @@ def build_strategy(cfg: dict[str, Any], num_devices: int, on_train, on_evaluate)
                                frozen=SCORER_FROZEN if cfg["model"] == "content-scorer"
                                else FROZEN_BY_SCOPE[cfg["device-trains"]],
                                summation=NodeSums() if hosted else None)
-    elif cfg["aggregation"] == "per-row":  # the config refuses it with user-dp (and dp)
+    elif aggregation_in_effect(cfg) == "per-row":  # never with dp, user-dp, secure aggregation or node hosting
         strategy = PerRowAveraging(strategy)
     if hosted:
         strategy = NodeAggregates(strategy)

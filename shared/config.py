@@ -49,7 +49,7 @@ def _one_of(*choices: str) -> Callable[[Any], bool]:
 
 # Enumerations: the one list of each (other modules import them from here).
 STRATEGIES = ("fedavg", "fedadam", "fedprox")
-AGGREGATIONS = ("fedavg", "per-row")
+AGGREGATIONS = ("auto", "fedavg", "per-row")
 ACCOUNTANTS = ("rdp", "prv", "gdp")
 GRAD_SAMPLE_MODES = ("hooks", "ghost")
 OPTIMIZERS = ("adam", "sgd")
@@ -113,9 +113,11 @@ _FEDERATION: dict[str, Key] = {
     "server-lr": Key(float, 0.01, "server learning rate (FedAdam's eta)", _positive, "must be > 0"),
     "proximal-mu": Key(float, 0.0, "FedProx proximal weight (strategy = fedprox)", _non_negative,
                        "must be >= 0"),
-    "aggregation": Key(str, "fedavg", "how the round's model is made from the replies: fedavg (weighted mean), or "
-                                      "per-row (each item_emb row averaged over the devices that changed it; "
-                                      "non-private runs only)",
+    "aggregation": Key(str, "auto", "how the round's model is made from the replies: fedavg (weighted mean), "
+                                    "per-row (each item_emb row averaged over the devices that changed it; "
+                                    "non-private runs only), or auto (per-row where it is allowed: dp, user-dp "
+                                    "and secure-aggregation false, devices-per-node 1, item-representation not "
+                                    "text; else fedavg)",
                        _one_of(*AGGREGATIONS), "must be one of " + ", ".join(AGGREGATIONS)),
     "model-average": Key(float, 0.0, "decay of a running average of the global model over rounds, which is "
                                      "evaluated centrally and released as model.pt (training continues from "
@@ -337,6 +339,37 @@ def unnoised_problem(dp: bool, noise_multiplier: float) -> str | None:
     return None
 
 
+def per_row_problem(cfg: Mapping[str, Any]) -> str | None:
+    """Why `aggregation = per-row` cannot run with `cfg` (the rest of a sentence), or None when it can."""
+    # Which rows a device changed names the items in its windows; under DP every row is noised anyway.
+    for key in ("dp", "user-dp"):
+        if cfg[key]:
+            return (f"reveals which items each device holds: it needs '{key}' = false (a non-private run), "
+                    "or aggregation = fedavg")
+    if cfg["devices-per-node"] > 1:
+        return (f"needs one reply per device, which devices-per-node = {cfg['devices-per-node']} merges on the "
+                "node: set devices-per-node = 1, or use aggregation = fedavg (or auto)")
+    if cfg["secure-aggregation"]:
+        # The server sees only the cohort's sum, so there is no device update to take rows from.
+        return ("needs each device's update, which secure-aggregation = true hides from the server: "
+                "use aggregation = fedavg (or auto)")
+    if cfg["item-representation"] == "text":
+        return ("averages rows of the item embedding, which item-representation = text has none of: "
+                "use id or text+id, or fedavg")
+    return None
+
+
+def aggregation_in_effect(cfg: Mapping[str, Any]) -> str:
+    """"fedavg" or "per-row": what `aggregation` means for this run (`auto`: per-row wherever it is allowed).
+
+    Per-row averaging closes most of the non-private federation's gap to centralized training (README,
+    issue 12); the private and secure modes cannot use it, so `auto` falls back to FedAvg there.
+    """
+    if cfg["aggregation"] == "auto":
+        return "fedavg" if per_row_problem(cfg) else "per-row"
+    return cfg["aggregation"]
+
+
 def _check_relations(cfg: Mapping[str, Any], where: str) -> None:
     if heads_problem(cfg["hidden-size"], cfg["num-heads"]):
         raise PrivrecError(f"{where}config key 'hidden-size' = {cfg['hidden-size']} must be divisible by "
@@ -352,14 +385,9 @@ def _check_relations(cfg: Mapping[str, Any], where: str) -> None:
         raise PrivrecError(f"{where}config key 'proximal-mu' = {cfg['proximal-mu']} has no effect with "
                            f"'strategy' = {cfg['strategy']}: set strategy = fedprox, or proximal-mu = 0")
     if cfg["aggregation"] == "per-row":
-        # Which rows a device changed names the items in its windows; under DP every row is noised anyway.
-        for key in ("dp", "user-dp"):
-            if cfg[key]:
-                raise PrivrecError(f"{where}config key 'aggregation' = per-row reveals which items each device "
-                                   f"holds: it needs '{key}' = false (a non-private run), or aggregation = fedavg")
-        if cfg["item-representation"] == "text":
-            raise PrivrecError(f"{where}config key 'aggregation' = per-row averages rows of the item embedding, "
-                               "which item-representation = text has none of: use id or text+id, or fedavg")
+        problem = per_row_problem(cfg)
+        if problem:
+            raise PrivrecError(f"{where}config key 'aggregation' = per-row {problem}")
     if cfg["model"] == "content-scorer":
         _check_content_scorer(cfg, where)
     if cfg["devices-per-round"] == 0 and cfg["fraction-train"] == 0:

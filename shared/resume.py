@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from shared.config import aggregation_in_effect, defaults
 from shared.errors import PrivrecError
 
 CHECKPOINT_DIR = "checkpoint"
@@ -40,7 +41,7 @@ def checkpoint_state(run_path: Path) -> dict[str, Any] | None:
 
 def refuse_incompatible(state: dict[str, Any], cfg: dict[str, Any], directory: Path) -> None:
     for key in MUST_MATCH:
-        if key in state["config"] and state["config"][key] != cfg[key]:
+        if key in state["config"] and _in_effect(key, state["config"]) != _in_effect(key, cfg):
             raise PrivrecError(f"{directory}: written with config key '{key}' = {state['config'].get(key)!r}, "
                                f"this run has {cfg[key]!r}; resume with the same value or choose another run-name")
     if int(state.get("round", 0)) > cfg["num-rounds"]:
@@ -58,3 +59,11 @@ def check_resumable(run_path: Path, cfg: dict[str, Any]) -> int | None:
         return None
     refuse_incompatible(state, cfg, Path(run_path) / CHECKPOINT_DIR)
     return int(state.get("round", 0))
+
+
+def _in_effect(key: str, values: dict[str, Any]) -> Any:
+    """The value that shapes the run: `aggregation = auto` compares as the fedavg or per-row it stands for
+    (so a DP run written under the old default `fedavg` continues under `auto`)."""
+    if key == "aggregation":
+        return aggregation_in_effect({**defaults(), **values})
+    return values[key]

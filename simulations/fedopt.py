@@ -163,7 +163,10 @@ def report(runs: list[dict], centralized: float | None) -> str:
         mine = [r for r in runs if r["arm"] == arm]
         common = min(len(m["curve"]) for m in mine)  # an interrupted seed counts up to where all seeds got
         mine = [{**m, "curve": m["curve"][:common], "rounds": m["curve"][common - 1]["round"]} for m in mine]
-        for prefix in [""] + [f"ema{d}-" for d in EMA_DECAYS]:
+        prefixes = [""] + [f"ema{d}-" for d in EMA_DECAYS]
+        # The model to ship is chosen on validation at the last round (mean over seeds), never on test.
+        chosen = max(prefixes, key=lambda p: np.mean([m["curve"][-1][p + "valid-ndcg@10"] for m in mine]))
+        for prefix in prefixes:
             points = [f"{p['round']}: {np.mean([m['curve'][i][prefix + 'valid-ndcg@10'] for m in mine]):.4f}"
                       for i, p in enumerate(mine[0]["curve"])]
             tests = [m["curve"][-1].get(prefix + "test-ndcg@10") for m in mine]
@@ -173,7 +176,8 @@ def report(runs: list[dict], centralized: float | None) -> str:
                 std = np.std(tests, ddof=1) if len(tests) > 1 else 0.0
                 test = f"{np.mean(tests):.4f} ± {std:.4f}"
                 ratio = f"{np.mean(tests) / centralized:.2f}" if centralized else "-"
-            model = f"EMA {prefix[3:-1]} of global" if prefix else "global"
+            model = (f"EMA {prefix[3:-1]} of global" if prefix else "global") + \
+                (" (chosen on validation)" if prefix == chosen else "")
             lines.append(f"| {arm} | {model} | {', '.join(points)} | {test} | {ratio} | {len(mine)} | "
                          f"{mine[0]['rounds']} | {np.mean([m['seconds'] for m in mine]):.0f} |")
     return "\n".join(lines)

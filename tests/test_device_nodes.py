@@ -147,7 +147,8 @@ def _run(tmp_path, name, devices_per_node, **overrides):
 
 @pytest.mark.parametrize("overrides", [
     # plain SGD: the batched path's rounding stays at float level (Adam would magnify it where g ~ 1e-8)
-    pytest.param({"dp": False, "local-optimizer": "sgd", "local-lr": 0.5}, id="fedavg"),
+    # aggregation = fedavg: a non-private run's default (auto) is per-row with one device per node only
+    pytest.param({"dp": False, "aggregation": "fedavg", "local-optimizer": "sgd", "local-lr": 0.5}, id="fedavg"),
     pytest.param({"dp": True, "noise-multiplier": 0.5, "sample-rate": 0.5}, id="on-device-dp"),
 ])
 def test_devices_per_node_gives_the_same_global_model(tmp_path, overrides):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import numpy as np
@@ -70,10 +71,65 @@ def test_per_row_is_wrapped_only_when_asked():
     assert "PerRowAveraging" not in names
 
 
+def _wrapped(cfg) -> bool:
+    inner, names = build_strategy(cfg, 6, lambda r, s: None, lambda r, s: None), []
+    while hasattr(inner, "strategy"):
+        names.append(type(inner).__name__)
+        inner = inner.strategy
+    return "PerRowAveraging" in names
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ({}, "fedavg"),  # the default run is private (dp = true)
+    ({"dp": False}, "per-row"),
+    ({"dp": False, "user-dp": True}, "fedavg"),
+    ({"dp": False, "secure-aggregation": True}, "fedavg"),
+    ({"dp": False, "item-representation": "text"}, "fedavg"),
+    ({"dp": False, "devices-per-node": 2}, "fedavg"),
+    ({"dp": False, "aggregation": "fedavg"}, "fedavg"),
+    ({"dp": False, "aggregation": "per-row"}, "per-row"),
+])
+def test_the_default_aggregation_is_per_row_exactly_where_it_is_allowed(overrides, expected):
+    cfg = config.validate(overrides)
+    assert cfg["aggregation"] == overrides.get("aggregation", "auto")  # the record keeps what was asked
+    assert config.aggregation_in_effect(cfg) == expected
+    assert _wrapped(cfg) == (expected == "per-row")
+
+
+def test_privrec_simulate_no_dp_runs_per_row_by_default():
+    from tools.options import config_from_args
+
+    def simulate(no_dp, *pairs):  # the config `privrec simulate` resolves (tools/cli.py: cmd_simulate)
+        args = argparse.Namespace(config=None, set=list(pairs), no_dp=no_dp)
+        return config_from_args(args, preset=config.DEFAULT_PIPELINE)
+
+    cfg = simulate(True, "model=sasrec")
+    assert cfg["dp"] is False and config.aggregation_in_effect(cfg) == "per-row" and _wrapped(cfg)
+    for private in (simulate(False, "model=sasrec"), simulate(True)):  # on-device DP; the user-level DP pipeline
+        assert config.aggregation_in_effect(private) == "fedavg" and not _wrapped(private)
+    hosted = simulate(True, "model=sasrec", "devices-per-node=4")  # a node's reply merges its devices' updates
+    assert config.aggregation_in_effect(hosted) == "fedavg"
+
+
+def test_a_resume_compares_the_aggregation_in_effect(tmp_path):
+    from shared.resume import refuse_incompatible
+
+    # A DP run written under the old default (fedavg) continues under the new default (auto = fedavg there).
+    refuse_incompatible({"config": {"dp": True, "aggregation": "fedavg"}, "round": 1}, config.validate({}), tmp_path)
+    # A non-private run written with fedavg cannot continue as per-row, which auto now means there.
+    with pytest.raises(PrivrecError, match="'aggregation' = 'fedavg'"):
+        refuse_incompatible({"config": {"dp": False, "aggregation": "fedavg"}, "round": 1},
+                            config.validate({"dp": False}), tmp_path)
+    refuse_incompatible({"config": {"dp": False, "aggregation": "per-row"}, "round": 1},
+                        config.validate({"dp": False}), tmp_path)
+
+
 @pytest.mark.parametrize("overrides, named", [
     ({"aggregation": "per-row"}, "'dp' = false"),  # dp = true is the default
     ({"aggregation": "per-row", "dp": False, "user-dp": True}, "'user-dp' = false"),
     ({"aggregation": "per-row", "dp": False, "item-representation": "text"}, "item-representation = text"),
+    ({"aggregation": "per-row", "dp": False, "secure-aggregation": True}, "secure-aggregation = true"),
+    ({"aggregation": "per-row", "dp": False, "devices-per-node": 2}, "devices-per-node = 2"),
     ({"model-average": 1.0}, "model-average"),
     ({"aggregation": "mean"}, "aggregation"),
 ])
