@@ -703,7 +703,7 @@ ARMS = [
      "recent": True, "w_content": FIXED_CONTENT_WEIGHT},
     *[{"name": f"DP popularity z=5 + DP windowed co-occurrence (top {WCOOC_TOP}) z=2.7 + DP-SGD channel scorer "
                f"({len(CHANNELS) + 2} weights, q=0.25, 100 steps, z={z:g})", "pop_z": 5.0, "cooc_z": 2.7,
-       "dpsgd_z": z} for z in (20.0, 0.0)],
+       "dpsgd_z": z} for z in (20.0, 14.0, 0.0)],
     {"name": "non-private transitions + content (upper bound, weights chosen privately z=4 only)", "pop_z": None,
      "seq": "transitions", "seq_z": 0.0, "select_z": 4.0},
 ]
