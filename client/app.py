@@ -17,13 +17,11 @@ import json
 import logging
 from pathlib import Path
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.analytics import answer_popularity_query
 from client.audit import audit_mod
-from client.device import evaluate_round, ledger_path, load_device, train_round
 from client.secagg import secagg_mod
 from shared.config import RunConfig, from_run_config
 from shared.data.devices import CATALOGUE_KEY, check_server_catalogue
@@ -36,6 +34,18 @@ from shared.text.features import TEXT_KEY, features_for
 logging.getLogger("flwr").propagate = False
 
 app = ClientApp(mods=[audit_mod])  # records every reply when the node config has `audit-log`
+
+
+def _device_code():
+    """`client.device` (torch, Opacus, the model), imported by the first message that needs it: under a
+    SuperNode every message starts a ClientApp process of its own, and a secure-aggregation key stage
+    (setup, share, unmask: keys and shares only) then starts without loading torch, in a fraction of the time."""
+    import torch
+
+    from client import device
+
+    torch.set_num_threads(1)
+    return device
 
 
 def _run_config(msg: Message, context: Context) -> tuple[RunConfig, ConfigRecord]:
@@ -62,9 +72,11 @@ def _load(context: Context, record: ConfigRecord, run: RunConfig):
     device_index = 0 if "data-dir" in context.node_config else int(device)
     if "data-dir" in context.node_config and record.get(CATALOGUE_KEY):
         check_server_catalogue(store_dir, str(record[CATALOGUE_KEY]))
-    data, num_items = load_device(store_dir, device_index)
+    data, num_items = _device_code().load_device(store_dir, device_index)
     # Text models: the device builds the frozen text table from its own copy of the public catalogue
     # (cached by hash); the server only names which one, and a mismatch is refused.
+    if run.pipeline.model == "content-scorer":  # its public side comes from `_catalogue`, kept per process
+        return device, data, num_items, state_dir, None
     features = features_for(run, store_dir, expected_key=record.get(TEXT_KEY))
     return device, data, num_items, state_dir, None if features is None else features.vectors
 
@@ -94,15 +106,17 @@ def _refuse_lost_spend(msg: Message, state_dir: str, device: str, path: Path) ->
 
 @app.train(mods=[secagg_mod])  # answers secure-aggregation stages; plain train messages pass through
 def train(msg: Message, context: Context) -> Message:
-    torch.set_num_threads(1)
+    code = _device_code()
     run, record = _run_config(msg, context)
     device, data, num_items, state_dir, item_text = _load(context, record, run)
-    path = ledger_path(state_dir, device)
+    path = code.ledger_path(state_dir, device)
     with ledger_lock(path):  # train_round takes the lock again for its own load -> release
         reconcile(path, _ledger_mirror(context))  # a lost or stale ledger file never lowers the spend
     global_state = msg.content.array_records["arrays"].to_torch_state_dict()
+    if run.pipeline.model == "content-scorer":
+        return _train_scorer(msg, context, run, record, data, item_text, global_state, path, device, state_dir)
     _refuse_lost_spend(msg, state_dir, device, path)
-    outcome = train_round(
+    outcome = code.train_round(
         data, num_items, global_state, run,
         ledger_path=path, device=device,
         run_id=str(record.get("run-id", "")), server_round=int(record["server-round"]),
@@ -123,13 +137,42 @@ def train(msg: Message, context: Context) -> Message:
     return Message(reply, reply_to=msg)
 
 
+def _catalogue(context: Context, record: ConfigRecord, run: RunConfig, item_text=None):
+    """The public item side of the content scorer, from this device's copy of the catalogue."""
+    from client.scorer import public_side  # torch: imported by the messages that need it
+
+    key = record.get(TEXT_KEY)
+    return public_side(_device(context, record, run)[1], None if key is None else str(key))
+
+
+def _train_scorer(msg, context, run, record, data, item_text, global_state, path, device, state_dir) -> Message:
+    """model = content-scorer: the device's gradient (one FedSGD step), its round recorded as a user-level release."""
+    from client.scorer import train_scorer  # torch: imported by the messages that need it
+
+    state, metrics = train_scorer(data, _catalogue(context, record, run, item_text), global_state, run,
+                                  ledger_path=path, device=device,
+                                  release_id=f"{record.get('run-id', '')}-round{int(record['server-round'])}")
+    keep_listed(state_dir, device, path)
+    _mirror_ledger(context, path, device)
+    privacy = ConfigRecord({"device": device, "history": "[]"})  # no window-level DP-SGD in this mode
+    reply = RecordDict({"metrics": MetricRecord(metrics), "privacy": privacy})
+    if state is not None:
+        reply["arrays"] = ArrayRecord(state)
+    return Message(reply, reply_to=msg)
+
+
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    torch.set_num_threads(1)
+    code = _device_code()
     run, record = _run_config(msg, context)
     _, data, num_items, _, item_text = _load(context, record, run)
     global_state = msg.content.array_records["arrays"].to_torch_state_dict()
-    metrics = evaluate_round(data, num_items, global_state, run, item_text=item_text)
+    if run.pipeline.model == "content-scorer":
+        from client.scorer import evaluate_scorer  # torch: imported by the messages that need it
+
+        metrics = evaluate_scorer(data, _catalogue(context, record, run, item_text), global_state, run)
+        return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+    metrics = code.evaluate_round(data, num_items, global_state, run, item_text=item_text)
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
@@ -138,11 +181,12 @@ def popularity_query(msg: Message, context: Context) -> Message:
     """Federated analytics (`privrec baseline popularity|content --epsilon`): this device's unit-norm item-set
     vector, recorded as a user-level release in its ledger first; nothing but the refusal leaves when the
     release would pass the device's cap."""
+    code = _device_code()
     run, record = _run_config(msg, context)
     device, store_dir, state_dir = _device(context, record, run)
-    data, num_items = load_device(store_dir, 0 if "data-dir" in context.node_config else int(device))
+    data, num_items = code.load_device(store_dir, 0 if "data-dir" in context.node_config else int(device))
     query = msg.content.config_records["analytics"]
-    path = ledger_path(state_dir, device)
+    path = code.ledger_path(state_dir, device)
     with ledger_lock(path):
         reconcile(path, _ledger_mirror(context))
     vector, epsilon = answer_popularity_query(

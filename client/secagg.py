@@ -16,7 +16,6 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from shared.config import from_run_config
 from shared.errors import PrivrecError
-from shared.model import FROZEN_BY_SCOPE
 from shared.privacy.user_level import clip_update
 from shared.secagg import DeviceSession, params_from_config, quantize_vector, share_noise_std
 
@@ -26,6 +25,8 @@ STATE = "secagg-session"  # context.state record holding this round's secrets
 
 def summed_keys(keys, device_trains: str) -> list[str]:
     """The arrays a device's update may change (its trainable scope): only these are summed."""
+    from shared.model import FROZEN_BY_SCOPE  # torch: only the upload stage, which trains anyway, needs it
+
     frozen = FROZEN_BY_SCOPE[device_trains]
     return [k for k in keys if k not in frozen]
 

@@ -21,6 +21,7 @@ from server.cohort import BudgetExhausted
 from server.evaluation import central_evaluation
 from server.pretraining import pretrain
 from server.run_dir import RunDirectory
+from server.scorer import central_scorer_evaluation, initial_scorer, released_popularity, scorer_architecture
 from server.secagg import SecureAggregationGrid
 from server.strategy import build_strategy, cohort_size, user_sample_rate
 from shared.aggregation import running_average
@@ -35,9 +36,11 @@ from shared.data.devices import CATALOGUE_KEY, read_catalogue
 from shared.data.store import open_store, prepare_store
 from shared.errors import PrivrecError
 from shared.model import SASRec, architecture_for
+from shared.privacy import pipeline
 from shared.privacy.population import default_population_dir
 from shared.privacy.statement import privacy_statement, sentences, user_level_statement
 from shared.privacy.user_level import user_level_epsilon, user_level_state
+from shared.scorer import read_catalogue as scorer_catalogue
 from shared.secagg import params_from_config
 from shared.text.features import TEXT_KEY, features_for
 
@@ -166,11 +169,18 @@ class FederatedRun:
             log.warning("privrec: %s", clamped)
             self.run_dir.write_json("config.json", cfg)
         self.run = RunConfig.from_values(cfg)  # with what the run resolved
+        self.scorer = self.run.pipeline.model == "content-scorer"
+        if self.scorer:  # the whole run's user-level budget, before anything is released
+            pipeline.check_pipeline_budget(cfg, user_sample_rate(cfg, self.num_devices), "run config: ")
         # Text models: the frozen text table is built here from the public catalogue (encoded once,
         # cached by hash) and is not part of the shipped weights; devices build the same one themselves.
         features = features_for(self.run, Path(items_path).parent)
-        self.model_cfg, self.item_text = architecture_for(self.run, num_items, features)
-        model = SASRec(self.model_cfg, self.item_text)
+        if self.scorer:
+            self.catalogue = scorer_catalogue(items_path, features.vectors)
+            model = None  # made from the popularity release, below
+        else:
+            self.model_cfg, self.item_text = architecture_for(self.run, num_items, features)
+            model = SASRec(self.model_cfg, self.item_text)
         self.text_info = {} if features is None else {"dataset": features.dataset, "key": features.key,
                                                       "catalogue_sha256": features.catalogue_sha256,
                                                       "encoder_id": features.encoder_id}
@@ -199,6 +209,10 @@ class FederatedRun:
             log.info("privrec: resuming run %s after round %d of %d (checkpoint %s)", self.run_dir.path.name,
                      checkpoint.round, self.run.federation.num_rounds, self.run_dir.path / CHECKPOINT_DIR)
         else:
+            if self.scorer:  # federated analytics first: its release is the bias every round ships
+                histogram = released_popularity(self.grid, self.run, self.run_dir, device_config,
+                                                num_items=num_items, num_devices=self.num_devices)
+                model = initial_scorer(self.catalogue, histogram, self.run.federation.seed)
             if self.run.federation.public_share > 0:
                 model, info = pretrain(self.run, self.store, self.model_cfg, self.item_text)
                 self.run_dir.write_json("pretraining.json", info)
@@ -267,7 +281,9 @@ class FederatedRun:
         released = self._released(state)
         central = None
         wanted = server_round in (0, self.run.federation.num_rounds) or server_round in self.eval_stats
-        if self.store is not None and self.run.federation.central_eval and wanted:
+        if self.store is not None and self.run.federation.central_eval and wanted and self.scorer:
+            central = central_scorer_evaluation(released, self.catalogue, self.store, self.run)
+        elif self.store is not None and self.run.federation.central_eval and wanted:
             central = central_evaluation(self.model_cfg, released, self.store, seed=self.run.federation.seed,
                                          item_text=self.item_text, cold_share=self.run.data.cold_item_share)
         row = self._metrics_row(server_round, central)
@@ -295,6 +311,9 @@ class FederatedRun:
         return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.average.items()}
 
     def _save_model(self, state: dict[str, torch.Tensor]) -> None:
+        if self.scorer:
+            self.run_dir.save_model(state, scorer_architecture(self.catalogue, self.run, self.text_info))
+            return
         architecture = {"model": "SASRec", **asdict(self.model_cfg)}
         if self.text_info:
             architecture["item-text"] = self.text_info
@@ -339,6 +358,11 @@ class FederatedRun:
 
     # -- privacy records -------------------------------------------------------------------
     def _user_level_epsilon(self, rounds: int) -> float | None:
+        if self.scorer:  # the popularity release is spent from round 0 on
+            return pipeline.pipeline_epsilon(self.run.pipeline.popularity_noise_multiplier,
+                                             self.run.user_dp.noise_multiplier,
+                                             user_sample_rate(self.cfg, self.num_devices), rounds,
+                                             self.run.device.delta, self.run.device.accountant)
         if not self.run.user_dp.enabled or rounds == 0:
             return None
         return user_level_epsilon(self.run.user_dp.noise_multiplier, user_sample_rate(self.cfg, self.num_devices),
@@ -359,6 +383,13 @@ class FederatedRun:
                           "noise-multiplier": self.run.user_dp.noise_multiplier,
                           "clipping-norm": self.run.user_dp.clipping_norm}
         summary = tally.summary()
+        if self.scorer:
+            record = self._pipeline_record(rounds)
+            return {"format": 1, "delta": self.run.device.delta, "accountant": self.run.device.accountant,
+                    "epsilon": record["epsilon"], "statements": [pipeline.sentence(record, rounds)],
+                    # the one composed history (popularity release first), so a report recomputes the figure
+                    "devices": tally.records, "user-level": {**user_level, "history": record["history"],
+                                                             "pipeline": record}}
         return {
             "format": 1,
             "delta": self.run.device.delta,
@@ -368,6 +399,9 @@ class FederatedRun:
             "devices": tally.records,
             "user-level": user_level,
         }
+
+    def _pipeline_record(self, rounds: int) -> dict[str, Any]:
+        return pipeline.statement(self.cfg, user_sample_rate(self.cfg, self.num_devices), self.num_devices, rounds)
 
     def _summary(self, seconds: float, strategy) -> dict[str, Any]:
         last_eval_round = max(self.eval_stats) if self.eval_stats else None
@@ -393,7 +427,10 @@ class FederatedRun:
                                 "evaluate": sum(r.get("eval-failures", 0) for r in self.rows)},
             "central-evaluation": central_rows[-1]["central"] if central_rows else None,
             "central-evaluation-initial": central_rows[0]["central"] if central_rows else None,
-            "privacy": {**privacy, **privacy_statement(self.cfg), "capped-devices": len(strategy.privacy.capped),
+            "privacy": {"mechanism": "user-level pipeline (popularity release + DP-FedAvg)",
+                        "user-level": {**self._pipeline_record(len([r for r in self.rows if r["round"] > 0])),
+                                       "pipeline": True}} if self.scorer else
+                       {**privacy, **privacy_statement(self.cfg), "capped-devices": len(strategy.privacy.capped),
                         **({"user-level": {**user_level_statement(
                             self.cfg, user_sample_rate(self.cfg, self.num_devices), self.num_devices),
                             "epsilon": self._user_level_epsilon(len([r for r in self.rows if r["round"] > 0]))}}

@@ -11,12 +11,17 @@ Grid, and when the strategy sends its train messages it runs `secure_sum` instea
 devices' replies with their masked arrays replaced by the aggregate model `global + sum / denominator`
 (the same in every reply, so FedAvg's weighted mean, FedAdam and FedProx all take it as it is). The
 strategy thus only ever holds the aggregate.
+
+Each stage pulls every device's reply on its own (`_exchange`), not with `grid.send_and_receive`: see
+there why a device killed in the middle of its upload would otherwise cost the survivors' replies.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import threading
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -39,9 +44,131 @@ class SecureSum:
     dropped: list[int] = field(default_factory=list)  # sampled devices whose vector is not in the sum
 
 
+POLL_SECONDS = 2.0  # longest pause between two passes over the replies still outstanding (Flower: 3 s)
+FIRST_POLL_SECONDS = 0.1  # the first pause, doubled every pass: quick stages (simulation) stay quick
+STUCK_SECONDS = 5.0  # a pull this long is downloading a reply whose sender may have died: go on without it
+LIVENESS_SECONDS = 5.0  # how often a stage checks whether the nodes it still waits for are online
+
+
 def _stage(grid: Grid, contents: dict[int, RecordDict], timeout: float | None) -> dict[int, Message]:
+    """One stage's replies by the node they answer (errors included: a dead node's reply is an error)."""
     messages = [Message(content=c, message_type=MessageType.TRAIN, dst_node_id=n) for n, c in contents.items()]
-    return {r.metadata.src_node_id: r for r in grid.send_and_receive(messages, timeout=timeout)}
+    started = time.monotonic()
+    try:
+        replies = _exchange(grid, messages, timeout)
+    except NotImplementedError:  # a stand-in Grid that answers whole batches only (in-process runs)
+        replies = {r.metadata.src_node_id: r for r in grid.send_and_receive(messages, timeout=timeout)}
+    stage = next(iter(contents.values()))[SECAGG]["stage"] if contents else "?"
+    log.info("privrec: secure aggregation, %s stage: %d of %d replies in %.1f s", stage,
+             sum(not r.has_error() for r in replies.values()), len(messages), time.monotonic() - started)
+    return replies
+
+
+def _exchange(grid: Grid, messages: list[Message], timeout: float | None) -> dict[int, Message]:
+    """Send `messages`; collect their replies until all are in, `timeout` has passed, or every node that
+    still owes one is offline.
+
+    Why not `grid.send_and_receive`: Flower's deployment Grid claims every reply available at the
+    SuperLink in one call and then downloads their contents. A reply whose sender died after announcing
+    it and before uploading its arrays (a SuperNode killed just after sending its masked vector) holds
+    that call until the SuperLink's object-push session expires (180 s in Flower 1.41), together with
+    every reply claimed with it, and the timeout is checked only between calls: the survivors' replies
+    that arrived meanwhile were never pulled ("only 0 masked vectors arrived"). Here each reply is
+    pulled on its own (`_Replies`), and a node the SuperLink lists offline (missed heartbeats) is not
+    waited for until the timeout.
+    """
+    ids = {i for i in grid.push_messages(messages) if i}
+    node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id in ids}
+    if not node_of:
+        return {}
+    replies = _Replies(grid, node_of)
+    replies.start_poller()
+    deadline = None if timeout is None else time.monotonic() + timeout
+    checked = time.monotonic()
+    while not replies.settled.wait(0.5 if deadline is None else max(0.0, min(0.5, deadline - time.monotonic()))):
+        if deadline is not None and time.monotonic() >= deadline:
+            break
+        replies.leave_stuck_pull()
+        if time.monotonic() - checked >= LIVENESS_SECONDS:
+            checked = time.monotonic()
+            owing = replies.owing()
+            if owing and not owing & set(grid.get_node_ids()):
+                log.info("privrec: secure aggregation: nodes %s went offline; going on without them", sorted(owing))
+                break
+    return replies.close()
+
+
+class _Replies:
+    """One stage's replies, pulled one message id at a time with one request in flight (like Flower's own
+    loop: no burst of concurrent requests on the SuperLink's database), by a poller thread. A pull that
+    has lasted STUCK_SECONDS is left to finish on its own (its reply still counts if it comes in time)
+    and a fresh poller goes on with the other ids; the stage leaves any such daemon thread behind."""
+
+    def __init__(self, grid: Grid, node_of: dict[str, int]):
+        self.grid, self.node_of = grid, node_of
+        self.lock = threading.Lock()
+        self.got: dict[int, Message] = {}
+        self.done: set[str] = set()  # ids answered, or whose pull failed
+        self.stuck: set[str] = set()  # ids whose pull is being left to finish on its own
+        self.pulling: dict[int, tuple[str, float]] = {}  # poller generation -> (id, since when)
+        self.generation = 0
+        self.stop, self.settled = threading.Event(), threading.Event()
+
+    def start_poller(self) -> None:
+        with self.lock:
+            self.generation += 1
+            generation = self.generation
+        threading.Thread(target=self._poll, args=(generation,), daemon=True, name="privrec-secagg-pull").start()
+
+    def leave_stuck_pull(self) -> None:
+        with self.lock:
+            pulling = self.pulling.get(self.generation)
+            if pulling is None or time.monotonic() - pulling[1] < STUCK_SECONDS:
+                return
+            self.stuck.add(pulling[0])
+        self.start_poller()
+
+    def owing(self) -> set[int]:
+        with self.lock:
+            return set(self.node_of.values()) - set(self.got)
+
+    def close(self) -> dict[int, Message]:
+        self.stop.set()
+        with self.lock:
+            return dict(self.got)
+
+    def _poll(self, generation: int) -> None:
+        pause = FIRST_POLL_SECONDS
+        while not self.stop.is_set():
+            with self.lock:
+                if generation != self.generation:
+                    return
+                todo = [i for i in self.node_of if i not in self.done and i not in self.stuck]
+            for message_id in todo:
+                with self.lock:
+                    if self.stop.is_set() or generation != self.generation:
+                        return
+                    self.pulling[generation] = (message_id, time.monotonic())
+                try:
+                    got, failed = list(self.grid.pull_messages([message_id])), False
+                except Exception as exc:  # noqa: BLE001 - a failed pull is a lost reply, like a dead device's
+                    got, failed = [], True
+                    if not self.stop.is_set():
+                        log.warning("privrec: secure aggregation: pulling node %d's reply failed: %s",
+                                    self.node_of[message_id], exc)
+                with self.lock:
+                    self.pulling.pop(generation, None)
+                    self.stuck.discard(message_id)  # back to the live poller if nothing came
+                    if got or failed:
+                        self.done.add(message_id)
+                        if got:
+                            self.got[self.node_of[message_id]] = got[0]
+                        if len(self.done) == len(self.node_of):
+                            self.settled.set()
+                    if generation != self.generation:
+                        return  # left behind while stuck: the live poller has the rest
+            self.stop.wait(pause)
+            pause = min(2 * pause, POLL_SECONDS)
 
 
 def _answers(replies: dict[int, Message]) -> dict[int, ConfigRecord]:

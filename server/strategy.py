@@ -33,6 +33,7 @@ from server.tally import PrivacyTally
 from server.user_dp import UserLevelDP
 from shared.metrics import bootstrap_ci
 from shared.model import FROZEN_BY_SCOPE
+from shared.scorer import FROZEN as SCORER_FROZEN
 
 K = 10
 
@@ -109,7 +110,8 @@ def build_strategy(cfg: dict[str, Any], num_devices: int, on_train, on_evaluate)
     if cfg["user-dp"] and not cfg["secure-aggregation"]:
         strategy = UserLevelDP(strategy, noise_multiplier=cfg["user-noise-multiplier"],
                                clipping_norm=cfg["user-clipping-norm"], expected_cohort=float(cohort),
-                               frozen=FROZEN_BY_SCOPE[cfg["device-trains"]])
+                               frozen=SCORER_FROZEN if cfg["model"] == "content-scorer"
+                               else FROZEN_BY_SCOPE[cfg["device-trains"]])
     elif cfg["aggregation"] == "per-row":  # the config refuses it with user-dp (and dp)
         strategy = PerRowAveraging(strategy)
     strategy = SpendBooking(strategy, tally=tally, accountant=cfg["accountant"], metrics_fn=train_metrics)

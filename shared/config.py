@@ -55,6 +55,7 @@ GRAD_SAMPLE_MODES = ("hooks", "ghost")
 OPTIMIZERS = ("adam", "sgd")
 TRAINABLE_SCOPES = ("all", "no-item-tables")  # what a device trains (shared.model.FROZEN_BY_SCOPE)
 REPRESENTATIONS = ("id", "text", "text+id")
+MODELS = ("sasrec", "content-scorer")
 
 # the data and the simulated population
 _DATA: dict[str, Key] = {
@@ -69,7 +70,26 @@ _DATA: dict[str, Key] = {
                                        "every training window and evaluated separately; 0 = off",
                            lambda v: 0 <= v < 1, "must be in [0, 1)"),
 }
-# the model's architecture
+# what a run trains, and the levers of the private content-scorer pipeline (issue 13)
+_PIPELINE: dict[str, Key] = {
+    "model": Key(str, "sasrec", "what is trained: sasrec (the sequence model below), or content-scorer (a DP "
+                                "popularity release as federated analytics, then user-level DP-FedAvg of 387 "
+                                "weights over public text features and on-device profiles; shared/scorer.py)",
+                 _one_of(*MODELS), "must be one of " + ", ".join(MODELS)),
+    "popularity-noise-multiplier": Key(float, 4.0, "content-scorer: noise std of the user-level DP popularity "
+                                                   "release (sensitivity 1: each user's item set / sqrt(n))",
+                                       _positive, "must be > 0"),
+    "profile-items": Key(int, 5, "content-scorer: last items of the user's history in the on-device profile",
+                         _positive, "must be >= 1"),
+    "profile-decay": Key(float, 0.8, "content-scorer: weight decay^k of the k-th most recent item in the profile",
+                         lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    "scorer-targets": Key(int, 10, "content-scorer: a device's gradient is of its mean loss over its last N "
+                                   "training items", _positive, "must be >= 1"),
+    "target-epsilon": Key(float, 2.0, "content-scorer: user-level budget of the whole run (popularity release + "
+                                      "every round, composed); a config that would exceed it is refused before "
+                                      "anything starts (0 = no cap)", _non_negative, "must be >= 0"),
+}
+# the SASRec model's architecture
 _MODEL: dict[str, Key] = {
     "max-len": Key(int, 50, "longest history the model attends to", _positive, "must be >= 1"),
     "hidden-size": Key(int, 64, "embedding and attention width", _positive, "must be >= 1"),
@@ -188,7 +208,8 @@ _DEPLOYMENT: dict[str, Key] = {
 
 # Section name -> its keys; each section becomes one frozen dataclass below (field = key with "_",
 # or the name in RENAMED).
-SECTIONS: dict[str, dict[str, Key]] = {"data": _DATA, "model": _MODEL, "federation": _FEDERATION,
+SECTIONS: dict[str, dict[str, Key]] = {"data": _DATA, "pipeline": _PIPELINE, "model": _MODEL,
+                                       "federation": _FEDERATION,
                                        "device": _DEVICE, "user_dp": _USER_DP,
                                        "secure_aggregation": _SECURE_AGGREGATION, "outputs": _OUTPUTS,
                                        "deployment": _DEPLOYMENT}
@@ -336,11 +357,43 @@ def _check_relations(cfg: Mapping[str, Any], where: str) -> None:
         if cfg["item-representation"] == "text":
             raise PrivrecError(f"{where}config key 'aggregation' = per-row averages rows of the item embedding, "
                                "which item-representation = text has none of: use id or text+id, or fedavg")
+    if cfg["model"] == "content-scorer":
+        _check_content_scorer(cfg, where)
     if cfg["devices-per-round"] == 0 and cfg["fraction-train"] == 0:
         raise PrivrecError(f"{where}config keys 'devices-per-round' and 'fraction-train' are both 0: "
                            "no device would train")
     if cfg["secure-aggregation"] and cfg["devices-per-round"] > 0:
         check_secure_aggregation(cfg, cfg["devices-per-round"], where)
+
+
+def _check_content_scorer(cfg: Mapping[str, Any], where: str) -> None:
+    """What model = content-scorer needs: its guarantee is user-level DP-FedAvg, and nothing else of it exists."""
+    needs = {"dp": (False, "it runs no on-device DP-SGD (its guarantee is user-level: user-dp)"),
+             "user-dp": (True, "its rounds are released only under user-level DP-FedAvg"),
+             "secure-aggregation": (False, "secure aggregation is not wired for it yet"),
+             "public-share": (0.0, "it has no consenting cohort (no server-side pretraining)"),
+             "model-average": (0.0, "its accountant covers the global models only")}
+    for key, (wanted, why) in needs.items():
+        if cfg[key] != wanted:
+            shown = str(wanted).lower() if isinstance(wanted, bool) else wanted
+            raise PrivrecError(f"{where}config key '{key}' = {cfg[key]!r} with model = content-scorer: {why}; "
+                               f"set {key} = {shown}, or model = sasrec")
+    if cfg["accountant"] == "gdp":
+        raise PrivrecError(f"{where}config key 'accountant' = gdp with model = content-scorer: Opacus' gdp cannot "
+                           "compose the popularity release with the rounds; use rdp or prv")
+
+
+# `privrec simulate` with no `model` given runs the private pipeline of issue 13: the DP popularity release
+# then user-level DP-FedAvg of the content scorer, total user-level epsilon <= 2 at delta 1e-5 (Opacus RDP),
+# sized to finish within 10 minutes on 2 cores (README): at a fixed epsilon, q = 0.25 over 10 rounds costs a
+# quarter of the device trainings of q = 1 for ~15% more noise on the mean update (z / (q N): 0.0106 vs 0.0086).
+# Fixed before the run: chosen by the developers from ML-100K validation figures (q 0.25/0.5/1, 10-20 rounds,
+# server-lr 0.1-0.3, two noise seeds); that choice is not in the run's epsilon (README says so).
+DEFAULT_PIPELINE: dict[str, Any] = {
+    "model": "content-scorer", "dp": False, "user-dp": True, "strategy": "fedadam", "server-lr": 0.2,
+    "num-rounds": 10, "devices-per-round": 0, "fraction-train": 0.25, "user-noise-multiplier": 2.5,
+    "user-clipping-norm": 1.0, "eval-every": 0,
+}
 
 
 def check_secure_aggregation(cfg: Mapping[str, Any], cohort: int, where: str = "") -> None:
@@ -395,14 +448,21 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def resolve(config_file: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Defaults, then the config file, then explicit overrides (e.g. CLI flags), validated."""
-    merged: dict[str, Any] = {}
+def resolve(config_file: str | Path | None = None, overrides: Mapping[str, Any] | None = None,
+            preset: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Defaults, then `preset` (unless the file or overrides choose a `model` themselves), then the config file,
+    then explicit overrides (e.g. CLI flags), validated."""
+    explicit: dict[str, Any] = {}
     if config_file is not None:
         file_values = load_toml(config_file)
-        validate(file_values, where=f"{config_file}: ")  # report file mistakes against the file
-        merged.update(file_values)
-    merged.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        if preset is None or "model" in file_values:
+            validate(file_values, where=f"{config_file}: ")  # report file mistakes against the file
+        else:
+            validate({**preset, **file_values}, where=f"{config_file}: ")
+        explicit.update(file_values)
+    explicit.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    merged = dict(preset) if preset is not None and "model" not in explicit else {}
+    merged.update(explicit)
     return validate(merged)
 
 
@@ -413,6 +473,17 @@ class DataSection:
     users_per_device: int
     population_dir: str
     cold_item_share: float
+
+
+@dataclass(frozen=True)
+class PipelineSection:
+    """What is trained (`model`) and the content scorer's levers (shared/scorer.py, shared/privacy/pipeline.py)."""
+    model: str
+    popularity_noise_multiplier: float
+    profile_items: int
+    profile_decay: float
+    scorer_targets: int
+    target_epsilon: float
 
 
 @dataclass(frozen=True)
@@ -497,7 +568,8 @@ class DeploymentSection:
     deploy_devices: int
 
 
-SECTION_TYPES = {"data": DataSection, "model": ModelSection, "federation": FederationSection,
+SECTION_TYPES = {"data": DataSection, "pipeline": PipelineSection, "model": ModelSection,
+                 "federation": FederationSection,
                  "device": DeviceTraining, "user_dp": UserDPSection,
                  "secure_aggregation": SecureAggregationSection, "outputs": OutputsSection,
                  "deployment": DeploymentSection}
@@ -510,6 +582,7 @@ class RunConfig:
     `values` is the flat config the sections were built from (what a run records in config.json).
     """
     data: DataSection
+    pipeline: PipelineSection
     model: ModelSection
     federation: FederationSection
     device: DeviceTraining

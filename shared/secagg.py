@@ -34,7 +34,7 @@ import hashlib
 import math
 import os
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -42,7 +42,7 @@ from Crypto.Protocol.SecretSharing import Shamir
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, encrypt, generate_shared_key
-from flwr.common.secure_aggregation.quantization import dequantize, quantize
+from flwr.common.secure_aggregation.quantization import dequantize
 from flwr.common.secure_aggregation.secaggplus_utils import (
     share_keys_plaintext_concat,
     share_keys_plaintext_separate,
@@ -129,36 +129,69 @@ def random_order(nodes: Sequence[int]) -> list[int]:
 
 
 # -- arithmetic ---------------------------------------------------------------------------------
+def _keystream_into(seed: bytes, zeros: bytes, out: bytearray) -> None:
+    """AES-256-CTR keystream of len(zeros) bytes from `seed` into `out` (a cryptographic PRG)."""
+    encryptor = Cipher(algorithms.AES(hashlib.sha256(seed).digest()), modes.CTR(b"\0" * 16)).encryptor()
+    encryptor.update_into(zeros, out)
+
+
 def mask_stream(seed: bytes, shapes: Sequence[tuple[int, ...]]) -> list[np.ndarray]:
-    """Uniform integers mod 2^32 from a seed: AES-256-CTR keystream (a cryptographic PRG)."""
-    key = hashlib.sha256(seed).digest()
-    dtype = np.uint32
+    """Uniform integers mod 2^32 from a seed, in `shapes` (the mask `apply_masks` adds for that seed)."""
     sizes = [int(np.prod(s, dtype=np.int64)) for s in shapes]
-    stream = Cipher(algorithms.AES(key), modes.CTR(b"\0" * 16)).encryptor()
-    raw = np.frombuffer(stream.update(b"\0" * (sum(sizes) * np.dtype(dtype).itemsize)), dtype=dtype)
+    nbytes = sum(sizes) * 4
+    out = bytearray(nbytes + 15)  # update_into wants room for one more block
+    _keystream_into(seed, bytes(nbytes), out)
+    return _split(np.frombuffer(out, dtype=np.uint32, count=sum(sizes)).copy(), shapes)
+
+
+def apply_masks(vector: Sequence[np.ndarray], masks: Iterable[tuple[bytes, int]]) -> list[np.ndarray]:
+    """`vector` (uint32 arrays) plus sign x PRG(seed) for every (seed, sign) in `masks`, mod 2^32.
+
+    One flat accumulator and one keystream buffer for all masks, added in place: the masks of a device's
+    2t - 1 seeds cost one AES pass each and no allocation (uint32 arithmetic wraps: the field's addition).
+    """
+    shapes = [np.shape(v) for v in vector]
+    total = np.concatenate([np.asarray(v, dtype=np.uint32).ravel() for v in vector])
+    buffer = bytearray(total.nbytes + 15)
+    stream = np.frombuffer(buffer, dtype=np.uint32, count=total.size)
+    zeros = bytes(total.nbytes)
+    for seed, sign in masks:
+        _keystream_into(seed, zeros, buffer)
+        (np.add if sign > 0 else np.subtract)(total, stream, out=total)
+    return _split(total, shapes)
+
+
+def _split(flat: np.ndarray, shapes: Sequence[tuple[int, ...]]) -> list[np.ndarray]:
     out, start = [], 0
-    for shape, size in zip(shapes, sizes):
-        out.append(raw[start:start + size].reshape(shape))
+    for shape in shapes:
+        size = int(np.prod(shape, dtype=np.int64))
+        out.append(flat[start:start + size].reshape(shape))
         start += size
     return out
 
 
-def quantize_vector(arrays: Sequence[np.ndarray], params: SecAggParams) -> list[np.ndarray]:
-    """Clip to the range and round stochastically to integers in [0, levels] (Flower's quantizer)."""
-    quantized = quantize([np.asarray(a, dtype=np.float64) for a in arrays], params.clip_range, params.levels)
-    return [q.astype(np.int64).astype(np.uint32) for q in quantized]
+def quantize_vector(arrays: Sequence[np.ndarray], params: SecAggParams,
+                    rng: np.random.Generator | None = None) -> list[np.ndarray]:
+    """Clip to the range and round stochastically to integers in [0, levels]: Flower's quantizer (same
+    scale, same unbiased rounding, by default from NumPy's global generator as Flower's, so a seeded
+    simulation rounds alike), computed in place as floor(x + U[0, 1)): 2-3x faster than Flower's."""
+    scale = params.levels / (2 * params.clip_range)
+    out = []
+    for a in arrays:
+        x = np.clip(np.asarray(a, dtype=np.float64), -params.clip_range, params.clip_range)
+        x += params.clip_range
+        x *= scale
+        x += rng.random(x.shape) if rng is not None else np.random.random_sample(x.shape)
+        np.floor(x, out=x)
+        np.minimum(x, params.levels, out=x)  # (2c) * L / (2c) may round above L: never past the top level
+        out.append(x.astype(np.uint32))
+    return out
 
 
 def dequantize_sum(total: Sequence[np.ndarray], params: SecAggParams, devices: int) -> list[np.ndarray]:
     """Float sum of `devices` quantized vectors: each carried an offset of clip_range."""
     floats = dequantize([t.astype(np.float64) for t in total], params.clip_range, params.levels)
     return [f - (devices - 1) * params.clip_range for f in floats]  # dequantize removed one offset
-
-
-def _add(a: list[np.ndarray], b: list[np.ndarray], sign: int = 1) -> list[np.ndarray]:
-    # unsigned numpy arithmetic wraps modulo 2^bits: exactly the field's addition
-    with np.errstate(over="ignore"):
-        return [x + y if sign > 0 else x - y for x, y in zip(a, b)]
 
 
 # P-256: a 128-bit security level like AES-128, and ECDH several times faster than Flower's default P-384.
@@ -242,13 +275,10 @@ class DeviceSession:
         """
         self.held = {int(k): v for k, v in received.items() if int(k) in self.peers}
         self.peers = {p: k for p, k in self.peers.items() if p in self.held}
-        shapes = [v.shape for v in vector]
-        masked = _add(list(vector), mask_stream(self.self_seed, shapes))
         mask_private = mask_key_from_seed(self.mask_seed)
-        for peer, (_, mask_pk) in self.peers.items():
-            pair = mask_stream(_pair_seed(mask_private, mask_pk), shapes)
-            masked = _add(masked, pair, 1 if self.node < peer else -1)
-        return masked
+        pairs = [(_pair_seed(mask_private, mask_pk), 1 if self.node < peer else -1)
+                 for peer, (_, mask_pk) in self.peers.items()]
+        return apply_masks(vector, [(self.self_seed, 1), *pairs])
 
     def unmask(self, survivors: Sequence[int], dropped: Sequence[int]) -> dict[int, bytes]:
         """Stage 4: for each survivor the share of its b, for each dropped neighbour that of its mask key."""
@@ -339,20 +369,17 @@ class ServerSession:
         for answers in shares.values():
             for owner, share in answers.items():
                 by_owner.setdefault(int(owner), []).append(share)
-        shapes = [a.shape for a in self.masked[survivors[0]]]
-        total = [np.zeros(s, dtype=np.uint32) for s in shapes]
-        for node in survivors:
-            total = _add(total, self.masked[node])
-            seed = self._rebuild(node, by_owner, "self-mask seed")
-            total = _add(total, mask_stream(seed, shapes), -1)
-        dropped = [n for n in self.public if n not in self.masked]
-        for node in dropped:
+        total = [a.copy() for a in self.masked[survivors[0]]]
+        for node in survivors[1:]:
+            for t, a in zip(total, self.masked[node]):
+                np.add(t, a, out=t)  # uint32: wraps modulo 2^32
+        masks = [(self._rebuild(node, by_owner, "self-mask seed"), -1) for node in survivors]
+        for node in (n for n in self.public if n not in self.masked):  # dropped after sharing its keys
             mask_private = mask_key_from_seed(self._rebuild(node, by_owner, "mask seed"))
-            for peer in self.graph[node]:
-                if peer in self.masked:  # the survivor added +-PRG(s_peer,node); remove it
-                    pair = mask_stream(_pair_seed(mask_private, self.public[peer][1]), shapes)
-                    total = _add(total, pair, -1 if peer < node else 1)
-        return dequantize_sum(total, self.params, len(survivors)), len(survivors)
+            # each surviving neighbour added +-PRG(s_peer,node): remove it
+            masks += [(_pair_seed(mask_private, self.public[peer][1]), -1 if peer < node else 1)
+                      for peer in self.graph[node] if peer in self.masked]
+        return dequantize_sum(apply_masks(total, masks), self.params, len(survivors)), len(survivors)
 
     def _rebuild(self, node: int, by_owner: Mapping[int, list[bytes]], what: str) -> bytes:
         got = by_owner.get(node, [])

@@ -28,12 +28,18 @@ def set_identity() -> None:
     TaskIdentity.task_id = 0
 
 
-def instruction(content: RecordDict, node_id: int, message_type: str, round_: int = 1) -> Message:
+def instruction(content: RecordDict, node_id: int, message_type: str, round_: int = 1,
+                message_id: str | None = None) -> Message:
     """A server-to-device message as a Flower runtime would deliver it."""
-    metadata = Metadata(run_id=RUN_ID, message_id=f"msg-{node_id}-{time.monotonic_ns()}", src_node_id=0,
+    metadata = Metadata(run_id=RUN_ID, message_id=message_id or f"msg-{node_id}-{time.monotonic_ns()}", src_node_id=0,
                         dst_node_id=node_id, reply_to_message_id="", group_id=str(round_),
                         created_at=time.time(), ttl=3600, message_type=message_type)
     return Message(content=content, metadata=metadata)
+
+
+def assign_message_id(message: Message, message_id: str) -> None:
+    """What a Grid's `push_messages` does to each message it sends (an internal field in Flower)."""
+    message.metadata.__dict__["_message_id"] = message_id
 
 
 def node_context(node_id: int, node_config: dict, run_config: Mapping[str, Any] | None = None) -> Context:

@@ -64,18 +64,46 @@ def run_private_baseline(kind: str, cfg: dict[str, Any], store_dir: str | Path, 
         text = store_text_features(store_dir, progress=False).vectors
     if text is not None:
         text = np.asarray(text, np.float64)
-    users = store.all_users()
     result: dict[str, Any] = {"baseline": f"{kind} (user-level DP)", "dataset": store.meta.get("dataset"),
                               "users": store.num_users, "devices": release.devices,
-                              "declined": release.declined, "failed": release.failed}
+                              "declined": release.declined, "failed": release.failed,
+                              **_figures(kind, release.histogram, store.all_users(), text, seed)}
+    result.update(_privacy(kind, z, epsilon, delta))
+    return result
+
+
+def _figures(kind: str, histogram: np.ndarray, users, text: np.ndarray | None, seed: int) -> dict[str, Any]:
+    """valid and test figures of `kind` scored from the released `histogram` (content: + on-device similarity)."""
+    out = {}
     for split in ("valid", "test"):
         inputs, targets, exclude = eval_inputs(users.train, users.valid, users.test, split)
         if kind == "popularity":
-            ranks = _ranks(lambda u: release.histogram, targets, exclude)
+            ranks = _ranks(lambda u: histogram, targets, exclude)
         else:
-            ranks = _ranks(lambda u, inputs=inputs: content_scores(inputs[u], release.histogram, text),
-                           targets, exclude)
-        result[split] = summarize({"rank": ranks}, seed=seed)
+            ranks = _ranks(lambda u, inputs=inputs: content_scores(inputs[u], histogram, text), targets, exclude)
+        out[split] = summarize({"rank": ranks}, seed=seed)
+    return out
+
+
+def reference_baselines(store_dir: str | Path, *, epsilon: float, delta: float, seed: int) -> dict[str, Any]:
+    """Both private baselines at `epsilon`, for printing beside a run (simulation only): ONE release computed
+    centrally from every user's training items (the same sum and noise the federated query makes, without
+    messages or ledgers: it is a reference, not a release of the run), each baseline evaluated on it."""
+    from shared.analytics import item_set_vector, noisy_sum
+    from shared.text.features import store_text_features
+
+    z = noise_for_epsilon(epsilon, delta)
+    store = open_store(store_dir)
+    users = store.all_users()
+    histogram = noisy_sum(item_set_vector(users.train, store.num_items), z, np.random.default_rng(seed))
+    text = np.asarray(store_text_features(store_dir, progress=False).vectors, np.float64)
+    return {kind: {"baseline": f"{kind} (user-level DP, reference computed centrally)",
+                   **_figures(kind, histogram, users, text if kind == "content" else None, seed),
+                   **_privacy(kind, z, epsilon, delta)} for kind in ("popularity", "content")}
+
+
+def _privacy(kind: str, z: float, epsilon: float, delta: float) -> dict[str, Any]:
+    result: dict[str, Any] = {}
     eps = release_epsilon(z, delta)
     result["privacy"] = {
         "epsilon": eps[ACCOUNTANT], "epsilon-pld": eps["pld"], "requested-epsilon": epsilon, "delta": delta,

@@ -456,8 +456,8 @@ def test_simulate_whose_devices_all_fail_exits_non_zero_with_the_device_error(tm
 
     store = walk_store(tmp_path / "store", num_users=6, num_items=30)
     _failing_train_round(monkeypatch, lambda device: True)
-    code, out, err = run_cli(capsys, "simulate", "--set", f"data-store={store}", "--rounds", "2",
-                             "--devices-per-round", "4", "--run-dir", tmp_path / "runs", "--run-name", "bad",
+    code, out, err = run_cli(capsys, "simulate", "--set", "model=sasrec", "--set", f"data-store={store}", "--rounds",
+                             "2", "--devices-per-round", "4", "--run-dir", tmp_path / "runs", "--run-name", "bad",
                              "--set", "eval-every=0", "--set", "max-len=16", "--set", "window=12",
                              "--set", "hidden-size=16", "--set", "num-blocks=1")
     line = assert_user_error(code, err, "run failed", "round 1: 4 of 4 devices failed",
@@ -500,7 +500,9 @@ def test_a_set_value_a_flag_overrides_is_pointed_out(tmp_path, capsys, cache, no
 
 
 def _small_run_flags(store):
-    return ["--set", f"data-store={store}", "--set", "eval-every=0", "--set", "max-len=16", "--set", "window=12",
+    # SASRec runs (`privrec simulate` without a model runs the content-scorer pipeline since issue 13)
+    return ["--set", "model=sasrec", "--set", f"data-store={store}", "--set", "eval-every=0", "--set", "max-len=16",
+            "--set", "window=12",
             "--set", "hidden-size=16", "--set", "num-blocks=1"]
 
 

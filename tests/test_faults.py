@@ -38,7 +38,9 @@ from tools.launch import HOME_OWNER, HOME_PREFIX, _signals_stop_the_run, run_sim
 from tools.report.load import load_run
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--set", "max-len=16", "--set", "window=12", "--set", "hidden-size=16", "--set", "num-blocks=1",
+# SASRec runs: `privrec simulate` without a model runs the content-scorer pipeline since issue 13
+TINY = ["--set", "model=sasrec", "--set", "max-len=16", "--set", "window=12", "--set", "hidden-size=16",
+        "--set", "num-blocks=1",
         "--set", "eval-every=0", "--set", "central-eval=false"]
 
 

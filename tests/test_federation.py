@@ -253,16 +253,16 @@ def _server_main(tmp_path, **overrides):
 
 
 def _failing_train_round(monkeypatch, fails):
-    import client.app as client_module
+    import client.device as device_module
 
-    real = client_module.train_round
+    real = device_module.train_round
 
     def train_round(*args, device, **kwargs):
         if fails(device):
             raise ValueError(f"device {device} cannot train: simulated fault")
         return real(*args, device=device, **kwargs)
 
-    monkeypatch.setattr(client_module, "train_round", train_round)
+    monkeypatch.setattr(device_module, "train_round", train_round)
 
 
 def test_a_run_in_which_every_device_fails_is_failed(tmp_path, monkeypatch):
@@ -296,13 +296,13 @@ def test_a_few_failing_devices_are_recorded_and_the_run_goes_on(tmp_path, monkey
 
 
 def test_a_round_whose_evaluation_fails_on_most_devices_fails_the_run(tmp_path, monkeypatch):
-    import client.app as client_module
+    import client.device as device_module
     from server.app import RoundFailed
 
     def evaluate_round(*args, **kwargs):
         raise RuntimeError("cannot evaluate: simulated fault")
 
-    monkeypatch.setattr(client_module, "evaluate_round", evaluate_round)
+    monkeypatch.setattr(device_module, "evaluate_round", evaluate_round)
     with pytest.raises(RoundFailed, match="round 1 evaluation: 8 of 8 devices failed .*RuntimeError: cannot"):
         _server_main(tmp_path, **{"eval-every": 1})
     path = tmp_path / "runs" / "f"

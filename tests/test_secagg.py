@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
+from flwr.superlink.grid.http_grid import HttpGrid
 from scipy import stats
 
 from client.audit import ALLOWED_METRICS, read_audit
@@ -20,11 +24,13 @@ from shared.secagg import (
     SecAggAborted,
     SecAggParams,
     ServerSession,
+    apply_masks,
+    mask_stream,
     neighbours,
     quantize_vector,
     share_noise_std,
 )
-from simulations.inprocess import InProcessGrid, instruction
+from simulations.inprocess import InProcessGrid, assign_message_id, instruction
 
 PARAMS = SecAggParams(threshold=3, clip_range=1.0, quantization_bits=16, min_cohort=3)
 SHAPES = [(40, 3), (5,)]
@@ -73,6 +79,27 @@ def test_unmasked_sum_equals_plain_sum_up_to_quantization():
     (total, devices), survivors = _run_protocol(PARAMS, nodes, xs)
     assert devices == 8 and survivors == nodes
     assert _close(total, _plain_sum(xs, nodes), 8, PARAMS)
+
+
+def test_quantizer_rounds_without_bias_inside_its_levels():
+    params = SecAggParams(threshold=2, clip_range=1.0, quantization_bits=4, min_cohort=2)  # 15 steps
+    values, edges = quantize_vector([np.full(200_000, 0.3), np.array([-5.0, 5.0, -1.0, 1.0])], params,
+                                    np.random.default_rng(0))
+    assert edges.tolist() == [0, 15, 0, 15] and edges.dtype == np.uint32  # clipped, never past the top level
+    exact = (0.3 + 1.0) * 15 / 2  # 9.75: rounds to 9 or 10, 10 three times in four
+    assert set(np.unique(values)) == {9, 10} and values.mean() == pytest.approx(exact, abs=0.005)
+
+
+def test_masks_applied_in_place_equal_the_sum_of_their_streams():
+    vector = [np.arange(12, dtype=np.uint32).reshape(3, 4), np.full(5, 2**32 - 1, dtype=np.uint32)]
+    seeds = [(b"a" * 16, 1), (b"b" * 16, -1), (b"c" * 16, 1)]
+    expected = [v.copy() for v in vector]
+    for seed, sign in seeds:
+        for e, m in zip(expected, mask_stream(seed, [v.shape for v in vector])):
+            (np.add if sign > 0 else np.subtract)(e, m, out=e)
+    assert all(np.array_equal(a, b) for a, b in zip(apply_masks(vector, seeds), expected))
+    assert all(np.array_equal(a, b) for a, b in zip(apply_masks(apply_masks(vector, seeds),
+                                                                [(s, -g) for s, g in seeds]), vector))
 
 
 def test_sparse_graph_has_majority_threshold():
@@ -142,8 +169,8 @@ def _stub_run(**cfg):
             "user-noise-multiplier": 1.0, **cfg}
 
 
-def _train_messages(nodes):
-    arrays = ArrayRecord({"w": Array(np.zeros((64, 8), np.float32)), "b": Array(np.zeros(8, np.float32))})
+def _train_messages(nodes, rows=64):
+    arrays = ArrayRecord({"w": Array(np.zeros((rows, 8), np.float32)), "b": Array(np.zeros(8, np.float32))})
     content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})})
     return [instruction(content, n, "train") for n in nodes]
 
@@ -180,6 +207,131 @@ def test_round_over_grid_recovers_survivors_sum_after_drops():
     for key in ("w", "b"):
         plain = sum(_stub_update(n)[key] for n in survivors)
         assert np.abs(result.total[key] - plain).max() <= 7 * 2 * PARAMS.clip_range / PARAMS.levels
+
+
+class SuperLinkGrid(InProcessGrid):
+    """Replies delivered the way Flower's deployment Grid (`HttpGrid`) gets them from a SuperLink.
+
+    A reply is announced before its contents arrive, and a pull claims every announced reply and then
+    downloads each one's contents in turn. A device in `killed_mid_upload` dies right after announcing its
+    masked vector, before uploading it (a SuperNode SIGKILLed at that moment): pulling that reply blocks
+    `hold` seconds (Flower: until the SuperLink's object-push session expires, 180 s) and yields an error,
+    as Flower's does; the device never answers again, and the SuperLink lists it offline (as after its
+    missed heartbeats). In the upload stage the others' replies arrive `late` seconds after the victims'.
+    `send_and_receive` is Flower's own loop.
+    """
+
+    send_and_receive = HttpGrid.send_and_receive
+
+    def __init__(self, client_app, num_nodes, killed_mid_upload, hold=1.5, late=0.3, run_config=None):
+        super().__init__(client_app, num_nodes, run_config=run_config or _stub_run())
+        self.killed, self.hold, self.late = set(killed_mid_upload), hold, late
+        self.dead: set[int] = set()
+        self.announced: dict[str, tuple[float, Message | None]] = {}  # id -> (arrives at, reply or None)
+        self.lock = threading.Lock()
+        self.pushed = 0
+
+    def push_messages(self, messages):
+        ids = []
+        for msg in messages:
+            node, stage = msg.metadata.dst_node_id, str(msg.content.config_records[SECAGG]["stage"])
+            self.pushed += 1
+            message_id = f"pushed-{self.pushed}"
+            assign_message_id(msg, message_id)
+            ids.append(message_id)
+            if node in self.dead:
+                continue
+            if node in self.killed and stage == "upload":
+                self.dead.add(node)
+                self.announced[message_id] = (time.monotonic(), None)
+                continue
+            self.contexts[node].run_config = dict(self.run_config)
+            reply = self._run_client(instruction(msg.content, node, "train", message_id=message_id),
+                                     self.contexts[node])
+            self.announced[message_id] = (time.monotonic() + (self.late if stage == "upload" else 0.0), reply)
+        return ids
+
+    def get_node_ids(self):
+        return [n for n in self.contexts if n not in self.dead]
+
+    def pull_messages(self, message_ids):
+        now = time.monotonic()
+        with self.lock:
+            claimed = {i: self.announced.pop(i)[1] for i in list(message_ids)
+                       if i in self.announced and self.announced[i][0] <= now}
+        out = []
+        for message_id, reply in claimed.items():
+            if reply is None:  # its contents never arrive: Flower retries until the push session expires
+                time.sleep(self.hold)
+                reply = Message(Error(code=ErrorCode.MESSAGE_UNAVAILABLE, reason="contents never arrived"),
+                                reply_to=instruction(RecordDict(), 0, "train", message_id=message_id))
+            out.append(reply)
+        return out
+
+
+@pytest.fixture
+def quick_polls(monkeypatch):
+    """The stage's pull cadence scaled down to the stand-in SuperLink's (sub-second) timings."""
+    import server.secagg
+
+    monkeypatch.setattr(server.secagg, "POLL_SECONDS", 0.1, raising=False)
+    monkeypatch.setattr(server.secagg, "FIRST_POLL_SECONDS", 0.05, raising=False)
+    monkeypatch.setattr(server.secagg, "STUCK_SECONDS", 0.3, raising=False)
+    monkeypatch.setattr(server.secagg, "LIVENESS_SECONDS", 0.2, raising=False)
+
+
+@pytest.mark.usefixtures("quick_polls")
+def test_devices_killed_mid_upload_leave_the_survivors_sum():
+    """Two devices die after announcing their masked vectors, before uploading them: the round unmasks the
+    other six's sum, rebuilding the victims' pairwise masks from the survivors' shares of their mask keys.
+    (Flower's `send_and_receive` spent the stage's whole timeout on the victims' replies and pulled none of
+    the survivors': "only 0 masked vectors arrived".)"""
+    grid = SuperLinkGrid(_stub_client_app(), 8, killed_mid_upload={2, 5})
+    nodes = list(range(1, 9))
+    started = time.monotonic()
+    result = secure_sum(grid, _train_messages(nodes), PARAMS, timeout=2.0)
+    assert time.monotonic() - started < 2 * 2.0 + 2  # no stage waited beyond its timeout
+    survivors = [n for n in nodes if n not in (2, 5)]
+    assert result.devices == 6 and sorted(result.dropped) == [2, 5]
+    for key in ("w", "b"):
+        plain = sum(_stub_update(n)[key] for n in survivors)
+        assert np.abs(result.total[key] - plain).max() <= 6 * 2 * PARAMS.clip_range / PARAMS.levels
+
+
+@pytest.mark.usefixtures("quick_polls")
+def test_a_stage_stops_waiting_once_the_devices_it_waits_for_are_offline():
+    """A dead device's half-sent reply would hold its pull for the SuperLink's push-session lifetime (here 30 s,
+    Flower's 180 s): the stage goes on as soon as every device it still waits for is offline, not at its
+    timeout (20 s)."""
+    grid = SuperLinkGrid(_stub_client_app(), 8, killed_mid_upload={3, 7}, hold=30.0)
+    nodes = list(range(1, 9))
+    started = time.monotonic()
+    result = secure_sum(grid, _train_messages(nodes), PARAMS, timeout=20.0)
+    assert time.monotonic() - started < 6
+    assert result.devices == 6 and sorted(result.dropped) == [3, 7]
+
+
+@pytest.mark.usefixtures("quick_polls")
+def test_min_cohort_guards_the_central_noise_when_devices_drop_after_masking():
+    """User-level DP: the sum released after drop-outs carries the noise shares of at least m_min devices, so
+    at least the central variance (z C)^2; one survivor fewer than secagg-min-cohort and nothing is released,
+    although the threshold (3) would still allow unmasking."""
+    z, clip, m_min = 1.0, 0.5, 4
+    params = SecAggParams(threshold=3, clip_range=clip + 6 * share_noise_std(z, clip, m_min), quantization_bits=20,
+                          min_cohort=m_min)
+    run = _stub_run(**{"user-dp": True, "user-clipping-norm": clip, "user-noise-multiplier": z,
+                       "secagg-threshold": 3, "secagg-min-cohort": m_min, "secagg-clip-range": params.clip_range,
+                       "secagg-quantization-bits": 20})
+    grid = SuperLinkGrid(_zero_client_app(), 6, killed_mid_upload={1, 4}, run_config=run)
+    result = secure_sum(grid, _train_messages(list(range(1, 7)), rows=4000), params, timeout=2.0)
+    assert result.devices == m_min
+    noise = np.concatenate([result.total["w"].ravel(), result.total["b"].ravel()])  # 32,008 coordinates
+    assert np.var(noise) == pytest.approx((z * clip) ** 2, rel=0.05)  # m_min shares of (z C)^2 / m_min
+
+    wrapped = SecureAggregationGrid(SuperLinkGrid(_zero_client_app(), 6, killed_mid_upload={1, 4, 6},
+                                                  run_config=run), params, denominator=6.0)
+    assert wrapped.send_and_receive(_train_messages(list(range(1, 7))), timeout=2.0) == []
+    assert "only 3 masked vectors arrived" in wrapped.rounds[-1]["refused"]
 
 
 def test_round_over_grid_refused_below_threshold_and_grid_releases_nothing():

@@ -67,12 +67,14 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------- simulate
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from shared.config import clamp_to_population, default_run_name
+    from shared.config import DEFAULT_PIPELINE, clamp_to_population, default_run_name
     from shared.data.store import open_store, prepare_store
     from shared.privacy.statement import one_line
     from tools.launch import run_simulation
 
-    cfg = config_from_args(args)
+    # Without a `model` of its own, a simulation runs the private pipeline (issue 13): DP popularity release
+    # + user-level DP-FedAvg of the content scorer; `--set model=sasrec` gives the sequence model.
+    cfg = config_from_args(args, preset=DEFAULT_PIPELINE)
     ray_address = _ray_address(args.ray_address)
     store_dir = Path(cfg["data-store"]) if cfg["data-store"] else prepare_store(cfg["dataset"],
                                                                                   cfg["users-per-device"])
@@ -82,7 +84,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     clamped = clamp_to_population(cfg, store.num_devices)
     if clamped:
         print(f"privrec: note: {clamped}", flush=True)
-    if cfg["item-representation"] != "id":  # encode the catalogue here, with a progress bar, once (cached)
+    if cfg["model"] == "content-scorer":  # the whole run's budget, before anything starts
+        from shared.privacy.pipeline import check_pipeline_budget, planned_sample_rate
+
+        check_pipeline_budget(cfg, planned_sample_rate(cfg, store.num_devices))
+    if cfg["item-representation"] != "id" or cfg["model"] == "content-scorer":  # encode once, with a progress bar
         from shared.text.features import features_for
 
         features_for(cfg, store_dir)
@@ -107,6 +113,27 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         raise PrivrecInterrupted(f"interrupted; every process of the run is stopped and {run_path / 'status.json'} "
                                  "says so; run the same command again to resume from the last checkpoint") from None
     return _report_simulation(run_path, result, one_line)
+
+
+def _reference_baselines(run_path: Path) -> None:
+    """The private baselines at the run's own user-level epsilon, printed beside its figures (issue 13: the
+    pipeline must beat both). Simulation only: their release is computed centrally from the store, a
+    reference, not a release of the run nor part of its guarantee."""
+    import importlib
+
+    from shared.atomic import write_json_atomic
+
+    cfg = json.loads((run_path / "config.json").read_text())
+    privacy = json.loads((run_path / "privacy.json").read_text())
+    epsilon, delta = float(privacy["epsilon"]), float(privacy["delta"])
+    driver = importlib.import_module("simulations.private_baselines")  # tools reach simulations by path only
+    figures = driver.reference_baselines(cfg["data-store"], epsilon=epsilon, delta=delta, seed=cfg["seed"])
+    for kind, result in figures.items():
+        test = result["test"]
+        print(f"reference: baseline {kind} at the same user-level epsilon {epsilon:.2f} (delta {delta:g}): "
+              f"NDCG@10 {test['ndcg@10']:.4f}  HR@10 {test['hr@10']:.4f}  [test items; computed centrally in "
+              "simulation, not part of the run's guarantee]")
+    write_json_atomic(run_path / "baselines.json", figures)
 
 
 def _ray_address(value: str | None) -> str | None:
@@ -176,6 +203,8 @@ def _report_simulation(run_path: Path, result, one_line) -> int:
     if central:
         print(f"central check (simulation only): NDCG@10 {central['test-ndcg@10']:.4f}  "
               f"HR@10 {central['test-hr@10']:.4f}")
+    if (summary["privacy"].get("user-level") or {}).get("pipeline"):
+        _reference_baselines(run_path)
     print("privacy: " + one_line(summary["privacy"]))
     print(f"run directory: {run_path}")
     return 0
@@ -384,7 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int)
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config key (repeatable)")
 
-    sim = sub.add_parser("simulate", help="federated simulation with on-device DP (Flower + Ray)")
+    sim = sub.add_parser("simulate", help="federated simulation (Flower + Ray); without a model of its own: the "
+                                          "user-level private pipeline (DP popularity + DP-FedAvg content scorer)")
     add_config_flags(sim)
     sim.add_argument("--rounds", type=int)
     sim.add_argument("--devices-per-round", type=int)

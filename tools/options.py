@@ -23,7 +23,7 @@ def parse_set(pairs: Sequence[str] | None) -> dict[str, Any]:
     return out
 
 
-def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
+def config_from_args(args: argparse.Namespace, preset: dict[str, Any] | None = None) -> dict[str, Any]:
     from shared.config import check_keys, resolve
 
     overrides = parse_set(getattr(args, "set", None))
@@ -40,4 +40,4 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
         if check_keys({key: overrides[key]})[key] != check_keys({key: flags[key]})[key]:
             print(f"privrec: note: --set {key}={overrides[key]} is overridden by its flag ({flags[key]})",
                   file=sys.stderr)
-    return resolve(args.config, {**overrides, **flags})
+    return resolve(args.config, {**overrides, **flags}, preset)

@@ -217,6 +217,10 @@ def _is_bound(privacy: Mapping[str, Any]) -> bool:
 def one_line(summary_privacy: Mapping[str, Any]) -> str:
     parts = []
     user = summary_privacy.get("user-level")
+    if user and user.get("pipeline"):  # model = content-scorer: one figure for everything the run released
+        from shared.privacy.pipeline import one_line as pipeline_line
+
+        return pipeline_line(user)
     if summary_privacy.get("mechanism") != "none":
         eps_max = summary_privacy.get("all-epsilon-max")
         eps_med = summary_privacy.get("all-epsilon-median")

@@ -169,7 +169,8 @@ def features_for(cfg: RunConfig | Mapping, store_dir: str | Path, expected_key: 
 
     `expected_key` (the server's) must match what this side computed from its catalogue.
     """
-    if RunConfig.of(cfg).model.item_representation == "id":
+    run = RunConfig.of(cfg)
+    if run.pipeline.model == "sasrec" and run.model.item_representation == "id":  # the content scorer always needs them
         return None
     features = store_text_features(store_dir, cache_dir)
     if expected_key is not None and str(expected_key) != features.key:

@@ -175,6 +175,8 @@ class Expected:
     sample_rate: float | None
     steps_per_round: int | None
     basis: str  # where q comes from: "config sample-rate", "device data (n windows)", "unknown"
+    # model = content-scorer: the popularity release [z_pop, 1, 1] the user-level history starts with
+    leading_release: tuple[float, float, int] | None = None
 
 
 def steps_for(sample_rate: float, epochs: int) -> int:
@@ -210,6 +212,9 @@ def check_history(history: list[tuple[float, float, int]], rounds_trained: int, 
     """
     flags = []
     round_steps = 0
+    lead = expected.leading_release
+    if lead is not None and history and all(_close(float(a), float(b)) for a, b in zip(history[0], lead)):
+        history = history[1:]  # the popularity release: its own mechanism, not a round
     for i, (z, q, n) in enumerate(history):
         row = f"history row {i} [{z:g}, {q:.6g}, {n}]"
         if expected.noise_multiplier is not None and not _close(z, expected.noise_multiplier):
@@ -280,4 +285,7 @@ def expected_user_level(config: dict[str, Any], population: int | None) -> Expec
             wanted = int(round(config["fraction-train"] * population))
         if wanted:
             q, basis = max(1, min(int(wanted), population)) / population, f"devices-per-round over {population}"
-    return Expected(float(z) if isinstance(z, (int, float)) else None, q, 1, basis)
+    lead = None
+    if config.get("model") == "content-scorer" and isinstance(config.get("popularity-noise-multiplier"), (int, float)):
+        lead = (float(config["popularity-noise-multiplier"]), 1.0, 1)
+    return Expected(float(z) if isinstance(z, (int, float)) else None, q, 1, basis, lead)

@@ -1,0 +1,87 @@
+"""What one device does under `model = content-scorer`: its gradient of the scorer, and its own evaluation.
+
+Plain torch/numpy (`shared.scorer`); the Flower message handling lives in `client/app.py`. The device computes
+its profile and proximities from its own history; only the weights `global - gradient` and scalar counts leave
+it. The server clips that update and adds the noise (DP-FedAvg): the guarantee is user-level against whoever
+sees the released models, not against the server (no secure aggregation in this mode).
+
+Every round the device takes part in is recorded in its ledger as a user-level release *before* the update
+leaves, without sampling amplification (the device knows it was sampled): an over-statement of what the run's
+accountant counts for it, never an under-statement. A device whose next release would pass its cap
+(`max-epsilon` > 0) declines and sends nothing but the refusal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from shared.config import RunConfig
+from shared.data.store import ITEMS_FILE, DeviceData
+from shared.errors import PrivrecError
+from shared.privacy.accounting import epsilon_from_state
+from shared.privacy.ledger import ledger_lock, load_ledger, save_ledger
+from shared.scorer import Catalogue, ContentScorer, evaluation_sums, fedsgd_update, read_catalogue, user_gradient
+
+ROUND_RELEASE = "content-scorer-round"
+
+
+def public_side(store_dir: str | Path, expected_key: str | None) -> Catalogue:
+    """The public item side from this device's copy of the catalogue; `expected_key` (the server's text
+    features) must match. Kept per process: it is public and the same for every message of a run."""
+    items = Path(store_dir) / ITEMS_FILE
+    return _public_side(str(store_dir), items.stat().st_mtime_ns, expected_key)
+
+
+@lru_cache(maxsize=4)
+def _public_side(store_dir: str, items_mtime_ns: int, expected_key: str | None) -> Catalogue:
+    from shared.text.features import store_text_features
+
+    features = store_text_features(store_dir)
+    if expected_key is not None and str(expected_key) != features.key:
+        raise PrivrecError(f"{store_dir}: this catalogue's text features are {features.key}, but the global model "
+                           f"was built on {expected_key}: the catalogues differ")
+    return read_catalogue(Path(store_dir) / ITEMS_FILE, features.vectors)
+
+
+def _model(catalogue: Catalogue, global_state: Mapping[str, torch.Tensor]) -> ContentScorer:
+    return ContentScorer.from_state(global_state, catalogue.num_items, catalogue.text.shape[1])
+
+
+def train_scorer(data: DeviceData, catalogue: Catalogue, global_state: Mapping[str, torch.Tensor], run: RunConfig,
+                 *, ledger_path: Path, device: str, release_id: str) -> tuple[dict | None, dict]:
+    """(weights to send, or None when the device declines; the reply's metrics)."""
+    z = run.user_dp.noise_multiplier
+    with ledger_lock(ledger_path):
+        ledger = load_ledger(ledger_path, device)
+        history = ledger.user_level_history() + [[z, 1.0, 1]]
+        epsilon = epsilon_from_state({"history": history, "mechanism": "rdp"}, run.device.delta, "rdp")
+        cap = run.device.max_epsilon
+        if cap > 0 and epsilon > cap:
+            return None, {"declined": 1, "num-examples": 0, "steps": 0}
+        ledger.releases.append({"kind": ROUND_RELEASE, "release": release_id, "unit": "user",
+                                "relation": "add/remove one user",
+                                "mechanism": "server-side clipped sum + Gaussian (the server sees this update)",
+                                "noise_multiplier": z, "sample_rate": 1.0, "steps": 1,
+                                "user-level-epsilon": epsilon, "delta": run.device.delta, "accountant": "rdp"})
+        save_ledger(ledger_path, ledger)  # recorded before the update leaves: over-report, never under-report
+    model = _model(catalogue, global_state)
+    grads = user_gradient(model, catalogue, data.train, run.pipeline.scorer_targets, run.pipeline.profile_items,
+                          run.pipeline.profile_decay)
+    # FedAvg weight 1 and a config step count: nothing in the metrics depends on the device's data.
+    return fedsgd_update(model, grads), {"num-examples": 1, "steps": 1}
+
+
+def evaluate_scorer(data: DeviceData, catalogue: Catalogue, global_state: Mapping[str, torch.Tensor],
+                    run: RunConfig) -> dict[str, float | int]:
+    """HR@10 / NDCG@10 sums over this device's users (validation and test items), scored on the device."""
+    model = _model(catalogue, global_state)
+    return {"num-examples": len(data.test),
+            **evaluation_sums(model, catalogue, data.train, data.valid, data.test, run.pipeline.profile_items,
+                              run.pipeline.profile_decay)}
+
+
+__all__ = ["evaluate_scorer", "public_side", "train_scorer"]

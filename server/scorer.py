@@ -1,0 +1,80 @@
+"""Server side of `model = content-scorer`: the DP popularity release first, then the scorer's initial model.
+
+The release is federated analytics (`server.analytics.federated_popularity`, the one the private baselines
+use) over every device; its result becomes the `popularity` buffer of the model every round ships, so it is
+released once and never again. It is recorded in the run directory (`popularity.json`) as soon as it exists:
+a resumed run reuses it instead of releasing a second histogram the accountant would not count.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
+
+from server.analytics import federated_popularity
+from server.run_dir import RunDirectory
+from shared.config import RunConfig
+from shared.data.store import DeviceStore
+from shared.metrics import hit_at_k, ndcg_at_k
+from shared.scorer import Catalogue, ContentScorer, evaluation_ranks, popularity_bias
+
+log = logging.getLogger("flwr")
+
+POPULARITY_FILE = "popularity.json"
+
+
+def released_popularity(grid: Grid, run: RunConfig, run_dir: RunDirectory, device_config: Mapping[str, Any], *,
+                        num_items: int, num_devices: int) -> np.ndarray:
+    """The run's one popularity release (from `popularity.json` when a resumed run already made it)."""
+    path = run_dir.path / POPULARITY_FILE
+    if path.exists():
+        return np.asarray(json.loads(path.read_text())["histogram"], dtype=np.float64)
+    sample_nodes(grid, num_devices, 0)  # waits until every device has joined: each one contributes
+    release = federated_popularity(grid, device_config, num_items=num_items,
+                                   noise_multiplier=run.pipeline.popularity_noise_multiplier, delta=run.device.delta,
+                                   release_id=f"{run_dir.path.name}-popularity", rng=np.random.default_rng())
+    run_dir.write_json(POPULARITY_FILE, {"histogram": release.histogram.tolist(),
+                                         "noise-multiplier": release.noise_multiplier, "devices": release.devices,
+                                         "declined": release.declined, "failed": release.failed})
+    log.info("privrec: popularity released (user-level DP, noise multiplier %s) over %d devices "
+             "(%d declined, %d failed)", release.noise_multiplier, release.devices, release.declined, release.failed)
+    return release.histogram
+
+
+def initial_scorer(catalogue: Catalogue, histogram: np.ndarray, seed: int) -> ContentScorer:
+    torch.manual_seed(seed)
+    model = ContentScorer(catalogue.num_items, catalogue.text.shape[1])
+    model.popularity.copy_(popularity_bias(histogram))
+    return model
+
+
+def central_scorer_evaluation(state: Mapping[str, torch.Tensor], catalogue: Catalogue, store: DeviceStore,
+                              run: RunConfig) -> dict[str, Any]:
+    """Simulation only: every user's validation and test items, scored as each device would score its own."""
+    model = ContentScorer.from_state(state, catalogue.num_items, catalogue.text.shape[1])
+    users = store.all_users()
+    out: dict[str, Any] = {"label": "central (simulation only: reads every user's held-out items)"}
+    for split in ("valid", "test"):
+        ranks = evaluation_ranks(model, catalogue, users.train, users.valid, users.test, split,
+                                 run.pipeline.profile_items, run.pipeline.profile_decay)
+        out[f"{split}-hr@10"] = float(hit_at_k(ranks).mean())
+        out[f"{split}-ndcg@10"] = float(ndcg_at_k(ranks).mean())
+    return out
+
+
+def scorer_architecture(catalogue: Catalogue, run: RunConfig, text_info: Mapping[str, Any]) -> dict[str, Any]:
+    """What model.pt needs beside its weights to be used again (the text table is rebuilt from the catalogue)."""
+    return {"model": "content-scorer", "num_items": catalogue.num_items, "dim": int(catalogue.text.shape[1]),
+            "profile-items": run.pipeline.profile_items, "profile-decay": run.pipeline.profile_decay,
+            "item-text": dict(text_info)}
+
+
+__all__ = ["POPULARITY_FILE", "central_scorer_evaluation", "initial_scorer", "released_popularity",
+           "scorer_architecture"]

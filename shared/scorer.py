@@ -1,0 +1,193 @@
+"""The content scorer (`model = content-scorer`): a few hundred weights over public features and on-device signals.
+
+Plain torch, no Flower. A device scores every item as
+
+    s0 * popularity + (profile * w) . text[item] + s1 * raw-id proximity + s2 * year proximity
+
+* `popularity`: log1p of the released user-level DP item-popularity histogram (a buffer of the model: it is
+  public once released, and the same for every device; the DP-FedAvg rounds never change or noise it).
+* `text`: the public MiniLM vectors of the catalogue (`shared.text.features`), unit rows; never shipped, each
+  side builds them from the public catalogue.
+* `profile`: a recency-weighted (decay^k) unit mean of the text vectors of the user's last items, and the two
+  proximities (to the raw catalogue ids of the last items, and to their mean title year): computed on the device
+  from its own history only; nothing of them leaves the device.
+* Trained weights: `text_weight` (one per text dimension, started at the a-priori content weight 8) and
+  `scales` (popularity, raw-id, year; started at 1, 0, 0): 387 weights with MiniLM.
+
+A device's training contribution is the gradient of its mean softmax loss over its last `targets` training
+items (`user_gradient`); under DP-FedAvg the server clips it, adds noise to the sum and takes a server
+optimizer step (one local step: FedSGD).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from shared.metrics import eval_inputs, hit_at_k, ndcg_at_k, target_ranks
+
+CONTENT_WEIGHT = 8.0  # a-priori start of every text weight (issue 13's probes: 8-12 on validation)
+RECENT_ITEMS = 3  # last items whose raw catalogue ids the raw-id proximity looks at
+TRAINED = ("text_weight", "scales")  # what devices change; `popularity` is a released, frozen buffer
+FROZEN = ("popularity",)
+
+
+@dataclass(frozen=True)
+class Catalogue:
+    """Public item side: unit text rows [items + 1, d] (row 0 = padding), raw catalogue ids and title years."""
+
+    text: torch.Tensor
+    raw: np.ndarray
+    years: np.ndarray
+
+    @property
+    def num_items(self) -> int:
+        return self.text.shape[0] - 1
+
+
+def public_catalogue(text: np.ndarray, item_ids: Sequence[str], item_titles: Sequence[str | None]) -> Catalogue:
+    """The public item side from the catalogue (ids and titles, index = item id) and its text vectors."""
+    text = np.asarray(text, dtype=np.float32)
+    unit = text / (np.linalg.norm(text, axis=1, keepdims=True) + 1e-12)
+    raw = np.array([float(i) if str(i).isdigit() else 0.0 for i in item_ids], dtype=np.float64)
+    years = np.array([float(m.group(1)) if (m := re.search(r"\((\d{4})\)", t or "")) else np.nan
+                      for t in item_titles], dtype=np.float64)
+    known = years[1:][~np.isnan(years[1:])]
+    years = np.where(np.isnan(years), float(np.median(known)) if known.size else 0.0, years)
+    return Catalogue(torch.from_numpy(unit), raw, years)
+
+
+def read_catalogue(items_path: str | Path, text: np.ndarray) -> Catalogue:
+    """`public_catalogue` from a store's or a deployment catalogue's items.json (public: ids and titles)."""
+    from shared.errors import PrivrecError
+
+    try:
+        data = json.loads(Path(items_path).read_text(encoding="utf-8"))
+        ids, titles = data["item_ids"], data["item_titles"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise PrivrecError(f"{items_path}: cannot read the catalogue's item ids and titles ({exc})") from None
+    if len(ids) != len(text) or len(titles) != len(text):
+        raise PrivrecError(f"{items_path}: {len(ids)} items, but the text table has {len(text)} rows")
+    return public_catalogue(text, ids, titles)
+
+
+def device_features(catalogue: Catalogue, histories: Sequence[np.ndarray], profile_items: int,
+                    decay: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What a device computes from its own histories: unit profiles [B, d], raw-id and year proximity [B, items+1]."""
+    text = catalogue.text.numpy()
+    n, width = len(histories), catalogue.num_items + 1
+    profiles = np.zeros((n, text.shape[1]), dtype=np.float32)
+    raw_near = np.zeros((n, width), dtype=np.float32)
+    year_near = np.zeros((n, width), dtype=np.float32)
+    for u, seq in enumerate(histories):
+        seq = np.asarray(seq, dtype=np.int64).reshape(-1)
+        if seq.size == 0:
+            continue
+        last = seq[-profile_items:][::-1]
+        weights = decay ** np.arange(len(last))
+        profile = weights @ text[last]
+        profiles[u] = profile / (np.linalg.norm(profile) + 1e-12)
+        recent = seq[-RECENT_ITEMS:]
+        raw_near[u] = -np.log1p(np.abs(catalogue.raw[None, :] - catalogue.raw[recent][:, None]).min(0))
+        year_near[u] = -np.abs(catalogue.years - (weights @ catalogue.years[last]) / weights.sum()) / 10.0
+    return torch.from_numpy(profiles), torch.from_numpy(raw_near), torch.from_numpy(year_near)
+
+
+class ContentScorer(torch.nn.Module):
+    def __init__(self, num_items: int, dim: int) -> None:
+        super().__init__()
+        self.text_weight = torch.nn.Parameter(torch.full((dim,), CONTENT_WEIGHT))
+        self.scales = torch.nn.Parameter(torch.tensor([1.0, 0.0, 0.0]))
+        self.register_buffer("popularity", torch.zeros(num_items + 1))
+
+    def forward(self, text: torch.Tensor, profile: torch.Tensor, raw_near: torch.Tensor,
+                year_near: torch.Tensor) -> torch.Tensor:
+        content = (profile * self.text_weight) @ text.T
+        s = self.scales
+        return s[0] * self.popularity + content + s[1] * raw_near + s[2] * year_near
+
+    @classmethod
+    def from_state(cls, state, num_items: int, dim: int) -> ContentScorer:
+        model = cls(num_items, dim)
+        model.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in state.items()})
+        return model
+
+
+def popularity_bias(released: np.ndarray) -> torch.Tensor:
+    """The score bias from the released histogram: log1p of its positive part (padding 0)."""
+    bias = np.log1p(np.maximum(np.asarray(released, dtype=np.float64), 0.0))
+    bias[0] = 0.0
+    return torch.from_numpy(bias.astype(np.float32))
+
+
+def training_examples(train: Sequence[np.ndarray], targets: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """(histories, next items) of the last `targets` training items of each of the device's users."""
+    histories, nexts = [], []
+    for seq in train:
+        seq = np.asarray(seq, dtype=np.int64).reshape(-1)
+        for pos in range(max(1, len(seq) - targets), len(seq)):
+            histories.append(seq[:pos])
+            nexts.append(seq[pos])
+    return histories, np.asarray(nexts, dtype=np.int64)
+
+
+def user_gradient(model: ContentScorer, catalogue: Catalogue, train: Sequence[np.ndarray], targets: int,
+                  profile_items: int, decay: float) -> dict[str, torch.Tensor]:
+    """Gradient of the mean softmax loss over the device's last `targets` training items, per trained weight.
+
+    Zero for a device with no usable example (a history of one item): it still answers, and its zero update
+    is as private as any other.
+    """
+    grads = {k: torch.zeros_like(p) for k, p in model.named_parameters()}
+    histories, nexts = training_examples(train, targets)
+    if not histories:
+        return grads
+    model.zero_grad()
+    scores = model(catalogue.text, *device_features(catalogue, histories, profile_items, decay))
+    loss = torch.nn.functional.cross_entropy(scores[:, 1:], torch.from_numpy(nexts) - 1)
+    loss.backward()
+    return {k: p.grad.detach().clone() for k, p in model.named_parameters()}
+
+
+def fedsgd_update(model: ContentScorer, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The weights a device returns: global - gradient (one unit step), so its update is minus its gradient."""
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    for k, g in grads.items():
+        state[k] = state[k] - g
+    return state
+
+
+def score_histories(model: ContentScorer, catalogue: Catalogue, histories: Sequence[np.ndarray],
+                    profile_items: int, decay: float) -> torch.Tensor:
+    with torch.no_grad():
+        return model(catalogue.text, *device_features(catalogue, histories, profile_items, decay))
+
+
+def evaluation_ranks(model: ContentScorer, catalogue: Catalogue, train, valid, test, split: str,
+                     profile_items: int, decay: float, batch: int = 256) -> np.ndarray:
+    """Rank of each user's held-out item for `split`, own history excluded (the project's full-ranking metric)."""
+    inputs, targets, exclude = eval_inputs(train, valid, test, split)
+    ranks = np.zeros(len(targets), dtype=np.int64)
+    for start in range(0, len(targets), batch):
+        stop = min(start + batch, len(targets))
+        scores = score_histories(model, catalogue, inputs[start:stop], profile_items, decay)
+        ranks[start:stop] = target_ranks(scores, torch.from_numpy(np.asarray(targets[start:stop])),
+                                         exclude[start:stop])
+    return ranks
+
+
+def evaluation_sums(model: ContentScorer, catalogue: Catalogue, train, valid, test, profile_items: int,
+                    decay: float, k: int = 10) -> dict[str, float]:
+    """HR@k / NDCG@k sums over the given users on validation and test items (a device's evaluate reply)."""
+    out = {}
+    for split in ("valid", "test"):
+        ranks = evaluation_ranks(model, catalogue, train, valid, test, split, profile_items, decay)
+        out[f"{split}-hit@{k}-sum"] = float(hit_at_k(ranks, k).sum())
+        out[f"{split}-ndcg@{k}-sum"] = float(ndcg_at_k(ranks, k).sum())
+    return out
