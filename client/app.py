@@ -25,6 +25,7 @@ from client.audit import audit_mod
 from client.secagg import secagg_mod
 from shared.config import RunConfig, from_run_config
 from shared.data.devices import CATALOGUE_KEY, check_server_catalogue
+from shared.device_nodes import NODE_DEVICES
 from shared.errors import PrivrecError
 from shared.privacy.ledger import PrivacyLedger, from_json, ledger_lock, load_ledger, reconcile
 from shared.privacy.population import check_seen_spend, keep_listed
@@ -106,6 +107,10 @@ def _refuse_lost_spend(msg: Message, state_dir: str, device: str, path: Path) ->
 
 @app.train(mods=[secagg_mod])  # answers secure-aggregation stages; plain train messages pass through
 def train(msg: Message, context: Context) -> Message:
+    if NODE_DEVICES in msg.content.config_records:  # a simulated node hosting several devices (devices-per-node > 1)
+        from client.node import train_devices  # torch: imported by the messages that need it
+
+        return train_devices(msg, context)
     code = _device_code()
     run, record = _run_config(msg, context)
     device, data, num_items, state_dir, item_text = _load(context, record, run)
@@ -163,6 +168,10 @@ def _train_scorer(msg, context, run, record, data, item_text, global_state, path
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
+    if NODE_DEVICES in msg.content.config_records:
+        from client.node import evaluate_devices
+
+        return evaluate_devices(msg, context)
     code = _device_code()
     run, record = _run_config(msg, context)
     _, data, num_items, _, item_text = _load(context, record, run)

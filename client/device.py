@@ -27,7 +27,7 @@ from shared.metrics import eval_inputs, evaluate_histories
 from shared.model import SASRec, model_for
 from shared.privacy.accounting import compose_history, epsilon_from_state, history_steps
 from shared.privacy.ledger import LEDGER_FILE, PrivacyLedger, decline, ledger_lock, load_ledger, release, reserve
-from shared.training import LocalTrainConfig, dp_steps_per_epoch, train_local
+from shared.training import LocalTrainConfig, LocalTrainResult, dp_steps_per_epoch, train_local
 
 
 def load_device(store_dir: str | Path, device_id: int) -> tuple[DeviceData, int]:
@@ -121,8 +121,27 @@ def train_round(data: DeviceData, num_items: int, global_state: Mapping[str, tor
                                    server_round, proximal_mu, item_text)
 
 
-def _train_round_locked(data, num_items, global_state, run: RunConfig, ledger_path, device, run_id, server_round,
-                        proximal_mu, item_text) -> TrainOutcome:
+@dataclass
+class RoundTicket:
+    """A round the ledger has reserved: what the device trains with, and what its release needs."""
+
+    ledger: PrivacyLedger
+    train_cfg: LocalTrainConfig
+    prior_state: dict | None  # the accountant state before this round (DP rounds compose with it)
+    planned_state: dict | None  # DP: the state after this round, as reserved
+    planned_steps: int
+    started: float
+
+
+def begin_round(run: RunConfig, ledger_path: Path, device: str, run_id: str, server_round: int,
+                proximal_mu: float = 0.0) -> RoundTicket | TrainOutcome:
+    """The ledger's side of a round before training: a declined `TrainOutcome`, or the reserved round.
+
+    Call under `ledger_lock(ledger_path)`. A device whose ledger has declined refuses any round. A round
+    that would take the device past its cap (`max-epsilon`; a non-private round's epsilon is infinite) is
+    refused; a DP round that would pass it is recorded as `declined` and the device never trains again
+    with that ledger. A DP round after a non-private one is refused: no finite epsilon can be stated for it.
+    """
     started = time.perf_counter()
     dev = run.device
     train_cfg = LocalTrainConfig.for_round(dev, seed=_device_seed(run, server_round, device), proximal_mu=proximal_mu)
@@ -149,29 +168,45 @@ def _train_round_locked(data, num_items, global_state, run: RunConfig, ledger_pa
                 {**where, "private": True, "steps": planned_steps, "sample_rate": float(dev.sample_rate),
                  "noise_multiplier": dev.noise_multiplier, "epsilon": planned_epsilon, "delta": dev.delta,
                  "accountant": dev.accountant, **privacy_unit(dev), "time": time.time()})
-    else:
-        if cap > 0:  # an unnoised release passes every cap; refused, but the budget stays for DP rounds
-            return _declined(ledger, math.inf)
-        reserve(ledger_path, ledger, ledger.accountant_state,
-                {**where, "private": False, "epsilon": None, "time": time.time()})
-    windows = training_windows(data, dev.window, held_out_items(run, num_items))
-    model = build_model(run, num_items, global_state, item_text)
-    global_params = {k: v.detach().clone() for k, v in model.named_parameters()} if proximal_mu > 0 else None
-    result = train_local(model, windows, train_cfg, accountant_state=prior_state if dev.dp else None,
-                         global_params=global_params)
-    if dev.dp:
-        if result.steps != planned_steps or history_steps(result.accountant_state) != history_steps(planned):
-            raise RuntimeError(f"device {device}: took {result.steps} DP steps, reserved {planned_steps}")
-        release(ledger_path, ledger, epsilon=float(result.epsilon))
+        return RoundTicket(ledger, train_cfg, prior_state, planned, planned_steps, started)
+    if cap > 0:  # an unnoised release passes every cap; refused, but the budget stays for DP rounds
+        return _declined(ledger, math.inf)
+    reserve(ledger_path, ledger, ledger.accountant_state,
+            {**where, "private": False, "epsilon": None, "time": time.time()})
+    return RoundTicket(ledger, train_cfg, prior_state, None, 0, started)
+
+
+def finish_round(run: RunConfig, ticket: RoundTicket, ledger_path: Path, device: str,
+                 state_dict: dict[str, torch.Tensor], result: LocalTrainResult) -> TrainOutcome:
+    """The ledger's side of a round after training (under the same lock): release it, and the reply metrics."""
+    if run.device.dp:
+        if result.steps != ticket.planned_steps or \
+                history_steps(result.accountant_state) != history_steps(ticket.planned_state):
+            raise RuntimeError(f"device {device}: took {result.steps} DP steps, reserved {ticket.planned_steps}")
+        release(ledger_path, ticket.ledger, epsilon=float(result.epsilon))
         # Nothing here depends on the device's data: FedAvg weight 1, config steps and rate, and an
         # epsilon that follows from the (identical) history. No loss, no timing, no window count.
-        return TrainOutcome(model.state_dict(), {"num-examples": 1, "steps": int(result.steps),
-                                                 "sample-rate": float(result.sample_rate),
-                                                 "epsilon": float(result.epsilon)})
-    release(ledger_path, ledger)
-    return TrainOutcome(model.state_dict(), {"num-examples": int(result.num_examples),
-                                             "train-loss": float(result.loss), "steps": int(result.steps),
-                                             "seconds": time.perf_counter() - started})
+        return TrainOutcome(state_dict, {"num-examples": 1, "steps": int(result.steps),
+                                         "sample-rate": float(result.sample_rate),
+                                         "epsilon": float(result.epsilon)})
+    release(ledger_path, ticket.ledger)
+    return TrainOutcome(state_dict, {"num-examples": int(result.num_examples),
+                                     "train-loss": float(result.loss), "steps": int(result.steps),
+                                     "seconds": time.perf_counter() - ticket.started})
+
+
+def _train_round_locked(data, num_items, global_state, run: RunConfig, ledger_path, device, run_id, server_round,
+                        proximal_mu, item_text) -> TrainOutcome:
+    ticket = begin_round(run, ledger_path, device, run_id, server_round, proximal_mu)
+    if isinstance(ticket, TrainOutcome):
+        return ticket
+    windows = training_windows(data, run.device.window, held_out_items(run, num_items))
+    model = build_model(run, num_items, global_state, item_text)
+    global_params = {k: v.detach().clone() for k, v in model.named_parameters()} if proximal_mu > 0 else None
+    result = train_local(model, windows, ticket.train_cfg,
+                         accountant_state=ticket.prior_state if run.device.dp else None,
+                         global_params=global_params)
+    return finish_round(run, ticket, ledger_path, device, model.state_dict(), result)
 
 
 def evaluate_round(data: DeviceData, num_items: int, global_state: Mapping[str, torch.Tensor],

@@ -18,6 +18,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from server.checkpoint import CHECKPOINT_DIR, load_checkpoint, restore_strategy, save_checkpoint
 from server.cohort import BudgetExhausted
+from server.device_nodes import DeviceGrid
 from server.evaluation import central_evaluation
 from server.pretraining import pretrain
 from server.run_dir import RunDirectory
@@ -189,6 +190,8 @@ class FederatedRun:
         strategy = build_strategy(cfg, self.num_devices, self._on_train, self._on_evaluate)
         self.strategy = strategy
         grid = self.grid
+        if self.run.federation.devices_per_node > 1:  # simulated nodes hosting blocks of devices
+            grid = DeviceGrid(self.grid, self.num_devices, self.run.federation.devices_per_node)
         if cfg["secure-aggregation"]:
             cohort = cohort_size(cfg, self.num_devices)
             check_secure_aggregation(cfg, cohort, "run config: ")  # also when the cohort is a fraction

@@ -8,6 +8,7 @@ overrides only the hooks its job needs. Outermost first:
     EvaluationSchedule  devices evaluate every `eval-every` rounds and at the end    (server/rounds.py)
     CohortChoice        the round's cohort among devices below their privacy cap     (server/cohort.py)
     SpendBooking        every reply booked in the privacy tally; declines, refusals  (server/booking.py)
+    NodeAggregates      nodes' aggregates of their devices (devices-per-node > 1)    (server/device_nodes.py)
     UserLevelDP         DP-FedAvg clip + noise, fixed denominator (user-dp only)     (server/user_dp.py)
     PerRowAveraging     item_emb rows averaged over the devices that changed them   (server/per_row.py)
                         (aggregation = per-row; non-private runs only)
@@ -27,6 +28,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
 from server.booking import SpendBooking
 from server.cohort import CohortChoice
+from server.device_nodes import NodeAggregates, NodeSums
 from server.per_row import PerRowAveraging
 from server.rounds import EvaluationSchedule, ResumedRun, RoundReport
 from server.tally import PrivacyTally
@@ -107,13 +109,17 @@ def build_strategy(cfg: dict[str, Any], num_devices: int, on_train, on_evaluate)
     strategy: Strategy = flower
     # Under secure aggregation the devices clip and noise their own updates and the Grid wrapper
     # (server/secagg.py) releases current + noised sum / expected cohort: no server-side DP on top.
+    hosted = cfg["devices-per-node"] > 1  # simulated nodes reply with aggregates (server/device_nodes.py)
     if cfg["user-dp"] and not cfg["secure-aggregation"]:
         strategy = UserLevelDP(strategy, noise_multiplier=cfg["user-noise-multiplier"],
                                clipping_norm=cfg["user-clipping-norm"], expected_cohort=float(cohort),
                                frozen=SCORER_FROZEN if cfg["model"] == "content-scorer"
-                               else FROZEN_BY_SCOPE[cfg["device-trains"]])
+                               else FROZEN_BY_SCOPE[cfg["device-trains"]],
+                               summation=NodeSums() if hosted else None)
     elif cfg["aggregation"] == "per-row":  # the config refuses it with user-dp (and dp)
         strategy = PerRowAveraging(strategy)
+    if hosted:
+        strategy = NodeAggregates(strategy)
     strategy = SpendBooking(strategy, tally=tally, accountant=cfg["accountant"], metrics_fn=train_metrics)
     strategy = CohortChoice(strategy, tally=tally, cohort=cohort, min_available=cohort,
                             poisson_rate=user_sample_rate(cfg, num_devices) if cfg["user-dp"] else None)

@@ -136,6 +136,9 @@ _FEDERATION: dict[str, Key] = {
                                     "no privacy guarantee)", lambda v: 0 <= v < 1, "must be in [0, 1)"),
     "public-epochs": Key(int, 20, "epochs of server-side pretraining on the consenting users", _positive,
                          "must be >= 1"),
+    "devices-per-node": Key(int, 1, "simulation only: simulated devices one Flower node hosts (consecutive "
+                                    "devices, each trained as on its own, sent one message per node; a "
+                                    "deployment has one device per SuperNode)", _positive, "must be >= 1"),
     "round-timeout": Key(float, 3600.0, "seconds the server waits for replies in a round; late or lost "
                                         "devices are left out of that round", _positive, "must be > 0"),
 }
@@ -364,6 +367,15 @@ def _check_relations(cfg: Mapping[str, Any], where: str) -> None:
                            "no device would train")
     if cfg["secure-aggregation"] and cfg["devices-per-round"] > 0:
         check_secure_aggregation(cfg, cfg["devices-per-round"], where)
+    if cfg["devices-per-node"] > 1:
+        for key, clash in (("secure-aggregation", cfg["secure-aggregation"]),
+                           ("aggregation", cfg["aggregation"] == "per-row"), ("catalogue", bool(cfg["catalogue"])),
+                           ("model", cfg["model"] == "content-scorer")):
+            # one reply per device (masks, changed rows), a real SuperNode per device, or device code that
+            # client/node.py does not host (the content scorer's)
+            if clash:
+                raise PrivrecError(f"{where}config key 'devices-per-node' = {cfg['devices-per-node']} cannot be "
+                                   f"combined with '{key}' = {cfg[key]!r}: set devices-per-node = 1")
 
 
 def _check_content_scorer(cfg: Mapping[str, Any], where: str) -> None:
@@ -513,6 +525,7 @@ class FederationSection:
     deterministic_devices: bool
     public_share: float
     public_epochs: int
+    devices_per_node: int
     round_timeout: float
 
 

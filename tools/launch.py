@@ -17,6 +17,7 @@ or failed by itself.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -329,6 +330,11 @@ def stop_process_group(process: subprocess.Popen, grace: float = 10) -> None:
         process.wait(timeout=grace)
 
 
+def simulated_nodes(cfg: dict[str, Any], num_devices: int) -> int:
+    """Flower nodes a simulation of `num_devices` devices needs: one per `devices-per-node` devices."""
+    return math.ceil(num_devices / cfg.get("devices-per-node", 1))
+
+
 def run_simulation(cfg: dict[str, Any], num_devices: int, run_path: Path,
                    on_poll: Callable[[], None] | None = None, cpus_per_device: int = 1,
                    ray_address: str | None = None) -> SimulationResult:
@@ -368,7 +374,8 @@ def _simulate(cfg: dict[str, Any], num_devices: int, run_path: Path, overrides: 
         command = [_bin("flwr"), "run", str(project_root()), "privrec", "--stream",
                    "--run-config", str(overrides),
                    "--federation-config",
-                   f"num-supernodes={num_devices} client-resources-num-cpus={cpus_per_device} "
+                   f"num-supernodes={simulated_nodes(cfg, num_devices)} "
+                   f"client-resources-num-cpus={cpus_per_device} "
                    "client-resources-num-gpus=0"]
         with open(log_path, "ab") as log:
             process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,

@@ -49,14 +49,29 @@ def mark_trained(folder: str | Path, device: str) -> None:
     """List `device` (once). One O_APPEND write per line: devices of one population may append at once."""
     if device in trained_devices(folder):
         return
+    _append(folder, [device])
+
+
+def _append(folder: str | Path, devices: list[str]) -> None:
     path = Path(folder) / TRAINED_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        os.write(fd, f"{device}\n".encode())
+        os.write(fd, "".join(f"{device}\n" for device in devices).encode())
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def keep_all_listed(folder: str | Path, ledgers: dict[str, Path]) -> None:
+    """`keep_listed` for many devices (device -> ledger path): the list is read once and appended once."""
+    listed = trained_devices(folder)
+    for device, path in ledgers.items():
+        if not path.exists() and device in listed:
+            keep_listed(folder, device, path)  # raises: listed, but its ledger is gone
+    new = [device for device, path in ledgers.items() if device not in listed and path.exists()]
+    if new:
+        _append(folder, new)
 
 
 def keep_listed(folder: str | Path, device: str, ledger_path: Path) -> None:

@@ -1,0 +1,271 @@
+"""A simulated Flower node hosting a block of simulated devices (`devices-per-node` > 1, simulation only).
+
+A node stands for nothing real: it is a simulation artefact that saves the Flower and Ray cost of one
+message per device. In a deployment every device is its own SuperNode and nothing here runs (a node
+whose config has `data-dir` refuses a device list). The server (server/device_nodes.py) sends one train
+or evaluate message per node naming the sampled devices on it (`node-devices`: their store indices and
+the ids the server knows them by). Each listed device keeps everything it has on its own: its data
+slice of the shared store, its own ledger file (locked, reconciled with the node's in-memory mirror of
+it, checked against the spend the server has seen from it), its own seed derivation
+(`client.device._device_seed`) and its own local round (`client.device.train_round`'s steps, or the same
+round vectorised with other devices by `client.batched` when the round has no randomness). Devices
+under on-device DP (dp = true) always train one by one with their own Opacus accountant and ledger.
+
+The reply lists every device's own metrics and privacy record (what it would have sent alone) and
+ONE aggregate of the devices that trained: under user-level DP the sum of their updates, each
+clipped to `user-clipping-norm` exactly as `server.user_dp.ServerSideClipping` clips (float64), and
+their count; otherwise their example-weighted mean weights and total weight (FedAvg's weighting).
+Summing on the node is not a trust boundary in a simulation: the server process could read every
+device's data from the shared store anyway.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+from client.batched import batchable, fits_one_batch, train_batched
+from client.device import (
+    TrainOutcome,
+    begin_round,
+    build_model,
+    evaluate_round,
+    finish_round,
+    ledger_path,
+    training_windows,
+)
+from shared.atomic import one_sync
+from shared.coldstart import held_out_items
+from shared.config import RunConfig, from_run_config
+from shared.data.store import open_store
+from shared.device_nodes import CLIPPED_SUM, NODE_AGGREGATE, NODE_DEVICES, SEEN_SPEND_LIST, WEIGHTED_MEAN
+from shared.errors import PrivrecError
+from shared.model import FROZEN_BY_SCOPE
+from shared.privacy.ledger import PrivacyLedger, from_json, ledger_lock, load_ledger, reconcile
+from shared.privacy.population import check_seen_spend, keep_all_listed
+from shared.text.features import TEXT_KEY, features_for
+from shared.training import train_local
+
+AGGREGATE_CHUNK = 32  # devices whose float64 updates are held at once when summing
+MIRROR_PREFIX = "privacy-ledger:"  # context.state key per device: in-memory copy of its ledger file
+
+
+def hosts_devices(msg: Message) -> bool:
+    return NODE_DEVICES in msg.content.config_records
+
+
+@dataclass
+class _Listed:
+    index: int
+    node_id: int
+    outcome: TrainOutcome | None = None
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def device(self) -> str:
+        return str(self.index)
+
+
+def train_devices(msg: Message, context: Context) -> Message:
+    """Train every device the message lists, each as on its own; reply with their records and one aggregate."""
+    torch.set_num_threads(1)
+    run = from_run_config(context.run_config)
+    record = msg.content.config_records["config"]
+    store_dir, state_dir = _simulation_dirs(context, record)
+    store = open_store(store_dir)
+    features = features_for(run, store_dir, expected_key=record.get(TEXT_KEY))
+    item_text = None if features is None else features.vectors
+    global_state = msg.content.array_records["arrays"].to_torch_state_dict()
+    run_id, server_round = str(record.get("run-id", "")), int(record["server-round"])
+    proximal_mu = float(record.get("proximal-mu", 0.0))
+    listed = _listed(msg)
+    seen = _seen_spend(msg)
+    ledgers = {dev.device: ledger_path(state_dir, dev.device) for dev in listed}
+    with one_sync():  # each device's ledger, as client/app.py prepares a lone device's
+        for dev in listed:
+            with ledger_lock(ledgers[dev.device]):
+                reconcile(ledgers[dev.device], _mirror(context, dev.device))
+    keep_all_listed(state_dir, ledgers)
+    for device, steps in seen.items():
+        if device in ledgers:
+            check_seen_spend(ledgers[device], device, steps)
+    held_out = held_out_items(run, store.num_items)
+    windows = {dev.index: training_windows(store.device(dev.index), run.device.window, held_out) for dev in listed}
+    together = [d for d in listed if batchable(run, proximal_mu)
+                and fits_one_batch(len(windows[d.index]), run.device.batch_size)]
+    if len(together) < 2:
+        together = []
+    alone = [d for d in listed if d not in together]
+    round_ = _Round(run, global_state, store.num_items, item_text, state_dir, run_id, server_round, proximal_mu)
+    for group, vectorised in ((together, True), (alone, False)):
+        if group:
+            _train_group(round_, group, windows, vectorised)
+    return _reply(msg, context, run, listed, global_state, state_dir)
+
+
+@dataclass
+class _Round:
+    run: RunConfig
+    global_state: dict
+    num_items: int
+    item_text: np.ndarray | None
+    state_dir: str
+    run_id: str
+    server_round: int
+    proximal_mu: float
+
+
+def _train_group(round_: _Round, devices: list[_Listed], windows: dict[int, np.ndarray], vectorised: bool) -> None:
+    """`client.device.train_round` for each device, its steps in order: under its ledger's lock, reserve
+    (`begin_round`), train, release (`finish_round`). The group's reservations are made durable together
+    before any device trains, and its releases before the reply leaves (one `os.sync()` each). The
+    devices train in one vectorised pass (`client.batched`) or one by one (`train_local`, with Opacus
+    and the device's own accountant under on-device DP)."""
+    run = round_.run
+    with ExitStack() as locks:
+        tickets = {}
+        with one_sync():
+            for dev in devices:
+                path = ledger_path(round_.state_dir, dev.device)
+                locks.enter_context(ledger_lock(path))
+                ticket = begin_round(run, path, dev.device, round_.run_id, round_.server_round, round_.proximal_mu)
+                if isinstance(ticket, TrainOutcome):
+                    dev.outcome = ticket  # declined: nothing trained, nothing but the refusal leaves
+                else:
+                    tickets[dev.index] = ticket
+        training = [d for d in devices if d.index in tickets]
+        if not training:
+            return
+        results = {}
+        if vectorised:
+            model = build_model(run, round_.num_items, round_.global_state, round_.item_text)
+            # every device's config but its seed is the run's; the seed only drives dropout (0 here)
+            batched = train_batched(model, [windows[d.index] for d in training], tickets[training[0].index].train_cfg)
+            fixed = {k: v.detach() for k, v in model.state_dict().items() if k not in batched.weights}
+            for position, dev in enumerate(training):
+                dev.weights = {**fixed, **{k: stacked[position] for k, stacked in batched.weights.items()}}
+                results[dev.index] = batched.results[position]
+        else:
+            for dev in training:
+                ticket = tickets[dev.index]
+                model = build_model(run, round_.num_items, round_.global_state, round_.item_text)
+                global_params = {k: v.detach().clone() for k, v in model.named_parameters()} \
+                    if round_.proximal_mu > 0 else None
+                results[dev.index] = train_local(model, windows[dev.index], ticket.train_cfg,
+                                                 accountant_state=ticket.prior_state if run.device.dp else None,
+                                                 global_params=global_params)
+                dev.weights = model.state_dict()
+        with one_sync():
+            for dev in training:
+                dev.outcome = finish_round(run, tickets[dev.index], ledger_path(round_.state_dir, dev.device),
+                                           dev.device, dev.weights, results[dev.index])
+
+
+def _reply(msg: Message, context: Context, run: RunConfig, listed: list[_Listed], global_state, state_dir: str
+           ) -> Message:
+    metrics, privacy = [], []
+    keep_all_listed(state_dir, {dev.device: ledger_path(state_dir, dev.device) for dev in listed})  # before it leaves
+    for dev in listed:
+        ledger = _mirror_ledger(context, ledger_path(state_dir, dev.device), dev.device)
+        metrics.append(dev.outcome.metrics)
+        privacy.append({"device": dev.device,
+                        "history": json.dumps((ledger.accountant_state or {}).get("history") or [])})
+    content = RecordDict({NODE_DEVICES: ConfigRecord({"ids": [d.node_id for d in listed],
+                                                      "metrics": json.dumps(metrics),
+                                                      "privacy": json.dumps(privacy)})})
+    trained = [d for d in listed if not d.outcome.declined]
+    if trained:
+        arrays, aggregate = _aggregate(run, trained, global_state)
+        content["arrays"] = arrays
+        content[NODE_AGGREGATE] = ConfigRecord(aggregate)
+    return Message(content, reply_to=msg)
+
+
+def _aggregate(run: RunConfig, trained: list[_Listed], global_state) -> tuple[ArrayRecord, dict]:
+    """The devices' updates (weights - global, float64) summed with one factor per device: under user-level
+    DP min(1, C / ||update||), `shared.privacy.user_level.clip_update`'s clipping, over all trainable arrays
+    together; otherwise its FedAvg weight, divided by the total weight (an example-weighted mean)."""
+    ids = [d.node_id for d in trained]
+    user_dp = run.user_dp.enabled
+    frozen = set(FROZEN_BY_SCOPE[run.device.trainable]) if user_dp else set()
+    keys = [k for k in global_state if k not in frozen]
+    current = {k: global_state[k].to(torch.float64) for k in keys}
+    total = {k: torch.zeros_like(current[k]) for k in keys}
+    weights = torch.tensor([float(d.outcome.metrics["num-examples"]) for d in trained], dtype=torch.float64)
+    for start in range(0, len(trained), AGGREGATE_CHUNK):  # a chunk's float64 updates at a time
+        chunk = trained[start:start + AGGREGATE_CHUNK]
+        updates = {k: torch.stack([d.weights[k] for d in chunk]).to(torch.float64) - current[k] for k in keys}
+        if user_dp:
+            norms = torch.sqrt(sum(u.square().flatten(1).sum(1) for u in updates.values()))
+            factor = torch.where(norms > 0, (run.user_dp.clipping_norm / norms).clamp(max=1.0), 1.0)
+        else:
+            factor = weights[start:start + len(chunk)]
+        for k, u in updates.items():
+            total[k] += (u * factor.view(-1, *([1] * (u.dim() - 1)))).sum(0)
+    if user_dp:
+        return (ArrayRecord({k: _array(v.numpy()) for k, v in total.items()}),
+                {"ids": ids, "count": len(trained), "weight": float(len(trained)), "kind": CLIPPED_SUM})
+    total_weight = float(weights.sum())
+    # No device held a window: the global weights, of weight 0 (as each device would have sent them).
+    mean = {k: (current[k] + total[k] / total_weight if total_weight > 0 else current[k]).to(global_state[k].dtype)
+            for k in keys}
+    return (ArrayRecord({k: _array(v.numpy()) for k, v in mean.items()}),
+            {"ids": ids, "count": len(trained), "weight": total_weight, "kind": WEIGHTED_MEAN})
+
+
+def _array(value: np.ndarray) -> Array:
+    return Array(np.ascontiguousarray(value))
+
+
+def evaluate_devices(msg: Message, context: Context) -> Message:
+    """Evaluate every listed device on its own users; reply with each device's metrics."""
+    torch.set_num_threads(1)
+    run = from_run_config(context.run_config)
+    record = msg.content.config_records["config"]
+    store_dir, _ = _simulation_dirs(context, record)
+    store = open_store(store_dir)
+    features = features_for(run, store_dir, expected_key=record.get(TEXT_KEY))
+    item_text = None if features is None else features.vectors
+    global_state = msg.content.array_records["arrays"].to_torch_state_dict()
+    listed = _listed(msg)
+    metrics = [evaluate_round(store.device(d.index), store.num_items, global_state, run, item_text=item_text)
+               for d in listed]
+    return Message(RecordDict({NODE_DEVICES: ConfigRecord({"ids": [d.node_id for d in listed],
+                                                           "metrics": json.dumps(metrics)})}), reply_to=msg)
+
+
+def _simulation_dirs(context: Context, record: ConfigRecord) -> tuple[str, str]:
+    if "partition-id" not in context.node_config:
+        raise PrivrecError("a message listing several devices (devices-per-node > 1) reached a node without "
+                           "'partition-id' in its node config: devices-per-node is for simulations only")
+    return str(record["data-store"]), str(record["state-dir"])
+
+
+def _listed(msg: Message) -> list[_Listed]:
+    record = msg.content.config_records[NODE_DEVICES]
+    return [_Listed(int(i), int(n)) for i, n in zip(record["devices"], record["ids"])]
+
+
+def _seen_spend(msg: Message) -> dict[str, int]:
+    record = msg.content.config_records.get(SEEN_SPEND_LIST)
+    return {} if record is None else {str(d): int(s) for d, s in zip(record["devices"], record["steps"])}
+
+
+def _mirror(context: Context, device: str) -> PrivacyLedger | None:
+    record = context.state.config_records.get(MIRROR_PREFIX + device)
+    return from_json(json.loads(str(record["json"])), "in node state") if record else None
+
+
+def _mirror_ledger(context: Context, path: Path, device: str) -> PrivacyLedger:
+    ledger = load_ledger(path, device)
+    context.state.config_records[MIRROR_PREFIX + device] = ConfigRecord({"json": json.dumps(ledger.to_json())})
+    return ledger
+
+
+__all__ = ["evaluate_devices", "hosts_devices", "train_devices"]

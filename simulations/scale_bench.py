@@ -1,0 +1,231 @@
+"""Device trainings per second with user-level DP, against devices per simulated Flower node (issue 15).
+
+    python -m simulations.scale_bench                                  # ML-100K, devices-per-node 1 64 256
+    python -m simulations.scale_bench --store DIR --devices-per-round 1000   # e.g. a `privrec data synth` store
+
+Every arm runs the same federation through the real Flower simulation (`flwr run`, Ray, 2 CPUs, one
+per simulated node): user-level DP (DP-FedAvg, Poisson cohorts of expected size --devices-per-round),
+no on-device DP-SGD, one local epoch, dropout 0 (so a node may vectorise its devices' rounds,
+client/batched.py; --dropout > 0 makes every node train its devices one by one). The end-to-end rate
+counts devices trained over the steady rounds' wall time (rounds 2 .. R-1: round 1 pays Ray's start,
+the last one the final evaluation).
+
+Pure compute, measured in the same run on this process's one thread and multiplied by the CPUs the
+simulation gets (the ideal with no framework at all):
+- one device alone: `client.device.train_round` back to back (today's per-device work);
+- devices on a node: the ClientApp called in-process with one node message listing a cohort's worth of
+  devices (the work a node does: ledgers, vectorised training, clipping and summing), no Flower runtime.
+The Flower engine's overhead for an arm is ideal / end-to-end - 1 against the matching pure compute.
+
+Writes simulations/results/scale-bench-<time>.json and .md and prints the Markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from shared import config
+from shared.data.store import open_store, prepare_store
+from simulations.output import log_progress, save_results, timestamped
+
+
+def arm_config(store_dir: Path, run_root: Path, devices_per_node: int, args) -> dict:
+    return config.validate({
+        "data-store": str(store_dir), "dp": False, "user-dp": True, "user-noise-multiplier": 1.0,
+        "user-clipping-norm": 0.5, "local-epochs": 1, "dropout": args.dropout,
+        "devices-per-round": args.devices_per_round, "num-rounds": args.rounds, "eval-every": 0,
+        "central-eval": False, "fraction-evaluate": 0.01, "devices-per-node": devices_per_node,
+        "run-dir": str(run_root), "run-name": f"k{devices_per_node}",
+        "population-dir": str(run_root / f"population-k{devices_per_node}")})  # fresh simulated people per arm
+
+
+def tree_rss_mib(root: int) -> float:
+    """Resident memory of process `root` and all its descendants (read from /proc), in MiB."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+                parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    tree, frontier = {root}, [root]
+    while frontier:
+        children = [pid for pid, parent in parents.items() if parent in frontier and pid not in tree]
+        tree.update(children)
+        frontier = children
+    total_kib = 0
+    for pid in tree:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        total_kib += next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), 0)
+    return total_kib / 1024
+
+
+def end_to_end(store_dir: Path, devices_per_node: int, args) -> dict:
+    from tools.launch import run_simulation
+
+    run_root = Path(tempfile.mkdtemp(prefix="privrec-scale-"))
+    cfg = arm_config(store_dir, run_root, devices_per_node, args)
+    peak = [0.0]
+
+    def sample_memory() -> None:  # every second while the run lasts: the launcher, SuperLink, Ray, apps
+        peak[0] = max(peak[0], tree_rss_mib(os.getpid()))
+
+    started = time.perf_counter()
+    result = run_simulation(cfg, open_store(store_dir).num_devices, run_root / cfg["run-name"],
+                            on_poll=sample_memory)
+    wall = time.perf_counter() - started
+    if result.flower_status != "finished:completed":
+        raise RuntimeError(f"devices-per-node {devices_per_node}: simulation {result.flower_status}; see {run_root}")
+    rows = [json.loads(line) for line in (run_root / cfg["run-name"] / "metrics.jsonl").read_text().splitlines()]
+    steady = [r for r in rows if 2 <= r["round"] < args.rounds]
+    devices = sum(r["devices-trained"] for r in steady)
+    seconds = sum(r["seconds"] for r in steady)
+    population = Path(cfg["population-dir"])
+    files = [p for p in population.rglob("*") if p.is_file()]
+    run_files = [p for p in (run_root / cfg["run-name"]).rglob("*") if p.is_file()]
+    return {"devices_per_node": devices_per_node, "steady_rounds": len(steady), "devices_trained": devices,
+            "seconds": seconds, "devices_per_s": devices / seconds, "wall_s": wall,
+            "devices_per_round": [r["devices-trained"] for r in rows if r["round"] > 0],
+            "peak_rss_mib_all_processes": peak[0], "population_files": len(files),
+            "population_bytes": sum(p.stat().st_size for p in files), "run_record_files": len(run_files),
+            "run_record_bytes": sum(p.stat().st_size for p in run_files)}
+
+
+def pure_one_device(store_dir: Path, args) -> float:
+    """Devices per second of `train_round` back to back, one thread, no framework."""
+    from client.device import load_device, train_round
+    from shared.model import model_for
+
+    torch.set_num_threads(1)
+    store = open_store(store_dir)
+    cfg = arm_config(store_dir, Path(tempfile.mkdtemp(prefix="privrec-scale-pure-")), 1, args)
+    state = model_for(cfg, store.num_items).state_dict()
+    sample = np.random.default_rng(0).choice(store.num_devices, size=min(args.pure_devices, store.num_devices),
+                                             replace=False)
+    ledgers = Path(cfg["population-dir"])
+    data, num_items = load_device(store_dir, store.num_devices - 1)  # warm-up (imports), untimed
+    train_round(data, num_items, state, cfg, ledgers / "warm-up" / "ledger.json", "warm-up", "bench", 1)
+    start = time.perf_counter()
+    for device in sample:
+        data, num_items = load_device(store_dir, int(device))
+        train_round(data, num_items, state, cfg, ledgers / f"device-{device}" / "ledger.json", str(device),
+                    "bench", 1)
+    return len(sample) / (time.perf_counter() - start)
+
+
+def pure_node(store_dir: Path, devices_per_node: int, args) -> float:
+    """Devices per second of one node message listing a cohort's share of a node's devices, in-process."""
+    from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+    from client.app import app as client_app
+    from shared.device_nodes import NODE_DEVICES, device_node_id
+    from shared.model import model_for
+    from simulations.inprocess import instruction, node_context
+
+    torch.set_num_threads(1)
+    store = open_store(store_dir)
+    cfg = arm_config(store_dir, Path(tempfile.mkdtemp(prefix="privrec-scale-pure-")), devices_per_node, args)
+    state = model_for(cfg, store.num_items).state_dict()
+    rate = args.devices_per_round / store.num_devices
+    rng = np.random.default_rng(0)
+
+    def node_round(devices: list[int]) -> float:
+        content = RecordDict({
+            "arrays": ArrayRecord(state),
+            "config": ConfigRecord({"data-store": str(store_dir), "state-dir": cfg["population-dir"],
+                                    "run-id": "bench", "server-round": 1}),
+            NODE_DEVICES: ConfigRecord({"devices": devices, "ids": [device_node_id(d) for d in devices]})})
+        context = node_context(1, {"partition-id": 0, "num-partitions": 1}, cfg)
+        start = time.perf_counter()
+        client_app(instruction(content, 1, "train"), context)
+        return time.perf_counter() - start
+
+    node_round([store.num_devices - 2, store.num_devices - 1])  # warm-up (imports, first vmap), untimed
+    done, seconds = 0, 0.0
+    for block in range(0, min(store.num_devices, max(args.pure_devices, devices_per_node)), devices_per_node):
+        devices = [d for d in range(block, min(block + devices_per_node, store.num_devices)) if rng.random() < rate]
+        if devices:
+            seconds += node_round(devices)
+            done += len(devices)
+    return done / seconds
+
+
+def markdown(results: dict) -> str:
+    cpus = results["cpus"]
+    lines = [f"# Device trainings per second, user-level DP ({results['started']}, {results['machine']})", "",
+             f"{results['dataset']}: {results['devices']} devices, expected cohort {results['devices_per_round']} "
+             f"(Poisson, user-level DP), one local epoch, dropout {results['dropout']}, no on-device DP-SGD, "
+             f"{results['rounds']} rounds (steady rounds 2..{results['rounds'] - 1} timed). Load average at the "
+             f"start: {results['load_average']}.", "",
+             "| devices per node | Flower nodes | end to end (devices/s) | x devices-per-node 1 | "
+             "pure compute, ideal on 2 CPUs (devices/s) | Flower engine overhead |", "|---|---|---|---|---|---|"]
+    base = next((a["devices_per_s"] for a in results["arms"] if a["devices_per_node"] == 1), None)
+    for arm in results["arms"]:
+        pure = arm["pure_devices_per_s_one_cpu"] * cpus
+        versus_one = f"{arm['devices_per_s'] / base:.2f}" if base else "-"
+        lines.append(f"| {arm['devices_per_node']} | {arm['nodes']} | {arm['devices_per_s']:.1f} | "
+                     f"{versus_one} | {pure:.1f} | {pure / arm['devices_per_s'] - 1:+.0%} |")
+    lines += ["", "| devices per node | peak memory, all processes (MiB) | devices trained | population files "
+              "(ledgers, locks, list) | population MB | run record files | run record MB |",
+              "|---|---|---|---|---|---|---|"]
+    for arm in results["arms"]:
+        lines.append(f"| {arm['devices_per_node']} | {arm['peak_rss_mib_all_processes']:.0f} | "
+                     f"{sum(arm['devices_per_round'])} | {arm['population_files']} | "
+                     f"{arm['population_bytes'] / 1e6:.1f} | {arm['run_record_files']} | "
+                     f"{arm['run_record_bytes'] / 1e6:.1f} |")
+    lines += ["", f"Pure compute of one device alone (`train_round`, one thread): "
+              f"{results['pure_one_device_per_s']:.1f} devices/s, ideal {results['pure_one_device_per_s'] * cpus:.1f} "
+              f"on {cpus} CPUs; peak RSS of this process {results['peak_rss_mib']:.0f} MiB.", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--store", help="a prepared device store (default: ML-100K)")
+    parser.add_argument("--devices-per-node", nargs="+", type=int, default=[1, 64, 256])
+    parser.add_argument("--devices-per-round", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--dropout", type=float, default=0.0)
+    parser.add_argument("--pure-devices", type=int, default=256, help="devices timed for pure compute")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore", message="There is a performance drop")  # vmap's SDPA fallback
+    store_dir = Path(args.store) if args.store else prepare_store("ml-100k")
+    store = open_store(store_dir)
+    cpus = os.cpu_count() or 1
+    results: dict = {"started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                     "machine": f"{cpus} CPUs, torch {torch.__version__}", "cpus": cpus,
+                     "load_average": [round(x, 1) for x in os.getloadavg()],
+                     "dataset": store.meta.get("dataset", str(store_dir)), "devices": store.num_devices,
+                     "devices_per_round": args.devices_per_round, "rounds": args.rounds, "dropout": args.dropout,
+                     "arms": []}
+    log_progress("pure compute, one device alone")
+    results["pure_one_device_per_s"] = pure_one_device(store_dir, args)
+    for k in args.devices_per_node:
+        log_progress(f"devices-per-node {k}: pure compute of a node")
+        pure = results["pure_one_device_per_s"] if k == 1 else pure_node(store_dir, k, args)
+        log_progress(f"devices-per-node {k}: Flower simulation")
+        arm = end_to_end(store_dir, k, args)
+        arm.update(nodes=-(-store.num_devices // k), pure_devices_per_s_one_cpu=pure)
+        results["arms"].append(arm)
+        log_progress(f"devices-per-node {k}: {arm['devices_per_s']:.1f} devices/s end to end, "
+                     f"pure {pure * cpus:.1f} on {cpus} CPUs")
+    results["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    save_results(timestamped("scale-bench"), results, markdown(results))
+
+
+if __name__ == "__main__":
+    main()
