@@ -28,6 +28,21 @@ ML-100K, one user per device, the project's chronological leave-one-out split an
   on-device history only). User-level DP-SGD: Poisson rate 0.25 over users, 100 steps, each device's gradient
   of its mean softmax loss over its last 5 training targets clipped to L2 1, N(0, (6.5 * 1)^2) on the sum,
   divided by the expected cohort (0.25 * 943), Adam (lr 0.05) on the server; settings fixed a priori.
+* Round 2 (issue 13, the best recipe so far): three releases.
+  1. DP popularity as above at z = 5.
+  2. DP windowed co-occurrence among the 100 items the released popularity ranks highest (post-processing):
+     each user's unordered pairs at distance d <= 10 in its training sequence, weight 0.9^(d-1), the user's
+     vector over the 4,950 pairs L2-normalised (sensitivity 1), one Gaussian release at z = 2.7.
+  3. User-level DP-SGD of a 9-weight channel scorer: popularity scale, content weight and one scale per
+     on-device channel (co-occurrence rows of the last 10 items, max text cosine to the last 10, genre cosine,
+     year and catalogue-id proximity, cosine to the last item, cosine to the whole-history mean). Poisson rate
+     0.25 over users, 100 steps, per-user gradient over its last 5 training targets (history masked as in the
+     ranking; the device removes its own co-occurrence contribution from its training features) clipped to
+     L2 1, N(0, (20 * 1)^2) on the sum, Adam lr 0.5 on the noisy mean, released model = mean of the iterates
+     of the second half. Init: popularity 1, content 8, channels 0 (a priori).
+  The structural constants (100 items, window 10, z split, lr, channel list) were picked while exploring on
+  seed 0 (validation and test of the same split), not by an accounted selection: see the results file.
+* DP recency popularity: the same release over each user's last 20 training items (a failure: recorded).
 * Private hyperparameter choice: the candidate weights (w_content, w_seq) are scored on every user's
   validation item; each device sends its vector of per-candidate validation NDCG@10 clipped to L2 norm 1
   and the server takes the argmax of the Gaussian-noised sum (a report-noisy-max with Gaussian noise).
@@ -67,6 +82,13 @@ COOC_ITEMS, COOC_RANK = 300, 16
 FIXED_CONTENT_WEIGHT = 8.0  # the a-priori arm (issue 13's measured range 8-12, not tuned here)
 # DP-SGD of the tiny scorer: fixed a priori (issue 13's measured setting: rate 0.25, 100 steps, z 6.5)
 DPSGD_RATE, DPSGD_STEPS, DPSGD_CLIP, DPSGD_LR, DPSGD_TARGETS = 0.25, 100, 1.0, 0.05, 5
+# windowed co-occurrence release (issue 13 round 2): pairs at distance <= WINDOW in a user's sequence, weight
+# GAP_DECAY^(distance-1), among the TOP items of the DP popularity (post-processing of that release)
+WCOOC_TOP, WCOOC_WINDOW, WCOOC_GAP_DECAY = 100, 10, 0.9
+WCOOC_QUERY_ITEMS, WCOOC_QUERY_DECAY, WCOOC_SCALE = 10, 0.8, 0.1  # device: 0.8^k-weighted rows of its last 10
+CHANNELS = ("cooc", "max10", "genre", "year", "raw", "last", "long")  # on-device score channels of the scorer
+CHANNEL_LR = 0.5  # few scalar weights: a large Adam step, the second half of the iterates averaged
+RECENT_ITEMS = 20  # recency popularity: each user's last 20 training items
 
 
 # ------------------------------------------------------------------------------------ data
@@ -105,6 +127,43 @@ def item_set_sum(data: Data) -> np.ndarray:
         items = np.unique(seq)
         total[items] += 1.0 / np.sqrt(len(items))
     return total
+
+
+def recent_item_sum(data: Data, k: int = RECENT_ITEMS) -> np.ndarray:
+    """sum_u x_u with x_u = the user's last k training items (as a set) / sqrt(their number): ||x_u|| = 1."""
+    total = np.zeros(data.num_items + 1)
+    for seq in data.train:
+        items = np.unique(seq[-k:])
+        total[items] += 1.0 / np.sqrt(len(items))
+    return total
+
+
+def windowed_cooc_sum(data: Data, keep: np.ndarray) -> tuple[np.ndarray, list]:
+    """Upper triangle of sum_u c_u, c_u = the user's weighted pair counts among `keep` (pairs at distance d <=
+    WCOOC_WINDOW weighted WCOOC_GAP_DECAY^(d-1), unordered), L2-normalised: ||c_u|| = 1 (0 without pairs).
+    Also each user's own (rows, cols, values), which its device uses to remove itself from training features."""
+    n = data.num_items + 1
+    inside = np.zeros(n, dtype=bool)
+    inside[keep] = True
+    total, own = np.zeros((n, n)), []
+    for seq in data.train:
+        lows, highs, weights = [], [], []
+        for gap in range(1, WCOOC_WINDOW + 1):
+            lo, hi = np.minimum(seq[:-gap], seq[gap:]), np.maximum(seq[:-gap], seq[gap:])
+            kept = (lo != hi) & inside[lo] & inside[hi]
+            lows.append(lo[kept])
+            highs.append(hi[kept])
+            weights.append(np.full(kept.sum(), WCOOC_GAP_DECAY ** (gap - 1)))
+        lo, hi, w = np.concatenate(lows), np.concatenate(highs), np.concatenate(weights)
+        if not len(lo):
+            own.append((lo, hi, w))
+            continue
+        keys, inverse = np.unique(lo * n + hi, return_inverse=True)
+        counts = np.bincount(inverse, weights=w)
+        counts /= np.linalg.norm(counts)
+        total[keys // n, keys % n] += counts
+        own.append((keys // n, keys % n, counts))
+    return total, own
 
 
 def transition_sum(data: Data) -> np.ndarray:
@@ -384,6 +443,174 @@ def dp_sgd_event(z: float):
     return dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(DPSGD_RATE, dpa.GaussianDpEvent(z)), DPSGD_STEPS)
 
 
+# ------------------------------------------------- round 2: channel scorer over on-device signals
+def genre_matrix() -> np.ndarray:
+    """Public genres of every item (u.item's flags), unit rows; the padding row is 0."""
+    store = open_store(prepare_store("ml-100k", 1))
+    names = sorted({g for genres in store.item_genres[1:] for g in genres})
+    out = np.zeros((len(store.item_genres), len(names)))
+    for i, genres in enumerate(store.item_genres):
+        for g in genres:
+            out[i, names.index(g)] = 1.0
+    return out / (np.linalg.norm(out, axis=1, keepdims=True) + 1e-12)
+
+
+def device_channels(data: Data, public: dict, histories, cooc: np.ndarray, own=None) -> tuple:
+    """What a device computes from its own history and the released statistics, for one query:
+    its content profile [384] (as in device_features) and CHANNELS [len(CHANNELS), items + 1]:
+      cooc  0.1 * (0.8^k-weighted rows of its last 10 items) @ released co-occurrence (minus the device's own
+            contribution when `own` is given: a device removes itself from its training features),
+      max10 the largest text cosine to any of its last 10 items, genre the genre cosine to its last 10 items,
+      year / raw as in device_features, last the text cosine to its last item, long the text cosine to the
+      mean of its whole history. Also the mask of its history (excluded from the ranking)."""
+    text, genres = data.text, public["genres"]
+    n, width = len(histories), data.num_items + 1
+    profiles = np.zeros((n, text.shape[1]), dtype=np.float32)
+    channels = np.zeros((len(CHANNELS), n, width), dtype=np.float32)
+    seen = np.zeros((n, width), dtype=bool)
+    for u, seq in enumerate(histories):
+        seen[u, seq] = True
+        last = seq[-PROFILE_ITEMS:][::-1]
+        w = PROFILE_DECAY ** np.arange(len(last))
+        p = w @ text[last]
+        profiles[u] = p / (np.linalg.norm(p) + 1e-12)
+        query = seq[-WCOOC_QUERY_ITEMS:][::-1]
+        qw = WCOOC_QUERY_DECAY ** np.arange(len(query))
+        row = qw @ cooc[query]
+        if own is not None:
+            lo, hi, val = own[u]
+            for weight, item in zip(qw, query):
+                np.add.at(row, hi[lo == item], -weight * val[lo == item])
+                np.add.at(row, lo[hi == item], -weight * val[hi == item])
+        g = genres[seq[-10:]].sum(0)
+        mean = text[seq].mean(0)
+        values = {"cooc": WCOOC_SCALE * row,
+                  "max10": (text[seq[-10:]] @ text.T).max(0),
+                  "genre": genres @ (g / (np.linalg.norm(g) + 1e-12)),
+                  "year": -np.abs(public["years"] - (w @ public["years"][last]) / w.sum()) / 10.0,
+                  "raw": -np.log1p(np.abs(public["raw"][None, :] - public["raw"][seq[-SEQ_ITEMS:]][:, None]).min(0)),
+                  "last": text @ text[seq[-1]],
+                  "long": text @ (mean / np.linalg.norm(mean))}
+        for c, name in enumerate(CHANNELS):
+            channels[c, u] = values[name]
+    return profiles, channels, seen
+
+
+class ChannelScorer(torch.nn.Module):
+    """scales[0] * DP popularity bias + content weight * cos(profile, item) + sum_c scales[c] * channel c:
+    len(CHANNELS) + 2 weights, initialised at the a-priori popularity + content score (channels 0)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.content = torch.nn.Parameter(torch.tensor([FIXED_CONTENT_WEIGHT]))
+        self.scales = torch.nn.Parameter(torch.tensor([1.0] + [0.0] * len(CHANNELS)))
+
+    def forward(self, text, bias, profile, channels):
+        out = self.scales[0] * bias + self.content * (profile @ text.T)
+        return out + torch.einsum("c,...cbi->...bi", self.scales[1:], channels)
+
+
+def dp_sgd_channels(data: Data, public: dict, bias: np.ndarray, cooc: np.ndarray, own: list, z: float, rng,
+                    noise: bool) -> tuple:
+    """User-level DP-SGD of ChannelScorer: Poisson rate DPSGD_RATE over users, DPSGD_STEPS steps; each device's
+    gradient of its mean softmax loss over its last DPSGD_TARGETS training targets (its history masked, as in
+    the ranking) clipped to DPSGD_CLIP; N(0, (z * clip)^2) on the sum; the noisy sum / expected cohort goes to
+    Adam (lr CHANNEL_LR); the released model is the mean of the iterates of the second half (post-processing)."""
+    from torch.func import functional_call, grad, vmap
+
+    torch.manual_seed(int(rng.integers(2**31)))
+    histories, targets, owners = [], [], []
+    for u, seq in enumerate(data.train):
+        for pos in range(len(seq) - DPSGD_TARGETS, len(seq)):
+            histories.append(seq[:pos])
+            targets.append(seq[pos])
+            owners.append(u)
+    profiles, channels, seen = device_channels(data, public, histories, cooc, [own[u] for u in owners])
+    users, width = data.num_users, data.num_items + 1
+    profiles_t = torch.from_numpy(profiles).reshape(users, DPSGD_TARGETS, -1)
+    channels_t = torch.from_numpy(channels).reshape(len(CHANNELS), users, DPSGD_TARGETS, width).transpose(0, 1)
+    masks_t = torch.from_numpy(np.where(seen, -1e4, 0.0).astype(np.float32)).reshape(users, DPSGD_TARGETS, width)
+    targets_t = torch.tensor(targets).reshape(users, DPSGD_TARGETS)
+    text = torch.from_numpy(data.text.astype(np.float32))
+    bias_t = torch.from_numpy(bias.astype(np.float32))
+    model = ChannelScorer()
+
+    def user_loss(p, prof, chans, mask, tgt):
+        scores = functional_call(model, p, (text, bias_t, prof, chans)) + mask
+        return torch.nn.functional.cross_entropy(scores[:, 1:], tgt - 1)
+
+    per_user_grad = vmap(grad(user_loss), in_dims=(None, 0, 0, 0, 0))
+    optimizer = torch.optim.Adam(model.parameters(), lr=CHANNEL_LR)
+    expected = DPSGD_RATE * users
+    gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
+    averaged, count = None, 0
+    for step in range(DPSGD_STEPS):
+        chosen = torch.nonzero(torch.rand(users, generator=gen) < DPSGD_RATE).reshape(-1)
+        params = {k: v.detach() for k, v in model.named_parameters()}
+        total = {k: torch.zeros_like(v) for k, v in params.items()}
+        for start in range(0, len(chosen), 32):
+            idx = chosen[start:start + 32]
+            grads = per_user_grad(params, profiles_t[idx], channels_t[idx], masks_t[idx], targets_t[idx])
+            norms = torch.sqrt(sum(g.reshape(len(idx), -1).pow(2).sum(1) for g in grads.values()))
+            factor = (DPSGD_CLIP / (norms + 1e-12)).clamp(max=1.0)
+            for k, g in grads.items():
+                total[k] += (g * factor.reshape(-1, *[1] * (g.dim() - 1))).sum(0)
+        optimizer.zero_grad()
+        for k, p in model.named_parameters():
+            noisy_sum = total[k] + (torch.randn(p.shape, generator=gen) * z * DPSGD_CLIP if noise else 0.0)
+            p.grad = noisy_sum / expected
+        optimizer.step()
+        if step >= DPSGD_STEPS // 2:
+            count += 1
+            current = {k: v.detach().clone() for k, v in model.named_parameters()}
+            averaged = current if averaged is None else {k: averaged[k] + (current[k] - averaged[k]) / count
+                                                         for k in current}
+    with torch.no_grad():
+        for k, p in model.named_parameters():
+            p.copy_(averaged[k])
+
+    def scores(split: str) -> np.ndarray:
+        prof, chans, _ = device_channels(data, public, data.split[split][0], cooc)
+        with torch.no_grad():
+            return model(text, bias_t, torch.from_numpy(prof), torch.from_numpy(chans)).double().numpy()
+
+    learned = {"content": float(model.content.detach()[0]),
+               "scales": dict(zip(("popularity", *CHANNELS), [round(float(x), 4) for x in model.scales.detach()]))}
+    return scores, learned
+
+
+def run_channel_arm(arm: dict, data: Data, sums: dict, seed: int) -> dict:
+    """DP popularity -> top items -> DP windowed co-occurrence among them -> DP-SGD of the channel scorer."""
+    started = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    popularity = noisy(sums["items"], arm["pop_z"], rng)
+    bias = np.log1p(np.maximum(popularity, 0.0))
+    bias[0] = 0.0
+    order = np.argsort(-popularity)
+    keep = order[order > 0][:WCOOC_TOP]  # post-processing of the popularity release
+    total, own = windowed_cooc_sum(data, keep)
+    released = noisy(np.triu(total), arm["cooc_z"], rng, symmetric_upper=True)
+    cooc = np.zeros_like(released)
+    cooc[np.ix_(keep, keep)] = released[np.ix_(keep, keep)]  # only these coordinates are released
+    np.fill_diagonal(cooc, 0.0)
+    private = arm["dpsgd_z"] > 0
+    scorer, learned = dp_sgd_channels(data, sums["public"], bias, cooc, own, arm["dpsgd_z"], rng, noise=private)
+    releases = [arm["pop_z"], arm["cooc_z"]]
+    result = metrics(data.ranks(scorer("test"), "test"))
+    result["valid"] = metrics(data.ranks(scorer("valid"), "valid"))
+    result.update(chosen={"w_content": round(learned["content"], 3), "w_seq": learned["scales"]["cooc"]},
+                  releases_z=releases, learned=learned,
+                  epsilon=epsilons(releases, (dp_sgd_event(arm["dpsgd_z"]),)) if private else INFINITE,
+                  seconds=time.perf_counter() - started,
+                  **{"dp-sgd": {"rate": DPSGD_RATE, "steps": DPSGD_STEPS, "clip": DPSGD_CLIP, "lr": CHANNEL_LR,
+                                "optimizer": "Adam, mean of the second half of the iterates",
+                                "targets_per_user": DPSGD_TARGETS, "z": arm["dpsgd_z"], "weights": len(CHANNELS) + 2,
+                                "channels": list(CHANNELS)},
+                     "cooc": {"top": WCOOC_TOP, "window": WCOOC_WINDOW, "gap_decay": WCOOC_GAP_DECAY,
+                              "z": arm["cooc_z"]}})
+    return result
+
+
 # ------------------------------------------------------------------------------------- arms
 def metrics(ranks: np.ndarray) -> dict:
     return {"ndcg@10": float(ndcg_at_k(ranks).mean()), "hr@10": float(hit_at_k(ranks).mean())}
@@ -399,10 +626,15 @@ def private_choice(data: Data, score_fn, candidates: list, z: float, rng) -> tup
 
 
 def run_arm(arm: dict, data: Data, sums: dict, labels, seed: int) -> dict:
+    if "cooc_z" in arm:
+        return run_channel_arm(arm, data, sums, seed)
     started = time.perf_counter()
     rng = np.random.default_rng(seed)
     releases: list[float] = []
-    if arm["pop_z"] is None:
+    if arm.get("recent"):
+        popularity = noisy(sums["recent"], arm["pop_z"], rng)
+        releases.append(arm["pop_z"])
+    elif arm["pop_z"] is None:
         popularity = sums["items"]
     else:
         popularity = noisy(sums["items"], arm["pop_z"], rng)
@@ -467,6 +699,11 @@ ARMS = [
       for seq in ("transitions", "text-transitions", "cluster-next", "cooc-eig", "segment-pop")],
     *[{"name": f"DP popularity z=4 + DP-SGD tiny scorer ({n} weights, q=0.25, 100 steps, z={z:g})", "pop_z": 4.0,
        "dpsgd_z": z, "text_dims": n > 4} for n, z in ((387, 6.5), (387, 0.0), (4, 6.5))],
+    {"name": f"DP recency popularity (last {RECENT_ITEMS} items) z=4 + content (w=8 a priori)", "pop_z": 4.0,
+     "recent": True, "w_content": FIXED_CONTENT_WEIGHT},
+    *[{"name": f"DP popularity z=5 + DP windowed co-occurrence (top {WCOOC_TOP}) z=2.7 + DP-SGD channel scorer "
+               f"({len(CHANNELS) + 2} weights, q=0.25, 100 steps, z={z:g})", "pop_z": 5.0, "cooc_z": 2.7,
+       "dpsgd_z": z} for z in (20.0, 14.0, 0.0)],
     {"name": "non-private transitions + content (upper bound, weights chosen privately z=4 only)", "pop_z": None,
      "seq": "transitions", "seq_z": 0.0, "select_z": 4.0},
 ]
@@ -518,20 +755,27 @@ def main() -> None:
     labels = np.zeros(data.num_items + 1, dtype=np.int64)
     labels[1:] = kmeans_labels(data.text[1:], CLUSTERS)
     log_progress("data and public text features ready")
-    sums = {"items": item_set_sum(data), "transitions": transition_sum(data),
-            "text-transitions": text_transition_sum(data), "cluster-next": cluster_next_sum(data, labels),
-            "cooc": cooc_sum(data)}
-    sums["public"] = public_item_features(data)
-    sums["segment-centres"] = segment_centres(data, kmeans_labels(data.text[1:], SEGMENTS))
-    sums["segment-pop"] = segment_pop_sum(data, sums["segment-centres"])
+    selected = [arm for arm in ARMS if not args.arms or any(a in arm["name"] for a in args.arms)]
+    wanted = {arm.get("seq") for arm in selected}
+    sums = {"items": item_set_sum(data), "recent": recent_item_sum(data), "public": public_item_features(data)}
+    sums["public"]["genres"] = genre_matrix()
+    if "transitions" in wanted:
+        sums["transitions"] = transition_sum(data)
+    if "text-transitions" in wanted:
+        sums["text-transitions"] = text_transition_sum(data)
+    if "cluster-next" in wanted:
+        sums["cluster-next"] = cluster_next_sum(data, labels)
+    if "cooc-eig" in wanted:
+        sums["cooc"] = cooc_sum(data)
+    if "segment-pop" in wanted:
+        sums["segment-centres"] = segment_centres(data, kmeans_labels(data.text[1:], SEGMENTS))
+        sums["segment-pop"] = segment_pop_sum(data, sums["segment-centres"])
     log_progress("per-user contributions summed")
     results: dict = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "seeds": args.seeds, "delta": DELTA,
                      "machine": f"{os.cpu_count()} CPUs, torch {torch.__version__}, one thread",
                      "accountant": "dp-accounting PLDAccountant (and RdpAccountant) over one ComposedDpEvent",
                      "arms": {}}
-    for arm in ARMS:
-        if args.arms and not any(a in arm["name"] for a in args.arms):
-            continue
+    for arm in selected:
         rows = [run_arm(arm, data, sums, labels, seed) for seed in args.seeds]
         results["arms"][arm["name"]] = {"config": arm, "seeds": rows, "summary": summarise(rows)}
         s = results["arms"][arm["name"]]["summary"]
