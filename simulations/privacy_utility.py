@@ -236,7 +236,7 @@ def plot(table: list[dict], path: Path) -> None:
     finite = [e for e in table if e["target"] != "inf"]
     inf = [e for e in table if e["target"] == "inf"]
     inf_x = 16.0  # where "inf" is drawn: its own tick to the right of 8
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(10, 4.8))
     xs = [e["epsilon"]["pld"] for e in finite]
     ax.errorbar(xs, [e["ndcg@10"][0] for e in finite], yerr=[e["ndcg@10"][1] for e in finite], marker="o",
                 capsize=3, label="private pipeline (PLD epsilon achieved)")
@@ -249,7 +249,7 @@ def plot(table: list[dict], path: Path) -> None:
         e = inf[0]
         ax.errorbar([inf_x], [e["ndcg@10"][0]], yerr=[e["ndcg@10"][1]], marker="*", markersize=12, color="C0",
                     capsize=3, linestyle="none", label="pipeline, no noise (epsilon inf)")
-        ax.plot([inf_x], [e["popularity (no DP)"]["ndcg@10"][0]], marker="^", color="C2", markersize=9,
+        ax.plot([inf_x], [e["popularity (no DP)"]["ndcg@10"][0]], marker="v", color="C2", markersize=9,
                 linestyle="none", label="popularity, no DP")
     for (name, q), color in zip(QUOTED.items(), ("k", "C3", "C4")):
         ax.axhline(q["ndcg@10"], color=color, linestyle=":", linewidth=1, label=f"{name.split(' (')[0]} "
@@ -263,7 +263,7 @@ def plot(table: list[dict], path: Path) -> None:
     ax.set_xlabel("user-level epsilon (delta 1e-5; unit: one user's history, add/remove)")
     ax.set_ylabel("test NDCG@10 (ML-100K, full ranking)")
     ax.set_title("privacy-utility of the private pipeline (issue 13)")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
