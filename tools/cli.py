@@ -308,7 +308,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     recommender = Recommender.load(Path(args.model))
     if args.new_items:
         added = recommender.add_items(Path(args.new_items))
-        print(f"added {added} new item(s) from {args.new_items}, known by their text only", file=sys.stderr)
+        print(f"added {added} new item(s) from {args.new_items}, {recommender.new_items_note}", file=sys.stderr)
     if (args.history is None) == (args.input is None):
         raise PrivrecError("give exactly one of --history \"ITEM ITEM ...\" or --input FILE.jsonl")
     covered = (f"nothing to recommend: the history already holds every one of the "
@@ -448,7 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("-k", type=int, default=10)
     rec.add_argument("--new-items", metavar="FILE.jsonl",
                      help='items added after training, one {"item": ID, "title": ..., "year": ..., "genres": [...]} '
-                          "per line (text models only): recommended from their text, without retraining")
+                          "per line (text SASRec or content scorer): ranked from their text, without retraining")
     rec.set_defaults(func=cmd_recommend)
 
     cal = sub.add_parser("calibrate", help="noise multiplier for a target epsilon",
