@@ -403,9 +403,11 @@ def test_secure_round_with_user_dp_carries_central_noise():
     grid = DroppingGrid(_zero_client_app(), 4, drop={}, run_config=_stub_run(**{
         "user-dp": True, "user-clipping-norm": clip, "user-noise-multiplier": z, "secagg-threshold": 2,
         "secagg-min-cohort": 4, "secagg-clip-range": params.clip_range, "secagg-quantization-bits": 20}))
-    result = secure_sum(grid, _train_messages(list(grid.get_node_ids())), params)
+    result = secure_sum(grid, _train_messages(list(grid.get_node_ids()), rows=4000), params)
     noise = np.concatenate([result.total["w"].ravel(), result.total["b"].ravel()])
-    assert np.var(noise) == pytest.approx((z * clip) ** 2, rel=0.1)
+    # 32,008 coordinates: the variance estimate's relative std is sqrt(2 / n) = 0.8%, so 5% is > 6 sigma
+    # (with 520 coordinates a 10% band failed about one run in ten: the noise comes from OS entropy)
+    assert np.var(noise) == pytest.approx((z * clip) ** 2, rel=0.05)
 
 
 def _zero_client_app():
