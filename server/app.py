@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import re
@@ -21,6 +22,7 @@ from server.cohort import BudgetExhausted
 from server.device_nodes import DeviceGrid
 from server.evaluation import central_evaluation
 from server.pretraining import pretrain
+from server.round_clock import RoundClock, TimedGrid
 from server.run_dir import RunDirectory
 from server.scorer import central_scorer_evaluation, initial_scorer, released_popularity, scorer_architecture
 from server.secagg import SecureAggregationGrid
@@ -130,6 +132,7 @@ class FederatedRun:
         self.secure_grid: SecureAggregationGrid | None = None
         # model-average > 0: the running average of the global model, the model evaluated and released
         self.average: dict[str, np.ndarray] | None = None
+        self.clock = RoundClock()  # where each round's server time goes (one log line per round)
 
     def execute(self) -> None:
         cfg = self.cfg
@@ -187,11 +190,11 @@ class FederatedRun:
                                                       "encoder_id": features.encoder_id}
         self.run_dir.copy_catalogue(items_path)
 
-        strategy = build_strategy(cfg, self.num_devices, self._on_train, self._on_evaluate)
+        strategy = build_strategy(cfg, self.num_devices, self._on_train, self._on_evaluate, clock=self.clock)
         self.strategy = strategy
-        grid = self.grid
+        grid = flower_grid = TimedGrid(self.grid, self.clock)
         if self.run.federation.devices_per_node > 1:  # simulated nodes hosting blocks of devices
-            grid = DeviceGrid(self.grid, self.num_devices, self.run.federation.devices_per_node)
+            grid = DeviceGrid(flower_grid, self.num_devices, self.run.federation.devices_per_node)
         if cfg["secure-aggregation"]:
             cohort = cohort_size(cfg, self.num_devices)
             check_secure_aggregation(cfg, cohort, "run config: ")  # also when the cohort is a fraction
@@ -291,18 +294,32 @@ class FederatedRun:
                                          item_text=self.item_text, cold_share=self.run.data.cold_item_share)
         row = self._metrics_row(server_round, central)
         self.rows.append(row)
-        self.run_dir.append_metrics(row)
-        self.run_dir.heartbeat()
-        self.run_dir.write_json("privacy.json", self._privacy_record())
+        clock = self.clock
+        with clock.phase("metrics"):
+            self.run_dir.append_metrics(row)
+            self.run_dir.heartbeat()
+        with clock.phase("privacy-record"):
+            self.run_dir.write_json("privacy.json", self._privacy_record())
         if server_round > 0:
             # The checkpoint (with the privacy tally) covers only rounds whose records are complete, and
             # comes before model.pt: a crash in between never leaves a released model that is not counted.
-            save_checkpoint(self.run_dir.path, server_round, state, self.strategy, self.cfg,
-                            average=None if self.average is None else released)
-            self._save_model(released)
+            with clock.phase("checkpoint"):
+                save_checkpoint(self.run_dir.path, server_round, state, self.strategy, self.cfg,
+                                average=None if self.average is None else released)
+            with clock.phase("model"):
+                self._save_model(released)
+        clock.count("record-bytes", self._record_bytes(server_round > 0))
+        log.info("privrec: round %d server seconds %s", server_round, json.dumps(clock.lap()))
         self.round_started = time.perf_counter()
         return MetricRecord({k: v for k, v in (central or {}).items() if isinstance(v, (int, float))}) \
             if central else None
+
+    def _record_bytes(self, checkpointed: bool) -> int:
+        """Bytes of the run records this round wrote (metrics, privacy record, checkpoint state; not the model)."""
+        written = [self.run_dir.path / "metrics.jsonl", self.run_dir.path / "privacy.json"]
+        if checkpointed:
+            written.append(self.run_dir.path / CHECKPOINT_DIR / "state.json")
+        return sum(p.stat().st_size for p in written if p.exists())
 
     def _released(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The model this round evaluates and releases: the global model, or with model-average > 0 the
