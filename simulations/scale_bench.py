@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import tempfile
 import time
@@ -94,6 +95,7 @@ def end_to_end(store_dir: Path, devices_per_node: int, args) -> dict:
     steady = [r for r in rows if 2 <= r["round"] < args.rounds]
     devices = sum(r["devices-trained"] for r in steady)
     seconds = sum(r["seconds"] for r in steady)
+    server_rounds = server_seconds(run_root / cfg["run-name"] / "flower.log")
     population = Path(cfg["population-dir"])
     files = [p for p in population.rglob("*") if p.is_file()]
     run_files = [p for p in (run_root / cfg["run-name"]).rglob("*") if p.is_file()]
@@ -102,7 +104,48 @@ def end_to_end(store_dir: Path, devices_per_node: int, args) -> dict:
             "devices_per_round": [r["devices-trained"] for r in rows if r["round"] > 0],
             "peak_rss_mib_all_processes": peak[0], "population_files": len(files),
             "population_bytes": sum(p.stat().st_size for p in files), "run_record_files": len(run_files),
-            "run_record_bytes": sum(p.stat().st_size for p in run_files)}
+            "run_record_bytes": sum(p.stat().st_size for p in run_files), "server_rounds": server_rounds,
+            "projection": projection(server_rounds, store_dir, args)}
+
+
+SERVER_LINE = re.compile(r"privrec: round (\d+) server seconds (\{.*\})")
+
+
+def server_seconds(log_path: Path) -> list[dict]:
+    """The ServerApp's per-round line (server/round_clock.py): seconds per phase and record bytes."""
+    rows = []
+    for line in log_path.read_text(errors="replace").splitlines():
+        match = SERVER_LINE.search(line)
+        if match:
+            rows.append({"round": int(match.group(1)), **json.loads(match.group(2))})
+    return rows
+
+
+def non_training(row: dict) -> float:
+    """A round's server wall time outside Flower's send_and_receive (where Ray and the nodes work)."""
+    return row["wall"] - row.get("send-and-receive", 0.0)
+
+
+def projection(rows: list[dict], store_dir: Path, args) -> dict | None:
+    """`projected-rounds` rounds from the steady ones: send_and_receive at its mean; the rest as a + b D(r),
+    D(r) = N (1 - (1 - q)^r) the devices that have trained by round r (what the run records hold)."""
+    steady = [r for r in rows if 2 <= r["round"] < args.rounds]
+    if len(steady) < 2:
+        return None
+    n = open_store(store_dir).num_devices
+    q = args.devices_per_round / n
+
+    def distinct(r: int) -> float:
+        return n * (1 - (1 - q) ** r)
+
+    slope, intercept = np.polyfit([distinct(r["round"]) for r in steady], [non_training(r) for r in steady], 1)
+    train = float(np.mean([r["send-and-receive"] for r in steady]))
+    total_rounds = args.projected_rounds
+    rest = [intercept + slope * distinct(r) for r in range(1, total_rounds + 1)]
+    return {"rounds": total_rounds, "send_and_receive_s_per_round": train,
+            "non_training_s_per_device_trained": float(slope), "non_training_s_fixed": float(intercept),
+            "non_training_s_last_round": float(rest[-1]), "total_s": float(train * total_rounds + sum(rest)),
+            "total_non_training_s": float(sum(rest))}
 
 
 def pure_one_device(store_dir: Path, args) -> float:
@@ -187,6 +230,24 @@ def markdown(results: dict) -> str:
                      f"{sum(arm['devices_per_round'])} | {arm['population_files']} | "
                      f"{arm['population_bytes'] / 1e6:.1f} | {arm['run_record_files']} | "
                      f"{arm['run_record_bytes'] / 1e6:.1f} |")
+    phases = ("configure-train", "send-and-receive", "aggregate-train", "metrics", "privacy-record",
+              "checkpoint", "model", "other")
+    for arm in results["arms"]:
+        lines += ["", f"Server seconds per round, devices-per-node {arm['devices_per_node']} (ServerApp log, "
+                  "server/round_clock.py; send-and-receive is Ray, the SuperLink and the nodes' work):", "",
+                  "| round | wall | " + " | ".join(phases) + " | non-training | record bytes |",
+                  "|---" * (len(phases) + 5) + "|"]
+        for row in arm.get("server_rounds", []):
+            lines.append(f"| {row['round']} | {row['wall']:.2f} | "
+                         + " | ".join(f"{row.get(p, 0.0):.2f}" for p in phases)
+                         + f" | {non_training(row):.2f} | {row.get('record-bytes', 0):,} |")
+        if arm.get("projection"):
+            p = arm["projection"]
+            lines += ["", f"Projection to {p['rounds']} rounds: send-and-receive {p['send_and_receive_s_per_round']:.1f} "
+                      f"s/round; non-training {p['non_training_s_fixed']:.2f} s + "
+                      f"{p['non_training_s_per_device_trained'] * 1e3:.3f} ms per device trained so far "
+                      f"({p['non_training_s_last_round']:.1f} s in round {p['rounds']}); total "
+                      f"{p['total_s'] / 60:.1f} min, of which non-training {p['total_non_training_s'] / 60:.1f} min."]
     lines += ["", f"Pure compute of one device alone (`train_round`, one thread): "
               f"{results['pure_one_device_per_s']:.1f} devices/s, ideal {results['pure_one_device_per_s'] * cpus:.1f} "
               f"on {cpus} CPUs; peak RSS of this process {results['peak_rss_mib']:.0f} MiB.", ""]
@@ -200,6 +261,7 @@ def main() -> None:
     parser.add_argument("--devices-per-round", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--dropout", type=float, default=0.0)
+    parser.add_argument("--projected-rounds", type=int, default=100, help="rounds the projection is made for")
     parser.add_argument("--pure-devices", type=int, default=256, help="devices timed for pure compute")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", message="There is a performance drop")  # vmap's SDPA fallback
