@@ -40,6 +40,7 @@ from shared.data.store import open_store, prepare_store
 from shared.errors import PrivrecError
 from shared.model import SASRec, architecture_for
 from shared.privacy import pipeline
+from shared.privacy.device_journal import JOURNAL, JOURNAL_KEY, DeviceJournal
 from shared.privacy.population import default_population_dir
 from shared.privacy.statement import privacy_statement, sentences, user_level_statement
 from shared.privacy.user_level import user_level_epsilon, user_level_state
@@ -203,8 +204,16 @@ class FederatedRun:
                                          denominator=float(cohort) if cfg["user-dp"] else None)
             self.secure_grid = grid
         checkpoint = load_checkpoint(self.run_dir.path, cfg) if self.run.outputs.resume else None
+        self.journal = DeviceJournal(self.run_dir.path / JOURNAL)
         if checkpoint is not None:
             restore_strategy(strategy, checkpoint)
+            if checkpoint.journal_bytes is not None:
+                self.journal.resume(checkpoint.journal_bytes)  # cuts off a torn last line
+            else:  # an older checkpoint held the tally inline: it opens the journal
+                self.journal.start()
+                tally, nodes = strategy.privacy, {d: n for n, d in strategy.privacy.node_devices.items()}
+                self.journal.append(checkpoint.round, {d: nodes.get(d) for d in tally.records}, tally.records,
+                                    tally.epsilon_by_device)
             initial = checkpoint.arrays
             if checkpoint.average is not None:
                 self.average = {k: v.numpy() for k, v in checkpoint.average.items()}
@@ -215,6 +224,7 @@ class FederatedRun:
             log.info("privrec: resuming run %s after round %d of %d (checkpoint %s)", self.run_dir.path.name,
                      checkpoint.round, self.run.federation.num_rounds, self.run_dir.path / CHECKPOINT_DIR)
         else:
+            self.journal.start()  # a run that starts over starts its records over, as privacy.json does
             if self.scorer:  # federated analytics first: its release is the bias every round ships
                 histogram = released_popularity(self.grid, self.run, self.run_dir, device_config,
                                                 num_items=num_items, num_devices=self.num_devices)
@@ -246,6 +256,7 @@ class FederatedRun:
         summary = self._summary(time.perf_counter() - started, strategy)
         if stopped:
             summary["stopped-early"] = stopped
+        self.run_dir.write_json("privacy.json", self._privacy_record(every_device=True))  # the documented form
         self.run_dir.finish(summary)
 
     # -- callbacks from the strategy -------------------------------------------------------
@@ -274,7 +285,8 @@ class FederatedRun:
             row = self._metrics_row(server_round, None)
             self.rows.append(row)
             self.run_dir.append_metrics(row)
-            self.run_dir.write_json("privacy.json", self._privacy_record())
+            self._journal_changed(server_round)
+            self.run_dir.write_json("privacy.json", self._privacy_record(every_device=True))  # the run ends here
             raise RoundFailed(f"round {server_round}{what}: {stats['failures']} of {stats['asked']} devices "
                               f"failed (more than half); first device error: {stats['first-error']}")
 
@@ -299,13 +311,15 @@ class FederatedRun:
             self.run_dir.append_metrics(row)
             self.run_dir.heartbeat()
         with clock.phase("privacy-record"):
+            # The records that changed this round first (durable), then the statements that count them.
+            clock.count("record-bytes", self._journal_changed(server_round))
             self.run_dir.write_json("privacy.json", self._privacy_record())
         if server_round > 0:
             # The checkpoint (with the privacy tally) covers only rounds whose records are complete, and
             # comes before model.pt: a crash in between never leaves a released model that is not counted.
             with clock.phase("checkpoint"):
                 save_checkpoint(self.run_dir.path, server_round, state, self.strategy, self.cfg,
-                                average=None if self.average is None else released)
+                                journal_bytes=self.journal.size, average=None if self.average is None else released)
             with clock.phase("model"):
                 self._save_model(released)
         clock.count("record-bytes", self._record_bytes(server_round > 0))
@@ -314,8 +328,13 @@ class FederatedRun:
         return MetricRecord({k: v for k, v in (central or {}).items() if isinstance(v, (int, float))}) \
             if central else None
 
+    def _journal_changed(self, server_round: int) -> int:
+        """Append the device records this round changed to the journal (fsynced); the bytes appended."""
+        tally = self.strategy.privacy
+        return self.journal.append(server_round, tally.take_changed(), tally.records, tally.epsilon_by_device)
+
     def _record_bytes(self, checkpointed: bool) -> int:
-        """Bytes of the run records this round wrote (metrics, privacy record, checkpoint state; not the model)."""
+        """Bytes of the files this round rewrote whole (metrics, privacy record, checkpoint state; not the model)."""
         written = [self.run_dir.path / "metrics.jsonl", self.run_dir.path / "privacy.json"]
         if checkpointed:
             written.append(self.run_dir.path / CHECKPOINT_DIR / "state.json")
@@ -388,9 +407,14 @@ class FederatedRun:
         return user_level_epsilon(self.run.user_dp.noise_multiplier, user_sample_rate(self.cfg, self.num_devices),
                                   rounds, self.run.device.delta, self.run.device.accountant)
 
-    def _privacy_record(self) -> dict[str, Any]:
-        """`privacy.json`: what every device reported of its spend, and the user-level history (see docs)."""
+    def _privacy_record(self, every_device: bool = False) -> dict[str, Any]:
+        """`privacy.json`: what every device reported of its spend, and the user-level history (see docs).
+
+        While the run goes on the devices' records are in the journal (`devices-journal` names it): writing
+        all of them after every round would cost the whole population; `every_device` writes them under
+        `devices`, once, when the run ends."""
         cfg, tally = self.cfg, self.strategy.privacy
+        devices = {"devices": tally.records} if every_device else {JOURNAL_KEY: JOURNAL}
         rounds = self.rows[-1]["round"] if self.rows else 0
         user_level = None
         if self.run.user_dp.enabled:
@@ -408,7 +432,7 @@ class FederatedRun:
             return {"format": 1, "delta": self.run.device.delta, "accountant": self.run.device.accountant,
                     "epsilon": record["epsilon"], "statements": [pipeline.sentence(record, rounds)],
                     # the one composed history (popularity release first), so a report recomputes the figure
-                    "devices": tally.records, "user-level": {**user_level, "history": record["history"],
+                    **devices, "user-level": {**user_level, "history": record["history"],
                                                              "pipeline": record}}
         return {
             "format": 1,
@@ -416,7 +440,7 @@ class FederatedRun:
             "accountant": self.run.device.accountant,
             "statements": sentences(cfg, summary["all-epsilon-max"], self._user_level_epsilon(rounds),
                                     summary["devices-with-spend"], self.num_devices),
-            "devices": tally.records,
+            **devices,
             "user-level": user_level,
         }
 
