@@ -139,6 +139,7 @@ def test_a_crash_before_a_checkpoint_loses_no_device_record_and_resume_restores_
     assert set(crashed) == set(spent) and len(spent) > 3
     in_round_three = {d for d, r in crashed.items() if any(rnd == 3 for rnd, _ in r["rounds"])}
     assert len(in_round_three) == 3
+    assert load_run(run).privacy.devices.keys() == crashed.keys()  # `privrec report` reads the journal too
 
     monkeypatch.setattr(server.app, "save_checkpoint", real)
     serve(server_main, InProcessGrid(client_app, 12), _context(run_config))  # resumes after round 2
