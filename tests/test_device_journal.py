@@ -208,3 +208,28 @@ def test_a_later_line_of_a_device_replaces_its_record_and_epsilon_never_goes_dow
     state = read_journal(tmp_path / JOURNAL)
     assert state.records == {"a": second} and state.epsilons == {"a": 1.1}
     assert state.node_devices == {5: "a", 9: "a"}
+
+
+# ------------------------------------------------------------------------------ the population's list
+
+
+def test_the_population_list_is_read_incrementally_and_again_when_replaced(tmp_path):
+    """A node reads the list every message: only what was appended since is read, and a list replaced or
+    cut short is read from the start (so a lost list is never remembered as longer than it is)."""
+    from shared.privacy.population import TRAINED_FILE, trained_devices
+
+    path = tmp_path / TRAINED_FILE
+    path.write_text("".join(f"{d}\n" for d in range(1000)))
+    assert trained_devices(tmp_path) == {str(d) for d in range(1000)}
+    with open(path, "a") as handle:  # another node appends
+        handle.write("1000\n10")
+    assert trained_devices(tmp_path) == {str(d) for d in range(1001)} | {"10"}
+    with open(path, "a") as handle:  # the append in progress completes
+        handle.write("01\n")
+    assert trained_devices(tmp_path) == {str(d) for d in range(1002)}
+    replaced = tmp_path / "new"
+    replaced.write_text("5\n")
+    replaced.replace(path)
+    assert trained_devices(tmp_path) == {"5"}
+    path.unlink()
+    assert trained_devices(tmp_path) == set()
