@@ -52,6 +52,26 @@ def arm_config(store_dir: Path, run_root: Path, devices_per_node: int, args) -> 
 
 def tree_rss_mib(root: int) -> float:
     """Resident memory of process `root` and all its descendants (read from /proc), in MiB."""
+    return sum(tree_rss_by_process(root).values())
+
+
+def _process_name(pid: int) -> str:
+    """What a process is: Ray's retitled workers (`ray::ClientAppActor`), else its command's program and module."""
+    try:
+        words = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return "?"
+    if words[0].startswith("ray::"):
+        return words[0].split()[0]
+    program = Path(words[0]).name
+    if program.startswith("python") and len(words) > 1:
+        script = words[2] if words[1] == "-m" and len(words) > 2 else Path(words[1]).name
+        return f"{program} {script}"
+    return program
+
+
+def tree_rss_by_process(root: int) -> dict[str, float]:
+    """Resident memory (MiB) of process `root` and all its descendants, per process (`name pid`)."""
     parents: dict[int, int] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -65,14 +85,15 @@ def tree_rss_mib(root: int) -> float:
         children = [pid for pid, parent in parents.items() if parent in frontier and pid not in tree]
         tree.update(children)
         frontier = children
-    total_kib = 0
+    out = {}
     for pid in tree:
         try:
             status = Path(f"/proc/{pid}/status").read_text()
         except OSError:
             continue
-        total_kib += next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), 0)
-    return total_kib / 1024
+        kib = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), 0)
+        out[f"{_process_name(pid)} {pid}"] = kib / 1024
+    return out
 
 
 def end_to_end(store_dir: Path, devices_per_node: int, args) -> dict:
@@ -80,10 +101,12 @@ def end_to_end(store_dir: Path, devices_per_node: int, args) -> dict:
 
     run_root = Path(tempfile.mkdtemp(prefix="privrec-scale-"))
     cfg = arm_config(store_dir, run_root, devices_per_node, args)
-    peak = [0.0]
+    peak: list = [0.0, {}]
 
     def sample_memory() -> None:  # every second while the run lasts: the launcher, SuperLink, Ray, apps
-        peak[0] = max(peak[0], tree_rss_mib(os.getpid()))
+        processes = tree_rss_by_process(os.getpid())
+        if sum(processes.values()) > peak[0]:
+            peak[:] = [sum(processes.values()), processes]
 
     started = time.perf_counter()
     result = run_simulation(cfg, open_store(store_dir).num_devices, run_root / cfg["run-name"],
@@ -102,7 +125,9 @@ def end_to_end(store_dir: Path, devices_per_node: int, args) -> dict:
     return {"devices_per_node": devices_per_node, "steady_rounds": len(steady), "devices_trained": devices,
             "seconds": seconds, "devices_per_s": devices / seconds, "wall_s": wall,
             "devices_per_round": [r["devices-trained"] for r in rows if r["round"] > 0],
-            "peak_rss_mib_all_processes": peak[0], "population_files": len(files),
+            "peak_rss_mib_all_processes": peak[0],
+            "peak_rss_mib_by_process": dict(sorted(((k, round(v)) for k, v in peak[1].items()), key=lambda kv: -kv[1])),
+            "population_files": len(files),
             "population_bytes": sum(p.stat().st_size for p in files), "run_record_files": len(run_files),
             "run_record_bytes": sum(p.stat().st_size for p in run_files), "server_rounds": server_rounds,
             "projection": projection(server_rounds, store_dir, args)}
@@ -230,6 +255,10 @@ def markdown(results: dict) -> str:
                      f"{sum(arm['devices_per_round'])} | {arm['population_files']} | "
                      f"{arm['population_bytes'] / 1e6:.1f} | {arm['run_record_files']} | "
                      f"{arm['run_record_bytes'] / 1e6:.1f} |")
+    for arm in results["arms"]:
+        top = ", ".join(f"{name} {mib}" for name, mib in list(arm.get("peak_rss_mib_by_process", {}).items())[:10])
+        lines += ["", f"At the memory peak, devices-per-node {arm['devices_per_node']}, MiB per process (largest "
+                  f"first; this benchmark's own process holds its pure-compute measures): {top}."]
     phases = ("configure-train", "send-and-receive", "aggregate-train", "metrics", "privacy-record",
               "checkpoint", "model", "other")
     for arm in results["arms"]:
