@@ -331,7 +331,9 @@ class FederatedRun:
     def _journal_changed(self, server_round: int) -> int:
         """Append the device records this round changed to the journal (fsynced); the bytes appended."""
         tally = self.strategy.privacy
-        return self.journal.append(server_round, tally.take_changed(), tally.records, tally.epsilon_by_device)
+        written = self.journal.append(server_round, tally.changed, tally.records, tally.epsilon_by_device)
+        tally.take_changed()  # only once they are on disk
+        return written
 
     def _record_bytes(self, checkpointed: bool) -> int:
         """Bytes of the files this round rewrote whole (metrics, privacy record, checkpoint state; not the model)."""

@@ -233,3 +233,37 @@ def test_the_population_list_is_read_incrementally_and_again_when_replaced(tmp_p
     assert trained_devices(tmp_path) == {"5"}
     path.unlink()
     assert trained_devices(tmp_path) == set()
+
+
+def test_a_failed_append_leaves_the_journal_as_it_was_and_the_records_still_to_write(tmp_path, monkeypatch):
+    """A full disk halfway through a round's append: no torn line stays behind, and the tally still holds the
+    round's records as changed (a later append would write them)."""
+    import os
+
+    from server.tally import PrivacyTally
+
+    journal = DeviceJournal(tmp_path / JOURNAL)
+    journal.start()
+    record = {"accountant": "rdp", "history": [], "rounds": [], "epsilon": 0.0, "declined-round": None}
+    journal.append(1, {"a": 1}, {"a": record}, {})
+    before = (tmp_path / JOURNAL).read_bytes()
+    real_write = os.write
+
+    def half_then_full(fd, data):
+        if len(data) > 40:
+            return real_write(fd, data[:40])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "write", half_then_full)
+    with pytest.raises(OSError, match="No space"):
+        journal.append(2, {"b": 2, "c": 3}, {"b": record, "c": record}, {})
+    monkeypatch.setattr(os, "write", real_write)
+    assert (tmp_path / JOURNAL).read_bytes() == before and journal.size == len(before)
+
+    tally = PrivacyTally(records={"b": record}, changed={"b": 2})
+    run = server.app.FederatedRun.__new__(server.app.FederatedRun)
+    run.strategy, run.journal = type("S", (), {"privacy": tally})(), journal
+    monkeypatch.setattr(DeviceJournal, "append", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError):
+        run._journal_changed(2)
+    assert tally.changed == {"b": 2}

@@ -119,6 +119,12 @@ class DeviceJournal:
             while written < len(data):
                 written += os.write(fd, data[written:])
             os.fsync(fd)
+        except BaseException:
+            try:  # a partial append (a full disk) must not leave a torn line for the next one to follow
+                os.ftruncate(fd, self.size)
+            except OSError:
+                pass  # a torn last line is ignored by readers and cut off on resume
+            raise
         finally:
             os.close(fd)
         self.size += len(data)
