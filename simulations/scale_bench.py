@@ -184,6 +184,65 @@ def projection(rows: list[dict], store_dir: Path, args) -> dict | None:
             "total_s": float((train + rest) * total_rounds + sum(record_s))}
 
 
+def pure_one_device(store_dir: Path, args) -> float:
+    """Devices per second of `train_round` back to back, one thread, no framework."""
+    from client.device import load_device, train_round
+    from shared.model import model_for
+
+    torch.set_num_threads(1)
+    store = open_store(store_dir)
+    cfg = arm_config(store_dir, Path(tempfile.mkdtemp(prefix="privrec-scale-pure-")), 1, args)
+    state = model_for(cfg, store.num_items).state_dict()
+    sample = np.random.default_rng(0).choice(store.num_devices, size=min(args.pure_devices, store.num_devices),
+                                             replace=False)
+    ledgers = Path(cfg["population-dir"])
+    data, num_items = load_device(store_dir, store.num_devices - 1)  # warm-up (imports), untimed
+    train_round(data, num_items, state, cfg, ledgers / "warm-up" / "ledger.json", "warm-up", "bench", 1)
+    start = time.perf_counter()
+    for device in sample:
+        data, num_items = load_device(store_dir, int(device))
+        train_round(data, num_items, state, cfg, ledgers / f"device-{device}" / "ledger.json", str(device),
+                    "bench", 1)
+    return len(sample) / (time.perf_counter() - start)
+
+
+def pure_node(store_dir: Path, devices_per_node: int, args) -> float:
+    """Devices per second of one node message listing a cohort's share of a node's devices, in-process."""
+    from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+    from client.app import app as client_app
+    from shared.device_nodes import NODE_DEVICES, device_node_id
+    from shared.model import model_for
+    from simulations.inprocess import instruction, node_context
+
+    torch.set_num_threads(1)
+    store = open_store(store_dir)
+    cfg = arm_config(store_dir, Path(tempfile.mkdtemp(prefix="privrec-scale-pure-")), devices_per_node, args)
+    state = model_for(cfg, store.num_items).state_dict()
+    rate = args.devices_per_round / store.num_devices
+    rng = np.random.default_rng(0)
+
+    def node_round(devices: list[int]) -> float:
+        content = RecordDict({
+            "arrays": ArrayRecord(state),
+            "config": ConfigRecord({"data-store": str(store_dir), "state-dir": cfg["population-dir"],
+                                    "run-id": "bench", "server-round": 1}),
+            NODE_DEVICES: ConfigRecord({"devices": devices, "ids": [device_node_id(d) for d in devices]})})
+        context = node_context(1, {"partition-id": 0, "num-partitions": 1}, cfg)
+        start = time.perf_counter()
+        client_app(instruction(content, 1, "train"), context)
+        return time.perf_counter() - start
+
+    node_round([store.num_devices - 2, store.num_devices - 1])  # warm-up (imports, first vmap), untimed
+    done, seconds = 0, 0.0
+    for block in range(0, min(store.num_devices, max(args.pure_devices, devices_per_node)), devices_per_node):
+        devices = [d for d in range(block, min(block + devices_per_node, store.num_devices)) if rng.random() < rate]
+        if devices:
+            seconds += node_round(devices)
+            done += len(devices)
+    return done / seconds
+
+
 def markdown(results: dict) -> str:
     cpus = results["cpus"]
     lines = [f"# Device trainings per second, user-level DP ({results['started']}, {results['machine']})", "",
