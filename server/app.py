@@ -434,8 +434,7 @@ class FederatedRun:
             return {"format": 1, "delta": self.run.device.delta, "accountant": self.run.device.accountant,
                     "epsilon": record["epsilon"], "statements": [pipeline.sentence(record, rounds)],
                     # the one composed history (popularity release first), so a report recomputes the figure
-                    **devices, "user-level": {**user_level, "history": record["history"],
-                                                             "pipeline": record}}
+                    **devices, "user-level": {**user_level, "history": record["history"], "pipeline": record}}
         return {
             "format": 1,
             "delta": self.run.device.delta,
