@@ -17,6 +17,12 @@ simulation gets (the ideal with no framework at all):
   devices (the work a node does: ledgers, vectorised training, clipping and summing), no Flower runtime.
 The Flower engine's overhead for an arm is ideal / end-to-end - 1 against the matching pure compute.
 
+Per round, from the ServerApp's log (server/round_clock.py): the seconds of each server phase (cohort
+sampling and messages, Flower's send_and_receive where Ray and the nodes work, aggregation, the run
+records) and the bytes of run records written; a projection to --projected-rounds rounds fits the run
+records' seconds against the devices seen so far. The peak memory of every process of the run, and per
+process at that peak.
+
 Writes simulations/results/scale-bench-<time>.json and .md and prints the Markdown.
 """
 
