@@ -107,12 +107,14 @@ def end_to_end(store_dir: Path, devices_per_node: int, args) -> dict:
 
     run_root = Path(tempfile.mkdtemp(prefix="privrec-scale-"))
     cfg = arm_config(store_dir, run_root, devices_per_node, args)
-    peak: list = [0.0, {}]
+    peak: list = [0.0, {}, 0.0]
 
     def sample_memory() -> None:  # every second while the run lasts: the launcher, SuperLink, Ray, apps
         processes = tree_rss_by_process(os.getpid())
         if sum(processes.values()) > peak[0]:
-            peak[:] = [sum(processes.values()), processes]
+            peak[:2] = [sum(processes.values()), processes]
+        # the run's own processes: not this benchmark's, which holds its pure-compute measures
+        peak[2] = max(peak[2], sum(v for k, v in processes.items() if not k.endswith(f" {os.getpid()}")))
 
     started = time.perf_counter()
     result = run_simulation(cfg, open_store(store_dir).num_devices, run_root / cfg["run-name"],
@@ -131,7 +133,7 @@ def end_to_end(store_dir: Path, devices_per_node: int, args) -> dict:
     return {"devices_per_node": devices_per_node, "steady_rounds": len(steady), "devices_trained": devices,
             "seconds": seconds, "devices_per_s": devices / seconds, "wall_s": wall,
             "devices_per_round": [r["devices-trained"] for r in rows if r["round"] > 0],
-            "peak_rss_mib_all_processes": peak[0],
+            "peak_rss_mib_all_processes": peak[0], "peak_rss_mib_run_processes": peak[2],
             "peak_rss_mib_by_process": dict(sorted(((k, round(v)) for k, v in peak[1].items()), key=lambda kv: -kv[1])),
             "population_files": len(files),
             "population_bytes": sum(p.stat().st_size for p in files), "run_record_files": len(run_files),
@@ -275,7 +277,8 @@ def markdown(results: dict) -> str:
     for arm in results["arms"]:
         top = ", ".join(f"{name} {mib}" for name, mib in list(arm.get("peak_rss_mib_by_process", {}).items())[:10])
         lines += ["", f"At the memory peak, devices-per-node {arm['devices_per_node']}, MiB per process (largest "
-                  f"first; this benchmark's own process holds its pure-compute measures): {top}."]
+                  f"first; this benchmark's own process holds its pure-compute measures): {top}. Peak of the "
+                  f"run's processes alone: {arm.get('peak_rss_mib_run_processes', 0):.0f} MiB."]
     phases = ("configure-train", "send-and-receive", "aggregate-train", "metrics", "privacy-record",
               "checkpoint", "model", "other")
     for arm in results["arms"]:
