@@ -351,7 +351,8 @@ def test_every_array_a_device_sends_is_masked_and_uniform():
     nodes = list(grid.get_node_ids())
     secure_sum(grid, _train_messages(nodes), PARAMS)
     arrays_sent = [a for r in grid.replies for rec in r.content.array_records.values() for a in rec.values()]
-    assert len(arrays_sent) == 2 * 8  # w and b of every device, nothing else
+    assert len(arrays_sent) == 8  # one flat vector per device (w and b), nothing else
+    assert all(a.shape == (64 * 8 + 8,) for a in arrays_sent)
     values = np.concatenate([a.numpy().ravel() for a in arrays_sent])
     assert all(a.numpy().dtype == np.uint32 for a in arrays_sent)
     # Uniform on [0, 2^32): chi-square over 64 equal bins and KS against U(0, 1).
