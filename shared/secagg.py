@@ -205,13 +205,12 @@ def quantize_flat(x: np.ndarray, params: SecAggParams, rng: np.random.Generator 
     """`quantize_vector` of one float64 array, overwriting it (one allocation: the uint32 result). A
     Generator (PCG64) draws the rounding twice as fast as NumPy's global MT19937."""
     scale = params.levels / (2 * params.clip_range)
-    np.clip(x, -params.clip_range, params.clip_range, out=x)
-    x += params.clip_range
     x *= scale
+    x += params.clip_range * scale
+    np.clip(x, 0.0, params.levels, out=x)  # = clipping to [-clip_range, clip_range] before the affine map
     x += rng.random(x.shape) if rng is not None else np.random.random_sample(x.shape)
-    np.floor(x, out=x)
-    np.minimum(x, params.levels, out=x)  # (2c) * L / (2c) may round above L: never past the top level
-    return x.astype(np.uint32)
+    np.minimum(x, params.levels, out=x)  # L + U may round up to L + 1 in float64: never past the top level
+    return x.astype(np.uint32)  # truncation: floor of a non-negative value
 
 
 def dequantize_sum(total: Sequence[np.ndarray], params: SecAggParams, devices: int) -> list[np.ndarray]:

@@ -20,11 +20,16 @@ from server.secagg import SecureAggregationGrid, secure_sum
 from shared import config
 from shared.errors import PrivrecError
 from shared.secagg import (
+    SHAMIR_PRIME,
+    VECTOR_KEY,
     DeviceSession,
     SecAggAborted,
     SecAggParams,
     ServerSession,
     apply_masks,
+    array_values,
+    combine_shares,
+    create_shares,
     mask_stream,
     neighbours,
     quantize_vector,
@@ -100,6 +105,54 @@ def test_masks_applied_in_place_equal_the_sum_of_their_streams():
     assert all(np.array_equal(a, b) for a, b in zip(apply_masks(vector, seeds), expected))
     assert all(np.array_equal(a, b) for a, b in zip(apply_masks(apply_masks(vector, seeds),
                                                                 [(s, -g) for s, g in seeds]), vector))
+
+
+def test_shamir_any_threshold_shares_rebuild_the_seed_and_fewer_do_not():
+    import itertools
+
+    import sympy
+
+    assert sympy.isprime(SHAMIR_PRIME) and SHAMIR_PRIME > 2 ** 128  # every 16-byte seed is a field element
+    for threshold, num in [(2, 3), (3, 5), (5, 5), (8, 15)]:
+        seed = np.random.default_rng(threshold).bytes(16)
+        shares = create_shares(seed, threshold, num)
+        assert len(shares) == num and len({s[:4] for s in shares}) == num and all(len(s) == 21 for s in shares)
+        for subset in itertools.islice(itertools.combinations(shares[::-1], threshold), 20):
+            assert combine_shares(list(subset), threshold) == seed
+        below = list(shares[:threshold - 1]) + [shares[0]]  # t - 1 distinct shares (one repeated)
+        with pytest.raises(SecAggAborted, match="fewer than the threshold"):
+            combine_shares(below, threshold)
+    assert create_shares(b"\xff" * 16, 3, 5) != create_shares(b"\xff" * 16, 3, 5)  # fresh coefficients
+    with pytest.raises(ValueError, match="16 bytes"):
+        create_shares(b"short", 2, 3)
+
+
+def test_shamir_shares_of_a_seed_carry_no_trace_of_it_below_the_threshold():
+    """Two different seeds: the distributions of any t - 1 = 2 share values are the same (uniform in the field)."""
+    values = {seed: np.array([[int.from_bytes(s[4:], "little") / SHAMIR_PRIME for s in create_shares(seed, 3, 5)[:2]]
+                              for _ in range(2000)]) for seed in (b"\x00" * 16, b"\xff" * 16)}
+    for column in range(2):
+        assert stats.ks_2samp(values[b"\x00" * 16][:, column], values[b"\xff" * 16][:, column]).pvalue > 1e-4
+        assert stats.kstest(values[b"\xff" * 16][:, column], "uniform").pvalue > 1e-4
+
+
+@pytest.mark.parametrize("array", [np.arange(12, dtype=np.float32).reshape(3, 4), np.arange(5, dtype=np.uint32),
+                                   np.float64(2.5), np.zeros((0, 3), np.float32),
+                                   np.asfortranarray(np.arange(6, dtype=np.float32).reshape(2, 3)),
+                                   np.arange(4, dtype=">f8")])
+def test_array_values_equal_flowers_decoding(array):
+    wrapped = Array(np.asarray(array))
+    got = array_values(wrapped)
+    assert got.dtype == wrapped.numpy().dtype and got.shape == wrapped.numpy().shape
+    assert np.array_equal(got, wrapped.numpy())
+
+
+def test_array_values_do_not_trust_bytes_that_do_not_match_the_header():
+    good = Array(np.arange(6, dtype=np.float32))
+    trailing = Array(dtype=good.dtype, shape=tuple(good.shape), stype=good.stype, data=good.data + b"\0" * 8)
+    assert np.array_equal(array_values(trailing), np.arange(6, dtype=np.float32))  # np.load's reading of it
+    liar = Array(dtype="float32", shape=(3,), stype=good.stype, data=good.data)  # header says (6,)
+    assert array_values(liar).shape == (6,)  # decoded as the header says (Flower's own reading), not as (3,)
 
 
 def test_sparse_graph_has_majority_threshold():
@@ -205,6 +258,40 @@ def test_round_over_grid_recovers_survivors_sum_after_drops():
     survivors = [n for n in nodes if n != 2]  # 6 sent its vector, then died: its vector still counts
     assert result.devices == 7 and result.dropped == [2]
     for key in ("w", "b"):
+        plain = sum(_stub_update(n)[key] for n in survivors)
+        assert np.abs(result.total[key] - plain).max() <= 7 * 2 * PARAMS.clip_range / PARAMS.levels
+
+
+class MisshapenUploadGrid(DroppingGrid):
+    """Device `node`'s masked vector arrives with a coordinate missing, or as float32, or without its keys."""
+
+    def __init__(self, node, how):
+        super().__init__(_stub_client_app(), 8, drop={})
+        self.node, self.how = node, how
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = list(super().send_and_receive(messages, timeout=timeout))
+        for r in replies:
+            if r.metadata.src_node_id == self.node and "arrays" in r.content.array_records:
+                vector = r.content.array_records["arrays"][VECTOR_KEY].numpy()
+                if self.how == "short":
+                    r.content.array_records["arrays"][VECTOR_KEY] = Array(vector[:-1])
+                elif self.how == "float":
+                    r.content.array_records["arrays"][VECTOR_KEY] = Array(vector.astype(np.float32))
+                else:
+                    del r.content.config_records[SECAGG]
+        return replies
+
+
+@pytest.mark.parametrize("how", ["short", "float", "no-keys"])
+def test_a_misshapen_masked_vector_is_left_out_as_a_dropped_device(how):
+    grid = MisshapenUploadGrid(node=4, how=how)
+    nodes = list(grid.get_node_ids())
+    result = secure_sum(grid, _train_messages(nodes), PARAMS)
+    survivors = [n for n in nodes if n != 4]  # its pairwise masks are rebuilt from its mask-key shares
+    assert result.devices == 7 and result.dropped == [4]
+    for key in ("w", "b"):
+        assert result.total[key].shape == _stub_update(1)[key].shape
         plain = sum(_stub_update(n)[key] for n in survivors)
         assert np.abs(result.total[key] - plain).max() <= 7 * 2 * PARAMS.clip_range / PARAMS.levels
 
