@@ -31,6 +31,7 @@ clipped by the quantizer; `check_clip_range` demands a clip range of C + 6 share
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import math
 import os
@@ -40,19 +41,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import shamirs
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import x25519
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, encrypt, generate_shared_key
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, encrypt
 from flwr.common.secure_aggregation.quantization import dequantize
 from flwr.common.secure_aggregation.secaggplus_utils import (
     share_keys_plaintext_concat,
     share_keys_plaintext_separate,
-)
-from flwr.supercore.primitives.asymmetric import (
-    bytes_to_private_key,
-    bytes_to_public_key,
-    private_key_to_bytes,
-    public_key_to_bytes,
 )
 
 from shared.errors import PrivrecError
@@ -219,9 +216,8 @@ def dequantize_sum(total: Sequence[np.ndarray], params: SecAggParams, devices: i
     return [f - (devices - 1) * params.clip_range for f in floats]  # dequantize removed one offset
 
 
-# P-256: a 128-bit security level like AES-128, and ECDH several times faster than Flower's default P-384.
-CURVE = ec.SECP256R1()
-_P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+# Key agreement on X25519 (the `cryptography` library; a 128-bit security level like AES-128 and the 128-bit
+# seeds): 2.5x cheaper per agreement than P-256 with PEM keys, and a device makes 4(t - 1) of them a round.
 
 
 # Shamir over GF(p), p the smallest prime above 2^128: every 16-byte seed is a field element, and `shamirs`
@@ -253,15 +249,25 @@ def combine_shares(shares: Sequence[bytes], threshold: int) -> bytes:
     return value.to_bytes(SECRET_BYTES, "little")
 
 
-def mask_key_from_seed(seed: bytes) -> ec.EllipticCurvePrivateKey:
-    """The mask key pair from a 16-byte seed: the seed (not a PEM file) is what gets Shamir-shared."""
-    scalar = int.from_bytes(hashlib.sha512(seed).digest(), "big") % (_P256_ORDER - 1) + 1
-    return ec.derive_private_key(scalar, CURVE)
+def mask_key_from_seed(seed: bytes) -> x25519.X25519PrivateKey:
+    """The mask key pair from a 16-byte seed: the seed (not the key) is what gets Shamir-shared. Any 32 bytes
+    are an X25519 private key (the curve clamps them): SHA-256 of the seed."""
+    return x25519.X25519PrivateKey.from_private_bytes(hashlib.sha256(seed).digest())
 
 
-def _pair_seed(private: bytes | ec.EllipticCurvePrivateKey, public_pem: bytes) -> bytes:
-    key = bytes_to_private_key(private) if isinstance(private, bytes) else private
-    return generate_shared_key(key, bytes_to_public_key(public_pem))
+def _public_bytes(key: x25519.X25519PrivateKey) -> bytes:
+    return key.public_key().public_bytes_raw()
+
+
+def _pair_seed(private: bytes | x25519.X25519PrivateKey, public: bytes) -> bytes:
+    """The secret two devices share: X25519 agreement, then HKDF-SHA256 to a Fernet key, as Flower's
+    `generate_shared_key` derives it from its EC keys (a channel key, or the seed of a pairwise mask)."""
+    key = x25519.X25519PrivateKey.from_private_bytes(private) if isinstance(private, bytes) else private
+    try:
+        shared = key.exchange(x25519.X25519PublicKey.from_public_bytes(public))
+    except ValueError as exc:  # not a 32-byte key, or a low-order point (an all-zero agreement)
+        raise SecAggAborted(f"a device's public key is unusable for key agreement: {exc}") from None
+    return base64.urlsafe_b64encode(HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=None).derive(shared))
 
 
 # -- the device's side --------------------------------------------------------------------------
@@ -281,11 +287,10 @@ class DeviceSession:
 
     def setup(self) -> tuple[bytes, bytes]:
         """Stage 1: fresh key pairs; returns the public (encryption, masking) keys."""
-        enc_sk = ec.generate_private_key(CURVE)
-        self.mask_seed = os.urandom(SECRET_BYTES)  # 128-bit, the level of P-256
-        self.enc_private = private_key_to_bytes(enc_sk)
-        return (public_key_to_bytes(enc_sk.public_key()),
-                public_key_to_bytes(mask_key_from_seed(self.mask_seed).public_key()))
+        enc_sk = x25519.X25519PrivateKey.generate()
+        self.mask_seed = os.urandom(SECRET_BYTES)  # 128-bit, the level of X25519
+        self.enc_private = enc_sk.private_bytes_raw()
+        return _public_bytes(enc_sk), _public_bytes(mask_key_from_seed(self.mask_seed))
 
     def share_keys(self, peers: Mapping[int, tuple[bytes, bytes]]) -> dict[int, bytes]:
         """Stage 2: Shamir-share b and the mask seed among self + neighbours; one ciphertext per neighbour."""
@@ -294,7 +299,7 @@ class DeviceSession:
         holders = [self.node, *sorted(self.peers)]
         b_shares = create_shares(self.self_seed, self.threshold, len(holders))
         sk_shares = create_shares(self.mask_seed, self.threshold, len(holders))
-        enc_private = bytes_to_private_key(self.enc_private)
+        enc_private = x25519.X25519PrivateKey.from_private_bytes(self.enc_private)
         out = {}
         for holder, b_share, sk_share in zip(holders, b_shares, sk_shares):
             if holder == self.node:

@@ -136,6 +136,20 @@ def test_shamir_shares_of_a_seed_carry_no_trace_of_it_below_the_threshold():
         assert stats.kstest(values[b"\xff" * 16][:, column], "uniform").pvalue > 1e-4
 
 
+def test_pairwise_secrets_agree_and_an_unusable_public_key_is_refused():
+    from shared.secagg import _pair_seed, mask_key_from_seed
+
+    a, b = DeviceSession(node=1, threshold=2), DeviceSession(node=2, threshold=2)
+    (a_enc, a_mask), (b_enc, b_mask) = a.setup(), b.setup()
+    assert len(a_enc) == len(a_mask) == 32 and a_enc != b_enc and a_mask != b_mask
+    assert _pair_seed(a.enc_private, b_enc) == _pair_seed(b.enc_private, a_enc)  # the channel key
+    assert _pair_seed(mask_key_from_seed(a.mask_seed), b_mask) == _pair_seed(mask_key_from_seed(b.mask_seed), a_mask)
+    assert _pair_seed(a.enc_private, b_enc) != _pair_seed(mask_key_from_seed(a.mask_seed), b_mask)
+    for bad in (b"\0" * 32, b"\1" + b"\0" * 31, b"short"):  # low-order points (all-zero agreement), wrong size
+        with pytest.raises(SecAggAborted, match="unusable"):
+            _pair_seed(a.enc_private, bad)
+
+
 @pytest.mark.parametrize("array", [np.arange(12, dtype=np.float32).reshape(3, 4), np.arange(5, dtype=np.uint32),
                                    np.float64(2.5), np.zeros((0, 3), np.float32),
                                    np.asfortranarray(np.arange(6, dtype=np.float32).reshape(2, 3)),
