@@ -57,6 +57,7 @@ from shared.errors import PrivrecError
 FIELD_BITS = 32  # masked vectors travel as uint32
 MAX_QUANTIZATION_BITS = 30  # Flower's stochastic rounding works in int32
 CLIP_MARGIN_STDS = 6.0  # P(|N(0, 1)| > 6) < 2e-9 per coordinate
+MASK_CHUNK = 65536  # coordinates per pass of the quantizer and the masks: a chunk stays in cache through them
 
 
 class SecAggAborted(PrivrecError):
@@ -127,10 +128,9 @@ def random_order(nodes: Sequence[int]) -> list[int]:
 
 
 # -- arithmetic ---------------------------------------------------------------------------------
-def _keystream_into(seed: bytes, zeros: bytes, out: bytearray) -> None:
-    """AES-256-CTR keystream of len(zeros) bytes from `seed` into `out` (a cryptographic PRG)."""
-    encryptor = Cipher(algorithms.AES(hashlib.sha256(seed).digest()), modes.CTR(b"\0" * 16)).encryptor()
-    encryptor.update_into(zeros, out)
+def _keystream(seed: bytes):
+    """An AES-256-CTR encryptor keyed by `seed`: its output on zeros is the seed's keystream (a cryptographic PRG)."""
+    return Cipher(algorithms.AES(hashlib.sha256(seed).digest()), modes.CTR(b"\0" * 16)).encryptor()
 
 
 def mask_stream(seed: bytes, shapes: Sequence[tuple[int, ...]]) -> list[np.ndarray]:
@@ -138,24 +138,28 @@ def mask_stream(seed: bytes, shapes: Sequence[tuple[int, ...]]) -> list[np.ndarr
     sizes = [int(np.prod(s, dtype=np.int64)) for s in shapes]
     nbytes = sum(sizes) * 4
     out = bytearray(nbytes + 15)  # update_into wants room for one more block
-    _keystream_into(seed, bytes(nbytes), out)
+    _keystream(seed).update_into(bytes(nbytes), out)
     return _split(np.frombuffer(out, dtype=np.uint32, count=sum(sizes)).copy(), shapes)
 
 
 def apply_masks(vector: Sequence[np.ndarray], masks: Iterable[tuple[bytes, int]]) -> list[np.ndarray]:
     """`vector` (uint32 arrays) plus sign x PRG(seed) for every (seed, sign) in `masks`, mod 2^32.
 
-    One flat accumulator and one keystream buffer for all masks, added in place: the masks of a device's
-    2t - 1 seeds cost one AES pass each and no allocation (uint32 arithmetic wraps: the field's addition).
+    One flat accumulator, added in place (uint32 arithmetic wraps: the field's addition), chunk by chunk:
+    each seed's keystream continues from chunk to chunk, so the result is the same as adding whole streams,
+    while the chunk being masked stays in cache for all 2t - 1 seeds (a third faster on a 272k vector).
     """
     shapes = [np.shape(v) for v in vector]
     total = np.concatenate([np.asarray(v, dtype=np.uint32).ravel() for v in vector])
-    buffer = bytearray(total.nbytes + 15)
-    stream = np.frombuffer(buffer, dtype=np.uint32, count=total.size)
-    zeros = bytes(total.nbytes)
-    for seed, sign in masks:
-        _keystream_into(seed, zeros, buffer)
-        (np.add if sign > 0 else np.subtract)(total, stream, out=total)
+    streams = [(_keystream(seed), np.add if sign > 0 else np.subtract) for seed, sign in masks]
+    buffer = bytearray(4 * MASK_CHUNK + 15)
+    zeros = memoryview(bytes(4 * MASK_CHUNK))
+    for start in range(0, total.size, MASK_CHUNK):
+        part = total[start:start + MASK_CHUNK]
+        stream = np.frombuffer(buffer, dtype=np.uint32, count=part.size)
+        for encryptor, op in streams:
+            encryptor.update_into(zeros[:4 * part.size], buffer)
+            op(part, stream, out=part)
     return _split(total, shapes)
 
 
@@ -199,15 +203,27 @@ def quantize_vector(arrays: Sequence[np.ndarray], params: SecAggParams,
 
 
 def quantize_flat(x: np.ndarray, params: SecAggParams, rng: np.random.Generator | None = None) -> np.ndarray:
-    """`quantize_vector` of one float64 array, overwriting it (one allocation: the uint32 result). A
-    Generator (PCG64) draws the rounding twice as fast as NumPy's global MT19937."""
+    """`quantize_vector` of one float64 array, overwriting it; the uint32 result is the one allocation. Chunk
+    by chunk (each stays in cache through all the passes: twice as fast on a 272k vector as whole-array
+    passes), drawing the rounding as one call would. A Generator (PCG64) draws twice as fast as NumPy's
+    global MT19937."""
+    x = x.reshape(-1)  # a view of a contiguous array
     scale = params.levels / (2 * params.clip_range)
-    x *= scale
-    x += params.clip_range * scale
-    np.clip(x, 0.0, params.levels, out=x)  # = clipping to [-clip_range, clip_range] before the affine map
-    x += rng.random(x.shape) if rng is not None else np.random.random_sample(x.shape)
-    np.minimum(x, params.levels, out=x)  # L + U may round up to L + 1 in float64: never past the top level
-    return x.astype(np.uint32)  # truncation: floor of a non-negative value
+    out = np.empty(x.size, dtype=np.uint32)
+    uniform = np.empty(min(x.size, MASK_CHUNK))
+    for start in range(0, x.size, MASK_CHUNK):
+        chunk, u = x[start:start + MASK_CHUNK], uniform[:min(MASK_CHUNK, x.size - start)]
+        chunk *= scale
+        chunk += params.clip_range * scale
+        np.clip(chunk, 0.0, params.levels, out=chunk)  # = clipping to [-clip_range, clip_range] first
+        if rng is not None:
+            rng.random(out=u)
+        else:
+            u[:] = np.random.random_sample(u.shape)
+        chunk += u
+        np.minimum(chunk, params.levels, out=chunk)  # L + U may round up to L + 1 in float64: never past L
+        out[start:start + chunk.size] = chunk  # truncation: the floor of a non-negative value
+    return out
 
 
 def dequantize_sum(total: Sequence[np.ndarray], params: SecAggParams, devices: int) -> list[np.ndarray]:

@@ -95,7 +95,27 @@ def test_quantizer_rounds_without_bias_inside_its_levels():
     assert set(np.unique(values)) == {9, 10} and values.mean() == pytest.approx(exact, abs=0.005)
 
 
-def test_masks_applied_in_place_equal_the_sum_of_their_streams():
+def test_quantizer_in_chunks_rounds_as_one_pass_would(monkeypatch):
+    import shared.secagg
+
+    x = [np.random.default_rng(3).uniform(-1.5, 1.5, (40, 7)), np.array([0.25])]
+    whole = quantize_vector(x, PARAMS, np.random.default_rng(9))
+    np.random.seed(4)
+    whole_global = quantize_vector(x, PARAMS)
+    monkeypatch.setattr(shared.secagg, "MASK_CHUNK", 13)
+    assert all(np.array_equal(a, b) for a, b in zip(quantize_vector(x, PARAMS, np.random.default_rng(9)), whole))
+    np.random.seed(4)
+    assert all(np.array_equal(a, b) for a, b in zip(quantize_vector(x, PARAMS), whole_global))
+    assert [a.shape for a in whole] == [(40, 7), (1,)]
+    scale = PARAMS.levels / 2  # and each value is the floor or the ceiling of its exact level
+    assert np.all(np.abs(whole[0] - (np.clip(x[0], -1, 1) + 1) * scale) < 1)
+
+
+@pytest.mark.parametrize("chunk", [65536, 5, 4, 17])  # one chunk; chunks that split arrays and streams unevenly
+def test_masks_applied_in_place_equal_the_sum_of_their_streams(chunk, monkeypatch):
+    import shared.secagg
+
+    monkeypatch.setattr(shared.secagg, "MASK_CHUNK", chunk)
     vector = [np.arange(12, dtype=np.uint32).reshape(3, 4), np.full(5, 2**32 - 1, dtype=np.uint32)]
     seeds = [(b"a" * 16, 1), (b"b" * 16, -1), (b"c" * 16, 1)]
     expected = [v.copy() for v in vector]
