@@ -248,7 +248,8 @@ def _masked_vector(reply: Message, train: Message) -> tuple[list[str], np.ndarra
     """(keys, masked uint32 vector) of an upload reply, if its vector has exactly the size of those arrays."""
     arrays, record = reply.content.array_records["arrays"], reply.content.config_records.get(SECAGG)
     current = train.content.array_records["arrays"]
-    if record is None or list(arrays.keys()) != [VECTOR_KEY] or arrays[VECTOR_KEY].dtype != "uint32":
+    if (record is None or not isinstance(record.get("keys"), list) or list(arrays.keys()) != [VECTOR_KEY]
+            or arrays[VECTOR_KEY].dtype != "uint32"):
         return None
     keys = [str(k) for k in record["keys"]]
     vector = array_values(arrays[VECTOR_KEY])

@@ -297,7 +297,8 @@ def test_round_over_grid_recovers_survivors_sum_after_drops():
 
 
 class MisshapenUploadGrid(DroppingGrid):
-    """Device `node`'s masked vector arrives with a coordinate missing, or as float32, or without its keys."""
+    """Device `node`'s masked vector arrives with a coordinate missing, or as float32, or without the record
+    naming its arrays, or with the record but not the names."""
 
     def __init__(self, node, how):
         super().__init__(_stub_client_app(), 8, drop={})
@@ -312,12 +313,14 @@ class MisshapenUploadGrid(DroppingGrid):
                     r.content.array_records["arrays"][VECTOR_KEY] = Array(vector[:-1])
                 elif self.how == "float":
                     r.content.array_records["arrays"][VECTOR_KEY] = Array(vector.astype(np.float32))
+                elif self.how == "no-keys":
+                    del r.content.config_records[SECAGG]["keys"]
                 else:
                     del r.content.config_records[SECAGG]
         return replies
 
 
-@pytest.mark.parametrize("how", ["short", "float", "no-keys"])
+@pytest.mark.parametrize("how", ["short", "float", "no-keys", "no-record"])
 def test_a_misshapen_masked_vector_is_left_out_as_a_dropped_device(how):
     grid = MisshapenUploadGrid(node=4, how=how)
     nodes = list(grid.get_node_ids())
