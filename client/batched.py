@@ -39,7 +39,7 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from shared.config import RunConfig
 from shared.model import SASRec
-from shared.training import LocalTrainConfig, LocalTrainResult, per_example_loss, split_windows
+from shared.training import LocalTrainConfig, LocalTrainResult, split_windows
 
 ADAM_BETAS = (0.9, 0.999)  # torch.optim.Adam's defaults, as train_local builds it
 ADAM_EPS = 1e-8
@@ -224,6 +224,21 @@ def _step_to_update(cfg: LocalTrainConfig, weight: Tensor, grad: Tensor) -> None
     grad.mul_(-cfg.lr).add_(weight).sub_(weight)  # SGD: torch's param.add_(grad, alpha=-lr)
 
 
+def _loss_and_gradient(logits: Tensor, targets: Tensor, per_window: Tensor) -> tuple[Tensor, Tensor]:
+    """`per_example_loss` of each window ([windows]) and the gradient of sum(loss / per_window) with respect to
+    `logits` ([windows, length, items]): softmax - one-hot at each real target, over the window's target count
+    (0 at padding), written into the softmax's own memory instead of autograd's several copies."""
+    log_probs = torch.log_softmax(logits, dim=-1)
+    real = targets != 0
+    counts = real.sum(dim=1).clamp(min=1).to(logits.dtype)
+    picked = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    window_loss = -(picked * real).sum(dim=1) / counts
+    weight = real.to(logits.dtype) / (counts * per_window).unsqueeze(1)  # [windows, length]
+    grad = log_probs.exp_()
+    grad.scatter_add_(-1, targets.unsqueeze(-1), torch.full_like(picked, -1.0).unsqueeze(-1))
+    return window_loss, grad.mul_(weight.unsqueeze(-1))
+
+
 NORM_SLICE = 8  # devices whose float64 copy of one array is held at once (cache-sized)
 
 
@@ -247,13 +262,15 @@ def _device_gradients(model: SASRec, windows: list[np.ndarray]):
     layers = [m for m in model.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
     hooks = [m.register_forward_hook(lambda m, args, out: calls.append((m, args, out))) for m in layers]
     try:
-        window_loss = per_example_loss(model(inputs), targets)
+        logits = model(inputs)
     finally:
         for hook in hooks:
             hook.remove()
+    window_loss, logits_grad = _loss_and_gradient(logits.detach(), targets, per_window)
     # Down to each layer's output only: the weights' summed gradients are never formed.
-    backprops = torch.autograd.grad((window_loss / per_window).sum(), [out for _, _, out in calls],
-                                    materialize_grads=True)
+    wanted = [out for _, _, out in calls if out is not logits]
+    found = iter(torch.autograd.grad(logits, wanted, logits_grad, materialize_grads=True))
+    backprops = [logits_grad if out is logits else next(found) for _, _, out in calls]
     names = {p: k for k, p in model.named_parameters()}
     window_loss = window_loss.detach()
     first_device, first_window = 0, 0

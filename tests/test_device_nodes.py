@@ -161,7 +161,7 @@ def test_node_clipped_sum_equals_server_clipping_of_lone_devices(tmp_path, optim
     got = {k: a.numpy() for k, a in node.content.array_records["arrays"].items()}
     if optimizer == "sgd":  # linear in the gradients: equal coordinate by coordinate
         for k in keys:
-            np.testing.assert_allclose(got[k], expected.total[k], rtol=1e-4, atol=1e-8)
+            np.testing.assert_allclose(got[k], expected.total[k], rtol=1e-4, atol=1e-7)
     # Adam moves coordinates whose gradient is ~1e-8 by float rounding: equal as a vector
     difference = np.sqrt(sum(np.sum((got[k] - expected.total[k]) ** 2) for k in keys))
     size = np.sqrt(sum(np.sum(expected.total[k] ** 2) for k in keys))
