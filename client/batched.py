@@ -220,8 +220,10 @@ def _step_to_update(cfg: LocalTrainConfig, weight: Tensor, grad: Tensor) -> None
     """`grad` ([devices, ...], each device's gradient) becomes, in place, each device's (weights after one
     step from the shared `weight`) - `weight`: the step rounded to float32 weights, as on the device."""
     if cfg.optimizer == "adam":  # torch's param.addcdiv_(m, denom, value=-step_size) at step 1, see above
-        grad.div_(grad.abs().add_(ADAM_EPS))
-    grad.mul_(-cfg.lr).add_(weight).sub_(weight)  # SGD: torch's param.add_(grad, alpha=-lr)
+        torch.addcdiv(weight, grad, grad.abs().add_(ADAM_EPS), value=-cfg.lr, out=grad)
+    else:  # torch.optim.SGD's param.add_(grad, alpha=-lr)
+        torch.add(weight, grad, alpha=-cfg.lr, out=grad)
+    grad.sub_(weight)
 
 
 def _loss_and_gradient(logits: Tensor, targets: Tensor, per_window: Tensor) -> tuple[Tensor, Tensor]:
