@@ -171,7 +171,7 @@ def _train_group(round_: _Round, devices: list[_Listed], windows: dict[int, np.n
                                                  accountant_state=ticket.prior_state if run.device.dp else None,
                                                  global_params=global_params)
                 dev.weights = model.state_dict()
-        with one_sync():
+        with one_sync():  # a summed device's outcome holds no weights: its update is in `round_.partial`
             for dev in training:
                 dev.outcome = finish_round(run, tickets[dev.index], ledger_path(round_.state_dir, dev.device),
                                            dev.device, dev.weights, results[dev.index])
