@@ -1,4 +1,4 @@
-"""Many devices' local rounds in one pass (torch.func): each device trains exactly as it would alone.
+"""Many devices' local rounds in one pass: each device trains exactly as it would alone (up to float rounding).
 
 `train_local` (shared/training.py) on one device without on-device DP is: load the global weights,
 then for every epoch one optimizer step per batch of at most `batch-size` windows on the mean of
@@ -168,9 +168,11 @@ def train_one_step(model: SASRec, windows: Sequence[np.ndarray], cfg: LocalTrain
     SGD moves each weight by -lr g; Adam's first step (betas b1, b2, eps, no weight decay: train_local's
     `torch.optim.Adam(params, lr)`) keeps m = (1 - b1) g and v = (1 - b2) g^2, divides them by the bias
     corrections 1 - b1 and 1 - b2, and so moves each weight by -lr g / (|g| + eps). The device's weights
-    after the step are float32, as alone; its update is those minus the global weights. `keys` are the
-    state-dict entries summed and measured (the norm the node clips: float64, as the server measures a
-    reply); a frozen weight's update is 0. `model` is not changed.
+    after the step are float32, as alone; its update is those minus the global weights, subtracted in
+    float32 (the server subtracts a reply's weights in float64: at most half a float32 ulp apart per
+    coordinate). `keys` are the state-dict entries summed and measured: each update's norm is summed in
+    float64 from its exact squares; a group's factored updates are added in float32, the groups in
+    float64. A frozen weight's update is 0. `model` is not changed.
     """
     if not one_step(model, cfg) or any(not fits_one_batch(len(w), cfg.batch_size) for w in windows):
         raise ValueError("train_one_step: only one-epoch rounds of one batch, without on-device DP or FedProx, "
