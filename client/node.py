@@ -162,15 +162,23 @@ def _train_group(round_: _Round, devices: list[_Listed], windows: dict[int, np.n
                 dev.weights = {**fixed, **{k: stacked[position] for k, stacked in batched.weights.items()}}
                 results[dev.index] = batched.results[position]
         else:
+            shared_model = None if run.device.dp else build_model(run, round_.num_items, round_.global_state,
+                                                                  round_.item_text)
             for dev in training:
                 ticket = tickets[dev.index]
-                model = build_model(run, round_.num_items, round_.global_state, round_.item_text)
+                if shared_model is None:  # Opacus wraps and unwraps a DP device's model: a fresh one each
+                    model = build_model(run, round_.num_items, round_.global_state, round_.item_text)
+                else:  # the global weights again (building a model draws a random initialisation first)
+                    model = shared_model
+                    model.load_state_dict(round_.global_state)
                 global_params = {k: v.detach().clone() for k, v in model.named_parameters()} \
                     if round_.proximal_mu > 0 else None
                 results[dev.index] = train_local(model, windows[dev.index], ticket.train_cfg,
                                                  accountant_state=ticket.prior_state if run.device.dp else None,
                                                  global_params=global_params)
-                dev.weights = model.state_dict()
+                # a copy: the shared model's tensors are overwritten by the next device's load_state_dict
+                dev.weights = {k: v.detach().clone() for k, v in model.state_dict().items()} \
+                    if model is shared_model else model.state_dict()
         with one_sync():  # a summed device's outcome holds no weights: its update is in `round_.partial`
             for dev in training:
                 dev.outcome = finish_round(run, tickets[dev.index], ledger_path(round_.state_dir, dev.device),

@@ -134,12 +134,13 @@ def _train_message(cfg, state, store, population, devices, round_=1):
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-@pytest.mark.parametrize("epochs", [1, 2])  # one epoch: client.batched.train_one_step; two: train_batched
-def test_node_clipped_sum_equals_server_clipping_of_lone_devices(tmp_path, optimizer, epochs):
+# one epoch: client.batched.train_one_step; two: train_batched. The store's devices hold 2 or 3 windows:
+# with batch-size 3 all train together, with 2 those of 3 windows train alone inside the node
+@pytest.mark.parametrize("epochs,batch_size", [(1, 3), (2, 3), (1, 2)])
+def test_node_clipped_sum_equals_server_clipping_of_lone_devices(tmp_path, optimizer, epochs, batch_size):
     store = _store(tmp_path)
-    # batch-size 3: devices of 2 or 3 windows train together, the others alone inside the node
     values = {**SMALL, "data-store": str(store), "dp": False, "user-dp": True, "local-epochs": epochs,
-              "local-optimizer": optimizer, "local-lr": 0.5 if optimizer == "sgd" else 0.02}
+              "batch-size": batch_size, "local-optimizer": optimizer, "local-lr": 0.5 if optimizer == "sgd" else 0.02}
     cfg = config.validate(values)
     torch.manual_seed(0)
     state = model_for(cfg, NUM_ITEMS).state_dict()
