@@ -281,15 +281,20 @@ def _device_gradients(model: SASRec, windows: list[np.ndarray]):
     for count in sorted(set(counts)):
         members, rows = counts.count(count), counts.count(count) * count
 
-        def by_device(t: Tensor) -> Tensor:  # [windows, ...] -> [devices, windows x positions, ...], no graph
-            return t.detach()[first_window:first_window + rows].reshape(members, -1, *t.shape[2:])
-
         grads: dict[str, Tensor] = {}
+        group = (first_window, rows, members)
         for (layer, args, _), backprop in zip(calls, backprops):
             sampler = GradSampleModule.GRAD_SAMPLERS[type(layer)]
-            for param, grad in sampler(layer, [by_device(a) for a in args], by_device(backprop)).items():
+            for param, grad in sampler(layer, [_by_device(a, *group) for a in args],
+                                       _by_device(backprop, *group)).items():
                 name = names[param]
                 grads[name] = grads[name] + grad if name in grads else grad  # a layer called twice
         yield (slice(first_device, first_device + members), grads,
                window_loss[first_window:first_window + rows].view(members, count).mean(1))
         first_device, first_window = first_device + members, first_window + rows
+
+
+def _by_device(t: Tensor, first_window: int, rows: int, devices: int) -> Tensor:
+    """Rows [first_window, first_window + rows) of `t` ([windows, ...]) as [devices, windows x positions, ...],
+    detached (Opacus' functions then build no graph)."""
+    return t.detach()[first_window:first_window + rows].reshape(devices, -1, *t.shape[2:])

@@ -84,7 +84,7 @@ def test_one_step_round_equals_each_device_alone(tmp_path, optimizer, trains):
     cfg = LocalTrainConfig.for_round(run.device, seed=3, proximal_mu=0.0)
     keys = list(state)
     updates, norms = [], []
-    for d, w in enumerate(windows):
+    for w in windows:
         alone = model_for(run, store.num_items, state=state)
         result = train_local(alone, w, cfg)
         updates.append({k: alone.state_dict()[k].double() - state[k].double() for k in keys})

@@ -19,7 +19,6 @@ per round; Opacus' accountants compose it over rounds (`shared.privacy.accountin
 from __future__ import annotations
 
 import functools
-
 import random
 from collections.abc import Mapping, Sequence
 
