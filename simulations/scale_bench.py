@@ -14,8 +14,11 @@ Pure compute, measured in the same run on this process's one thread and multipli
 simulation gets (the ideal with no framework at all):
 - one device alone: `client.device.train_round` back to back (today's per-device work);
 - devices on a node: the ClientApp called in-process with one node message listing a cohort's worth of
-  devices (the work a node does: ledgers, vectorised training, clipping and summing), no Flower runtime.
-The Flower engine's overhead for an arm is ideal / end-to-end - 1 against the matching pure compute.
+  devices (the work a node does: ledgers, vectorised training, clipping and summing), no Flower runtime;
+  and, for comparison in the same run, the same with the node path before the one-step round
+  (`client.batched.train_batched` for every round; --no-compare-previous skips it).
+The Flower engine's overhead for an arm is ideal / end-to-end - 1 against the matching pure compute. Pure
+compute is also given by this process's CPU time, which the load of a shared machine moves much less.
 
 Per round, from the ServerApp's log (server/round_clock.py): the seconds of each server phase (cohort
 sampling and messages, Flower's send_and_receive where Ray and the nodes work, aggregation, the run
@@ -36,6 +39,7 @@ import resource
 import tempfile
 import time
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -192,8 +196,8 @@ def projection(rows: list[dict], store_dir: Path, args) -> dict | None:
             "total_s": float((train + rest) * total_rounds + sum(record_s))}
 
 
-def pure_one_device(store_dir: Path, args) -> float:
-    """Devices per second of `train_round` back to back, one thread, no framework."""
+def pure_one_device(store_dir: Path, args) -> tuple[float, float]:
+    """Devices per second of `train_round` back to back, one thread, no framework (by wall, by CPU time)."""
     from client.device import load_device, train_round
     from shared.model import model_for
 
@@ -206,16 +210,21 @@ def pure_one_device(store_dir: Path, args) -> float:
     ledgers = Path(cfg["population-dir"])
     data, num_items = load_device(store_dir, store.num_devices - 1)  # warm-up (imports), untimed
     train_round(data, num_items, state, cfg, ledgers / "warm-up" / "ledger.json", "warm-up", "bench", 1)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for device in sample:
         data, num_items = load_device(store_dir, int(device))
         train_round(data, num_items, state, cfg, ledgers / f"device-{device}" / "ledger.json", str(device),
                     "bench", 1)
-    return len(sample) / (time.perf_counter() - start)
+    return len(sample) / (time.perf_counter() - start), len(sample) / (time.process_time() - cpu)
 
 
-def pure_node(store_dir: Path, devices_per_node: int, args) -> float:
-    """Devices per second of one node message listing a cohort's share of a node's devices, in-process."""
+def pure_node(store_dir: Path, devices_per_node: int, args, previous: bool = False) -> tuple[float, float]:
+    """Devices per second of one node message listing a cohort's share of a node's devices, in-process:
+    (by wall time, by this process's CPU time). `previous`: every round through the several-epoch path
+    (`client.batched.train_batched`: a copy of the weights per device), as nodes trained before the one-step
+    path (`client.batched.train_one_step`), for a comparison within one run."""
+    from unittest import mock
+
     from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
     from client.app import app as client_app
@@ -230,25 +239,28 @@ def pure_node(store_dir: Path, devices_per_node: int, args) -> float:
     rate = args.devices_per_round / store.num_devices
     rng = np.random.default_rng(0)
 
-    def node_round(devices: list[int]) -> float:
+    def node_round(devices: list[int], server_round: int = 2) -> tuple[float, float]:
         content = RecordDict({
             "arrays": ArrayRecord(state),
             "config": ConfigRecord({"data-store": str(store_dir), "state-dir": cfg["population-dir"],
-                                    "run-id": "bench", "server-round": 1}),
+                                    "run-id": "bench", "server-round": server_round}),
             NODE_DEVICES: ConfigRecord({"devices": devices, "ids": [device_node_id(d) for d in devices]})})
         context = node_context(1, {"partition-id": 0, "num-partitions": 1}, cfg)
-        start = time.perf_counter()
-        client_app(instruction(content, 1, "train"), context)
-        return time.perf_counter() - start
+        start, cpu = time.perf_counter(), time.process_time()
+        with mock.patch("client.node.one_step", lambda model, cfg: False) if previous else nullcontext():
+            client_app(instruction(content, 1, "train"), context)
+        return time.perf_counter() - start, time.process_time() - cpu
 
-    node_round([store.num_devices - 2, store.num_devices - 1])  # warm-up (imports, first vmap), untimed
-    done, seconds = 0, 0.0
+    heaviest = max(range(min(200, store.num_devices)), key=lambda d: sum(map(len, store.device(d).train)))
+    # untimed: imports, the first pass, the first optimizer of a device trained alone (the heaviest)
+    node_round([store.num_devices - 2, store.num_devices - 1, heaviest], server_round=1)
+    done, seconds, cpu_seconds = 0, 0.0, 0.0
     for block in range(0, min(store.num_devices, max(args.pure_devices, devices_per_node)), devices_per_node):
         devices = [d for d in range(block, min(block + devices_per_node, store.num_devices)) if rng.random() < rate]
         if devices:
-            seconds += node_round(devices)
-            done += len(devices)
-    return done / seconds
+            wall, cpu = node_round(devices)
+            seconds, cpu_seconds, done = seconds + wall, cpu_seconds + cpu, done + len(devices)
+    return done / seconds, done / cpu_seconds
 
 
 def markdown(results: dict) -> str:
@@ -259,13 +271,27 @@ def markdown(results: dict) -> str:
              f"{results['rounds']} rounds (steady rounds 2..{results['rounds'] - 1} timed). Load average at the "
              f"start: {results['load_average']}.", "",
              "| devices per node | Flower nodes | end to end (devices/s) | x devices-per-node 1 | "
-             "pure compute, ideal on 2 CPUs (devices/s) | Flower engine overhead |", "|---|---|---|---|---|---|"]
+             "pure compute, ideal on 2 CPUs (devices/s) | Flower engine overhead | "
+             "pure compute by CPU time, ideal on 2 CPUs |", "|---|---|---|---|---|---|---|"]
     base = next((a["devices_per_s"] for a in results["arms"] if a["devices_per_node"] == 1), None)
     for arm in results["arms"]:
         pure = arm["pure_devices_per_s_one_cpu"] * cpus
         versus_one = f"{arm['devices_per_s'] / base:.2f}" if base else "-"
         lines.append(f"| {arm['devices_per_node']} | {arm['nodes']} | {arm['devices_per_s']:.1f} | "
-                     f"{versus_one} | {pure:.1f} | {pure / arm['devices_per_s'] - 1:+.0%} |")
+                     f"{versus_one} | {pure:.1f} | {pure / arm['devices_per_s'] - 1:+.0%} | "
+                     f"{arm['pure_cpu_devices_per_s_one_cpu'] * cpus:.1f} |")
+    previous = [a for a in results["arms"] if "previous_devices_per_s_one_cpu" in a]
+    if previous:
+        lines += ["", "Pure compute of a node, this run, against the node path before the one-step round (every "
+                  "round through `client.batched.train_batched`: a copy of the weights and Adam moments per device, "
+                  "vmap over devices of equal window count), ideal on 2 CPUs:", "",
+                  "| devices per node | one-step path, wall (devices/s) | before, wall | speed-up, wall | "
+                  "one-step path, CPU time | before, CPU time | speed-up, CPU time |", "|---|---|---|---|---|---|---|"]
+        for arm in previous:
+            now, before = arm["pure_devices_per_s_one_cpu"], arm["previous_devices_per_s_one_cpu"]
+            now_cpu, before_cpu = arm["pure_cpu_devices_per_s_one_cpu"], arm["previous_cpu_devices_per_s_one_cpu"]
+            lines.append(f"| {arm['devices_per_node']} | {now * cpus:.1f} | {before * cpus:.1f} | {now / before:.2f} | "
+                         f"{now_cpu * cpus:.1f} | {before_cpu * cpus:.1f} | {now_cpu / before_cpu:.2f} |")
     lines += ["", "| devices per node | peak memory, all processes (MiB) | devices trained | population files "
               "(ledgers, locks, list) | population MB | run record files | run record MB |",
               "|---|---|---|---|---|---|---|"]
@@ -301,7 +327,9 @@ def markdown(results: dict) -> str:
                       f"{p['total_non_training_s'] / 60:.1f} min. Not in it: costs that grow on the nodes."]
     lines += ["", f"Pure compute of one device alone (`train_round`, one thread): "
               f"{results['pure_one_device_per_s']:.1f} devices/s, ideal {results['pure_one_device_per_s'] * cpus:.1f} "
-              f"on {cpus} CPUs; peak RSS of this process {results['peak_rss_mib']:.0f} MiB.", ""]
+              f"on {cpus} CPUs (by CPU time {results['pure_one_device_cpu_per_s'] * cpus:.1f}); peak RSS of this "
+              f"process {results['peak_rss_mib']:.0f} MiB. The machine is shared: wall-clock rates fall with its load, "
+              "CPU-time rates much less; ratios within one run are the comparable figures.", ""]
     return "\n".join(lines)
 
 
@@ -314,6 +342,8 @@ def main() -> None:
     parser.add_argument("--dropout", type=float, default=0.0)
     parser.add_argument("--projected-rounds", type=int, default=100, help="rounds the projection is made for")
     parser.add_argument("--pure-devices", type=int, default=256, help="devices timed for pure compute")
+    parser.add_argument("--no-compare-previous", dest="compare_previous", action="store_false",
+                        help="skip timing the node path before the one-step round (train_batched for every round)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", message="There is a performance drop")  # vmap's SDPA fallback
     store_dir = Path(args.store) if args.store else prepare_store("ml-100k")
@@ -326,13 +356,22 @@ def main() -> None:
                      "devices_per_round": args.devices_per_round, "rounds": args.rounds, "dropout": args.dropout,
                      "arms": []}
     log_progress("pure compute, one device alone")
-    results["pure_one_device_per_s"] = pure_one_device(store_dir, args)
+    results["pure_one_device_per_s"], results["pure_one_device_cpu_per_s"] = pure_one_device(store_dir, args)
     for k in args.devices_per_node:
         log_progress(f"devices-per-node {k}: pure compute of a node")
-        pure = results["pure_one_device_per_s"] if k == 1 else pure_node(store_dir, k, args)
+        arm = {}
+        if k == 1:
+            pure, pure_cpu = results["pure_one_device_per_s"], results["pure_one_device_cpu_per_s"]
+        else:
+            pure, pure_cpu = pure_node(store_dir, k, args)
+            if args.compare_previous:
+                log_progress(f"devices-per-node {k}: pure compute of a node, the path before the one-step round")
+                previous, previous_cpu = pure_node(store_dir, k, args, previous=True)
+                arm.update(previous_devices_per_s_one_cpu=previous, previous_cpu_devices_per_s_one_cpu=previous_cpu)
         log_progress(f"devices-per-node {k}: Flower simulation")
-        arm = end_to_end(store_dir, k, args)
-        arm.update(nodes=-(-store.num_devices // k), pure_devices_per_s_one_cpu=pure)
+        arm.update(end_to_end(store_dir, k, args))
+        arm.update(nodes=-(-store.num_devices // k), pure_devices_per_s_one_cpu=pure,
+                   pure_cpu_devices_per_s_one_cpu=pure_cpu)
         results["arms"].append(arm)
         log_progress(f"devices-per-node {k}: {arm['devices_per_s']:.1f} devices/s end to end, "
                      f"pure {pure * cpus:.1f} on {cpus} CPUs")
