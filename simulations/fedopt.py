@@ -183,7 +183,8 @@ def _initial_weights(store, seed: int) -> dict:
     from shared.model import ModelConfig, SASRec
 
     torch.manual_seed(seed)
-    return {k: v.detach().numpy().copy() for k, v in SASRec(ModelConfig(num_items=store.num_items)).state_dict().items()}
+    model = SASRec(ModelConfig(num_items=store.num_items))
+    return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
 
 
 def report(runs: list[dict], centralized: float | None) -> str:

@@ -54,7 +54,6 @@ Writes simulations/results/population-utility-<time>.{json,md,png} and prints th
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import random
 import time
@@ -143,9 +142,11 @@ class Population:
     item_sum: np.ndarray  # sum of every user's item-set vector (the popularity release before noise)
     eval_index: np.ndarray  # users every arm is scored on
     interactions: int
+    real: bool
 
 
-def load_population(n: int, like: str, work: Path, eval_users: int) -> Population:
+def load_population(n: int, like: str, work: Path, eval_users: int, synthetic: bool = False) -> Population:
+    """The real source when it has exactly n users (unless `synthetic`), else n synthetic users like it."""
     from shared.analytics import item_set_vector
     from shared.data.fetch import fetch_ml100k
     from shared.data.formats import load_interactions
@@ -156,7 +157,7 @@ def load_population(n: int, like: str, work: Path, eval_users: int) -> Populatio
 
     source = fetch_ml100k() if like == "ml-100k" else Path(like).expanduser()
     source_store = prepare_store(like if like == "ml-100k" else str(source), 1)
-    if open_store(source_store).num_users == n:
+    if open_store(source_store).num_users == n and not synthetic:
         store_dir, label = source_store, f"{like} (real)"
     else:
         out = work / f"synth-{Path(like).name}-{n}-s{SYNTH_SEED}"
@@ -173,7 +174,8 @@ def load_population(n: int, like: str, work: Path, eval_users: int) -> Populatio
         np.sort(np.random.default_rng(12345).choice(count, eval_users, replace=False))
     return Population(n=count, label=label, store_dir=Path(store_dir), users=users, catalogue=catalogue,
                       item_sum=item_set_vector(users.train, store.num_items), eval_index=index,
-                      interactions=int(sum(len(t) for t in users.train) + 2 * count))
+                      interactions=int(sum(len(t) for t in users.train) + 2 * count),
+                      real=Path(store_dir) == Path(source_store))
 
 
 # ------------------------------------------------------------------------------------ vectorised scorer
@@ -406,16 +408,14 @@ def federated_sasrec(pop: Population, seed: int, budget: Budget) -> dict:
     """Non-private per-row SASRec federation (`simulations.fedopt`'s `rows` arm) with the fixed budget."""
     from shared import config
     from shared.data.store import open_store
-    from shared.model import SASRec
+    from shared.model import ModelConfig, SASRec
     from simulations.fedopt import ARMS, federated_rounds
 
     started = time.perf_counter()
     arm = replace(ARMS["rows"], cohort=min(budget.fed_cohort, pop.n), local_epochs=budget.fed_epochs)
     store = open_store(pop.store_dir)
-    weights = None
-    for _, weights in federated_rounds(store, arm, seed, budget.fed_rounds, config.defaults()["window"]):
-        pass
-    model = SASRec(config_model(len(pop.item_sum) - 1))
+    *_, (_, weights) = federated_rounds(store, arm, seed, budget.fed_rounds, config.defaults()["window"])
+    model = SASRec(ModelConfig(num_items=len(pop.item_sum) - 1))  # the run-config defaults, as fedopt builds it
     model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
     return {**figures(sasrec_ranks(model, pop)), "budget": {"rounds": budget.fed_rounds, "cohort": arm.cohort,
                                                             "local-epochs": arm.local_epochs,
@@ -423,29 +423,25 @@ def federated_sasrec(pop: Population, seed: int, budget: Budget) -> dict:
             "seconds": round(time.perf_counter() - started, 1)}
 
 
-def config_model(num_items: int):
-    from shared.model import ModelConfig
-
-    return ModelConfig(num_items=num_items)
-
-
 # ------------------------------------------------------------------------------------ the whole sweep
 def run(populations, seeds, like: str, work: Path, budget: Budget, sasrec_seeds, rounds: int | None,
-        skip: set[str], simulated_cohort: int) -> dict:
+        skip: set[str], simulated_cohort: int, also_synthetic=()) -> dict:
     torch.set_num_threads(1)
     s = pipeline_settings(rounds)
     calibration = {f"{t:g}": calibrate_pipeline(t, s) for t in TARGETS}
     log_progress("calibrated: " + ", ".join(f"eps {k}: z_pop {c['popularity-z']:.3f}, z {c['z']:.3f} "
                                             f"({c['epsilon']:.3f})" for k, c in calibration.items()))
     results = {"made": time.strftime("%Y-%m-%d %H:%M:%S"), "like": like, "seeds": seeds, "settings": s,
-               "budget": asdict(budget), "simulated-cohort": simulated_cohort, "calibration": calibration, "populations": []}
-    for n in populations:
-        pop = load_population(n, like, work, budget.eval_users)
+               "budget": asdict(budget), "simulated-cohort": simulated_cohort, "calibration": calibration,
+               "populations": []}
+    plan = sorted([(n, False) for n in populations] + [(n, True) for n in also_synthetic])
+    for n, synthetic in plan:
+        pop = load_population(n, like, work, budget.eval_users, synthetic)
         log_progress(f"N = {pop.n:,} ({pop.label}): {pop.interactions:,} interactions, scored on "
                      f"{len(pop.eval_index):,} users")
         arms = {f"content-scorer, epsilon {k}": (c["popularity-z"], c["z"]) for k, c in calibration.items()}
         arms["content-scorer, no noise"] = (0.0, 0.0)
-        entry = {"n": pop.n, "label": pop.label, "interactions": pop.interactions,
+        entry = {"n": pop.n, "label": pop.label, "real": pop.real, "interactions": pop.interactions,
                  "eval-users": int(len(pop.eval_index)), "expected-cohort": s["q"] * pop.n,
                  "simulated-q": simulated_rate(s, pop.n, simulated_cohort),
                  "estimate": simulated_rate(s, pop.n, simulated_cohort) < s["q"],
@@ -485,8 +481,7 @@ def markdown(results: dict, plot_name: str) -> str:
     s = results["settings"]
     b = results["budget"]
     labels = list(dict.fromkeys(k for p in pops for k in p["summary"]))
-    head = "| arm | " + " | ".join(f"N = {p['n']:,} ({'real' if 'real' in p['label'] else 'synthetic'})"
-                                   for p in pops) + " |"
+    head = "| arm | " + " | ".join(f"N = {p['n']:,} ({'real' if p['real'] else 'synthetic'})" for p in pops) + " |"
     lines = [f"# Utility against population size ({results['made']})", "",
              f"Test NDCG@10 (full ranking, own history excluded), mean +- std over seeds {results['seeds']} "
              f"(SASRec arms: the seeds given in brackets). Source: {results['like']}; synthetic populations: "
@@ -523,6 +518,13 @@ def markdown(results: dict, plot_name: str) -> str:
               "the server (no secure aggregation). DP popularity: one Gaussian release calibrated to the target "
               "with Opacus RDP (`shared.analytics.noise_for_epsilon`). The defaults the pipeline runs with were "
               "chosen by the developers on ML-100K (README); that choice is not in any epsilon."]
+    dp_pop = next(iter(pops[0]["runs"].values())) if pops and pops[0]["runs"] else {}
+    released = [f"epsilon {t:g}: z {dp_pop[f'DP popularity, epsilon {t:g}']['privacy']['noise-multiplier']:.3f} "
+                f"(RDP {dp_pop[f'DP popularity, epsilon {t:g}']['privacy']['epsilon']:.3f}, PLD "
+                f"{dp_pop[f'DP popularity, epsilon {t:g}']['privacy']['epsilon-pld']:.3f})"
+                for t in TARGETS if f"DP popularity, epsilon {t:g}" in dp_pop]
+    if released:
+        lines.append("DP popularity noise multipliers (the same at every N): " + "; ".join(released) + ".")
     for p in pops:
         if p["estimate"]:
             lines.append(f"\\* N = {p['n']:,}: an ESTIMATE, not a run of that population's pipeline "
@@ -570,15 +572,23 @@ def plot(results: dict, path: Path) -> None:
     labels = list(dict.fromkeys(k for p in pops for k in p["summary"]))
     fig, ax = plt.subplots(figsize=(10, 5))
     for i, label in enumerate(labels):
-        pts = [(p["n"], p["summary"][label]) for p in pops if label in p["summary"]]
         style = "-" if "content-scorer" in label else ("--" if "SASRec" in label else ":")
-        ax.errorbar([x for x, _ in pts], [v["ndcg@10"][0] for _, v in pts], yerr=[v["ndcg@10"][1] for _, v in pts],
-                    marker="os^v<>Dph"[i % 9], linestyle=style, capsize=3, label=label)
+        color, marker = f"C{i % 10}", "os^v<>Dph"[i % 9]
+        # synthetic populations as one line; the real data as unconnected open markers (another kind of data)
+        for real in (False, True):
+            pts = [(p["n"], p["summary"][label]) for p in pops if label in p["summary"] and p["real"] == real]
+            if pts:
+                ax.errorbar([x for x, _ in pts], [v["ndcg@10"][0] for _, v in pts],
+                            yerr=[v["ndcg@10"][1] for _, v in pts], marker=marker, color=color, capsize=3,
+                            linestyle="none" if real else style, mfc="none" if real else color,
+                            markersize=9 if real else 6, label=None if real else label)
+    ax.plot([], [], marker="o", mfc="none", color="k", linestyle="none", label="open markers: real ML-100K")
     ax.set_xscale("log")
-    ax.set_xticks([p["n"] for p in pops])
-    ax.set_xticklabels([f"{p['n']:,}\n({'real' if 'real' in p['label'] else 'synthetic'})" for p in pops])
+    sizes = sorted({p["n"] for p in pops})
+    ax.set_xticks(sizes)
+    ax.set_xticklabels([f"{n:,}" for n in sizes])
     ax.minorticks_off()
-    ax.set_xlabel("population N (users = devices)")
+    ax.set_xlabel("population N (users = devices); lines: synthetic populations like ML-100K")
     ax.set_ylabel("test NDCG@10 (full ranking)")
     ax.set_title("utility against population size (content-scorer arms in-process, not Flower)")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
@@ -590,6 +600,8 @@ def plot(results: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--populations", type=int, nargs="+", default=list(POPULATIONS))
+    parser.add_argument("--also-synthetic", type=int, nargs="*", default=[],
+                        help="sizes at which a synthetic population is run besides the real one (e.g. 943)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--sasrec-seeds", type=int, nargs="*", default=None,
                         help="seeds that also train the SASRec references (default: the first seed)")
@@ -605,9 +617,18 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--simulated-cohort", type=int, default=2_500,
                         help="where q N is larger, estimate with this expected cohort and the real cohort's noise "
                              "(0 = always the real cohort)")
+    parser.add_argument("--report", metavar="RESULTS.json", help="only rebuild the .md and .png of a results file")
     parser.add_argument("--out", default=None, help="results stem (default simulations/results/population-utility-"
                                                     "<time>)")
     args = parser.parse_args(argv)
+    if args.report:
+        import json
+
+        stem = Path(args.report).with_suffix("")
+        results = json.loads(Path(args.report).read_text())
+        plot(results, stem.with_suffix(".png"))
+        save_results(stem, results, markdown(results, results["plot"]))
+        return stem
     budget = QUICK if args.quick else Budget()
     changes = {k: v for k, v in (("fed_rounds", args.fed_rounds), ("central_steps", args.central_steps),
                                  ("eval_users", args.eval_users)) if v is not None}
@@ -617,7 +638,7 @@ def main(argv: list[str] | None = None) -> Path:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     results = run(sorted(args.populations), args.seeds, args.like, work, budget, sasrec_seeds, rounds, set(args.skip),
-                  args.simulated_cohort)
+                  args.simulated_cohort, args.also_synthetic)
     results["sasrec-seeds"] = sasrec_seeds
     results["quick"] = args.quick
     stem = Path(args.out) if args.out else timestamped("population-utility")

@@ -53,14 +53,14 @@ def test_the_estimate_keeps_the_real_cohorts_noise_on_the_mean():
 def test_a_quick_sweep_writes_its_results_within_each_epsilon_and_with_less_noise_at_larger_n(tmp_path, monkeypatch):
     monkeypatch.setenv("PRIVREC_CACHE_DIR", str(tmp_path / "cache"))
     source = write_source(tmp_path / "source", num_users=60)
-    stem = pu.main(["--quick", "--like", str(source), "--populations", "60", "160", "--work", str(tmp_path / "work"),
-                    "--simulated-cohort", "20", "--out", str(tmp_path / "out" / "pu")])
+    stem = pu.main(["--quick", "--like", str(source), "--populations", "60", "160", "--also-synthetic", "60",
+                    "--work", str(tmp_path / "work"), "--simulated-cohort", "20", "--out", str(tmp_path / "o" / "pu")])
     results = json.loads(stem.with_suffix(".json").read_text())
     assert stem.with_suffix(".png").stat().st_size > 0
     markdown = stem.with_suffix(".md").read_text()
-    small, large = results["populations"]
-    assert (small["n"], large["n"]) == (60, 160)
-    assert "real" in small["label"] and "synthetic" in large["label"]
+    small, small_synthetic, large = results["populations"]
+    assert (small["n"], small_synthetic["n"], large["n"]) == (60, 60, 160)
+    assert small["real"] and not small_synthetic["real"] and not large["real"]
     assert not small["estimate"] and large["estimate"] and "ESTIMATE" in markdown
     for target in pu.TARGETS:
         label = f"content-scorer, epsilon {target:g}"
@@ -69,7 +69,7 @@ def test_a_quick_sweep_writes_its_results_within_each_epsilon_and_with_less_nois
         assert large["privacy"][label]["noise-std-on-mean-update"] < small["privacy"][label]["noise-std-on-mean-update"]
     assert small["privacy"]["content-scorer, epsilon 2"]["noise-std-on-mean-update"] > \
         small["privacy"]["content-scorer, epsilon 8"]["noise-std-on-mean-update"]
-    for pop in (small, large):
+    for pop in (small, small_synthetic, large):
         arms = pop["summary"]
         for label in ("content-scorer, epsilon 2", "content-scorer, no noise", "popularity (no DP)",
                       "DP popularity, epsilon 8", "centralized SASRec (reduced budget)",
