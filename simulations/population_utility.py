@@ -510,7 +510,8 @@ def markdown(results: dict, plot_name: str) -> str:
     for p in pops:
         for label, priv in p["privacy"].items():
             c = cal[label.rsplit(" ", 1)[-1]]
-            lines.append(f"| {p['n']:,} | {p['expected-cohort']:,.0f} | {label} | {priv['epsilon']:.3f} | "
+            kind = "real" if p["real"] else "synthetic"
+            lines.append(f"| {p['n']:,} ({kind}) | {p['expected-cohort']:,.0f} | {label} | {priv['epsilon']:.3f} | "
                          f"{c['popularity-z']:.3f} | {c['z']:.3f} | {priv['noise-std-on-mean-update']:.2e} |")
     lines += ["", "Every epsilon: user-level (unit: one user's whole history; add/remove one user), the popularity "
               "release and every round composed in one Opacus RDP accountant (`shared.privacy.pipeline`), Poisson "
