@@ -373,10 +373,52 @@ class TinyScorer(torch.nn.Module):
         return s[0] * bias + content + s[1] * raw_near + s[2] * year_near
 
 
+
+def user_level_dpsgd(model: torch.nn.Module, user_loss, per_user: tuple, *, lr: float, chunk: int, z: float,
+                     noise: bool, gen: torch.Generator, average_second_half: bool) -> None:
+    """DPSGD_STEPS steps of user-level DP-SGD on `model`, in place. Each step: Poisson sample of users at rate
+    DPSGD_RATE; `user_loss(params, *inputs)` of each sampled user (its row of every tensor in `per_user`)
+    differentiated per user, clipped to DPSGD_CLIP; N(0, (z * clip)^2) on the sum; Adam (lr) on the noisy sum
+    / the expected cohort. With `average_second_half`, the model ends as the mean of the second half's iterates
+    (post-processing of released iterates)."""
+    from torch.func import grad, vmap
+
+    per_user_grad = vmap(grad(user_loss), in_dims=(None, *[0] * len(per_user)))
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    users = len(per_user[0])
+    expected = DPSGD_RATE * users
+    averaged, count = None, 0
+    for step in range(DPSGD_STEPS):
+        chosen = torch.nonzero(torch.rand(users, generator=gen) < DPSGD_RATE).reshape(-1)
+        params = {k: v.detach() for k, v in model.named_parameters()}
+        total = {k: torch.zeros_like(v) for k, v in params.items()}
+        for start in range(0, len(chosen), chunk):
+            idx = chosen[start:start + chunk]
+            grads = per_user_grad(params, *(t[idx] for t in per_user))
+            norms = torch.sqrt(sum(g.reshape(len(idx), -1).pow(2).sum(1) for g in grads.values()))
+            factor = (DPSGD_CLIP / (norms + 1e-12)).clamp(max=1.0)
+            for k, g in grads.items():
+                total[k] += (g * factor.reshape(-1, *[1] * (g.dim() - 1))).sum(0)
+        optimizer.zero_grad()
+        for k, p in model.named_parameters():
+            noisy_sum = total[k] + (torch.randn(p.shape, generator=gen) * z * DPSGD_CLIP if noise else 0.0)
+            p.grad = noisy_sum / expected
+        optimizer.step()
+        if average_second_half and step >= DPSGD_STEPS // 2:
+            count += 1
+            current = {k: v.detach().clone() for k, v in model.named_parameters()}
+            averaged = current if averaged is None else {k: averaged[k] + (current[k] - averaged[k]) / count
+                                                         for k in current}
+    if averaged is not None:
+        with torch.no_grad():
+            for k, p in model.named_parameters():
+                p.copy_(averaged[k])
+
+
 def dp_sgd_scorer(data: Data, public: dict, bias: np.ndarray, z: float, rng, noise: bool, text_dims: bool) -> tuple:
     """User-level DP-SGD (Poisson rate DPSGD_RATE over users, per-user gradient of the mean loss over its last
     DPSGD_TARGETS training items clipped to DPSGD_CLIP, N(0, (z * clip)^2) on the sum, Adam on the noisy mean)."""
-    from torch.func import functional_call, grad, vmap
+    from torch.func import functional_call
 
     torch.manual_seed(int(rng.integers(2**31)))
     histories, targets, owners = [], [], []
@@ -397,32 +439,14 @@ def dp_sgd_scorer(data: Data, public: dict, bias: np.ndarray, z: float, rng, noi
     text = torch.from_numpy(data.text.astype(np.float32))
     bias_t = torch.from_numpy(bias.astype(np.float32))
     model = TinyScorer(text.shape[1], text_dims)
-    params = {k: v.detach() for k, v in model.named_parameters()}
 
     def user_loss(p, prof, raw, year, tgt):
         scores = functional_call(model, p, (text, bias_t, prof, raw, year))
         return torch.nn.functional.cross_entropy(scores[:, 1:], tgt - 1)
 
-    per_user_grad = vmap(grad(user_loss), in_dims=(None, 0, 0, 0, 0))
-    optimizer = torch.optim.Adam(model.parameters(), lr=DPSGD_LR)
-    expected = DPSGD_RATE * data.num_users
     gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
-    for _ in range(DPSGD_STEPS):
-        chosen = torch.nonzero(torch.rand(data.num_users, generator=gen) < DPSGD_RATE).reshape(-1)
-        params = {k: v.detach() for k, v in model.named_parameters()}
-        total = {k: torch.zeros_like(v) for k, v in params.items()}
-        for start in range(0, len(chosen), 64):
-            idx = chosen[start:start + 64]
-            grads = per_user_grad(params, profiles_t[idx], raw_t[idx], year_t[idx], targets_t[idx])
-            norms = torch.sqrt(sum(g.reshape(len(idx), -1).pow(2).sum(1) for g in grads.values()))
-            factor = (DPSGD_CLIP / (norms + 1e-12)).clamp(max=1.0)
-            for k, g in grads.items():
-                total[k] += (g * factor.reshape(-1, *[1] * (g.dim() - 1))).sum(0)
-        optimizer.zero_grad()
-        for k, p in model.named_parameters():
-            noisy_sum = total[k] + (torch.randn(p.shape, generator=gen) * z * DPSGD_CLIP if noise else 0.0)
-            p.grad = noisy_sum / expected
-        optimizer.step()
+    user_level_dpsgd(model, user_loss, (profiles_t, raw_t, year_t, targets_t), lr=DPSGD_LR, chunk=64, z=z,
+                     noise=noise, gen=gen, average_second_half=False)
     model.eval()
 
     def scores(split: str) -> np.ndarray:
@@ -516,7 +540,7 @@ def dp_sgd_channels(data: Data, public: dict, bias: np.ndarray, cooc: np.ndarray
     gradient of its mean softmax loss over its last DPSGD_TARGETS training targets (its history masked, as in
     the ranking) clipped to DPSGD_CLIP; N(0, (z * clip)^2) on the sum; the noisy sum / expected cohort goes to
     Adam (lr CHANNEL_LR); the released model is the mean of the iterates of the second half (post-processing)."""
-    from torch.func import functional_call, grad, vmap
+    from torch.func import functional_call
 
     torch.manual_seed(int(rng.integers(2**31)))
     histories, targets, owners = [], [], []
@@ -539,35 +563,9 @@ def dp_sgd_channels(data: Data, public: dict, bias: np.ndarray, cooc: np.ndarray
         scores = functional_call(model, p, (text, bias_t, prof, chans)) + mask
         return torch.nn.functional.cross_entropy(scores[:, 1:], tgt - 1)
 
-    per_user_grad = vmap(grad(user_loss), in_dims=(None, 0, 0, 0, 0))
-    optimizer = torch.optim.Adam(model.parameters(), lr=CHANNEL_LR)
-    expected = DPSGD_RATE * users
     gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
-    averaged, count = None, 0
-    for step in range(DPSGD_STEPS):
-        chosen = torch.nonzero(torch.rand(users, generator=gen) < DPSGD_RATE).reshape(-1)
-        params = {k: v.detach() for k, v in model.named_parameters()}
-        total = {k: torch.zeros_like(v) for k, v in params.items()}
-        for start in range(0, len(chosen), 32):
-            idx = chosen[start:start + 32]
-            grads = per_user_grad(params, profiles_t[idx], channels_t[idx], masks_t[idx], targets_t[idx])
-            norms = torch.sqrt(sum(g.reshape(len(idx), -1).pow(2).sum(1) for g in grads.values()))
-            factor = (DPSGD_CLIP / (norms + 1e-12)).clamp(max=1.0)
-            for k, g in grads.items():
-                total[k] += (g * factor.reshape(-1, *[1] * (g.dim() - 1))).sum(0)
-        optimizer.zero_grad()
-        for k, p in model.named_parameters():
-            noisy_sum = total[k] + (torch.randn(p.shape, generator=gen) * z * DPSGD_CLIP if noise else 0.0)
-            p.grad = noisy_sum / expected
-        optimizer.step()
-        if step >= DPSGD_STEPS // 2:
-            count += 1
-            current = {k: v.detach().clone() for k, v in model.named_parameters()}
-            averaged = current if averaged is None else {k: averaged[k] + (current[k] - averaged[k]) / count
-                                                         for k in current}
-    with torch.no_grad():
-        for k, p in model.named_parameters():
-            p.copy_(averaged[k])
+    user_level_dpsgd(model, user_loss, (profiles_t, channels_t, masks_t, targets_t), lr=CHANNEL_LR, chunk=32, z=z,
+                     noise=noise, gen=gen, average_second_half=True)
 
     def scores(split: str) -> np.ndarray:
         prof, chans, _ = device_channels(data, public, data.split[split][0], cooc)
