@@ -1,4 +1,4 @@
-"""Many devices' local rounds in one pass (torch.func): each device trains exactly as it would alone.
+"""Many devices' local rounds in one pass: each device trains exactly as it would alone (up to float rounding).
 
 `train_local` (shared/training.py) on one device without on-device DP is: load the global weights,
 then for every epoch one optimizer step per batch of at most `batch-size` windows on the mean of
@@ -13,11 +13,23 @@ Equal to the one-device path up to float rounding when there is no randomness in
 0 (a device draws its dropout masks from its own seeded generator, which one vectorised pass cannot
 replay) and no FedProx term. `batchable` says when a group qualifies; the node trains every other
 device alone (client/node.py).
+
+One local epoch is one step (the common case, `one_step`): a device's update is then a closed-form
+function of its own gradient at the global weights, and every device starts from the same weights. So
+`train_one_step` needs no copy of the weights per device: ONE forward and backward over all devices'
+windows with the shared weights, the backward only down to each layer's output; each layer's
+per-device gradient then comes from Opacus' per-sample gradient functions (`GradSampleModule.
+GRAD_SAMPLERS`) applied to the layer's activations and output gradients viewed as [devices, windows x
+positions, ...] (so Opacus' "sample" is a device and its sum runs over the device's windows, each
+weighted 1 / its window count: the gradient of the device's mean loss). Then the step (SGD, or Adam's
+first step in closed form), each update's norm, its factor (the node's clipping or FedAvg weight), and
+the node's sum, a pass of devices at a time: no device's weights ever exist on their own.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +44,7 @@ from shared.training import LocalTrainConfig, LocalTrainResult, split_windows
 ADAM_BETAS = (0.9, 0.999)  # torch.optim.Adam's defaults, as train_local builds it
 ADAM_EPS = 1e-8
 PASS_DEVICES = 64  # devices in one vectorised pass (their weights, gradients and Adam moments at once)
+PASS_WINDOWS = 96  # windows in one forward/backward of `train_one_step` (its logits: windows x length x items)
 
 
 def batchable(run: RunConfig, proximal_mu: float) -> bool:
@@ -119,3 +132,169 @@ def _update(cfg: LocalTrainConfig, weight: Tensor, grad: Tensor, moments: tuple[
     step_size = cfg.lr / (1 - beta1 ** t)
     denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2 ** t)).add_(ADAM_EPS)
     return weight.addcdiv(exp_avg, denom, value=-step_size)
+
+
+def one_step(model: SASRec, cfg: LocalTrainConfig) -> bool:
+    """Whether `train_one_step` applies: one epoch (of one batch) is one step from the global weights, and
+    every weight `cfg` trains belongs to a layer Opacus computes per-sample gradients for."""
+    from opacus.grad_sample import GradSampleModule
+
+    if cfg.epochs != 1 or cfg.dp or cfg.proximal_mu > 0:
+        return False
+    model.set_trainable(cfg.trainable)
+    return all(type(module) in GradSampleModule.GRAD_SAMPLERS
+               for module in model.modules() for p in module.parameters(recurse=False) if p.requires_grad)
+
+
+@dataclass
+class SummedRound:
+    """`train_one_step`'s output: each device's round result and update norm, and the factored sum."""
+
+    results: list[LocalTrainResult]
+    norms: Tensor  # float64 [devices]: ||weights after the step - global weights|| over the summed keys
+    total: dict[str, Tensor]  # float64: sum over devices of factor x (weights after the step - global weights)
+
+
+# factor(norms, window counts) -> each device's factor in the node's sum (float64 [devices] each)
+Factor = Callable[[Tensor, Tensor], Tensor]
+
+
+def train_one_step(model: SASRec, windows: Sequence[np.ndarray], cfg: LocalTrainConfig, keys: Sequence[str],
+                   factor: Factor) -> SummedRound:
+    """Each device's one-step round (`one_step`) from `model`'s weights, summed with `factor` over `keys`.
+
+    `windows[d]` holds device d's 1..batch-size windows (int [n_d, W]). A device alone (`train_local`)
+    takes one optimizer step on the mean of `per_example_loss` over its windows, from a fresh optimizer:
+    SGD moves each weight by -lr g; Adam's first step (betas b1, b2, eps, no weight decay: train_local's
+    `torch.optim.Adam(params, lr)`) keeps m = (1 - b1) g and v = (1 - b2) g^2, divides them by the bias
+    corrections 1 - b1 and 1 - b2, and so moves each weight by -lr g / (|g| + eps). The device's weights
+    after the step are float32, as alone; its update is those minus the global weights, subtracted in
+    float32 (the server subtracts a reply's weights in float64: at most half a float32 ulp apart per
+    coordinate). `keys` are the state-dict entries summed and measured: each update's norm is summed in
+    float64 from its exact squares; a group's factored updates are added in float32, the groups in
+    float64. A frozen weight's update is 0. `model` is not changed.
+    """
+    if not one_step(model, cfg) or any(not fits_one_batch(len(w), cfg.batch_size) for w in windows):
+        raise ValueError("train_one_step: only one-epoch rounds of one batch, without on-device DP or FedProx, "
+                         "of weights in Opacus' per-sample layers")
+    model.train()
+    state = model.state_dict()
+    current = {k: state[k].detach() for k in keys}
+    total = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in current.items()}
+    norms = torch.zeros(len(windows), dtype=torch.float64)
+    losses = torch.zeros(len(windows), dtype=torch.float64)
+    order = sorted(range(len(windows)), key=lambda d: len(windows[d]))  # equal counts side by side
+    for chosen in _passes(order, windows):
+        for members, grads, loss in _device_gradients(model, [windows[d] for d in chosen]):
+            index = torch.tensor(chosen[members])
+            squares = torch.zeros(len(index), dtype=torch.float64)
+            for key, update in grads.items():
+                if key not in current:
+                    continue
+                _step_to_update(cfg, current[key], update)
+                squares += _squared_norms(update)
+            norms[index] = squares.sqrt()
+            losses[index] = loss.to(torch.float64)
+            scale = factor(norms[index], torch.tensor([float(len(windows[d])) for d in index.tolist()],
+                                                      dtype=torch.float64)).to(torch.float32)
+            for key, update in grads.items():
+                if key in total:
+                    total[key] += torch.tensordot(scale, update, dims=1)
+    results = [LocalTrainResult(loss=float(losses[d]), steps=1, num_examples=len(windows[d]),
+                                sample_rate=float("nan"), epsilon=float("nan"), accountant_state=None)
+               for d in range(len(windows))]
+    return SummedRound(results=results, norms=norms, total=total)
+
+
+def _passes(order: list[int], windows: Sequence[np.ndarray]) -> list[list[int]]:
+    """Consecutive devices of `order`, at most PASS_DEVICES devices and PASS_WINDOWS windows a pass."""
+    passes, current, count = [], [], 0
+    for d in order:
+        if current and (len(current) == PASS_DEVICES or count + len(windows[d]) > PASS_WINDOWS):
+            passes.append(current)
+            current, count = [], 0
+        current.append(d)
+        count += len(windows[d])
+    return passes + ([current] if current else [])
+
+
+def _step_to_update(cfg: LocalTrainConfig, weight: Tensor, grad: Tensor) -> None:
+    """`grad` ([devices, ...], each device's gradient) becomes, in place, each device's (weights after one
+    step from the shared `weight`) - `weight`: the step rounded to float32 weights, as on the device."""
+    if cfg.optimizer == "adam":  # torch's param.addcdiv_(m, denom, value=-step_size) at step 1, see above
+        torch.addcdiv(weight, grad, grad.abs().add_(ADAM_EPS), value=-cfg.lr, out=grad)
+    else:  # torch.optim.SGD's param.add_(grad, alpha=-lr)
+        torch.add(weight, grad, alpha=-cfg.lr, out=grad)
+    grad.sub_(weight)
+
+
+def _loss_and_gradient(logits: Tensor, targets: Tensor, per_window: Tensor) -> tuple[Tensor, Tensor]:
+    """`per_example_loss` of each window ([windows]) and the gradient of sum(loss / per_window) with respect to
+    `logits` ([windows, length, items]): softmax - one-hot at each real target, over the window's target count
+    (0 at padding), written into the softmax's own memory instead of autograd's several copies."""
+    log_probs = torch.log_softmax(logits, dim=-1)
+    real = targets != 0
+    counts = real.sum(dim=1).clamp(min=1).to(logits.dtype)
+    picked = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    window_loss = -(picked * real).sum(dim=1) / counts
+    weight = real.to(logits.dtype) / (counts * per_window).unsqueeze(1)  # [windows, length]
+    grad = log_probs.exp_()
+    grad.scatter_add_(-1, targets.unsqueeze(-1), torch.full_like(picked, -1.0).unsqueeze(-1))
+    return window_loss, grad.mul_(weight.unsqueeze(-1))
+
+
+NORM_SLICE = 8  # devices whose float64 copy of one array is held at once (cache-sized)
+
+
+def _squared_norms(update: Tensor) -> Tensor:
+    """Each device's sum of squares of `update` [devices, ...], in float64 (every float32 square is exact)."""
+    flat = update.flatten(1)
+    return torch.cat([torch.linalg.vector_norm(flat[i:i + NORM_SLICE], dim=1, dtype=torch.float64).square()
+                      for i in range(0, len(flat), NORM_SLICE)])
+
+
+def _device_gradients(model: SASRec, windows: list[np.ndarray]):
+    """One forward and backward over `windows` (sorted by window count), then for each group of devices with
+    equal window count: (their positions in `windows`, each one's gradient of its mean window loss at the
+    shared weights {name: [devices, ...]} for the trainable weights, each one's mean window loss)."""
+    from opacus.grad_sample import GradSampleModule
+
+    counts = [len(w) for w in windows]
+    inputs, targets = split_windows(np.concatenate(windows))
+    per_window = torch.tensor(counts, dtype=torch.float32).repeat_interleave(torch.tensor(counts))
+    calls: list[tuple[torch.nn.Module, tuple, Tensor]] = []
+    layers = [m for m in model.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
+    hooks = [m.register_forward_hook(lambda m, args, out: calls.append((m, args, out))) for m in layers]
+    try:
+        logits = model(inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    window_loss, logits_grad = _loss_and_gradient(logits.detach(), targets, per_window)
+    # Down to each layer's output only: the weights' summed gradients are never formed.
+    wanted = [out for _, _, out in calls if out is not logits]
+    found = iter(torch.autograd.grad(logits, wanted, logits_grad, materialize_grads=True))
+    backprops = [logits_grad if out is logits else next(found) for _, _, out in calls]
+    names = {p: k for k, p in model.named_parameters()}
+    window_loss = window_loss.detach()
+    first_device, first_window = 0, 0
+    for count in sorted(set(counts)):
+        members, rows = counts.count(count), counts.count(count) * count
+
+        grads: dict[str, Tensor] = {}
+        group = (first_window, rows, members)
+        for (layer, args, _), backprop in zip(calls, backprops):
+            sampler = GradSampleModule.GRAD_SAMPLERS[type(layer)]
+            for param, grad in sampler(layer, [_by_device(a, *group) for a in args],
+                                       _by_device(backprop, *group)).items():
+                name = names[param]
+                grads[name] = grads[name] + grad if name in grads else grad  # a layer called twice
+        yield (slice(first_device, first_device + members), grads,
+               window_loss[first_window:first_window + rows].view(members, count).mean(1))
+        first_device, first_window = first_device + members, first_window + rows
+
+
+def _by_device(t: Tensor, first_window: int, rows: int, devices: int) -> Tensor:
+    """Rows [first_window, first_window + rows) of `t` ([windows, ...]) as [devices, windows x positions, ...],
+    detached (Opacus' functions then build no graph)."""
+    return t.detach()[first_window:first_window + rows].reshape(devices, -1, *t.shape[2:])

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
-from client.batched import batchable, fits_one_batch, train_batched
+from client.batched import Factor, batchable, fits_one_batch, one_step, train_batched, train_one_step
 from client.device import (
     TrainOutcome,
     begin_round,
@@ -66,6 +66,7 @@ class _Listed:
     node_id: int
     outcome: TrainOutcome | None = None
     weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    summed: bool = False  # its update went straight into the round's partial sum (`client.batched.train_one_step`)
 
     @property
     def device(self) -> str:
@@ -106,7 +107,7 @@ def train_devices(msg: Message, context: Context) -> Message:
     for group, vectorised in ((together, True), (alone, False)):
         if group:
             _train_group(round_, group, windows, vectorised)
-    return _reply(msg, context, run, listed, global_state, state_dir)
+    return _reply(msg, context, run, listed, global_state, state_dir, round_.partial)
 
 
 @dataclass
@@ -119,6 +120,7 @@ class _Round:
     run_id: str
     server_round: int
     proximal_mu: float
+    partial: dict[str, torch.Tensor] | None = None  # the one-step devices' factored sum (float64, `_summed_keys`)
 
 
 def _train_group(round_: _Round, devices: list[_Listed], windows: dict[int, np.ndarray], vectorised: bool) -> None:
@@ -143,32 +145,48 @@ def _train_group(round_: _Round, devices: list[_Listed], windows: dict[int, np.n
         if not training:
             return
         results = {}
-        if vectorised:
-            model = build_model(run, round_.num_items, round_.global_state, round_.item_text)
-            # every device's config but its seed is the run's; the seed only drives dropout (0 here)
-            batched = train_batched(model, [windows[d.index] for d in training], tickets[training[0].index].train_cfg)
+        # every device's config but its seed is the run's; the seed only drives dropout (0 here)
+        train_cfg = tickets[training[0].index].train_cfg
+        model = build_model(run, round_.num_items, round_.global_state, round_.item_text) if vectorised else None
+        if vectorised and one_step(model, train_cfg):
+            summed = train_one_step(model, [windows[d.index] for d in training], train_cfg,
+                                    _summed_keys(run, round_.global_state), _factor(run))
+            round_.partial = summed.total
+            for position, dev in enumerate(training):
+                dev.summed = True
+                results[dev.index] = summed.results[position]
+        elif vectorised:
+            batched = train_batched(model, [windows[d.index] for d in training], train_cfg)
             fixed = {k: v.detach() for k, v in model.state_dict().items() if k not in batched.weights}
             for position, dev in enumerate(training):
                 dev.weights = {**fixed, **{k: stacked[position] for k, stacked in batched.weights.items()}}
                 results[dev.index] = batched.results[position]
         else:
+            shared_model = None if run.device.dp else build_model(run, round_.num_items, round_.global_state,
+                                                                  round_.item_text)
             for dev in training:
                 ticket = tickets[dev.index]
-                model = build_model(run, round_.num_items, round_.global_state, round_.item_text)
+                if shared_model is None:  # Opacus wraps and unwraps a DP device's model: a fresh one each
+                    model = build_model(run, round_.num_items, round_.global_state, round_.item_text)
+                else:  # the global weights again (building a model draws a random initialisation first)
+                    model = shared_model
+                    model.load_state_dict(round_.global_state)
                 global_params = {k: v.detach().clone() for k, v in model.named_parameters()} \
                     if round_.proximal_mu > 0 else None
                 results[dev.index] = train_local(model, windows[dev.index], ticket.train_cfg,
                                                  accountant_state=ticket.prior_state if run.device.dp else None,
                                                  global_params=global_params)
-                dev.weights = model.state_dict()
-        with one_sync():
+                # a copy: the shared model's tensors are overwritten by the next device's load_state_dict
+                dev.weights = {k: v.detach().clone() for k, v in model.state_dict().items()} \
+                    if model is shared_model else model.state_dict()
+        with one_sync():  # a summed device's outcome holds no weights: its update is in `round_.partial`
             for dev in training:
                 dev.outcome = finish_round(run, tickets[dev.index], ledger_path(round_.state_dir, dev.device),
                                            dev.device, dev.weights, results[dev.index])
 
 
-def _reply(msg: Message, context: Context, run: RunConfig, listed: list[_Listed], global_state, state_dir: str
-           ) -> Message:
+def _reply(msg: Message, context: Context, run: RunConfig, listed: list[_Listed], global_state, state_dir: str,
+           partial: dict[str, torch.Tensor] | None) -> Message:
     metrics, privacy = [], []
     keep_all_listed(state_dir, {dev.device: ledger_path(state_dir, dev.device) for dev in listed})  # before it leaves
     for dev in listed:
@@ -181,33 +199,34 @@ def _reply(msg: Message, context: Context, run: RunConfig, listed: list[_Listed]
                                                       "privacy": json.dumps(privacy)})})
     trained = [d for d in listed if not d.outcome.declined]
     if trained:
-        arrays, aggregate = _aggregate(run, trained, global_state)
+        arrays, aggregate = _aggregate(run, trained, global_state, partial)
         content["arrays"] = arrays
         content[NODE_AGGREGATE] = ConfigRecord(aggregate)
     return Message(content, reply_to=msg)
 
 
-def _aggregate(run: RunConfig, trained: list[_Listed], global_state) -> tuple[ArrayRecord, dict]:
-    """The devices' updates (weights - global, float64) summed with one factor per device: under user-level
-    DP min(1, C / ||update||), `shared.privacy.user_level.clip_update`'s clipping, over all trainable arrays
-    together; otherwise its FedAvg weight, divided by the total weight (an example-weighted mean)."""
+def _aggregate(run: RunConfig, trained: list[_Listed], global_state, partial: dict[str, torch.Tensor] | None
+               ) -> tuple[ArrayRecord, dict]:
+    """The devices' updates (weights - global, float64) summed with one factor per device (`_factor`): under
+    user-level DP min(1, C / ||update||), `shared.privacy.user_level.clip_update`'s clipping, over all
+    trainable arrays together; otherwise its FedAvg weight, divided by the total weight (an example-weighted
+    mean). `partial` already holds that sum over the devices `client.batched.train_one_step` trained."""
     ids = [d.node_id for d in trained]
     user_dp = run.user_dp.enabled
-    frozen = set(FROZEN_BY_SCOPE[run.device.trainable]) if user_dp else set()
-    keys = [k for k in global_state if k not in frozen]
+    keys = _summed_keys(run, global_state)
     current = {k: global_state[k].to(torch.float64) for k in keys}
-    total = {k: torch.zeros_like(current[k]) for k in keys}
+    total = {k: partial[k].clone() if partial is not None else torch.zeros_like(current[k]) for k in keys}
     weights = torch.tensor([float(d.outcome.metrics["num-examples"]) for d in trained], dtype=torch.float64)
-    for start in range(0, len(trained), AGGREGATE_CHUNK):  # a chunk's float64 updates at a time
-        chunk = trained[start:start + AGGREGATE_CHUNK]
-        updates = {k: torch.stack([d.weights[k] for d in chunk]).to(torch.float64) - current[k] for k in keys}
-        if user_dp:
-            norms = torch.sqrt(sum(u.square().flatten(1).sum(1) for u in updates.values()))
-            factor = torch.where(norms > 0, (run.user_dp.clipping_norm / norms).clamp(max=1.0), 1.0)
-        else:
-            factor = weights[start:start + len(chunk)]
+    factor = _factor(run)
+    own = [position for position, d in enumerate(trained) if not d.summed]
+    for start in range(0, len(own), AGGREGATE_CHUNK):  # a chunk's float64 updates at a time
+        chunk = own[start:start + AGGREGATE_CHUNK]
+        updates = {k: torch.stack([trained[p].weights[k] for p in chunk]).to(torch.float64) - current[k]
+                   for k in keys}
+        norms = torch.sqrt(sum(u.square().flatten(1).sum(1) for u in updates.values()))
+        scale = factor(norms, weights[chunk])
         for k, u in updates.items():
-            total[k] += (u * factor.view(-1, *([1] * (u.dim() - 1)))).sum(0)
+            total[k] += torch.tensordot(scale, u, dims=1)
     if user_dp:
         return (ArrayRecord({k: _array(v.numpy()) for k, v in total.items()}),
                 {"ids": ids, "count": len(trained), "weight": float(len(trained)), "kind": CLIPPED_SUM})
@@ -217,6 +236,20 @@ def _aggregate(run: RunConfig, trained: list[_Listed], global_state) -> tuple[Ar
             for k in keys}
     return (ArrayRecord({k: _array(v.numpy()) for k, v in mean.items()}),
             {"ids": ids, "count": len(trained), "weight": total_weight, "kind": WEIGHTED_MEAN})
+
+
+def _summed_keys(run: RunConfig, global_state) -> list[str]:
+    """The arrays a node sums: under user-level DP the ones a device trains (the clipped norm is theirs)."""
+    frozen = set(FROZEN_BY_SCOPE[run.device.trainable]) if run.user_dp.enabled else set()
+    return [k for k in global_state if k not in frozen]
+
+
+def _factor(run: RunConfig) -> Factor:
+    """Each device's factor in the node's sum, from its update's norm and its window count."""
+    if run.user_dp.enabled:
+        clip = run.user_dp.clipping_norm
+        return lambda norms, examples: torch.where(norms > 0, (clip / norms).clamp(max=1.0), 1.0)
+    return lambda norms, examples: examples
 
 
 def _array(value: np.ndarray) -> Array:
@@ -258,13 +291,14 @@ def _seen_spend(msg: Message) -> dict[str, int]:
 
 
 def _mirror(context: Context, device: str) -> PrivacyLedger | None:
-    record = context.state.config_records.get(MIRROR_PREFIX + device)
+    # context.state directly: its `config_records` view is rebuilt from every record per access (one per device)
+    record = context.state.get(MIRROR_PREFIX + device)
     return from_json(json.loads(str(record["json"])), "in node state") if record else None
 
 
 def _mirror_ledger(context: Context, path: Path, device: str) -> PrivacyLedger:
     ledger = load_ledger(path, device)
-    context.state.config_records[MIRROR_PREFIX + device] = ConfigRecord({"json": json.dumps(ledger.to_json())})
+    context.state[MIRROR_PREFIX + device] = ConfigRecord({"json": json.dumps(ledger.to_json())})
     return ledger
 
 

@@ -2,9 +2,10 @@
 
 A train message without a `secagg` record passes straight to the train function. With one, the
 stage decides: `setup`, `share` and `unmask` are answered here (keys and shares, no data); `upload`
-runs the real train function, then replaces its weights by the masked vector of the device's update
-(clipped to user-clipping-norm and noised with its share of the central noise under user-level DP),
-so no unmasked array ever leaves the device. The round's secrets live in `context.state` between
+runs the real train function, then replaces its weights by one masked vector of the device's update
+(the summed arrays flattened in the order of the reply's `secagg` record `keys`; clipped to
+user-clipping-norm and noised with its share of the central noise under user-level DP), so no
+unmasked array ever leaves the device. The round's secrets live in `context.state` between
 messages and are deleted after `unmask`.
 """
 
@@ -17,7 +18,14 @@ from flwr.clientapp.typing import ClientAppCallable
 from shared.config import from_run_config
 from shared.errors import PrivrecError
 from shared.privacy.user_level import clip_update
-from shared.secagg import DeviceSession, params_from_config, quantize_vector, share_noise_std
+from shared.secagg import (
+    VECTOR_KEY,
+    DeviceSession,
+    array_values,
+    params_from_config,
+    quantize_flat,
+    share_noise_std,
+)
 
 SECAGG = "secagg"  # instruction record naming the stage (same name in server/secagg.py)
 STATE = "secagg-session"  # context.state record holding this round's secrets
@@ -74,16 +82,19 @@ def _upload(msg: Message, context: Context, call_next: ClientAppCallable, sessio
         return reply  # declined or failed: nothing to mask, the device counts as dropped
     cfg = from_run_config(context.run_config).values  # the run's static settings, as every ClientApp reads them
     params = params_from_config(cfg)
-    current = {k: a.numpy() for k, a in msg.content.array_records["arrays"].items()}
-    trained = {k: a.numpy() for k, a in reply.content.array_records["arrays"].items()}
+    current, trained = msg.content.array_records["arrays"], reply.content.array_records["arrays"]
     keys = summed_keys(trained, str(cfg["device-trains"]))
-    update = {k: trained[k].astype(np.float64) - current[k].astype(np.float64) for k in keys}
-    vector = device_vector(update, cfg, np.random.default_rng())  # OS entropy: the server cannot replay it
+    update = {k: np.subtract(array_values(trained[k]), array_values(current[k]), dtype=np.float64) for k in keys}
+    rng = np.random.default_rng()  # OS entropy: the server can replay neither the noise nor the rounding
+    vector = device_vector(update, cfg, rng)
+    flat = np.concatenate([vector[k].ravel() for k in keys]) if keys else np.zeros(0)
     received = {int(s): bytes(c) for s, c in zip(record["src"], record["ct"])}
-    masked = session.mask(quantize_vector([vector[k] for k in keys], params), received)
+    masked = session.mask([quantize_flat(flat, params, rng)], received)[0]
     _save(context, session)
+    # One flat array (the summed arrays in `keys` order): one Array to encode here and to decode on the server.
     content = RecordDict({name: rec for name, rec in reply.content.items() if name != "arrays"})
-    content["arrays"] = ArrayRecord({k: Array(np.ascontiguousarray(m)) for k, m in zip(keys, masked)})
+    content["arrays"] = ArrayRecord({VECTOR_KEY: Array(masked)})
+    content[SECAGG] = ConfigRecord({"keys": keys})
     return Message(content, reply_to=msg)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import re
@@ -21,6 +22,7 @@ from server.cohort import BudgetExhausted
 from server.device_nodes import DeviceGrid
 from server.evaluation import central_evaluation
 from server.pretraining import pretrain
+from server.round_clock import RoundClock, TimedGrid
 from server.run_dir import RunDirectory
 from server.scorer import central_scorer_evaluation, initial_scorer, released_popularity, scorer_architecture
 from server.secagg import SecureAggregationGrid
@@ -38,6 +40,7 @@ from shared.data.store import open_store, prepare_store
 from shared.errors import PrivrecError
 from shared.model import SASRec, architecture_for
 from shared.privacy import pipeline
+from shared.privacy.device_journal import JOURNAL, JOURNAL_KEY, DeviceJournal
 from shared.privacy.population import default_population_dir
 from shared.privacy.statement import privacy_statement, sentences, user_level_statement
 from shared.privacy.user_level import user_level_epsilon, user_level_state
@@ -130,6 +133,7 @@ class FederatedRun:
         self.secure_grid: SecureAggregationGrid | None = None
         # model-average > 0: the running average of the global model, the model evaluated and released
         self.average: dict[str, np.ndarray] | None = None
+        self.clock = RoundClock()  # where each round's server time goes (one log line per round)
 
     def execute(self) -> None:
         cfg = self.cfg
@@ -187,11 +191,11 @@ class FederatedRun:
                                                       "encoder_id": features.encoder_id}
         self.run_dir.copy_catalogue(items_path)
 
-        strategy = build_strategy(cfg, self.num_devices, self._on_train, self._on_evaluate)
+        strategy = build_strategy(cfg, self.num_devices, self._on_train, self._on_evaluate, clock=self.clock)
         self.strategy = strategy
-        grid = self.grid
+        grid = flower_grid = TimedGrid(self.grid, self.clock)
         if self.run.federation.devices_per_node > 1:  # simulated nodes hosting blocks of devices
-            grid = DeviceGrid(self.grid, self.num_devices, self.run.federation.devices_per_node)
+            grid = DeviceGrid(flower_grid, self.num_devices, self.run.federation.devices_per_node)
         if cfg["secure-aggregation"]:
             cohort = cohort_size(cfg, self.num_devices)
             check_secure_aggregation(cfg, cohort, "run config: ")  # also when the cohort is a fraction
@@ -200,8 +204,16 @@ class FederatedRun:
                                          denominator=float(cohort) if cfg["user-dp"] else None)
             self.secure_grid = grid
         checkpoint = load_checkpoint(self.run_dir.path, cfg) if self.run.outputs.resume else None
+        self.journal = DeviceJournal(self.run_dir.path / JOURNAL)
         if checkpoint is not None:
             restore_strategy(strategy, checkpoint)
+            if checkpoint.journal_bytes is not None:
+                self.journal.resume(checkpoint.journal_bytes)  # cuts off a torn last line
+            else:  # an older checkpoint held the tally inline: it opens the journal
+                self.journal.start()
+                tally, nodes = strategy.privacy, {d: n for n, d in strategy.privacy.node_devices.items()}
+                self.journal.append(checkpoint.round, {d: nodes.get(d) for d in tally.records}, tally.records,
+                                    tally.epsilon_by_device)
             initial = checkpoint.arrays
             if checkpoint.average is not None:
                 self.average = {k: v.numpy() for k, v in checkpoint.average.items()}
@@ -212,6 +224,7 @@ class FederatedRun:
             log.info("privrec: resuming run %s after round %d of %d (checkpoint %s)", self.run_dir.path.name,
                      checkpoint.round, self.run.federation.num_rounds, self.run_dir.path / CHECKPOINT_DIR)
         else:
+            self.journal.start()  # a run that starts over starts its records over, as privacy.json does
             if self.scorer:  # federated analytics first: its release is the bias every round ships
                 histogram = released_popularity(self.grid, self.run, self.run_dir, device_config,
                                                 num_items=num_items, num_devices=self.num_devices)
@@ -243,6 +256,7 @@ class FederatedRun:
         summary = self._summary(time.perf_counter() - started, strategy)
         if stopped:
             summary["stopped-early"] = stopped
+        self.run_dir.write_json("privacy.json", self._privacy_record(every_device=True))  # the documented form
         self.run_dir.finish(summary)
 
     # -- callbacks from the strategy -------------------------------------------------------
@@ -271,7 +285,8 @@ class FederatedRun:
             row = self._metrics_row(server_round, None)
             self.rows.append(row)
             self.run_dir.append_metrics(row)
-            self.run_dir.write_json("privacy.json", self._privacy_record())
+            self._journal_changed(server_round)
+            self.run_dir.write_json("privacy.json", self._privacy_record(every_device=True))  # the run ends here
             raise RoundFailed(f"round {server_round}{what}: {stats['failures']} of {stats['asked']} devices "
                               f"failed (more than half); first device error: {stats['first-error']}")
 
@@ -291,18 +306,41 @@ class FederatedRun:
                                          item_text=self.item_text, cold_share=self.run.data.cold_item_share)
         row = self._metrics_row(server_round, central)
         self.rows.append(row)
-        self.run_dir.append_metrics(row)
-        self.run_dir.heartbeat()
-        self.run_dir.write_json("privacy.json", self._privacy_record())
+        clock = self.clock
+        with clock.phase("metrics"):
+            self.run_dir.append_metrics(row)
+            self.run_dir.heartbeat()
+        with clock.phase("privacy-record"):
+            # The records that changed this round first (durable), then the statements that count them.
+            clock.count("record-bytes", self._journal_changed(server_round))
+            self.run_dir.write_json("privacy.json", self._privacy_record())
         if server_round > 0:
             # The checkpoint (with the privacy tally) covers only rounds whose records are complete, and
             # comes before model.pt: a crash in between never leaves a released model that is not counted.
-            save_checkpoint(self.run_dir.path, server_round, state, self.strategy, self.cfg,
-                            average=None if self.average is None else released)
-            self._save_model(released)
+            with clock.phase("checkpoint"):
+                save_checkpoint(self.run_dir.path, server_round, state, self.strategy, self.cfg,
+                                journal_bytes=self.journal.size, average=None if self.average is None else released)
+            with clock.phase("model"):
+                self._save_model(released)
+        clock.count("record-bytes", self._record_bytes(server_round > 0))
+        log.info("privrec: round %d server seconds %s", server_round, json.dumps(clock.lap()))
         self.round_started = time.perf_counter()
         return MetricRecord({k: v for k, v in (central or {}).items() if isinstance(v, (int, float))}) \
             if central else None
+
+    def _journal_changed(self, server_round: int) -> int:
+        """Append the device records this round changed to the journal (fsynced); the bytes appended."""
+        tally = self.strategy.privacy
+        written = self.journal.append(server_round, tally.changed, tally.records, tally.epsilon_by_device)
+        tally.take_changed()  # only once they are on disk
+        return written
+
+    def _record_bytes(self, checkpointed: bool) -> int:
+        """Bytes of the files this round rewrote whole (metrics, privacy record, checkpoint state; not the model)."""
+        written = [self.run_dir.path / "metrics.jsonl", self.run_dir.path / "privacy.json"]
+        if checkpointed:
+            written.append(self.run_dir.path / CHECKPOINT_DIR / "state.json")
+        return sum(p.stat().st_size for p in written if p.exists())
 
     def _released(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The model this round evaluates and releases: the global model, or with model-average > 0 the
@@ -371,9 +409,14 @@ class FederatedRun:
         return user_level_epsilon(self.run.user_dp.noise_multiplier, user_sample_rate(self.cfg, self.num_devices),
                                   rounds, self.run.device.delta, self.run.device.accountant)
 
-    def _privacy_record(self) -> dict[str, Any]:
-        """`privacy.json`: what every device reported of its spend, and the user-level history (see docs)."""
+    def _privacy_record(self, every_device: bool = False) -> dict[str, Any]:
+        """`privacy.json`: what every device reported of its spend, and the user-level history (see docs).
+
+        While the run goes on the devices' records are in the journal (`devices-journal` names it): writing
+        all of them after every round would cost the whole population; `every_device` writes them under
+        `devices`, once, when the run ends."""
         cfg, tally = self.cfg, self.strategy.privacy
+        devices = {"devices": tally.records} if every_device else {JOURNAL_KEY: JOURNAL}
         rounds = self.rows[-1]["round"] if self.rows else 0
         user_level = None
         if self.run.user_dp.enabled:
@@ -391,15 +434,14 @@ class FederatedRun:
             return {"format": 1, "delta": self.run.device.delta, "accountant": self.run.device.accountant,
                     "epsilon": record["epsilon"], "statements": [pipeline.sentence(record, rounds)],
                     # the one composed history (popularity release first), so a report recomputes the figure
-                    "devices": tally.records, "user-level": {**user_level, "history": record["history"],
-                                                             "pipeline": record}}
+                    **devices, "user-level": {**user_level, "history": record["history"], "pipeline": record}}
         return {
             "format": 1,
             "delta": self.run.device.delta,
             "accountant": self.run.device.accountant,
             "statements": sentences(cfg, summary["all-epsilon-max"], self._user_level_epsilon(rounds),
                                     summary["devices-with-spend"], self.num_devices),
-            "devices": tally.records,
+            **devices,
             "user-level": user_level,
         }
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -30,7 +31,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common import MessageType
 from flwr.serverapp import Grid
 
-from shared.secagg import SecAggAborted, SecAggParams, ServerSession
+from shared.secagg import VECTOR_KEY, SecAggAborted, SecAggParams, ServerSession, array_values
 
 log = logging.getLogger("flwr")
 SECAGG = "secagg"  # instruction record naming the stage (same name in client/secagg.py)
@@ -212,13 +213,16 @@ def secure_sum(grid: Grid, train_messages: Sequence[Message], params: SecAggPara
     for n, reply in upload_replies.items():
         if reply.has_error() or "arrays" not in reply.content.array_records:
             continue
-        arrays = reply.content.array_records["arrays"]
+        sent = _masked_vector(reply, train[n])
+        if sent is None:
+            log.warning("privrec: secure aggregation: device %d sent no well-formed masked vector; left out", n)
+            continue
         if keys is None:
-            keys = list(arrays.keys())
-        if list(arrays.keys()) != keys:
+            keys = sent[0]
+        if sent[0] != keys:
             log.warning("privrec: secure aggregation: device %d sent other arrays than the rest; left out", n)
             continue
-        session.masked[n] = [arrays[k].numpy() for k in keys]
+        session.masked[n] = [sent[1]]
     survivors = sorted(session.masked)
     if len(survivors) < params.min_survivors:
         raise SecAggAborted(f"only {len(survivors)} masked vectors arrived; at least {params.min_survivors} "
@@ -231,9 +235,28 @@ def secure_sum(grid: Grid, train_messages: Sequence[Message], params: SecAggPara
                                                                "dropped": dropped})})
     answers = _answers(_stage(grid, unmask_requests, timeout))
     shares = {n: {int(o): bytes(s) for o, s in zip(a["owners"], a["shares"])} for n, a in answers.items()}
-    total, devices = session.unmask(shares)
-    return SecureSum(total=dict(zip(keys or [], total)), devices=devices, replies=list(upload_replies.values()),
+    (total,), devices = session.unmask(shares)
+    current = train_messages[0].content.array_records["arrays"]
+    sizes = np.cumsum([math.prod(current[k].shape) for k in keys or []])[:-1]
+    parts = np.split(total, sizes) if keys else []
+    return SecureSum(total={k: p.reshape(tuple(current[k].shape)) for k, p in zip(keys or [], parts)},
+                     devices=devices, replies=list(upload_replies.values()),
                      dropped=[n for n in train if n not in session.masked])
+
+
+def _masked_vector(reply: Message, train: Message) -> tuple[list[str], np.ndarray] | None:
+    """(keys, masked uint32 vector) of an upload reply, if its vector has exactly the size of those arrays."""
+    arrays, record = reply.content.array_records["arrays"], reply.content.config_records.get(SECAGG)
+    current = train.content.array_records["arrays"]
+    if (record is None or not isinstance(record.get("keys"), list) or list(arrays.keys()) != [VECTOR_KEY]
+            or arrays[VECTOR_KEY].dtype != "uint32"):
+        return None
+    keys = [str(k) for k in record["keys"]]
+    vector = array_values(arrays[VECTOR_KEY])
+    if (len(set(keys)) != len(keys) or not all(k in current for k in keys) or vector.ndim != 1
+            or vector.size != sum(math.prod(current[k].shape) for k in keys)):
+        return None
+    return keys, vector
 
 
 class SecureAggregationGrid:
@@ -272,9 +295,11 @@ class SecureAggregationGrid:
 
 
 def _with_aggregate(reply: Message, aggregate: ArrayRecord) -> Message:
-    """The reply with its masked arrays replaced by the round's aggregate (declines and errors as they are)."""
+    """The reply with its masked vector (and the record naming its arrays) replaced by the round's aggregate
+    (declines and errors as they are)."""
     if reply.has_error() or "arrays" not in reply.content.array_records:
         return reply
     out = copy.copy(reply)  # the device's own reply stays as it arrived (masked), e.g. for audit logs
-    out.content = RecordDict({**dict(reply.content.items()), "arrays": aggregate})
+    out.content = RecordDict({**{name: record for name, record in reply.content.items() if name != SECAGG},
+                              "arrays": aggregate})
     return out

@@ -30,6 +30,7 @@ from server.booking import SpendBooking
 from server.cohort import CohortChoice
 from server.device_nodes import NodeAggregates, NodeSums
 from server.per_row import PerRowAveraging
+from server.round_clock import RoundClock, TimedStrategy
 from server.rounds import EvaluationSchedule, ResumedRun, RoundReport
 from server.tally import PrivacyTally
 from server.user_dp import UserLevelDP
@@ -99,8 +100,10 @@ def flower_strategy(name: str, *, fraction_evaluate: float, min_evaluate_nodes: 
     return FedAvg(**common)
 
 
-def build_strategy(cfg: dict[str, Any], num_devices: int, on_train, on_evaluate) -> ResumedRun:
-    """The configured Flower strategy inside privrec's wrappers; the one place that reads the run config."""
+def build_strategy(cfg: dict[str, Any], num_devices: int, on_train, on_evaluate,
+                   clock: RoundClock | None = None) -> ResumedRun:
+    """The configured Flower strategy inside privrec's wrappers; the one place that reads the run config.
+    With `clock`, the hooks' seconds are added to it (server/round_clock.py)."""
     cohort = cohort_size(cfg, num_devices)
     flower = flower_strategy(cfg["strategy"], fraction_evaluate=cfg["fraction-evaluate"],
                              min_evaluate_nodes=max(1, int(cfg["fraction-evaluate"] * num_devices)),
@@ -126,6 +129,8 @@ def build_strategy(cfg: dict[str, Any], num_devices: int, on_train, on_evaluate)
                             poisson_rate=user_sample_rate(cfg, num_devices) if cfg["user-dp"] else None)
     strategy = EvaluationSchedule(strategy, eval_every=cfg["eval-every"], num_rounds=cfg["num-rounds"])
     strategy = RoundReport(strategy, on_train=on_train, on_evaluate=on_evaluate)
+    if clock is not None:
+        strategy = TimedStrategy(strategy, clock)
     return ResumedRun(strategy, privacy=tally, flower=flower)
 
 

@@ -35,6 +35,9 @@ class PrivacyTally:
     capped: dict[str, int] = field(default_factory=dict)  # device id -> first round it declined
     records: dict[str, dict[str, Any]] = field(default_factory=dict)  # device id -> privacy.json entry
     node_devices: dict[int, str] = field(default_factory=dict)  # this launch: node id -> device id
+    # devices whose record changed since the last `take_changed` (device id -> node id): what the run
+    # appends to its journal of device records after a round (shared/privacy/device_journal.py)
+    changed: dict[str, int] = field(default_factory=dict)
 
     def update(self, device: str, epsilon: float) -> None:
         # A device's epsilon never decreases; keep the largest ever reported.
@@ -55,6 +58,7 @@ class PrivacyTally:
         privacy = content.config_records.get("privacy")
         device = str(privacy["device"]) if privacy else f"node-{node_id}"
         self.node_devices[node_id] = device
+        self.changed[device] = node_id
         entry = self.records.setdefault(device, {"accountant": accountant, "history": [], "rounds": [],
                                                  "epsilon": 0.0, "declined-round": None})
         history = json.loads(str(privacy["history"])) if privacy else entry["history"]
@@ -83,6 +87,10 @@ class PrivacyTally:
         if "epsilon" in metrics and seen_epsilon is not None and float(metrics["epsilon"]) < seen_epsilon * (1 - 1e-9):
             return f"reported epsilon {float(metrics['epsilon']):.6g}, below the {seen_epsilon:.6g} already seen"
         return None
+
+    def take_changed(self) -> dict[str, int]:
+        changed, self.changed = self.changed, {}
+        return changed
 
     def summary(self) -> dict[str, Any]:
         values = np.array(list(self.epsilon_by_device.values()), dtype=float)

@@ -14,8 +14,17 @@ Pure compute, measured in the same run on this process's one thread and multipli
 simulation gets (the ideal with no framework at all):
 - one device alone: `client.device.train_round` back to back (today's per-device work);
 - devices on a node: the ClientApp called in-process with one node message listing a cohort's worth of
-  devices (the work a node does: ledgers, vectorised training, clipping and summing), no Flower runtime.
-The Flower engine's overhead for an arm is ideal / end-to-end - 1 against the matching pure compute.
+  devices (the work a node does: ledgers, vectorised training, clipping and summing), no Flower runtime;
+  and, for comparison in the same run, the same with the node path before the one-step round
+  (`client.batched.train_batched` for every round; --no-compare-previous skips it).
+The Flower engine's overhead for an arm is ideal / end-to-end - 1 against the matching pure compute. Pure
+compute is also given by this process's CPU time, which the load of a shared machine moves much less.
+
+Per round, from the ServerApp's log (server/round_clock.py): the seconds of each server phase (cohort
+sampling and messages, Flower's send_and_receive where Ray and the nodes work, aggregation, the run
+records) and the bytes of run records written; a projection to --projected-rounds rounds fits the run
+records' seconds against the devices seen so far. The peak memory of every process of the run, and per
+process at that peak.
 
 Writes simulations/results/scale-bench-<time>.json and .md and prints the Markdown.
 """
@@ -25,10 +34,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import tempfile
 import time
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +62,26 @@ def arm_config(store_dir: Path, run_root: Path, devices_per_node: int, args) -> 
 
 def tree_rss_mib(root: int) -> float:
     """Resident memory of process `root` and all its descendants (read from /proc), in MiB."""
+    return sum(tree_rss_by_process(root).values())
+
+
+def _process_name(pid: int) -> str:
+    """What a process is: Ray's retitled workers (`ray::ClientAppActor`), else its command's program and module."""
+    try:
+        words = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return "?"
+    if words[0].startswith("ray::"):
+        return words[0].split()[0]
+    program = Path(words[0]).name
+    if program.startswith("python") and len(words) > 1:
+        script = words[2] if words[1] == "-m" and len(words) > 2 else Path(words[1]).name
+        return f"{program} {script}"
+    return program
+
+
+def tree_rss_by_process(root: int) -> dict[str, float]:
+    """Resident memory (MiB) of process `root` and all its descendants, per process (`name pid`)."""
     parents: dict[int, int] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -64,14 +95,15 @@ def tree_rss_mib(root: int) -> float:
         children = [pid for pid, parent in parents.items() if parent in frontier and pid not in tree]
         tree.update(children)
         frontier = children
-    total_kib = 0
+    out = {}
     for pid in tree:
         try:
             status = Path(f"/proc/{pid}/status").read_text()
         except OSError:
             continue
-        total_kib += next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), 0)
-    return total_kib / 1024
+        kib = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), 0)
+        out[f"{_process_name(pid)} {pid}"] = kib / 1024
+    return out
 
 
 def end_to_end(store_dir: Path, devices_per_node: int, args) -> dict:
@@ -79,10 +111,14 @@ def end_to_end(store_dir: Path, devices_per_node: int, args) -> dict:
 
     run_root = Path(tempfile.mkdtemp(prefix="privrec-scale-"))
     cfg = arm_config(store_dir, run_root, devices_per_node, args)
-    peak = [0.0]
+    peak: list = [0.0, {}, 0.0]
 
     def sample_memory() -> None:  # every second while the run lasts: the launcher, SuperLink, Ray, apps
-        peak[0] = max(peak[0], tree_rss_mib(os.getpid()))
+        processes = tree_rss_by_process(os.getpid())
+        if sum(processes.values()) > peak[0]:
+            peak[:2] = [sum(processes.values()), processes]
+        # the run's own processes: not this benchmark's, which holds its pure-compute measures
+        peak[2] = max(peak[2], sum(v for k, v in processes.items() if not k.endswith(f" {os.getpid()}")))
 
     started = time.perf_counter()
     result = run_simulation(cfg, open_store(store_dir).num_devices, run_root / cfg["run-name"],
@@ -94,19 +130,74 @@ def end_to_end(store_dir: Path, devices_per_node: int, args) -> dict:
     steady = [r for r in rows if 2 <= r["round"] < args.rounds]
     devices = sum(r["devices-trained"] for r in steady)
     seconds = sum(r["seconds"] for r in steady)
+    server_rounds = server_seconds(run_root / cfg["run-name"] / "flower.log")
     population = Path(cfg["population-dir"])
     files = [p for p in population.rglob("*") if p.is_file()]
     run_files = [p for p in (run_root / cfg["run-name"]).rglob("*") if p.is_file()]
     return {"devices_per_node": devices_per_node, "steady_rounds": len(steady), "devices_trained": devices,
             "seconds": seconds, "devices_per_s": devices / seconds, "wall_s": wall,
             "devices_per_round": [r["devices-trained"] for r in rows if r["round"] > 0],
-            "peak_rss_mib_all_processes": peak[0], "population_files": len(files),
+            "peak_rss_mib_all_processes": peak[0], "peak_rss_mib_run_processes": peak[2],
+            "peak_rss_mib_by_process": dict(sorted(((k, round(v)) for k, v in peak[1].items()), key=lambda kv: -kv[1])),
+            "population_files": len(files),
             "population_bytes": sum(p.stat().st_size for p in files), "run_record_files": len(run_files),
-            "run_record_bytes": sum(p.stat().st_size for p in run_files)}
+            "run_record_bytes": sum(p.stat().st_size for p in run_files), "server_rounds": server_rounds,
+            "projection": projection(server_rounds, store_dir, args)}
 
 
-def pure_one_device(store_dir: Path, args) -> float:
-    """Devices per second of `train_round` back to back, one thread, no framework."""
+SERVER_LINE = re.compile(r"privrec: round (\d+) server seconds (\{.*\})")
+
+
+def server_seconds(log_path: Path) -> list[dict]:
+    """The ServerApp's per-round line (server/round_clock.py): seconds per phase and record bytes."""
+    rows = []
+    for line in log_path.read_text(errors="replace").splitlines():
+        match = SERVER_LINE.search(line)
+        if match:
+            rows.append({"round": int(match.group(1)), **json.loads(match.group(2))})
+    return rows
+
+
+def non_training(row: dict) -> float:
+    """A round's server wall time outside Flower's send_and_receive (where Ray and the nodes work)."""
+    return row["wall"] - row.get("send-and-receive", 0.0)
+
+
+RECORD_PHASES = ("metrics", "privacy-record", "checkpoint", "model")  # the run records a round writes
+
+
+def projection(rows: list[dict], store_dir: Path, args) -> dict | None:
+    """`projected-rounds` rounds from the measured ones. The run records' seconds as a + b D(r), fitted over
+    rounds 1..R, D(r) = N (1 - (1 - q)^r) the devices that have trained by round r (what the records hold);
+    the rest of the non-training time and send_and_receive at their medians over the steady rounds. Whatever
+    grows on the nodes (their ledgers' in-memory mirrors) is not in it: 5 rounds do not show it."""
+    steady = [r for r in rows if 2 <= r["round"] < args.rounds]
+    trained = [r for r in rows if r["round"] >= 1]
+    if len(steady) < 1 or len(trained) < 2:
+        return None
+    n = open_store(store_dir).num_devices
+    q = args.devices_per_round / n
+
+    def distinct(r: int) -> float:
+        return n * (1 - (1 - q) ** r)
+
+    def records(row: dict) -> float:
+        return sum(row.get(p, 0.0) for p in RECORD_PHASES)
+
+    slope, intercept = np.polyfit([distinct(r["round"]) for r in trained], [records(r) for r in trained], 1)
+    train = float(np.median([r["send-and-receive"] for r in steady]))
+    rest = float(np.median([non_training(r) - records(r) for r in steady]))
+    total_rounds = args.projected_rounds
+    record_s = [max(0.0, intercept + slope * distinct(r)) for r in range(1, total_rounds + 1)]
+    return {"rounds": total_rounds, "send_and_receive_s_per_round": train, "other_non_training_s_per_round": rest,
+            "record_s_fixed": float(intercept), "record_s_per_device_seen": float(slope),
+            "record_s_last_round": record_s[-1], "total_record_s": float(sum(record_s)),
+            "total_non_training_s": float(sum(record_s) + rest * total_rounds),
+            "total_s": float((train + rest) * total_rounds + sum(record_s))}
+
+
+def pure_one_device(store_dir: Path, args) -> tuple[float, float]:
+    """Devices per second of `train_round` back to back, one thread, no framework (by wall, by CPU time)."""
     from client.device import load_device, train_round
     from shared.model import model_for
 
@@ -119,16 +210,21 @@ def pure_one_device(store_dir: Path, args) -> float:
     ledgers = Path(cfg["population-dir"])
     data, num_items = load_device(store_dir, store.num_devices - 1)  # warm-up (imports), untimed
     train_round(data, num_items, state, cfg, ledgers / "warm-up" / "ledger.json", "warm-up", "bench", 1)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for device in sample:
         data, num_items = load_device(store_dir, int(device))
         train_round(data, num_items, state, cfg, ledgers / f"device-{device}" / "ledger.json", str(device),
                     "bench", 1)
-    return len(sample) / (time.perf_counter() - start)
+    return len(sample) / (time.perf_counter() - start), len(sample) / (time.process_time() - cpu)
 
 
-def pure_node(store_dir: Path, devices_per_node: int, args) -> float:
-    """Devices per second of one node message listing a cohort's share of a node's devices, in-process."""
+def pure_node(store_dir: Path, devices_per_node: int, args, previous: bool = False) -> tuple[float, float]:
+    """Devices per second of one node message listing a cohort's share of a node's devices, in-process:
+    (by wall time, by this process's CPU time). `previous`: every round through the several-epoch path
+    (`client.batched.train_batched`: a copy of the weights per device), as nodes trained before the one-step
+    path (`client.batched.train_one_step`), for a comparison within one run."""
+    from unittest import mock
+
     from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
     from client.app import app as client_app
@@ -143,25 +239,28 @@ def pure_node(store_dir: Path, devices_per_node: int, args) -> float:
     rate = args.devices_per_round / store.num_devices
     rng = np.random.default_rng(0)
 
-    def node_round(devices: list[int]) -> float:
+    def node_round(devices: list[int], server_round: int = 2) -> tuple[float, float]:
         content = RecordDict({
             "arrays": ArrayRecord(state),
             "config": ConfigRecord({"data-store": str(store_dir), "state-dir": cfg["population-dir"],
-                                    "run-id": "bench", "server-round": 1}),
+                                    "run-id": "bench", "server-round": server_round}),
             NODE_DEVICES: ConfigRecord({"devices": devices, "ids": [device_node_id(d) for d in devices]})})
         context = node_context(1, {"partition-id": 0, "num-partitions": 1}, cfg)
-        start = time.perf_counter()
-        client_app(instruction(content, 1, "train"), context)
-        return time.perf_counter() - start
+        start, cpu = time.perf_counter(), time.process_time()
+        with mock.patch("client.node.one_step", lambda model, cfg: False) if previous else nullcontext():
+            client_app(instruction(content, 1, "train"), context)
+        return time.perf_counter() - start, time.process_time() - cpu
 
-    node_round([store.num_devices - 2, store.num_devices - 1])  # warm-up (imports, first vmap), untimed
-    done, seconds = 0, 0.0
+    heaviest = max(range(min(200, store.num_devices)), key=lambda d: sum(map(len, store.device(d).train)))
+    # untimed: imports, the first pass, the first optimizer of a device trained alone (the heaviest)
+    node_round([store.num_devices - 2, store.num_devices - 1, heaviest], server_round=1)
+    done, seconds, cpu_seconds = 0, 0.0, 0.0
     for block in range(0, min(store.num_devices, max(args.pure_devices, devices_per_node)), devices_per_node):
         devices = [d for d in range(block, min(block + devices_per_node, store.num_devices)) if rng.random() < rate]
         if devices:
-            seconds += node_round(devices)
-            done += len(devices)
-    return done / seconds
+            wall, cpu = node_round(devices)
+            seconds, cpu_seconds, done = seconds + wall, cpu_seconds + cpu, done + len(devices)
+    return done / seconds, done / cpu_seconds
 
 
 def markdown(results: dict) -> str:
@@ -172,13 +271,27 @@ def markdown(results: dict) -> str:
              f"{results['rounds']} rounds (steady rounds 2..{results['rounds'] - 1} timed). Load average at the "
              f"start: {results['load_average']}.", "",
              "| devices per node | Flower nodes | end to end (devices/s) | x devices-per-node 1 | "
-             "pure compute, ideal on 2 CPUs (devices/s) | Flower engine overhead |", "|---|---|---|---|---|---|"]
+             "pure compute, ideal on 2 CPUs (devices/s) | Flower engine overhead | "
+             "pure compute by CPU time, ideal on 2 CPUs |", "|---|---|---|---|---|---|---|"]
     base = next((a["devices_per_s"] for a in results["arms"] if a["devices_per_node"] == 1), None)
     for arm in results["arms"]:
         pure = arm["pure_devices_per_s_one_cpu"] * cpus
         versus_one = f"{arm['devices_per_s'] / base:.2f}" if base else "-"
         lines.append(f"| {arm['devices_per_node']} | {arm['nodes']} | {arm['devices_per_s']:.1f} | "
-                     f"{versus_one} | {pure:.1f} | {pure / arm['devices_per_s'] - 1:+.0%} |")
+                     f"{versus_one} | {pure:.1f} | {pure / arm['devices_per_s'] - 1:+.0%} | "
+                     f"{arm['pure_cpu_devices_per_s_one_cpu'] * cpus:.1f} |")
+    previous = [a for a in results["arms"] if "previous_devices_per_s_one_cpu" in a]
+    if previous:
+        lines += ["", "Pure compute of a node, this run, against the node path before the one-step round (every "
+                  "round through `client.batched.train_batched`: a copy of the weights and Adam moments per device, "
+                  "vmap over devices of equal window count), ideal on 2 CPUs:", "",
+                  "| devices per node | one-step path, wall (devices/s) | before, wall | speed-up, wall | "
+                  "one-step path, CPU time | before, CPU time | speed-up, CPU time |", "|---|---|---|---|---|---|---|"]
+        for arm in previous:
+            now, before = arm["pure_devices_per_s_one_cpu"], arm["previous_devices_per_s_one_cpu"]
+            now_cpu, before_cpu = arm["pure_cpu_devices_per_s_one_cpu"], arm["previous_cpu_devices_per_s_one_cpu"]
+            lines.append(f"| {arm['devices_per_node']} | {now * cpus:.1f} | {before * cpus:.1f} | {now / before:.2f} | "
+                         f"{now_cpu * cpus:.1f} | {before_cpu * cpus:.1f} | {now_cpu / before_cpu:.2f} |")
     lines += ["", "| devices per node | peak memory, all processes (MiB) | devices trained | population files "
               "(ledgers, locks, list) | population MB | run record files | run record MB |",
               "|---|---|---|---|---|---|---|"]
@@ -187,9 +300,36 @@ def markdown(results: dict) -> str:
                      f"{sum(arm['devices_per_round'])} | {arm['population_files']} | "
                      f"{arm['population_bytes'] / 1e6:.1f} | {arm['run_record_files']} | "
                      f"{arm['run_record_bytes'] / 1e6:.1f} |")
+    for arm in results["arms"]:
+        top = ", ".join(f"{name} {mib}" for name, mib in list(arm.get("peak_rss_mib_by_process", {}).items())[:10])
+        lines += ["", f"At the memory peak, devices-per-node {arm['devices_per_node']}, MiB per process (largest "
+                  f"first; this benchmark's own process holds its pure-compute measures): {top}. Peak of the "
+                  f"run's processes alone: {arm.get('peak_rss_mib_run_processes', 0):.0f} MiB."]
+    phases = ("configure-train", "send-and-receive", "aggregate-train", "metrics", "privacy-record",
+              "checkpoint", "model", "other")
+    for arm in results["arms"]:
+        lines += ["", f"Server seconds per round, devices-per-node {arm['devices_per_node']} (ServerApp log, "
+                  "server/round_clock.py; send-and-receive is Ray, the SuperLink and the nodes' work):", "",
+                  "| round | wall | " + " | ".join(phases) + " | non-training | record bytes |",
+                  "|---" * (len(phases) + 5) + "|"]
+        for row in arm.get("server_rounds", []):
+            lines.append(f"| {row['round']} | {row['wall']:.2f} | "
+                         + " | ".join(f"{row.get(p, 0.0):.2f}" for p in phases)
+                         + f" | {non_training(row):.2f} | {row.get('record-bytes', 0):,} |")
+        if arm.get("projection"):
+            p = arm["projection"]
+            lines += ["", f"Projection to {p['rounds']} rounds (medians of the steady rounds; the run records fitted "
+                      f"against the devices seen): send-and-receive {p['send_and_receive_s_per_round']:.1f} s/round, "
+                      f"other non-training {p['other_non_training_s_per_round']:.2f} s/round, run records "
+                      f"{p['record_s_fixed']:.3f} s + {p['record_s_per_device_seen'] * 1e6:.2f} us per device seen "
+                      f"({p['record_s_last_round']:.2f} s in round {p['rounds']}, {p['total_record_s'] / 60:.1f} min "
+                      f"in all); total {p['total_s'] / 60:.1f} min, of which non-training "
+                      f"{p['total_non_training_s'] / 60:.1f} min. Not in it: costs that grow on the nodes."]
     lines += ["", f"Pure compute of one device alone (`train_round`, one thread): "
               f"{results['pure_one_device_per_s']:.1f} devices/s, ideal {results['pure_one_device_per_s'] * cpus:.1f} "
-              f"on {cpus} CPUs; peak RSS of this process {results['peak_rss_mib']:.0f} MiB.", ""]
+              f"on {cpus} CPUs (by CPU time {results['pure_one_device_cpu_per_s'] * cpus:.1f}); peak RSS of this "
+              f"process {results['peak_rss_mib']:.0f} MiB. The machine is shared: wall-clock rates fall with its load, "
+              "CPU-time rates much less; ratios within one run are the comparable figures.", ""]
     return "\n".join(lines)
 
 
@@ -200,7 +340,10 @@ def main() -> None:
     parser.add_argument("--devices-per-round", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--dropout", type=float, default=0.0)
+    parser.add_argument("--projected-rounds", type=int, default=100, help="rounds the projection is made for")
     parser.add_argument("--pure-devices", type=int, default=256, help="devices timed for pure compute")
+    parser.add_argument("--no-compare-previous", dest="compare_previous", action="store_false",
+                        help="skip timing the node path before the one-step round (train_batched for every round)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", message="There is a performance drop")  # vmap's SDPA fallback
     store_dir = Path(args.store) if args.store else prepare_store("ml-100k")
@@ -213,13 +356,22 @@ def main() -> None:
                      "devices_per_round": args.devices_per_round, "rounds": args.rounds, "dropout": args.dropout,
                      "arms": []}
     log_progress("pure compute, one device alone")
-    results["pure_one_device_per_s"] = pure_one_device(store_dir, args)
+    results["pure_one_device_per_s"], results["pure_one_device_cpu_per_s"] = pure_one_device(store_dir, args)
     for k in args.devices_per_node:
         log_progress(f"devices-per-node {k}: pure compute of a node")
-        pure = results["pure_one_device_per_s"] if k == 1 else pure_node(store_dir, k, args)
+        arm = {}
+        if k == 1:
+            pure, pure_cpu = results["pure_one_device_per_s"], results["pure_one_device_cpu_per_s"]
+        else:
+            pure, pure_cpu = pure_node(store_dir, k, args)
+            if args.compare_previous:
+                log_progress(f"devices-per-node {k}: pure compute of a node, the path before the one-step round")
+                previous, previous_cpu = pure_node(store_dir, k, args, previous=True)
+                arm.update(previous_devices_per_s_one_cpu=previous, previous_cpu_devices_per_s_one_cpu=previous_cpu)
         log_progress(f"devices-per-node {k}: Flower simulation")
-        arm = end_to_end(store_dir, k, args)
-        arm.update(nodes=-(-store.num_devices // k), pure_devices_per_s_one_cpu=pure)
+        arm.update(end_to_end(store_dir, k, args))
+        arm.update(nodes=-(-store.num_devices // k), pure_devices_per_s_one_cpu=pure,
+                   pure_cpu_devices_per_s_one_cpu=pure_cpu)
         results["arms"].append(arm)
         log_progress(f"devices-per-node {k}: {arm['devices_per_s']:.1f} devices/s end to end, "
                      f"pure {pure * cpus:.1f} on {cpus} CPUs")

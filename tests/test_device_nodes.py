@@ -1,6 +1,8 @@
 """Many simulated devices per Flower node (`devices-per-node`): each device trains as on its own.
 
-- the vectorised local round (client/batched.py) equals `train_local` device by device;
+- the vectorised local round (client/batched.py) equals `train_local` device by device, both the
+  one-step round (one shared forward/backward, per-device gradients, closed-form step, summed) and the
+  several-epoch one (a copy of the weights per device);
 - a node's sum of clipped updates equals the server's clipping of the same devices' lone replies;
 - an in-process run with devices-per-node > 1 gives the global model of devices-per-node = 1 (same
   seed), with plain FedAvg, with on-device DP-SGD (per-device ledgers) and with user-level DP;
@@ -17,7 +19,7 @@ import pytest
 import torch
 
 from client.app import app as client_app
-from client.batched import fits_one_batch, train_batched
+from client.batched import fits_one_batch, one_step, train_batched, train_one_step
 from client.device import training_windows
 from server.app import FederatedRun
 from server.run_dir import RunDirectory
@@ -65,6 +67,52 @@ def test_batched_round_equals_each_device_alone(tmp_path, optimizer, epochs):
         assert batched.results[d].steps == result.steps == epochs
 
 
+@pytest.mark.parametrize("optimizer,trains", [("sgd", "all"), ("adam", "all"), ("adam", "no-item-tables")])
+def test_one_step_round_equals_each_device_alone(tmp_path, optimizer, trains):
+    """Each device's update norm and loss, and the sums of updates clipped (as a node clips) and FedAvg-
+    weighted, against `train_local` device by device: a wrong per-device mean (windows summed, or averaged
+    over all devices), a wrong Adam step (say without bias correction: 3.16 lr per coordinate) or a step
+    from the wrong weights changes the norms and the sums."""
+    store = open_store(_store(tmp_path))
+    run = RunConfig.from_values({**SMALL, "dp": False, "local-optimizer": optimizer, "device-trains": trains,
+                                 "local-lr": 0.5 if optimizer == "sgd" else 0.02})
+    windows = [training_windows(store.device(d), run.device.window) for d in range(NUM_DEVICES)]
+    windows = [w for w in windows if fits_one_batch(len(w), run.device.batch_size)]
+    assert len({len(w) for w in windows}) > 1, "devices of different window counts"
+    torch.manual_seed(0)
+    state = model_for(run, store.num_items).state_dict()
+    cfg = LocalTrainConfig.for_round(run.device, seed=3, proximal_mu=0.0)
+    keys = list(state)
+    updates, norms = [], []
+    for w in windows:
+        alone = model_for(run, store.num_items, state=state)
+        result = train_local(alone, w, cfg)
+        updates.append({k: alone.state_dict()[k].double() - state[k].double() for k in keys})
+        norms.append(float(torch.sqrt(sum(u.square().sum() for u in updates[-1].values()))))
+        assert result.steps == 1
+    clip = float(np.median(norms))  # some devices clipped, some not
+    factors = {"clipped": (lambda norms, examples: (clip / norms).clamp(max=1.0),
+                           [min(1.0, clip / n) for n in norms]),
+               "weighted": (lambda norms, examples: examples, [float(len(w)) for w in windows])}
+    for name, (factor, expected_factors) in factors.items():
+        model = model_for(run, store.num_items, state=state)
+        assert one_step(model, cfg)
+        summed = train_one_step(model, windows, cfg, keys, factor)
+        for d, w in enumerate(windows):
+            assert float(summed.norms[d]) == pytest.approx(norms[d], rel=1e-5)
+            assert summed.results[d].steps == 1 and summed.results[d].num_examples == len(w)
+            assert summed.results[d].loss == pytest.approx(train_local(model_for(run, store.num_items, state=state),
+                                                                       w, cfg).loss, rel=1e-5)
+        expected = {k: sum(f * u[k] for f, u in zip(expected_factors, updates)) for k in keys}
+        assert all(summed.total[k].dtype == torch.float64 for k in keys)
+        if trains == "no-item-tables":  # frozen: nothing moves
+            assert float(summed.total["item_emb.weight"].abs().max()) == 0.0
+        gap = torch.sqrt(sum((summed.total[k] - expected[k]).square().sum() for k in keys))
+        size = torch.sqrt(sum(expected[k].square().sum() for k in keys))
+        # SGD is linear in the gradient; Adam moves coordinates whose gradient is ~1e-8 by float rounding
+        assert float(gap) <= (1e-5 if optimizer == "sgd" else 1e-4) * float(size), name
+
+
 def _distance(stacked: dict, d: int, alone, state) -> float:
     """||batched - alone|| / ||alone - global||: the two updates as whole vectors."""
     mine = {k: v[d] for k, v in stacked.items()}
@@ -86,31 +134,35 @@ def _train_message(cfg, state, store, population, devices, round_=1):
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-def test_node_clipped_sum_equals_server_clipping_of_lone_devices(tmp_path, optimizer):
+# one epoch: client.batched.train_one_step; two: train_batched. The store's devices hold 2 or 3 windows:
+# with batch-size 3 all train together, with 2 those of 3 windows train alone inside the node
+@pytest.mark.parametrize("epochs,batch_size", [(1, 3), (2, 3), (1, 2)])
+def test_node_clipped_sum_equals_server_clipping_of_lone_devices(tmp_path, optimizer, epochs, batch_size):
     store = _store(tmp_path)
-    # batch-size 3: devices of 2 or 3 windows train together, the others alone inside the node
-    cfg = config.validate({**SMALL, "data-store": str(store), "dp": False, "user-dp": True,
-                           "user-clipping-norm": 0.05, "local-epochs": 2, "local-optimizer": optimizer,
-                           "local-lr": 0.5 if optimizer == "sgd" else 0.02})
+    values = {**SMALL, "data-store": str(store), "dp": False, "user-dp": True, "local-epochs": epochs,
+              "batch-size": batch_size, "local-optimizer": optimizer, "local-lr": 0.5 if optimizer == "sgd" else 0.02}
+    cfg = config.validate(values)
     torch.manual_seed(0)
     state = model_for(cfg, NUM_ITEMS).state_dict()
     devices = list(range(NUM_DEVICES))
-    node = client_app(instruction(_train_message(cfg, state, store, tmp_path / "pop-node", devices), 1, "train"),
-                      node_context(1, {"partition-id": 0, "num-partitions": 1}, cfg))
     lone = [client_app(instruction(_train_message(cfg, state, store, tmp_path / "pop-lone", None), d + 1, "train"),
                        node_context(d + 1, {"partition-id": d, "num-partitions": NUM_DEVICES}, cfg))
             for d in devices]
     current = {k: v.numpy() for k, v in state.items()}
     keys = list(current)
     server = ServerSideClipping()
-    expected = server.clipped_sum(lone, current, keys, 0.05)
-    assert max(server.last_norms) > 0.05, "some update is clipped (the clip matters)"
+    server.clipped_sum(lone, current, keys, 1.0)
+    clip = float(np.median(server.last_norms))  # some updates clipped, some not: a wrong scale shows
+    expected = server.clipped_sum(lone, current, keys, clip)
+    cfg = config.validate({**values, "user-clipping-norm": clip})
+    node = client_app(instruction(_train_message(cfg, state, store, tmp_path / "pop-node", devices), 1, "train"),
+                      node_context(1, {"partition-id": 0, "num-partitions": 1}, cfg))
     aggregate = node.content.config_records[NODE_AGGREGATE]
     assert int(aggregate["count"]) == NUM_DEVICES
     got = {k: a.numpy() for k, a in node.content.array_records["arrays"].items()}
     if optimizer == "sgd":  # linear in the gradients: equal coordinate by coordinate
         for k in keys:
-            np.testing.assert_allclose(got[k], expected.total[k], rtol=1e-4, atol=1e-8)
+            np.testing.assert_allclose(got[k], expected.total[k], rtol=1e-4, atol=1e-7)
     # Adam moves coordinates whose gradient is ~1e-8 by float rounding: equal as a vector
     difference = np.sqrt(sum(np.sum((got[k] - expected.total[k]) ** 2) for k in keys))
     size = np.sqrt(sum(np.sum(expected.total[k] ** 2) for k in keys))
@@ -149,6 +201,8 @@ def _run(tmp_path, name, devices_per_node, **overrides):
     # plain SGD: the batched path's rounding stays at float level (Adam would magnify it where g ~ 1e-8)
     # aggregation = fedavg: a non-private run's default (auto) is per-row with one device per node only
     pytest.param({"dp": False, "aggregation": "fedavg", "local-optimizer": "sgd", "local-lr": 0.5}, id="fedavg"),
+    pytest.param({"dp": False, "aggregation": "fedavg", "local-optimizer": "sgd", "local-lr": 0.5, "local-epochs": 1},
+                 id="fedavg-one-epoch"),
     pytest.param({"dp": True, "noise-multiplier": 0.5, "sample-rate": 0.5}, id="on-device-dp"),
 ])
 def test_devices_per_node_gives_the_same_global_model(tmp_path, overrides):
@@ -165,7 +219,8 @@ def test_devices_per_node_gives_the_same_global_model(tmp_path, overrides):
         assert three_summary["privacy"]["all-epsilon-max"] == pytest.approx(one_summary["privacy"]["all-epsilon-max"])
 
 
-def test_devices_per_node_gives_the_same_model_under_user_level_dp(tmp_path, monkeypatch):
+@pytest.mark.parametrize("epochs", [1, 2])
+def test_devices_per_node_gives_the_same_model_under_user_level_dp(tmp_path, monkeypatch, epochs):
     """Same cohorts and noise (both drawn from seeded generators here): the same released model."""
     import server.user_dp
 
@@ -175,6 +230,7 @@ def test_devices_per_node_gives_the_same_model_under_user_level_dp(tmp_path, mon
         monkeypatch.setattr(server.user_dp.np.random, "default_rng", lambda *a: real(*(a or (5,))))
         try:
             return _run(tmp_path, name, k, **{"dp": False, "user-dp": True, "user-noise-multiplier": 0.5,
+                                              "local-epochs": epochs,
                                               "local-optimizer": "sgd", "local-lr": 0.5,
                                               "user-clipping-norm": 0.05, "devices-per-round": 4})
         finally:

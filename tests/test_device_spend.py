@@ -25,6 +25,7 @@ from shared import config
 from shared.data.devices import open_device, split_devices
 from shared.data.store import open_store
 from shared.errors import PrivrecError
+from shared.privacy.device_journal import JOURNAL, privacy_record, read_journal
 from shared.privacy.population import TRAINED_FILE, default_population_dir, keep_listed, trained_devices
 from simulations.inprocess import InProcessGrid, serve
 from tests.synthetic import walk_store
@@ -201,7 +202,7 @@ def test_reply_below_the_seen_spend_is_refused_and_devices_count_once(tmp_path):
     with pytest.raises(ConnectionError):
         serve(server_main, dying, _context(run_config))
     run = tmp_path / "runs" / "dep"
-    before = json.loads((run / "privacy.json").read_text())["devices"]["2"]
+    before = privacy_record(run)["devices"]["2"]  # the crashed run's records are in its journal
     _lose_everything(out, 2)
     grid, _ = _deployment(tmp_path, first_node_id=101, keep_messages=True)  # new node ids
     serve(server_main, grid, _context(run_config))
@@ -210,7 +211,7 @@ def test_reply_below_the_seen_spend_is_refused_and_devices_count_once(tmp_path):
     assert rows[3]["refused"] == 1 and rows[3]["devices-trained"] == NUM_DEVICES - 1
     # Round 4: the refused reply told the server which node is device 2; now the device itself refuses.
     assert rows[4]["failures"] == 1 and rows[4]["refused"] == 0
-    record = json.loads((run / "privacy.json").read_text())["devices"]["2"]
+    record = json.loads((run / "privacy.json").read_text())["devices"]["2"]  # completed: every record inline
     assert record["epsilon"] == before["epsilon"] and record["history"] == before["history"]
     assert [r["round"] for r in record["refused"]][0] == 3 and "fewer than the" in record["refused"][0]["reason"]
     summary = json.loads((run / "summary.json").read_text())
@@ -245,7 +246,7 @@ def test_model_pt_is_never_ahead_of_the_checkpoint(tmp_path, monkeypatch):
 def test_resume_must_match_deploy_devices_and_population(tmp_path, key, other):
     cfg = config.validate({**SMALL, "deploy-devices": 3, "population-dir": "/people"})
     strategy = build_strategy(cfg, num_devices=3, on_train=lambda *a: None, on_evaluate=lambda *a: None)
-    save_checkpoint(tmp_path, 1, {"w": torch.zeros(2)}, strategy, cfg)
+    save_checkpoint(tmp_path, 1, {"w": torch.zeros(2)}, strategy, cfg, journal_bytes=0)
     assert load_checkpoint(tmp_path, cfg).round == 1
     with pytest.raises(PrivrecError, match=key):
         load_checkpoint(tmp_path, {**cfg, key: other})
@@ -261,7 +262,7 @@ def test_server_records_do_not_reveal_a_devices_window_count(tmp_path):
     serve(server_main, InProcessGrid(client_app, NUM_DEVICES), _context(run_config))
     run = tmp_path / "runs" / "r"
     for records in (json.loads((run / "privacy.json").read_text())["devices"],
-                    json.loads((run / "checkpoint" / "state.json").read_text())["records"]):
+                    read_journal(run / JOURNAL).records):
         assert set(records) == {"0", "1", "2"}
         first = records["0"]
         assert set(first) == {"accountant", "history", "rounds", "epsilon", "declined-round"}
@@ -273,7 +274,7 @@ def test_a_node_keyed_checkpoint_resumes_keyed_by_device(tmp_path):
     tally is rebuilt from their per-device records, so an old run resumes without counting anyone twice."""
     cfg = config.validate({**SMALL, "max-epsilon": 5.0})
     strategy = build_strategy(cfg, num_devices=3, on_train=lambda *a: None, on_evaluate=lambda *a: None)
-    save_checkpoint(tmp_path, 2, {"w": torch.zeros(2)}, strategy, cfg)
+    save_checkpoint(tmp_path, 2, {"w": torch.zeros(2)}, strategy, cfg, journal_bytes=0)
     path = tmp_path / "checkpoint" / "state.json"
     state = json.loads(path.read_text())
     state.update({"format": 1, "epsilon-by-device": {"9001": 4.9, "9002": 1.5}, "capped": {"9001": 2},
@@ -281,7 +282,7 @@ def test_a_node_keyed_checkpoint_resumes_keyed_by_device(tmp_path):
                                     "rounds": [[1, 4.9]], "epsilon": 4.9, "declined-round": 2},
                               "1": {"node-id": 9002, "accountant": "rdp", "history": [[1.0, 1.0, 1]],
                                     "rounds": [[1, 1.5]], "epsilon": 1.5, "declined-round": None}}})
-    for key in ("population-dir", "node-devices"):
+    for key in ("population-dir", "device-journal"):  # what a format-1 checkpoint did not have
         state.pop(key)
     path.write_text(json.dumps(state))
     checkpoint = load_checkpoint(tmp_path, cfg)

@@ -29,6 +29,7 @@ import pytest
 from server.run_dir import RunDirectory
 from shared import config
 from shared.errors import PrivrecError
+from shared.privacy.device_journal import privacy_record
 from shared.privacy.ledger import LEDGER_FILE
 from shared.run_owner import OWNER, RunLock, boot_id, liveness, lock_is_held, read_owner
 from tests.synthetic import walk_store
@@ -500,7 +501,7 @@ def test_a_full_disk_fails_the_run_keeps_the_spend_and_frees_the_directory(tmp_p
     assert liveness(run_path)[0] == "crashed"
     # Every device that trained in round 1 or 2 keeps its ledger; privacy.json (round 1) never claims more.
     spend = ledger_spend(tmp_path)
-    recorded = json.loads((run_path / "privacy.json").read_text())["devices"]
+    recorded = privacy_record(run_path)["devices"]  # crashed: from privacy.json's journal of device records
     assert len(spend) >= len(recorded) > 0
     for ledger_path, (_, epsilon) in spend.items():
         device = Path(ledger_path).parent.name.removeprefix("device-")

@@ -290,6 +290,7 @@ def test_sweep_arms_are_calibrated_to_their_budget():
 def test_checkpoint_keeps_the_privacy_tally(tmp_path):
     """A resumed server still knows which devices reached their cap and what each one reported."""
     from server.checkpoint import load_checkpoint, restore_strategy, save_checkpoint
+    from shared.privacy.device_journal import JOURNAL, DeviceJournal
 
     cfg = config.validate({**SMALL, "max-epsilon": 5.0})
     fresh = lambda: build_strategy(cfg, num_devices=6, on_train=lambda *a: None,  # noqa: E731
@@ -299,9 +300,14 @@ def test_checkpoint_keeps_the_privacy_tally(tmp_path):
     before.privacy.capped["2"] = 4
     before.privacy.records["2"] = {"accountant": "rdp", "history": [[0.8, 0.5, 4]],
                                    "rounds": [[2, 4.9]], "epsilon": 4.9, "declined-round": 4}
+    before.privacy.records["3"] = {"accountant": "rdp", "history": [[0.8, 0.5, 2]],
+                                   "rounds": [[1, 4.2]], "epsilon": 4.2, "declined-round": None}
     before.privacy.node_devices[7] = "2"
     state = SASRec(ModelConfig.from_run_config(cfg, NUM_ITEMS)).state_dict()
-    save_checkpoint(tmp_path, 4, state, before, cfg)
+    journal = DeviceJournal(tmp_path / JOURNAL)  # the tally lives in the run's journal of device records
+    journal.start()
+    journal.append(4, {"2": 7, "3": None}, before.privacy.records, before.privacy.epsilon_by_device)
+    save_checkpoint(tmp_path, 4, state, before, cfg, journal_bytes=journal.size)
     after = fresh()
     restore_strategy(after, load_checkpoint(tmp_path, cfg))
     assert after.privacy.capped == {"2": 4} and after.round_offset == 4

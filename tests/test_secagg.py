@@ -20,11 +20,16 @@ from server.secagg import SecureAggregationGrid, secure_sum
 from shared import config
 from shared.errors import PrivrecError
 from shared.secagg import (
+    SHAMIR_PRIME,
+    VECTOR_KEY,
     DeviceSession,
     SecAggAborted,
     SecAggParams,
     ServerSession,
     apply_masks,
+    array_values,
+    combine_shares,
+    create_shares,
     mask_stream,
     neighbours,
     quantize_vector,
@@ -90,7 +95,27 @@ def test_quantizer_rounds_without_bias_inside_its_levels():
     assert set(np.unique(values)) == {9, 10} and values.mean() == pytest.approx(exact, abs=0.005)
 
 
-def test_masks_applied_in_place_equal_the_sum_of_their_streams():
+def test_quantizer_in_chunks_rounds_as_one_pass_would(monkeypatch):
+    import shared.secagg
+
+    x = [np.random.default_rng(3).uniform(-1.5, 1.5, (40, 7)), np.array([0.25])]
+    whole = quantize_vector(x, PARAMS, np.random.default_rng(9))
+    np.random.seed(4)
+    whole_global = quantize_vector(x, PARAMS)
+    monkeypatch.setattr(shared.secagg, "MASK_CHUNK", 13)
+    assert all(np.array_equal(a, b) for a, b in zip(quantize_vector(x, PARAMS, np.random.default_rng(9)), whole))
+    np.random.seed(4)
+    assert all(np.array_equal(a, b) for a, b in zip(quantize_vector(x, PARAMS), whole_global))
+    assert [a.shape for a in whole] == [(40, 7), (1,)]
+    scale = PARAMS.levels / 2  # and each value is the floor or the ceiling of its exact level
+    assert np.all(np.abs(whole[0] - (np.clip(x[0], -1, 1) + 1) * scale) < 1)
+
+
+@pytest.mark.parametrize("chunk", [65536, 5, 4, 17])  # one chunk; chunks that split arrays and streams unevenly
+def test_masks_applied_in_place_equal_the_sum_of_their_streams(chunk, monkeypatch):
+    import shared.secagg
+
+    monkeypatch.setattr(shared.secagg, "MASK_CHUNK", chunk)
     vector = [np.arange(12, dtype=np.uint32).reshape(3, 4), np.full(5, 2**32 - 1, dtype=np.uint32)]
     seeds = [(b"a" * 16, 1), (b"b" * 16, -1), (b"c" * 16, 1)]
     expected = [v.copy() for v in vector]
@@ -100,6 +125,68 @@ def test_masks_applied_in_place_equal_the_sum_of_their_streams():
     assert all(np.array_equal(a, b) for a, b in zip(apply_masks(vector, seeds), expected))
     assert all(np.array_equal(a, b) for a, b in zip(apply_masks(apply_masks(vector, seeds),
                                                                 [(s, -g) for s, g in seeds]), vector))
+
+
+def test_shamir_any_threshold_shares_rebuild_the_seed_and_fewer_do_not():
+    import itertools
+
+    import sympy
+
+    assert sympy.isprime(SHAMIR_PRIME) and SHAMIR_PRIME > 2 ** 128  # every 16-byte seed is a field element
+    for threshold, num in [(2, 3), (3, 5), (5, 5), (8, 15)]:
+        seed = np.random.default_rng(threshold).bytes(16)
+        shares = create_shares(seed, threshold, num)
+        assert len(shares) == num and len({s[:4] for s in shares}) == num and all(len(s) == 21 for s in shares)
+        for subset in itertools.islice(itertools.combinations(shares[::-1], threshold), 20):
+            assert combine_shares(list(subset), threshold) == seed
+        below = list(shares[:threshold - 1]) + [shares[0]]  # t - 1 distinct shares (one repeated)
+        with pytest.raises(SecAggAborted, match="fewer than the threshold"):
+            combine_shares(below, threshold)
+    assert create_shares(b"\xff" * 16, 3, 5) != create_shares(b"\xff" * 16, 3, 5)  # fresh coefficients
+    with pytest.raises(ValueError, match="16 bytes"):
+        create_shares(b"short", 2, 3)
+
+
+def test_shamir_shares_of_a_seed_carry_no_trace_of_it_below_the_threshold():
+    """Two different seeds: the distributions of any t - 1 = 2 share values are the same (uniform in the field)."""
+    values = {seed: np.array([[int.from_bytes(s[4:], "little") / SHAMIR_PRIME for s in create_shares(seed, 3, 5)[:2]]
+                              for _ in range(2000)]) for seed in (b"\x00" * 16, b"\xff" * 16)}
+    for column in range(2):
+        assert stats.ks_2samp(values[b"\x00" * 16][:, column], values[b"\xff" * 16][:, column]).pvalue > 1e-4
+        assert stats.kstest(values[b"\xff" * 16][:, column], "uniform").pvalue > 1e-4
+
+
+def test_pairwise_secrets_agree_and_an_unusable_public_key_is_refused():
+    from shared.secagg import _pair_seed, mask_key_from_seed
+
+    a, b = DeviceSession(node=1, threshold=2), DeviceSession(node=2, threshold=2)
+    (a_enc, a_mask), (b_enc, b_mask) = a.setup(), b.setup()
+    assert len(a_enc) == len(a_mask) == 32 and a_enc != b_enc and a_mask != b_mask
+    assert _pair_seed(a.enc_private, b_enc) == _pair_seed(b.enc_private, a_enc)  # the channel key
+    assert _pair_seed(mask_key_from_seed(a.mask_seed), b_mask) == _pair_seed(mask_key_from_seed(b.mask_seed), a_mask)
+    assert _pair_seed(a.enc_private, b_enc) != _pair_seed(mask_key_from_seed(a.mask_seed), b_mask)
+    for bad in (b"\0" * 32, b"\1" + b"\0" * 31, b"short"):  # low-order points (all-zero agreement), wrong size
+        with pytest.raises(SecAggAborted, match="unusable"):
+            _pair_seed(a.enc_private, bad)
+
+
+@pytest.mark.parametrize("array", [np.arange(12, dtype=np.float32).reshape(3, 4), np.arange(5, dtype=np.uint32),
+                                   np.float64(2.5), np.zeros((0, 3), np.float32),
+                                   np.asfortranarray(np.arange(6, dtype=np.float32).reshape(2, 3)),
+                                   np.arange(4, dtype=">f8")])
+def test_array_values_equal_flowers_decoding(array):
+    wrapped = Array(np.asarray(array))
+    got = array_values(wrapped)
+    assert got.dtype == wrapped.numpy().dtype and got.shape == wrapped.numpy().shape
+    assert np.array_equal(got, wrapped.numpy())
+
+
+def test_array_values_do_not_trust_bytes_that_do_not_match_the_header():
+    good = Array(np.arange(6, dtype=np.float32))
+    trailing = Array(dtype=good.dtype, shape=tuple(good.shape), stype=good.stype, data=good.data + b"\0" * 8)
+    assert np.array_equal(array_values(trailing), np.arange(6, dtype=np.float32))  # np.load's reading of it
+    liar = Array(dtype="float32", shape=(3,), stype=good.stype, data=good.data)  # header says (6,)
+    assert array_values(liar).shape == (6,)  # decoded as the header says (Flower's own reading), not as (3,)
 
 
 def test_sparse_graph_has_majority_threshold():
@@ -205,6 +292,43 @@ def test_round_over_grid_recovers_survivors_sum_after_drops():
     survivors = [n for n in nodes if n != 2]  # 6 sent its vector, then died: its vector still counts
     assert result.devices == 7 and result.dropped == [2]
     for key in ("w", "b"):
+        plain = sum(_stub_update(n)[key] for n in survivors)
+        assert np.abs(result.total[key] - plain).max() <= 7 * 2 * PARAMS.clip_range / PARAMS.levels
+
+
+class MisshapenUploadGrid(DroppingGrid):
+    """Device `node`'s masked vector arrives with a coordinate missing, or as float32, or without the record
+    naming its arrays, or with the record but not the names."""
+
+    def __init__(self, node, how):
+        super().__init__(_stub_client_app(), 8, drop={})
+        self.node, self.how = node, how
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = list(super().send_and_receive(messages, timeout=timeout))
+        for r in replies:
+            if r.metadata.src_node_id == self.node and "arrays" in r.content.array_records:
+                vector = r.content.array_records["arrays"][VECTOR_KEY].numpy()
+                if self.how == "short":
+                    r.content.array_records["arrays"][VECTOR_KEY] = Array(vector[:-1])
+                elif self.how == "float":
+                    r.content.array_records["arrays"][VECTOR_KEY] = Array(vector.astype(np.float32))
+                elif self.how == "no-keys":
+                    del r.content.config_records[SECAGG]["keys"]
+                else:
+                    del r.content.config_records[SECAGG]
+        return replies
+
+
+@pytest.mark.parametrize("how", ["short", "float", "no-keys", "no-record"])
+def test_a_misshapen_masked_vector_is_left_out_as_a_dropped_device(how):
+    grid = MisshapenUploadGrid(node=4, how=how)
+    nodes = list(grid.get_node_ids())
+    result = secure_sum(grid, _train_messages(nodes), PARAMS)
+    survivors = [n for n in nodes if n != 4]  # its pairwise masks are rebuilt from its mask-key shares
+    assert result.devices == 7 and result.dropped == [4]
+    for key in ("w", "b"):
+        assert result.total[key].shape == _stub_update(1)[key].shape
         plain = sum(_stub_update(n)[key] for n in survivors)
         assert np.abs(result.total[key] - plain).max() <= 7 * 2 * PARAMS.clip_range / PARAMS.levels
 
@@ -351,7 +475,8 @@ def test_every_array_a_device_sends_is_masked_and_uniform():
     nodes = list(grid.get_node_ids())
     secure_sum(grid, _train_messages(nodes), PARAMS)
     arrays_sent = [a for r in grid.replies for rec in r.content.array_records.values() for a in rec.values()]
-    assert len(arrays_sent) == 2 * 8  # w and b of every device, nothing else
+    assert len(arrays_sent) == 8  # one flat vector per device (w and b), nothing else
+    assert all(a.shape == (64 * 8 + 8,) for a in arrays_sent)
     values = np.concatenate([a.numpy().ravel() for a in arrays_sent])
     assert all(a.numpy().dtype == np.uint32 for a in arrays_sent)
     # Uniform on [0, 2^32): chi-square over 64 equal bins and KS against U(0, 1).

@@ -16,6 +16,7 @@ each device the spend it has already seen from it, and `check_seen_spend` refuse
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from shared.errors import PrivrecError
@@ -33,16 +34,53 @@ def default_population_dir(store_dir: str | Path) -> Path:
     return store.with_name(store.name + ".population")
 
 
+@dataclass
+class _Listed:
+    """What this process has read of one list file: the file (inode), how far, and the devices in it."""
+
+    inode: int
+    offset: int  # bytes read, up to the end of the last complete line
+    devices: set[str]
+
+
+_read_so_far: dict[Path, _Listed] = {}  # list file -> what was read of it (a node reads its list every message)
+
+
 def trained_devices(folder: str | Path) -> set[str]:
+    """The devices listed in `folder`'s list (a copy).
+
+    The list is only ever appended to, so a process reads each byte of it once: later calls read what was
+    appended since (at 100,000 devices, reading the whole list twice per node message cost 0.16 s a message).
+    A list replaced or cut short (another inode, or shorter than what was read) is read again from the
+    start; a last line without its newline (an append in progress) counts as it reads now and is read
+    again next time.
+    """
     path = Path(folder) / TRAINED_FILE
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, "rb") as handle:
+            inode, size = os.fstat(handle.fileno()).st_ino, os.fstat(handle.fileno()).st_size
+            known = _read_so_far.get(path)
+            if known is None or known.inode != inode or size < known.offset:
+                known = _Listed(inode=inode, offset=0, devices=set())
+            handle.seek(known.offset)
+            data = handle.read()
     except FileNotFoundError:
+        _read_so_far.pop(path, None)
         return set()
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
         raise PrivrecError(f"{path} is unreadable ({exc}); refusing to train without knowing which devices "
                            "have spent privacy") from None
-    return {line.strip() for line in text.splitlines() if line.strip()}
+    complete = data[: data.rfind(b"\n") + 1]
+    try:
+        text = complete.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PrivrecError(f"{path} is unreadable ({exc}); refusing to train without knowing which devices "
+                           "have spent privacy") from None
+    known.devices.update(line.strip() for line in text.splitlines() if line.strip())
+    known.offset += len(complete)
+    _read_so_far[path] = known
+    tail = data[len(complete):].decode("utf-8", errors="replace").strip()  # listed too, as it reads so far
+    return known.devices | {tail} if tail else set(known.devices)
 
 
 def mark_trained(folder: str | Path, device: str) -> None:

@@ -154,8 +154,9 @@ def secure_aggregation_terms(cfg: Mapping[str, Any]) -> dict[str, Any]:
                         "quantized sum as the continuous Gaussian sum (the rounding is not modelled); modular "
                         "wrap-around is impossible (cohort x (2^bits - 1) < 2^32, checked before the run and "
                         "in every round)",
-        "randomness": "devices: NumPy's PCG64 from OS entropy for noise (research-grade, not a CSPRNG); masks: "
-                      "AES-256-CTR keystreams from ECDH (SECP384R1) and 16-byte OS-random seeds",
+        "randomness": "devices: NumPy's PCG64 from OS entropy for noise and stochastic rounding (research-grade, "
+                      "not a CSPRNG); masks: AES-256-CTR keystreams from X25519 key agreements and 16-byte "
+                      "OS-random seeds; Shamir shares over GF(2^128 + 51) with coefficients from Python's secrets",
     }
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from shared.config import ACCOUNTANTS
 from shared.errors import PrivrecError
+from shared.privacy.device_journal import with_journal_devices
 
 PRIVACY_FORMAT = 1
 LEDGER_FORMAT = 1
@@ -197,7 +198,7 @@ def _load_ledger(path: Path) -> Ledger:
 
 def load_privacy(path: Path, run_path: Path, ledgers_dir: Path | None = None) -> Privacy:
     where = path.name
-    data = _object(path)
+    data = with_journal_devices(_object(path), path)  # a run still going, or one that crashed: from its journal
     if data.get("format") != PRIVACY_FORMAT:
         raise PrivrecError(f"{path}: format {data.get('format')!r} is not supported (this privrec reads format "
                            f"{PRIVACY_FORMAT})")
