@@ -87,47 +87,50 @@ def evaluate(model, users, split: str) -> dict:
     return summarize(evaluate_histories(model, inputs, targets, exclude))
 
 
-def run(task: tuple) -> dict:
+def federated_rounds(store, arm: Arm, seed: int, rounds: int, window: int):
+    """Yield (round, global weights) after each of `rounds` rounds of `arm` over `store`'s one-user devices.
+
+    Windows are cut only for the devices a round samples (a 100,000-device store is never cut whole).
+    """
     import torch
 
     from shared.aggregation import ITEM_ROW_KEYS, ServerOptimizer, mean_update, touched_rows
-    from shared.data.store import open_store, prepare_store
     from shared.data.windows import make_windows
     from shared.model import ModelConfig, SASRec
     from shared.training import LocalTrainConfig, train_local
 
-    name, arm, seed, rounds, every, window, test, stem = task
-    torch.set_num_threads(1)
-    store = open_store(prepare_store("ml-100k"))
-    users = store.all_users()
-    windows = [np.concatenate([make_windows(s, window) for s in store.device(d).train] or
-                              [np.zeros((0, window), np.int64)]) for d in range(store.num_devices)]
+    windows: dict[int, np.ndarray] = {}
+
+    def device_windows(device: int) -> np.ndarray:
+        if device not in windows:
+            windows[device] = np.concatenate([make_windows(s, window) for s in store.device(device).train] or
+                                             [np.zeros((0, window), np.int64)])
+        return windows[device]
+
     model_cfg = ModelConfig(num_items=store.num_items)  # the run-config defaults
     torch.manual_seed(seed)
-    global_model = SASRec(model_cfg)
-    local = SASRec(model_cfg)
-    weights = {k: v.detach().numpy().copy() for k, v in global_model.state_dict().items()}
+    initial = SASRec(model_cfg)
+    local = SASRec(model_cfg)  # a second draw from the seeded generator, as before: the same runs as before
+    weights = {k: v.detach().numpy().copy() for k, v in initial.state_dict().items()}
     server = ServerOptimizer(kind=arm.server, lr=arm.server_lr, momentum=arm.server_momentum, tau=arm.tau)
     cohort_rng = random.Random(seed)
-    ema = {d: {k: v.copy() for k, v in weights.items()} for d in EMA_DECAYS}
-    curve, started = [], time.perf_counter()
     for rnd in range(1, rounds + 1):
         cohort = cohort_rng.sample(range(store.num_devices), arm.cohort)
         lr = arm.local_lr * arm.lr_decay ** (rnd / 100)
         updates, counts, masks = [], [], []
         for device in cohort:
-            if windows[device].shape[0] == 0:
+            if device_windows(device).shape[0] == 0:
                 continue
             local.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
             cfg = LocalTrainConfig(epochs=arm.local_epochs, lr=lr, batch_size=arm.batch_size, dp=False,
                                    optimizer=arm.local_optimizer, seed=seed * 1_000_003 + rnd * 1009 + device)
-            result = train_local(local, windows[device], cfg)
+            result = train_local(local, device_windows(device), cfg)
             update = {k: v.detach().numpy() - weights[k] for k, v in local.state_dict().items()}
             updates.append(update)
             counts.append(result.num_examples)  # FedAvg's weight, as client/device.py reports it
             if arm.rows != "none":
                 seen = np.zeros(store.num_items + 1, dtype=bool)
-                seen[np.unique(windows[device])] = True
+                seen[np.unique(device_windows(device))] = True
                 seen[0] = False
                 mask = {"item_emb.weight": touched_rows(update["item_emb.weight"])}
                 if arm.rows == "emb+head":
@@ -135,6 +138,24 @@ def run(task: tuple) -> dict:
                 masks.append(mask)
         mean = mean_update(updates, counts, masks if arm.rows != "none" else None)
         weights = server.step(weights, mean)
+        yield rnd, weights
+
+
+def run(task: tuple) -> dict:
+    import torch
+
+    from shared.data.store import open_store, prepare_store
+    from shared.model import ModelConfig, SASRec
+
+    name, arm, seed, rounds, every, window, test, stem = task
+    torch.set_num_threads(1)
+    store = open_store(prepare_store("ml-100k"))
+    users = store.all_users()
+    global_model = SASRec(ModelConfig(num_items=store.num_items))
+    initial = _initial_weights(store, seed)  # round 0's model starts every running average
+    ema = {d: {k: v.copy() for k, v in initial.items()} for d in EMA_DECAYS}
+    curve, started = [], time.perf_counter()
+    for rnd, weights in federated_rounds(store, arm, seed, rounds, window):
         for d, avg in ema.items():
             for k in avg:
                 avg[k] = d * avg[k] + (1 - d) * weights[k]
@@ -153,6 +174,17 @@ def run(task: tuple) -> dict:
             log_progress(f"{name} seed {seed} round {rnd}: " + ", ".join(f"{k} {v:.4f}" for k, v in point.items()
                                                                            if k.endswith("@10")))
     return partial
+
+
+def _initial_weights(store, seed: int) -> dict:
+    """The round-0 global model of `federated_rounds` (the same seed gives the same initialization)."""
+    import torch
+
+    from shared.model import ModelConfig, SASRec
+
+    torch.manual_seed(seed)
+    model = SASRec(ModelConfig(num_items=store.num_items))
+    return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
 
 
 def report(runs: list[dict], centralized: float | None) -> str:

@@ -64,21 +64,31 @@ def pipeline_epsilon(z: dict) -> dict:
     return epsilons([z["pop_z"], z["cooc_z"]], (dp_sgd_event(z["dpsgd_z"]),))
 
 
-def calibrate(target: float) -> dict:
-    """Smallest common factor c (relative width 1e-3, upper end kept) with PLD epsilon(c * reference) <= target."""
+def calibrate_factor(epsilon_of, target: float) -> float:
+    """Smallest factor c (bisection to a relative width of 1e-3, the upper end kept) with epsilon_of(c) <= target.
+
+    `epsilon_of(c)`: the composed epsilon of a pipeline whose noise multipliers are all scaled by c (epsilon falls
+    as c grows). Shared by every sweep that calibrates a whole pipeline to one epsilon (population_utility too).
+    """
     lo, hi = 0.5, 1.0  # bracket by halving/doubling (tiny factors make the PLD very slow)
-    while pipeline_epsilon(scaled(hi))["pld"] > target:
+    while epsilon_of(hi) > target:
         lo, hi = hi, hi * 2
-    while pipeline_epsilon(scaled(lo))["pld"] <= target:
+    while epsilon_of(lo) <= target:
         lo, hi = lo / 2, lo
     while hi / lo > 1.001:
         mid = math.sqrt(lo * hi)
-        if pipeline_epsilon(scaled(mid))["pld"] <= target:
+        if epsilon_of(mid) <= target:
             hi = mid
         else:
             lo = mid
-    z = scaled(hi)
-    return {"target": target, "factor": hi, "z": z, "epsilon": pipeline_epsilon(z)}
+    return hi
+
+
+def calibrate(target: float) -> dict:
+    """Smallest common factor c (relative width 1e-3, upper end kept) with PLD epsilon(c * reference) <= target."""
+    factor = calibrate_factor(lambda c: pipeline_epsilon(scaled(c))["pld"], target)
+    z = scaled(factor)
+    return {"target": target, "factor": factor, "z": z, "epsilon": pipeline_epsilon(z)}
 
 
 def cmd_calibrate(_args) -> None:

@@ -35,6 +35,23 @@ SETTINGS = [(1.0, 10, 8.11, 0.1), (1.0, 10, 8.11, 0.2), (1.0, 10, 8.11, 0.3), (0
             (0.5, 20, 5.94, 0.2), (0.25, 10, 2.48, 0.2), (0.25, 10, 2.48, 0.3)]
 
 
+def fedadam_state(model: torch.nn.Module) -> dict:
+    """Flower FedAdam's first and second moments, zero before round 1."""
+    return {"m": {k: torch.zeros_like(p) for k, p in model.named_parameters()},
+            "v": {k: torch.zeros_like(p) for k, p in model.named_parameters()}}
+
+
+def fedadam_step(model: torch.nn.Module, state: dict, delta: dict, r: int, lr: float) -> None:
+    """Flower's FedAdam (beta1 0.9, beta2 0.99, tau 1e-3, its bias-corrected step) from the round-r mean update."""
+    m, v = state["m"], state["v"]
+    with torch.no_grad():
+        for k, p in model.named_parameters():
+            m[k] = 0.9 * m[k] + 0.1 * delta[k]
+            v[k] = 0.99 * v[k] + 0.01 * delta[k] * delta[k]
+            step = lr * np.sqrt(1 - 0.99 ** (r + 1)) / (1 - 0.9 ** (r + 1))
+            p += step * m[k] / (v[k].sqrt() + 1e-3)
+
+
 def run(data: dict, q: float, rounds: int, z: float, lr: float, seed: int) -> dict:
     rng = np.random.default_rng(seed)
     catalogue, users = data["catalogue"], data["users"]
@@ -43,8 +60,7 @@ def run(data: dict, q: float, rounds: int, z: float, lr: float, seed: int) -> di
     released[0] = 0.0
     model = ContentScorer(catalogue.num_items, catalogue.text.shape[1])
     model.popularity.copy_(popularity_bias(released))
-    m = {k: torch.zeros_like(p) for k, p in model.named_parameters()}
-    v = {k: torch.zeros_like(p) for k, p in model.named_parameters()}
+    adam = fedadam_state(model)
     for r in range(1, rounds + 1):
         total = {k: torch.zeros_like(p) for k, p in model.named_parameters()}
         for u in range(n):
@@ -54,13 +70,8 @@ def run(data: dict, q: float, rounds: int, z: float, lr: float, seed: int) -> di
             norm = float(torch.sqrt(sum((g ** 2).sum() for g in grads.values())))
             for k in total:
                 total[k] -= grads[k] * min(1.0, CLIP / (norm + 1e-12))
-        with torch.no_grad():
-            for k, p in model.named_parameters():
-                delta = (total[k] + torch.from_numpy(rng.normal(0.0, z * CLIP, p.shape)).float()) / (q * n)
-                m[k] = 0.9 * m[k] + 0.1 * delta
-                v[k] = 0.99 * v[k] + 0.01 * delta * delta
-                step = lr * np.sqrt(1 - 0.99 ** (r + 1)) / (1 - 0.9 ** (r + 1))  # Flower's FedAdam
-                p += step * m[k] / (v[k].sqrt() + 1e-3)
+        fedadam_step(model, adam, {k: (total[k] + torch.from_numpy(rng.normal(0.0, z * CLIP, p.shape)).float())
+                                   / (q * n) for k, p in model.named_parameters()}, r, lr)
     return {split: float(ndcg_at_k(evaluation_ranks(model, catalogue, users.train, users.valid, users.test, split,
                                                     PROFILE_ITEMS, DECAY)).mean()) for split in ("valid", "test")}
 
