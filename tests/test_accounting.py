@@ -72,3 +72,16 @@ def test_errors_are_privrec_errors():
         compose_history(state, {"history": [], "mechanism": "prv"})
     with pytest.raises(PrivrecError, match="history"):
         epsilon_from_state({"history": [[1.0, 0.1]], "mechanism": "rdp"}, 1e-5)
+
+
+def test_user_level_epsilon_scaled_rdp_curve_equals_opacus_accountant():
+    """The server's per-round epsilon scales one cached per-round RDP curve by the rounds; it must be
+    exactly Opacus' RDPAccountant over the same history (a wrong order set or a missing factor differs)."""
+    from shared.privacy.accounting import epsilon_from_state
+    from shared.privacy.user_level import user_level_epsilon, user_level_state
+
+    for z, q in ((1.0, 256 / 943), (2.5, 0.25), (0.7, 0.01)):
+        for rounds in (1, 2, 7, 60):
+            expected = epsilon_from_state(user_level_state(z, q, rounds, "rdp"), 1e-5, "rdp")
+            assert user_level_epsilon(z, q, rounds, 1e-5, "rdp") == pytest.approx(expected, rel=1e-12)
+    assert user_level_epsilon(1.0, 0.25, 0, 1e-5, "rdp") == 0.0

@@ -68,5 +68,28 @@ def user_level_state(noise_multiplier: float, sample_rate: float, rounds: int, a
 def user_level_epsilon(noise_multiplier: float, sample_rate: float, rounds: int, delta: float,
                        accountant: str) -> float:
     """Population-level epsilon after `rounds` rounds of DP-FedAvg. Cached: a server asks for the same
-    round's figure for its metrics row and again for privacy.json, and an RDP evaluation costs ~0.5 s."""
-    return epsilon_from_state(user_level_state(noise_multiplier, sample_rate, rounds, accountant), delta, accountant)
+    round's figure for its metrics row and again for privacy.json.
+
+    With the RDP accountant the per-round RDP curve is computed once per (z, q) and scaled by the rounds:
+    exactly what Opacus' `RDPAccountant` computes (`compute_rdp` is the one-step curve times the steps),
+    without re-evaluating every order each round (~0.25 s a round, a sixth of a 256-device round)."""
+    if accountant != "rdp" or rounds <= 0:
+        return epsilon_from_state(user_level_state(noise_multiplier, sample_rate, rounds, accountant), delta,
+                                  accountant)
+    from opacus.accountants.analysis.rdp import get_privacy_spent
+
+    orders, per_round = _rdp_per_round(float(noise_multiplier), float(sample_rate))
+    eps, _ = get_privacy_spent(orders=orders, rdp=per_round * int(rounds), delta=float(delta))
+    return float(eps) if not np.isnan(eps) else float("inf")
+
+
+@functools.lru_cache(maxsize=64)
+def _rdp_per_round(noise_multiplier: float, sample_rate: float) -> tuple[list, np.ndarray]:
+    """One sampled Gaussian release's RDP at Opacus' default orders (read-only: shared by every caller)."""
+    from opacus.accountants.analysis.rdp import compute_rdp
+    from opacus.accountants.rdp import RDPAccountant
+
+    orders = list(RDPAccountant.DEFAULT_ALPHAS)
+    curve = np.asarray(compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=orders))
+    curve.setflags(write=False)
+    return orders, curve
