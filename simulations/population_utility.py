@@ -87,6 +87,11 @@ class Budget:
     chunk_users: int = 256  # users per vectorised gradient chunk
 
 
+# transition scorer: DP popularity + DP next-item transitions, scored on the device (no training). Noise
+# multipliers before calibration 4 : 3; cells under 3 noise std dropped (about 2 false cells in a row of 1,683)
+TRANSITION_REFERENCE = (4.0, 3.0)
+TRANSITION_THRESHOLD = 3.0
+
 QUICK = Budget(fed_rounds=2, fed_cohort=8, fed_epochs=1, central_steps=4, eval_users=20_000, chunk_users=64)
 
 
@@ -335,6 +340,105 @@ def run_scorer_arms(pop: Population, arms: dict[str, tuple[float, float]], s: di
     return out
 
 
+# ------------------------------------------------------------------------------------ transition scorer
+def transition_sum(train, num_items: int) -> np.ndarray:
+    """sum_u t_u, [items + 1, items + 1]: t_u = user u's counts of ordered consecutive pairs (previous item, next
+    item) in its training sequence, L2-normalised (norm exactly 1; 0 for a user with fewer than two items), so
+    the sum has L2 sensitivity 1 under adding or removing one user. Row = previous item, column = next item."""
+    width = num_items + 1
+    seqs = [np.asarray(s, dtype=np.int64).reshape(-1) for s in train]
+    lengths = np.array([len(s) for s in seqs], dtype=np.int64)
+    total = np.zeros(width * width)
+    if not len(seqs) or lengths.max(initial=0) < 2:
+        return total.reshape(width, width)
+    flat = np.concatenate(seqs)
+    owner = np.repeat(np.arange(len(seqs)), lengths)
+    inside = owner[:-1] == owner[1:]  # pairs that do not straddle two users
+    users, cells = owner[:-1][inside], flat[:-1][inside] * width + flat[1:][inside]
+    keys, counts = np.unique(users * width * width + cells, return_counts=True)  # a user's repeated pairs counted
+    key_users = keys // (width * width)
+    norms = np.sqrt(np.bincount(key_users, weights=counts.astype(np.float64) ** 2, minlength=len(seqs)))
+    total = np.bincount(keys % (width * width), weights=counts / norms[key_users], minlength=width * width)
+    return total.reshape(width, width)
+
+
+def transition_epsilon(z_pop: float, z_transitions: float, delta: float, accountant: str) -> float:
+    """User-level epsilon of the two releases (each a Gaussian mechanism of sensitivity 1, no sampling), one
+    Opacus accountant over the history [[z_pop, 1, 1], [z_transitions, 1, 1]]."""
+    from shared.privacy.accounting import epsilon_from_state
+
+    state = {"history": [[z_pop, 1.0, 1], [z_transitions, 1.0, 1]], "mechanism": accountant}
+    return float(epsilon_from_state(state, delta, accountant))
+
+
+def calibrate_transitions(target: float, s: dict) -> dict:
+    """Noise multipliers (popularity, transitions) = TRANSITION_REFERENCE x the smallest common factor reaching
+    <= target (the content-scorer's calibration rule)."""
+    from simulations.privacy_utility import calibrate_factor
+
+    z_pop, z_t = TRANSITION_REFERENCE
+
+    def epsilon_of(c: float) -> float:
+        return transition_epsilon(c * z_pop, c * z_t, s["delta"], s["accountant"])
+
+    factor = calibrate_factor(epsilon_of, target)
+    return {"target": target, "factor": factor, "popularity-z": factor * z_pop, "transitions-z": factor * z_t,
+            "epsilon": epsilon_of(factor)}
+
+
+def transition_privacy(z_pop: float, z_t: float, s: dict, n: int) -> dict:
+    return {"epsilon": transition_epsilon(z_pop, z_t, s["delta"], s["accountant"]), "delta": s["delta"],
+            "accountant": f"Opacus {s['accountant']} over [[z_pop, 1, 1], [z_transitions, 1, 1]]; "
+                          "dp-accounting RDP agrees (tests/test_population_utility.py)",
+            "unit": "one user's whole history", "relation": "add/remove one user",
+            "mechanism": f"two Gaussian releases of sensitivity 1: the popularity histogram (z_pop {z_pop:.3f}) and "
+                         f"the (previous, next) item transition counts, each user's L2-normalised "
+                         f"(z_transitions {z_t:.3f}); scoring is post-processing on the device",
+            "sampling": f"none (every one of the {n} users, once)",
+            "adversary": "whoever sees the two released sums; not the server (no secure aggregation)"}
+
+
+def transition_scores(popularity: np.ndarray, transitions: np.ndarray, z_t: float, histories) -> np.ndarray:
+    """What a device scores from the two releases and its own history: log1p(DP popularity) + log1p(the released
+    transition row of its last item, less TRANSITION_THRESHOLD x its noise std, positive part). Weights 1 : 1
+    and the threshold were fixed before any run (a priori, not tuned)."""
+    from shared.analytics import popularity_bias
+
+    bias = popularity_bias(popularity)
+    bias[0] = 0.0
+    last = np.array([h[-1] if len(h) else 0 for h in histories], dtype=np.int64)
+    rows = np.log1p(np.maximum(transitions[last] - TRANSITION_THRESHOLD * z_t, 0.0))
+    rows[last == 0] = 0.0
+    return bias[None, :] + rows
+
+
+def run_transition_arms(pop: Population, arms: dict[str, tuple[float, float]], seed: int) -> dict[str, dict]:
+    """Every arm (label -> (popularity z, transitions z)): the two releases (the same standard normal draws scaled
+    by each arm's multipliers), then every scored user's device ranks with `transition_scores`."""
+    from shared.analytics import noisy_sum
+    from shared.metrics import eval_inputs, target_ranks
+
+    started = time.perf_counter()
+    width = len(pop.item_sum)
+    total = transition_sum(pop.users.train, width - 1)
+    users, idx = pop.users, pop.eval_index
+    inputs, targets, exclude = eval_inputs([users.train[i] for i in idx], users.valid[idx], users.test[idx], "test")
+    draws = np.random.default_rng([seed, 3]).standard_normal(total.shape)
+    out = {}
+    for label, (z_pop, z_t) in arms.items():
+        popularity = noisy_sum(pop.item_sum, z_pop, np.random.default_rng([seed, 0]))
+        released = total + z_t * draws
+        ranks = np.zeros(len(targets), dtype=np.int64)
+        for start in range(0, len(targets), 2048):
+            stop = min(start + 2048, len(targets))
+            scores = transition_scores(popularity, released, z_t, inputs[start:stop])
+            ranks[start:stop] = target_ranks(torch.from_numpy(scores), torch.from_numpy(targets[start:stop]),
+                                             exclude[start:stop])
+        out[label] = {**figures(ranks), "noise-multipliers": {"popularity": z_pop, "transitions": z_t},
+                      "seconds-all-arms": round(time.perf_counter() - started, 1)}
+    return out
+
+
 # ------------------------------------------------------------------------------------ references
 def popularity_arms(pop: Population, seed: int, s: dict) -> dict[str, dict]:
     from shared.analytics import noise_for_epsilon, noisy_sum, release_epsilon
@@ -429,10 +533,12 @@ def run(populations, seeds, like: str, work: Path, budget: Budget, sasrec_seeds,
     torch.set_num_threads(1)
     s = pipeline_settings(rounds)
     calibration = {f"{t:g}": calibrate_pipeline(t, s) for t in TARGETS}
+    transition_calibration = {f"{t:g}": calibrate_transitions(t, s) for t in TARGETS}
     log_progress("calibrated: " + ", ".join(f"eps {k}: z_pop {c['popularity-z']:.3f}, z {c['z']:.3f} "
                                             f"({c['epsilon']:.3f})" for k, c in calibration.items()))
     results = {"made": time.strftime("%Y-%m-%d %H:%M:%S"), "like": like, "seeds": seeds, "settings": s,
                "budget": asdict(budget), "simulated-cohort": simulated_cohort, "calibration": calibration,
+               "transition-calibration": transition_calibration,
                "populations": []}
     plan = sorted([(n, False) for n in populations] + [(n, True) for n in also_synthetic])
     for n, synthetic in plan:
@@ -441,15 +547,23 @@ def run(populations, seeds, like: str, work: Path, budget: Budget, sasrec_seeds,
                      f"{len(pop.eval_index):,} users")
         arms = {f"content-scorer, epsilon {k}": (c["popularity-z"], c["z"]) for k, c in calibration.items()}
         arms["content-scorer, no noise"] = (0.0, 0.0)
+        transition_arms = {f"transition scorer, epsilon {k}": (c["popularity-z"], c["transitions-z"])
+                           for k, c in transition_calibration.items()}
+        transition_arms["transition scorer, no noise"] = (0.0, 0.0)
         entry = {"n": pop.n, "label": pop.label, "real": pop.real, "interactions": pop.interactions,
                  "eval-users": int(len(pop.eval_index)), "expected-cohort": s["q"] * pop.n,
                  "simulated-q": simulated_rate(s, pop.n, simulated_cohort),
                  "estimate": simulated_rate(s, pop.n, simulated_cohort) < s["q"],
                  "privacy": {label: arm_privacy(zp, z, s, pop.n) for label, (zp, z) in arms.items()
                              if z > 0},
+                 "transition-privacy": {label: transition_privacy(zp, zt, s, pop.n)
+                                        for label, (zp, zt) in transition_arms.items() if zt > 0},
                  "runs": {}}
         for seed in seeds:
-            row = run_scorer_arms(pop, arms, s, seed, budget.chunk_users, simulated_cohort)
+            row = {} if "content" in skip else run_scorer_arms(pop, arms, s, seed, budget.chunk_users,
+                                                               simulated_cohort)
+            if "transitions" not in skip:
+                row.update(run_transition_arms(pop, transition_arms, seed))
             row.update(popularity_arms(pop, seed, s))
             if seed in sasrec_seeds and "central" not in skip:
                 row["centralized SASRec (reduced budget)"] = centralized_sasrec(pop, seed, budget.central_steps)
@@ -509,6 +623,8 @@ def markdown(results: dict, plot_name: str) -> str:
     cal = results["calibration"]
     for p in pops:
         for label, priv in p["privacy"].items():
+            if label not in p["summary"]:
+                continue
             c = cal[label.rsplit(" ", 1)[-1]]
             kind = "real" if p["real"] else "synthetic"
             lines.append(f"| {p['n']:,} ({kind}) | {p['expected-cohort']:,.0f} | {label} | {priv['epsilon']:.3f} | "
@@ -519,6 +635,22 @@ def markdown(results: dict, plot_name: str) -> str:
               "the server (no secure aggregation). DP popularity: one Gaussian release calibrated to the target "
               "with Opacus RDP (`shared.analytics.noise_for_epsilon`). The defaults the pipeline runs with were "
               "chosen by the developers on ML-100K (README); that choice is not in any epsilon."]
+    transitions = [(p, label, priv) for p in pops for label, priv in p.get("transition-privacy", {}).items()
+                   if label in p["summary"]]
+    if transitions:
+        lines += ["", "Transition scorer (two releases over every user, no sampling, no training; the device scores "
+                  "log1p(DP popularity) + log1p(positive part of its last item's released transition row less "
+                  f"{results.get('transition-threshold', TRANSITION_THRESHOLD):g} x z_transitions)):", "",
+                  f"| N | arm | epsilon (Opacus RDP, delta {s['delta']:g}) | z_pop | z_transitions |", "|---|---|---|---|---|"]
+        for p, label, priv in transitions:
+            c = results["transition-calibration"][label.rsplit(" ", 1)[-1]]
+            lines.append(f"| {p['n']:,} ({'real' if p['real'] else 'synthetic'}) | {label} | {priv['epsilon']:.3f} | "
+                         f"{c['popularity-z']:.3f} | {c['transitions-z']:.3f} |")
+        lines += ["", "Transition scorer epsilon: user-level (unit one user's whole history, add/remove one user), the "
+                  "popularity histogram (each user's item set / sqrt(n), L2 1) and the sum of each user's "
+                  "L2-normalised (previous, next) pair counts, two Gaussian mechanisms of sensitivity 1 composed in one "
+                  "Opacus RDP accountant, no sampling; adversary: whoever sees the two released sums, not the server "
+                  "(no secure aggregation). Its weights (1 : 1) and threshold were fixed before any run."]
     dp_pop = next(iter(pops[0]["runs"].values())) if pops and pops[0]["runs"] else {}
     released = [f"epsilon {t:g}: z {dp_pop[f'DP popularity, epsilon {t:g}']['privacy']['noise-multiplier']:.3f} "
                 f"(RDP {dp_pop[f'DP popularity, epsilon {t:g}']['privacy']['epsilon']:.3f}, PLD "
@@ -550,17 +682,21 @@ def target_check(results: dict) -> str:
     """Issue 15's target at the largest N: epsilon-2 NDCG@10 within 10% of the non-private federation."""
     p = max(results["populations"], key=lambda p: p["n"])
     summ = p["summary"]
-    private = summ.get("content-scorer, epsilon 2")
-    if not private:
-        return ""
-    parts = []
-    for ref in ("content-scorer, no noise", "SASRec federation, no DP (reduced budget)"):
-        if ref in summ:
-            ratio = private["ndcg@10"][0] / summ[ref]["ndcg@10"][0]
-            parts.append(f"{ratio:.3f} of `{ref}` ({'within' if ratio >= 0.9 else 'NOT within'} 10%)")
-    kind = " (an estimate, see above)" if p["estimate"] else ""
-    return f"Target at N = {p['n']:,}, user-level epsilon 2{kind}: NDCG@10 {private['ndcg@10'][0]:.4f} is " + \
-        "; ".join(parts) + "."
+    lines = []
+    for model in ("content-scorer", "transition scorer"):
+        private = summ.get(f"{model}, epsilon 2")
+        if not private:
+            continue
+        parts = []
+        for ref in (f"{model}, no noise", "SASRec federation, no DP (reduced budget)",
+                    "centralized SASRec (reduced budget)"):
+            if ref in summ:
+                ratio = private["ndcg@10"][0] / summ[ref]["ndcg@10"][0]
+                parts.append(f"{ratio:.3f} of `{ref}` ({'within' if ratio >= 0.9 else 'NOT within'} 10%)")
+        kind = " (an estimate, see above)" if p["estimate"] and model == "content-scorer" else ""
+        lines.append(f"Target at N = {p['n']:,}, user-level epsilon 2, {model}{kind}: NDCG@10 "
+                     f"{private['ndcg@10'][0]:.4f} is " + "; ".join(parts) + ".")
+    return "\n".join(lines)
 
 
 def plot(results: dict, path: Path) -> None:
@@ -606,7 +742,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--sasrec-seeds", type=int, nargs="*", default=None,
                         help="seeds that also train the SASRec references (default: the first seed)")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["central", "federated"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["central", "federated", "content", "transitions"])
     parser.add_argument("--like", default="ml-100k", help="source: ml-100k or a dataset path")
     parser.add_argument("--work", default="/tmp/privrec-population-utility",
                         help="synthetic populations and their stores (outside the repo)")

@@ -75,3 +75,56 @@ def test_a_quick_sweep_writes_its_results_within_each_epsilon_and_with_less_nois
                       "DP popularity, epsilon 8", "centralized SASRec (reduced budget)",
                       "SASRec federation, no DP (reduced budget)"):
             assert 0.0 <= arms[label]["ndcg@10"][0] <= 1.0, label
+
+
+def test_each_users_transition_contribution_has_norm_one_and_the_sum_is_theirs():
+    train = [np.array([3, 1, 2, 3, 1, 2]), np.array([2, 4]), np.array([5]), np.array([], dtype=np.int64),
+             np.array([1, 4, 2, 5, 3])]  # user 0 repeats the pair (1, 2) and (3, 1); 2 and 3 have no pair
+    total = pu.transition_sum(train, 5)
+    expected = np.zeros((6, 6))
+    for seq in train:
+        own = np.zeros((6, 6))
+        for prev, nxt in zip(seq[:-1], seq[1:]):
+            own[prev, nxt] += 1.0
+        if own.any():
+            assert np.linalg.norm(own / np.linalg.norm(own)) == pytest.approx(1.0)
+            expected += own / np.linalg.norm(own)
+    assert np.allclose(total, expected)
+    assert total[1, 2] == pytest.approx(2 / np.sqrt(2**2 + 2**2 + 1))  # a repeated pair counts twice, not once
+    assert total[2, 1] == 0.0  # ordered: the next item is the column
+    # removing one user changes the sum by at most 1 in L2 (the sensitivity the noise is calibrated to)
+    for u in range(len(train)):
+        rest = pu.transition_sum(train[:u] + train[u + 1:], 5)
+        assert np.linalg.norm(total - rest) <= 1.0 + 1e-9
+
+
+def test_transition_epsilon_agrees_with_dp_accounting_and_the_calibration_reaches_each_target():
+    import dp_accounting as dpa
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    s = pu.pipeline_settings()
+    for target in pu.TARGETS:
+        c = pu.calibrate_transitions(target, s)
+        assert c["epsilon"] <= target
+        assert pu.transition_epsilon(0.99 * c["popularity-z"], 0.99 * c["transitions-z"], s["delta"],
+                                     s["accountant"]) > target  # the smallest factor, not just any
+        rdp = rdp_privacy_accountant.RdpAccountant()
+        rdp.compose(dpa.ComposedDpEvent([dpa.GaussianDpEvent(c["popularity-z"]),
+                                         dpa.GaussianDpEvent(c["transitions-z"])]))
+        assert c["epsilon"] == pytest.approx(rdp.get_epsilon(s["delta"]), rel=0.02)
+        assert c["popularity-z"] / c["transitions-z"] == pytest.approx(
+            pu.TRANSITION_REFERENCE[0] / pu.TRANSITION_REFERENCE[1])
+
+
+def test_transition_scores_follow_the_last_item_row_above_the_noise_threshold():
+    popularity = np.array([0.0, 5.0, 1.0, 1.0, 1.0])
+    transitions = np.zeros((5, 5))
+    transitions[2, 3] = 40.0  # well above 3 x z
+    transitions[2, 4] = 5.0  # under 3 x z = 6: dropped as noise
+    scores = pu.transition_scores(popularity, transitions, 2.0, [np.array([1, 2]), np.array([], dtype=np.int64)])
+    assert scores[0, 3] == pytest.approx(np.log1p(1.0) + np.log1p(40.0 - 6.0))
+    assert scores[0, 4] == pytest.approx(np.log1p(1.0))
+    assert np.argmax(scores[0, 1:]) + 1 == 3  # the transition beats the most popular item
+    assert np.argmax(scores[1, 1:]) + 1 == 1  # no history: popularity only
+    no_noise = pu.transition_scores(popularity, transitions, 0.0, [np.array([2])])
+    assert no_noise[0, 4] == pytest.approx(np.log1p(1.0) + np.log1p(5.0))
