@@ -91,6 +91,9 @@ class Budget:
 # multipliers before calibration 4 : 3; cells under 3 noise std dropped (about 2 false cells in a row of 1,683)
 TRANSITION_REFERENCE = (4.0, 3.0)
 TRANSITION_THRESHOLD = 3.0
+# SASRec DP-FedAvg: update clip, chosen from two non-private rounds at N = 100,000 (update norms 10% / 50% / 90%:
+# 7.1 / 7.5 / 8.1), so that clipping rarely binds
+DP_SASREC_CLIP = 8.0
 
 QUICK = Budget(fed_rounds=2, fed_cohort=8, fed_epochs=1, central_steps=4, eval_users=20_000, chunk_users=64)
 
@@ -527,18 +530,107 @@ def federated_sasrec(pop: Population, seed: int, budget: Budget) -> dict:
             "seconds": round(time.perf_counter() - started, 1)}
 
 
+# ------------------------------------------------------------------------------------ DP-FedAvg of SASRec
+def dp_sasrec_epsilon(z: float, q: float, rounds: int, s: dict) -> float:
+    from shared.privacy.user_level import user_level_epsilon
+
+    return user_level_epsilon(z, q, rounds, s["delta"], s["accountant"])
+
+
+def calibrate_dp_sasrec(target: float, q: float, rounds: int, s: dict) -> float:
+    """The smallest noise multiplier z (relative width 1e-3) whose `rounds` rounds at rate q reach <= target."""
+    from simulations.privacy_utility import calibrate_factor
+
+    return calibrate_factor(lambda z: dp_sasrec_epsilon(z, q, rounds, s), target)
+
+
+def dp_sasrec_privacy(z: float, q: float, rounds: int, clip: float, n: int, s: dict) -> dict:
+    return {"epsilon": dp_sasrec_epsilon(z, q, rounds, s), "delta": s["delta"],
+            "accountant": f"Opacus {s['accountant']} over [[z, q, rounds]] (shared.privacy.user_level)",
+            "unit": "one user's whole history", "relation": "add/remove one user",
+            "mechanism": f"{rounds} DP-FedAvg rounds: each device's SASRec update (local weights minus global) "
+                         f"clipped to L2 {clip:g}, N(0, (z C)^2) on the sum, z {z:.3f}, divided by q N",
+            "sampling": f"Poisson, q = {q:g} per round over {n} users (expected cohort {q * n:,.0f})",
+            "noise-std-on-mean-update": z * clip / (q * n),
+            "adversary": "whoever sees the released models; not the server (no secure aggregation)"}
+
+
+def dp_federated_sasrec(pop: Population, seed: int, budget: Budget, z: float, clip: float | None, q: float) -> dict:
+    """SASRec DP-FedAvg (or, with z = 0, its non-private twin) with the reduced budget's rounds, local epochs and
+    expected cohort `budget.fed_cohort` (Poisson rate q' = cohort / N).
+
+    Each sampled device trains from the global weights with `shared.training.train_local` (non-private local
+    training: the guarantee is user-level, on the aggregate); its update is clipped to `clip` (None: not
+    clipped); the server adds N(0, (z C q' / q)^2) to the sum and divides by q' N, i.e. the noise on the mean is
+    z C / (q N): the noise of the real rate q's cohort. With q' < q this is an ESTIMATE (pfl-research's
+    noise-cohort-size) of a run at rate q; the epsilon is that run's (q, z, rounds). Unweighted mean (DP-FedAvg's
+    sensitivity needs equal weights), FedAvg server step (lr 1) after the noisy mean: post-processing."""
+    from shared import config
+    from shared.aggregation import ServerOptimizer
+    from shared.data.store import open_store
+    from shared.data.windows import make_windows
+    from shared.model import ModelConfig, SASRec
+    from shared.privacy.user_level import clip_update, noisy_mean_update, poisson_cohort
+    from shared.training import LocalTrainConfig, train_local
+    from simulations.fedopt import ARMS
+
+    started = time.perf_counter()
+    arm, window = ARMS["fedavg"], config.defaults()["window"]
+    store = open_store(pop.store_dir)
+    q_sim = min(budget.fed_cohort / store.num_devices, q)  # q itself (an exact run) where the cohort is that large
+    model_cfg = ModelConfig(num_items=store.num_items)
+    torch.manual_seed(seed)
+    local = SASRec(model_cfg)
+    weights = {k: v.detach().numpy().copy() for k, v in local.state_dict().items()}
+    keys, shapes = list(weights), {k: v.shape for k, v in weights.items()}
+    server = ServerOptimizer(kind=arm.server, lr=arm.server_lr)
+    sampler, norms, cohorts = random.Random(seed), [], []
+    for rnd in range(1, budget.fed_rounds + 1):
+        cohort = poisson_cohort(range(store.num_devices), q_sim, sampler)
+        cohorts.append(len(cohort))
+        clipped = []
+        for device in cohort:
+            windows = np.concatenate([make_windows(s, window) for s in store.device(device).train] or
+                                     [np.zeros((0, window), np.int64)])
+            if windows.shape[0] == 0:
+                continue  # no training pair: a zero update (it still counts in q N)
+            local.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
+            cfg = LocalTrainConfig(epochs=budget.fed_epochs, lr=arm.local_lr, batch_size=arm.batch_size, dp=False,
+                                   optimizer=arm.local_optimizer, seed=seed * 1_000_003 + rnd * 1009 + device)
+            train_local(local, windows, cfg)
+            update = {k: v.detach().numpy().astype(np.float64) - weights[k] for k, v in local.state_dict().items()}
+            bounded, norm = clip_update(update, clip) if clip else (update, float(
+                np.sqrt(sum(np.sum(a * a) for a in update.values()))))
+            norms.append(norm)
+            clipped.append(bounded)
+        noise = z * (clip or 0.0) * q_sim / q
+        mean = noisy_mean_update(clipped, keys, shapes, noise, q_sim * store.num_devices,
+                                 np.random.default_rng([seed, 4, rnd]))
+        weights = {k: v.astype(np.float32) for k, v in server.step(weights, mean).items()}
+    local.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
+    return {**figures(sasrec_ranks(local, pop)), "noise-multiplier": z, "clip": clip, "real-q": q,
+            "simulated-q": q_sim, "estimate": q_sim < q, "cohorts": cohorts,
+            "update-norm-quantiles": [float(x) for x in np.quantile(norms, [0.1, 0.5, 0.9])] if norms else [],
+            "budget": {"rounds": budget.fed_rounds, "expected-cohort": budget.fed_cohort,
+                       "local-epochs": budget.fed_epochs, "aggregation": "unweighted mean, FedAvg server step"},
+            "seconds": round(time.perf_counter() - started, 1)}
+
+
 # ------------------------------------------------------------------------------------ the whole sweep
 def run(populations, seeds, like: str, work: Path, budget: Budget, sasrec_seeds, rounds: int | None,
-        skip: set[str], simulated_cohort: int, also_synthetic=()) -> dict:
+        skip: set[str], simulated_cohort: int, also_synthetic=(), dp_sasrec_q: float | None = None) -> dict:
     torch.set_num_threads(1)
     s = pipeline_settings(rounds)
     calibration = {f"{t:g}": calibrate_pipeline(t, s) for t in TARGETS}
     transition_calibration = {f"{t:g}": calibrate_transitions(t, s) for t in TARGETS}
+    sasrec_q = dp_sasrec_q or s["q"]  # the product's rate unless told
+    sasrec_z = {f"{t:g}": calibrate_dp_sasrec(t, sasrec_q, budget.fed_rounds, s) for t in TARGETS}
     log_progress("calibrated: " + ", ".join(f"eps {k}: z_pop {c['popularity-z']:.3f}, z {c['z']:.3f} "
                                             f"({c['epsilon']:.3f})" for k, c in calibration.items()))
     results = {"made": time.strftime("%Y-%m-%d %H:%M:%S"), "like": like, "seeds": seeds, "settings": s,
                "budget": asdict(budget), "simulated-cohort": simulated_cohort, "calibration": calibration,
                "transition-calibration": transition_calibration,
+               "dp-sasrec": {"q": sasrec_q, "clip": DP_SASREC_CLIP, "z": sasrec_z},
                "populations": []}
     plan = sorted([(n, False) for n in populations] + [(n, True) for n in also_synthetic])
     for n, synthetic in plan:
@@ -558,6 +650,8 @@ def run(populations, seeds, like: str, work: Path, budget: Budget, sasrec_seeds,
                              if z > 0},
                  "transition-privacy": {label: transition_privacy(zp, zt, s, pop.n)
                                         for label, (zp, zt) in transition_arms.items() if zt > 0},
+                 "dp-sasrec-privacy": {f"SASRec DP-FedAvg, epsilon {k}": dp_sasrec_privacy(
+                     z, sasrec_q, budget.fed_rounds, DP_SASREC_CLIP, pop.n, s) for k, z in sasrec_z.items()},
                  "runs": {}}
         for seed in seeds:
             row = {} if "content" in skip else run_scorer_arms(pop, arms, s, seed, budget.chunk_users,
@@ -569,6 +663,14 @@ def run(populations, seeds, like: str, work: Path, budget: Budget, sasrec_seeds,
                 row["centralized SASRec (reduced budget)"] = centralized_sasrec(pop, seed, budget.central_steps)
             if seed in sasrec_seeds and "federated" not in skip:
                 row["SASRec federation, no DP (reduced budget)"] = federated_sasrec(pop, seed, budget)
+            if seed in sasrec_seeds and "dp-sasrec" not in skip:
+                row["SASRec FedAvg, no DP (unweighted, not clipped)"] = dp_federated_sasrec(
+                    pop, seed, budget, 0.0, None, sasrec_q)
+                row["SASRec FedAvg, clipped, no noise"] = dp_federated_sasrec(pop, seed, budget, 0.0,
+                                                                              DP_SASREC_CLIP, sasrec_q)
+                for k, z in sasrec_z.items():
+                    row[f"SASRec DP-FedAvg, epsilon {k}"] = dp_federated_sasrec(pop, seed, budget, z,
+                                                                              DP_SASREC_CLIP, sasrec_q)
             entry["runs"][str(seed)] = row
             log_progress(f"N = {pop.n:,} seed {seed}: " + ", ".join(f"{k} {v['ndcg@10']:.4f}" for k, v in row.items()))
         entry["summary"] = summarize_runs(entry["runs"])
@@ -742,7 +844,10 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--sasrec-seeds", type=int, nargs="*", default=None,
                         help="seeds that also train the SASRec references (default: the first seed)")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["central", "federated", "content", "transitions"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["central", "federated", "content", "transitions", "dp-sasrec"])
+    parser.add_argument("--dp-sasrec-q", type=float, default=None,
+                        help="the rate whose noise SASRec DP-FedAvg gets (default: the product's q)")
+    parser.add_argument("--fed-cohort", type=int, default=None)
     parser.add_argument("--like", default="ml-100k", help="source: ml-100k or a dataset path")
     parser.add_argument("--work", default="/tmp/privrec-population-utility",
                         help="synthetic populations and their stores (outside the repo)")
@@ -768,6 +873,7 @@ def main(argv: list[str] | None = None) -> Path:
         return stem
     budget = QUICK if args.quick else Budget()
     changes = {k: v for k, v in (("fed_rounds", args.fed_rounds), ("central_steps", args.central_steps),
+                                 ("fed_cohort", args.fed_cohort),
                                  ("eval_users", args.eval_users)) if v is not None}
     budget = replace(budget, **changes)
     rounds = args.rounds or (2 if args.quick else None)
@@ -775,7 +881,7 @@ def main(argv: list[str] | None = None) -> Path:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     results = run(sorted(args.populations), args.seeds, args.like, work, budget, sasrec_seeds, rounds, set(args.skip),
-                  args.simulated_cohort, args.also_synthetic)
+                  args.simulated_cohort, args.also_synthetic, args.dp_sasrec_q)
     results["sasrec-seeds"] = sasrec_seeds
     results["quick"] = args.quick
     stem = Path(args.out) if args.out else timestamped("population-utility")

@@ -128,3 +128,44 @@ def test_transition_scores_follow_the_last_item_row_above_the_noise_threshold():
     assert np.argmax(scores[1, 1:]) + 1 == 1  # no history: popularity only
     no_noise = pu.transition_scores(popularity, transitions, 0.0, [np.array([2])])
     assert no_noise[0, 4] == pytest.approx(np.log1p(1.0) + np.log1p(5.0))
+
+
+def test_dp_sasrec_estimate_puts_the_real_cohorts_noise_on_the_mean_and_its_epsilon_agrees_with_dp_accounting(
+        tmp_path, monkeypatch):
+    import dp_accounting as dpa
+    from dp_accounting.rdp import rdp_privacy_accountant
+    from dataclasses import replace
+
+    import shared.privacy.user_level as user_level
+
+    monkeypatch.setenv("PRIVREC_CACHE_DIR", str(tmp_path / "cache"))
+    source = write_source(tmp_path / "source", num_users=60)
+    pop = pu.load_population(200, str(source), tmp_path / "work", 50)
+    calls, real_mean = [], user_level.noisy_mean_update
+
+    def spy(clipped, keys, shapes, noise_std, expected_cohort, rng):
+        calls.append((len(clipped), noise_std, expected_cohort,
+                      max(float(np.sqrt(sum(np.sum(u[k] ** 2) for k in keys))) for u in clipped)))
+        return real_mean(clipped, keys, shapes, noise_std, expected_cohort, rng)
+
+    monkeypatch.setattr(user_level, "noisy_mean_update", spy)
+    budget = replace(pu.QUICK, fed_rounds=2, fed_cohort=10)
+    z, clip, q = 1.3, 0.05, 0.25  # a clip small enough to bind
+    result = pu.dp_federated_sasrec(pop, 0, budget, z, clip, q)
+    assert result["estimate"] and result["simulated-q"] == pytest.approx(10 / 200)
+    assert len(calls) == 2
+    for replies, noise_std, expected_cohort, largest in calls:
+        assert expected_cohort == pytest.approx(10.0)  # the simulated cohort's q' N
+        assert noise_std / expected_cohort == pytest.approx(z * clip / (q * 200))  # the real cohort's noise
+        assert largest <= clip + 1e-9
+    exact = pu.dp_federated_sasrec(pop, 0, replace(budget, fed_rounds=1, fed_cohort=80), z, clip, q)
+    assert not exact["estimate"] and exact["simulated-q"] == q  # cohort beyond q N: the real rate, no estimate
+    assert calls[-1][1] == pytest.approx(z * clip)
+
+    s = pu.pipeline_settings()
+    for target in pu.TARGETS:
+        z = pu.calibrate_dp_sasrec(target, 0.25, 10, s)
+        assert pu.dp_sasrec_epsilon(z, 0.25, 10, s) <= target < pu.dp_sasrec_epsilon(0.99 * z, 0.25, 10, s)
+        rdp = rdp_privacy_accountant.RdpAccountant()
+        rdp.compose(dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(0.25, dpa.GaussianDpEvent(z)), 10))
+        assert pu.dp_sasrec_epsilon(z, 0.25, 10, s) == pytest.approx(rdp.get_epsilon(s["delta"]), rel=0.02)
