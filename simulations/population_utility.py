@@ -618,7 +618,8 @@ def dp_federated_sasrec(pop: Population, seed: int, budget: Budget, z: float, cl
 
 # ------------------------------------------------------------------------------------ the whole sweep
 def run(populations, seeds, like: str, work: Path, budget: Budget, sasrec_seeds, rounds: int | None,
-        skip: set[str], simulated_cohort: int, also_synthetic=(), dp_sasrec_q: float | None = None) -> dict:
+        skip: set[str], simulated_cohort: int, also_synthetic=(), dp_sasrec_q: float | None = None,
+        dp_sasrec_epsilons=()) -> dict:
     torch.set_num_threads(1)
     s = pipeline_settings(rounds)
     calibration = {f"{t:g}": calibrate_pipeline(t, s) for t in TARGETS}
@@ -663,12 +664,15 @@ def run(populations, seeds, like: str, work: Path, budget: Budget, sasrec_seeds,
                 row["centralized SASRec (reduced budget)"] = centralized_sasrec(pop, seed, budget.central_steps)
             if seed in sasrec_seeds and "federated" not in skip:
                 row["SASRec federation, no DP (reduced budget)"] = federated_sasrec(pop, seed, budget)
-            if seed in sasrec_seeds and "dp-sasrec" not in skip:
+            if seed in sasrec_seeds and "dp-sasrec" not in skip and "sasrec-twins" not in skip:
                 row["SASRec FedAvg, no DP (unweighted, not clipped)"] = dp_federated_sasrec(
                     pop, seed, budget, 0.0, None, sasrec_q)
                 row["SASRec FedAvg, clipped, no noise"] = dp_federated_sasrec(pop, seed, budget, 0.0,
                                                                               DP_SASREC_CLIP, sasrec_q)
+            if seed in sasrec_seeds and "dp-sasrec" not in skip:
                 for k, z in sasrec_z.items():
+                    if dp_sasrec_epsilons and float(k) not in dp_sasrec_epsilons:
+                        continue
                     row[f"SASRec DP-FedAvg, epsilon {k}"] = dp_federated_sasrec(pop, seed, budget, z,
                                                                               DP_SASREC_CLIP, sasrec_q)
             entry["runs"][str(seed)] = row
@@ -716,7 +720,8 @@ def markdown(results: dict, plot_name: str) -> str:
         cells = []
         for p in pops:
             v = p["summary"].get(label)
-            mark = " (estimate\\*)" if p["estimate"] and label.startswith("content-scorer") else ""
+            estimate = any(r[label].get("estimate") for r in p["runs"].values() if label in r)
+            mark = " (estimate\\*)" if estimate and "epsilon" in label and "popularity" not in label else ""
             cells.append("-" if v is None else f"{v['ndcg@10'][0]:.4f} +- {v['ndcg@10'][1]:.4f}{mark}"
                          + (f" [{v['seeds']}]" if "SASRec" in label else ""))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -753,6 +758,28 @@ def markdown(results: dict, plot_name: str) -> str:
                   "L2-normalised (previous, next) pair counts, two Gaussian mechanisms of sensitivity 1 composed in one "
                   "Opacus RDP accountant, no sampling; adversary: whoever sees the two released sums, not the server "
                   "(no secure aggregation). Its weights (1 : 1) and threshold were fixed before any run."]
+    sasrec = [(p, label, priv) for p in pops for label, priv in p.get("dp-sasrec-privacy", {}).items()
+              if label in p["summary"]]
+    if sasrec:
+        lines += ["", "SASRec DP-FedAvg (each sampled device trains SASRec non-privately from the global weights with "
+                  "`shared.training.train_local`; its update is clipped; Gaussian noise on the sum; unweighted mean; "
+                  "FedAvg server step). Same rounds, expected cohort and local epochs as its two non-private twins "
+                  "(not clipped; clipped without noise):", "",
+                  f"| N | arm | epsilon (Opacus RDP, delta {s['delta']:g}) | q (expected real cohort) | simulated "
+                  "cohort | z | clip C | noise std on the mean update z C / (q N) |", "|---|---|---|---|---|---|---|---|"]
+        for p, label, priv in sasrec:
+            run = next(r[label] for r in p["runs"].values() if label in r)
+            dp = results["dp-sasrec"]
+            lines.append(f"| {p['n']:,} | {label} | {priv['epsilon']:.3f} | {dp['q']:g} ({dp['q'] * p['n']:,.0f}) | "
+                         f"{run['simulated-q'] * p['n']:,.0f}{' (estimate)' if run['estimate'] else ' (exact)'} | "
+                         f"{run['noise-multiplier']:.3f} | {dp['clip']:g} | {priv['noise-std-on-mean-update']:.2e} |")
+        lines += ["", "SASRec DP-FedAvg epsilon: user-level (unit one user's whole history, add/remove one user), one "
+                  "sampled Gaussian mechanism per round (Poisson rate q), Opacus RDP over [[z, q, rounds]]; adversary: "
+                  "whoever sees the released models, not the server (no secure aggregation). Where the simulated "
+                  "cohort is smaller than q N the figure is an ESTIMATE (pfl-research's noise-cohort-size): the "
+                  "simulated cohort's clipped updates are averaged and get the noise of the real cohort's mean, "
+                  "z C / (q N); the epsilon is the real run's. The clip was chosen from the update norms of two "
+                  "non-private rounds on the 100,000 synthetic users; that look is not in the epsilon."]
     dp_pop = next(iter(pops[0]["runs"].values())) if pops and pops[0]["runs"] else {}
     released = [f"epsilon {t:g}: z {dp_pop[f'DP popularity, epsilon {t:g}']['privacy']['noise-multiplier']:.3f} "
                 f"(RDP {dp_pop[f'DP popularity, epsilon {t:g}']['privacy']['epsilon']:.3f}, PLD "
@@ -761,7 +788,7 @@ def markdown(results: dict, plot_name: str) -> str:
     if released:
         lines.append("DP popularity noise multipliers (the same at every N): " + "; ".join(released) + ".")
     for p in pops:
-        if p["estimate"]:
+        if p["estimate"] and any(k.startswith("content-scorer") for k in p["summary"]):
             lines.append(f"\\* N = {p['n']:,}: an ESTIMATE, not a run of that population's pipeline "
                          "(pfl-research's noise-cohort-size): each round samples users at q' = "
                          f"{p['simulated-q']:.4g} (expected cohort {p['simulated-q'] * p['n']:,.0f}) instead of "
@@ -785,13 +812,14 @@ def target_check(results: dict) -> str:
     p = max(results["populations"], key=lambda p: p["n"])
     summ = p["summary"]
     lines = []
-    for model in ("content-scorer", "transition scorer"):
+    twins = ("SASRec FedAvg, no DP (unweighted, not clipped)", "SASRec FedAvg, clipped, no noise")
+    for model in ("content-scorer", "transition scorer", "SASRec DP-FedAvg"):
         private = summ.get(f"{model}, epsilon 2")
         if not private:
             continue
         parts = []
-        for ref in (f"{model}, no noise", "SASRec federation, no DP (reduced budget)",
-                    "centralized SASRec (reduced budget)"):
+        own = twins if model.startswith("SASRec") else (f"{model}, no noise",)
+        for ref in (*own, "SASRec federation, no DP (reduced budget)", "centralized SASRec (reduced budget)"):
             if ref in summ:
                 ratio = private["ndcg@10"][0] / summ[ref]["ndcg@10"][0]
                 parts.append(f"{ratio:.3f} of `{ref}` ({'within' if ratio >= 0.9 else 'NOT within'} 10%)")
@@ -844,7 +872,10 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--sasrec-seeds", type=int, nargs="*", default=None,
                         help="seeds that also train the SASRec references (default: the first seed)")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["central", "federated", "content", "transitions", "dp-sasrec"])
+    parser.add_argument("--skip", nargs="*", default=[],
+                        choices=["central", "federated", "content", "transitions", "dp-sasrec", "sasrec-twins"])
+    parser.add_argument("--dp-sasrec-epsilons", type=float, nargs="*", default=[],
+                        help="run SASRec DP-FedAvg only at these of the targets (default: every target)")
     parser.add_argument("--dp-sasrec-q", type=float, default=None,
                         help="the rate whose noise SASRec DP-FedAvg gets (default: the product's q)")
     parser.add_argument("--fed-cohort", type=int, default=None)
@@ -881,7 +912,8 @@ def main(argv: list[str] | None = None) -> Path:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     results = run(sorted(args.populations), args.seeds, args.like, work, budget, sasrec_seeds, rounds, set(args.skip),
-                  args.simulated_cohort, args.also_synthetic, args.dp_sasrec_q)
+                  args.simulated_cohort, args.also_synthetic, args.dp_sasrec_q,
+                  args.dp_sasrec_epsilons)
     results["sasrec-seeds"] = sasrec_seeds
     results["quick"] = args.quick
     stem = Path(args.out) if args.out else timestamped("population-utility")
