@@ -31,6 +31,15 @@ Arms at each N:
   (`shared.baselines.train_centralized`), each with a REDUCED budget that is the same at every N (rounds x
   cohort x local epochs; optimizer steps), one seed by default. They are references for the trend, not the
   README's converged figures (quoted beside them at N = 943).
+* **transition scorer** at each epsilon and without noise (issue 15's target against SASRec): two user-level
+  releases over every user, no sampling, no training: the DP popularity histogram and the sum of each user's
+  L2-normalised (previous item, next item) pair counts (`transition_sum`, sensitivity 1); noise multipliers
+  TRANSITION_REFERENCE x the smallest common factor reaching the target (Opacus RDP over both). A device scores
+  log1p(DP popularity) + log1p(its last item's released row less TRANSITION_THRESHOLD noise std, positive part).
+* **SASRec DP-FedAvg** at each epsilon and its two non-private twins (not clipped; clipped without noise), with
+  the SASRec federation's rounds, expected cohort and local epochs: each device's update clipped to
+  DP_SASREC_CLIP, noise on the sum, unweighted mean, FedAvg step. Noise of the real rate q's cohort (default:
+  the product's q) on the mean: where the simulated cohort is smaller, an ESTIMATE (noise-cohort-size).
 
 Sampling rule: the product's defaults at every N (`shared.config.DEFAULT_PIPELINE`: Poisson q = 0.25, 10
 rounds, clip 1, FedAdam server-lr 0.2, reference noise multipliers 4 (popularity) and 2.5 (rounds)), i.e. what
