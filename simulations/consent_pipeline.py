@@ -1,6 +1,7 @@
 """Consenting cohort + private rounds (issue 13): do private releases over the OTHER users improve the cohort's model?
 
     python -m simulations.consent_pipeline run --seeds 0 1 2   # one file per seed (~5-15 min each, one thread)
+    python -m simulations.consent_pipeline ablation --seeds 0 1 2  # the same private part without the SASRec channel
     python -m simulations.consent_pipeline report              # table (json + md) from those files
 
 ML-100K, one user per device, the project's chronological leave-one-out split and full-ranking metric.
@@ -43,6 +44,7 @@ import torch
 from simulations.output import RESULTS, log_progress, save_results, timestamped
 
 RUN_PREFIX = "consent-pipeline-run"
+ABLATION_PREFIX = "consent-pipeline-ablation"
 PUBLIC_SHARE = 0.1
 TARGETS = ("8", "2")  # user-level epsilon targets of the private part, from privacy-utility-calibration.json
 
@@ -132,6 +134,30 @@ def run_seed(seed: int, data, sums: dict, targets) -> dict:
     return out
 
 
+def cmd_ablation(args) -> None:
+    """The private part alone (no SASRec channel), over the same 849 users at target epsilon 8: how much of the
+    gain is the pretrained model's."""
+    from simulations import private_pipeline as pp
+
+    torch.set_num_threads(1)
+    calibration = json.loads((RESULTS / "privacy-utility-calibration.json").read_text())
+    z = {f"{row['target']:g}": row["z"] for row in calibration["targets"]}["8"]
+    data = pp.Data()
+    sums = {"public": pp.public_item_features(data)}
+    sums["public"]["genres"] = pp.genre_matrix()
+    for seed in args.seeds:
+        path = RESULTS / f"{ABLATION_PREFIX}-seed{seed}.json"
+        if path.exists():
+            continue
+        consenting = consenting_users(seed, data.num_users)
+        row = pp.run_channel_arm(dict(z), data, sums, seed, users=private_users(consenting, data.num_users),
+                                 keep_scorer=True)
+        row["split metrics"] = split_metrics(data, row.pop("_scorer")("test"), consenting)
+        row.update(seed=seed, z=z)
+        path.write_text(json.dumps(row, indent=1) + "\n")
+        log_progress(f"ablation seed {seed}: NDCG@10 {row['ndcg@10']:.4f}")
+
+
 def cmd_run(args) -> None:
     from simulations import private_pipeline as pp
 
@@ -168,6 +194,13 @@ def cmd_report(_args) -> None:
                       **{k: _ms([x["split metrics"][k] for x in rows]) for k in ("ndcg@10", "hr@10")},
                       "private users ndcg@10": _ms([x["split metrics"]["private users"]["ndcg@10"] for x in rows]),
                       "learned": [x["learned"] for x in rows]})
+    ablation = [json.loads(open(p).read()) for p in sorted(glob.glob(str(RESULTS / f"{ABLATION_PREFIX}-seed*.json")))]
+    if ablation:
+        table.append({"arm": "ablation: the private part alone over the 849, no SASRec channel (target epsilon 8)",
+                      "epsilon": ablation[0]["epsilon"], "z": ablation[0]["z"], "seeds": [x["seed"] for x in ablation],
+                      **{k: _ms([x["split metrics"][k] for x in ablation]) for k in ("ndcg@10", "hr@10")},
+                      "private users ndcg@10": _ms([x["split metrics"]["private users"]["ndcg@10"] for x in ablation]),
+                      "learned": [x["learned"] for x in ablation]})
     base = table[0]["ndcg@10"]["mean"]
     for row in table[1:]:
         row["improvement over pretraining only"] = row["ndcg@10"]["mean"] / base - 1
@@ -198,9 +231,11 @@ def main() -> None:
     run = sub.add_parser("run")
     run.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     run.add_argument("--epsilons", nargs="+", default=list(TARGETS), choices=TARGETS)
+    ablation = sub.add_parser("ablation")
+    ablation.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     sub.add_parser("report")
     args = parser.parse_args()
-    {"run": cmd_run, "report": cmd_report}[args.command](args)
+    {"run": cmd_run, "ablation": cmd_ablation, "report": cmd_report}[args.command](args)
 
 
 if __name__ == "__main__":

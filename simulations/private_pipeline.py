@@ -42,6 +42,9 @@ ML-100K, one user per device, the project's chronological leave-one-out split an
      of the second half. Init: popularity 1, content 8, channels 0 (a priori).
   The structural constants (100 items, window 10, z split, lr, channel list) were picked while exploring on
   seed 0 (validation and test of the same split), not by an accounted selection: see the results file.
+  `simulations.private_selection` makes part of that choice (top items, window) by an accounted private
+  selection (repeat-and-select); `simulations.consent_pipeline` runs the recipe over the non-consenting users
+  only (`users=`) with a consenting cohort's pretrained SASRec as an extra channel (`extra=`).
 * DP recency popularity: the same release over each user's last 20 training items (a failure: recorded).
 * Private hyperparameter choice: the candidate weights (w_content, w_seq) are scored on every user's
   validation item; each device sends its vector of per-candidate validation NDCG@10 clipped to L2 norm 1
