@@ -29,7 +29,9 @@ Privacy statement for every figure: user-level, unit one user's whole history, a
 dp-accounting RDP accountant over RepeatAndSelect(Poisson mean MEAN_RUNS) of the composed run; adversary:
 whoever sees the released model (popularity, co-occurrence, scorer of the selected run) and the selection.
 Not the server: no secure aggregation in this replay, and the unselected runs' releases must stay inside
-the trusted aggregator (they are not released).
+the trusted aggregator (they are not released). The results file logs every run (its candidate, noisy score
+and test figures) and the number of runs: that is the experimenter's view for this study, not a release the
+guarantee covers.
 """
 
 from __future__ import annotations
