@@ -221,7 +221,8 @@ def markdown(results: dict) -> str:
         gain = f"{row['improvement over pretraining only']:+.1%}" if "improvement over pretraining only" in row else "-"
         lines.append(f"| {row['arm']} | {eps_text} | {row['ndcg@10']['mean']:.4f} +- {row['ndcg@10']['std']:.4f} | "
                      f"{row['hr@10']['mean']:.4f} +- {row['hr@10']['std']:.4f} | "
-                     f"{row['private users ndcg@10']['mean']:.4f} +- {row['private users ndcg@10']['std']:.4f} | {gain} |")
+                     f"{row['private users ndcg@10']['mean']:.4f} +- {row['private users ndcg@10']['std']:.4f} | "
+                     f"{gain} |")
     return "\n".join(lines)
 
 

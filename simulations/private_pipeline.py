@@ -590,7 +590,8 @@ def dp_sgd_channels(data: Data, public: dict, bias: np.ndarray, cooc: np.ndarray
 
     def scores(split: str) -> np.ndarray:
         inputs = data.split[split][0]
-        prof, chans, _ = device_channels(data, public, inputs, cooc, extra=None if extra is None else extra(inputs, split))
+        extra_query = None if extra is None else extra(inputs, split)
+        prof, chans, _ = device_channels(data, public, inputs, cooc, extra=extra_query)
         with torch.no_grad():
             return model(text, bias_t, torch.from_numpy(prof), torch.from_numpy(chans)).double().numpy()
 

@@ -121,10 +121,26 @@ def cmd_calibrate(_args) -> None:
     print(json.dumps(row, indent=1))
 
 
+def _pipeline_run(data, sums: dict, cal: dict, seed: int, rng: np.random.Generator):
+    """run_once for repeat_and_select: the whole pipeline with one candidate, and its noisy validation score."""
+    from shared.metrics import ndcg_at_k
+    from simulations import private_pipeline as pp
+
+    def run_once(candidate: int, t: int):
+        arm = {**cal["z"], **CANDIDATES[candidate]}
+        row = pp.run_channel_arm(arm, data, sums, seed * 1000 + t, keep_scorer=True)
+        scorer = row.pop("_scorer")
+        score = noisy_score(ndcg_at_k(data.ranks(scorer("valid"), "valid")), cal["valid_z"], rng)
+        log_progress(f"seed {seed} run {t}: candidate {CANDIDATES[candidate]} noisy valid {score:.2f} "
+                     f"(valid {row['valid']['ndcg@10']:.4f}, test {row['ndcg@10']:.4f})")
+        return score, {**row, "candidate": CANDIDATES[candidate], "run": t}
+
+    return run_once
+
+
 def cmd_run(args) -> None:
     import torch
 
-    from shared.metrics import ndcg_at_k
     from simulations import private_pipeline as pp
 
     torch.set_num_threads(1)
@@ -139,16 +155,8 @@ def cmd_run(args) -> None:
         started = time.perf_counter()
         rng = np.random.default_rng([seed, 0x53454C])  # the selection's own randomness (T, candidates, score noise)
 
-        def run_once(candidate: int, t: int):
-            arm = {**cal["z"], **CANDIDATES[candidate]}
-            row = pp.run_channel_arm(arm, data, sums, seed * 1000 + t, keep_scorer=True)
-            scorer = row.pop("_scorer")
-            score = noisy_score(ndcg_at_k(data.ranks(scorer("valid"), "valid")), cal["valid_z"], rng)
-            log_progress(f"seed {seed} run {t}: candidate {CANDIDATES[candidate]} noisy valid {score:.2f} "
-                         f"(valid {row['valid']['ndcg@10']:.4f}, test {row['ndcg@10']:.4f})")
-            return score, {**row, "candidate": CANDIDATES[candidate], "run": t}
-
-        best, log = repeat_and_select(run_once, len(CANDIDATES), cal["mean_runs"], rng)
+        best, log = repeat_and_select(_pipeline_run(data, sums, cal, seed, rng), len(CANDIDATES),
+                                      cal["mean_runs"], rng)
         if best is None:  # T = 0: the data-independent fallback (no release)
             fallback = data.ranks(pp.FIXED_CONTENT_WEIGHT * data.content["test"], "test")
             best = {**pp.metrics(fallback), "candidate": "fallback: on-device content only, no release"}
@@ -181,13 +189,15 @@ def markdown(results: dict) -> str:
              f"validation score z={cal['valid_z']:g}. Epsilon {cal['epsilon_rdp']:.3f} (dp-accounting RDP, "
              "RepeatAndSelectDpEvent), delta 1e-5, user-level add/remove; one run alone would be "
              f"{cal['one run without selection, epsilon']['pld']:.3f} PLD.", "",
-             "| seed | runs (candidate: noisy valid score) | selected | test NDCG@10 | test HR@10 |", "|---|---|---|---|---|"]
+             "| seed | runs (candidate: noisy valid score) | selected | test NDCG@10 | test HR@10 |",
+             "|---|---|---|---|---|"]
     for r in results["per-seed"]:
         runs = "; ".join(f"{CANDIDATES[x['candidate']]['top']}/{CANDIDATES[x['candidate']]['window']}: "
                          f"{x['noisy_valid_score']:.1f}" for x in r["runs"]) or "none (T = 0)"
         sel = r["selected"]["candidate"]
         sel = f"top {sel['top']}, window {sel['window']}" if isinstance(sel, dict) else sel
-        lines.append(f"| {r['seed']} | {runs} | {sel} | {r['selected']['ndcg@10']:.4f} | {r['selected']['hr@10']:.4f} |")
+        lines.append(f"| {r['seed']} | {runs} | {sel} | {r['selected']['ndcg@10']:.4f} | "
+                     f"{r['selected']['hr@10']:.4f} |")
     lines.append(f"| mean +- std | | | **{s['ndcg@10']['mean']:.4f} +- {s['ndcg@10']['std']:.4f}** | "
                  f"{s['hr@10']['mean']:.4f} +- {s['hr@10']['std']:.4f} |")
     return "\n".join(lines)
