@@ -231,7 +231,7 @@ def train_one_epoch(model: SASRec, batches: Sequence[Sequence[np.ndarray]], cfg:
     def add(index: Tensor, updates: dict[str, Tensor]) -> None:
         """Devices `index`' updates {key: [devices, ...]} (float32, only trained keys) into norms and total."""
         squares = torch.zeros(len(index), dtype=torch.float64)
-        for key, update in updates.items():
+        for update in updates.values():
             squares += _squared_norms(update)
         norms[index] = squares.sqrt()
         scale = factor(norms[index], counts[index]).to(torch.float32)

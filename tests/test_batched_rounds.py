@@ -313,3 +313,49 @@ def test_clipped_sum_plus_noise_is_distributed_as_one_opacus_dp_sgd_step(dropout
     # every coordinate's spread: noise sigma^2 plus dropout's share, the same on both
     spread = float(node.var(0).sum() / opacus.var(0).sum())
     assert abs(spread - 1) < 4 * math.sqrt(2 / (ROUNDS - 1))
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_a_node_with_dropout_trains_its_devices_together_as_each_alone(tmp_path, monkeypatch, optimizer):
+    """The node's dispatch (client/node.py): one local epoch with dropout and devices of two batches all go to
+    the vectorised path (no `train_local` on the node), and with the same masks (`RowMasks`) the node's clipped
+    sum equals `ServerSideClipping` of the same devices trained alone."""
+    import client.node
+    from client.app import app as client_app
+    from server.user_dp import ServerSideClipping
+    from shared import config
+    from shared.device_nodes import NODE_AGGREGATE
+    from simulations.inprocess import instruction, node_context
+    from tests.test_device_nodes import NUM_DEVICES, _store, _train_message
+    from tests.test_device_nodes import SMALL as NODE_SMALL
+
+    RowMasks(monkeypatch)
+    store = _store(tmp_path)
+    values = {**NODE_SMALL, "data-store": str(store), "dp": False, "user-dp": True, "local-epochs": 1,
+              "batch-size": 2, "dropout": 0.3, "local-optimizer": optimizer,
+              "local-lr": 0.5 if optimizer == "sgd" else 0.02}
+    cfg = config.validate(values)
+    torch.manual_seed(0)
+    state = model_for(cfg, NUM_ITEMS).state_dict()
+    devices = list(range(NUM_DEVICES))
+    lone = [client_app(instruction(_train_message(cfg, state, store, tmp_path / "pop-lone", None), d + 1, "train"),
+                       node_context(d + 1, {"partition-id": d, "num-partitions": NUM_DEVICES}, cfg))
+            for d in devices]
+    assert {int(r.content.metric_records["metrics"]["num-examples"]) for r in lone} >= {2, 3}, "one and two steps"
+    current = {k: v.numpy() for k, v in state.items()}
+    keys = list(current)
+    server = ServerSideClipping()
+    server.clipped_sum(lone, current, keys, 1.0)
+    clip = float(np.median(server.last_norms))
+    expected = server.clipped_sum(lone, current, keys, clip)
+    alone_on_node = []
+    monkeypatch.setattr(client.node, "train_local", lambda *a, **k: alone_on_node.append(1) or train_local(*a, **k))
+    cfg = config.validate({**values, "user-clipping-norm": clip})
+    node = client_app(instruction(_train_message(cfg, state, store, tmp_path / "pop-node", devices), 1, "train"),
+                      node_context(1, {"partition-id": 0, "num-partitions": 1}, cfg))
+    assert alone_on_node == []
+    assert int(node.content.config_records[NODE_AGGREGATE]["count"]) == NUM_DEVICES
+    got = {k: a.numpy() for k, a in node.content.array_records["arrays"].items()}
+    difference = np.sqrt(sum(np.sum((got[k] - expected.total[k]) ** 2) for k in keys))
+    size = np.sqrt(sum(np.sum(expected.total[k] ** 2) for k in keys))
+    assert difference <= (1e-5 if optimizer == "sgd" else 1e-4) * size
