@@ -172,7 +172,10 @@ def one_epoch(model: SASRec, cfg: LocalTrainConfig) -> bool:
 def device_batches(windows: np.ndarray, cfg: LocalTrainConfig) -> list[np.ndarray]:
     """The batches `train_local` (no on-device DP) takes on `windows`, in its order: its DataLoader (batches of
     `cfg.batch_size`, shuffled by a generator seeded from the device's `cfg.seed`) is replayed on the window
-    indices, so it draws from the same generator state exactly as `train_local`'s does."""
+    indices, so it draws from the same generator state exactly as `train_local`'s does. A device of one batch
+    takes all its windows each epoch, in whatever order (a batch's mean loss does not depend on it)."""
+    if len(windows) <= cfg.batch_size:
+        return [windows] * cfg.epochs
     loader = DataLoader(TensorDataset(torch.arange(len(windows))), batch_size=cfg.batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(local_seeds(cfg.seed, 0)[1]))
     return [windows[index.numpy()] for _ in range(cfg.epochs) for (index,) in loader]
