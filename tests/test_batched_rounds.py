@@ -91,12 +91,12 @@ def _check_against_alone(run, state, windows, cfgs, tolerance: float) -> None:
         assert float(gap) <= tolerance * float(size), name
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-def test_devices_of_several_batches_equal_each_device_alone(optimizer):
+@pytest.mark.parametrize("optimizer,trains", [("sgd", "all"), ("adam", "all"), ("adam", "no-item-tables")])
+def test_devices_of_several_batches_equal_each_device_alone(optimizer, trains):
     """Their batches in `train_local`'s shuffled order, their later steps from their own weights, Adam's moments
-    and bias corrections carried across steps: a fixed batch order, a later step from the global weights or a
-    fresh Adam state each step changes the norms and the sums."""
-    run, state = _run(optimizer)
+    and bias corrections carried across steps (frozen item tables stay at the global weights): a fixed batch
+    order, a later step from the global weights or a fresh Adam state each step changes the norms and sums."""
+    run, state = _run(optimizer, **{"device-trains": trains})
     windows = _windows(COUNTS)
     cfgs = _cfgs(run, len(windows))
     assert one_epoch(model_for(run, NUM_ITEMS, state=state), cfgs[0])
