@@ -132,9 +132,10 @@ def test_transition_scores_follow_the_last_item_row_above_the_noise_threshold():
 
 def test_dp_sasrec_estimate_puts_the_real_cohorts_noise_on_the_mean_and_its_epsilon_agrees_with_dp_accounting(
         tmp_path, monkeypatch):
+    from dataclasses import replace
+
     import dp_accounting as dpa
     from dp_accounting.rdp import rdp_privacy_accountant
-    from dataclasses import replace
 
     import shared.privacy.user_level as user_level
 
@@ -154,7 +155,7 @@ def test_dp_sasrec_estimate_puts_the_real_cohorts_noise_on_the_mean_and_its_epsi
     result = pu.dp_federated_sasrec(pop, 0, budget, z, clip, q)
     assert result["estimate"] and result["simulated-q"] == pytest.approx(10 / 200)
     assert len(calls) == 2
-    for replies, noise_std, expected_cohort, largest in calls:
+    for _replies, noise_std, expected_cohort, largest in calls:
         assert expected_cohort == pytest.approx(10.0)  # the simulated cohort's q' N
         assert noise_std / expected_cohort == pytest.approx(z * clip / (q * 200))  # the real cohort's noise
         assert largest <= clip + 1e-9
