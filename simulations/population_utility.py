@@ -564,7 +564,8 @@ def dp_sasrec_privacy(z: float, q: float, rounds: int, clip: float, n: int, s: d
             "adversary": "whoever sees the released models; not the server (no secure aggregation)"}
 
 
-def dp_federated_sasrec(pop: Population, seed: int, budget: Budget, z: float, clip: float | None, q: float) -> dict:
+def dp_federated_sasrec(pop: Population, seed: int, budget: Budget, z: float, clip: float | None, q: float,
+                        arm_name: str = "fedavg") -> dict:
     """SASRec DP-FedAvg (or, with z = 0, its non-private twin) with the reduced budget's rounds, local epochs and
     expected cohort `budget.fed_cohort` (Poisson rate q' = cohort / N).
 
@@ -573,7 +574,8 @@ def dp_federated_sasrec(pop: Population, seed: int, budget: Budget, z: float, cl
     clipped); the server adds N(0, (z C q' / q)^2) to the sum and divides by q' N, i.e. the noise on the mean is
     z C / (q N): the noise of the real rate q's cohort. With q' < q this is an ESTIMATE (pfl-research's
     noise-cohort-size) of a run at rate q; the epsilon is that run's (q, z, rounds). Unweighted mean (DP-FedAvg's
-    sensitivity needs equal weights), FedAvg server step (lr 1) after the noisy mean: post-processing."""
+    sensitivity needs equal weights), then `simulations.fedopt`'s `arm_name` server step (FedAvg, FedAvgM or
+    FedAdam, with that arm's local training) after the noisy mean: post-processing."""
     from shared import config
     from shared.aggregation import ServerOptimizer
     from shared.data.store import open_store
@@ -584,7 +586,7 @@ def dp_federated_sasrec(pop: Population, seed: int, budget: Budget, z: float, cl
     from simulations.fedopt import ARMS
 
     started = time.perf_counter()
-    arm, window = ARMS["fedavg"], config.defaults()["window"]
+    arm, window = ARMS[arm_name], config.defaults()["window"]
     store = open_store(pop.store_dir)
     q_sim = min(budget.fed_cohort / store.num_devices, q)  # q itself (an exact run) where the cohort is that large
     model_cfg = ModelConfig(num_items=store.num_items)
@@ -592,7 +594,7 @@ def dp_federated_sasrec(pop: Population, seed: int, budget: Budget, z: float, cl
     local = SASRec(model_cfg)
     weights = {k: v.detach().numpy().copy() for k, v in local.state_dict().items()}
     keys, shapes = list(weights), {k: v.shape for k, v in weights.items()}
-    server = ServerOptimizer(kind=arm.server, lr=arm.server_lr)
+    server = ServerOptimizer(kind=arm.server, lr=arm.server_lr, momentum=arm.server_momentum, tau=arm.tau)
     sampler, norms, cohorts = random.Random(seed), [], []
     for rnd in range(1, budget.fed_rounds + 1):
         cohort = poisson_cohort(range(store.num_devices), q_sim, sampler)
@@ -621,14 +623,14 @@ def dp_federated_sasrec(pop: Population, seed: int, budget: Budget, z: float, cl
             "simulated-q": q_sim, "estimate": q_sim < q, "cohorts": cohorts,
             "update-norm-quantiles": [float(x) for x in np.quantile(norms, [0.1, 0.5, 0.9])] if norms else [],
             "budget": {"rounds": budget.fed_rounds, "expected-cohort": budget.fed_cohort,
-                       "local-epochs": budget.fed_epochs, "aggregation": "unweighted mean, FedAvg server step"},
+                       "local-epochs": budget.fed_epochs, "aggregation": f"unweighted mean, then fedopt's {arm_name}"},
             "seconds": round(time.perf_counter() - started, 1)}
 
 
 # ------------------------------------------------------------------------------------ the whole sweep
 def run(populations, seeds, like: str, work: Path, budget: Budget, sasrec_seeds, rounds: int | None,
         skip: set[str], simulated_cohort: int, also_synthetic=(), dp_sasrec_q: float | None = None,
-        dp_sasrec_epsilons=()) -> dict:
+        dp_sasrec_epsilons=(), dp_sasrec_arm: str = "fedavg") -> dict:
     torch.set_num_threads(1)
     s = pipeline_settings(rounds)
     calibration = {f"{t:g}": calibrate_pipeline(t, s) for t in TARGETS}
@@ -640,7 +642,7 @@ def run(populations, seeds, like: str, work: Path, budget: Budget, sasrec_seeds,
     results = {"made": time.strftime("%Y-%m-%d %H:%M:%S"), "like": like, "seeds": seeds, "settings": s,
                "budget": asdict(budget), "simulated-cohort": simulated_cohort, "calibration": calibration,
                "transition-calibration": transition_calibration,
-               "dp-sasrec": {"q": sasrec_q, "clip": DP_SASREC_CLIP, "z": sasrec_z},
+               "dp-sasrec": {"q": sasrec_q, "clip": DP_SASREC_CLIP, "z": sasrec_z, "arm": dp_sasrec_arm},
                "populations": []}
     plan = sorted([(n, False) for n in populations] + [(n, True) for n in also_synthetic])
     for n, synthetic in plan:
@@ -675,15 +677,15 @@ def run(populations, seeds, like: str, work: Path, budget: Budget, sasrec_seeds,
                 row["SASRec federation, no DP (reduced budget)"] = federated_sasrec(pop, seed, budget)
             if seed in sasrec_seeds and "dp-sasrec" not in skip and "sasrec-twins" not in skip:
                 row["SASRec FedAvg, no DP (unweighted, not clipped)"] = dp_federated_sasrec(
-                    pop, seed, budget, 0.0, None, sasrec_q)
+                    pop, seed, budget, 0.0, None, sasrec_q, dp_sasrec_arm)
                 row["SASRec FedAvg, clipped, no noise"] = dp_federated_sasrec(pop, seed, budget, 0.0,
-                                                                              DP_SASREC_CLIP, sasrec_q)
+                                                                              DP_SASREC_CLIP, sasrec_q, dp_sasrec_arm)
             if seed in sasrec_seeds and "dp-sasrec" not in skip:
                 for k, z in sasrec_z.items():
                     if dp_sasrec_epsilons and float(k) not in dp_sasrec_epsilons:
                         continue
                     row[f"SASRec DP-FedAvg, epsilon {k}"] = dp_federated_sasrec(pop, seed, budget, z,
-                                                                              DP_SASREC_CLIP, sasrec_q)
+                                                                              DP_SASREC_CLIP, sasrec_q, dp_sasrec_arm)
             entry["runs"][str(seed)] = row
             log_progress(f"N = {pop.n:,} seed {seed}: " + ", ".join(f"{k} {v['ndcg@10']:.4f}" for k, v in row.items()))
         entry["summary"] = summarize_runs(entry["runs"])
@@ -893,6 +895,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--dp-sasrec-q", type=float, default=None,
                         help="the rate whose noise SASRec DP-FedAvg gets (default: the product's q)")
     parser.add_argument("--fed-cohort", type=int, default=None)
+    parser.add_argument("--dp-sasrec-arm", default="fedavg", choices=["fedavg", "avgm", "fedadam"],
+                        help="simulations.fedopt arm whose local training and server step SASRec DP-FedAvg uses")
     parser.add_argument("--like", default="ml-100k", help="source: ml-100k or a dataset path")
     parser.add_argument("--work", default="/tmp/privrec-population-utility",
                         help="synthetic populations and their stores (outside the repo)")
@@ -927,7 +931,7 @@ def main(argv: list[str] | None = None) -> Path:
     work.mkdir(parents=True, exist_ok=True)
     results = run(sorted(args.populations), args.seeds, args.like, work, budget, sasrec_seeds, rounds, set(args.skip),
                   args.simulated_cohort, args.also_synthetic, args.dp_sasrec_q,
-                  args.dp_sasrec_epsilons)
+                  args.dp_sasrec_epsilons, args.dp_sasrec_arm)
     results["sasrec-seeds"] = sasrec_seeds
     results["quick"] = args.quick
     stem = Path(args.out) if args.out else timestamped("population-utility")
