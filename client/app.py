@@ -151,7 +151,8 @@ def _catalogue(context: Context, record: ConfigRecord, run: RunConfig, item_text
 
 
 def _train_scorer(msg, context, run, record, data, item_text, global_state, path, device, state_dir) -> Message:
-    """model = content-/channel-scorer: the device's gradient (one FedSGD step), its round recorded as a user-level release."""
+    """model = content-/channel-scorer: the device's gradient (one FedSGD step), its round recorded as a user-level
+    release."""
     from client.scorer import train_scorer  # torch: imported by the messages that need it
 
     state, metrics = train_scorer(data, _catalogue(context, record, run, item_text), global_state, run,

@@ -4,8 +4,9 @@ own evaluation.
 Plain torch/numpy (`shared.scorer`); the Flower message handling lives in `client/app.py`. The device computes
 its profile and proximities from its own history; only the weights `global - gradient` and scalar counts leave
 it (the channel scorer's channels also use the released co-occurrence the model carries, and the device removes
-its own contribution to it from its training features). The server clips that update and adds the noise (DP-FedAvg): the guarantee is user-level against whoever
-sees the released models, not against the server (no secure aggregation in this mode).
+its own contribution to it from its training features). The server clips that update and adds the noise
+(DP-FedAvg): the guarantee is user-level against whoever sees the released models, not against the server (no
+secure aggregation in this mode).
 
 Every round the device takes part in is recorded in its ledger as a user-level release *before* the update
 leaves, without sampling amplification (the device knows it was sampled): an over-statement of what the run's
@@ -21,12 +22,12 @@ from pathlib import Path
 
 import torch
 
+from shared.analytics import COOC_GAP_DECAY
 from shared.config import RunConfig
 from shared.data.store import ITEMS_FILE, DeviceData
 from shared.errors import PrivrecError
 from shared.privacy.accounting import epsilon_from_state
 from shared.privacy.ledger import ledger_lock, load_ledger, save_ledger
-from shared.analytics import COOC_GAP_DECAY
 from shared.scorer import (
     Catalogue,
     ChannelScorer,

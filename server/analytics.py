@@ -61,7 +61,8 @@ def _federated_sum(grid: Grid, device_config: Mapping[str, Any], query: Mapping[
     """Ask every device of `grid` for its contribution (`key` of its reply) and sum the valid ones."""
     if not noise_multiplier > 0:
         raise PrivrecError(f"noise multiplier {noise_multiplier}: a release needs noise > 0")
-    messages = [Message(RecordDict({"config": ConfigRecord(dict(device_config)), "analytics": ConfigRecord(dict(query))}),
+    messages = [Message(RecordDict({"config": ConfigRecord(dict(device_config)),
+                                    "analytics": ConfigRecord(dict(query))}),
                         dst_node_id=node, message_type=message_type)
                 for node in grid.get_node_ids()]
     total = np.zeros(length, dtype=np.float64)

@@ -24,8 +24,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from server.analytics import federated_cooccurrence, federated_popularity
-from shared.analytics import cooc_from_release, top_items
 from server.run_dir import RunDirectory
+from shared.analytics import cooc_from_release, top_items
 from shared.config import RunConfig
 from shared.data.store import DeviceStore
 from shared.metrics import hit_at_k, ndcg_at_k

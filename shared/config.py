@@ -98,8 +98,9 @@ _PIPELINE: dict[str, Key] = {
     "cooc-window": Key(int, 10, "channel-scorer: pairs at distance <= N in a user's training sequence count "
                                 "(weight 0.9^(distance-1))", _positive, "must be >= 1"),
     "target-epsilon": Key(float, 2.0, "content-/channel-scorer: user-level budget of the whole run (every "
-                                      "analytics release + every round, composed); a config that would exceed it is refused before "
-                                      "anything starts (0 = no cap)", _non_negative, "must be >= 0"),
+                                      "analytics release + every round, composed); a config that would exceed "
+                                      "it is refused before anything starts (0 = no cap)",
+                          _non_negative, "must be >= 0"),
 }
 # the SASRec model's architecture
 _MODEL: dict[str, Key] = {
