@@ -187,5 +187,6 @@ def test_a_trained_channel_scorer_beats_the_untrained_one(tmp_path, digit_store)
     # Little noise, no budget: this checks that the federated gradient steps learn, not the privacy.
     cfg, path, grid, summary, privacy = _run(
         tmp_path, digit_store, "learn", **{"num-rounds": 10, "user-noise-multiplier": 0.01, "target-epsilon": 0.0,
+                                           "central-eval": True,
                                            "fraction-train": 1.0})
     assert summary["central-evaluation"]["test-ndcg@10"] > summary["central-evaluation-initial"]["test-ndcg@10"]

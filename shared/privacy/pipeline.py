@@ -126,8 +126,8 @@ def statement(cfg: Mapping[str, Any], sample_rate: float, population: int, round
         "sampling": f"analytics releases: every device, no sampling; rounds: Poisson sampling of devices at rate "
                     f"q = {sample_rate:.4g} per round over {population} devices",
         "on-device-dp": "off (dp = false): no window-level DP-SGD; the guarantee is the user-level one above",
-        "adversary": "whoever sees the released " + ("popularity histogram, co-occurrence" if channel else
-                                                     "popularity histogram") +
+        "adversary": "whoever sees the released " + ("popularity histogram, the released co-occurrence" if channel
+                                                     else "popularity histogram") +
                      " and the released models (other devices, users of the model); NOT the server, which sees "
                      "each device's contribution vectors and unclipped update (no secure aggregation in this mode)",
         "hyperparameters": "fixed before the run; the run makes no choice on its private data. The defaults were "
