@@ -46,6 +46,7 @@ from shared.config import RunConfig, from_run_config
 from shared.data.store import open_store
 from shared.device_nodes import CLIPPED_SUM, NODE_AGGREGATE, NODE_DEVICES, SEEN_SPEND_LIST, WEIGHTED_MEAN
 from shared.errors import PrivrecError
+from shared.memory import trims_memory_after
 from shared.model import FROZEN_BY_SCOPE
 from shared.privacy.ledger import PrivacyLedger, from_json, ledger_lock, load_ledger, reconcile
 from shared.privacy.population import check_seen_spend, keep_all_listed
@@ -74,6 +75,7 @@ class _Listed:
         return str(self.index)
 
 
+@trims_memory_after  # a node process serves many messages: its freed tensors go back to the OS
 def train_devices(msg: Message, context: Context) -> Message:
     """Train every device the message lists, each as on its own; reply with their records and one aggregate."""
     torch.set_num_threads(1)
@@ -258,6 +260,7 @@ def _array(value: np.ndarray) -> Array:
     return Array(np.ascontiguousarray(value))
 
 
+@trims_memory_after
 def evaluate_devices(msg: Message, context: Context) -> Message:
     """Evaluate every listed device on its own users; reply with each device's metrics."""
     torch.set_num_threads(1)
