@@ -24,7 +24,10 @@ Per round, from the ServerApp's log (server/round_clock.py): the seconds of each
 sampling and messages, Flower's send_and_receive where Ray and the nodes work, aggregation, the run
 records) and the bytes of run records written; a projection to --projected-rounds rounds fits the run
 records' seconds against the devices seen so far. The peak memory of every process of the run, and per
-process at that peak.
+process at that peak. The CPU time of the run's processes over the steady rounds (from /proc, cut at the
+ServerApp's round ends), by group (the nodes, the ServerApp with the simulation engine, the SuperLink,
+Ray's own), per device trained against the pure compute's CPU time per device: the engine's overhead by
+CPU time, which a shared machine's load moves much less than the wall-clock figures.
 
 Writes simulations/results/scale-bench-<time>.json and .md and prints the Markdown.
 """
@@ -82,6 +85,14 @@ def _process_name(pid: int) -> str:
 
 def tree_rss_by_process(root: int) -> dict[str, float]:
     """Resident memory (MiB) of process `root` and all its descendants, per process (`name pid`)."""
+    return {name: rss for name, (rss, _) in tree_processes(root).items()}
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def tree_processes(root: int) -> dict[str, tuple[float, float]]:
+    """(resident MiB, CPU seconds so far: user + system) of process `root` and its descendants, per process."""
     parents: dict[int, int] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -99,10 +110,11 @@ def tree_rss_by_process(root: int) -> dict[str, float]:
     for pid in tree:
         try:
             status = Path(f"/proc/{pid}/status").read_text()
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
         kib = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), 0)
-        out[f"{_process_name(pid)} {pid}"] = kib / 1024
+        out[f"{_process_name(pid)} {pid}"] = (kib / 1024, (int(fields[11]) + int(fields[12])) / CLOCK_TICKS)
     return out
 
 
@@ -112,9 +124,12 @@ def end_to_end(store_dir: Path, devices_per_node: int, args) -> dict:
     run_root = Path(tempfile.mkdtemp(prefix="privrec-scale-"))
     cfg = arm_config(store_dir, run_root, devices_per_node, args)
     peak: list = [0.0, {}, 0.0]
+    cpu_samples: list[tuple[float, dict[str, float]]] = []  # (Unix time, CPU seconds so far per process)
 
     def sample_memory() -> None:  # every second while the run lasts: the launcher, SuperLink, Ray, apps
-        processes = tree_rss_by_process(os.getpid())
+        both = tree_processes(os.getpid())
+        cpu_samples.append((time.time(), {k: cpu for k, (_, cpu) in both.items() if not k.endswith(f" {os.getpid()}")}))
+        processes = {k: rss for k, (rss, _) in both.items()}
         if sum(processes.values()) > peak[0]:
             peak[:2] = [sum(processes.values()), processes]
         # the run's own processes: not this benchmark's, which holds its pure-compute measures
@@ -142,7 +157,50 @@ def end_to_end(store_dir: Path, devices_per_node: int, args) -> dict:
             "population_files": len(files),
             "population_bytes": sum(p.stat().st_size for p in files), "run_record_files": len(run_files),
             "run_record_bytes": sum(p.stat().st_size for p in run_files), "server_rounds": server_rounds,
-            "projection": projection(server_rounds, store_dir, args)}
+            "projection": projection(server_rounds, store_dir, args),
+            "cpu_s_by_process": {k: round(v, 2) for k, v in sorted(cpu_samples[-1][1].items(), key=lambda kv: -kv[1])}
+            if cpu_samples else {},
+            "steady_cpu": steady_cpu(cpu_samples, server_rounds, args.rounds)}
+
+
+def _cpu_at(samples: list[tuple[float, dict[str, float]]], when: float) -> dict[str, float]:
+    """Each process's CPU seconds at time `when`, linear between the samples around it (a process not yet
+    started counts 0; one gone keeps its last value)."""
+    before = [s for s in samples if s[0] <= when]
+    after = [s for s in samples if s[0] > when]
+    if not before or not after:
+        return (before or after)[-1 if before else 0][1]
+    (t0, a), (t1, b) = before[-1], after[0]
+    share = (when - t0) / (t1 - t0)
+    return {k: a.get(k, 0.0) + share * (b.get(k, a.get(k, 0.0)) - a.get(k, 0.0)) for k in set(a) | set(b)}
+
+
+def _process_group(name: str) -> str:
+    if name.startswith("ray::ClientAppActor"):
+        return "nodes (Ray workers running the ClientApp)"
+    if "flwr-simulation" in name:
+        return "ServerApp and simulation engine (flwr-simulation)"
+    if "superlink" in name:
+        return "SuperLink"
+    return "Ray and the rest (raylet, GCS, launcher, ...)"
+
+
+def steady_cpu(samples: list[tuple[float, dict[str, float]]], rows: list[dict], rounds: int) -> dict | None:
+    """CPU seconds of the run's processes over the steady rounds (from the end of round 1 to the end of round
+    R-1, the ServerApp's `at` times), by group of processes: what the rates by CPU time are computed from."""
+    at = {row["round"]: row.get("at") for row in rows}
+    start, end = at.get(1), at.get(rounds - 1)
+    if start is None or end is None or len(samples) < 2 or end <= start:
+        return None
+    first, last = _cpu_at(samples, start), _cpu_at(samples, end)
+    groups: dict[str, float] = {}
+    for name, cpu in last.items():
+        group = _process_group(name)
+        groups[group] = groups.get(group, 0.0) + cpu - first.get(name, 0.0)
+    server_cpu = sum(row.get("cpu", 0.0) for row in rows if 2 <= row["round"] < rounds)
+    return {"seconds": end - start, "cpu_s_by_group": {k: round(v, 3) for k, v in groups.items()},
+            "cpu_s_all": round(sum(groups.values()), 3), "serverapp_process_cpu_s": round(server_cpu, 3),
+            "samples": sum(1 for t, _ in samples if start <= t <= end)}
 
 
 SERVER_LINE = re.compile(r"privrec: round (\d+) server seconds (\{.*\})")
@@ -300,13 +358,33 @@ def markdown(results: dict) -> str:
                      f"{sum(arm['devices_per_round'])} | {arm['population_files']} | "
                      f"{arm['population_bytes'] / 1e6:.1f} | {arm['run_record_files']} | "
                      f"{arm['run_record_bytes'] / 1e6:.1f} |")
+    with_cpu = [a for a in results["arms"] if a.get("steady_cpu")]
+    if with_cpu:
+        lines += ["", "CPU time of the run's processes over the steady rounds (sampled from /proc every second, cut at "
+                  "the ServerApp's round ends), per device trained, against the pure compute's CPU time per device "
+                  "(the engine's overhead by CPU time: what a machine without other load would see if the run's "
+                  "processes never waited for a core):", "",
+                  "| devices per node | devices trained | nodes (ms/device) | ServerApp + engine | SuperLink | "
+                  "Ray and the rest | all (ms/device) | pure compute (ms/device) | nodes over pure | all over pure |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for arm in with_cpu:
+            cpu, devices = arm["steady_cpu"], arm["devices_trained"]
+            pure_ms = 1000 / arm["pure_cpu_devices_per_s_one_cpu"]
+
+            def ms(group: str, cpu=cpu, devices=devices) -> float:
+                return 1000 * sum(v for k, v in cpu["cpu_s_by_group"].items() if k.startswith(group)) / devices
+
+            nodes, everything = ms("nodes"), 1000 * cpu["cpu_s_all"] / devices
+            lines.append(f"| {arm['devices_per_node']} | {devices} | {nodes:.2f} | {ms('ServerApp'):.2f} | "
+                         f"{ms('SuperLink'):.2f} | {ms('Ray and'):.2f} | {everything:.2f} | {pure_ms:.2f} | "
+                         f"{nodes / pure_ms - 1:+.0%} | {everything / pure_ms - 1:+.0%} |")
     for arm in results["arms"]:
         top = ", ".join(f"{name} {mib}" for name, mib in list(arm.get("peak_rss_mib_by_process", {}).items())[:10])
         lines += ["", f"At the memory peak, devices-per-node {arm['devices_per_node']}, MiB per process (largest "
                   f"first; this benchmark's own process holds its pure-compute measures): {top}. Peak of the "
                   f"run's processes alone: {arm.get('peak_rss_mib_run_processes', 0):.0f} MiB."]
     phases = ("configure-train", "send-and-receive", "aggregate-train", "metrics", "privacy-record",
-              "checkpoint", "model", "other")
+              "checkpoint", "model", "other", "cpu")
     for arm in results["arms"]:
         lines += ["", f"Server seconds per round, devices-per-node {arm['devices_per_node']} (ServerApp log, "
                   "server/round_clock.py; send-and-receive is Ray, the SuperLink and the nodes' work):", "",
