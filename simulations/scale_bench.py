@@ -125,10 +125,12 @@ def end_to_end(store_dir: Path, devices_per_node: int, args) -> dict:
     cfg = arm_config(store_dir, run_root, devices_per_node, args)
     peak: list = [0.0, {}, 0.0]
     cpu_samples: list[tuple[float, dict[str, float]]] = []  # (Unix time, CPU seconds so far per process)
+    last_cpu: dict[str, float] = {}
 
     def sample_memory() -> None:  # every second while the run lasts: the launcher, SuperLink, Ray, apps
         both = tree_processes(os.getpid())
         cpu_samples.append((time.time(), {k: cpu for k, (_, cpu) in both.items() if not k.endswith(f" {os.getpid()}")}))
+        last_cpu.update(cpu_samples[-1][1])  # a process's CPU seconds as last seen (the run's end removes them)
         processes = {k: rss for k, (rss, _) in both.items()}
         if sum(processes.values()) > peak[0]:
             peak[:2] = [sum(processes.values()), processes]
@@ -158,8 +160,7 @@ def end_to_end(store_dir: Path, devices_per_node: int, args) -> dict:
             "population_bytes": sum(p.stat().st_size for p in files), "run_record_files": len(run_files),
             "run_record_bytes": sum(p.stat().st_size for p in run_files), "server_rounds": server_rounds,
             "projection": projection(server_rounds, store_dir, args),
-            "cpu_s_by_process": {k: round(v, 2) for k, v in sorted(cpu_samples[-1][1].items(), key=lambda kv: -kv[1])}
-            if cpu_samples else {},
+            "cpu_s_by_process": {k: round(v, 2) for k, v in sorted(last_cpu.items(), key=lambda kv: -kv[1])},
             "steady_cpu": steady_cpu(cpu_samples, server_rounds, args.rounds)}
 
 

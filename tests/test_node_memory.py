@@ -25,7 +25,9 @@ def test_freed_heap_blocks_go_back_to_the_os():
     pinned = blocks[::200]  # a few live blocks spread over the heap keep it from shrinking by itself
     del blocks
     held = _rss_mib()
-    return_freed_memory()
+    assert return_freed_memory(limit_mib=1000) is False  # under the limit: kept for reuse
+    assert held - _rss_mib() < 10
+    assert return_freed_memory(limit_mib=20) is True
     assert held - _rss_mib() > 40  # most of the 80 MB was freed and is returned
     assert pinned
 
@@ -34,7 +36,7 @@ def test_each_node_message_ends_by_returning_freed_memory(monkeypatch):
     import client.node
 
     calls = []
-    monkeypatch.setattr(shared.memory, "return_freed_memory", lambda: calls.append(1))
+    monkeypatch.setattr(shared.memory, "return_freed_memory", lambda: calls.append(1))  # the limit: its own test
 
     @shared.memory.trims_memory_after
     def message():
