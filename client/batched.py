@@ -9,21 +9,31 @@ steps run as one vectorised pass: `functional_call` of the model on each device'
 no shape differs), and Adam or SGD applied per device with torch's update rule. Nothing is shared
 between devices but the starting weights.
 
-Equal to the one-device path up to float rounding when there is no randomness in the step: dropout
-0 (a device draws its dropout masks from its own seeded generator, which one vectorised pass cannot
-replay) and no FedProx term. `batchable` says when a group qualifies; the node trains every other
-device alone (client/node.py).
+`train_batched` is equal to the one-device path up to float rounding when there is no randomness in
+the step: dropout 0 (a device draws its dropout masks from its own seeded generator, which one
+vectorised pass cannot replay) and no FedProx term. `vectorisable` says which devices join a node's
+vectorised pass; the node trains every other device alone (client/node.py).
 
-One local epoch is one step (the common case, `one_step`): a device's update is then a closed-form
-function of its own gradient at the global weights, and every device starts from the same weights. So
-`train_one_step` needs no copy of the weights per device: ONE forward and backward over all devices'
-windows with the shared weights, the backward only down to each layer's output; each layer's
+One local epoch (the common case, `one_epoch`): every device starts from the same weights, the global
+ones, and its first step is a closed-form function of its own gradient there. So `train_one_epoch`
+needs no copy of the weights for a device of one batch: ONE forward and backward over all devices'
+first batches with the shared weights, the backward only down to each layer's output; each layer's
 per-device gradient then comes from Opacus' per-sample gradient functions (`GradSampleModule.
 GRAD_SAMPLERS`) applied to the layer's activations and output gradients viewed as [devices, windows x
 positions, ...] (so Opacus' "sample" is a device and its sum runs over the device's windows, each
 weighted 1 / its window count: the gradient of the device's mean loss). Then the step (SGD, or Adam's
 first step in closed form), each update's norm, its factor (the node's clipping or FedAvg weight), and
-the node's sum, a pass of devices at a time: no device's weights ever exist on their own.
+the node's sum, a pass of devices at a time. A device of more than `batch-size` windows takes its first
+step in that same shared pass; its later steps (its own batches, in `train_local`'s order:
+`device_batches`) run vectorised over the devices that still have batches, each on its own weights and
+Adam moments (`functional_call` + `vmap`, as `train_batched`), a chunk of `PASS_DEVICES` at a time.
+
+Dropout (`model.dropout` > 0) in `train_one_epoch`: the shared pass and the vmapped steps draw every
+window's masks independently (elementwise Bernoulli in one forward over all devices' windows; `vmap`
+with `randomness="different"`), from one generator seeded per pass (`pass_seed`). Each device's masks
+are then independent of every other device's and distributed as on its own, but not the ones its own
+seeded generator would draw alone: equal to `train_local` in distribution, and exactly equal for the
+same masks (tests/test_batched_rounds.py injects the same masks on both paths).
 """
 
 from __future__ import annotations
@@ -36,20 +46,26 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.func import functional_call, grad_and_value, vmap
+from torch.utils.data import DataLoader, TensorDataset
 
 from shared.config import RunConfig
 from shared.model import SASRec
 from shared.training import LocalTrainConfig, LocalTrainResult, split_windows
+from shared.training import _seeds as local_seeds  # train_local's own seed derivation (its loader's generator)
 
 ADAM_BETAS = (0.9, 0.999)  # torch.optim.Adam's defaults, as train_local builds it
 ADAM_EPS = 1e-8
 PASS_DEVICES = 64  # devices in one vectorised pass (their weights, gradients and Adam moments at once)
-PASS_WINDOWS = 96  # windows in one forward/backward of `train_one_step` (its logits: windows x length x items)
+PASS_WINDOWS = 96  # windows in one forward/backward of `train_one_epoch` (its logits: windows x length x items)
 
 
-def batchable(run: RunConfig, proximal_mu: float) -> bool:
-    """Whether a round's local training has no randomness and no per-device term (see module doc)."""
-    return not run.device.dp and proximal_mu == 0 and run.model.dropout == 0
+def vectorisable(run: RunConfig, proximal_mu: float, num_windows: int) -> bool:
+    """Whether a device's round joins the node's vectorised pass: no on-device DP (Opacus and the device's
+    own accountant) and no FedProx term, at least one window; with several local epochs (`train_batched`)
+    also no randomness (dropout 0) and one batch per epoch."""
+    if run.device.dp or proximal_mu > 0 or num_windows < 1:
+        return False
+    return run.device.epochs == 1 or (run.model.dropout == 0 and fits_one_batch(num_windows, run.device.batch_size))
 
 
 def fits_one_batch(num_windows: int, batch_size: int) -> bool:
@@ -77,14 +93,7 @@ def train_batched(model: SASRec, windows: list[np.ndarray], cfg: LocalTrainConfi
     model.train()
     model.set_trainable(cfg.trainable)
     trainable = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
-    fixed = {k: p.detach() for k, p in model.named_parameters() if not p.requires_grad}
-    fixed.update(dict(model.named_buffers()))
-
-    def device_loss(weights: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
-        logits = functional_call(model, {**weights, **fixed}, (x,))
-        return window_losses(logits, y).mean()
-
-    step = vmap(grad_and_value(device_loss), randomness="different")
+    step = _vmapped_step(model)
     out = {k: v.unsqueeze(0).repeat(len(windows), *([1] * v.dim())) for k, v in trainable.items()}
     losses = torch.zeros(len(windows), cfg.epochs)
     by_count: dict[int, list[int]] = {}
@@ -112,6 +121,20 @@ def train_batched(model: SASRec, windows: list[np.ndarray], cfg: LocalTrainConfi
     return BatchedRound(weights=out, results=results)
 
 
+def _vmapped_step(model: SASRec):
+    """(weights {name: [devices, ...]}, inputs, targets [devices, windows, length]) -> each device's gradient of
+    its mean window loss at its own weights, and that loss: `vmap` of `grad_and_value` over devices, each device
+    drawing its own dropout masks. The model's frozen weights and buffers are shared."""
+    fixed = {k: p.detach() for k, p in model.named_parameters() if not p.requires_grad}
+    fixed.update(dict(model.named_buffers()))
+
+    def device_loss(weights: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        logits = functional_call(model, {**weights, **fixed}, (x,))
+        return window_losses(logits, y).mean()
+
+    return vmap(grad_and_value(device_loss), randomness="different")
+
+
 def window_losses(logits: Tensor, targets: Tensor) -> Tensor:
     """`shared.training.per_example_loss` written with logsumexp and gather: the same values, and vmap
     has batching rules for both (its rule for cross-entropy's backward falls back to a slow scatter)."""
@@ -134,9 +157,9 @@ def _update(cfg: LocalTrainConfig, weight: Tensor, grad: Tensor, moments: tuple[
     return weight.addcdiv(exp_avg, denom, value=-step_size)
 
 
-def one_step(model: SASRec, cfg: LocalTrainConfig) -> bool:
-    """Whether `train_one_step` applies: one epoch (of one batch) is one step from the global weights, and
-    every weight `cfg` trains belongs to a layer Opacus computes per-sample gradients for."""
+def one_epoch(model: SASRec, cfg: LocalTrainConfig) -> bool:
+    """Whether `train_one_epoch` applies: one local epoch from the global weights, without on-device DP or
+    FedProx, and every weight `cfg` trains belongs to a layer Opacus computes per-sample gradients for."""
     from opacus.grad_sample import GradSampleModule
 
     if cfg.epochs != 1 or cfg.dp or cfg.proximal_mu > 0:
@@ -146,64 +169,142 @@ def one_step(model: SASRec, cfg: LocalTrainConfig) -> bool:
                for module in model.modules() for p in module.parameters(recurse=False) if p.requires_grad)
 
 
+def device_batches(windows: np.ndarray, cfg: LocalTrainConfig) -> list[np.ndarray]:
+    """The batches `train_local` (no on-device DP) takes on `windows`, in its order: its DataLoader (batches of
+    `cfg.batch_size`, shuffled by a generator seeded from the device's `cfg.seed`) is replayed on the window
+    indices, so it draws from the same generator state exactly as `train_local`'s does. A device of one batch
+    takes all its windows each epoch, in whatever order (a batch's mean loss does not depend on it)."""
+    if len(windows) <= cfg.batch_size:
+        return [windows] * cfg.epochs
+    loader = DataLoader(TensorDataset(torch.arange(len(windows))), batch_size=cfg.batch_size, shuffle=True,
+                        generator=torch.Generator().manual_seed(local_seeds(cfg.seed, 0)[1]))
+    return [windows[index.numpy()] for _ in range(cfg.epochs) for (index,) in loader]
+
+
+def pass_seed(seeds: Sequence[int | None]) -> int | None:
+    """The seed of a vectorised pass's dropout masks from its devices' seeds (None, fresh entropy, if any is)."""
+    if any(seed is None for seed in seeds):
+        return None
+    return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF for seed in seeds]).generate_state(1)[0])
+
+
 @dataclass
 class SummedRound:
-    """`train_one_step`'s output: each device's round result and update norm, and the factored sum."""
+    """`train_one_epoch`'s output: each device's round result and update norm, and the factored sum."""
 
     results: list[LocalTrainResult]
-    norms: Tensor  # float64 [devices]: ||weights after the step - global weights|| over the summed keys
-    total: dict[str, Tensor]  # float64: sum over devices of factor x (weights after the step - global weights)
+    norms: Tensor  # float64 [devices]: ||weights after the round - global weights|| over the summed keys
+    total: dict[str, Tensor]  # float64: sum over devices of factor x (weights after the round - global weights)
 
 
 # factor(norms, window counts) -> each device's factor in the node's sum (float64 [devices] each)
 Factor = Callable[[Tensor, Tensor], Tensor]
 
 
-def train_one_step(model: SASRec, windows: Sequence[np.ndarray], cfg: LocalTrainConfig, keys: Sequence[str],
-                   factor: Factor) -> SummedRound:
-    """Each device's one-step round (`one_step`) from `model`'s weights, summed with `factor` over `keys`.
+def train_one_epoch(model: SASRec, batches: Sequence[Sequence[np.ndarray]], cfg: LocalTrainConfig,
+                    keys: Sequence[str], factor: Factor, *, seed: int | None = None) -> SummedRound:
+    """Each device's one-epoch round (`one_epoch`) from `model`'s weights, summed with `factor` over `keys`.
 
-    `windows[d]` holds device d's 1..batch-size windows (int [n_d, W]). A device alone (`train_local`)
-    takes one optimizer step on the mean of `per_example_loss` over its windows, from a fresh optimizer:
-    SGD moves each weight by -lr g; Adam's first step (betas b1, b2, eps, no weight decay: train_local's
+    `batches[d]` holds device d's batches in its order (`device_batches`: int [1..batch-size, W] each, at least
+    one). A device alone (`train_local`) takes one optimizer step per batch on the mean of `per_example_loss`
+    over the batch's windows, from a fresh optimizer. Its first step is taken in the shared pass: SGD moves
+    each weight by -lr g; Adam's first step (betas b1, b2, eps, no weight decay: train_local's
     `torch.optim.Adam(params, lr)`) keeps m = (1 - b1) g and v = (1 - b2) g^2, divides them by the bias
-    corrections 1 - b1 and 1 - b2, and so moves each weight by -lr g / (|g| + eps). The device's weights
-    after the step are float32, as alone; its update is those minus the global weights, subtracted in
-    float32 (the server subtracts a reply's weights in float64: at most half a float32 ulp apart per
-    coordinate). `keys` are the state-dict entries summed and measured: each update's norm is summed in
-    float64 from its exact squares; a group's factored updates are added in float32, the groups in
-    float64. A frozen weight's update is 0. `model` is not changed.
+    corrections 1 - b1 and 1 - b2, and so moves each weight by -lr g / (|g| + eps). A device of one batch
+    is then done: its weights after the step are float32, as alone; its update is those minus the global
+    weights, subtracted in float32 (the server subtracts a reply's weights in float64: at most half a
+    float32 ulp apart per coordinate). A device of several batches goes on from there with its own weights
+    and moments (torch's Adam or SGD update, `_later_steps`). `keys` are the state-dict entries summed and
+    measured: each update's norm is summed in float64 from its exact squares; a group's factored updates
+    are added in float32, the groups in float64. A frozen weight's update is 0. `seed` seeds the dropout
+    masks (`pass_seed`). `model` is not changed.
     """
-    if not one_step(model, cfg) or any(not fits_one_batch(len(w), cfg.batch_size) for w in windows):
-        raise ValueError("train_one_step: only one-epoch rounds of one batch, without on-device DP or FedProx, "
-                         "of weights in Opacus' per-sample layers")
+    if not one_epoch(model, cfg) or any(not batch or any(not fits_one_batch(len(b), cfg.batch_size) for b in batch)
+                                        for batch in batches):
+        raise ValueError("train_one_epoch: only one-epoch rounds without on-device DP or FedProx, of weights in "
+                         "Opacus' per-sample layers, each device with batches of 1..batch-size windows")
     model.train()
     state = model.state_dict()
     current = {k: state[k].detach() for k in keys}
     total = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in current.items()}
-    norms = torch.zeros(len(windows), dtype=torch.float64)
-    losses = torch.zeros(len(windows), dtype=torch.float64)
-    order = sorted(range(len(windows)), key=lambda d: len(windows[d]))  # equal counts side by side
-    for chosen in _passes(order, windows):
-        for members, grads, loss in _device_gradients(model, [windows[d] for d in chosen]):
-            index = torch.tensor(chosen[members])
-            squares = torch.zeros(len(index), dtype=torch.float64)
-            for key, update in grads.items():
-                if key not in current:
-                    continue
-                _step_to_update(cfg, current[key], update)
-                squares += _squared_norms(update)
-            norms[index] = squares.sqrt()
-            losses[index] = loss.to(torch.float64)
-            scale = factor(norms[index], torch.tensor([float(len(windows[d])) for d in index.tolist()],
-                                                      dtype=torch.float64)).to(torch.float32)
-            for key, update in grads.items():
-                if key in total:
-                    total[key] += torch.tensordot(scale, update, dims=1)
-    results = [LocalTrainResult(loss=float(losses[d]), steps=1, num_examples=len(windows[d]),
+    norms = torch.zeros(len(batches), dtype=torch.float64)
+    losses = torch.zeros(len(batches), dtype=torch.float64)
+    counts = torch.tensor([float(sum(len(b) for b in batch)) for batch in batches], dtype=torch.float64)
+
+    def add(index: Tensor, updates: dict[str, Tensor]) -> None:
+        """Devices `index`' updates {key: [devices, ...]} (float32, only trained keys) into norms and total."""
+        squares = torch.zeros(len(index), dtype=torch.float64)
+        for update in updates.values():
+            squares += _squared_norms(update)
+        norms[index] = squares.sqrt()
+        scale = factor(norms[index], counts[index]).to(torch.float32)
+        for key, update in updates.items():
+            total[key] += torch.tensordot(scale, update, dims=1)
+
+    firsts = [batch[0] for batch in batches]
+    single = sorted((d for d in range(len(batches)) if len(batches[d]) == 1), key=lambda d: len(firsts[d]))
+    several = [d for d in range(len(batches)) if len(batches[d]) > 1]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed if seed is not None else int(np.random.SeedSequence().generate_state(1)[0]))
+        for chosen in _passes(single, firsts):
+            for members, grads, loss in _device_gradients(model, [firsts[d] for d in chosen]):
+                index = torch.tensor(chosen[members])
+                updates = {key: grad for key, grad in grads.items() if key in current}
+                for key, update in updates.items():
+                    _step_to_update(cfg, current[key], update)
+                losses[index] = loss.to(torch.float64)
+                add(index, updates)
+        for start in range(0, len(several), PASS_DEVICES):  # their weights and moments, a chunk at a time
+            chunk = several[start:start + PASS_DEVICES]
+            weights, chunk_losses = _later_steps(model, cfg, [batches[d] for d in chunk])
+            losses[chunk] = chunk_losses
+            add(torch.tensor(chunk), {key: weights[key].sub_(current[key]) for key in weights if key in current})
+    results = [LocalTrainResult(loss=float(losses[d]), steps=len(batches[d]), num_examples=int(counts[d]),
                                 sample_rate=float("nan"), epsilon=float("nan"), accountant_state=None)
-               for d in range(len(windows))]
+               for d in range(len(batches))]
     return SummedRound(results=results, norms=norms, total=total)
+
+
+def _later_steps(model: SASRec, cfg: LocalTrainConfig, batches: list[Sequence[np.ndarray]]
+                 ) -> tuple[dict[str, Tensor], Tensor]:
+    """Devices of several batches each (at most `PASS_DEVICES`): the first step from the shared pass's
+    gradients (`_device_gradients`), then step t for every device that has a t-th batch, vectorised over
+    those of equal batch length, each on its own weights and moments (torch's update, `_update`). Returns
+    each device's trained weights {name: [devices, ...]} and its mean batch loss (float64 [devices])."""
+    trainable = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
+    firsts = [batch[0] for batch in batches]
+    order = sorted(range(len(batches)), key=lambda d: len(firsts[d]))
+    weights = {k: torch.empty((len(batches), *v.shape), dtype=v.dtype) for k, v in trainable.items()}
+    moments = {k: (torch.zeros_like(v), torch.zeros_like(v)) for k, v in weights.items()}
+    loss_sums = torch.zeros(len(batches), dtype=torch.float64)
+    for chosen in _passes(order, firsts):
+        for members, grads, loss in _device_gradients(model, [firsts[d] for d in chosen]):
+            index = torch.tensor(chosen[members])
+            loss_sums[index] += loss.to(torch.float64)
+            for key, grad in grads.items():
+                first = (moments[key][0][index], moments[key][1][index])
+                weights[key][index] = _update(cfg, trainable[key], grad, first, 1)
+                moments[key][0][index], moments[key][1][index] = first
+    step = _vmapped_step(model)
+    for t in range(2, max(len(batch) for batch in batches) + 1):
+        by_length: dict[int, list[int]] = {}
+        for d, batch in enumerate(batches):
+            if len(batch) >= t:
+                by_length.setdefault(len(batch[t - 1]), []).append(d)
+        for length, members in sorted(by_length.items()):
+            index = torch.tensor(members)
+            inputs, targets = split_windows(np.concatenate([batches[d][t - 1] for d in members]))
+            inputs, targets = inputs.view(len(members), length, -1), targets.view(len(members), length, -1)
+            with torch.enable_grad():
+                grads, loss = step({k: v[index] for k, v in weights.items()}, inputs, targets)
+            loss_sums[index] += loss.detach().to(torch.float64)
+            with torch.no_grad():
+                for key, grad in grads.items():
+                    mine = (moments[key][0][index], moments[key][1][index])
+                    weights[key][index] = _update(cfg, weights[key][index], grad, mine, t)
+                    moments[key][0][index], moments[key][1][index] = mine
+    steps = torch.tensor([float(len(batch)) for batch in batches], dtype=torch.float64)
+    return weights, loss_sums / steps
 
 
 def _passes(order: list[int], windows: Sequence[np.ndarray]) -> list[list[int]]:

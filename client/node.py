@@ -8,8 +8,8 @@ the ids the server knows them by). Each listed device keeps everything it has on
 slice of the shared store, its own ledger file (locked, reconciled with the node's in-memory mirror of
 it, checked against the spend the server has seen from it), its own seed derivation
 (`client.device._device_seed`) and its own local round (`client.device.train_round`'s steps, or the same
-round vectorised with other devices by `client.batched` when the round has no randomness). Devices
-under on-device DP (dp = true) always train one by one with their own Opacus accountant and ledger.
+round vectorised with other devices by `client.batched`: `vectorisable` says which). Devices under
+on-device DP (dp = true: their own Opacus accountant) or with a FedProx term always train one by one.
 
 The reply lists every device's own metrics and privacy record (what it would have sent alone) and
 ONE aggregate of the devices that trained: under user-level DP the sum of their updates, each
@@ -30,7 +30,15 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
-from client.batched import Factor, batchable, fits_one_batch, one_step, train_batched, train_one_step
+from client.batched import (
+    Factor,
+    device_batches,
+    one_epoch,
+    pass_seed,
+    train_batched,
+    train_one_epoch,
+    vectorisable,
+)
 from client.device import (
     TrainOutcome,
     begin_round,
@@ -67,7 +75,7 @@ class _Listed:
     node_id: int
     outcome: TrainOutcome | None = None
     weights: dict[str, torch.Tensor] = field(default_factory=dict)
-    summed: bool = False  # its update went straight into the round's partial sum (`client.batched.train_one_step`)
+    summed: bool = False  # its update went straight into the round's partial sum (`client.batched.train_one_epoch`)
     ledger: PrivacyLedger | None = None  # as released (and synced) this round; None: read it from its file
 
     @property
@@ -75,7 +83,7 @@ class _Listed:
         return str(self.index)
 
 
-@trims_memory_after  # a node process serves many messages: its freed tensors go back to the OS
+@trims_memory_after  # a node process serves many messages: a heap holding too much free memory returns it
 def train_devices(msg: Message, context: Context) -> Message:
     """Train every device the message lists, each as on its own; reply with their records and one aggregate."""
     torch.set_num_threads(1)
@@ -101,8 +109,7 @@ def train_devices(msg: Message, context: Context) -> Message:
             check_seen_spend(ledgers[device], device, steps)
     held_out = held_out_items(run, store.num_items)
     windows = {dev.index: training_windows(store.device(dev.index), run.device.window, held_out) for dev in listed}
-    together = [d for d in listed if batchable(run, proximal_mu)
-                and fits_one_batch(len(windows[d.index]), run.device.batch_size)]
+    together = [d for d in listed if vectorisable(run, proximal_mu, len(windows[d.index]))]
     if len(together) < 2:
         together = []
     alone = [d for d in listed if d not in together]
@@ -148,12 +155,14 @@ def _train_group(round_: _Round, devices: list[_Listed], windows: dict[int, np.n
         if not training:
             return
         results = {}
-        # every device's config but its seed is the run's; the seed only drives dropout (0 here)
+        # every device's config but its seed is the run's; its seed drives its batch order and dropout
         train_cfg = tickets[training[0].index].train_cfg
         model = build_model(run, round_.num_items, round_.global_state, round_.item_text) if vectorised else None
-        if vectorised and one_step(model, train_cfg):
-            summed = train_one_step(model, [windows[d.index] for d in training], train_cfg,
-                                    _summed_keys(run, round_.global_state), _factor(run))
+        if vectorised and one_epoch(model, train_cfg):
+            seeds = [tickets[d.index].train_cfg.seed for d in training]
+            summed = train_one_epoch(model, [device_batches(windows[d.index], tickets[d.index].train_cfg)
+                                             for d in training], train_cfg,
+                                     _summed_keys(run, round_.global_state), _factor(run), seed=pass_seed(seeds))
             round_.partial = summed.total
             for position, dev in enumerate(training):
                 dev.summed = True
@@ -214,7 +223,7 @@ def _aggregate(run: RunConfig, trained: list[_Listed], global_state, partial: di
     """The devices' updates (weights - global, float64) summed with one factor per device (`_factor`): under
     user-level DP min(1, C / ||update||), `shared.privacy.user_level.clip_update`'s clipping, over all
     trainable arrays together; otherwise its FedAvg weight, divided by the total weight (an example-weighted
-    mean). `partial` already holds that sum over the devices `client.batched.train_one_step` trained."""
+    mean). `partial` already holds that sum over the devices `client.batched.train_one_epoch` trained."""
     ids = [d.node_id for d in trained]
     user_dp = run.user_dp.enabled
     keys = _summed_keys(run, global_state)

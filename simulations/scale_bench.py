@@ -42,7 +42,7 @@ import resource
 import tempfile
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -281,7 +281,7 @@ def pure_node(store_dir: Path, devices_per_node: int, args, previous: bool = Fal
     """Devices per second of one node message listing a cohort's share of a node's devices, in-process:
     (by wall time, by this process's CPU time). `previous`: every round through the several-epoch path
     (`client.batched.train_batched`: a copy of the weights per device), as nodes trained before the one-step
-    path (`client.batched.train_one_step`), for a comparison within one run."""
+    path (`client.batched.train_one_epoch`), for a comparison within one run."""
     from unittest import mock
 
     from flwr.app import ArrayRecord, ConfigRecord, RecordDict
@@ -306,7 +306,11 @@ def pure_node(store_dir: Path, devices_per_node: int, args, previous: bool = Fal
             NODE_DEVICES: ConfigRecord({"devices": devices, "ids": [device_node_id(d) for d in devices]})})
         context = node_context(1, {"partition-id": 0, "num-partitions": 1}, cfg)
         start, cpu = time.perf_counter(), time.process_time()
-        with mock.patch("client.node.one_step", lambda model, cfg: False) if previous else nullcontext():
+        with ExitStack() as patches:
+            if previous:  # the rule before: one batch per epoch and dropout 0 vectorised, through train_batched
+                patches.enter_context(mock.patch("client.node.one_epoch", lambda model, cfg: False))
+                patches.enter_context(mock.patch("client.node.vectorisable", lambda run, mu, n: (
+                    not run.device.dp and mu == 0 and run.model.dropout == 0 and 1 <= n <= run.device.batch_size)))
             client_app(instruction(content, 1, "train"), context)
         return time.perf_counter() - start, time.process_time() - cpu
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from client.app import app as client_app
-from client.batched import fits_one_batch, one_step, train_batched, train_one_step
+from client.batched import fits_one_batch, one_epoch, train_batched, train_one_epoch
 from client.device import training_windows
 from server.app import FederatedRun
 from server.run_dir import RunDirectory
@@ -96,8 +96,8 @@ def test_one_step_round_equals_each_device_alone(tmp_path, optimizer, trains):
                "weighted": (lambda norms, examples: examples, [float(len(w)) for w in windows])}
     for name, (factor, expected_factors) in factors.items():
         model = model_for(run, store.num_items, state=state)
-        assert one_step(model, cfg)
-        summed = train_one_step(model, windows, cfg, keys, factor)
+        assert one_epoch(model, cfg)
+        summed = train_one_epoch(model, [[w] for w in windows], cfg, keys, factor)
         for d, w in enumerate(windows):
             assert float(summed.norms[d]) == pytest.approx(norms[d], rel=1e-5)
             assert summed.results[d].steps == 1 and summed.results[d].num_examples == len(w)
@@ -134,8 +134,8 @@ def _train_message(cfg, state, store, population, devices, round_=1):
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-# one epoch: client.batched.train_one_step; two: train_batched. The store's devices hold 2 or 3 windows:
-# with batch-size 3 all train together, with 2 those of 3 windows train alone inside the node
+# one epoch: client.batched.train_one_epoch; two: train_batched. The store's devices hold 2 or 3 windows:
+# with batch-size 3 all train in one batch, with 2 those of 3 windows take a second step (one epoch: vectorised)
 @pytest.mark.parametrize("epochs,batch_size", [(1, 3), (2, 3), (1, 2)])
 def test_node_clipped_sum_equals_server_clipping_of_lone_devices(tmp_path, optimizer, epochs, batch_size):
     store = _store(tmp_path)

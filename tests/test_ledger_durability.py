@@ -149,7 +149,7 @@ def test_a_crash_before_the_reply_keeps_every_reservation(tmp_path, monkeypatch,
         def dies(*args, **kwargs):
             raise Crash
 
-        monkeypatch.setattr(client.node, "train_one_step", dies)
+        monkeypatch.setattr(client.node, "train_one_epoch", dies)
     else:
         real_release, releases = shared.privacy.ledger.release, []
 
