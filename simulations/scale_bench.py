@@ -331,8 +331,8 @@ def markdown(results: dict) -> str:
     lines = [f"# Device trainings per second, user-level DP ({results['started']}, {results['machine']})", "",
              f"{results['dataset']}: {results['devices']} devices, expected cohort {results['devices_per_round']} "
              f"(Poisson, user-level DP), one local epoch, dropout {results['dropout']}, no on-device DP-SGD, "
-             f"{results['rounds']} rounds (steady rounds 2..{results['rounds'] - 1} timed). Load average at the "
-             f"start: {results['load_average']}.", "",
+             f"{results['rounds']} rounds (steady rounds 2..{results['rounds'] - 1} timed), Ray workers at niceness "
+             f"{results.get('ray_worker_niceness', 15)}. Load average at the start: {results['load_average']}.", "",
              "| devices per node | Flower nodes | end to end (devices/s) | x devices-per-node 1 | "
              "pure compute, ideal on 2 CPUs (devices/s) | Flower engine overhead | "
              "pure compute by CPU time, ideal on 2 CPUs |", "|---|---|---|---|---|---|---|"]
@@ -427,7 +427,13 @@ def main() -> None:
     parser.add_argument("--pure-devices", type=int, default=256, help="devices timed for pure compute")
     parser.add_argument("--no-compare-previous", dest="compare_previous", action="store_false",
                         help="skip timing the node path before the one-step round (train_batched for every round)")
+    parser.add_argument("--ray-worker-niceness", type=int, default=0,
+                        help="niceness of Ray's worker processes (Ray's own default is 15; the pure compute runs at "
+                             "this process's, 0): on a shared machine niceness 15 hands the nodes' cores to every "
+                             "other job")
     args = parser.parse_args()
+    # Read by the raylet that `flwr run` starts (the launch passes this environment down)
+    os.environ["RAY_worker_niceness"] = str(args.ray_worker_niceness)
     warnings.filterwarnings("ignore", message="There is a performance drop")  # vmap's SDPA fallback
     store_dir = Path(args.store) if args.store else prepare_store("ml-100k")
     store = open_store(store_dir)
@@ -437,7 +443,7 @@ def main() -> None:
                      "load_average": [round(x, 1) for x in os.getloadavg()],
                      "dataset": store.meta.get("dataset", str(store_dir)), "devices": store.num_devices,
                      "devices_per_round": args.devices_per_round, "rounds": args.rounds, "dropout": args.dropout,
-                     "arms": []}
+                     "ray_worker_niceness": args.ray_worker_niceness, "arms": []}
     log_progress("pure compute, one device alone")
     results["pure_one_device_per_s"], results["pure_one_device_cpu_per_s"] = pure_one_device(store_dir, args)
     for k in args.devices_per_node:
