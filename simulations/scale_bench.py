@@ -124,13 +124,22 @@ def end_to_end(store_dir: Path, devices_per_node: int, args) -> dict:
     run_root = Path(tempfile.mkdtemp(prefix="privrec-scale-"))
     cfg = arm_config(store_dir, run_root, devices_per_node, args)
     peak: list = [0.0, {}, 0.0]
-    cpu_samples: list[tuple[float, dict[str, float]]] = []  # (Unix time, CPU seconds so far per process)
+    # (Unix time, CPU seconds so far per process id); by pid, since Ray retitles a worker as it goes
+    # (`ray::ClientAppActor`, `ray::ClientAppActor.run` while it runs a message, `ray::IDLE`)
+    cpu_samples: list[tuple[float, dict[str, float]]] = []
     last_cpu: dict[str, float] = {}
+    titles: dict[str, set[str]] = {}  # pid -> every name it was seen with
 
     def sample_memory() -> None:  # every second while the run lasts: the launcher, SuperLink, Ray, apps
         both = tree_processes(os.getpid())
-        cpu_samples.append((time.time(), {k: cpu for k, (_, cpu) in both.items() if not k.endswith(f" {os.getpid()}")}))
-        last_cpu.update(cpu_samples[-1][1])  # a process's CPU seconds as last seen (the run's end removes them)
+        by_pid = {}
+        for key, (_, cpu) in both.items():
+            name, pid = key.rsplit(" ", 1)
+            if pid != str(os.getpid()):
+                by_pid[pid] = cpu
+                titles.setdefault(pid, set()).add(name)
+        cpu_samples.append((time.time(), by_pid))
+        last_cpu.update(by_pid)  # a process's CPU seconds as last seen (the run's end removes them)
         processes = {k: rss for k, (rss, _) in both.items()}
         if sum(processes.values()) > peak[0]:
             peak[:2] = [sum(processes.values()), processes]
@@ -160,8 +169,9 @@ def end_to_end(store_dir: Path, devices_per_node: int, args) -> dict:
             "population_bytes": sum(p.stat().st_size for p in files), "run_record_files": len(run_files),
             "run_record_bytes": sum(p.stat().st_size for p in run_files), "server_rounds": server_rounds,
             "projection": projection(server_rounds, store_dir, args),
-            "cpu_s_by_process": {k: round(v, 2) for k, v in sorted(last_cpu.items(), key=lambda kv: -kv[1])},
-            "steady_cpu": steady_cpu(cpu_samples, server_rounds, args.rounds)}
+            "cpu_s_by_process": {f"{' / '.join(sorted(titles[pid]))} {pid}": round(v, 2)
+                                 for pid, v in sorted(last_cpu.items(), key=lambda kv: -kv[1])},
+            "steady_cpu": steady_cpu(cpu_samples, server_rounds, args.rounds, titles)}
 
 
 def _cpu_at(samples: list[tuple[float, dict[str, float]]], when: float) -> dict[str, float]:
@@ -176,17 +186,19 @@ def _cpu_at(samples: list[tuple[float, dict[str, float]]], when: float) -> dict[
     return {k: a.get(k, 0.0) + share * (b.get(k, a.get(k, 0.0)) - a.get(k, 0.0)) for k in set(a) | set(b)}
 
 
-def _process_group(name: str) -> str:
-    if name.startswith("ray::ClientAppActor"):
+def _process_group(names: set[str]) -> str:
+    """A process's group from every name it had (a Ray worker that ran the ClientApp was also `ray::IDLE`)."""
+    if any(name.startswith("ray::ClientAppActor") for name in names):
         return "nodes (Ray workers running the ClientApp)"
-    if "flwr-simulation" in name:
+    if any("flwr-simulation" in name for name in names):
         return "ServerApp and simulation engine (flwr-simulation)"
-    if "superlink" in name:
+    if any("superlink" in name for name in names):
         return "SuperLink"
     return "Ray and the rest (raylet, GCS, launcher, ...)"
 
 
-def steady_cpu(samples: list[tuple[float, dict[str, float]]], rows: list[dict], rounds: int) -> dict | None:
+def steady_cpu(samples: list[tuple[float, dict[str, float]]], rows: list[dict], rounds: int,
+               titles: dict[str, set[str]]) -> dict | None:
     """CPU seconds of the run's processes over the steady rounds (from the end of round 1 to the end of round
     R-1, the ServerApp's `at` times), by group of processes: what the rates by CPU time are computed from."""
     at = {row["round"]: row.get("at") for row in rows}
@@ -196,7 +208,7 @@ def steady_cpu(samples: list[tuple[float, dict[str, float]]], rows: list[dict], 
     first, last = _cpu_at(samples, start), _cpu_at(samples, end)
     groups: dict[str, float] = {}
     for name, cpu in last.items():
-        group = _process_group(name)
+        group = _process_group(titles.get(name, {name}))
         groups[group] = groups.get(group, 0.0) + cpu - first.get(name, 0.0)
     server_cpu = sum(row.get("cpu", 0.0) for row in rows if 2 <= row["round"] < rounds)
     return {"seconds": end - start, "cpu_s_by_group": {k: round(v, 3) for k, v in groups.items()},
