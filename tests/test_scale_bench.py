@@ -33,3 +33,18 @@ def test_a_round_clock_lap_gives_its_cpu_seconds_and_end_time():
     sum(i * i for i in range(200_000))
     lap = clock.lap()
     assert lap["cpu"] > 0 and lap["at"] > 1e9 and lap["wall"] >= 0
+
+
+def test_the_serverapp_polls_flowers_simulation_grid_for_replies_often():
+    from flwr.superlink.grid import InMemoryGrid
+
+    from server.app import REPLY_POLL_SECONDS, _poll_replies_often
+
+    class NoState:
+        def state(self):
+            return None
+
+    grid = InMemoryGrid(state_factory=NoState())
+    assert grid.pull_interval == 0.1  # Flower's default: a round waits 0.05 s on average after its last reply
+    _poll_replies_often(grid)
+    assert grid.pull_interval == REPLY_POLL_SECONDS < 0.1
