@@ -16,7 +16,7 @@ Gaussian mechanism of L2 sensitivity 1 on a sum of per-user contributions; adver
 sums and the released scorer (not the server, which sees each device's clipped contribution: no secure
 aggregation in this replay). The harness's fixed settings (100 items, window 10, the noise split 5 : 2.7 : 14,
 lr, channel list) were chosen while looking at seed 0's validation and test figures; that choice is NOT
-accounted in any epsilon here.
+accounted in any epsilon here. `simulations.private_selection` gives the epsilon-2 figure with (part of) that choice accounted.
 
 Beside each epsilon: `baseline popularity` and `baseline content` (`simulations.private_baselines.
 reference_baselines`: one DP popularity release calibrated to the same target with Opacus' RDP accountant, the

@@ -42,6 +42,9 @@ ML-100K, one user per device, the project's chronological leave-one-out split an
      of the second half. Init: popularity 1, content 8, channels 0 (a priori).
   The structural constants (100 items, window 10, z split, lr, channel list) were picked while exploring on
   seed 0 (validation and test of the same split), not by an accounted selection: see the results file.
+  `simulations.private_selection` makes part of that choice (top items, window) by an accounted private
+  selection (repeat-and-select); `simulations.consent_pipeline` runs the recipe over the non-consenting users
+  only (`users=`) with a consenting cohort's pretrained SASRec as an extra channel (`extra=`).
 * DP recency popularity: the same release over each user's last 20 training items (a failure: recorded).
 * Private hyperparameter choice: the candidate weights (w_content, w_seq) are scored on every user's
   validation item; each device sends its vector of per-candidate validation NDCG@10 clipped to L2 norm 1
@@ -120,10 +123,15 @@ class Data:
 
 
 # ------------------------------------------------------------------- per-user contributions
-def item_set_sum(data: Data) -> np.ndarray:
-    """sum_u x_u with x_u = the user's training item set / sqrt(n): every ||x_u|| = 1."""
+def contributors(data: Data, users) -> list:
+    """The training histories that enter a release: every user's, or only those of `users` (indices)."""
+    return list(data.train) if users is None else [data.train[int(u)] for u in users]
+
+
+def item_set_sum(data: Data, users=None) -> np.ndarray:
+    """sum_u x_u with x_u = the user's training item set / sqrt(n): every ||x_u|| = 1 (over `users` only if given)."""
     total = np.zeros(data.num_items + 1)
-    for seq in data.train:
+    for seq in contributors(data, users):
         items = np.unique(seq)
         total[items] += 1.0 / np.sqrt(len(items))
     return total
@@ -138,17 +146,18 @@ def recent_item_sum(data: Data, k: int = RECENT_ITEMS) -> np.ndarray:
     return total
 
 
-def windowed_cooc_sum(data: Data, keep: np.ndarray) -> tuple[np.ndarray, list]:
+def windowed_cooc_sum(data: Data, keep: np.ndarray, window: int = WCOOC_WINDOW, users=None) -> tuple[np.ndarray, list]:
     """Upper triangle of sum_u c_u, c_u = the user's weighted pair counts among `keep` (pairs at distance d <=
-    WCOOC_WINDOW weighted WCOOC_GAP_DECAY^(d-1), unordered), L2-normalised: ||c_u|| = 1 (0 without pairs).
-    Also each user's own (rows, cols, values), which its device uses to remove itself from training features."""
+    window weighted WCOOC_GAP_DECAY^(d-1), unordered), L2-normalised: ||c_u|| = 1 (0 without pairs); the sum
+    runs over `users` only when given. Also each contributor's own (rows, cols, values), in the order of
+    `users`, which its device uses to remove itself from training features."""
     n = data.num_items + 1
     inside = np.zeros(n, dtype=bool)
     inside[keep] = True
     total, own = np.zeros((n, n)), []
-    for seq in data.train:
+    for seq in contributors(data, users):
         lows, highs, weights = [], [], []
-        for gap in range(1, WCOOC_WINDOW + 1):
+        for gap in range(1, window + 1):
             lo, hi = np.minimum(seq[:-gap], seq[gap:]), np.maximum(seq[:-gap], seq[gap:])
             kept = (lo != hi) & inside[lo] & inside[hi]
             lows.append(lo[kept])
@@ -479,18 +488,19 @@ def genre_matrix() -> np.ndarray:
     return out / (np.linalg.norm(out, axis=1, keepdims=True) + 1e-12)
 
 
-def device_channels(data: Data, public: dict, histories, cooc: np.ndarray, own=None) -> tuple:
+def device_channels(data: Data, public: dict, histories, cooc: np.ndarray, own=None, extra=None) -> tuple:
     """What a device computes from its own history and the released statistics, for one query:
     its content profile [384] (as in device_features) and CHANNELS [len(CHANNELS), items + 1]:
       cooc  0.1 * (0.8^k-weighted rows of its last 10 items) @ released co-occurrence (minus the device's own
             contribution when `own` is given: a device removes itself from its training features),
       max10 the largest text cosine to any of its last 10 items, genre the genre cosine to its last 10 items,
       year / raw as in device_features, last the text cosine to its last item, long the text cosine to the
-      mean of its whole history. Also the mask of its history (excluded from the ranking)."""
+      mean of its whole history; then the rows of `extra` ([k, len(histories), items + 1], e.g. a pretrained
+      model's scores for each query), if given. Also the mask of its history (excluded from the ranking)."""
     text, genres = data.text, public["genres"]
     n, width = len(histories), data.num_items + 1
     profiles = np.zeros((n, text.shape[1]), dtype=np.float32)
-    channels = np.zeros((len(CHANNELS), n, width), dtype=np.float32)
+    channels = np.zeros((len(CHANNELS) + (0 if extra is None else len(extra)), n, width), dtype=np.float32)
     seen = np.zeros((n, width), dtype=bool)
     for u, seq in enumerate(histories):
         seen[u, seq] = True
@@ -517,6 +527,8 @@ def device_channels(data: Data, public: dict, histories, cooc: np.ndarray, own=N
                   "long": text @ (mean / np.linalg.norm(mean))}
         for c, name in enumerate(CHANNELS):
             channels[c, u] = values[name]
+    if extra is not None:
+        channels[len(CHANNELS):] = extra
     return profiles, channels, seen
 
 
@@ -524,10 +536,10 @@ class ChannelScorer(torch.nn.Module):
     """scales[0] * DP popularity bias + content weight * cos(profile, item) + sum_c scales[c] * channel c:
     len(CHANNELS) + 2 weights, initialised at the a-priori popularity + content score (channels 0)."""
 
-    def __init__(self) -> None:
+    def __init__(self, channels: int = len(CHANNELS)) -> None:
         super().__init__()
         self.content = torch.nn.Parameter(torch.tensor([FIXED_CONTENT_WEIGHT]))
-        self.scales = torch.nn.Parameter(torch.tensor([1.0] + [0.0] * len(CHANNELS)))
+        self.scales = torch.nn.Parameter(torch.tensor([1.0] + [0.0] * channels))
 
     def forward(self, text, bias, profile, channels):
         out = self.scales[0] * bias + self.content * (profile @ text.T)
@@ -535,64 +547,92 @@ class ChannelScorer(torch.nn.Module):
 
 
 def dp_sgd_channels(data: Data, public: dict, bias: np.ndarray, cooc: np.ndarray, own: list, z: float, rng,
-                    noise: bool) -> tuple:
+                    noise: bool, users=None, extra=None, lr: float = CHANNEL_LR) -> tuple:
     """User-level DP-SGD of ChannelScorer: Poisson rate DPSGD_RATE over users, DPSGD_STEPS steps; each device's
     gradient of its mean softmax loss over its last DPSGD_TARGETS training targets (its history masked, as in
     the ranking) clipped to DPSGD_CLIP; N(0, (z * clip)^2) on the sum; the noisy sum / expected cohort goes to
-    Adam (lr CHANNEL_LR); the released model is the mean of the iterates of the second half (post-processing)."""
+    Adam (lr); the released model is the mean of the iterates of the second half (post-processing).
+
+    `users`: the indices of the users who take part (default all; `own` is in their order). `extra`: optional
+    additional channels, a function (histories, split or None) -> [k, len(histories), items + 1] that a device
+    computes from its own history (e.g. a pretrained model's scores); split None means training queries."""
     from torch.func import functional_call
 
     torch.manual_seed(int(rng.integers(2**31)))
+    members = np.arange(data.num_users) if users is None else np.asarray(users)
     histories, targets, owners = [], [], []
-    for u, seq in enumerate(data.train):
+    for i, u in enumerate(members):
+        seq = data.train[u]
         for pos in range(len(seq) - DPSGD_TARGETS, len(seq)):
             histories.append(seq[:pos])
             targets.append(seq[pos])
-            owners.append(u)
-    profiles, channels, seen = device_channels(data, public, histories, cooc, [own[u] for u in owners])
-    users, width = data.num_users, data.num_items + 1
-    profiles_t = torch.from_numpy(profiles).reshape(users, DPSGD_TARGETS, -1)
-    channels_t = torch.from_numpy(channels).reshape(len(CHANNELS), users, DPSGD_TARGETS, width).transpose(0, 1)
-    masks_t = torch.from_numpy(np.where(seen, -1e4, 0.0).astype(np.float32)).reshape(users, DPSGD_TARGETS, width)
-    targets_t = torch.tensor(targets).reshape(users, DPSGD_TARGETS)
+            owners.append(i)
+    extra_train = None if extra is None else extra(histories, None)
+    profiles, channels, seen = device_channels(data, public, histories, cooc, [own[i] for i in owners], extra_train)
+    count, width, k = len(members), data.num_items + 1, channels.shape[0]
+    profiles_t = torch.from_numpy(profiles).reshape(count, DPSGD_TARGETS, -1)
+    channels_t = torch.from_numpy(channels).reshape(k, count, DPSGD_TARGETS, width).transpose(0, 1)
+    masks_t = torch.from_numpy(np.where(seen, -1e4, 0.0).astype(np.float32)).reshape(count, DPSGD_TARGETS, width)
+    targets_t = torch.tensor(targets).reshape(count, DPSGD_TARGETS)
+    del channels, seen
     text = torch.from_numpy(data.text.astype(np.float32))
     bias_t = torch.from_numpy(bias.astype(np.float32))
-    model = ChannelScorer()
+    model = ChannelScorer(k)
 
     def user_loss(p, prof, chans, mask, tgt):
         scores = functional_call(model, p, (text, bias_t, prof, chans)) + mask
         return torch.nn.functional.cross_entropy(scores[:, 1:], tgt - 1)
 
     gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
-    user_level_dpsgd(model, user_loss, (profiles_t, channels_t, masks_t, targets_t), lr=CHANNEL_LR, chunk=32, z=z,
+    user_level_dpsgd(model, user_loss, (profiles_t, channels_t, masks_t, targets_t), lr=lr, chunk=32, z=z,
                      noise=noise, gen=gen, average_second_half=True)
+    del profiles_t, channels_t, masks_t
 
     def scores(split: str) -> np.ndarray:
-        prof, chans, _ = device_channels(data, public, data.split[split][0], cooc)
+        inputs = data.split[split][0]
+        extra_query = None if extra is None else extra(inputs, split)
+        prof, chans, _ = device_channels(data, public, inputs, cooc, extra=extra_query)
         with torch.no_grad():
             return model(text, bias_t, torch.from_numpy(prof), torch.from_numpy(chans)).double().numpy()
 
+    names = ("popularity", *CHANNELS, *[f"extra{i}" for i in range(k - len(CHANNELS))])
     learned = {"content": float(model.content.detach()[0]),
-               "scales": dict(zip(("popularity", *CHANNELS), [round(float(x), 4) for x in model.scales.detach()]))}
+               "scales": dict(zip(names, [round(float(x), 4) for x in model.scales.detach()]))}
     return scores, learned
 
 
-def run_channel_arm(arm: dict, data: Data, sums: dict, seed: int) -> dict:
-    """DP popularity -> top items -> DP windowed co-occurrence among them -> DP-SGD of the channel scorer."""
-    started = time.perf_counter()
-    rng = np.random.default_rng(seed)
-    popularity = noisy(sums["items"], arm["pop_z"], rng)
+def channel_release(arm: dict, data: Data, sums: dict, rng, users=None) -> tuple:
+    """Releases 1 and 2 of the channel recipe: DP popularity (z = arm['pop_z']) and DP windowed co-occurrence
+    (z = arm['cooc_z']) among the arm's top items of that popularity (default WCOOC_TOP, window WCOOC_WINDOW),
+    both over `users` only when given. Returns (popularity bias, co-occurrence, each contributor's own part)."""
+    items = sums["items"] if users is None else item_set_sum(data, users)
+    popularity = noisy(items, arm["pop_z"], rng)
     bias = np.log1p(np.maximum(popularity, 0.0))
     bias[0] = 0.0
     order = np.argsort(-popularity)
-    keep = order[order > 0][:WCOOC_TOP]  # post-processing of the popularity release
-    total, own = windowed_cooc_sum(data, keep)
+    keep = order[order > 0][:arm.get("top", WCOOC_TOP)]  # post-processing of the popularity release
+    total, own = windowed_cooc_sum(data, keep, arm.get("window", WCOOC_WINDOW), users)
     released = noisy(np.triu(total), arm["cooc_z"], rng, symmetric_upper=True)
     cooc = np.zeros_like(released)
     cooc[np.ix_(keep, keep)] = released[np.ix_(keep, keep)]  # only these coordinates are released
     np.fill_diagonal(cooc, 0.0)
+    return bias, cooc, own
+
+
+def run_channel_arm(arm: dict, data: Data, sums: dict, seed: int, users=None, extra=None,
+                    keep_scorer: bool = False) -> dict:
+    """DP popularity -> top items -> DP windowed co-occurrence among them -> DP-SGD of the channel scorer.
+
+    `users` (indices): only they contribute to the three releases (default: everybody). `extra`: additional
+    on-device channels (see dp_sgd_channels). The arm may set `top`, `window` and `lr` (defaults: the module's
+    constants). With `keep_scorer`, the result also holds the scorer under key `_scorer` (not serialisable)."""
+    started = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    bias, cooc, own = channel_release(arm, data, sums, rng, users)
     private = arm["dpsgd_z"] > 0
-    scorer, learned = dp_sgd_channels(data, sums["public"], bias, cooc, own, arm["dpsgd_z"], rng, noise=private)
+    lr = arm.get("lr", CHANNEL_LR)
+    scorer, learned = dp_sgd_channels(data, sums["public"], bias, cooc, own, arm["dpsgd_z"], rng, noise=private,
+                                      users=users, extra=extra, lr=lr)
     releases = [arm["pop_z"], arm["cooc_z"]]
     result = metrics(data.ranks(scorer("test"), "test"))
     result["valid"] = metrics(data.ranks(scorer("valid"), "valid"))
@@ -600,12 +640,14 @@ def run_channel_arm(arm: dict, data: Data, sums: dict, seed: int) -> dict:
                   releases_z=releases, learned=learned,
                   epsilon=epsilons(releases, (dp_sgd_event(arm["dpsgd_z"]),)) if private else INFINITE,
                   seconds=time.perf_counter() - started,
-                  **{"dp-sgd": {"rate": DPSGD_RATE, "steps": DPSGD_STEPS, "clip": DPSGD_CLIP, "lr": CHANNEL_LR,
+                  **{"dp-sgd": {"rate": DPSGD_RATE, "steps": DPSGD_STEPS, "clip": DPSGD_CLIP, "lr": lr,
                                 "optimizer": "Adam, mean of the second half of the iterates",
-                                "targets_per_user": DPSGD_TARGETS, "z": arm["dpsgd_z"], "weights": len(CHANNELS) + 2,
-                                "channels": list(CHANNELS)},
-                     "cooc": {"top": WCOOC_TOP, "window": WCOOC_WINDOW, "gap_decay": WCOOC_GAP_DECAY,
-                              "z": arm["cooc_z"]}})
+                                "targets_per_user": DPSGD_TARGETS, "z": arm["dpsgd_z"],
+                                "weights": len(learned["scales"]) + 1, "channels": list(learned["scales"])[1:]},
+                     "cooc": {"top": arm.get("top", WCOOC_TOP), "window": arm.get("window", WCOOC_WINDOW),
+                              "gap_decay": WCOOC_GAP_DECAY, "z": arm["cooc_z"]}})
+    if keep_scorer:
+        result["_scorer"] = scorer
     return result
 
 
