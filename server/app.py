@@ -114,7 +114,7 @@ def main(grid: Grid, context: Context) -> None:
         run_dir.release()
 
 
-REPLY_POLL_SECONDS = 0.01
+REPLY_POLL_SECONDS = 0.02  # not lower: each look costs the ServerApp process CPU that the nodes compete for
 
 
 def _poll_replies_often(grid: Grid) -> None:
