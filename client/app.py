@@ -20,10 +20,10 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.analytics import answer_popularity_query
+from client.analytics import answer_cooccurrence_query, answer_popularity_query
 from client.audit import audit_mod
 from client.secagg import secagg_mod
-from shared.config import RunConfig, from_run_config
+from shared.config import SCORER_MODELS, RunConfig, from_run_config
 from shared.data.devices import CATALOGUE_KEY, check_server_catalogue
 from shared.device_nodes import NODE_DEVICES
 from shared.errors import PrivrecError
@@ -76,7 +76,7 @@ def _load(context: Context, record: ConfigRecord, run: RunConfig):
     data, num_items = _device_code().load_device(store_dir, device_index)
     # Text models: the device builds the frozen text table from its own copy of the public catalogue
     # (cached by hash); the server only names which one, and a mismatch is refused.
-    if run.pipeline.model == "content-scorer":  # its public side comes from `_catalogue`, kept per process
+    if run.pipeline.model in SCORER_MODELS:  # its public side comes from `_catalogue`, kept per process
         return device, data, num_items, state_dir, None
     features = features_for(run, store_dir, expected_key=record.get(TEXT_KEY))
     return device, data, num_items, state_dir, None if features is None else features.vectors
@@ -118,7 +118,7 @@ def train(msg: Message, context: Context) -> Message:
     with ledger_lock(path):  # train_round takes the lock again for its own load -> release
         reconcile(path, _ledger_mirror(context))  # a lost or stale ledger file never lowers the spend
     global_state = msg.content.array_records["arrays"].to_torch_state_dict()
-    if run.pipeline.model == "content-scorer":
+    if run.pipeline.model in SCORER_MODELS:
         return _train_scorer(msg, context, run, record, data, item_text, global_state, path, device, state_dir)
     _refuse_lost_spend(msg, state_dir, device, path)
     outcome = code.train_round(
@@ -143,7 +143,7 @@ def train(msg: Message, context: Context) -> Message:
 
 
 def _catalogue(context: Context, record: ConfigRecord, run: RunConfig, item_text=None):
-    """The public item side of the content scorer, from this device's copy of the catalogue."""
+    """The public item side of the content or channel scorer, from this device's copy of the catalogue."""
     from client.scorer import public_side  # torch: imported by the messages that need it
 
     key = record.get(TEXT_KEY)
@@ -151,7 +151,8 @@ def _catalogue(context: Context, record: ConfigRecord, run: RunConfig, item_text
 
 
 def _train_scorer(msg, context, run, record, data, item_text, global_state, path, device, state_dir) -> Message:
-    """model = content-scorer: the device's gradient (one FedSGD step), its round recorded as a user-level release."""
+    """model = content-/channel-scorer: the device's gradient (one FedSGD step), its round recorded as a user-level
+    release."""
     from client.scorer import train_scorer  # torch: imported by the messages that need it
 
     state, metrics = train_scorer(data, _catalogue(context, record, run, item_text), global_state, run,
@@ -176,7 +177,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     run, record = _run_config(msg, context)
     _, data, num_items, _, item_text = _load(context, record, run)
     global_state = msg.content.array_records["arrays"].to_torch_state_dict()
-    if run.pipeline.model == "content-scorer":
+    if run.pipeline.model in SCORER_MODELS:
         from client.scorer import evaluate_scorer  # torch: imported by the messages that need it
 
         metrics = evaluate_scorer(data, _catalogue(context, record, run, item_text), global_state, run)
@@ -205,4 +206,28 @@ def popularity_query(msg: Message, context: Context) -> Message:
     metrics = {"declined": int(vector is None), "user-level-epsilon": epsilon}
     if vector is not None:
         metrics["item-set"] = vector.tolist()
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+@app.query("cooccurrence")
+def cooccurrence_query(msg: Message, context: Context) -> Message:
+    """Federated analytics (`model = channel-scorer`): this device's windowed co-occurrence vector among the items
+    the server names (the top of the released popularity), each user's part of L2 norm <= 1, recorded as a
+    user-level release in its ledger first; nothing but the refusal leaves when it would pass the device's cap."""
+    code = _device_code()
+    run, record = _run_config(msg, context)
+    device, store_dir, state_dir = _device(context, record, run)
+    data, _ = code.load_device(store_dir, 0 if "data-dir" in context.node_config else int(device))
+    query = msg.content.config_records["analytics"]
+    path = code.ledger_path(state_dir, device)
+    with ledger_lock(path):
+        reconcile(path, _ledger_mirror(context))
+    vector, epsilon = answer_cooccurrence_query(
+        data, [int(i) for i in query["items"]], int(query["window"]), ledger_path=path, device=device,
+        noise_multiplier=float(query["noise-multiplier"]), delta=float(query["delta"]),
+        max_epsilon=float(run.device.max_epsilon), release_id=str(query["release"]))
+    _mirror_ledger(context, path, device)
+    metrics = {"declined": int(vector is None), "user-level-epsilon": epsilon}
+    if vector is not None:
+        metrics["pairs"] = vector.tolist()
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -1,9 +1,12 @@
-"""What one device does under `model = content-scorer`: its gradient of the scorer, and its own evaluation.
+"""What one device does under `model = content-scorer` or `channel-scorer`: its gradient of the scorer, and its
+own evaluation.
 
 Plain torch/numpy (`shared.scorer`); the Flower message handling lives in `client/app.py`. The device computes
 its profile and proximities from its own history; only the weights `global - gradient` and scalar counts leave
-it. The server clips that update and adds the noise (DP-FedAvg): the guarantee is user-level against whoever
-sees the released models, not against the server (no secure aggregation in this mode).
+it (the channel scorer's channels also use the released co-occurrence the model carries, and the device removes
+its own contribution to it from its training features). The server clips that update and adds the noise
+(DP-FedAvg): the guarantee is user-level against whoever sees the released models, not against the server (no
+secure aggregation in this mode).
 
 Every round the device takes part in is recorded in its ledger as a user-level release *before* the update
 leaves, without sampling amplification (the device knows it was sampled): an over-statement of what the run's
@@ -19,14 +22,25 @@ from pathlib import Path
 
 import torch
 
+from shared.analytics import COOC_GAP_DECAY
 from shared.config import RunConfig
 from shared.data.store import ITEMS_FILE, DeviceData
 from shared.errors import PrivrecError
 from shared.privacy.accounting import epsilon_from_state
 from shared.privacy.ledger import ledger_lock, load_ledger, save_ledger
-from shared.scorer import Catalogue, ContentScorer, evaluation_sums, fedsgd_update, read_catalogue, user_gradient
+from shared.scorer import (
+    Catalogue,
+    ChannelScorer,
+    ContentScorer,
+    channel_user_gradient,
+    evaluation_sums,
+    fedsgd_update,
+    read_catalogue,
+    user_gradient,
+)
 
 ROUND_RELEASE = "content-scorer-round"
+CHANNEL_ROUND_RELEASE = "channel-scorer-round"
 
 
 def public_side(store_dir: str | Path, expected_key: str | None) -> Catalogue:
@@ -47,8 +61,10 @@ def _public_side(store_dir: str, items_mtime_ns: int, expected_key: str | None) 
     return read_catalogue(Path(store_dir) / ITEMS_FILE, features.vectors)
 
 
-def _model(catalogue: Catalogue, global_state: Mapping[str, torch.Tensor]) -> ContentScorer:
-    return ContentScorer.from_state(global_state, catalogue.num_items, catalogue.text.shape[1])
+def _model(catalogue: Catalogue, global_state: Mapping[str, torch.Tensor],
+           model: str = "content-scorer") -> ContentScorer | ChannelScorer:
+    kind = ChannelScorer if model == "channel-scorer" else ContentScorer
+    return kind.from_state(global_state, catalogue.num_items, catalogue.text.shape[1])
 
 
 def train_scorer(data: DeviceData, catalogue: Catalogue, global_state: Mapping[str, torch.Tensor], run: RunConfig,
@@ -62,15 +78,21 @@ def train_scorer(data: DeviceData, catalogue: Catalogue, global_state: Mapping[s
         cap = run.device.max_epsilon
         if cap > 0 and epsilon > cap:
             return None, {"declined": 1, "num-examples": 0, "steps": 0}
-        ledger.releases.append({"kind": ROUND_RELEASE, "release": release_id, "unit": "user",
+        kind = CHANNEL_ROUND_RELEASE if run.pipeline.model == "channel-scorer" else ROUND_RELEASE
+        ledger.releases.append({"kind": kind, "release": release_id, "unit": "user",
                                 "relation": "add/remove one user",
                                 "mechanism": "server-side clipped sum + Gaussian (the server sees this update)",
                                 "noise_multiplier": z, "sample_rate": 1.0, "steps": 1,
                                 "user-level-epsilon": epsilon, "delta": run.device.delta, "accountant": "rdp"})
         save_ledger(ledger_path, ledger)  # recorded before the update leaves: over-report, never under-report
-    model = _model(catalogue, global_state)
-    grads = user_gradient(model, catalogue, data.train, run.pipeline.scorer_targets, run.pipeline.profile_items,
-                          run.pipeline.profile_decay)
+    model = _model(catalogue, global_state, run.pipeline.model)
+    if isinstance(model, ChannelScorer):
+        grads = channel_user_gradient(model, catalogue, data.train, run.pipeline.scorer_targets,
+                                      run.pipeline.profile_items, run.pipeline.profile_decay,
+                                      run.pipeline.cooc_window, COOC_GAP_DECAY)
+    else:
+        grads = user_gradient(model, catalogue, data.train, run.pipeline.scorer_targets, run.pipeline.profile_items,
+                              run.pipeline.profile_decay)
     # FedAvg weight 1 and a config step count: nothing in the metrics depends on the device's data.
     return fedsgd_update(model, grads), {"num-examples": 1, "steps": 1}
 
@@ -78,7 +100,7 @@ def train_scorer(data: DeviceData, catalogue: Catalogue, global_state: Mapping[s
 def evaluate_scorer(data: DeviceData, catalogue: Catalogue, global_state: Mapping[str, torch.Tensor],
                     run: RunConfig) -> dict[str, float | int]:
     """HR@10 / NDCG@10 sums over this device's users (validation and test items), scored on the device."""
-    model = _model(catalogue, global_state)
+    model = _model(catalogue, global_state, run.pipeline.model)
     return {"num-examples": len(data.test),
             **evaluation_sums(model, catalogue, data.train, data.valid, data.test, run.pipeline.profile_items,
                               run.pipeline.profile_decay)}

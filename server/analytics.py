@@ -15,7 +15,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from shared.analytics import noisy_sum
+from shared.analytics import gaussian_release, noisy_sum
 from shared.errors import PrivrecError
 
 
@@ -35,13 +35,37 @@ def federated_popularity(grid: Grid, device_config: Mapping[str, Any], *, num_it
     `device_config`: the per-run values a simulated device needs (`data-store`, `state-dir`); the static
     settings (its `max-epsilon`) reach the devices as Flower's run config.
     """
+    query = {"noise-multiplier": float(noise_multiplier), "delta": float(delta), "release": release_id}
+    total, devices, declined, failed = _federated_sum(grid, device_config, query, "query.popularity", "item-set",
+                                                      num_items + 1, noise_multiplier, "popularity")
+    return Release(noisy_sum(total, noise_multiplier, rng), float(noise_multiplier), devices, declined, failed)
+
+
+def federated_cooccurrence(grid: Grid, device_config: Mapping[str, Any], *, items: np.ndarray, window: int,
+                           noise_multiplier: float, delta: float, release_id: str,
+                           rng: np.random.Generator) -> Release:
+    """One user-level Gaussian release of the windowed co-occurrence among `items` (the top of the released
+    popularity: public) over every device of `grid`; `histogram` is the released pair vector
+    (`shared.analytics.pair_index` order)."""
+    query = {"noise-multiplier": float(noise_multiplier), "delta": float(delta), "release": release_id,
+             "items": [int(i) for i in items], "window": int(window)}
+    k = len(items)
+    total, devices, declined, failed = _federated_sum(grid, device_config, query, "query.cooccurrence", "pairs",
+                                                      k * (k - 1) // 2, noise_multiplier, "co-occurrence")
+    return Release(gaussian_release(total, noise_multiplier, rng), float(noise_multiplier), devices, declined,
+                   failed)
+
+
+def _federated_sum(grid: Grid, device_config: Mapping[str, Any], query: Mapping[str, Any], message_type: str,
+                   key: str, length: int, noise_multiplier: float, what: str) -> tuple[np.ndarray, int, int, int]:
+    """Ask every device of `grid` for its contribution (`key` of its reply) and sum the valid ones."""
     if not noise_multiplier > 0:
         raise PrivrecError(f"noise multiplier {noise_multiplier}: a release needs noise > 0")
-    query = ConfigRecord({"noise-multiplier": float(noise_multiplier), "delta": float(delta), "release": release_id})
-    messages = [Message(RecordDict({"config": ConfigRecord(dict(device_config)), "analytics": query}),
-                        dst_node_id=node, message_type="query.popularity")
+    messages = [Message(RecordDict({"config": ConfigRecord(dict(device_config)),
+                                    "analytics": ConfigRecord(dict(query))}),
+                        dst_node_id=node, message_type=message_type)
                 for node in grid.get_node_ids()]
-    total = np.zeros(num_items + 1, dtype=np.float64)
+    total = np.zeros(length, dtype=np.float64)
     devices = declined = failed = 0
     for reply in grid.send_and_receive(messages):
         if reply.has_error():
@@ -51,12 +75,12 @@ def federated_popularity(grid: Grid, device_config: Mapping[str, Any], *, num_it
         if int(metrics["declined"]):
             declined += 1
             continue
-        vector = np.asarray(metrics["item-set"], dtype=np.float64)
+        vector = np.asarray(metrics[key], dtype=np.float64)
         if vector.shape != total.shape or not np.isfinite(vector).all():
-            failed += 1  # not a contribution to this catalogue: left out, like a device that did not reply
+            failed += 1  # not a contribution to this release: left out, like a device that did not reply
             continue
         total += vector
         devices += 1
     if devices == 0:
-        raise PrivrecError("no device contributed to the popularity release (all declined or failed)")
-    return Release(noisy_sum(total, noise_multiplier, rng), float(noise_multiplier), devices, declined, failed)
+        raise PrivrecError(f"no device contributed to the {what} release (all declined or failed)")
+    return total, devices, declined, failed

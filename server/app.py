@@ -24,11 +24,18 @@ from server.evaluation import central_evaluation
 from server.pretraining import pretrain
 from server.round_clock import RoundClock, TimedGrid
 from server.run_dir import RunDirectory
-from server.scorer import central_scorer_evaluation, initial_scorer, released_popularity, scorer_architecture
+from server.scorer import (
+    central_scorer_evaluation,
+    initial_scorer,
+    released_cooccurrence,
+    released_popularity,
+    scorer_architecture,
+)
 from server.secagg import SecureAggregationGrid
 from server.strategy import build_strategy, cohort_size, user_sample_rate
 from shared.aggregation import running_average
 from shared.config import (
+    SCORER_MODELS,
     RunConfig,
     check_secure_aggregation,
     clamp_to_population,
@@ -186,7 +193,7 @@ class FederatedRun:
             log.warning("privrec: %s", clamped)
             self.run_dir.write_json("config.json", cfg)
         self.run = RunConfig.from_values(cfg)  # with what the run resolved
-        self.scorer = self.run.pipeline.model == "content-scorer"
+        self.scorer = self.run.pipeline.model in SCORER_MODELS
         if self.scorer:  # the whole run's user-level budget, before anything is released
             pipeline.check_pipeline_budget(cfg, user_sample_rate(cfg, self.num_devices), "run config: ")
         # Text models: the frozen text table is built here from the public catalogue (encoded once,
@@ -240,7 +247,9 @@ class FederatedRun:
             if self.scorer:  # federated analytics first: its release is the bias every round ships
                 histogram = released_popularity(self.grid, self.run, self.run_dir, device_config,
                                                 num_items=num_items, num_devices=self.num_devices)
-                model = initial_scorer(self.catalogue, histogram, self.run.federation.seed)
+                cooc = released_cooccurrence(self.grid, self.run, self.run_dir, device_config, histogram) \
+                    if self.run.pipeline.model == "channel-scorer" else None
+                model = initial_scorer(self.catalogue, histogram, self.run.federation.seed, cooc)
             if self.run.federation.public_share > 0:
                 model, info = pretrain(self.run, self.store, self.model_cfg, self.item_text)
                 self.run_dir.write_json("pretraining.json", info)
@@ -411,11 +420,12 @@ class FederatedRun:
 
     # -- privacy records -------------------------------------------------------------------
     def _user_level_epsilon(self, rounds: int) -> float | None:
-        if self.scorer:  # the popularity release is spent from round 0 on
+        if self.scorer:  # the analytics releases are spent from round 0 on
             return pipeline.pipeline_epsilon(self.run.pipeline.popularity_noise_multiplier,
                                              self.run.user_dp.noise_multiplier,
                                              user_sample_rate(self.cfg, self.num_devices), rounds,
-                                             self.run.device.delta, self.run.device.accountant)
+                                             self.run.device.delta, self.run.device.accountant,
+                                             pipeline.cooc_noise(self.cfg))
         if not self.run.user_dp.enabled or rounds == 0:
             return None
         return user_level_epsilon(self.run.user_dp.noise_multiplier, user_sample_rate(self.cfg, self.num_devices),
@@ -484,7 +494,9 @@ class FederatedRun:
                                 "evaluate": sum(r.get("eval-failures", 0) for r in self.rows)},
             "central-evaluation": central_rows[-1]["central"] if central_rows else None,
             "central-evaluation-initial": central_rows[0]["central"] if central_rows else None,
-            "privacy": {"mechanism": "user-level pipeline (popularity release + DP-FedAvg)",
+            "privacy": {"mechanism": "user-level pipeline (" + ("popularity and co-occurrence releases"
+                                                                 if self.run.pipeline.model == "channel-scorer"
+                                                                 else "popularity release") + " + DP-FedAvg)",
                         "user-level": {**self._pipeline_record(len([r for r in self.rows if r["round"] > 0])),
                                        "pipeline": True}} if self.scorer else
                        {**privacy, **privacy_statement(self.cfg), "capped-devices": len(strategy.privacy.capped),

@@ -1,9 +1,14 @@
-"""Server side of `model = content-scorer`: the DP popularity release first, then the scorer's initial model.
+"""Server side of `model = content-scorer` / `channel-scorer`: the analytics releases, then the initial model.
 
 The release is federated analytics (`server.analytics.federated_popularity`, the one the private baselines
 use) over every device; its result becomes the `popularity` buffer of the model every round ships, so it is
 released once and never again. It is recorded in the run directory (`popularity.json`) as soon as it exists:
 a resumed run reuses it instead of releasing a second histogram the accountant would not count.
+
+`channel-scorer` adds a second release before the rounds: the windowed co-occurrence among the `cooc-items`
+items the released popularity ranks highest (`server.analytics.federated_cooccurrence`; the item list is
+post-processing of the first release), recorded in `cooccurrence.json` and reused on resume in the same way.
+Both become frozen buffers of the model every round ships.
 """
 
 from __future__ import annotations
@@ -18,16 +23,18 @@ import torch
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
-from server.analytics import federated_popularity
+from server.analytics import federated_cooccurrence, federated_popularity
 from server.run_dir import RunDirectory
+from shared.analytics import cooc_from_release, top_items
 from shared.config import RunConfig
 from shared.data.store import DeviceStore
 from shared.metrics import hit_at_k, ndcg_at_k
-from shared.scorer import Catalogue, ContentScorer, evaluation_ranks, popularity_bias
+from shared.scorer import Catalogue, ChannelScorer, ContentScorer, evaluation_ranks, popularity_bias
 
 log = logging.getLogger("flwr")
 
 POPULARITY_FILE = "popularity.json"
+COOCCURRENCE_FILE = "cooccurrence.json"
 
 
 def released_popularity(grid: Grid, run: RunConfig, run_dir: RunDirectory, device_config: Mapping[str, Any], *,
@@ -48,17 +55,53 @@ def released_popularity(grid: Grid, run: RunConfig, run_dir: RunDirectory, devic
     return release.histogram
 
 
-def initial_scorer(catalogue: Catalogue, histogram: np.ndarray, seed: int) -> ContentScorer:
+def released_cooccurrence(grid: Grid, run: RunConfig, run_dir: RunDirectory, device_config: Mapping[str, Any],
+                          histogram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(item ids, released symmetric co-occurrence among them): the run's one co-occurrence release, among the
+    items the released popularity ranks highest (from `cooccurrence.json` when a resumed run already made it)."""
+    path = run_dir.path / COOCCURRENCE_FILE
+    items = top_items(histogram, run.pipeline.cooc_items)
+    if path.exists():
+        saved = json.loads(path.read_text())
+        return np.asarray(saved["items"], dtype=np.int64), cooc_from_release(np.asarray(saved["pairs"]),
+                                                                             len(saved["items"]))
+    release = federated_cooccurrence(grid, device_config, items=items, window=run.pipeline.cooc_window,
+                                     noise_multiplier=run.pipeline.cooc_noise_multiplier, delta=run.device.delta,
+                                     release_id=f"{run_dir.path.name}-cooccurrence", rng=np.random.default_rng())
+    run_dir.write_json(COOCCURRENCE_FILE, {"items": items.tolist(), "pairs": release.histogram.tolist(),
+                                           "window": run.pipeline.cooc_window,
+                                           "noise-multiplier": release.noise_multiplier, "devices": release.devices,
+                                           "declined": release.declined, "failed": release.failed})
+    log.info("privrec: co-occurrence among the top %d items released (user-level DP, noise multiplier %s) over "
+             "%d devices (%d declined, %d failed)", len(items), release.noise_multiplier, release.devices,
+             release.declined, release.failed)
+    return items, cooc_from_release(release.histogram, len(items))
+
+
+def initial_scorer(catalogue: Catalogue, histogram: np.ndarray, seed: int,
+                   cooc: tuple[np.ndarray, np.ndarray] | None = None) -> ContentScorer | ChannelScorer:
+    """The scorer before any round: the content scorer, or with `cooc` (item ids, matrix) the channel scorer."""
     torch.manual_seed(seed)
-    model = ContentScorer(catalogue.num_items, catalogue.text.shape[1])
+    if cooc is None:
+        model = ContentScorer(catalogue.num_items, catalogue.text.shape[1])
+    else:
+        items, matrix = cooc
+        model = ChannelScorer(catalogue.num_items, len(items))
+        model.cooc_items.copy_(torch.from_numpy(items.astype(np.float32)))
+        model.cooc.copy_(torch.from_numpy(matrix.astype(np.float32)))
     model.popularity.copy_(popularity_bias(histogram))
     return model
+
+
+def load_scorer(state: Mapping[str, torch.Tensor], catalogue: Catalogue, model: str) -> ContentScorer | ChannelScorer:
+    kind = ChannelScorer if model == "channel-scorer" else ContentScorer
+    return kind.from_state(state, catalogue.num_items, catalogue.text.shape[1])
 
 
 def central_scorer_evaluation(state: Mapping[str, torch.Tensor], catalogue: Catalogue, store: DeviceStore,
                               run: RunConfig) -> dict[str, Any]:
     """Simulation only: every user's validation and test items, scored as each device would score its own."""
-    model = ContentScorer.from_state(state, catalogue.num_items, catalogue.text.shape[1])
+    model = load_scorer(state, catalogue, run.pipeline.model)
     users = store.all_users()
     out: dict[str, Any] = {"label": "central (simulation only: reads every user's held-out items)"}
     for split in ("valid", "test"):
@@ -71,10 +114,10 @@ def central_scorer_evaluation(state: Mapping[str, torch.Tensor], catalogue: Cata
 
 def scorer_architecture(catalogue: Catalogue, run: RunConfig, text_info: Mapping[str, Any]) -> dict[str, Any]:
     """What model.pt needs beside its weights to be used again (the text table is rebuilt from the catalogue)."""
-    return {"model": "content-scorer", "num_items": catalogue.num_items, "dim": int(catalogue.text.shape[1]),
+    return {"model": run.pipeline.model, "num_items": catalogue.num_items, "dim": int(catalogue.text.shape[1]),
             "profile-items": run.pipeline.profile_items, "profile-decay": run.pipeline.profile_decay,
             "item-text": dict(text_info)}
 
 
-__all__ = ["POPULARITY_FILE", "central_scorer_evaluation", "initial_scorer", "released_popularity",
-           "scorer_architecture"]
+__all__ = ["COOCCURRENCE_FILE", "POPULARITY_FILE", "central_scorer_evaluation", "initial_scorer", "load_scorer",
+           "released_cooccurrence", "released_popularity", "scorer_architecture"]

@@ -34,9 +34,10 @@ from server.round_clock import RoundClock, TimedStrategy
 from server.rounds import EvaluationSchedule, ResumedRun, RoundReport
 from server.tally import PrivacyTally
 from server.user_dp import UserLevelDP
-from shared.config import aggregation_in_effect
+from shared.config import SCORER_MODELS, aggregation_in_effect
 from shared.metrics import bootstrap_ci
 from shared.model import FROZEN_BY_SCOPE
+from shared.scorer import CHANNEL_FROZEN
 from shared.scorer import FROZEN as SCORER_FROZEN
 
 K = 10
@@ -117,7 +118,8 @@ def build_strategy(cfg: dict[str, Any], num_devices: int, on_train, on_evaluate,
     if cfg["user-dp"] and not cfg["secure-aggregation"]:
         strategy = UserLevelDP(strategy, noise_multiplier=cfg["user-noise-multiplier"],
                                clipping_norm=cfg["user-clipping-norm"], expected_cohort=float(cohort),
-                               frozen=SCORER_FROZEN if cfg["model"] == "content-scorer"
+                               frozen=(CHANNEL_FROZEN if cfg["model"] == "channel-scorer" else SCORER_FROZEN)
+                               if cfg["model"] in SCORER_MODELS
                                else FROZEN_BY_SCOPE[cfg["device-trains"]],
                                summation=NodeSums() if hosted else None)
     elif aggregation_in_effect(cfg) == "per-row":  # never with dp, user-dp, secure aggregation or node hosting

@@ -99,3 +99,65 @@ def content_scores(history: np.ndarray, released: np.ndarray, text: np.ndarray,
     """
     unit = text / (np.linalg.norm(text, axis=1, keepdims=True) + 1e-12)
     return popularity_bias(released) + weight * (unit @ content_profile(history, unit))
+
+
+# ---------------------------------------------------------------- windowed co-occurrence (channel-scorer)
+# Among the K items the released popularity ranks highest (post-processing of that release), each user's
+# unordered item pairs at distance d <= window in its training sequence, weighted gap_decay^(d-1); the user's
+# vector over the K (K - 1) / 2 pairs is L2-normalised, so one user moves the sum by at most 1 in L2.
+COOC_GAP_DECAY = 0.9
+
+
+def top_items(released_popularity: np.ndarray, k: int) -> np.ndarray:
+    """The k item ids the released popularity ranks highest (padding 0 excluded): public post-processing."""
+    order = np.argsort(-np.asarray(released_popularity, dtype=np.float64), kind="stable")
+    return order[order > 0][:k].astype(np.int64)
+
+
+def pair_index(k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, cols) of the upper triangle without diagonal of a k x k matrix: the coordinates of the release."""
+    return np.triu_indices(k, 1)
+
+
+def own_cooc_matrix(seq: np.ndarray, items: np.ndarray, window: int, gap_decay: float = COOC_GAP_DECAY
+                    ) -> np.ndarray:
+    """One user's contribution as a symmetric [K, K] matrix (zero diagonal) over `items` positions: its pair
+    weights at distance <= `window`, L2-normalised over the upper triangle (all zero without a pair)."""
+    k = len(items)
+    position = np.full(int(max(items.max(initial=0), np.max(seq, initial=0))) + 1, -1, dtype=np.int64)
+    position[items] = np.arange(k)
+    seq = position[np.asarray(seq, dtype=np.int64).reshape(-1)]
+    out = np.zeros((k, k))
+    for gap in range(1, window + 1):
+        a, b = seq[:-gap], seq[gap:]
+        kept = (a >= 0) & (b >= 0) & (a != b)
+        lo, hi = np.minimum(a[kept], b[kept]), np.maximum(a[kept], b[kept])
+        np.add.at(out, (lo, hi), gap_decay ** (gap - 1))
+    norm = np.linalg.norm(out)
+    if norm > 0:
+        out /= norm
+    return out + out.T
+
+
+def cooc_vector(train: Sequence[np.ndarray], items: np.ndarray, window: int,
+                gap_decay: float = COOC_GAP_DECAY) -> np.ndarray:
+    """A device's contribution to the co-occurrence release: the sum over its users of their unit-norm pair
+    vectors (the upper triangles of `own_cooc_matrix`), length K (K - 1) / 2."""
+    rows, cols = pair_index(len(items))
+    total = np.zeros(len(rows))
+    for seq in train:
+        total += own_cooc_matrix(seq, items, window, gap_decay)[rows, cols]
+    return total
+
+
+def cooc_from_release(released: np.ndarray, k: int) -> np.ndarray:
+    """The symmetric [K, K] matrix (zero diagonal) of a released pair vector."""
+    rows, cols = pair_index(k)
+    out = np.zeros((k, k))
+    out[rows, cols] = released
+    return out + out.T
+
+
+def gaussian_release(total: np.ndarray, noise_multiplier: float, rng: np.random.Generator) -> np.ndarray:
+    """`total` + N(0, z^2) on every released coordinate (sensitivity 1: the Gaussian mechanism)."""
+    return total + rng.normal(0.0, noise_multiplier, total.shape)

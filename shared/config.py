@@ -55,7 +55,8 @@ GRAD_SAMPLE_MODES = ("hooks", "ghost")
 OPTIMIZERS = ("adam", "sgd")
 TRAINABLE_SCOPES = ("all", "no-item-tables")  # what a device trains (shared.model.FROZEN_BY_SCOPE)
 REPRESENTATIONS = ("id", "text", "text+id")
-MODELS = ("sasrec", "content-scorer")
+MODELS = ("sasrec", "content-scorer", "channel-scorer")
+SCORER_MODELS = ("content-scorer", "channel-scorer")  # the private pipelines (issue 13): one shape of run
 
 # the data and the simulated population
 _DATA: dict[str, Key] = {
@@ -72,9 +73,12 @@ _DATA: dict[str, Key] = {
 }
 # what a run trains, and the levers of the private content-scorer pipeline (issue 13)
 _PIPELINE: dict[str, Key] = {
-    "model": Key(str, "sasrec", "what is trained: sasrec (the sequence model below), or content-scorer (a DP "
+    "model": Key(str, "sasrec", "what is trained: sasrec (the sequence model below), content-scorer (a DP "
                                 "popularity release as federated analytics, then user-level DP-FedAvg of 387 "
-                                "weights over public text features and on-device profiles; shared/scorer.py)",
+                                "weights over public text features and on-device profiles; shared/scorer.py), or "
+                                "channel-scorer (DP popularity, then DP windowed co-occurrence among the "
+                                "cooc-items it ranks highest, then user-level DP-FedAvg of 9 weights over "
+                                "on-device score channels; the default of `privrec simulate`)",
                  _one_of(*MODELS), "must be one of " + ", ".join(MODELS)),
     "popularity-noise-multiplier": Key(float, 4.0, "content-scorer: noise std of the user-level DP popularity "
                                                    "release (sensitivity 1: each user's item set / sqrt(n))",
@@ -85,9 +89,18 @@ _PIPELINE: dict[str, Key] = {
                          lambda v: 0 < v <= 1, "must be in (0, 1]"),
     "scorer-targets": Key(int, 10, "content-scorer: a device's gradient is of its mean loss over its last N "
                                    "training items", _positive, "must be >= 1"),
-    "target-epsilon": Key(float, 2.0, "content-scorer: user-level budget of the whole run (popularity release + "
-                                      "every round, composed); a config that would exceed it is refused before "
-                                      "anything starts (0 = no cap)", _non_negative, "must be >= 0"),
+    "cooc-noise-multiplier": Key(float, 3.0, "channel-scorer: noise std of the user-level DP windowed "
+                                             "co-occurrence release (sensitivity 1: each user's pair vector "
+                                             "L2-normalised)", _positive, "must be > 0"),
+    "cooc-items": Key(int, 100, "channel-scorer: the co-occurrence release covers the pairs among the items the "
+                                "released popularity ranks highest (post-processing)",
+                      lambda v: v >= 2, "must be >= 2"),
+    "cooc-window": Key(int, 10, "channel-scorer: pairs at distance <= N in a user's training sequence count "
+                                "(weight 0.9^(distance-1))", _positive, "must be >= 1"),
+    "target-epsilon": Key(float, 2.0, "content-/channel-scorer: user-level budget of the whole run (every "
+                                      "analytics release + every round, composed); a config that would exceed "
+                                      "it is refused before anything starts (0 = no cap)",
+                          _non_negative, "must be >= 0"),
 }
 # the SASRec model's architecture
 _MODEL: dict[str, Key] = {
@@ -388,7 +401,7 @@ def _check_relations(cfg: Mapping[str, Any], where: str) -> None:
         problem = per_row_problem(cfg)
         if problem:
             raise PrivrecError(f"{where}config key 'aggregation' = per-row {problem}")
-    if cfg["model"] == "content-scorer":
+    if cfg["model"] in SCORER_MODELS:
         _check_content_scorer(cfg, where)
     if cfg["devices-per-round"] == 0 and cfg["fraction-train"] == 0:
         raise PrivrecError(f"{where}config keys 'devices-per-round' and 'fraction-train' are both 0: "
@@ -398,7 +411,7 @@ def _check_relations(cfg: Mapping[str, Any], where: str) -> None:
     if cfg["devices-per-node"] > 1:
         for key, clash in (("secure-aggregation", cfg["secure-aggregation"]),
                            ("aggregation", cfg["aggregation"] == "per-row"), ("catalogue", bool(cfg["catalogue"])),
-                           ("model", cfg["model"] == "content-scorer")):
+                           ("model", cfg["model"] in SCORER_MODELS)):
             # one reply per device (masks, changed rows), a real SuperNode per device, or device code that
             # client/node.py does not host (the content scorer's)
             if clash:
@@ -407,7 +420,9 @@ def _check_relations(cfg: Mapping[str, Any], where: str) -> None:
 
 
 def _check_content_scorer(cfg: Mapping[str, Any], where: str) -> None:
-    """What model = content-scorer needs: its guarantee is user-level DP-FedAvg, and nothing else of it exists."""
+    """What model = content-/channel-scorer needs: its guarantee is user-level DP-FedAvg, and nothing else of it
+    exists."""
+    model = cfg["model"]
     needs = {"dp": (False, "it runs no on-device DP-SGD (its guarantee is user-level: user-dp)"),
              "user-dp": (True, "its rounds are released only under user-level DP-FedAvg"),
              "secure-aggregation": (False, "secure aggregation is not wired for it yet"),
@@ -416,23 +431,34 @@ def _check_content_scorer(cfg: Mapping[str, Any], where: str) -> None:
     for key, (wanted, why) in needs.items():
         if cfg[key] != wanted:
             shown = str(wanted).lower() if isinstance(wanted, bool) else wanted
-            raise PrivrecError(f"{where}config key '{key}' = {cfg[key]!r} with model = content-scorer: {why}; "
+            raise PrivrecError(f"{where}config key '{key}' = {cfg[key]!r} with model = {model}: {why}; "
                                f"set {key} = {shown}, or model = sasrec")
     if cfg["accountant"] == "gdp":
-        raise PrivrecError(f"{where}config key 'accountant' = gdp with model = content-scorer: Opacus' gdp cannot "
-                           "compose the popularity release with the rounds; use rdp or prv")
+        raise PrivrecError(f"{where}config key 'accountant' = gdp with model = {model}: Opacus' gdp cannot "
+                           "compose the analytics releases with the rounds; use rdp or prv")
 
 
-# `privrec simulate` with no `model` given runs the private pipeline of issue 13: the DP popularity release
-# then user-level DP-FedAvg of the content scorer, total user-level epsilon <= 2 at delta 1e-5 (Opacus RDP),
-# sized to finish within 10 minutes on 2 cores (README): at a fixed epsilon, q = 0.25 over 10 rounds costs a
-# quarter of the device trainings of q = 1 for ~15% more noise on the mean update (z / (q N): 0.0106 vs 0.0086).
-# Fixed before the run: chosen by the developers from ML-100K validation figures (q 0.25/0.5/1, 10-20 rounds,
-# server-lr 0.1-0.3, two noise seeds); that choice is not in the run's epsilon (README says so).
-DEFAULT_PIPELINE: dict[str, Any] = {
+# The content-scorer pipeline (the default until the channel scorer, kept as a recipe): the DP popularity
+# release then user-level DP-FedAvg of the content scorer, total user-level epsilon 1.97 at delta 1e-5 (Opacus
+# RDP). Chosen by the developers from ML-100K validation figures (q 0.25/0.5/1, 10-20 rounds, server-lr 0.1-0.3,
+# two noise seeds); that choice is not in the run's epsilon (README says so).
+CONTENT_SCORER_PIPELINE: dict[str, Any] = {
     "model": "content-scorer", "dp": False, "user-dp": True, "strategy": "fedadam", "server-lr": 0.2,
     "num-rounds": 10, "devices-per-round": 0, "fraction-train": 0.25, "user-noise-multiplier": 2.5,
-    "user-clipping-norm": 1.0, "eval-every": 0,
+    "user-clipping-norm": 1.0, "eval-every": 0, "popularity-noise-multiplier": 4.0, "scorer-targets": 10,
+}
+# `privrec simulate` with no `model` given runs the channel-scorer pipeline (issue 13): DP popularity (z 5),
+# DP windowed co-occurrence among the 100 items it ranks highest (z 3), then 10 rounds of user-level DP-FedAvg
+# (FedSGD, Poisson q = 0.25, clip 1, z 3.5, FedAdam lr 0.5) of the 9-weight channel scorer: total user-level
+# epsilon < 2 at delta 1e-5 (Opacus RDP), within 10 minutes on 2 cores. The research replay's recipe
+# (simulations/private_pipeline.py: 100 steps) shrunk to the 10 rounds a Flower run affords; chosen by the
+# developers on ML-100K validation figures of that replay (README "The private pipeline"): not in the epsilon.
+DEFAULT_PIPELINE: dict[str, Any] = {
+    "model": "channel-scorer", "dp": False, "user-dp": True, "strategy": "fedadam", "server-lr": 0.5,
+    "num-rounds": 10, "devices-per-round": 0, "fraction-train": 0.25, "user-noise-multiplier": 3.5,
+    "user-clipping-norm": 1.0, "eval-every": 0, "popularity-noise-multiplier": 5.0, "cooc-noise-multiplier": 3.0,
+    "cooc-items": 100, "cooc-window": 10, "scorer-targets": 5,
+    "central-eval": False,  # the federated evaluation gives the figures; the server-side check costs ~1 min twice
 }
 
 
@@ -523,6 +549,9 @@ class PipelineSection:
     profile_items: int
     profile_decay: float
     scorer_targets: int
+    cooc_noise_multiplier: float
+    cooc_items: int
+    cooc_window: int
     target_epsilon: float
 
 

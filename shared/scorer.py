@@ -40,19 +40,22 @@ FROZEN = ("popularity",)
 
 @dataclass(frozen=True)
 class Catalogue:
-    """Public item side: unit text rows [items + 1, d] (row 0 = padding), raw catalogue ids and title years."""
+    """Public item side: unit text rows [items + 1, d] (row 0 = padding), raw catalogue ids and title years,
+    and (when the catalogue names them) unit genre rows [items + 1, genres] (the channel scorer's genre channel)."""
 
     text: torch.Tensor
     raw: np.ndarray
     years: np.ndarray
+    genres: np.ndarray | None = None
 
     @property
     def num_items(self) -> int:
         return self.text.shape[0] - 1
 
 
-def public_catalogue(text: np.ndarray, item_ids: Sequence[str], item_titles: Sequence[str | None]) -> Catalogue:
-    """The public item side from the catalogue (ids and titles, index = item id) and its text vectors."""
+def public_catalogue(text: np.ndarray, item_ids: Sequence[str], item_titles: Sequence[str | None],
+                     item_genres: Sequence[Sequence[str]] | None = None) -> Catalogue:
+    """The public item side from the catalogue (ids, titles and genres, index = item id) and its text vectors."""
     text = np.asarray(text, dtype=np.float32)
     unit = text / (np.linalg.norm(text, axis=1, keepdims=True) + 1e-12)
     raw = np.array([float(i) if str(i).isdigit() else 0.0 for i in item_ids], dtype=np.float64)
@@ -60,7 +63,15 @@ def public_catalogue(text: np.ndarray, item_ids: Sequence[str], item_titles: Seq
                       for t in item_titles], dtype=np.float64)
     known = years[1:][~np.isnan(years[1:])]
     years = np.where(np.isnan(years), float(np.median(known)) if known.size else 0.0, years)
-    return Catalogue(torch.from_numpy(unit), raw, years)
+    genres = None
+    if item_genres is not None:
+        names = sorted({g for item in item_genres for g in item})
+        genres = np.zeros((len(text), max(1, len(names))))
+        for i, item in enumerate(item_genres):
+            for g in item:
+                genres[i, names.index(g)] = 1.0
+        genres /= np.linalg.norm(genres, axis=1, keepdims=True) + 1e-12
+    return Catalogue(torch.from_numpy(unit), raw, years, genres)
 
 
 def read_catalogue(items_path: str | Path, text: np.ndarray) -> Catalogue:
@@ -69,12 +80,14 @@ def read_catalogue(items_path: str | Path, text: np.ndarray) -> Catalogue:
 
     try:
         data = json.loads(Path(items_path).read_text(encoding="utf-8"))
-        ids, titles = data["item_ids"], data["item_titles"]
+        ids, titles, genres = data["item_ids"], data["item_titles"], data.get("item_genres")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise PrivrecError(f"{items_path}: cannot read the catalogue's item ids and titles ({exc})") from None
     if len(ids) != len(text) or len(titles) != len(text):
         raise PrivrecError(f"{items_path}: {len(ids)} items, but the text table has {len(text)} rows")
-    return public_catalogue(text, ids, titles)
+    if genres is not None and len(genres) != len(text):
+        raise PrivrecError(f"{items_path}: {len(genres)} genre lists, but the text table has {len(text)} rows")
+    return public_catalogue(text, ids, titles, genres)
 
 
 def device_features(catalogue: Catalogue, histories: Sequence[np.ndarray], profile_items: int,
@@ -163,13 +176,16 @@ def fedsgd_update(model: ContentScorer, grads: dict[str, torch.Tensor]) -> dict[
     return state
 
 
-def score_histories(model: ContentScorer, catalogue: Catalogue, histories: Sequence[np.ndarray],
+def score_histories(model: ContentScorer | ChannelScorer, catalogue: Catalogue, histories: Sequence[np.ndarray],
                     profile_items: int, decay: float) -> torch.Tensor:
+    """Scores of every item for each history (either scorer), as a device computes them."""
+    if isinstance(model, ChannelScorer):
+        return channel_score_histories(model, catalogue, histories, profile_items, decay)
     with torch.no_grad():
         return model(catalogue.text, *device_features(catalogue, histories, profile_items, decay))
 
 
-def evaluation_ranks(model: ContentScorer, catalogue: Catalogue, train, valid, test, split: str,
+def evaluation_ranks(model: ContentScorer | ChannelScorer, catalogue: Catalogue, train, valid, test, split: str,
                      profile_items: int, decay: float, batch: int = 256) -> np.ndarray:
     """Rank of each user's held-out item for `split`, own history excluded (the project's full-ranking metric)."""
     inputs, targets, exclude = eval_inputs(train, valid, test, split)
@@ -182,7 +198,7 @@ def evaluation_ranks(model: ContentScorer, catalogue: Catalogue, train, valid, t
     return ranks
 
 
-def evaluation_sums(model: ContentScorer, catalogue: Catalogue, train, valid, test, profile_items: int,
+def evaluation_sums(model: ContentScorer | ChannelScorer, catalogue: Catalogue, train, valid, test, profile_items: int,
                     decay: float, k: int = 10) -> dict[str, float]:
     """HR@k / NDCG@k sums over the given users on validation and test items (a device's evaluate reply)."""
     out = {}
@@ -191,3 +207,135 @@ def evaluation_sums(model: ContentScorer, catalogue: Catalogue, train, valid, te
         out[f"{split}-hit@{k}-sum"] = float(hit_at_k(ranks, k).sum())
         out[f"{split}-ndcg@{k}-sum"] = float(ndcg_at_k(ranks, k).sum())
     return out
+
+
+# ------------------------------------------------------------------ model = channel-scorer
+# The research replay's round-2 recipe (simulations/private_pipeline.py, issue 13): a few scales over score
+# channels a device computes from its own history and the released public things (DP popularity, DP windowed
+# co-occurrence among the items that popularity ranks highest, the public catalogue). Fixed a priori.
+CHANNELS = ("cooc", "max10", "genre", "year", "raw", "last", "long")
+CHANNEL_FROZEN = ("popularity", "cooc_items", "cooc")  # released once (analytics), shipped, never trained
+RECENT_WINDOW = 10  # last items of the max-cosine and genre channels
+COOC_QUERY_ITEMS, COOC_QUERY_DECAY, COOC_SCALE = 10, 0.8, 0.1  # the device's query of the co-occurrence rows
+HISTORY_MASK = -1e4  # training scores of the user's own history: excluded, as in the ranking
+
+
+class ChannelScorer(torch.nn.Module):
+    """scales[0] * popularity + content * cos(profile, item) + sum_c scales[1 + c] * channel c.
+
+    9 trained weights (content, and one scale per popularity and channel), started at the a-priori popularity
+    + content score (1, 8, channels 0). Buffers, released once and then public: `popularity` (the bias),
+    `cooc_items` (the item ids of the co-occurrence release, float ids: every shipped array is float) and
+    `cooc` (the released symmetric co-occurrence among them, zero diagonal)."""
+
+    def __init__(self, num_items: int, cooc_items: int) -> None:
+        super().__init__()
+        self.content = torch.nn.Parameter(torch.tensor([CONTENT_WEIGHT]))
+        self.scales = torch.nn.Parameter(torch.tensor([1.0] + [0.0] * len(CHANNELS)))
+        self.register_buffer("popularity", torch.zeros(num_items + 1))
+        self.register_buffer("cooc_items", torch.zeros(cooc_items))
+        self.register_buffer("cooc", torch.zeros(cooc_items, cooc_items))
+
+    def forward(self, text: torch.Tensor, profile: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
+        """`channels` [B, len(CHANNELS), items + 1] -> scores [B, items + 1]."""
+        out = self.scales[0] * self.popularity + self.content * (profile @ text.T)
+        return out + torch.einsum("c,bci->bi", self.scales[1:], channels)
+
+    @classmethod
+    def from_state(cls, state, num_items: int, dim: int | None = None) -> ChannelScorer:
+        model = cls(num_items, int(np.asarray(state["cooc_items"]).shape[0]))
+        model.load_state_dict({k: torch.as_tensor(np.asarray(v, dtype=np.float32)) for k, v in state.items()})
+        return model
+
+
+def cooc_matrix(model: ChannelScorer) -> tuple[np.ndarray, np.ndarray]:
+    """(item ids of the co-occurrence release, their released symmetric matrix) from the model's buffers."""
+    return model.cooc_items.numpy().round().astype(np.int64), model.cooc.numpy().astype(np.float64)
+
+
+def channel_features(catalogue: Catalogue, histories: Sequence[np.ndarray], items: np.ndarray, cooc: np.ndarray,
+                     profile_items: int, decay: float, own: Sequence[np.ndarray] | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What a device computes from its own histories and the released things, per history: its unit profile
+    [B, d], CHANNELS [B, len(CHANNELS), items + 1] and the mask of its history [B, items + 1] (0 / -1e4):
+      cooc  0.1 x (0.8^k-weighted released co-occurrence rows of its last 10 items), minus its own contribution
+            when `own` (one [K, K] matrix per history: the user's own normalised pair weights) is given -- a
+            device removes itself from its training features;
+      max10 the largest text cosine to any of its last 10 items; genre the cosine of the genres to those of its
+            last 10 items; year / raw the proximities of the content scorer; last the text cosine to its last
+            item; long the text cosine to the mean of its whole history."""
+    text = catalogue.text.numpy().astype(np.float64)
+    genres = catalogue.genres if catalogue.genres is not None else np.zeros((len(text), 1))
+    n, width = len(histories), catalogue.num_items + 1
+    position = np.full(width, -1, dtype=np.int64)
+    position[items] = np.arange(len(items))
+    profiles = np.zeros((n, text.shape[1]), dtype=np.float32)
+    channels = np.zeros((n, len(CHANNELS), width), dtype=np.float32)
+    mask = np.zeros((n, width), dtype=np.float32)
+    for u, seq in enumerate(histories):
+        seq = np.asarray(seq, dtype=np.int64).reshape(-1)
+        if seq.size == 0:
+            continue
+        mask[u, seq] = HISTORY_MASK
+        last = seq[-profile_items:][::-1]
+        weights = decay ** np.arange(len(last))
+        profile = weights @ text[last]
+        profiles[u] = profile / (np.linalg.norm(profile) + 1e-12)
+        query = seq[-COOC_QUERY_ITEMS:][::-1]
+        at = position[query]
+        inside = at >= 0
+        query_weights = (COOC_QUERY_DECAY ** np.arange(len(query)))[inside]
+        row = np.zeros(width)
+        if inside.any():
+            rows = cooc[at[inside]]
+            if own is not None:
+                rows = rows - own[u][at[inside]]
+            row[items] = query_weights @ rows
+        recent = seq[-RECENT_WINDOW:]
+        genre = genres[recent].sum(0)
+        mean = text[seq].mean(0)
+        values = {"cooc": COOC_SCALE * row,
+                  "max10": (text[recent] @ text.T).max(0),
+                  "genre": genres @ (genre / (np.linalg.norm(genre) + 1e-12)),
+                  "year": -np.abs(catalogue.years - (weights @ catalogue.years[last]) / weights.sum()) / 10.0,
+                  "raw": -np.log1p(np.abs(catalogue.raw[None, :]
+                                          - catalogue.raw[seq[-RECENT_ITEMS:]][:, None]).min(0)),
+                  "last": text @ text[seq[-1]],
+                  "long": text @ (mean / (np.linalg.norm(mean) + 1e-12))}
+        for c, name in enumerate(CHANNELS):
+            channels[u, c] = values[name]
+    return torch.from_numpy(profiles), torch.from_numpy(channels), torch.from_numpy(mask)
+
+
+def channel_user_gradient(model: ChannelScorer, catalogue: Catalogue, train: Sequence[np.ndarray], targets: int,
+                          profile_items: int, decay: float, window: int, gap_decay: float) -> dict[str, torch.Tensor]:
+    """One user's gradient of its mean softmax loss over its last `targets` training items (its history masked),
+    with its own co-occurrence contribution removed from its features. Zero without a usable example."""
+    from shared.analytics import own_cooc_matrix
+
+    grads = {k: torch.zeros_like(p) for k, p in model.named_parameters()}
+    items, cooc = cooc_matrix(model)
+    histories, nexts, owns = [], [], []
+    for seq in train:
+        seq = np.asarray(seq, dtype=np.int64).reshape(-1)
+        own = own_cooc_matrix(seq, items, window, gap_decay)
+        for pos in range(max(1, len(seq) - targets), len(seq)):
+            histories.append(seq[:pos])
+            nexts.append(seq[pos])
+            owns.append(own)
+    if not histories:
+        return grads
+    profile, channels, mask = channel_features(catalogue, histories, items, cooc, profile_items, decay, owns)
+    model.zero_grad()
+    scores = model(catalogue.text, profile, channels) + mask
+    loss = torch.nn.functional.cross_entropy(scores[:, 1:], torch.tensor(nexts) - 1)
+    loss.backward()
+    return {k: p.grad.detach().clone() for k, p in model.named_parameters()}
+
+
+def channel_score_histories(model: ChannelScorer, catalogue: Catalogue, histories: Sequence[np.ndarray],
+                            profile_items: int, decay: float) -> torch.Tensor:
+    items, cooc = cooc_matrix(model)
+    profile, channels, _ = channel_features(catalogue, histories, items, cooc, profile_items, decay)
+    with torch.no_grad():
+        return model(catalogue.text, profile, channels)

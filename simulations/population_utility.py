@@ -32,7 +32,7 @@ Arms at each N:
   cohort x local epochs; optimizer steps), one seed by default. They are references for the trend, not the
   README's converged figures (quoted beside them at N = 943).
 
-Sampling rule: the product's defaults at every N (`shared.config.DEFAULT_PIPELINE`: Poisson q = 0.25, 10
+Sampling rule: the content-scorer defaults at every N (`shared.config.CONTENT_SCORER_PIPELINE`: Poisson q = 0.25, 10
 rounds, clip 1, FedAdam server-lr 0.2, reference noise multipliers 4 (popularity) and 2.5 (rounds)), i.e. what
 `privrec simulate` would do on that population. The epsilon depends on q, the rounds and the two noise
 multipliers only, so the calibrated multipliers are the same at every N, and the noise on the averaged
@@ -95,7 +95,7 @@ def pipeline_settings(rounds: int | None = None) -> dict:
     """The content-scorer defaults (`shared.config`), as `privrec simulate` runs them."""
     from shared import config
 
-    cfg = {**config.defaults(), **config.DEFAULT_PIPELINE}
+    cfg = {**config.defaults(), **config.CONTENT_SCORER_PIPELINE}
     return {"q": cfg["fraction-train"], "rounds": rounds or cfg["num-rounds"], "clip": cfg["user-clipping-norm"],
             "server-lr": cfg["server-lr"], "popularity-z": cfg["popularity-noise-multiplier"],
             "z": cfg["user-noise-multiplier"], "targets": cfg["scorer-targets"], "profile-items": cfg["profile-items"],

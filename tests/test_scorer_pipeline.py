@@ -68,7 +68,7 @@ def test_the_composed_epsilon_agrees_with_dp_accounting(pop_z, z, q, rounds):
 
 
 def _scorer_cfg(**overrides):
-    return config.validate({**config.DEFAULT_PIPELINE, **overrides})
+    return config.validate({**config.CONTENT_SCORER_PIPELINE, **overrides})
 
 
 @pytest.mark.parametrize("key,value,words", [
@@ -185,8 +185,10 @@ def test_privrec_simulate_without_options_runs_the_pipeline_and_prints_figures_b
     assert code == 0, err
     recorded = json.loads((tmp_path / "runs" / "cli" / "config.json").read_text())
     assert {k: recorded[k] for k in config.DEFAULT_PIPELINE} == config.DEFAULT_PIPELINE  # the private pipeline
+    assert recorded["model"] == "channel-scorer"
     privacy = json.loads((tmp_path / "runs" / "cli" / "privacy.json").read_text())
-    assert privacy["epsilon"] == pytest.approx(pipeline_epsilon(4.0, 2.5, 2 / NUM_DEVICES, 10, 1e-5, "rdp"))
+    assert privacy["epsilon"] == pytest.approx(pipeline_epsilon(5.0, 3.5, 2 / NUM_DEVICES, 10, 1e-5, "rdp",
+                                                                cooc_noise=3.0))
     assert privacy["epsilon"] <= 2.0
     lines = out.splitlines()
     assert any(line.startswith("NDCG@10 ") and "HR@10" in line for line in lines)

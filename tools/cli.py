@@ -67,13 +67,14 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------- simulate
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from shared.config import DEFAULT_PIPELINE, clamp_to_population, default_run_name
+    from shared.config import DEFAULT_PIPELINE, SCORER_MODELS, clamp_to_population, default_run_name
     from shared.data.store import open_store, prepare_store
     from shared.privacy.statement import one_line
     from tools.launch import run_simulation
 
-    # Without a `model` of its own, a simulation runs the private pipeline (issue 13): DP popularity release
-    # + user-level DP-FedAvg of the content scorer; `--set model=sasrec` gives the sequence model.
+    # Without a `model` of its own, a simulation runs the private pipeline (issue 13): DP popularity and
+    # co-occurrence releases + user-level DP-FedAvg of the channel scorer; `--set model=sasrec` gives the
+    # sequence model.
     cfg = config_from_args(args, preset=DEFAULT_PIPELINE)
     ray_address = _ray_address(args.ray_address)
     store_dir = Path(cfg["data-store"]) if cfg["data-store"] else prepare_store(cfg["dataset"],
@@ -84,11 +85,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     clamped = clamp_to_population(cfg, store.num_devices)
     if clamped:
         print(f"privrec: note: {clamped}", flush=True)
-    if cfg["model"] == "content-scorer":  # the whole run's budget, before anything starts
+    if cfg["model"] in SCORER_MODELS:  # the whole run's budget, before anything starts
         from shared.privacy.pipeline import check_pipeline_budget, planned_sample_rate
 
         check_pipeline_budget(cfg, planned_sample_rate(cfg, store.num_devices))
-    if cfg["item-representation"] != "id" or cfg["model"] == "content-scorer":  # encode once, with a progress bar
+    if cfg["item-representation"] != "id" or cfg["model"] in SCORER_MODELS:  # encode once, with a progress bar
         from shared.text.features import features_for
 
         features_for(cfg, store_dir)

@@ -1,10 +1,11 @@
 """Top-k recommendations from a trained run directory (model.pt, model.json, items.json).
 
-Both models a run can save: SASRec (`Recommender`) and the private pipeline's content scorer
-(`ScorerRecommender`, chosen when model.json says `"model": "content-scorer"`). The scorer ranks with
-`shared.scorer.score_histories`, the function the pipeline's evaluation uses: the released DP popularity
-bias (the `popularity` buffer of model.pt), the public text features rebuilt from the run's catalogue, and
-the profile and proximities computed here from the given history.
+Every model a run can save: SASRec (`Recommender`) and the private pipelines' content or channel scorer
+(`ScorerRecommender`, chosen when model.json says `"model": "content-scorer"` or `"channel-scorer"`). The
+scorer ranks with `shared.scorer.score_histories`, the function the pipeline's evaluation uses: the released
+DP popularity bias (and, for the channel scorer, the released co-occurrence: buffers of model.pt), the public
+text features rebuilt from the run's catalogue, and the profile and channels computed here from the given
+history.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 from shared.errors import PrivrecError
 from shared.model import ModelConfig, SASRec
 from shared.scorer import Catalogue as ScorerCatalogue
-from shared.scorer import ContentScorer, public_catalogue, score_histories
+from shared.scorer import ChannelScorer, ContentScorer, public_catalogue, score_histories
 
 
 def _json_lines(path: Path, expected: str) -> list[tuple[str, dict]]:
@@ -136,7 +137,7 @@ class Recommender:
             arch = _read_json(run_dir / "model.json")
         except PrivrecError as exc:
             raise PrivrecError(f"{run_dir}: cannot load the model ({exc})") from None
-        if isinstance(arch, dict) and arch.get("model") == "content-scorer":
+        if isinstance(arch, dict) and arch.get("model") in ("content-scorer", "channel-scorer"):
             return ScorerRecommender.load(run_dir, arch)
         try:
             items = _read_json(run_dir / "items.json")
@@ -257,7 +258,8 @@ class ScorerRecommender(Recommender):
             except Exception as exc:  # a damaged file can fail anywhere inside the unpickler
                 raise PrivrecError(f"model.pt is not a readable torch state dict ({type(exc).__name__}); "
                                    "damaged, or not written by privrec") from None
-            model = ContentScorer.from_state(state, catalogue.num_items, catalogue.text.shape[1])
+            kind = ChannelScorer if arch["model"] == "channel-scorer" else ContentScorer
+            model = kind.from_state(state, catalogue.num_items, catalogue.text.shape[1])
             items = _read_json(run_dir / "items.json")
             ids, titles = [str(i) for i in items["item_ids"]], list(items["item_titles"])
             profile_items, decay = int(arch["profile-items"]), float(arch["profile-decay"])
@@ -285,11 +287,12 @@ class ScorerRecommender(Recommender):
         # A new title without a year gets the trained catalogue's median year (not the new items' median).
         known = np.array([not np.isnan(y) for y in _title_years(titles)])
         years = np.where(known, extra.years[1:], float(np.median(old.years[1:])))
+        genres = None if old.genres is None else np.vstack([old.genres, np.zeros((len(ids), old.genres.shape[1]))])
         self.catalogue = ScorerCatalogue(torch.cat([old.text, extra.text[1:]]),
-                                         np.concatenate([old.raw, extra.raw[1:]]), np.concatenate([old.years, years]))
-        grown = ContentScorer(self.catalogue.num_items, old.text.shape[1])
-        grown.load_state_dict({**self.model.state_dict(),
-                               "popularity": torch.cat([self.model.popularity, torch.zeros(len(ids))])})
+                                         np.concatenate([old.raw, extra.raw[1:]]), np.concatenate([old.years, years]),
+                                         genres)  # a new item's genres are not read: its genre channel is 0
+        state = {**self.model.state_dict(), "popularity": torch.cat([self.model.popularity, torch.zeros(len(ids))])}
+        grown = type(self.model).from_state(state, self.catalogue.num_items, old.text.shape[1])
         self.model = grown.eval()
         self._append(ids, titles)
         return len(ids)

@@ -1,4 +1,4 @@
-"""One accountant for everything a `model = content-scorer` run releases about a user.
+"""One accountant for everything a `model = content-scorer` or `channel-scorer` run releases about a user.
 
 Privacy unit: one user's whole history (one user per device; with more, a device's users together), under
 adding or removing that user. The run releases, in this order:
@@ -6,6 +6,9 @@ adding or removing that user. The run releases, in this order:
 1. the item-popularity histogram: the sum of every device's item-set vector (each user's distinct training
    items weighted 1/sqrt(n), L2 norm 1) plus N(0, z_pop^2) per item -- a Gaussian mechanism, sensitivity 1,
    no sampling;
+1b. channel-scorer only: the windowed co-occurrence among the `cooc-items` items the released histogram ranks
+   highest (post-processing): the sum of every user's pair vector (L2 norm 1) plus N(0, z_cooc^2) per pair --
+   a Gaussian mechanism, sensitivity 1, no sampling;
 2. every DP-FedAvg round: devices Poisson-sampled at rate q, each device's update (minus its gradient) clipped
    to C on the server, N(0, (z C)^2) on the sum, divided by the fixed q N -- the sampled Gaussian mechanism
    (q, z), once per round. The server optimizer (FedAdam) and evaluation are post-processing.
@@ -29,21 +32,25 @@ COMPOSABLE = ("rdp", "prv")  # Opacus' gdp accountant refuses a history whose no
 
 
 def pipeline_history(popularity_noise: float, noise_multiplier: float, sample_rate: float,
-                     rounds: int) -> list[list[float]]:
-    """Accountant rows [noise multiplier, sample rate, steps]: the popularity release, then `rounds` rounds."""
+                     rounds: int, cooc_noise: float | None = None) -> list[list[float]]:
+    """Accountant rows [noise multiplier, sample rate, steps]: the popularity release, the co-occurrence release
+    (when `cooc_noise` is given: channel-scorer), then `rounds` rounds."""
     history = [[float(popularity_noise), 1.0, 1]]
+    if cooc_noise is not None:
+        history.append([float(cooc_noise), 1.0, 1])
     if rounds > 0:
         history.append([float(noise_multiplier), float(sample_rate), int(rounds)])
     return history
 
 
 def pipeline_epsilon(popularity_noise: float, noise_multiplier: float, sample_rate: float, rounds: int,
-                     delta: float, accountant: str) -> float:
-    """User-level epsilon at `delta` of the popularity release composed with `rounds` DP-FedAvg rounds."""
+                     delta: float, accountant: str, cooc_noise: float | None = None) -> float:
+    """User-level epsilon at `delta` of the popularity release (and the co-occurrence release, when
+    `cooc_noise` is given) composed with `rounds` DP-FedAvg rounds."""
     if accountant not in COMPOSABLE:
-        raise PrivrecError(f"config key 'accountant' = {accountant}: model = content-scorer composes two different "
+        raise PrivrecError(f"config key 'accountant' = {accountant}: the scorer pipelines compose different "
                            f"mechanisms, which Opacus' gdp accountant cannot; use one of {', '.join(COMPOSABLE)}")
-    state = {"history": pipeline_history(popularity_noise, noise_multiplier, sample_rate, rounds),
+    state = {"history": pipeline_history(popularity_noise, noise_multiplier, sample_rate, rounds, cooc_noise),
              "mechanism": accountant}
     return float(epsilon_from_state(state, delta, accountant))
 
@@ -56,10 +63,21 @@ def planned_sample_rate(cfg: Mapping[str, Any], num_devices: int) -> float:
     return max(1, min(wanted, num_devices)) / num_devices
 
 
+def cooc_noise(cfg: Mapping[str, Any]) -> float | None:
+    """The co-occurrence release's noise multiplier when the config's model makes that release, else None."""
+    return float(cfg["cooc-noise-multiplier"]) if cfg["model"] == "channel-scorer" else None
+
+
 def planned_epsilon(cfg: Mapping[str, Any], sample_rate: float) -> float:
-    """The epsilon a content-scorer config reaches after all its rounds (before anything runs)."""
+    """The epsilon a scorer-pipeline config reaches after all its rounds (before anything runs)."""
     return pipeline_epsilon(cfg["popularity-noise-multiplier"], cfg["user-noise-multiplier"], sample_rate,
-                            cfg["num-rounds"], cfg["delta"], cfg["accountant"])
+                            cfg["num-rounds"], cfg["delta"], cfg["accountant"], cooc_noise(cfg))
+
+
+def _releases(cfg: Mapping[str, Any]) -> str:
+    z_cooc = cooc_noise(cfg)
+    return f"popularity release z = {cfg['popularity-noise-multiplier']:g}" + (
+        "" if z_cooc is None else f" + co-occurrence release z = {z_cooc:g}")
 
 
 def check_pipeline_budget(cfg: Mapping[str, Any], sample_rate: float, where: str = "") -> float:
@@ -69,17 +87,27 @@ def check_pipeline_budget(cfg: Mapping[str, Any], sample_rate: float, where: str
     if cap > 0 and epsilon > cap:
         raise PrivrecError(
             f"{where}config key 'target-epsilon' = {cap:g}: this run would reach user-level epsilon {epsilon:.3f} "
-            f"({cfg['accountant']}, delta {cfg['delta']:g}: popularity release z = "
-            f"{cfg['popularity-noise-multiplier']:g} + {cfg['num-rounds']} rounds at q = {sample_rate:.3g}, "
-            f"z = {cfg['user-noise-multiplier']:g}); raise the noise multipliers, or lower num-rounds")
+            f"({cfg['accountant']}, delta {cfg['delta']:g}: {_releases(cfg)} + {cfg['num-rounds']} rounds at "
+            f"q = {sample_rate:.3g}, z = {cfg['user-noise-multiplier']:g}); raise the noise multipliers, or lower "
+            "num-rounds")
     return epsilon
 
 
 def statement(cfg: Mapping[str, Any], sample_rate: float, population: int, rounds: int) -> dict[str, Any]:
-    """The full guarantee of a content-scorer run after `rounds` rounds (privacy.json, summary.json)."""
+    """The full guarantee of a scorer-pipeline run after `rounds` rounds (privacy.json, summary.json)."""
+    z_cooc = cooc_noise(cfg)
+    channel = z_cooc is not None
+    cooc = (f"2) windowed co-occurrence among the {cfg['cooc-items']} items the released histogram ranks highest "
+            f"(post-processing): Gaussian, sensitivity 1 (each user's weighted pairs at distance <= "
+            f"{cfg['cooc-window']}, L2-normalised), noise multiplier {z_cooc:g}, no sampling, one release; 3) "
+            ) if channel else "2) "
+    gradient = ("its gradient of the mean loss over its last {n} training items, its history masked and its own "
+                "co-occurrence contribution removed from its features" if channel else
+                "its gradient of the mean loss over its last {n} training items").format(n=cfg["scorer-targets"])
     return {
+        "model": cfg["model"],
         "epsilon": pipeline_epsilon(cfg["popularity-noise-multiplier"], cfg["user-noise-multiplier"], sample_rate,
-                                    rounds, cfg["delta"], cfg["accountant"]),
+                                    rounds, cfg["delta"], cfg["accountant"], z_cooc),
         "planned-epsilon": planned_epsilon(cfg, sample_rate),
         "target-epsilon": cfg["target-epsilon"],
         "delta": cfg["delta"],
@@ -88,19 +116,20 @@ def statement(cfg: Mapping[str, Any], sample_rate: float, population: int, round
         "accountant": f"Opacus {cfg['accountant']}, one history composing every release "
                       "(checked against dp-accounting in tests)",
         "history": pipeline_history(cfg["popularity-noise-multiplier"], cfg["user-noise-multiplier"], sample_rate,
-                                    rounds),
+                                    rounds, z_cooc),
         "mechanism": (f"1) popularity histogram: Gaussian, sensitivity 1 (each user's item set / sqrt(n)), noise "
-                      f"multiplier {cfg['popularity-noise-multiplier']:g}, no sampling, one release; 2) {rounds} "
-                      f"round(s) of DP-FedAvg (FedSGD): each device's update = minus its gradient of the mean loss "
-                      f"over its last {cfg['scorer-targets']} training items, clipped on the server to L2 norm "
-                      f"{cfg['user-clipping-norm']:g}, N(0, ({cfg['user-noise-multiplier']:g} x "
-                      f"{cfg['user-clipping-norm']:g})^2) on the sum, divided by the expected cohort; "
-                      f"{cfg['strategy']} as post-processing"),
-        "sampling": f"Poisson sampling of devices at rate q = {sample_rate:.4g} per round over {population} devices",
+                      f"multiplier {cfg['popularity-noise-multiplier']:g}, no sampling, one release; {cooc}{rounds} "
+                      f"round(s) of DP-FedAvg (FedSGD) of the {cfg['model']}: each device's update = minus "
+                      f"{gradient}, clipped on the server to L2 norm {cfg['user-clipping-norm']:g}, N(0, "
+                      f"({cfg['user-noise-multiplier']:g} x {cfg['user-clipping-norm']:g})^2) on the sum, divided by "
+                      f"the expected cohort; {cfg['strategy']} as post-processing"),
+        "sampling": f"analytics releases: every device, no sampling; rounds: Poisson sampling of devices at rate "
+                    f"q = {sample_rate:.4g} per round over {population} devices",
         "on-device-dp": "off (dp = false): no window-level DP-SGD; the guarantee is the user-level one above",
-        "adversary": "whoever sees the released popularity histogram and the released models (other devices, "
-                     "users of the model); NOT the server, which sees each device's item-set vector and "
-                     "unclipped update (no secure aggregation in this mode)",
+        "adversary": "whoever sees the released " + ("popularity histogram, the released co-occurrence" if channel
+                                                     else "popularity histogram") +
+                     " and the released models (other devices, users of the model); NOT the server, which sees "
+                     "each device's contribution vectors and unclipped update (no secure aggregation in this mode)",
         "hyperparameters": "fixed before the run; the run makes no choice on its private data. The defaults were "
                            "chosen by the developers from ML-100K measurements (validation items): that choice "
                            "is not counted in epsilon",
@@ -108,21 +137,30 @@ def statement(cfg: Mapping[str, Any], sample_rate: float, population: int, round
     }
 
 
+def _what(record: Mapping[str, Any]) -> tuple[str, str]:
+    """(the releases in words, what the adversary sees) of a statement, by whether it has the co-occurrence."""
+    if record.get("model") == "channel-scorer":
+        return ("DP popularity release + DP co-occurrence release", "released histograms and models")
+    return ("DP popularity release", "released histogram and models")
+
+
 def sentence(record: Mapping[str, Any], rounds: int) -> dict[str, Any]:
-    """privacy.json's statement of a content-scorer run (the shape of `shared.privacy.statement.sentences`)."""
-    text = (f"Whole pipeline (DP popularity release + {rounds} round(s) of user-level DP-FedAvg of the content "
-            f"scorer): each user's entire history is protected with epsilon <= {record['epsilon']:.3g} at delta "
+    """privacy.json's statement of a scorer-pipeline run (the shape of `shared.privacy.statement.sentences`)."""
+    releases, seen = _what(record)
+    text = (f"Whole pipeline ({releases} + {rounds} round(s) of user-level DP-FedAvg of the scorer): each "
+            f"user's entire history is protected with epsilon <= {record['epsilon']:.3g} at delta "
             f"{record['delta']:g} for adding or removing one user ({record['accountant']}; {record['sampling']}) "
-            "against whoever sees the released histogram and models, but not against the server (no secure "
-            "aggregation in this mode). No on-device DP-SGD (dp = false).")
-    return {"mechanism": "user-level pipeline (popularity release + DP-FedAvg)", "sentence": text,
+            f"against whoever sees the {seen}, but not against the server (no secure aggregation in this "
+            "mode). No on-device DP-SGD (dp = false).")
+    return {"mechanism": f"user-level pipeline ({releases.replace('DP ', '')} + DP-FedAvg)", "sentence": text,
             "epsilon": record["epsilon"], "delta": record["delta"], "accountant": record["accountant"],
             "is-a-bound": True, "unit": record["unit"], "relation": record["relation"],
             "adversary": record["adversary"], "sampling": record["sampling"]}
 
 
 def one_line(record: Mapping[str, Any]) -> str:
+    releases, seen = _what(record)
     return (f"user-level epsilon {record['epsilon']:.2f} at delta {record['delta']:g} (Opacus "
             f"{record['accountant'].split(',')[0].removeprefix('Opacus ')}); unit: one user's whole history, "
-            "add/remove one user; covers the popularity release and every round; against whoever sees the "
-            "released histogram and models, not the server (no secure aggregation); no on-device DP-SGD")
+            f"add/remove one user; covers the {releases.replace('DP ', '').replace(' + ', ' and ')} and every "
+            f"round; against whoever sees the {seen}, not the server (no secure aggregation); no on-device DP-SGD")

@@ -177,6 +177,8 @@ class Expected:
     basis: str  # where q comes from: "config sample-rate", "device data (n windows)", "unknown"
     # model = content-scorer: the popularity release [z_pop, 1, 1] the user-level history starts with
     leading_release: tuple[float, float, int] | None = None
+    # model = channel-scorer: the further analytics releases after it (the co-occurrence [z_cooc, 1, 1])
+    further_releases: tuple[tuple[float, float, int], ...] = ()
 
 
 def steps_for(sample_rate: float, epochs: int) -> int:
@@ -213,8 +215,9 @@ def check_history(history: list[tuple[float, float, int]], rounds_trained: int, 
     flags = []
     round_steps = 0
     lead = expected.leading_release
-    if lead is not None and history and all(_close(float(a), float(b)) for a, b in zip(history[0], lead)):
-        history = history[1:]  # the popularity release: its own mechanism, not a round
+    for release in ((lead, *expected.further_releases) if lead is not None else ()):
+        if history and all(_close(float(a), float(b)) for a, b in zip(history[0], release)):
+            history = history[1:]  # an analytics release (popularity, co-occurrence): its own mechanism, not a round
     for i, (z, q, n) in enumerate(history):
         row = f"history row {i} [{z:g}, {q:.6g}, {n}]"
         if expected.noise_multiplier is not None and not _close(z, expected.noise_multiplier):
@@ -285,7 +288,10 @@ def expected_user_level(config: dict[str, Any], population: int | None) -> Expec
             wanted = int(round(config["fraction-train"] * population))
         if wanted:
             q, basis = max(1, min(int(wanted), population)) / population, f"devices-per-round over {population}"
-    lead = None
-    if config.get("model") == "content-scorer" and isinstance(config.get("popularity-noise-multiplier"), (int, float)):
+    lead, further = None, ()
+    if config.get("model") in ("content-scorer", "channel-scorer") and \
+            isinstance(config.get("popularity-noise-multiplier"), (int, float)):
         lead = (float(config["popularity-noise-multiplier"]), 1.0, 1)
-    return Expected(float(z) if isinstance(z, (int, float)) else None, q, 1, basis, lead)
+    if config.get("model") == "channel-scorer" and isinstance(config.get("cooc-noise-multiplier"), (int, float)):
+        further = ((float(config["cooc-noise-multiplier"]), 1.0, 1),)
+    return Expected(float(z) if isinstance(z, (int, float)) else None, q, 1, basis, lead, further)

@@ -1,0 +1,192 @@
+"""model = channel-scorer (the default of `privrec simulate`, issue 13): the devices' clipped co-occurrence
+contributions, the release noise, the one composed accountant (checked against dp-accounting), the refusals,
+and the whole pipeline (popularity release, co-occurrence release, user-level DP-FedAvg rounds) through the real
+ServerApp and ClientApp in process, and `privrec recommend` on its run."""
+
+from __future__ import annotations
+
+import json
+
+import dp_accounting as dpa
+import numpy as np
+import pytest
+import torch
+from dp_accounting.pld import pld_privacy_accountant
+from dp_accounting.rdp import rdp_privacy_accountant
+
+from shared import config
+from shared.analytics import cooc_from_release, cooc_vector, own_cooc_matrix, pair_index, top_items
+from shared.errors import PrivrecError
+from shared.privacy.pipeline import check_pipeline_budget, pipeline_epsilon
+from shared.scorer import CHANNELS, ChannelScorer, channel_features, channel_user_gradient
+from tests.test_scorer_pipeline import NUM_DEVICES, NUM_ITEMS, _catalogue, digit_store  # noqa: F401 - fixture
+
+
+def _channel_cfg(**overrides):
+    return config.validate({**config.DEFAULT_PIPELINE, **overrides})
+
+
+# ------------------------------------------------------------- a device's contribution
+def test_each_users_cooccurrence_part_has_norm_one_and_counts_only_pairs_inside_the_window_and_items():
+    items = np.array([7, 3, 5, 9])  # positions 0..3
+    seq = np.array([3, 5, 2, 3, 9, 9, 20, 7])
+    own = own_cooc_matrix(seq, items, window=2, gap_decay=0.5)
+    rows, cols = pair_index(4)
+    # By hand, gap 1: (3,5) (9,7 across 20? no: 20 breaks it) ... pairs of positions among kept items only.
+    expected = np.zeros((4, 4))
+    for gap, weight in ((1, 1.0), (2, 0.5)):
+        for a, b in zip(seq[:-gap], seq[gap:]):
+            if a in items and b in items and a != b:
+                i, j = sorted((int(np.flatnonzero(items == a)[0]), int(np.flatnonzero(items == b)[0])))
+                expected[i, j] += weight
+    expected /= np.linalg.norm(expected)
+    assert np.allclose(own[rows, cols], expected[rows, cols]) and np.allclose(own, own.T)
+    assert np.linalg.norm(own[rows, cols]) == pytest.approx(1.0)  # sensitivity 1 under add/remove one user
+    assert np.all(np.diag(own) == 0)
+    # A device's vector is the sum of its users' parts; a user without a pair adds nothing.
+    vector = cooc_vector([seq, np.array([3, 2, 2]), np.array([9, 5] * 30)], items, window=2, gap_decay=0.5)
+    parts = [np.linalg.norm(own_cooc_matrix(s, items, 2, 0.5)[rows, cols]) for s in
+             (seq, np.array([3, 2, 2]), np.array([9, 5] * 30))]
+    assert parts == pytest.approx([1.0, 0.0, 1.0])  # a long, repetitive history weighs no more than a short one
+    assert vector == pytest.approx(own[rows, cols] + own_cooc_matrix(np.array([9, 5] * 30), items, 2, 0.5)[rows, cols])
+    assert np.allclose(cooc_from_release(vector, 4)[rows, cols], vector)
+
+
+def test_the_cooccurrence_items_are_the_top_of_the_released_popularity():
+    released = np.array([100.0, 3.0, -1.0, 7.0, 7.0, 0.5])  # padding (index 0) never counts
+    assert top_items(released, 3).tolist() == [3, 4, 1]
+
+
+def test_a_device_removes_its_own_contribution_from_its_training_channels():
+    catalogue = _catalogue()
+    items = np.arange(1, 21)
+    rng = np.random.default_rng(3)
+    released = cooc_from_release(rng.normal(size=190), 20)
+    seq = np.array([1, 2, 3, 4, 2, 5, 6, 30, 7])
+    own = own_cooc_matrix(seq, items, 10)
+    _, with_own, _ = channel_features(catalogue, [seq], items, released, 5, 0.8)
+    _, without, _ = channel_features(catalogue, [seq], items, released - own, 5, 0.8)
+    _, removed, mask = channel_features(catalogue, [seq], items, released, 5, 0.8, [own])
+    assert torch.allclose(removed, without) and not torch.allclose(removed, with_own)
+    assert (mask[0, seq] < -1e3).all() and mask[0, 10] == 0  # the history is masked in training
+    model = ChannelScorer(NUM_ITEMS, 20)
+    model.cooc_items.copy_(torch.from_numpy(items.astype(np.float32)))
+    model.cooc.copy_(torch.from_numpy(released.astype(np.float32)))
+    grads = channel_user_gradient(model, catalogue, [seq], targets=3, profile_items=5, decay=0.8, window=10,
+                                  gap_decay=0.9)
+    assert set(grads) == {"content", "scales"} and grads["scales"].shape == (len(CHANNELS) + 1,)
+    assert float(grads["scales"].abs().sum()) > 0
+
+
+# ------------------------------------------------------------------- the accountant
+@pytest.mark.parametrize("pop_z,cooc_z,z,q,rounds", [(5.0, 3.0, 3.5, 0.25, 10), (4.0, 2.0, 8.0, 1.0, 5),
+                                                     (6.0, 3.5, 2.0, 0.1, 0)])
+def test_the_three_releases_compose_as_dp_accounting_says(pop_z, cooc_z, z, q, rounds):
+    events = [dpa.GaussianDpEvent(pop_z), dpa.GaussianDpEvent(cooc_z)]
+    if rounds:
+        events.append(dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(z)), rounds))
+    rdp = rdp_privacy_accountant.RdpAccountant()
+    rdp.compose(dpa.ComposedDpEvent(events))
+    pld = pld_privacy_accountant.PLDAccountant()
+    pld.compose(dpa.ComposedDpEvent(events))
+    ours = pipeline_epsilon(pop_z, z, q, rounds, 1e-5, "rdp", cooc_noise=cooc_z)
+    assert ours == pytest.approx(rdp.get_epsilon(1e-5), rel=0.03)
+    assert ours >= pld.get_epsilon(1e-5)  # RDP never claims less than the tight PLD figure
+    # The co-occurrence release is counted: without it the figure is smaller.
+    assert ours > pipeline_epsilon(pop_z, z, q, rounds, 1e-5, "rdp")
+
+
+def test_the_default_pipeline_fits_its_budget_and_a_config_over_it_is_refused_naming_the_key():
+    cfg = _channel_cfg()
+    assert cfg["model"] == "channel-scorer"
+    epsilon = check_pipeline_budget(cfg, 0.25)
+    assert epsilon <= 2.0
+    assert epsilon == pytest.approx(pipeline_epsilon(5.0, 3.5, 0.25, 10, 1e-5, "rdp", cooc_noise=3.0))
+    with pytest.raises(PrivrecError) as err:
+        check_pipeline_budget(_channel_cfg(**{"cooc-noise-multiplier": 1.0}), 0.25)
+    message = str(err.value)
+    assert message.startswith("config key 'target-epsilon' = 2: this run would reach user-level epsilon")
+    assert "co-occurrence release z = 1" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("key,value,words", [
+    ("cooc-noise-multiplier", 0.0, "config key 'cooc-noise-multiplier' = 0.0: must be > 0"),
+    ("user-noise-multiplier", 0.0, "config key 'user-noise-multiplier' = 0.0: must be > 0"),
+    ("user-clipping-norm", 0.0, "config key 'user-clipping-norm' = 0.0: must be > 0"),
+    ("popularity-noise-multiplier", 0.0, "config key 'popularity-noise-multiplier' = 0.0: must be > 0"),
+    ("user-dp", False, "config key 'user-dp' = False with model = channel-scorer"),
+    ("cooc-items", 1, "config key 'cooc-items' = 1: must be >= 2"),
+])
+def test_an_unnoised_or_unclipped_channel_config_is_refused_naming_the_key(key, value, words):
+    with pytest.raises(PrivrecError) as err:
+        _channel_cfg(**{key: value})
+    assert words in str(err.value) and "\n" not in str(err.value)
+
+
+# ------------------------------------------------------------------ the pipeline, in process
+def _run(tmp_path, store, name, **overrides):
+    from client.app import app as client_app
+    from server.app import FederatedRun
+    from server.run_dir import RunDirectory
+    from simulations.inprocess import InProcessGrid
+
+    cfg = _channel_cfg(**{"data-store": str(store), "run-dir": str(tmp_path / "runs"), "run-name": name,
+                          "population-dir": str(tmp_path / f"population-{name}"), "cooc-items": 30, **overrides})
+    run_dir = RunDirectory.create(cfg["run-dir"], cfg["run-name"])
+    grid = InProcessGrid(client_app, NUM_DEVICES, keep_messages=True, run_config=cfg)
+    FederatedRun(cfg, run_dir, grid).execute()
+    read = lambda f: json.loads((run_dir.path / f).read_text())  # noqa: E731
+    return cfg, run_dir.path, grid, read("summary.json"), read("privacy.json")
+
+
+def test_the_pipeline_releases_popularity_then_cooccurrence_then_rounds(tmp_path, digit_store, capsys):  # noqa: F811
+    cfg, path, grid, summary, privacy = _run(tmp_path, digit_store, "channel",
+                                             **{"num-rounds": 2, "fraction-train": 1.0, "target-epsilon": 0.0})
+    kinds = [m.metadata.message_type for m in grid.delivered]
+    assert kinds[:2 * NUM_DEVICES] == ["query.popularity"] * NUM_DEVICES + ["query.cooccurrence"] * NUM_DEVICES
+    assert kinds.count("train") == 2 * NUM_DEVICES
+    # The co-occurrence covers the top of the *released* popularity (post-processing), nothing else.
+    histogram = json.loads((path / "popularity.json").read_text())["histogram"]
+    cooc = json.loads((path / "cooccurrence.json").read_text())
+    assert cooc["items"] == top_items(np.array(histogram), 30).tolist()
+    # The release is the exact sum of the devices' clipped vectors plus N(0, z^2) on each of its 435 pairs.
+    from shared.data.store import open_store
+
+    store = open_store(digit_store)
+    exact = sum(cooc_vector(store.device(d).train, np.array(cooc["items"]), cfg["cooc-window"])
+                for d in range(NUM_DEVICES))
+    noise = np.asarray(cooc["pairs"]) - exact
+    assert len(noise) == 30 * 29 // 2 and abs(noise.mean()) < 0.5
+    assert noise.std() == pytest.approx(3.0, rel=0.15)
+    expected = pipeline_epsilon(5.0, 3.5, 1.0, 2, 1e-5, "rdp", cooc_noise=3.0)
+    assert privacy["epsilon"] == pytest.approx(expected, rel=1e-12)
+    assert privacy["user-level"]["pipeline"]["history"] == [[5.0, 1.0, 1], [3.0, 1.0, 1], [3.5, 1.0, 2]]
+    statement = privacy["statements"][0]
+    assert "co-occurrence" in statement["sentence"] and "not against the server" in statement["sentence"]
+    assert statement["relation"] == "add/remove one user" and statement["delta"] == 1e-5
+    # What leaves a device in a round: the 9 weights and the released buffers it was sent, never its history.
+    reply = next(m for m in grid.replies if m.content.array_records)
+    assert set(reply.content.array_records["arrays"].keys()) == {"content", "scales", "popularity", "cooc_items",
+                                                                 "cooc"}
+    ledger = json.loads(next((tmp_path / "population-channel").glob("*/privacy-ledger.json")).read_text())
+    assert [r["kind"] for r in ledger["releases"]] == ["popularity-histogram", "cooccurrence-histogram"] + \
+        ["channel-scorer-round"] * 2
+    assert summary["federated-evaluation"]["test-ndcg@10"] is not None
+    # The released buffers travel unchanged through the noised rounds (they are not trained or re-noised).
+    state = torch.load(path / "model.pt", weights_only=True)
+    assert np.allclose(state["cooc"].numpy(), cooc_from_release(np.asarray(cooc["pairs"]), 30), atol=1e-5)
+    # `privrec recommend` ranks with the run's scorer.
+    from tests.test_cli import run_cli
+
+    code, out, err = run_cli(capsys, "recommend", "--model", path, "--history", "12 13 14", "-k", "5")
+    assert code == 0, err
+    assert len(out.strip().splitlines()) == 5 and not {line.split()[1] for line in out.splitlines()} & {"12", "13"}
+
+
+def test_a_trained_channel_scorer_beats_the_untrained_one(tmp_path, digit_store):  # noqa: F811
+    # Little noise, no budget: this checks that the federated gradient steps learn, not the privacy.
+    cfg, path, grid, summary, privacy = _run(
+        tmp_path, digit_store, "learn", **{"num-rounds": 10, "user-noise-multiplier": 0.01, "target-epsilon": 0.0,
+                                           "central-eval": True,
+                                           "fraction-train": 1.0})
+    assert summary["central-evaluation"]["test-ndcg@10"] > summary["central-evaluation-initial"]["test-ndcg@10"]
