@@ -54,6 +54,7 @@ from shared.config import RunConfig, from_run_config
 from shared.data.store import open_store
 from shared.device_nodes import CLIPPED_SUM, NODE_AGGREGATE, NODE_DEVICES, SEEN_SPEND_LIST, WEIGHTED_MEAN
 from shared.errors import PrivrecError
+from shared.memory import trims_memory_after
 from shared.model import FROZEN_BY_SCOPE
 from shared.privacy.ledger import PrivacyLedger, from_json, ledger_lock, load_ledger, reconcile
 from shared.privacy.population import check_seen_spend, keep_all_listed
@@ -75,12 +76,14 @@ class _Listed:
     outcome: TrainOutcome | None = None
     weights: dict[str, torch.Tensor] = field(default_factory=dict)
     summed: bool = False  # its update went straight into the round's partial sum (`client.batched.train_one_epoch`)
+    ledger: PrivacyLedger | None = None  # as released (and synced) this round; None: read it from its file
 
     @property
     def device(self) -> str:
         return str(self.index)
 
 
+@trims_memory_after  # a node process serves many messages: a heap holding too much free memory returns it
 def train_devices(msg: Message, context: Context) -> Message:
     """Train every device the message lists, each as on its own; reply with their records and one aggregate."""
     torch.set_num_threads(1)
@@ -133,7 +136,7 @@ class _Round:
 def _train_group(round_: _Round, devices: list[_Listed], windows: dict[int, np.ndarray], vectorised: bool) -> None:
     """`client.device.train_round` for each device, its steps in order: under its ledger's lock, reserve
     (`begin_round`), train, release (`finish_round`). The group's reservations are made durable together
-    before any device trains, and its releases before the reply leaves (one `os.sync()` each). The
+    before any device trains, and its releases before the reply leaves (one barrier each, `one_sync`). The
     devices train in one vectorised pass (`client.batched`) or one by one (`train_local`, with Opacus
     and the device's own accountant under on-device DP)."""
     run = round_.run
@@ -192,6 +195,7 @@ def _train_group(round_: _Round, devices: list[_Listed], windows: dict[int, np.n
             for dev in training:
                 dev.outcome = finish_round(run, tickets[dev.index], ledger_path(round_.state_dir, dev.device),
                                            dev.device, dev.weights, results[dev.index])
+                dev.ledger = tickets[dev.index].ledger  # what `release` wrote: the reply needs no second read
 
 
 def _reply(msg: Message, context: Context, run: RunConfig, listed: list[_Listed], global_state, state_dir: str,
@@ -199,7 +203,7 @@ def _reply(msg: Message, context: Context, run: RunConfig, listed: list[_Listed]
     metrics, privacy = [], []
     keep_all_listed(state_dir, {dev.device: ledger_path(state_dir, dev.device) for dev in listed})  # before it leaves
     for dev in listed:
-        ledger = _mirror_ledger(context, ledger_path(state_dir, dev.device), dev.device)
+        ledger = _mirror_ledger(context, ledger_path(state_dir, dev.device), dev.device, dev.ledger)
         metrics.append(dev.outcome.metrics)
         privacy.append({"device": dev.device,
                         "history": json.dumps((ledger.accountant_state or {}).get("history") or [])})
@@ -265,6 +269,7 @@ def _array(value: np.ndarray) -> Array:
     return Array(np.ascontiguousarray(value))
 
 
+@trims_memory_after
 def evaluate_devices(msg: Message, context: Context) -> Message:
     """Evaluate every listed device on its own users; reply with each device's metrics."""
     torch.set_num_threads(1)
@@ -305,8 +310,8 @@ def _mirror(context: Context, device: str) -> PrivacyLedger | None:
     return from_json(json.loads(str(record["json"])), "in node state") if record else None
 
 
-def _mirror_ledger(context: Context, path: Path, device: str) -> PrivacyLedger:
-    ledger = load_ledger(path, device)
+def _mirror_ledger(context: Context, path: Path, device: str, written: PrivacyLedger | None) -> PrivacyLedger:
+    ledger = written if written is not None else load_ledger(path, device)
     context.state[MIRROR_PREFIX + device] = ConfigRecord({"json": json.dumps(ledger.to_json())})
     return ledger
 

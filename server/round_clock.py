@@ -4,7 +4,10 @@ Phases are timed where they happen: the strategy's four hooks (`TimedStrategy`: 
 message building are inside configure_train, clipping, noise and the privacy tally inside
 aggregate_train), the Flower Grid's send_and_receive (`TimedGrid`: Ray, the SuperLink and the nodes'
 work, in simulation the devices' training), and the ServerApp's run records. What is left of the wall
-time is `other` (Flower's own loop, the evaluation callback's central evaluation).
+time is `other` (Flower's own loop, the evaluation callback's central evaluation). Each lap also
+gives the CPU seconds this process spent in it (`cpu`: in a simulation this process also runs Flower's
+simulation engine, whose threads hand the messages to Ray) and the time it ended (`at`, Unix seconds),
+which lets a benchmark cut other processes' CPU time at round boundaries.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ class RoundClock:
         self.phases: dict[str, float] = {}
         self.counts: dict[str, int] = {}  # e.g. bytes the round's run records took to write
         self.started = time.perf_counter()
+        self.cpu_started = time.process_time()
 
     def count(self, name: str, value: int) -> None:
         self.counts[name] = self.counts.get(name, 0) + value
@@ -43,8 +47,11 @@ class RoundClock:
         out = {name: round(seconds, 4) for name, seconds in self.phases.items()}
         out["other"] = round(wall - sum(self.phases.values()), 4)
         out["wall"] = round(wall, 4)
+        cpu = time.process_time()
+        out["cpu"] = round(cpu - self.cpu_started, 4)
+        out["at"] = round(time.time(), 3)
         out.update(self.counts)
-        self.phases, self.counts, self.started = {}, {}, now
+        self.phases, self.counts, self.started, self.cpu_started = {}, {}, now, cpu
         return out
 
 

@@ -2,65 +2,129 @@
 
 Files: written to a temporary file next to the target, fsynced, renamed over it.
 Directories: filled in a temporary sibling directory, fsynced, renamed into place.
+Many small files written together (`one_sync`): the same renames, made durable by one barrier at the end.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
+import itertools
 import json
 import os
 import shutil
 import tempfile
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from shared.errors import PrivrecError
 
-_deferred = threading.local()
+_deferred = threading.local()  # .dirs: the directories written inside the current `one_sync` (None outside it)
+_temp_names = itertools.count()
 
 
 @contextmanager
 def one_sync() -> Iterator[None]:
-    """Atomic writes inside skip their own fsyncs; one `os.sync()` at the end makes all of them durable.
+    """Atomic writes inside skip their own fsyncs; one barrier at the end makes all of them durable.
 
     For many small files written together (a simulated node's devices' ledgers: two fsyncs per file
     cost more than the devices' training). Whatever must be durable before something happens next
     (a ledger's reservation before training, its release before the update leaves) is written inside
-    and the next step comes after the block. A crash inside can leave a written file empty or old, which
-    its reader refuses (a ledger that cannot be read stops the device); nothing has been released then.
+    and the next step comes after the block. The barrier is `syncfs` of each file system written on
+    (dirty data and the journal, the renames included), and is skipped when nothing was written.
+    A crash inside can leave a written file old, or empty or cut short, which its reader refuses (a
+    ledger that cannot be read stops the device); nothing has been released then. An error inside
+    skips the barrier: whatever was to follow the block does not happen either.
     """
-    outer = getattr(_deferred, "active", False)
-    _deferred.active = True
+    outer = getattr(_deferred, "dirs", None)
+    written: set[Path] = set() if outer is None else outer
+    _deferred.dirs = written
     try:
         yield
     finally:
-        _deferred.active = outer
-    if not outer:
+        _deferred.dirs = outer
+    if outer is None and written:
+        sync_filesystems(written)
+
+
+def sync_filesystems(paths: Iterable[Path]) -> None:
+    """Make every completed write on the file systems holding `paths` durable: one `syncfs` each.
+
+    Unlike `os.sync()` it leaves other file systems alone; like it, it also waits for other writers'
+    dirty data on the same file system (wall time, not CPU time). Falls back to `os.sync()` where the
+    C library has no `syncfs`."""
+    one_per_device: dict[int, Path] = {}
+    for path in paths:
+        one_per_device.setdefault(os.stat(path).st_dev, Path(path))
+    syncfs = _syncfs()
+    if syncfs is None:
         os.sync()
+        return
+    for path in one_per_device.values():
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            if syncfs(fd) != 0:
+                code = ctypes.get_errno()
+                raise OSError(code, f"syncfs: {os.strerror(code)}", str(path))
+        finally:
+            os.close(fd)
+
+
+_libc: list = []
+
+
+def _syncfs():
+    if not _libc:
+        name = ctypes.util.find_library("c")
+        libc = ctypes.CDLL(name, use_errno=True) if name else None
+        _libc.append(getattr(libc, "syncfs", None))
+    return _libc[0]
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     """Replace `path` with `data`: the old content or the new, never a mix."""
     path = Path(path)
+    deferred = getattr(_deferred, "dirs", None)
+    if deferred is not None:
+        _replace_unsynced(path, data)
+        deferred.add(path.parent)
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    deferred = getattr(_deferred, "active", False)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
-            if not deferred:
-                os.fsync(handle.fileno())
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    if not deferred:
-        fsync_dir(path.parent)
+    fsync_dir(path.parent)
+
+
+def _replace_unsynced(path: Path, data: bytes) -> None:
+    """`write_bytes_atomic` without its fsyncs (inside `one_sync`, whose barrier follows). The temporary
+    name is unique to this process and thread (no random names drawn: this runs once per ledger write)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}-{next(_temp_names)}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+    try:
+        fd = os.open(tmp, flags, 0o600)
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, flags, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:

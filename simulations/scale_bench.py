@@ -24,7 +24,10 @@ Per round, from the ServerApp's log (server/round_clock.py): the seconds of each
 sampling and messages, Flower's send_and_receive where Ray and the nodes work, aggregation, the run
 records) and the bytes of run records written; a projection to --projected-rounds rounds fits the run
 records' seconds against the devices seen so far. The peak memory of every process of the run, and per
-process at that peak.
+process at that peak. The CPU time of the run's processes over the steady rounds (from /proc, cut at the
+ServerApp's round ends), by group (the nodes, the ServerApp with the simulation engine, the SuperLink,
+Ray's own), per device trained against the pure compute's CPU time per device: the engine's overhead by
+CPU time, which a shared machine's load moves much less than the wall-clock figures.
 
 Writes simulations/results/scale-bench-<time>.json and .md and prints the Markdown.
 """
@@ -82,6 +85,14 @@ def _process_name(pid: int) -> str:
 
 def tree_rss_by_process(root: int) -> dict[str, float]:
     """Resident memory (MiB) of process `root` and all its descendants, per process (`name pid`)."""
+    return {name: rss for name, (rss, _) in tree_processes(root).items()}
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def tree_processes(root: int) -> dict[str, tuple[float, float]]:
+    """(resident MiB, CPU seconds so far: user + system) of process `root` and its descendants, per process."""
     parents: dict[int, int] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -99,10 +110,11 @@ def tree_rss_by_process(root: int) -> dict[str, float]:
     for pid in tree:
         try:
             status = Path(f"/proc/{pid}/status").read_text()
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
         kib = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), 0)
-        out[f"{_process_name(pid)} {pid}"] = kib / 1024
+        out[f"{_process_name(pid)} {pid}"] = (kib / 1024, (int(fields[11]) + int(fields[12])) / CLOCK_TICKS)
     return out
 
 
@@ -112,9 +124,23 @@ def end_to_end(store_dir: Path, devices_per_node: int, args) -> dict:
     run_root = Path(tempfile.mkdtemp(prefix="privrec-scale-"))
     cfg = arm_config(store_dir, run_root, devices_per_node, args)
     peak: list = [0.0, {}, 0.0]
+    # (Unix time, CPU seconds so far per process id); by pid, since Ray retitles a worker as it goes
+    # (`ray::ClientAppActor`, `ray::ClientAppActor.run` while it runs a message, `ray::IDLE`)
+    cpu_samples: list[tuple[float, dict[str, float]]] = []
+    last_cpu: dict[str, float] = {}
+    titles: dict[str, set[str]] = {}  # pid -> every name it was seen with
 
     def sample_memory() -> None:  # every second while the run lasts: the launcher, SuperLink, Ray, apps
-        processes = tree_rss_by_process(os.getpid())
+        both = tree_processes(os.getpid())
+        by_pid = {}
+        for key, (_, cpu) in both.items():
+            name, pid = key.rsplit(" ", 1)
+            if pid != str(os.getpid()):
+                by_pid[pid] = cpu
+                titles.setdefault(pid, set()).add(name)
+        cpu_samples.append((time.time(), by_pid))
+        last_cpu.update(by_pid)  # a process's CPU seconds as last seen (the run's end removes them)
+        processes = {k: rss for k, (rss, _) in both.items()}
         if sum(processes.values()) > peak[0]:
             peak[:2] = [sum(processes.values()), processes]
         # the run's own processes: not this benchmark's, which holds its pure-compute measures
@@ -142,7 +168,52 @@ def end_to_end(store_dir: Path, devices_per_node: int, args) -> dict:
             "population_files": len(files),
             "population_bytes": sum(p.stat().st_size for p in files), "run_record_files": len(run_files),
             "run_record_bytes": sum(p.stat().st_size for p in run_files), "server_rounds": server_rounds,
-            "projection": projection(server_rounds, store_dir, args)}
+            "projection": projection(server_rounds, store_dir, args),
+            "cpu_s_by_process": {f"{' / '.join(sorted(titles[pid]))} {pid}": round(v, 2)
+                                 for pid, v in sorted(last_cpu.items(), key=lambda kv: -kv[1])},
+            "steady_cpu": steady_cpu(cpu_samples, server_rounds, args.rounds, titles)}
+
+
+def _cpu_at(samples: list[tuple[float, dict[str, float]]], when: float) -> dict[str, float]:
+    """Each process's CPU seconds at time `when`, linear between the samples around it (a process not yet
+    started counts 0; one gone keeps its last value)."""
+    before = [s for s in samples if s[0] <= when]
+    after = [s for s in samples if s[0] > when]
+    if not before or not after:
+        return (before or after)[-1 if before else 0][1]
+    (t0, a), (t1, b) = before[-1], after[0]
+    share = (when - t0) / (t1 - t0)
+    return {k: a.get(k, 0.0) + share * (b.get(k, a.get(k, 0.0)) - a.get(k, 0.0)) for k in set(a) | set(b)}
+
+
+def _process_group(names: set[str]) -> str:
+    """A process's group from every name it had (a Ray worker that ran the ClientApp was also `ray::IDLE`)."""
+    if any(name.startswith("ray::ClientAppActor") for name in names):
+        return "nodes (Ray workers running the ClientApp)"
+    if any("flwr-simulation" in name for name in names):
+        return "ServerApp and simulation engine (flwr-simulation)"
+    if any("superlink" in name for name in names):
+        return "SuperLink"
+    return "Ray and the rest (raylet, GCS, launcher, ...)"
+
+
+def steady_cpu(samples: list[tuple[float, dict[str, float]]], rows: list[dict], rounds: int,
+               titles: dict[str, set[str]]) -> dict | None:
+    """CPU seconds of the run's processes over the steady rounds (from the end of round 1 to the end of round
+    R-1, the ServerApp's `at` times), by group of processes: what the rates by CPU time are computed from."""
+    at = {row["round"]: row.get("at") for row in rows}
+    start, end = at.get(1), at.get(rounds - 1)
+    if start is None or end is None or len(samples) < 2 or end <= start:
+        return None
+    first, last = _cpu_at(samples, start), _cpu_at(samples, end)
+    groups: dict[str, float] = {}
+    for name, cpu in last.items():
+        group = _process_group(titles.get(name, {name}))
+        groups[group] = groups.get(group, 0.0) + cpu - first.get(name, 0.0)
+    server_cpu = sum(row.get("cpu", 0.0) for row in rows if 2 <= row["round"] < rounds)
+    return {"seconds": end - start, "cpu_s_by_group": {k: round(v, 3) for k, v in groups.items()},
+            "cpu_s_all": round(sum(groups.values()), 3), "serverapp_process_cpu_s": round(server_cpu, 3),
+            "samples": sum(1 for t, _ in samples if start <= t <= end)}
 
 
 SERVER_LINE = re.compile(r"privrec: round (\d+) server seconds (\{.*\})")
@@ -272,8 +343,8 @@ def markdown(results: dict) -> str:
     lines = [f"# Device trainings per second, user-level DP ({results['started']}, {results['machine']})", "",
              f"{results['dataset']}: {results['devices']} devices, expected cohort {results['devices_per_round']} "
              f"(Poisson, user-level DP), one local epoch, dropout {results['dropout']}, no on-device DP-SGD, "
-             f"{results['rounds']} rounds (steady rounds 2..{results['rounds'] - 1} timed). Load average at the "
-             f"start: {results['load_average']}.", "",
+             f"{results['rounds']} rounds (steady rounds 2..{results['rounds'] - 1} timed), Ray workers at niceness "
+             f"{results.get('ray_worker_niceness', 15)}. Load average at the start: {results['load_average']}.", "",
              "| devices per node | Flower nodes | end to end (devices/s) | x devices-per-node 1 | "
              "pure compute, ideal on 2 CPUs (devices/s) | Flower engine overhead | "
              "pure compute by CPU time, ideal on 2 CPUs |", "|---|---|---|---|---|---|---|"]
@@ -304,13 +375,33 @@ def markdown(results: dict) -> str:
                      f"{sum(arm['devices_per_round'])} | {arm['population_files']} | "
                      f"{arm['population_bytes'] / 1e6:.1f} | {arm['run_record_files']} | "
                      f"{arm['run_record_bytes'] / 1e6:.1f} |")
+    with_cpu = [a for a in results["arms"] if a.get("steady_cpu")]
+    if with_cpu:
+        lines += ["", "CPU time of the run's processes over the steady rounds (sampled from /proc every second, cut at "
+                  "the ServerApp's round ends), per device trained, against the pure compute's CPU time per device "
+                  "(the engine's overhead by CPU time: what a machine without other load would see if the run's "
+                  "processes never waited for a core):", "",
+                  "| devices per node | devices trained | nodes (ms/device) | ServerApp + engine | SuperLink | "
+                  "Ray and the rest | all (ms/device) | pure compute (ms/device) | nodes over pure | all over pure |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for arm in with_cpu:
+            cpu, devices = arm["steady_cpu"], arm["devices_trained"]
+            pure_ms = 1000 / arm["pure_cpu_devices_per_s_one_cpu"]
+
+            def ms(group: str, cpu=cpu, devices=devices) -> float:
+                return 1000 * sum(v for k, v in cpu["cpu_s_by_group"].items() if k.startswith(group)) / devices
+
+            nodes, everything = ms("nodes"), 1000 * cpu["cpu_s_all"] / devices
+            lines.append(f"| {arm['devices_per_node']} | {devices} | {nodes:.2f} | {ms('ServerApp'):.2f} | "
+                         f"{ms('SuperLink'):.2f} | {ms('Ray and'):.2f} | {everything:.2f} | {pure_ms:.2f} | "
+                         f"{nodes / pure_ms - 1:+.0%} | {everything / pure_ms - 1:+.0%} |")
     for arm in results["arms"]:
         top = ", ".join(f"{name} {mib}" for name, mib in list(arm.get("peak_rss_mib_by_process", {}).items())[:10])
         lines += ["", f"At the memory peak, devices-per-node {arm['devices_per_node']}, MiB per process (largest "
                   f"first; this benchmark's own process holds its pure-compute measures): {top}. Peak of the "
                   f"run's processes alone: {arm.get('peak_rss_mib_run_processes', 0):.0f} MiB."]
     phases = ("configure-train", "send-and-receive", "aggregate-train", "metrics", "privacy-record",
-              "checkpoint", "model", "other")
+              "checkpoint", "model", "other", "cpu")
     for arm in results["arms"]:
         lines += ["", f"Server seconds per round, devices-per-node {arm['devices_per_node']} (ServerApp log, "
                   "server/round_clock.py; send-and-receive is Ray, the SuperLink and the nodes' work):", "",
@@ -348,7 +439,13 @@ def main() -> None:
     parser.add_argument("--pure-devices", type=int, default=256, help="devices timed for pure compute")
     parser.add_argument("--no-compare-previous", dest="compare_previous", action="store_false",
                         help="skip timing the node path before the one-step round (train_batched for every round)")
+    parser.add_argument("--ray-worker-niceness", type=int, default=0,
+                        help="niceness of Ray's worker processes (Ray's own default is 15; the pure compute runs at "
+                             "this process's, 0): on a shared machine niceness 15 hands the nodes' cores to every "
+                             "other job")
     args = parser.parse_args()
+    # Read by the raylet that `flwr run` starts (the launch passes this environment down)
+    os.environ["RAY_worker_niceness"] = str(args.ray_worker_niceness)
     warnings.filterwarnings("ignore", message="There is a performance drop")  # vmap's SDPA fallback
     store_dir = Path(args.store) if args.store else prepare_store("ml-100k")
     store = open_store(store_dir)
@@ -358,7 +455,7 @@ def main() -> None:
                      "load_average": [round(x, 1) for x in os.getloadavg()],
                      "dataset": store.meta.get("dataset", str(store_dir)), "devices": store.num_devices,
                      "devices_per_round": args.devices_per_round, "rounds": args.rounds, "dropout": args.dropout,
-                     "arms": []}
+                     "ray_worker_niceness": args.ray_worker_niceness, "arms": []}
     log_progress("pure compute, one device alone")
     results["pure_one_device_per_s"], results["pure_one_device_cpu_per_s"] = pure_one_device(store_dir, args)
     for k in args.devices_per_node:
