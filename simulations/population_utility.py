@@ -167,9 +167,9 @@ def load_population(n: int, like: str, work: Path, eval_users: int, synthetic: b
     from shared.analytics import item_set_vector
     from shared.data.fetch import fetch_ml100k
     from shared.data.formats import load_interactions
-    from shared.data.store import open_store, prepare_store
+    from shared.data.store import ITEMS_FILE, open_store, prepare_store
     from shared.data.synth import write_synthetic
-    from shared.scorer import public_catalogue
+    from shared.scorer import read_catalogue
     from shared.text.features import store_text_features
 
     source = fetch_ml100k() if like == "ml-100k" else Path(like).expanduser()
@@ -185,7 +185,7 @@ def load_population(n: int, like: str, work: Path, eval_users: int, synthetic: b
     store = open_store(store_dir)
     users = store.all_users()
     text = store_text_features(store_dir, progress=False).vectors
-    catalogue = public_catalogue(text, store.item_ids, store.item_titles)
+    catalogue = read_catalogue(Path(store_dir) / ITEMS_FILE, text)  # as a device reads it (genres: channel scorer)
     count = len(users.train)
     index = np.arange(count) if count <= eval_users else \
         np.sort(np.random.default_rng(12345).choice(count, eval_users, replace=False))
@@ -349,6 +349,225 @@ def run_scorer_arms(pop: Population, arms: dict[str, tuple[float, float]], s: di
         out[label]["simulated-q"] = q_sim
         out[label]["estimate"] = q_sim < s["q"]
         out[label]["seconds-all-arms"] = round(time.perf_counter() - started, 1)
+    return out
+
+
+# ------------------------------------------------------------------------------------ channel scorer (the default)
+CHANNEL_ARM = "channel-scorer"
+FEDERATION = "SASRec federation, no DP (reduced budget)"  # issue 15's non-private federation reference
+
+
+def channel_settings(rounds: int | None = None) -> dict:
+    """The product's default pipeline (`shared.config.DEFAULT_PIPELINE`: model = channel-scorer)."""
+    from shared import config
+
+    cfg = {**config.defaults(), **config.DEFAULT_PIPELINE}
+    return {"model": cfg["model"], "q": cfg["fraction-train"], "rounds": rounds or cfg["num-rounds"],
+            "clip": cfg["user-clipping-norm"], "server-lr": cfg["server-lr"],
+            "popularity-z": cfg["popularity-noise-multiplier"], "cooc-z": cfg["cooc-noise-multiplier"],
+            "z": cfg["user-noise-multiplier"], "targets": cfg["scorer-targets"],
+            "profile-items": cfg["profile-items"], "decay": cfg["profile-decay"], "cooc-items": cfg["cooc-items"],
+            "cooc-window": cfg["cooc-window"], "delta": cfg["delta"], "accountant": cfg["accountant"]}
+
+
+def channel_epsilon(z_pop: float, z_cooc: float, z: float, c: dict) -> float:
+    """`shared.privacy.pipeline.pipeline_epsilon` of the channel pipeline: Opacus over [[z_pop, 1, 1],
+    [z_cooc, 1, 1], [z, q, rounds]] (the run's own accountant)."""
+    from shared.privacy.pipeline import pipeline_epsilon
+
+    return pipeline_epsilon(z_pop, z, c["q"], c["rounds"], c["delta"], c["accountant"], cooc_noise=z_cooc)
+
+
+def calibrate_channel(target: float, c: dict) -> dict:
+    """Noise multipliers (popularity, co-occurrence, rounds) = the product's x the smallest common factor
+    reaching <= target (the content-scorer arm's rule)."""
+    from simulations.privacy_utility import calibrate_factor
+
+    def epsilon_of(f: float) -> float:
+        return channel_epsilon(f * c["popularity-z"], f * c["cooc-z"], f * c["z"], c)
+
+    factor = calibrate_factor(epsilon_of, target)
+    return {"target": target, "factor": factor, "popularity-z": factor * c["popularity-z"],
+            "cooc-z": factor * c["cooc-z"], "z": factor * c["z"], "epsilon": epsilon_of(factor)}
+
+
+def channel_privacy(z_pop: float, z_cooc: float, z: float, c: dict, n: int) -> dict:
+    return {"epsilon": channel_epsilon(z_pop, z_cooc, z, c), "delta": c["delta"],
+            "accountant": f"Opacus {c['accountant']} over [[z_pop, 1, 1], [z_cooc, 1, 1], [z, q, rounds]] "
+                          "(shared.privacy.pipeline.pipeline_epsilon)",
+            "unit": "one user's whole history", "relation": "add/remove one user",
+            "mechanism": f"Gaussian popularity release (sensitivity 1, z_pop {z_pop:.3f}, no sampling) + Gaussian "
+                         f"windowed co-occurrence release among the top {c['cooc-items']} released items (window "
+                         f"{c['cooc-window']}, each user's pairs L2 1, z_cooc {z_cooc:.3f}, no sampling) + "
+                         f"{c['rounds']} DP-FedSGD rounds (each user's gradient clipped to {c['clip']:g}, "
+                         f"N(0, ({z:.3f} x {c['clip']:g})^2) on the sum, / q N, FedAdam lr {c['server-lr']:g})",
+            "sampling": f"releases: every user, once; rounds: Poisson, q = {c['q']:g} per round over {n} users "
+                        f"(expected cohort {c['q'] * n:.0f})",
+            "noise-std-on-mean-update": z * c["clip"] / (c["q"] * n),
+            "adversary": "whoever sees the released histogram, co-occurrence and models; not the server (no secure "
+                         "aggregation)"}
+
+
+def channel_releases(pop: Population, arms: dict[str, tuple[float, float, float]], c: dict, seed: int) -> dict:
+    """label -> (released popularity, co-occurrence item ids, released [K, K] matrix), as `server.scorer`'s
+    `released_popularity` / `released_cooccurrence` make them (`shared.analytics`: `noisy_sum`, `top_items`, the
+    sum of `cooc_vector` over every user, `gaussian_release`, `cooc_from_release`), the same standard normal
+    draws scaled by each arm's multipliers. The exact sum is computed once per item SET (a user's pair weights
+    do not depend on the order of the items: the sum in another order is the same matrix permuted)."""
+    from shared.analytics import cooc_from_release, cooc_vector, gaussian_release, noisy_sum, pair_index, top_items
+
+    sums, out = {}, {}
+    for label, (z_pop, z_cooc, _) in arms.items():
+        histogram = noisy_sum(pop.item_sum, z_pop, np.random.default_rng([seed, 0]))
+        items = top_items(histogram, c["cooc-items"])
+        ordered = np.sort(items)
+        if tuple(ordered) not in sums:
+            sums[tuple(ordered)] = cooc_from_release(cooc_vector(pop.users.train, ordered, c["cooc-window"]),
+                                                     len(items))
+        at = np.searchsorted(ordered, items)
+        rows, cols = pair_index(len(items))
+        total = sums[tuple(ordered)][np.ix_(at, at)][rows, cols]  # cooc_vector(train, items, window)
+        pairs = gaussian_release(total, z_cooc, np.random.default_rng([seed, 5]))
+        out[label] = (histogram, items, cooc_from_release(pairs, len(items)))
+    return out
+
+
+def cooc_channel(histories, items: np.ndarray, cooc: np.ndarray, width: int, owns=None, owner=None) -> torch.Tensor:
+    """The `cooc` channel of `shared.scorer.channel_features` for many histories at once [B, items + 1]: 0.1 x the
+    0.8^k-weighted released rows of the last 10 items, less the user's own matrix (`owns[owner[b]]`) when given."""
+    from shared.scorer import COOC_QUERY_DECAY, COOC_QUERY_ITEMS, COOC_SCALE
+
+    position = np.full(width, -1, dtype=np.int64)
+    position[items] = np.arange(len(items))
+    weights = np.zeros((len(histories), len(items)))
+    for b, seq in enumerate(histories):
+        query = np.asarray(seq, dtype=np.int64).reshape(-1)[-COOC_QUERY_ITEMS:][::-1]
+        at = position[query]
+        inside = at >= 0
+        np.add.at(weights[b], at[inside], (COOC_QUERY_DECAY ** np.arange(len(query)))[inside])
+    rows = weights @ cooc
+    if owns is not None:
+        for b in range(len(histories)):
+            rows[b] -= weights[b] @ owns[owner[b]]
+    out = np.zeros((len(histories), width))
+    out[:, items] = COOC_SCALE * rows
+    return torch.from_numpy(out.astype(np.float32))
+
+
+def base_channels(catalogue, histories, c: dict):
+    """`shared.scorer.channel_features` without the co-occurrence (an empty release): profile, every channel
+    but `cooc` (left 0), history mask. Computed once per chunk for every arm; `cooc_channel` fills channel 0."""
+    from shared.scorer import channel_features
+
+    return channel_features(catalogue, histories, np.zeros(0, dtype=np.int64), np.zeros((0, 0)),
+                            c["profile-items"], c["decay"])
+
+
+def channel_cohort_gradients(model, catalogue, profile, channels, mask, nexts, owner,
+                             num_users: int) -> dict[str, torch.Tensor]:
+    """Per-user gradients [users, ...] of `shared.scorer.channel_user_gradient`'s loss (mean softmax loss over the
+    user's examples, its history masked) from one forward over every example of the chunk. The scores are linear
+    in the 9 weights: content: G . cos(profile, item); scales: (G . popularity, G . channel c)."""
+    grads = {k: torch.zeros(num_users, *p.shape) for k, p in model.named_parameters()}
+    if len(nexts) == 0:
+        return grads
+    with torch.no_grad():
+        cosine = profile @ catalogue.text.T
+        scores = model(catalogue.text, profile, channels) + mask
+    scores.requires_grad_(True)
+    per_user = torch.bincount(owner, minlength=num_users).clamp(min=1).to(scores.dtype)
+    losses = torch.nn.functional.cross_entropy(scores[:, 1:], nexts - 1, reduction="none")
+    (losses / per_user[owner]).sum().backward()
+    g = scores.grad
+    with torch.no_grad():
+        grads["content"].index_add_(0, owner, (g * cosine).sum(1, keepdim=True))
+        scales = torch.cat([(g @ model.popularity).unsqueeze(1), torch.einsum("bi,bci->bc", g, channels)], dim=1)
+        grads["scales"].index_add_(0, owner, scales)
+    return grads
+
+
+def channel_ranks(models: dict, pop: Population, c: dict, batch: int = 256) -> dict[str, np.ndarray]:
+    """Test-item ranks of the `pop.eval_index` users under each model, scored as `shared.scorer.
+    channel_score_histories` scores (released co-occurrence, no own removal, no mask; own history excluded)."""
+    from shared.metrics import eval_inputs, target_ranks
+    from shared.scorer import cooc_matrix
+
+    users, idx, width = pop.users, pop.eval_index, pop.catalogue.num_items + 1
+    inputs, targets, exclude = eval_inputs([users.train[i] for i in idx], users.valid[idx], users.test[idx], "test")
+    ranks = {label: np.zeros(len(targets), dtype=np.int64) for label in models}
+    for start in range(0, len(targets), batch):
+        stop = min(start + batch, len(targets))
+        profile, channels, _ = base_channels(pop.catalogue, inputs[start:stop], c)
+        for label, model in models.items():
+            items, cooc = cooc_matrix(model)
+            channels[:, 0] = cooc_channel(inputs[start:stop], items, cooc, width)
+            with torch.no_grad():
+                scores = model(pop.catalogue.text, profile, channels)
+            ranks[label][start:stop] = target_ranks(scores, torch.from_numpy(np.asarray(targets[start:stop])),
+                                                    exclude[start:stop])
+    return ranks
+
+
+def run_channel_arms(pop: Population, arms: dict[str, tuple[float, float, float]], c: dict, seed: int, chunk: int,
+                     simulated_cohort: int = 0) -> dict[str, dict]:
+    """Every arm (label -> (popularity z, co-occurrence z, round z)) of the channel pipeline on `pop`, sharing
+    cohorts and noise draws: the two releases, `server.scorer.initial_scorer`, then `c['rounds']` rounds of
+    `shared.privacy.user_level` sampling, per-user clipping and noise, Flower's FedAdam step. With q N >
+    `simulated_cohort` > 0 an ESTIMATE (noise-cohort-size), as `run_scorer_arms`."""
+    from server.scorer import initial_scorer
+    from shared.analytics import COOC_GAP_DECAY, own_cooc_matrix
+    from shared.privacy.user_level import clip_update, noisy_mean_update, poisson_cohort
+    from shared.scorer import cooc_matrix
+    from simulations.scorer_schedule import fedadam_state, fedadam_step
+
+    started = time.perf_counter()
+    cat, train, n, width = pop.catalogue, pop.users.train, pop.n, pop.catalogue.num_items + 1
+    releases = channel_releases(pop, arms, c, seed)
+    models = {label: initial_scorer(cat, hist, seed, (items, cooc)) for label, (hist, items, cooc) in releases.items()}
+    adam = {label: fedadam_state(m) for label, m in models.items()}
+    first = next(iter(models.values()))
+    keys = [k for k, _ in first.named_parameters()]
+    shapes = {k: tuple(p.shape) for k, p in first.named_parameters()}
+    sampler = random.Random(seed)
+    q_sim = simulated_rate(c, n, simulated_cohort)
+    out = {label: {"round-0": figures(r)} for label, r in channel_ranks(models, pop, c).items()}
+    log_progress(f"N = {n:,} seed {seed}: channel releases and round 0 in {time.perf_counter() - started:.0f} s")
+    cohorts, norms = [], {label: [] for label in arms}
+    for r in range(1, c["rounds"] + 1):
+        cohort = poisson_cohort(range(n), q_sim, sampler)
+        cohorts.append(len(cohort))
+        totals = {label: {k: np.zeros(shapes[k]) for k in keys} for label in arms}
+        for start in range(0, len(cohort), chunk):
+            members = cohort[start:start + chunk]
+            histories, nexts, owner = chunk_examples(train, members, c["targets"])
+            profile, channels, mask = base_channels(cat, histories, c)
+            for label, model in models.items():
+                items, cooc = cooc_matrix(model)
+                owns = [own_cooc_matrix(train[u], items, c["cooc-window"], COOC_GAP_DECAY) for u in members]
+                channels[:, 0] = cooc_channel(histories, items, cooc, width, owns, owner.numpy())
+                grads = channel_cohort_gradients(model, cat, profile, channels, mask, nexts, owner, len(members))
+                minus = {k: -grads[k].double().numpy() for k in keys}  # a device's update is minus its gradient
+                for i in range(len(members)):
+                    clipped, norm = clip_update({k: minus[k][i] for k in keys}, c["clip"])
+                    norms[label].append(norm)
+                    for k in keys:
+                        totals[label][k] += clipped[k]
+        for label, (_, _, z) in arms.items():
+            mean = noisy_mean_update([totals[label]], keys, shapes, z * c["clip"] * q_sim / c["q"], q_sim * n,
+                                     np.random.default_rng([seed, 6, r]))
+            fedadam_step(models[label], adam[label], {k: torch.from_numpy(mean[k]).float() for k in keys}, r,
+                         c["server-lr"])
+        log_progress(f"N = {n:,} seed {seed}: channel round {r} ({len(cohort):,} users), "
+                     f"{time.perf_counter() - started:.0f} s")
+    for label, ranks in channel_ranks(models, pop, c).items():
+        out[label].update(figures(ranks))
+        out[label].update({"cohorts": cohorts, "simulated-q": q_sim, "estimate": q_sim < c["q"],
+                           "cooc-items-released": len(releases[label][1]),
+                           "update-norm-quantiles": [float(x) for x in np.quantile(norms[label], [0.1, 0.5, 0.9])]
+                           if norms[label] else [],
+                           "weights": {k: [round(float(x), 4) for x in p.detach().reshape(-1)]
+                                       for k, p in models[label].named_parameters()},
+                           "seconds-all-arms": round(time.perf_counter() - started, 1)})
     return out
 
 
@@ -633,6 +852,8 @@ def run(populations, seeds, like: str, work: Path, budget: Budget, sasrec_seeds,
         dp_sasrec_epsilons=(), dp_sasrec_arm: str = "fedavg") -> dict:
     torch.set_num_threads(1)
     s = pipeline_settings(rounds)
+    c = channel_settings(rounds)
+    channel_calibration = {f"{t:g}": calibrate_channel(t, c) for t in TARGETS}
     calibration = {f"{t:g}": calibrate_pipeline(t, s) for t in TARGETS}
     transition_calibration = {f"{t:g}": calibrate_transitions(t, s) for t in TARGETS}
     sasrec_q = dp_sasrec_q or s["q"]  # the product's rate unless told
@@ -641,7 +862,8 @@ def run(populations, seeds, like: str, work: Path, budget: Budget, sasrec_seeds,
                                             f"({c['epsilon']:.3f})" for k, c in calibration.items()))
     results = {"made": time.strftime("%Y-%m-%d %H:%M:%S"), "like": like, "seeds": seeds, "settings": s,
                "budget": asdict(budget), "simulated-cohort": simulated_cohort, "calibration": calibration,
-               "transition-calibration": transition_calibration,
+               "transition-calibration": transition_calibration, "channel-settings": c,
+               "channel-calibration": channel_calibration,
                "dp-sasrec": {"q": sasrec_q, "clip": DP_SASREC_CLIP, "z": sasrec_z, "arm": dp_sasrec_arm},
                "populations": []}
     plan = sorted([(n, False) for n in populations] + [(n, True) for n in also_synthetic])
@@ -654,12 +876,18 @@ def run(populations, seeds, like: str, work: Path, budget: Budget, sasrec_seeds,
         transition_arms = {f"transition scorer, epsilon {k}": (c["popularity-z"], c["transitions-z"])
                            for k, c in transition_calibration.items()}
         transition_arms["transition scorer, no noise"] = (0.0, 0.0)
+        channel_arms = {f"{CHANNEL_ARM}, epsilon {k}": (x["popularity-z"], x["cooc-z"], x["z"])
+                        for k, x in channel_calibration.items()}
+        channel_arms[f"{CHANNEL_ARM}, no noise"] = (0.0, 0.0, 0.0)
         entry = {"n": pop.n, "label": pop.label, "real": pop.real, "interactions": pop.interactions,
                  "eval-users": int(len(pop.eval_index)), "expected-cohort": s["q"] * pop.n,
                  "simulated-q": simulated_rate(s, pop.n, simulated_cohort),
                  "estimate": simulated_rate(s, pop.n, simulated_cohort) < s["q"],
                  "privacy": {label: arm_privacy(zp, z, s, pop.n) for label, (zp, z) in arms.items()
                              if z > 0},
+                 "channel-simulated-q": simulated_rate(c, pop.n, simulated_cohort),
+                 "channel-privacy": {label: channel_privacy(zp, zc, z, c, pop.n)
+                                     for label, (zp, zc, z) in channel_arms.items() if z > 0},
                  "transition-privacy": {label: transition_privacy(zp, zt, s, pop.n)
                                         for label, (zp, zt) in transition_arms.items() if zt > 0},
                  "dp-sasrec-privacy": {f"SASRec DP-FedAvg, epsilon {k}": dp_sasrec_privacy(
@@ -668,6 +896,8 @@ def run(populations, seeds, like: str, work: Path, budget: Budget, sasrec_seeds,
         for seed in seeds:
             row = {} if "content" in skip else run_scorer_arms(pop, arms, s, seed, budget.chunk_users,
                                                                simulated_cohort)
+            if "channel" not in skip:
+                row.update(run_channel_arms(pop, channel_arms, c, seed, budget.chunk_users, simulated_cohort))
             if "transitions" not in skip:
                 row.update(run_transition_arms(pop, transition_arms, seed))
             row.update(popularity_arms(pop, seed, s))
@@ -732,7 +962,8 @@ def markdown(results: dict, plot_name: str) -> str:
         for p in pops:
             v = p["summary"].get(label)
             estimate = any(r[label].get("estimate") for r in p["runs"].values() if label in r)
-            mark = " (estimate\\*)" if estimate and label.startswith(("content-scorer", "SASRec DP-FedAvg")) else ""
+            mark = " (estimate\\*)" if estimate and label.startswith(("content-scorer", CHANNEL_ARM,
+                                                                         "SASRec DP-FedAvg")) else ""
             cells.append("-" if v is None else f"{v['ndcg@10'][0]:.4f} +- {v['ndcg@10'][1]:.4f}{mark}"
                          + (f" [{v['seeds']}]" if "SASRec" in label else ""))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -754,6 +985,42 @@ def markdown(results: dict, plot_name: str) -> str:
               "the server (no secure aggregation). DP popularity: one Gaussian release calibrated to the target "
               "with Opacus RDP (`shared.analytics.noise_for_epsilon`). The defaults the pipeline runs with were "
               "chosen by the developers on ML-100K (README); that choice is not in any epsilon."]
+    channel = [(p, label, priv) for p in pops for label, priv in p.get("channel-privacy", {}).items()
+               if label in p["summary"]]
+    if channel:
+        cs = results["channel-settings"]
+        lines += ["", "Channel scorer (`model = channel-scorer`, the product's default "
+                  f"`shared.config.DEFAULT_PIPELINE`): DP popularity, DP windowed co-occurrence (window "
+                  f"{cs['cooc-window']}) among the top "
+                  f"{cs['cooc-items']} released items, then {cs['rounds']} rounds of DP-FedSGD of the 9-weight scorer "
+                  f"(Poisson q = {cs['q']:g}, clip {cs['clip']:g}, FedAdam server-lr {cs['server-lr']:g}, last "
+                  f"{cs['targets']} training items per user); the product's multipliers ({cs['popularity-z']:g}, "
+                  f"{cs['cooc-z']:g}, {cs['z']:g}) times one common factor per epsilon. In-process, the product's "
+                  "code: `shared.analytics` releases, `server.scorer.initial_scorer`, `shared.scorer.channel_features`"
+                  " (every channel but co-occurrence; that one vectorised, checked equal in tests), per-user "
+                  "gradients checked against `shared.scorer.channel_user_gradient`, `shared.privacy.user_level`, "
+                  "Flower's FedAdam arithmetic. The no-noise twin keeps the clipping.", "",
+                  f"| N | expected cohort q N | simulated cohort | arm | epsilon (Opacus RDP, delta {cs['delta']:g}) "
+                  "| z_pop | z_cooc | z | noise std on the mean update |", "|---|---|---|---|---|---|---|---|---|"]
+        for p, label, priv in channel:
+            x = results["channel-calibration"][label.rsplit(" ", 1)[-1]]
+            q_sim = p.get("channel-simulated-q", cs["q"])
+            lines.append(f"| {p['n']:,} ({'real' if p['real'] else 'synthetic'}) | {cs['q'] * p['n']:,.0f} | "
+                         f"{q_sim * p['n']:,.0f}{' (estimate)' if q_sim < cs['q'] else ' (exact)'} | {label} | "
+                         f"{priv['epsilon']:.3f} | {x['popularity-z']:.3f} | {x['cooc-z']:.3f} | {x['z']:.3f} | "
+                         f"{priv['noise-std-on-mean-update']:.2e} |")
+        lines += ["", "Channel scorer epsilon: user-level (unit one user's whole history, add/remove one user), the "
+                  "popularity release, the co-occurrence release (both Gaussian, sensitivity 1, every user, no "
+                  "sampling) and every round (sampled Gaussian, Poisson rate q) composed in one Opacus RDP "
+                  "accountant (`shared.privacy.pipeline.pipeline_epsilon`); adversary: whoever sees the released "
+                  "histogram, co-occurrence and models, not the server (no secure aggregation). Where the simulated "
+                  "cohort is smaller than q N the figure is an ESTIMATE (noise-cohort-size, as for the content "
+                  "scorer: the real cohort's noise on the mean, z C / (q N)); the epsilon is the real run's. The "
+                  "defaults were chosen by the developers on ML-100K; that choice is not in any epsilon."]
+    quoted = results.get("quoted-references")
+    if quoted:
+        lines += ["", f"Rows marked `(quoted)` were not re-run: copied from `{quoted}` (the same populations, the "
+                  "same evaluation users)."]
     transitions = [(p, label, priv) for p in pops for label, priv in p.get("transition-privacy", {}).items()
                    if label in p["summary"]]
     if transitions:
@@ -802,7 +1069,7 @@ def markdown(results: dict, plot_name: str) -> str:
     if released:
         lines.append("DP popularity noise multipliers (the same at every N): " + "; ".join(released) + ".")
     for p in pops:
-        if p["estimate"] and any(k.startswith("content-scorer") for k in p["summary"]):
+        if p["estimate"] and any(k.startswith(("content-scorer", CHANNEL_ARM)) for k in p["summary"]):
             lines.append(f"\\* N = {p['n']:,}: an ESTIMATE, not a run of that population's pipeline "
                          "(pfl-research's noise-cohort-size): each round samples users at q' = "
                          f"{p['simulated-q']:.4g} (expected cohort {p['simulated-q'] * p['n']:,.0f}) instead of "
@@ -827,19 +1094,22 @@ def target_check(results: dict) -> str:
     summ = p["summary"]
     lines = []
     twins = ("SASRec FedAvg, no DP (unweighted, not clipped)", "SASRec FedAvg, clipped, no noise")
-    for model in ("content-scorer", "transition scorer", "SASRec DP-FedAvg"):
+    for model in ("content-scorer", CHANNEL_ARM, "transition scorer", "SASRec DP-FedAvg"):
         private = summ.get(f"{model}, epsilon 2")
         if not private:
             continue
         parts = []
         own = twins if model.startswith("SASRec") else (f"{model}, no noise",)
-        for ref in (*own, "SASRec federation, no DP (reduced budget)", "centralized SASRec (reduced budget)"):
+        for ref in (*own, "SASRec federation, no DP (reduced budget)", f"{FEDERATION} (quoted)",
+                    "centralized SASRec (reduced budget)"):
             if ref in summ:
                 ratio = private["ndcg@10"][0] / summ[ref]["ndcg@10"][0]
                 parts.append(f"{ratio:.3f} of `{ref}` ({'within' if ratio >= 0.9 else 'NOT within'} 10%)")
         if not parts:
             continue
-        kind = " (an estimate, see above)" if p["estimate"] and model == "content-scorer" else ""
+        if "popularity (no DP)" in summ:
+            parts.append(f"{private['ndcg@10'][0] / summ['popularity (no DP)']['ndcg@10'][0]:.3f} x popularity (no DP)")
+        kind = " (an estimate, see above)" if p["estimate"] and model in ("content-scorer", CHANNEL_ARM) else ""
         lines.append(f"Target at N = {p['n']:,}, user-level epsilon 2, {model}{kind}: NDCG@10 "
                      f"{private['ndcg@10'][0]:.4f} is " + "; ".join(parts) + ".")
     return "\n".join(lines)
@@ -855,7 +1125,7 @@ def plot(results: dict, path: Path) -> None:
     labels = list(dict.fromkeys(k for p in pops for k in p["summary"]))
     fig, ax = plt.subplots(figsize=(10, 5))
     for i, label in enumerate(labels):
-        style = "-" if "content-scorer" in label else ("--" if "SASRec" in label else ":")
+        style = "-" if ("content-scorer" in label or CHANNEL_ARM in label) else ("--" if "SASRec" in label else ":")
         color, marker = f"C{i % 10}", "os^v<>Dph"[i % 9]
         # synthetic populations as one line; the real data as unconnected open markers (another kind of data)
         for real in (False, True):
@@ -889,7 +1159,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--sasrec-seeds", type=int, nargs="*", default=None,
                         help="seeds that also train the SASRec references (default: the first seed)")
     parser.add_argument("--skip", nargs="*", default=[],
-                        choices=["central", "federated", "content", "transitions", "dp-sasrec", "sasrec-twins"])
+                        choices=["central", "federated", "content", "channel", "transitions", "dp-sasrec",
+                                 "sasrec-twins"])
     parser.add_argument("--dp-sasrec-epsilons", type=float, nargs="*", default=[],
                         help="run SASRec DP-FedAvg only at these of the targets (default: every target)")
     parser.add_argument("--dp-sasrec-q", type=float, default=None,
@@ -909,17 +1180,24 @@ def main(argv: list[str] | None = None) -> Path:
                         help="where q N is larger, estimate with this expected cohort and the real cohort's noise "
                              "(0 = always the real cohort)")
     parser.add_argument("--report", metavar="RESULTS.json", help="only rebuild the .md and .png of a results file")
+    parser.add_argument("--merge", metavar="RESULTS.json", nargs="+",
+                        help="only merge results files (runs of different seeds / populations) into --out")
+    parser.add_argument("--references", metavar="RESULTS.json",
+                        help="quote the non-private SASRec federation of this earlier results file at the same N")
     parser.add_argument("--out", default=None, help="results stem (default simulations/results/population-utility-"
                                                     "<time>)")
     args = parser.parse_args(argv)
-    if args.report:
-        import json
+    import json
 
+    if args.report:
         stem = Path(args.report).with_suffix("")
         results = json.loads(Path(args.report).read_text())
         plot(results, stem.with_suffix(".png"))
         save_results(stem, results, markdown(results, results["plot"]))
         return stem
+    if args.merge:
+        results = merge_results([json.loads(Path(f).read_text()) for f in args.merge])
+        return write_results(results, args.out, args.references)
     budget = QUICK if args.quick else Budget()
     changes = {k: v for k, v in (("fed_rounds", args.fed_rounds), ("central_steps", args.central_steps),
                                  ("fed_cohort", args.fed_cohort),
@@ -934,7 +1212,44 @@ def main(argv: list[str] | None = None) -> Path:
                   args.dp_sasrec_epsilons, args.dp_sasrec_arm)
     results["sasrec-seeds"] = sasrec_seeds
     results["quick"] = args.quick
-    stem = Path(args.out) if args.out else timestamped("population-utility")
+    return write_results(results, args.out, args.references)
+
+
+def quote_references(results: dict, path: str) -> None:
+    """Copy the non-private SASRec federation's summary at each (N, real or synthetic) from an earlier results
+    file into this one's summary, as `<label> (quoted)` (not re-run here)."""
+    import json
+
+    earlier = {(p["n"], p["real"]): p for p in json.loads(Path(path).read_text())["populations"]}
+    for p in results["populations"]:
+        old = earlier.get((p["n"], p["real"]))
+        if old and FEDERATION in old["summary"] and old["eval-users"] == p["eval-users"]:
+            p["summary"][f"{FEDERATION} (quoted)"] = old["summary"][FEDERATION]
+    results["quoted-references"] = Path(path).name
+
+
+def merge_results(parts: list[dict]) -> dict:
+    """One results dict from several runs (other seeds or populations) with the same settings."""
+    merged = {**parts[0], "populations": [], "seeds": sorted({s for r in parts for s in r["seeds"]}),
+              "merged-from": [r["made"] for r in parts]}
+    by_pop: dict = {}
+    for r in parts:
+        for p in r["populations"]:
+            key = (p["n"], p["real"])
+            if key not in by_pop:
+                by_pop[key] = {**p, "runs": {}}
+            by_pop[key]["runs"].update(p["runs"])
+    for key in sorted(by_pop):
+        p = by_pop[key]
+        p["summary"] = summarize_runs(p["runs"])
+        merged["populations"].append(p)
+    return merged
+
+
+def write_results(results: dict, out: str | None, references: str | None) -> Path:
+    if references:
+        quote_references(results, references)
+    stem = Path(out) if out else timestamped("population-utility")
     stem.parent.mkdir(parents=True, exist_ok=True)
     plot(results, stem.with_suffix(".png"))
     results["plot"] = stem.with_suffix(".png").name

@@ -69,9 +69,17 @@ def test_a_quick_sweep_writes_its_results_within_each_epsilon_and_with_less_nois
         assert large["privacy"][label]["noise-std-on-mean-update"] < small["privacy"][label]["noise-std-on-mean-update"]
     assert small["privacy"]["content-scorer, epsilon 2"]["noise-std-on-mean-update"] > \
         small["privacy"]["content-scorer, epsilon 8"]["noise-std-on-mean-update"]
+    for target in pu.TARGETS:
+        label = f"channel-scorer, epsilon {target:g}"
+        for pop in (small, large):
+            assert pop["channel-privacy"][label]["epsilon"] <= target
+    assert large["runs"]["0"]["channel-scorer, epsilon 2"]["estimate"]
+    assert not small["runs"]["0"]["channel-scorer, epsilon 2"]["estimate"]
+    assert "Channel scorer epsilon" in markdown and "Target at N = 160" in markdown
     for pop in (small, small_synthetic, large):
         arms = pop["summary"]
         for label in ("content-scorer, epsilon 2", "content-scorer, no noise", "popularity (no DP)",
+                      "channel-scorer, epsilon 2", "channel-scorer, epsilon 8", "channel-scorer, no noise",
                       "DP popularity, epsilon 8", "centralized SASRec (reduced budget)",
                       "SASRec federation, no DP (reduced budget)"):
             assert 0.0 <= arms[label]["ndcg@10"][0] <= 1.0, label
@@ -170,3 +178,117 @@ def test_dp_sasrec_estimate_puts_the_real_cohorts_noise_on_the_mean_and_its_epsi
         rdp = rdp_privacy_accountant.RdpAccountant()
         rdp.compose(dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(0.25, dpa.GaussianDpEvent(z)), 10))
         assert pu.dp_sasrec_epsilon(z, 0.25, 10, s) == pytest.approx(rdp.get_epsilon(s["delta"]), rel=0.02)
+
+
+# ------------------------------------------------------------------ channel scorer (the product's default)
+def _channel_setup(seed: int = 0):
+    from server.scorer import initial_scorer
+    from shared.analytics import cooc_from_release, item_set_vector, noisy_sum, top_items
+
+    rng = np.random.default_rng(seed)
+    split = walk_split(num_users=9, num_items=30, seed=3)
+    train = [np.concatenate([t, rng.integers(1, 31, size=4)]) for t in split.train]  # some jumps and repeats
+    train[4] = train[4][:1]  # a one-item history: no example, zero gradient
+    train[5] = train[5][:3]  # fewer items than the profile, the targets and the co-occurrence query
+    ids = ["<pad>"] + [str(3 * i + 1) for i in range(1, 31)]
+    titles = [None] + [f"Item {i} ({1970 + i % 30})" if i % 4 else f"Item {i}" for i in range(1, 31)]
+    genres = [[]] + [["a", "b", "c", "d"][i % 4:i % 4 + 1 + i % 2] for i in range(1, 31)]
+    catalogue = public_catalogue(rng.normal(size=(31, 16)), ids, titles, genres)
+    histogram = noisy_sum(item_set_vector(train, 30), 0.5, rng)
+    items = top_items(histogram, 12)
+    cooc = cooc_from_release(rng.uniform(0, 3, 12 * 11 // 2), 12)
+    model = initial_scorer(catalogue, histogram, 0, (items, cooc))
+    with torch.no_grad():
+        model.content.copy_(torch.tensor([5.0]))
+        model.scales.copy_(torch.tensor([0.7, 0.4, -0.3, 0.9, 0.2, -0.1, 0.6, 0.3]))
+    return train, catalogue, model
+
+
+def test_channel_features_and_per_user_gradients_equal_the_product_device_code():
+    from shared.analytics import COOC_GAP_DECAY, own_cooc_matrix
+    from shared.scorer import channel_features, channel_user_gradient, cooc_matrix
+
+    train, catalogue, model = _channel_setup()
+    c = pu.channel_settings()
+    items, cooc = cooc_matrix(model)
+    width = catalogue.num_items + 1
+    members = [8, 4, 0, 5, 2, 7]
+    histories, nexts, owner = pu.chunk_examples(train, members, c["targets"])
+    owns = [own_cooc_matrix(train[u], items, c["cooc-window"], COOC_GAP_DECAY) for u in members]
+    profile, channels, mask = pu.base_channels(catalogue, histories, c)
+    channels[:, 0] = pu.cooc_channel(histories, items, cooc, width, owns, owner.numpy())
+    shared = channel_features(catalogue, histories, items, cooc, c["profile-items"], c["decay"],
+                              [owns[i] for i in owner.numpy()])
+    for mine, theirs in zip((profile, channels, mask), shared):
+        assert torch.allclose(mine, theirs, atol=1e-5)
+    assert float(channels[:, 0].abs().sum()) > 0  # the co-occurrence channel is really exercised
+    grads = pu.channel_cohort_gradients(model, catalogue, profile, channels, mask, nexts, owner, len(members))
+    for i, user in enumerate(members):
+        expected = channel_user_gradient(model, catalogue, [train[user]], c["targets"], c["profile-items"],
+                                         c["decay"], c["cooc-window"], COOC_GAP_DECAY)
+        for key, value in expected.items():
+            assert torch.allclose(grads[key][i], value, atol=1e-5, rtol=1e-4), (user, key)
+    assert float(grads["scales"][1].abs().sum()) == 0.0 and float(grads["content"][1].abs().sum()) == 0.0
+    # evaluation features: the released co-occurrence as it is (no own removal)
+    _, eval_channels, _ = channel_features(catalogue, histories, items, cooc, c["profile-items"], c["decay"])
+    assert torch.allclose(pu.cooc_channel(histories, items, cooc, width), eval_channels[:, 0], atol=1e-5)
+
+
+def test_channel_calibration_is_the_products_multipliers_times_one_factor_and_agrees_with_dp_accounting():
+    import dp_accounting as dpa
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    from shared import config
+    from shared.privacy.pipeline import planned_epsilon
+
+    c = pu.channel_settings()
+    product = {**config.defaults(), **config.DEFAULT_PIPELINE}
+    assert c["model"] == "channel-scorer" and c["z"] == product["user-noise-multiplier"]
+    assert pu.channel_epsilon(c["popularity-z"], c["cooc-z"], c["z"], c) == pytest.approx(
+        planned_epsilon(product, product["fraction-train"]))  # the product's own figure at its defaults
+    for target in pu.TARGETS:
+        x = pu.calibrate_channel(target, c)
+        assert x["epsilon"] <= target < pu.channel_epsilon(0.99 * x["popularity-z"], 0.99 * x["cooc-z"],
+                                                           0.99 * x["z"], c)
+        assert x["popularity-z"] / x["z"] == pytest.approx(c["popularity-z"] / c["z"])
+        assert x["cooc-z"] / x["z"] == pytest.approx(c["cooc-z"] / c["z"])
+        rdp = rdp_privacy_accountant.RdpAccountant()
+        rdp.compose(dpa.ComposedDpEvent([
+            dpa.GaussianDpEvent(x["popularity-z"]), dpa.GaussianDpEvent(x["cooc-z"]),
+            dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(c["q"], dpa.GaussianDpEvent(x["z"])), c["rounds"])]))
+        assert x["epsilon"] == pytest.approx(rdp.get_epsilon(c["delta"]), rel=0.02)
+
+
+def test_channel_arms_release_like_the_server_and_the_estimate_keeps_the_real_cohorts_noise(tmp_path, monkeypatch):
+    import shared.privacy.user_level as user_level
+    from shared.analytics import cooc_vector, top_items
+
+    monkeypatch.setenv("PRIVREC_CACHE_DIR", str(tmp_path / "cache"))
+    source = write_source(tmp_path / "source", num_users=60)
+    pop = pu.load_population(200, str(source), tmp_path / "work", 50)
+    assert pop.catalogue.genres is not None  # the channel scorer's genre channel has the catalogue's genres
+    c = {**pu.channel_settings(2), "cooc-items": 20}
+    arms = {"private": (2.0, 1.5, 1.3), "none": (0.0, 0.0, 0.0)}
+    releases = pu.channel_releases(pop, arms, c, 0)
+    hist, items, matrix = releases["none"]
+    assert np.allclose(hist[1:], pop.item_sum[1:])
+    assert np.array_equal(items, top_items(pop.item_sum, 20))
+    rows, cols = np.triu_indices(len(items), 1)
+    assert np.allclose(matrix[rows, cols], cooc_vector(pop.users.train, items, c["cooc-window"]))
+    calls, real_mean = [], user_level.noisy_mean_update
+
+    def spy(clipped, keys, shapes, noise_std, expected_cohort, rng):
+        calls.append((noise_std, expected_cohort))
+        return real_mean(clipped, keys, shapes, noise_std, expected_cohort, rng)
+
+    monkeypatch.setattr(user_level, "noisy_mean_update", spy)
+    out = pu.run_channel_arms(pop, arms, c, 0, chunk=16, simulated_cohort=10)
+    assert out["private"]["estimate"] and out["private"]["simulated-q"] == pytest.approx(10 / 200)
+    assert len(calls) == 2 * c["rounds"]
+    for noise_std, expected_cohort in calls[0::2]:  # the private arm's rounds
+        assert expected_cohort == pytest.approx(10.0)
+        assert noise_std / expected_cohort == pytest.approx(1.3 * c["clip"] / (c["q"] * 200))
+    assert all(noise_std == 0.0 for noise_std, _ in calls[1::2])
+    for arm in out.values():
+        assert 0.0 <= arm["ndcg@10"] <= 1.0 and 0.0 <= arm["round-0"]["ndcg@10"] <= 1.0
+        assert max(arm["update-norm-quantiles"]) > 0
