@@ -24,6 +24,18 @@ Arms at each N:
   `shared.scorer.user_gradient` user by user.
 * **the same pipeline without noise** (both noise multipliers 0, clipping kept): the non-private federation
   of the same model on the same data.
+* **channel-scorer pipeline** (`model = channel-scorer`, the product's default `shared.config.DEFAULT_PIPELINE`)
+  at epsilon 2 and 8 and without noise (all three multipliers 0, clipping kept): the DP popularity release, the
+  DP windowed co-occurrence release among the top `cooc-items` released items, then DP-FedSGD rounds of the
+  9-weight channel scorer, in-process like the content scorer with the product's code (`shared.analytics`
+  releases as `server.scorer` makes them, `server.scorer.initial_scorer`, `shared.privacy.user_level`, FedAdam)
+  and `shared.scorer.channel_features`' channels computed for a chunk at once (`base_channels`, `cooc_channel`:
+  the same numbers, checked in tests). Channels are computed chunk by chunk of users, never for every user at once. The
+  product's multipliers (5, 3, 3.5) times one common factor per epsilon (`calibrate_channel`); at q N above
+  `--simulated-cohort` the same noise-cohort-size ESTIMATE as the content scorer. `tests/test_population_utility.
+  py` checks the features and per-user gradients against `shared.scorer.channel_features` /
+  `channel_user_gradient`. `--references RESULTS.json` quotes the non-private SASRec federation of an earlier
+  results file at the same N (issue 15's reference) without re-running it; `--merge` joins runs of other seeds.
 * **popularity** (non-private, training counts) and **DP popularity** at each epsilon (one Gaussian release
   of the item-set sum, `shared.analytics.noise_for_epsilon`: Opacus RDP, the private baseline's code).
 * **SASRec, non-private federation** (per-row averaging, the non-private default; `simulations.fedopt`'s
@@ -454,13 +466,65 @@ def cooc_channel(histories, items: np.ndarray, cooc: np.ndarray, width: int, own
     return torch.from_numpy(out.astype(np.float32))
 
 
-def base_channels(catalogue, histories, c: dict):
-    """`shared.scorer.channel_features` without the co-occurrence (an empty release): profile, every channel
-    but `cooc` (left 0), history mask. Computed once per chunk for every arm; `cooc_channel` fills channel 0."""
-    from shared.scorer import channel_features
+def channel_tables(catalogue) -> dict:
+    """The public item-side tables the channels read, once per population: text rows (float64), the item-item
+    text cosine [items + 1, items + 1] (so max10 / last are look-ups, not a matrix product per history) and the
+    unit genre rows."""
+    text = catalogue.text.numpy().astype(np.float64)
+    genres = catalogue.genres if catalogue.genres is not None else np.zeros((len(text), 1))
+    return {"text": text, "cosine": text @ text.T, "genres": np.asarray(genres, dtype=np.float64)}
 
-    return channel_features(catalogue, histories, np.zeros(0, dtype=np.int64), np.zeros((0, 0)),
-                            c["profile-items"], c["decay"])
+
+def _tails(seqs, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """[n, k] ids of each sequence's last k items, newest FIRST, and their mask."""
+    ids, mask = np.zeros((len(seqs), k), dtype=np.int64), np.zeros((len(seqs), k), dtype=bool)
+    for u, seq in enumerate(seqs):
+        tail = seq[-k:][::-1]
+        ids[u, : len(tail)], mask[u, : len(tail)] = tail, True
+    return ids, mask
+
+
+def base_channels(catalogue, histories, c: dict, tables: dict | None = None, block: int = 128):
+    """`shared.scorer.channel_features` without the co-occurrence (an empty release), vectorised (the same
+    numbers): unit profiles [B, d], every channel but `cooc` (left 0) [B, len(CHANNELS), items + 1], history
+    mask [B, items + 1]. Computed once per chunk for every arm; `cooc_channel` fills channel 0.
+    `tests/test_population_utility.py` checks it against `channel_features`."""
+    from shared.scorer import CHANNELS, HISTORY_MASK, RECENT_ITEMS, RECENT_WINDOW
+
+    tables = tables or channel_tables(catalogue)
+    text, cosine, genres = tables["text"], tables["cosine"], tables["genres"]
+    n, width, p = len(histories), catalogue.num_items + 1, c["profile-items"]
+    profiles = np.zeros((n, text.shape[1]), dtype=np.float32)
+    channels = np.zeros((n, len(CHANNELS), width), dtype=np.float32)
+    mask = np.zeros((n, width), dtype=np.float32)
+    at = {name: i for i, name in enumerate(CHANNELS)}
+    for start in range(0, n, block):
+        seqs = [np.asarray(h, dtype=np.int64).reshape(-1) for h in histories[start:start + block]]
+        rows = slice(start, start + len(seqs))
+        full = np.array([len(s) > 0 for s in seqs])
+        last, last_mask = _tails(seqs, p)
+        weights = np.where(last_mask, c["decay"] ** np.arange(p)[None, :], 0.0)
+        profile = np.einsum("up,upd->ud", weights, text[last])
+        profiles[rows] = profile / (np.linalg.norm(profile, axis=1, keepdims=True) + 1e-12)
+        wsum = weights.sum(1)
+        mean_year = (weights * catalogue.years[last]).sum(1) / np.where(wsum > 0, wsum, 1.0)
+        year = -np.abs(catalogue.years[None, :] - mean_year[:, None]) / 10.0
+        recent, recent_mask = _tails(seqs, RECENT_ITEMS)
+        gaps = np.abs(catalogue.raw[None, None, :] - catalogue.raw[recent][:, :, None])
+        raw = -np.log1p(np.where(recent_mask[:, :, None], gaps, np.inf).min(1))
+        window, window_mask = _tails(seqs, RECENT_WINDOW)
+        max10 = np.where(window_mask[:, :, None], cosine[window], -np.inf).max(1)
+        genre = (genres[window] * window_mask[:, :, None]).sum(1)
+        genre = (genre / (np.linalg.norm(genre, axis=1, keepdims=True) + 1e-12)) @ genres.T
+        means = np.stack([text[s].mean(0) if len(s) else np.zeros(text.shape[1]) for s in seqs])
+        long = (means / (np.linalg.norm(means, axis=1, keepdims=True) + 1e-12)) @ text.T
+        newest = cosine[last[:, 0]]
+        for name, value in (("max10", max10), ("genre", genre), ("year", year), ("raw", raw), ("last", newest),
+                            ("long", long)):
+            channels[rows, at[name]] = np.where(full[:, None], value, 0.0)
+        for u, seq in enumerate(seqs):
+            mask[start + u, seq] = HISTORY_MASK
+    return torch.from_numpy(profiles), torch.from_numpy(channels), torch.from_numpy(mask)
 
 
 def channel_cohort_gradients(model, catalogue, profile, channels, mask, nexts, owner,
@@ -486,7 +550,8 @@ def channel_cohort_gradients(model, catalogue, profile, channels, mask, nexts, o
     return grads
 
 
-def channel_ranks(models: dict, pop: Population, c: dict, batch: int = 256) -> dict[str, np.ndarray]:
+def channel_ranks(models: dict, pop: Population, c: dict, tables: dict | None = None,
+                  batch: int = 256) -> dict[str, np.ndarray]:
     """Test-item ranks of the `pop.eval_index` users under each model, scored as `shared.scorer.
     channel_score_histories` scores (released co-occurrence, no own removal, no mask; own history excluded)."""
     from shared.metrics import eval_inputs, target_ranks
@@ -497,7 +562,7 @@ def channel_ranks(models: dict, pop: Population, c: dict, batch: int = 256) -> d
     ranks = {label: np.zeros(len(targets), dtype=np.int64) for label in models}
     for start in range(0, len(targets), batch):
         stop = min(start + batch, len(targets))
-        profile, channels, _ = base_channels(pop.catalogue, inputs[start:stop], c)
+        profile, channels, _ = base_channels(pop.catalogue, inputs[start:stop], c, tables)
         for label, model in models.items():
             items, cooc = cooc_matrix(model)
             channels[:, 0] = cooc_channel(inputs[start:stop], items, cooc, width)
@@ -530,7 +595,8 @@ def run_channel_arms(pop: Population, arms: dict[str, tuple[float, float, float]
     shapes = {k: tuple(p.shape) for k, p in first.named_parameters()}
     sampler = random.Random(seed)
     q_sim = simulated_rate(c, n, simulated_cohort)
-    out = {label: {"round-0": figures(r)} for label, r in channel_ranks(models, pop, c).items()}
+    tables = channel_tables(cat)
+    out = {label: {"round-0": figures(r)} for label, r in channel_ranks(models, pop, c, tables).items()}
     log_progress(f"N = {n:,} seed {seed}: channel releases and round 0 in {time.perf_counter() - started:.0f} s")
     cohorts, norms = [], {label: [] for label in arms}
     for r in range(1, c["rounds"] + 1):
@@ -540,7 +606,7 @@ def run_channel_arms(pop: Population, arms: dict[str, tuple[float, float, float]
         for start in range(0, len(cohort), chunk):
             members = cohort[start:start + chunk]
             histories, nexts, owner = chunk_examples(train, members, c["targets"])
-            profile, channels, mask = base_channels(cat, histories, c)
+            profile, channels, mask = base_channels(cat, histories, c, tables)
             for label, model in models.items():
                 items, cooc = cooc_matrix(model)
                 owns = [own_cooc_matrix(train[u], items, c["cooc-window"], COOC_GAP_DECAY) for u in members]
@@ -559,7 +625,7 @@ def run_channel_arms(pop: Population, arms: dict[str, tuple[float, float, float]
                          c["server-lr"])
         log_progress(f"N = {n:,} seed {seed}: channel round {r} ({len(cohort):,} users), "
                      f"{time.perf_counter() - started:.0f} s")
-    for label, ranks in channel_ranks(models, pop, c).items():
+    for label, ranks in channel_ranks(models, pop, c, tables).items():
         out[label].update(figures(ranks))
         out[label].update({"cohorts": cohorts, "simulated-q": q_sim, "estimate": q_sim < c["q"],
                            "cooc-items-released": len(releases[label][1]),
@@ -997,7 +1063,7 @@ def markdown(results: dict, plot_name: str) -> str:
                   f"{cs['targets']} training items per user); the product's multipliers ({cs['popularity-z']:g}, "
                   f"{cs['cooc-z']:g}, {cs['z']:g}) times one common factor per epsilon. In-process, the product's "
                   "code: `shared.analytics` releases, `server.scorer.initial_scorer`, `shared.scorer.channel_features`"
-                  " (every channel but co-occurrence; that one vectorised, checked equal in tests), per-user "
+                  "' channels computed for a chunk of users at once (checked equal in tests), per-user "
                   "gradients checked against `shared.scorer.channel_user_gradient`, `shared.privacy.user_level`, "
                   "Flower's FedAdam arithmetic. The no-noise twin keeps the clipping.", "",
                   f"| N | expected cohort q N | simulated cohort | arm | epsilon (Opacus RDP, delta {cs['delta']:g}) "
