@@ -222,6 +222,11 @@ def test_channel_features_and_per_user_gradients_equal_the_product_device_code()
     for mine, theirs in zip((profile, channels, mask), shared):
         assert torch.allclose(mine, theirs, atol=1e-5)
     assert float(channels[:, 0].abs().sum()) > 0  # the co-occurrence channel is really exercised
+    extra = [np.zeros(0, dtype=np.int64)] + histories  # an empty history; several blocks
+    for mine, theirs in zip(pu.base_channels(catalogue, extra, c, block=4),
+                            channel_features(catalogue, extra, np.zeros(0, dtype=np.int64), np.zeros((0, 0)),
+                                             c["profile-items"], c["decay"])):
+        assert torch.allclose(mine, theirs, atol=1e-5)
     grads = pu.channel_cohort_gradients(model, catalogue, profile, channels, mask, nexts, owner, len(members))
     for i, user in enumerate(members):
         expected = channel_user_gradient(model, catalogue, [train[user]], c["targets"], c["profile-items"],
