@@ -1013,10 +1013,11 @@ def markdown(results: dict, plot_name: str) -> str:
              f"Test NDCG@10 (full ranking, own history excluded), mean +- std over seeds {results['seeds']} "
              f"(SASRec arms: the seeds given in brackets). Source: {results['like']}; synthetic populations: "
              "`privrec data synth --like ml-100k --users N --seed 0` (docs/synthetic-data.md: what synthetic "
-             "users can and cannot stand for). **The content-scorer arms ran in-process, not through Flower**: "
+             "users can and cannot stand for). **The scorer arms ran in-process, not through Flower**: "
              "the same shared code (`shared.scorer`, `shared.privacy.user_level` sampling, clipping and noise, "
              "`server.scorer.initial_scorer`, Flower's FedAdam arithmetic), one process, one thread.", "",
-             f"Pipeline at every N: the product defaults, Poisson q = {s['q']:g}, {s['rounds']} rounds, clip "
+             f"Content-scorer pipeline (when run) at every N: `CONTENT_SCORER_PIPELINE`, Poisson q = {s['q']:g}, "
+             f"{s['rounds']} rounds, clip "
              f"{s['clip']:g}, FedAdam server-lr {s['server-lr']:g}; noise multipliers calibrated to each epsilon "
              "(below) are therefore the same at every N, and the noise on the averaged update z C / (q N) falls "
              "as 1 / N. SASRec references have a reduced budget that is the same at every N: federation "
@@ -1045,7 +1046,8 @@ def markdown(results: dict, plot_name: str) -> str:
             kind = "real" if p["real"] else "synthetic"
             lines.append(f"| {p['n']:,} ({kind}) | {p['expected-cohort']:,.0f} | {label} | {priv['epsilon']:.3f} | "
                          f"{c['popularity-z']:.3f} | {c['z']:.3f} | {priv['noise-std-on-mean-update']:.2e} |")
-    lines += ["", "Every epsilon: user-level (unit: one user's whole history; add/remove one user), the popularity "
+    lines += ["", "Every content-scorer epsilon: user-level (unit: one user's whole history; add/remove one user), "
+              "the popularity "
               "release and every round composed in one Opacus RDP accountant (`shared.privacy.pipeline`), Poisson "
               "sampling of users at q per round; adversary: whoever sees the released histogram and models, not "
               "the server (no secure aggregation). DP popularity: one Gaussian release calibrated to the target "
