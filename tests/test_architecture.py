@@ -104,3 +104,23 @@ def test_flower_stays_at_the_edges():
     plain += list((ROOT / "shared" / "data").glob("*.py")) + list((ROOT / "shared" / "privacy").glob("*.py"))
     plain.append(ROOT / "client" / "device.py")
     assert {str(p.relative_to(ROOT)) for p in plain if "flwr" in imported_top_levels(p)} == set()
+
+
+def test_every_module_the_cli_loads_is_installed():
+    """The `privrec` console script runs with only the installed packages on its path (not the checkout): every
+    top-level package that `tools/` imports, statically or by `importlib.import_module("...")`, must be in
+    pyproject's package list, or `privrec simulate` fails after training (it did, for `simulations`)."""
+    import re
+    import tomllib
+    from fnmatch import fnmatch
+
+    include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    loaded = set()
+    for path in (ROOT / "tools").rglob("*.py"):
+        text = path.read_text()
+        loaded |= set(re.findall(r'import_module\(\s*"([A-Za-z_]\w*)', text))
+        loaded |= set(re.findall(r"^\s*(?:from|import)\s+([A-Za-z_]\w*)", text, flags=re.M))
+    local = {p.name for p in ROOT.iterdir() if (p / "__init__.py").exists()}
+    missing = sorted(name for name in loaded & local if not any(fnmatch(name, pattern) for pattern in include))
+    assert "simulations" in loaded, "the check must see the CLI's import of the simulations drivers"
+    assert not missing, f"tools/ imports {missing}, which pyproject does not install"
