@@ -1211,7 +1211,7 @@ def plot(results: dict, path: Path) -> None:
     ax.minorticks_off()
     ax.set_xlabel("population N (users = devices); lines: synthetic populations like ML-100K")
     ax.set_ylabel("test NDCG@10 (full ranking)")
-    ax.set_title("utility against population size (content-scorer arms in-process, not Flower)")
+    ax.set_title("utility against population size (scorer arms in-process, not Flower)")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
