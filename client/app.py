@@ -191,6 +191,22 @@ def popularity_query(msg: Message, context: Context) -> Message:
     """Federated analytics (`privrec baseline popularity|content --epsilon`): this device's unit-norm item-set
     vector, recorded as a user-level release in its ledger first; nothing but the refusal leaves when the
     release would pass the device's cap."""
+    return _analytics_reply(msg, context, "item-set", lambda data, num_items, query, **ledger: answer_popularity_query(
+        data, num_items, **ledger))
+
+
+@app.query("cooccurrence")
+def cooccurrence_query(msg: Message, context: Context) -> Message:
+    """Federated analytics (`model = channel-scorer`): this device's windowed co-occurrence vector among the items
+    the server names (the top of the released popularity), each user's part of L2 norm <= 1, recorded as a
+    user-level release in its ledger first; nothing but the refusal leaves when it would pass the device's cap."""
+    return _analytics_reply(msg, context, "pairs", lambda data, num_items, query, **ledger: answer_cooccurrence_query(
+        data, [int(i) for i in query["items"]], int(query["window"]), **ledger))
+
+
+def _analytics_reply(msg: Message, context: Context, key: str, answer) -> Message:
+    """What every analytics query shares: load the device, bring its ledger up to the node's mirror, let `answer`
+    record and compute the release (`(vector or None, epsilon)`), mirror the ledger, reply under `key`."""
     code = _device_code()
     run, record = _run_config(msg, context)
     device, store_dir, state_dir = _device(context, record, run)
@@ -199,35 +215,11 @@ def popularity_query(msg: Message, context: Context) -> Message:
     path = code.ledger_path(state_dir, device)
     with ledger_lock(path):
         reconcile(path, _ledger_mirror(context))
-    vector, epsilon = answer_popularity_query(
-        data, num_items, ledger_path=path, device=device, noise_multiplier=float(query["noise-multiplier"]),
+    vector, epsilon = answer(
+        data, num_items, query, ledger_path=path, device=device, noise_multiplier=float(query["noise-multiplier"]),
         delta=float(query["delta"]), max_epsilon=float(run.device.max_epsilon), release_id=str(query["release"]))
     _mirror_ledger(context, path, device)
     metrics = {"declined": int(vector is None), "user-level-epsilon": epsilon}
     if vector is not None:
-        metrics["item-set"] = vector.tolist()
-    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
-
-
-@app.query("cooccurrence")
-def cooccurrence_query(msg: Message, context: Context) -> Message:
-    """Federated analytics (`model = channel-scorer`): this device's windowed co-occurrence vector among the items
-    the server names (the top of the released popularity), each user's part of L2 norm <= 1, recorded as a
-    user-level release in its ledger first; nothing but the refusal leaves when it would pass the device's cap."""
-    code = _device_code()
-    run, record = _run_config(msg, context)
-    device, store_dir, state_dir = _device(context, record, run)
-    data, _ = code.load_device(store_dir, 0 if "data-dir" in context.node_config else int(device))
-    query = msg.content.config_records["analytics"]
-    path = code.ledger_path(state_dir, device)
-    with ledger_lock(path):
-        reconcile(path, _ledger_mirror(context))
-    vector, epsilon = answer_cooccurrence_query(
-        data, [int(i) for i in query["items"]], int(query["window"]), ledger_path=path, device=device,
-        noise_multiplier=float(query["noise-multiplier"]), delta=float(query["delta"]),
-        max_epsilon=float(run.device.max_epsilon), release_id=str(query["release"]))
-    _mirror_ledger(context, path, device)
-    metrics = {"declined": int(vector is None), "user-level-epsilon": epsilon}
-    if vector is not None:
-        metrics["pairs"] = vector.tolist()
+        metrics[key] = vector.tolist()
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
