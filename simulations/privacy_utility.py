@@ -680,12 +680,12 @@ def product_plot(results: dict, path: Path) -> None:
         pop = results["popularity (no DP)"]
         if pop:
             ax.axhline(pop["test"][key], color="C2", linestyle="-.", linewidth=1,
-                       label=f"popularity, no DP {pop['test'][key]:.4f}")
+                       label="popularity, no DP")
         for (name, q), color in zip(results["quoted"].items(), ("k", "C3", "C4")):
             value = q["ndcg@10"] if key == "ndcg@10" else (q["hr@10"][0] if q.get("hr@10") else None)
             if value is not None:
                 ax.axhline(value, color=color, linestyle=":", linewidth=1,
-                           label=f"{name.split(' (')[0]} {value:.4f} (quoted, README)")
+                           label=f"{name.split(' (')[0]} (quoted from the README)")
         if key == "ndcg@10":
             ax.axhline(ISSUE_TARGET["ndcg@10"], color="grey", linestyle="--", linewidth=0.8,
                        label="issue 13 target 0.075 (at epsilon <= 2)")
@@ -694,9 +694,14 @@ def product_plot(results: dict, path: Path) -> None:
         ax.set_xticklabels(["1", "2", "4", "8", "inf"])
         ax.minorticks_off()
         ax.set_xlabel("user-level epsilon (delta 1e-5; one user's history, add/remove)")
-        ax.set_ylabel(f"test {key.upper().replace('@', '@')} (ML-100K, N = {results['n']}, full ranking)")
-        ax.set_title(f"test {key}: mean and 95% CI over seeds")
-    axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+        name = {"ndcg@10": "NDCG@10", "hr@10": "HR@10"}[key]
+        ax.set_ylabel(f"test {name} (ML-100K, N = {results['n']}, full ranking)")
+        ax.set_title(f"test {name}: mean and 95% CI over seeds")
+    legend = {}
+    for ax in axes:  # one legend for both panels (some lines are drawn on one panel only)
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    axes[1].legend(list(legend.values()), list(legend), fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.suptitle("privacy-utility of the product's default pipeline (model = channel-scorer, issue 13)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
