@@ -64,7 +64,7 @@ from simulations.output import RESULTS, log_progress, save_results
 EPSILON = 2.0
 USERS = 943
 SEEDS = (0, 1, 2)
-DEFAULT_SPLIT = (5.0, 3.0, 3.5)  # shared.config.DEFAULT_PIPELINE: popularity, co-occurrence, rounds
+DEFAULT_SPLIT = (5.0, 3.0, 3.5)  # the product's default before this study: popularity, co-occurrence, rounds
 STAGE_ROUNDS_Q = tuple((rounds, q) for rounds in (5, 10, 20, 40) for q in (0.25, 0.5, 1.0))
 STAGE_SPLITS = tuple((p, c, 3.5) for p in (3.0, 5.0, 8.0) for c in (1.8, 3.0, 4.8))
 STAGE_LRS = (0.25, 0.5, 1.0)
@@ -78,11 +78,13 @@ class Candidate:
     fraction: float  # the product's fraction-train; the rate is planned_sample_rate of it at N = 943
     split: tuple[float, float, float]  # reference (z_pop, z_cooc, z): only the ratio matters
     server_lr: float
+    fixed: bool = False  # split = the noise multipliers themselves (as shipped), not calibrated
 
     @property
     def name(self) -> str:
         p, c, z = self.split
-        return f"r{self.rounds}-q{self.fraction:g}-split{p:g}:{c:g}:{z:g}-lr{self.server_lr:g}"
+        kind = "fixed" if self.fixed else "split"
+        return f"r{self.rounds}-q{self.fraction:g}-{kind}{p:g}:{c:g}:{z:g}-lr{self.server_lr:g}"
 
     @property
     def group(self) -> tuple:
@@ -94,13 +96,23 @@ class Candidate:
         return self.rounds * self.fraction <= ELIGIBLE_ROUND_RATE
 
 
-DEFAULT = Candidate(10, 0.25, DEFAULT_SPLIT, 0.5)
+DEFAULT = Candidate(10, 0.25, DEFAULT_SPLIT, 0.5)  # the default this study started from (the reference)
 
 
 def from_name(name: str) -> Candidate:
     r, q, split, lr = name.split("-", 3)
-    p, c, z = (float(x) for x in split.removeprefix("split").split(":"))
-    return Candidate(int(r[1:]), float(q[1:]), (p, c, z), float(lr.removeprefix("lr")))
+    fixed = split.startswith("fixed")
+    p, c, z = (float(x) for x in split.removeprefix("fixed" if fixed else "split").split(":"))
+    return Candidate(int(r[1:]), float(q[1:]), (p, c, z), float(lr.removeprefix("lr")), fixed)
+
+
+def shipped() -> Candidate:
+    """The product's default as `shared.config.DEFAULT_PIPELINE` ships it (its multipliers, not calibrated)."""
+    from shared import config
+
+    cfg = {**config.defaults(), **config.DEFAULT_PIPELINE}
+    return Candidate(cfg["num-rounds"], cfg["fraction-train"], (cfg["popularity-noise-multiplier"],
+                     cfg["cooc-noise-multiplier"], cfg["user-noise-multiplier"]), cfg["server-lr"], fixed=True)
 
 
 def rate(fraction: float, users: int = USERS) -> float:
@@ -122,10 +134,16 @@ def settings(cand: Candidate) -> dict:
 
 
 def calibrate(cand: Candidate) -> dict:
-    from simulations.privacy_utility import calibrate_product
+    """The candidate's noise multipliers at epsilon <= 2.0 (a fixed candidate: its own, with their epsilon)."""
+    from simulations.privacy_utility import calibrate_product, product_epsilons
 
     c = settings(cand)
-    row = calibrate_product(EPSILON, c)
+    if cand.fixed:
+        p, co, z = cand.split
+        row = {"target": None, "factor": 1.0, "z": {"popularity": p, "cooc": co, "rounds": z},
+               "epsilon": product_epsilons(p, co, z, c)}
+    else:
+        row = calibrate_product(EPSILON, c)
     row["noise-std-on-mean-update"] = row["z"]["rounds"] * c["clip"] / (c["q"] * USERS)
     row["q"] = c["q"]
     return row
@@ -262,7 +280,7 @@ def search(args) -> None:
 
 
 def confirm(args) -> None:
-    cands = [from_name(n) for n in args.candidates]
+    cands = [from_name(n) for n in args.candidates] + ([shipped()] if args.shipped else [])
     if DEFAULT not in cands:
         cands.insert(0, DEFAULT)
     ensure(cands, tuple(args.seeds), args.tag, population())
@@ -348,7 +366,9 @@ def main(argv: list[str] | None = None) -> None:
             p.add_argument("--eligible-only", action="store_true",
                            help="run only the stage-1 candidates the product can afford")
         if name == "confirm":
-            p.add_argument("--candidates", nargs="+", required=True)
+            p.add_argument("--candidates", nargs="*", default=[])
+            p.add_argument("--shipped", action="store_true",
+                           help="also the multipliers shared.config.DEFAULT_PIPELINE ships (not calibrated)")
     args = parser.parse_args(argv)
     {"search": search, "confirm": confirm, "report": report}[args.command](args)
 

@@ -3,6 +3,8 @@ the grid is the one stated, and the adoption rule is the stated one."""
 
 from __future__ import annotations
 
+import math
+
 import dp_accounting as dpa
 import pytest
 from dp_accounting.rdp import rdp_privacy_accountant
@@ -19,21 +21,28 @@ def _dp_accounting_rdp(z: dict, q: float, rounds: int) -> float:
     return float(accountant.get_epsilon(1e-5))
 
 
-def test_the_default_candidate_is_the_products_default():
+def test_the_reference_is_the_former_default_and_the_shipped_default_is_the_studys_choice():
     product = {**config.defaults(), **config.DEFAULT_PIPELINE}
-    d = ba.DEFAULT
-    assert (d.rounds, d.fraction, d.server_lr) == (product["num-rounds"], product["fraction-train"],
-                                                   product["server-lr"])
-    ratio = (product["popularity-noise-multiplier"], product["cooc-noise-multiplier"],
-             product["user-noise-multiplier"])
-    assert d.split[0] / d.split[2] == pytest.approx(ratio[0] / ratio[2])
-    assert d.split[1] / d.split[2] == pytest.approx(ratio[1] / ratio[2])
+    d = ba.DEFAULT  # the default the study started from: 10 rounds, 5 : 3 : 3.5, calibrated to epsilon 2
+    assert (d.rounds, d.fraction, d.split, d.server_lr, d.fixed) == (10, 0.25, (5.0, 3.0, 3.5), 0.5, False)
+    shipped = ba.shipped()
+    assert shipped.fixed and shipped.split == (product["popularity-noise-multiplier"],
+                                               product["cooc-noise-multiplier"], product["user-noise-multiplier"])
+    assert (shipped.rounds, shipped.fraction, shipped.server_lr) == (product["num-rounds"], product["fraction-train"],
+                                                                     product["server-lr"])
+    # the study's choice (stage 3: 5 rounds, the 5 : 3 : 3.5 split, lr 0.5) rounded up to two decimals
+    chosen = ba.calibrate(ba.Candidate(5, 0.25, ba.DEFAULT_SPLIT, 0.5))["z"]
+    assert shipped.split == tuple(math.ceil(chosen[k] * 100) / 100 for k in ("popularity", "cooc", "rounds"))
+    row = ba.calibrate(shipped)
+    assert row["factor"] == 1.0 and 1.99 < row["epsilon"]["opacus-rdp"] <= ba.EPSILON
+    assert _dp_accounting_rdp(row["z"], row["q"], shipped.rounds) == pytest.approx(row["epsilon"]["opacus-rdp"],
+                                                                                   rel=1e-3)
 
 
 def test_the_grid_is_the_stated_one_and_names_round_trip():
     assert len(ba.STAGE_ROUNDS_Q) == 12 and len(ba.STAGE_SPLITS) == 9 and len(ba.STAGE_LRS) == 3
     assert (ba.DEFAULT.rounds, ba.DEFAULT.fraction) in ba.STAGE_ROUNDS_Q and ba.DEFAULT.split in ba.STAGE_SPLITS
-    for cand in (ba.DEFAULT, ba.Candidate(40, 1.0, (3.0, 1.8, 3.5), 0.25)):
+    for cand in (ba.DEFAULT, ba.Candidate(40, 1.0, (3.0, 1.8, 3.5), 0.25), ba.shipped()):
         assert ba.from_name(cand.name) == cand
     assert ba.Candidate(20, 0.25, ba.DEFAULT_SPLIT, 0.5).eligible
     assert not ba.Candidate(20, 0.5, ba.DEFAULT_SPLIT, 0.5).eligible

@@ -187,8 +187,8 @@ def test_privrec_simulate_without_options_runs_the_pipeline_and_prints_figures_b
     assert {k: recorded[k] for k in config.DEFAULT_PIPELINE} == config.DEFAULT_PIPELINE  # the private pipeline
     assert recorded["model"] == "channel-scorer"
     privacy = json.loads((tmp_path / "runs" / "cli" / "privacy.json").read_text())
-    assert privacy["epsilon"] == pytest.approx(pipeline_epsilon(5.0, 3.5, 2 / NUM_DEVICES, 10, 1e-5, "rdp",
-                                                                cooc_noise=3.0))
+    assert privacy["epsilon"] == pytest.approx(pipeline_epsilon(4.6, 3.22, 2 / NUM_DEVICES, 5, 1e-5, "rdp",
+                                                                cooc_noise=2.76))
     assert privacy["epsilon"] <= 2.0
     lines = out.splitlines()
     assert any(line.startswith("NDCG@10 ") and "HR@10" in line for line in lines)
