@@ -31,13 +31,19 @@ validation NDCG@10 among those the product can afford, see ELIGIBLE):
    sets the split: smaller reference multipliers on the releases give them more of the budget), server-lr 0.5;
 3. server-lr in {0.25, 0.5, 1.0} at stage 2's choice (3).
 
-At most 12 + 8 + 2 = 22 distinct candidates (stages share one candidate each). **That choice is NOT accounted in
-any epsilon here**: every figure is the epsilon of one fixed configuration, and picking the best of 22 on every
-user's validation item is itself a release that no accountant here counts (the defaults it replaces were chosen the
-same way). ELIGIBLE (fixed before any run): a candidate can become the product's default only if rounds x q <= 5,
-i.e. at most twice the default's ~2,360 device trainings per run (the default `privrec simulate` took 2 min 27 s
-to 2 min 39 s on the quiet machine, ~10 s a Flower round), so the product stays well inside 10 minutes on 2 cores.
-Larger candidates are run and reported for information only.
+At most 12 + 8 + 2 = 22 distinct candidates (stages share one candidate each). ELIGIBLE (fixed before any run): a
+candidate can become the product's default only if rounds x q <= 5, i.e. at most twice the former default's ~2,360
+device trainings per run (that default's `privrec simulate` took 2 min 27 s to 2 min 39 s on the quiet machine,
+~10 s a Flower round), so the product stays well inside 10 minutes on 2 cores. `search --eligible-only` (the run
+in the README) skips the 6 ineligible stage-1 candidates (rounds x q = 10 to 40: 110 of stage 1's 131 units of
+in-process work); it looked at 6 + 8 + 2 = 16 candidates. **That choice is NOT accounted in any epsilon here**:
+every figure is the epsilon of one fixed configuration, and picking the best of 16 on every user's validation item
+is itself a release that no accountant here counts (the defaults it replaces were chosen the same way).
+
+`confirm --seeds 0 1 2 3 4 5 --shipped --candidates ...` re-runs named candidates, the reference and the shipped
+multipliers (`shared.config.DEFAULT_PIPELINE`, not calibrated: `fixed`) on the selection seeds and on three fresh
+seeds 3 4 5 that no choice looked at (the winner's validation figure on seeds 0 1 2 is biased upwards by the
+selection; on 3 4 5 it is not).
 
 Adoption rule (fixed before any run): the final candidate replaces the default only if its mean validation
 NDCG@10 exceeds the default's (the same split calibrated to 2.0, same seeds) by more than the default's sample
@@ -141,7 +147,8 @@ def calibrate(cand: Candidate) -> dict:
     if cand.fixed:
         p, co, z = cand.split
         row = {"target": None, "factor": 1.0, "z": {"popularity": p, "cooc": co, "rounds": z},
-               "epsilon": product_epsilons(p, co, z, c)}
+               "epsilon": product_epsilons(p, co, z, c) if min(cand.split) > 0 else  # no noise: no guarantee
+               dict.fromkeys(("opacus-rdp", "dp-accounting-rdp", "dp-accounting-pld"), float("inf"))}
     else:
         row = calibrate_product(EPSILON, c)
     row["noise-std-on-mean-update"] = row["z"]["rounds"] * c["clip"] / (c["q"] * USERS)
@@ -235,7 +242,8 @@ def verdict(cand: Candidate, runs: dict, seeds, reference: Candidate = DEFAULT) 
     noise = float(np.std(ref, ddof=1))
     return {"candidate": cand.name, "reference": reference.name, "gain-per-seed": gains,
             "mean-gain": float(np.mean(gains)), "reference-seed-std": noise,
-            "adopt": bool(cand != reference and np.mean(gains) > noise and all(g > 0 for g in gains))}
+            "adopt": bool(cand != reference and min(cand.split) > 0 and np.mean(gains) > noise
+                          and all(g > 0 for g in gains))}
 
 
 # ------------------------------------------------------------------------------------ commands
@@ -281,8 +289,9 @@ def search(args) -> None:
 
 def confirm(args) -> None:
     cands = [from_name(n) for n in args.candidates] + ([shipped()] if args.shipped else [])
-    if DEFAULT not in cands:
-        cands.insert(0, DEFAULT)
+    if args.no_noise:  # twins without noise (clipping kept): is a gain less noise, or fewer optimizer steps?
+        cands += [Candidate(c.rounds, c.fraction, (0.0, 0.0, 0.0), c.server_lr, fixed=True) for c in [DEFAULT, *cands]]
+    cands = list(dict.fromkeys([DEFAULT, *cands]))
     ensure(cands, tuple(args.seeds), args.tag, population())
     runs = load_runs(args.tag)
     runs["confirmed"] = [c.name for c in cands]
@@ -349,6 +358,13 @@ def markdown(results: dict) -> str:
                      f"{eps['dp-accounting-pld']:.3f} | {e['noise-std-on-mean-update']:.4f} | "
                      f"{_cell(e['valid']['ndcg@10'])} | {_cell(e['test']['ndcg@10'])} | {_cell(e['test']['hr@10'])} | "
                      f"{_cell(e['round-0 test']['ndcg@10'])} | {gain} | {'yes' if v and v['adopt'] else 'no'} |")
+    seeds = results["seeds"]
+    lines += ["", "Per seed, validation / test NDCG@10" + (" (seeds 0-2 chose; later seeds are fresh)" if
+                                                          len(seeds) > 3 else "") + ":", "",
+              "| candidate | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---|" * len(seeds)]
+    for e in sorted(results["table"], key=lambda e: -e["valid"]["ndcg@10"]["mean"]):
+        v, t = e["valid"]["ndcg@10"]["values"], e["test"]["ndcg@10"]["values"]
+        lines.append(f"| {e['name']} | " + " | ".join(f"{a:.4f} / {b:.4f}" for a, b in zip(v, t)) + " |")
     if results.get("stages"):
         lines += ["", "Stages (each keeps its eligible best by mean validation NDCG@10): " + " -> ".join(
             results["stages"]["chosen"]) + "."]
@@ -369,6 +385,9 @@ def main(argv: list[str] | None = None) -> None:
             p.add_argument("--candidates", nargs="*", default=[])
             p.add_argument("--shipped", action="store_true",
                            help="also the multipliers shared.config.DEFAULT_PIPELINE ships (not calibrated)")
+            p.add_argument("--no-noise", action="store_true",
+                           help="also every candidate's (rounds, q, lr) with all noise multipliers 0 (clipping kept; "
+                                "no guarantee: for information, never adopted)")
     args = parser.parse_args(argv)
     {"search": search, "confirm": confirm, "report": report}[args.command](args)
 
