@@ -342,11 +342,13 @@ def markdown(results: dict) -> str:
              "run_channel_arms`), its (z_pop, z_cooc, z) reference ratio times the smallest common factor whose "
              "Opacus RDP epsilon (the product's accountant) is <= 2.0 at delta 1e-5; user-level (one user's whole "
              "history, add/remove one user); adversary whoever sees the releases and the scorer, not the server. "
-             f"Mean +- sample std over seeds {results['seeds']}. Chosen on validation NDCG@10 only. "
-             f"**{results['candidates-looked-at']} candidates were looked at; that choice is not in any epsilon.** "
+             f"Mean +- sample std over seeds {results['seeds']}. Chosen on validation NDCG@10 only. " +
+             (f"**{results['candidates-looked-at']} candidates were looked at; that choice is not in any epsilon.** "
+              if results.get("stages") else "Re-runs of configurations the search chose or compared (`confirm`: no "
+              "new choice; the search's choice among its candidates is not in any epsilon). ") +
              f"Eligible as the product's default: {results['eligible-rule']} (others for information).", "",
-             "| candidate | rounds | q | split ref (pop : cooc : rounds) | lr | z (pop, cooc, rounds) | eps Opacus RDP / "
-             "dp-acc. PLD | noise std on mean update | valid NDCG@10 | test NDCG@10 | test HR@10 | round-0 test "
+             "| candidate | rounds | q | split ref (pop : cooc : rounds) | lr | z (pop, cooc, rounds) | eps Opacus "
+             "RDP / dp-acc. PLD | noise std on mean update | valid NDCG@10 | test NDCG@10 | test HR@10 | round-0 test "
              "NDCG@10 | valid gain vs default (per seed) | adopt |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for e in sorted(results["table"], key=lambda e: -e["valid"]["ndcg@10"]["mean"]):

@@ -48,7 +48,8 @@ def test_the_grid_is_the_stated_one_and_names_round_trip():
     assert not ba.Candidate(20, 0.5, ba.DEFAULT_SPLIT, 0.5).eligible
 
 
-@pytest.mark.parametrize("cand", [ba.Candidate(5, 1.0, (3.0, 4.8, 3.5), 0.5), ba.Candidate(10, 0.25, (8.0, 1.8, 3.5), 1.0)])
+@pytest.mark.parametrize("cand", [ba.Candidate(5, 1.0, (3.0, 4.8, 3.5), 0.5),
+                                  ba.Candidate(10, 0.25, (8.0, 1.8, 3.5), 1.0)])
 def test_every_candidate_is_calibrated_to_epsilon_2_at_the_products_rate_and_dp_accounting_agrees(cand):
     row = ba.calibrate(cand)
     q = round(cand.fraction * ba.USERS) / ba.USERS  # the ServerApp's rate at N = 943
