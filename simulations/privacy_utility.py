@@ -9,9 +9,10 @@ Two pipelines (`--pipeline`, before the command):
     python -m simulations.privacy_utility report               # research: table (json + md) and plot
 
 `--pipeline product`: the product's default, `privrec simulate`'s `model = channel-scorer`
-(`shared.config.DEFAULT_PIPELINE`: DP popularity z 5, DP windowed co-occurrence among the top 100 released items
-z 3, 10 rounds of user-level DP-FedSGD of the 9-weight channel scorer at Poisson q = 0.25, clip 1, z 3.5, FedAdam
-server-lr 0.5) on the real ML-100K (N = 943), run in-process with the product's code by
+(`shared.config.DEFAULT_PIPELINE`, read at run time: DP popularity z 4.6, DP windowed co-occurrence among the top
+100 released items z 2.76, 5 rounds of user-level DP-FedSGD of the 9-weight channel scorer at Poisson q = 0.25, clip
+1, z 3.22, FedAdam server-lr 0.5; the README's table was made with the former 10 rounds at (5, 3, 3.5)) on the real
+ML-100K (N = 943), run in-process with the product's code by
 `simulations.population_utility.run_channel_arms` (every epsilon of one seed in one call: shared cohorts, the same
 standard normal draws scaled by each arm's multipliers). For a target epsilon the product's three multipliers are
 scaled by ONE common factor, the smallest (bisection, relative width 1e-3) whose epsilon under the product's own
