@@ -245,9 +245,11 @@ class FederatedRun:
         else:
             self.journal.start()  # a run that starts over starts its records over, as privacy.json does
             if self.scorer:  # federated analytics first: its release is the bias every round ships
+                # under secure-aggregation the releases too: the devices add the noise, the server sees sums
+                secure = params_from_config(cfg) if cfg["secure-aggregation"] else None
                 histogram = released_popularity(self.grid, self.run, self.run_dir, device_config,
-                                                num_items=num_items, num_devices=self.num_devices)
-                cooc = released_cooccurrence(self.grid, self.run, self.run_dir, device_config, histogram) \
+                                                num_items=num_items, num_devices=self.num_devices, secure=secure)
+                cooc = released_cooccurrence(self.grid, self.run, self.run_dir, device_config, histogram, secure) \
                     if self.run.pipeline.model == "channel-scorer" else None
                 model = initial_scorer(self.catalogue, histogram, self.run.federation.seed, cooc)
             if self.run.federation.public_share > 0:

@@ -425,7 +425,6 @@ def _check_content_scorer(cfg: Mapping[str, Any], where: str) -> None:
     model = cfg["model"]
     needs = {"dp": (False, "it runs no on-device DP-SGD (its guarantee is user-level: user-dp)"),
              "user-dp": (True, "its rounds are released only under user-level DP-FedAvg"),
-             "secure-aggregation": (False, "secure aggregation is not wired for it yet"),
              "public-share": (0.0, "it has no consenting cohort (no server-side pretraining)"),
              "model-average": (0.0, "its accountant covers the global models only")}
     for key, (wanted, why) in needs.items():
@@ -464,7 +463,12 @@ DEFAULT_PIPELINE: dict[str, Any] = {
 
 def check_secure_aggregation(cfg: Mapping[str, Any], cohort: int, where: str = "") -> None:
     """Refuse secure-aggregation settings that cannot protect anyone in a cohort of `cohort` devices."""
-    from shared.secagg import SecAggParams, check_clip_range, check_no_wrap  # Flower's crypto: only when asked
+    from shared.secagg import (  # Flower's crypto: only when asked
+        CLIP_MARGIN_STDS,
+        SecAggParams,
+        check_clip_range,
+        check_no_wrap,
+    )
 
     params = SecAggParams(threshold=cfg["secagg-threshold"], clip_range=cfg["secagg-clip-range"],
                           quantization_bits=cfg["secagg-quantization-bits"], min_cohort=cfg["secagg-min-cohort"])
@@ -478,6 +482,11 @@ def check_secure_aggregation(cfg: Mapping[str, Any], cohort: int, where: str = "
         check_no_wrap(params, cohort)
         if cfg["user-dp"]:
             check_clip_range(params, cfg["user-clipping-norm"], cfg["user-noise-multiplier"])
+        if cfg["model"] in SCORER_MODELS:  # the analytics releases go through the same quantizer (sensitivity 1)
+            for key in ("popularity-noise-multiplier", "cooc-noise-multiplier")[:2 if cfg["model"] ==
+                                                                              "channel-scorer" else 1]:
+                check_clip_range(params, 1.0, cfg[key], f"1 (a user's contribution) plus {CLIP_MARGIN_STDS:g} std "
+                                                        f"devs of a device's share of the '{key}' noise")
     except PrivrecError as exc:
         raise PrivrecError(f"{where}{exc}") from None
 

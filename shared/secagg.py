@@ -99,14 +99,15 @@ def share_noise_std(noise_multiplier: float, clip: float, min_cohort: int) -> fl
     return noise_multiplier * clip / math.sqrt(min_cohort)
 
 
-def check_clip_range(params: SecAggParams, clip: float, noise_multiplier: float | None) -> None:
-    """The quantizer must not clip a clipped update, nor (in practice) its noise share."""
+def check_clip_range(params: SecAggParams, clip: float, noise_multiplier: float | None, what: str = "") -> None:
+    """The quantizer must not clip a clipped update, nor (in practice) its noise share. `what` names the
+    bound in the refusal (default: the user-level update's)."""
     need = clip + (CLIP_MARGIN_STDS * share_noise_std(noise_multiplier, clip, params.min_cohort)
                    if noise_multiplier else 0.0)
     if params.clip_range < need:
+        what = what or f"user-clipping-norm plus {CLIP_MARGIN_STDS:g} std devs of a device's noise share"
         raise PrivrecError(f"config key 'secagg-clip-range' = {params.clip_range}: must be at least "
-                           f"{need:.6g} (user-clipping-norm plus {CLIP_MARGIN_STDS:g} std devs of a device's "
-                           "noise share), or the quantizer clips the update and its noise")
+                           f"{need:.6g} ({what}), or the quantizer clips the contribution and its noise")
 
 
 def neighbours(order: Sequence[int], threshold: int) -> dict[int, list[int]]:
