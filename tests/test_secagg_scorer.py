@@ -141,6 +141,10 @@ def test_channel_scorer_releases_and_rounds_under_secure_aggregation(tmp_path, d
     assert [(r["kind"], r["noise_multiplier"], r["mechanism"]) for r in ledger["releases"]] == [
         ("popularity-histogram", 5.0, SECURE_MECHANISM), ("cooccurrence-histogram", 3.0, SECURE_MECHANISM),
         ("channel-scorer-round", 3.5, SECURE_ROUND), ("channel-scorer-round", 3.5, SECURE_ROUND)]
+    # `privrec report` recomputes the figure from the recorded history with two accountants: no flag.
+    from tools.cli import main
+
+    assert main(["report", str(path)]) == 0
 
 
 def test_a_release_from_fewer_than_the_minimum_cohort_is_refused_and_nothing_is_released(
@@ -186,3 +190,11 @@ def test_a_device_refuses_to_send_its_analytics_vector_in_clear_under_secure_agg
                              rng=np.random.default_rng(0))
     assert all(r.has_error() and "does not send its vector in clear" in r.error.reason for r in grid.replies)
     assert not list((tmp_path / "population").glob("*/privacy-ledger.json"))  # nothing recorded, nothing sent
+
+
+def test_the_private_baselines_refuse_secure_aggregation_naming_the_key(tmp_path):
+    from simulations.private_baselines import run_private_baseline
+
+    with pytest.raises(PrivrecError, match="config key 'secure-aggregation' = true: the private baselines"):
+        run_private_baseline("popularity", {"secure-aggregation": True}, tmp_path / "no-store", epsilon=1.0,
+                             delta=1e-5, seed=0)
