@@ -19,8 +19,9 @@ from shared.privacy.ledger import ledger_lock, load_ledger, save_ledger
 
 POPULARITY_RELEASE = "popularity-histogram"
 COOCCURRENCE_RELEASE = "cooccurrence-histogram"
-SECURE_MECHANISM = ("gaussian-sum from device noise shares N(0, z^2 / secagg-min-cohort), masked under secure "
-                    "aggregation (the server sees only sums of at least secagg-min-cohort devices)")
+SECURE_MECHANISM = ("gaussian-sum from device noise shares N(0, z^2 / m), masked under secure aggregation (the "
+                    "server sees only sums of at least m devices; m = secagg-release-min-cohort, or "
+                    "secagg-min-cohort when it is 0)")
 
 
 def answer_popularity_query(data: DeviceData, num_items: int, *, ledger_path: Path, device: str,

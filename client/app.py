@@ -220,7 +220,7 @@ def _analytics_reply(msg: Message, context: Context, key: str, answer) -> Messag
     path = code.ledger_path(state_dir, device)
     with ledger_lock(path):
         reconcile(path, _ledger_mirror(context))
-    # Under secure aggregation the device draws the noise itself, at its own run config's multiplier: that one it records.
+    # Under secure aggregation the device draws the noise itself, at its own run config's multiplier: it records that.
     noise = float(run.values[ANALYTICS_NOISE[msg.metadata.message_type]] if secure else query["noise-multiplier"])
     vector, epsilon = answer(
         data, num_items, query, ledger_path=path, device=device, noise_multiplier=noise,

@@ -29,6 +29,7 @@ from shared.secagg import (
     array_values,
     params_from_config,
     quantize_flat,
+    release_params,
     share_noise_std,
 )
 
@@ -112,7 +113,7 @@ def _upload(msg: Message, context: Context, call_next: ClientAppCallable, sessio
     update = {k: np.subtract(array_values(trained[k]), array_values(current[k]), dtype=np.float64) for k in keys}
     rng = np.random.default_rng()  # OS entropy: the server can replay neither the noise nor the rounding
     vector = analytics_vector(update, float(cfg[ANALYTICS_NOISE[msg.metadata.message_type]]),
-                              int(cfg["secagg-min-cohort"]), rng) if analytics else device_vector(update, cfg, rng)
+                              release_params(cfg).min_cohort, rng) if analytics else device_vector(update, cfg, rng)
     flat = np.concatenate([vector[k].ravel() for k in keys]) if keys else np.zeros(0)
     received = {int(s): bytes(c) for s, c in zip(record["src"], record["ct"])}
     masked = session.mask([quantize_flat(flat, params, rng)], received)[0]

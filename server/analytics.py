@@ -102,6 +102,9 @@ def _secure_federated_sum(grid: Grid, nodes: list[int], records: Mapping[str, An
                           length: int, what: str, params: SecAggParams) -> tuple[np.ndarray, int, int, int]:
     """The analytics query under SecAgg+: its `arrays` (zeros of the contribution's shape) tell each device what
     to mask; the server learns only the sum of at least max(t, m_min) devices, or nothing (the run stops)."""
+    if params.min_cohort > len(nodes):
+        raise PrivrecError(f"config key 'secagg-release-min-cohort' = {params.min_cohort} is larger than the "
+                           f"{len(nodes)} devices: no {what} release could ever be unmasked")
     check_no_wrap(params, len(nodes))  # every device joins an analytics release: the sum of all of them must fit
     zeros = ArrayRecord({key: Array(np.zeros(length, dtype=np.float64))})
     messages = [Message(RecordDict({**records, "arrays": zeros}), dst_node_id=node, message_type=message_type)

@@ -86,6 +86,15 @@ def params_from_config(cfg: Mapping) -> SecAggParams:
                         min_cohort=int(cfg["secagg-min-cohort"]))
 
 
+def release_params(cfg: Mapping) -> SecAggParams:
+    """The SecAgg+ parameters of the scorers' analytics releases: every device joins them, so their m_min
+    (`secagg-release-min-cohort`, 0 = `secagg-min-cohort`) may be near the population."""
+    params = params_from_config(cfg)
+    release = int(cfg.get("secagg-release-min-cohort") or 0)
+    return SecAggParams(threshold=params.threshold, clip_range=params.clip_range,
+                        quantization_bits=params.quantization_bits, min_cohort=release or params.min_cohort)
+
+
 def check_no_wrap(params: SecAggParams, devices: int, key: str = "secagg-quantization-bits") -> None:
     """Refuse a bit width whose sum over `devices` could wrap around the 32-bit field."""
     if (devices * params.levels).bit_length() > FIELD_BITS:

@@ -97,10 +97,6 @@ def reference_baselines(store_dir: str | Path, *, epsilon: float, delta: float, 
     from shared.analytics import item_set_vector, noisy_sum
     from shared.text.features import store_text_features
 
-    if cfg.get("secure-aggregation"):  # its noise comes from --epsilon, not from a run config the devices share
-        raise PrivrecError("config key 'secure-aggregation' = true: the private baselines release their histogram "
-                           "without secure aggregation (the server sees each device's vector); set "
-                           "secure-aggregation = false")
     z = noise_for_epsilon(epsilon, delta)
     store = open_store(store_dir)
     users = store.all_users()

@@ -16,9 +16,10 @@ from shared.privacy.pipeline import pipeline_epsilon
 from shared.secagg import VECTOR_KEY
 from tests.test_scorer_pipeline import NUM_DEVICES, digit_store  # noqa: F401 - fixture
 
-M_MIN, THRESHOLD, CLIP_RANGE, BITS = 4, 3, 16.0, 20  # clip range >= 1 + 6 x 5 / sqrt(4), the popularity share
-SECURE = {"secure-aggregation": True, "secagg-min-cohort": M_MIN, "secagg-threshold": THRESHOLD,
-          "secagg-clip-range": CLIP_RANGE, "secagg-quantization-bits": BITS}
+# m_min 4 for a round, 6 for an analytics release (every device joins those); clip range >= 1 + 6 x 3.5 / sqrt(4)
+M_MIN, M_RELEASE, THRESHOLD, CLIP_RANGE, BITS = 4, 6, 3, 16.0, 20
+SECURE = {"secure-aggregation": True, "secagg-min-cohort": M_MIN, "secagg-release-min-cohort": M_RELEASE,
+          "secagg-threshold": THRESHOLD, "secagg-clip-range": CLIP_RANGE, "secagg-quantization-bits": BITS}
 
 
 def _cfg(tmp_path, store, name, **overrides):
@@ -102,13 +103,13 @@ def test_channel_scorer_releases_and_rounds_under_secure_aggregation(tmp_path, d
     assert popularity["devices"] == 7 and popularity["failed"] == 1 and popularity["secure-aggregation"]
     assert np.allclose(popularity["histogram"][1:], recorded[0]["total"][1:]) and popularity["histogram"][0] == 0
     assert np.allclose(cooc["pairs"], recorded[1]["total"])
-    # The released co-occurrence carries the devices' noise: 7 shares of variance 3^2 / 4 on each of 435 pairs
+    # The released co-occurrence carries the devices' noise: 7 shares of variance 3^2 / 6 on each of 435 pairs
     # (the server adds none).
     store = open_store(digit_store)
     exact = sum(cooc_vector(store.device(p).train, np.array(cooc["items"]), cfg["cooc-window"])
                 for p, node in enumerate(sorted(grid.contexts)) if node != 2)
     noise = np.asarray(cooc["pairs"]) - exact
-    assert noise.std() == pytest.approx(3.0 * np.sqrt(7 / M_MIN), rel=0.15) and abs(noise.mean()) < 0.5
+    assert noise.std() == pytest.approx(3.0 * np.sqrt(7 / M_RELEASE), rel=0.15) and abs(noise.mean()) < 0.5
     # A round's contribution is clipped on the device: the clipped update has norm <= C = 1, and what it masks
     # is that plus N(0, (3.5 x 1)^2 / 4) on each of the 9 trained weights (the released buffers are not summed).
     assert all(c.shape == (9,) for c in recorded[2]["contributions"].values())
@@ -133,6 +134,9 @@ def test_channel_scorer_releases_and_rounds_under_secure_aggregation(tmp_path, d
     assert record["secure-aggregation"] and set(record["adversary-by-part"]) == {
         "popularity release", "co-occurrence release", "DP-FedAvg rounds"}
     assert all("AND the honest-but-curious server" in a for a in record["adversary-by-part"].values())
+    assert "m_min = 6 devices" in record["adversary-by-part"]["popularity release"]
+    assert "m_min = 4 devices" in record["adversary-by-part"]["DP-FedAvg rounds"]
+    assert "N(0, 5^2 / 6) per device" in record["mechanism"]
     assert "clipped on the device" in record["mechanism"] and "N(0, (3.5 x 1)^2 / 4)" in record["mechanism"]
     sentence = privacy["statements"][0]["sentence"]
     assert "against the honest-but-curious server" in sentence and "not against the server" not in sentence
@@ -152,11 +156,22 @@ def test_a_release_from_fewer_than_the_minimum_cohort_is_refused_and_nothing_is_
     from client.app import app as client_app
     from tests.test_secagg import DroppingGrid
 
-    cfg = _cfg(tmp_path, digit_store, "few", **{"secagg-min-cohort": NUM_DEVICES})
+    cfg = _cfg(tmp_path, digit_store, "few", **{"secagg-release-min-cohort": NUM_DEVICES})
     grid = DroppingGrid(client_app, NUM_DEVICES, drop={3: "upload"}, run_config=cfg)
     with pytest.raises(PrivrecError, match="popularity release under secure aggregation was refused"):
         _run(cfg, grid)
     assert not (tmp_path / "runs" / "few" / "popularity.json").exists()
+
+
+def test_a_release_minimum_cohort_above_the_population_is_refused_naming_the_key(tmp_path, digit_store):  # noqa: F811
+    from client.app import app as client_app
+    from simulations.inprocess import InProcessGrid
+
+    cfg = _cfg(tmp_path, digit_store, "many", **{"secagg-release-min-cohort": NUM_DEVICES + 1})
+    grid = InProcessGrid(client_app, NUM_DEVICES, keep_messages=True, run_config=cfg)
+    with pytest.raises(PrivrecError, match="config key 'secagg-release-min-cohort' = 9 is larger than the 8 devices"):
+        _run(cfg, grid)
+    assert not grid.delivered  # refused before any message
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -168,12 +183,21 @@ def test_a_release_from_fewer_than_the_minimum_cohort_is_refused_and_nothing_is_
                                                                      "at least 8.42"),  # the rounds' share
     ({"secagg-min-cohort": 65}, "config key 'secagg-min-cohort' = 65 is larger than the cohort of 64"),
     ({"secagg-quantization-bits": 27}, "config key 'secagg-quantization-bits' = 27"),
+    ({"secagg-release-min-cohort": -1}, "config key 'secagg-release-min-cohort' = -1: must be >= 0"),
 ])
 def test_bad_secure_aggregation_settings_in_scorer_mode_are_refused_naming_the_key(overrides, words):
     with pytest.raises(PrivrecError) as err:
         config.validate({**config.DEFAULT_PIPELINE, "secure-aggregation": True, "devices-per-round": 64,
                          "secagg-clip-range": 12.0, **overrides})
     assert words in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_larger_release_minimum_cohort_needs_a_narrower_clip_range():
+    # Rounds: 1 + 6 x 3.5 / sqrt(8) = 8.42; popularity at m = 8: 1 + 6 x 5 / sqrt(8) = 11.6, at m = 100: 4.0.
+    cfg = {**config.DEFAULT_PIPELINE, "secure-aggregation": True, "devices-per-round": 64, "secagg-clip-range": 8.5}
+    assert config.validate({**cfg, "secagg-release-min-cohort": 100})["secagg-clip-range"] == 8.5
+    with pytest.raises(PrivrecError, match="'popularity-noise-multiplier' noise"):
+        config.validate(cfg)
 
 
 def test_a_device_refuses_to_send_its_analytics_vector_in_clear_under_secure_aggregation(tmp_path,

@@ -15,7 +15,8 @@ adding or removing that user. The run releases, in this order:
 
 With `secure-aggregation = true` all three run under SecAgg+ (`shared/secagg.py`): each device clips (the rounds)
 or bounds by construction (the analytics, each user's part of L2 norm <= 1) its contribution, adds its share of the
-noise, N(0, sigma^2 / m_min) with sigma the central noise std and m_min = `secagg-min-cohort`, quantizes and masks
+noise, N(0, sigma^2 / m_min) with sigma the central noise std and m_min = `secagg-min-cohort` (rounds) or
+`secagg-release-min-cohort` (the analytics releases, which every device joins; 0 = the same), quantizes and masks
 it; the server unmasks only sums of at least max(secagg-threshold, m_min) devices, whose noise variance is then at
 least sigma^2, and refuses fewer (nothing released). The same accountant history then holds against the
 honest-but-curious server too, while at least m_min devices in every unmasked sum follow the protocol; the
@@ -106,22 +107,27 @@ def secure(cfg: Mapping[str, Any]) -> bool:
     return bool(cfg.get("secure-aggregation"))
 
 
-def _release_adversary(cfg: Mapping[str, Any], seen: str) -> str:
-    """Who a part of the pipeline is protected against, `seen` being what it releases."""
+def release_min_cohort(cfg: Mapping[str, Any]) -> int:
+    """m_min of the analytics releases under secure aggregation (`secagg-release-min-cohort`, 0 = the rounds')."""
+    return int(cfg.get("secagg-release-min-cohort") or cfg["secagg-min-cohort"])
+
+
+def _release_adversary(cfg: Mapping[str, Any], seen: str, m_min: int) -> str:
+    """Who a part of the pipeline is protected against, `seen` being what it releases, `m_min` its minimum cohort."""
     if secure(cfg):
         return (f"whoever sees {seen}, AND the honest-but-curious server (secure aggregation: it sees only masked "
-                f"vectors and sums of at least max(secagg-threshold, secagg-min-cohort) = "
-                f"{max(cfg['secagg-threshold'], cfg['secagg-min-cohort'])} devices), while at least "
-                f"secagg-min-cohort = {cfg['secagg-min-cohort']} devices in every unmasked sum follow the protocol "
-                "and keep their noise share secret")
+                f"vectors and sums of at least max(secagg-threshold, m_min) = {max(cfg['secagg-threshold'], m_min)} "
+                f"devices), while at least m_min = {m_min} devices in every unmasked sum follow the protocol and "
+                "keep their noise share secret")
     return f"whoever sees {seen}; NOT the server, which sees each device's vector (no secure aggregation)"
 
 
-def _noise(cfg: Mapping[str, Any], z: float, clip: str) -> str:
-    """How a part's Gaussian noise of multiplier `z` is drawn."""
+def _noise(cfg: Mapping[str, Any], z: float) -> str:
+    """How an analytics release's Gaussian noise of multiplier `z` (sensitivity 1) is drawn."""
     if secure(cfg):
-        return (f"noise multiplier {z:g}, drawn as one share N(0, ({z:g} x {clip})^2 / {cfg['secagg-min-cohort']}) "
-                f"per device (secagg-min-cohort = {cfg['secagg-min-cohort']}), masked; the server adds nothing")
+        m_min = release_min_cohort(cfg)
+        return (f"noise multiplier {z:g}, drawn as one share N(0, {z:g}^2 / {m_min}) per device (m_min = {m_min}, "
+                "secagg-release-min-cohort), masked; the server adds nothing")
     return f"noise multiplier {z:g}, added by the server"
 
 
@@ -131,7 +137,7 @@ def statement(cfg: Mapping[str, Any], sample_rate: float, population: int, round
     channel = z_cooc is not None
     cooc = (f"2) windowed co-occurrence among the {cfg['cooc-items']} items the released histogram ranks highest "
             f"(post-processing): Gaussian, sensitivity 1 (each user's weighted pairs at distance <= "
-            f"{cfg['cooc-window']}, L2-normalised), {_noise(cfg, z_cooc, '1')}, no sampling, one release; 3) "
+            f"{cfg['cooc-window']}, L2-normalised), {_noise(cfg, z_cooc)}, no sampling, one release; 3) "
             ) if channel else "2) "
     clip, z = f"{cfg['user-clipping-norm']:g}", cfg["user-noise-multiplier"]
     if secure(cfg):
@@ -142,10 +148,11 @@ def statement(cfg: Mapping[str, Any], sample_rate: float, population: int, round
                         f"({z:g} x {clip})^2; a round with fewer is refused and releases nothing)")
     else:
         rounds_noise = f"clipped on the server to L2 norm {clip}, N(0, ({z:g} x {clip})^2) on the sum"
-    parts = {"popularity release": _release_adversary(cfg, "the released popularity histogram")}
+    m_release = release_min_cohort(cfg)
+    parts = {"popularity release": _release_adversary(cfg, "the released popularity histogram", m_release)}
     if channel:
-        parts["co-occurrence release"] = _release_adversary(cfg, "the released co-occurrence")
-    parts["DP-FedAvg rounds"] = _release_adversary(cfg, "the released models")
+        parts["co-occurrence release"] = _release_adversary(cfg, "the released co-occurrence", m_release)
+    parts["DP-FedAvg rounds"] = _release_adversary(cfg, "the released models", cfg["secagg-min-cohort"])
     gradient = ("its gradient of the mean loss over its last {n} training items, its history masked and its own "
                 "co-occurrence contribution removed from its features" if channel else
                 "its gradient of the mean loss over its last {n} training items").format(n=cfg["scorer-targets"])
@@ -163,7 +170,7 @@ def statement(cfg: Mapping[str, Any], sample_rate: float, population: int, round
         "history": pipeline_history(cfg["popularity-noise-multiplier"], cfg["user-noise-multiplier"], sample_rate,
                                     rounds, z_cooc),
         "mechanism": (f"1) popularity histogram: Gaussian, sensitivity 1 (each user's item set / sqrt(n)), "
-                      f"{_noise(cfg, cfg['popularity-noise-multiplier'], '1')}, no sampling, one release; {cooc}"
+                      f"{_noise(cfg, cfg['popularity-noise-multiplier'])}, no sampling, one release; {cooc}"
                       f"{rounds} round(s) of DP-FedAvg (FedSGD) of the {cfg['model']}: each device's update = minus "
                       f"{gradient}, {rounds_noise}, divided by the expected cohort; {cfg['strategy']} as "
                       "post-processing"),
@@ -174,16 +181,18 @@ def statement(cfg: Mapping[str, Any], sample_rate: float, population: int, round
                                                       else "popularity histogram") +
                       " and the released models (other devices, users of the model), AND the honest-but-curious "
                       "server: every part runs under secure aggregation, and holds against the server while at least "
-                      f"secagg-min-cohort = {cfg['secagg-min-cohort']} devices in every unmasked sum follow the "
-                      "protocol and keep their noise share secret (devices colluding with the server can remove "
-                      "their own shares)") if secure(cfg) else
+                      f"m_min devices in every unmasked sum follow the protocol and keep their noise share secret "
+                      f"(m_min = secagg-min-cohort = {cfg['secagg-min-cohort']} for a round, {m_release} for an "
+                      "analytics release; devices colluding with the server can remove their own shares)")
+                     if secure(cfg) else
                      ("whoever sees the released " + ("popularity histogram, the released co-occurrence" if channel
                                                       else "popularity histogram") +
                       " and the released models (other devices, users of the model); NOT the server, which sees "
                       "each device's contribution vectors and unclipped update (secure-aggregation = false)"),
         "adversary-by-part": parts,
         "secure-aggregation": secure(cfg),
-        **({"secagg-min-cohort": cfg["secagg-min-cohort"]} if secure(cfg) else {}),
+        **({"secagg-min-cohort": cfg["secagg-min-cohort"], "secagg-release-min-cohort": m_release}
+           if secure(cfg) else {}),
         **({"quantization": f"each device rounds stochastically to {cfg['secagg-quantization-bits']} bits over "
                             f"[-{cfg['secagg-clip-range']:g}, {cfg['secagg-clip-range']:g}]; the accountant treats "
                             "each quantized sum as the continuous Gaussian sum (the rounding is not modelled)"}
@@ -210,7 +219,8 @@ def sentence(record: Mapping[str, Any], rounds: int) -> dict[str, Any]:
             f"{record['delta']:g} for adding or removing one user ({record['accountant']}; {record['sampling']}) "
             f"against whoever sees the {seen}, " + (
                 f"and against the honest-but-curious server (every release and round under secure aggregation), "
-                f"while at least secagg-min-cohort = {record['secagg-min-cohort']} devices in every unmasked sum "
+                f"while at least {record['secagg-min-cohort']} devices in every round's unmasked sum and "
+                f"{record['secagg-release-min-cohort']} in every analytics release's "
                 "follow the protocol (quantization not modelled by the accountant)" if record.get("secure-aggregation")
                 else "but not against the server (secure-aggregation = false)") + ". No on-device DP-SGD (dp = false).")
     return {"mechanism": f"user-level pipeline ({releases.replace('DP ', '')} + DP-FedAvg)", "sentence": text,
@@ -226,5 +236,6 @@ def one_line(record: Mapping[str, Any]) -> str:
             f"add/remove one user; covers the {releases.replace('DP ', '').replace(' + ', ' and ')} and every "
             f"round; against whoever sees the {seen}, " + (
                 "and the server (secure aggregation, while at least "
-                f"{record['secagg-min-cohort']} devices per sum follow the protocol)" if record.get("secure-aggregation")
+                f"{record['secagg-min-cohort']} devices per round's sum and {record['secagg-release-min-cohort']} "
+                "per release's follow the protocol)" if record.get("secure-aggregation")
                 else "not the server (no secure aggregation)") + "; no on-device DP-SGD")
