@@ -126,8 +126,9 @@ def _noise(cfg: Mapping[str, Any], z: float) -> str:
     """How an analytics release's Gaussian noise of multiplier `z` (sensitivity 1) is drawn."""
     if secure(cfg):
         m_min = release_min_cohort(cfg)
-        return (f"noise multiplier {z:g}, drawn as one share N(0, {z:g}^2 / {m_min}) per device (m_min = {m_min}, "
-                "secagg-release-min-cohort), masked; the server adds nothing")
+        return (f"noise multiplier {z:g}, drawn as one share N(0, {z:g}^2 / {m_min}) per device (m_min = {m_min}), "
+                f"quantized and masked; the server unmasks only a sum of at least "
+                f"{max(cfg['secagg-threshold'], m_min)} devices (else nothing is released) and adds nothing")
     return f"noise multiplier {z:g}, added by the server"
 
 
