@@ -16,7 +16,7 @@ from shared.privacy.pipeline import pipeline_epsilon
 from shared.secagg import VECTOR_KEY
 from tests.test_scorer_pipeline import NUM_DEVICES, digit_store  # noqa: F401 - fixture
 
-# m_min 4 for a round, 6 for an analytics release (every device joins those); clip range >= 1 + 6 x 3.5 / sqrt(4)
+# m_min 4 for a round, 6 for an analytics release (every device joins those); clip range >= 1 + 6 x 3.22 / sqrt(4)
 M_MIN, M_RELEASE, THRESHOLD, CLIP_RANGE, BITS = 4, 6, 3, 16.0, 20
 SECURE = {"secure-aggregation": True, "secagg-min-cohort": M_MIN, "secagg-release-min-cohort": M_RELEASE,
           "secagg-threshold": THRESHOLD, "secagg-clip-range": CLIP_RANGE, "secagg-quantization-bits": BITS}
@@ -103,15 +103,15 @@ def test_channel_scorer_releases_and_rounds_under_secure_aggregation(tmp_path, d
     assert popularity["devices"] == 7 and popularity["failed"] == 1 and popularity["secure-aggregation"]
     assert np.allclose(popularity["histogram"][1:], recorded[0]["total"][1:]) and popularity["histogram"][0] == 0
     assert np.allclose(cooc["pairs"], recorded[1]["total"])
-    # The released co-occurrence carries the devices' noise: 7 shares of variance 3^2 / 6 on each of 435 pairs
+    # The released co-occurrence carries the devices' noise: 7 shares of variance 2.76^2 / 6 on each of 435 pairs
     # (the server adds none).
     store = open_store(digit_store)
     exact = sum(cooc_vector(store.device(p).train, np.array(cooc["items"]), cfg["cooc-window"])
                 for p, node in enumerate(sorted(grid.contexts)) if node != 2)
     noise = np.asarray(cooc["pairs"]) - exact
-    assert noise.std() == pytest.approx(3.0 * np.sqrt(7 / M_RELEASE), rel=0.15) and abs(noise.mean()) < 0.5
+    assert noise.std() == pytest.approx(2.76 * np.sqrt(7 / M_RELEASE), rel=0.15) and abs(noise.mean()) < 0.5
     # A round's contribution is clipped on the device: the clipped update has norm <= C = 1, and what it masks
-    # is that plus N(0, (3.5 x 1)^2 / 4) on each of the 9 trained weights (the released buffers are not summed).
+    # is that plus N(0, (3.22 x 1)^2 / 4) on each of the 9 trained weights (the released buffers are not summed).
     assert all(c.shape == (9,) for c in recorded[2]["contributions"].values())
 
     rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
@@ -127,8 +127,8 @@ def test_channel_scorer_releases_and_rounds_under_secure_aggregation(tmp_path, d
     # The accounting: the one composed history, at the central noise multipliers (the shares add up to them),
     # and a statement that names the server as covered for every part.
     privacy = json.loads((path / "privacy.json").read_text())
-    assert privacy["user-level"]["pipeline"]["history"] == [[5.0, 1.0, 1], [3.0, 1.0, 1], [3.5, 1.0, 2]]
-    assert privacy["epsilon"] == pytest.approx(pipeline_epsilon(5.0, 3.5, 1.0, 2, 1e-5, "rdp", cooc_noise=3.0),
+    assert privacy["user-level"]["pipeline"]["history"] == [[4.6, 1.0, 1], [2.76, 1.0, 1], [3.22, 1.0, 2]]
+    assert privacy["epsilon"] == pytest.approx(pipeline_epsilon(4.6, 3.22, 1.0, 2, 1e-5, "rdp", cooc_noise=2.76),
                                                rel=1e-12)
     record = privacy["user-level"]["pipeline"]
     assert record["secure-aggregation"] and set(record["adversary-by-part"]) == {
@@ -136,15 +136,15 @@ def test_channel_scorer_releases_and_rounds_under_secure_aggregation(tmp_path, d
     assert all("AND the honest-but-curious server" in a for a in record["adversary-by-part"].values())
     assert "m_min = 6 devices" in record["adversary-by-part"]["popularity release"]
     assert "m_min = 4 devices" in record["adversary-by-part"]["DP-FedAvg rounds"]
-    assert "N(0, 5^2 / 6) per device" in record["mechanism"]
-    assert "clipped on the device" in record["mechanism"] and "N(0, (3.5 x 1)^2 / 4)" in record["mechanism"]
+    assert "N(0, 4.6^2 / 6) per device" in record["mechanism"]
+    assert "clipped on the device" in record["mechanism"] and "N(0, (3.22 x 1)^2 / 4)" in record["mechanism"]
     sentence = privacy["statements"][0]["sentence"]
     assert "against the honest-but-curious server" in sentence and "not against the server" not in sentence
     # Each device's ledger: both releases and both rounds, recorded as device-noised and masked.
     ledger = json.loads((tmp_path / "population-secure" / "device-0" / "privacy-ledger.json").read_text())
     assert [(r["kind"], r["noise_multiplier"], r["mechanism"]) for r in ledger["releases"]] == [
-        ("popularity-histogram", 5.0, SECURE_MECHANISM), ("cooccurrence-histogram", 3.0, SECURE_MECHANISM),
-        ("channel-scorer-round", 3.5, SECURE_ROUND), ("channel-scorer-round", 3.5, SECURE_ROUND)]
+        ("popularity-histogram", 4.6, SECURE_MECHANISM), ("cooccurrence-histogram", 2.76, SECURE_MECHANISM),
+        ("channel-scorer-round", 3.22, SECURE_ROUND), ("channel-scorer-round", 3.22, SECURE_ROUND)]
     # `privrec report` recomputes the figure from the recorded history with two accountants: no flag.
     from tools.cli import main
 
@@ -176,11 +176,11 @@ def test_a_release_minimum_cohort_above_the_population_is_refused_naming_the_key
 
 # ----------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("overrides, words", [
-    ({"secagg-clip-range": 9.0}, "config key 'secagg-clip-range' = 9.0: must be at least 11.6066 (1 (a user's "
+    ({"secagg-clip-range": 9.0}, "config key 'secagg-clip-range' = 9.0: must be at least 10.7581 (1 (a user's "
                                  "contribution) plus 6 std devs of a device's share of the "
                                  "'popularity-noise-multiplier' noise)"),
-    ({"secagg-clip-range": 8.0, "popularity-noise-multiplier": 1.0}, "config key 'secagg-clip-range' = 8.0: must be "
-                                                                     "at least 8.42"),  # the rounds' share
+    ({"secagg-clip-range": 7.0, "popularity-noise-multiplier": 1.0}, "config key 'secagg-clip-range' = 7.0: must be "
+                                                                     "at least 7.83"),  # the rounds' share
     ({"secagg-min-cohort": 65}, "config key 'secagg-min-cohort' = 65 is larger than the cohort of 64"),
     ({"secagg-quantization-bits": 27}, "config key 'secagg-quantization-bits' = 27"),
     ({"secagg-release-min-cohort": -1}, "config key 'secagg-release-min-cohort' = -1: must be >= 0"),
@@ -193,7 +193,7 @@ def test_bad_secure_aggregation_settings_in_scorer_mode_are_refused_naming_the_k
 
 
 def test_a_larger_release_minimum_cohort_needs_a_narrower_clip_range():
-    # Rounds: 1 + 6 x 3.5 / sqrt(8) = 8.42; popularity at m = 8: 1 + 6 x 5 / sqrt(8) = 11.6, at m = 100: 4.0.
+    # Rounds: 1 + 6 x 3.22 / sqrt(8) = 7.83; popularity at m = 8: 1 + 6 x 4.6 / sqrt(8) = 10.8, at m = 100: 3.8.
     cfg = {**config.DEFAULT_PIPELINE, "secure-aggregation": True, "devices-per-round": 64, "secagg-clip-range": 8.5}
     assert config.validate({**cfg, "secagg-release-min-cohort": 100})["secagg-clip-range"] == 8.5
     with pytest.raises(PrivrecError, match="'popularity-noise-multiplier' noise"):
