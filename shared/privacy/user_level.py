@@ -58,7 +58,7 @@ def poisson_cohort(nodes: Sequence[int], sample_rate: float, rng: random.Random)
     """Each node independently with probability `sample_rate` (the sampling the accountant assumes).
 
     With OS entropy (`random.SystemRandom`) the draws are read in one call: the same 53-bit uniform per node
-    that `SystemRandom.random` reads one call at a time (one read per device was 0.15 s a round at 100,000)."""
+    that `SystemRandom.random` reads one call at a time (one read per device was 0.1 s a round at 100,000)."""
     if not isinstance(rng, random.SystemRandom):
         return [node for node in nodes if rng.random() < sample_rate]
     nodes = list(nodes)
