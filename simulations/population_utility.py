@@ -445,9 +445,10 @@ def channel_releases(pop: Population, arms: dict[str, tuple[float, float, float]
 
 
 def cooc_channel(histories, items: np.ndarray, cooc: np.ndarray, width: int, owns=None, owner=None) -> torch.Tensor:
-    """The `cooc` channel of `shared.scorer.channel_features` for many histories at once [B, items + 1]: 0.1 x the
-    0.8^k-weighted released rows of the last 10 items, less the user's own matrix (`owns[owner[b]]`) when given."""
-    from shared.scorer import COOC_QUERY_DECAY, COOC_QUERY_ITEMS, COOC_SCALE
+    """The `cooc` channel of `shared.scorer.channel_features` for many histories at once [B, items + 1]:
+    `shared.scorer.cooc_scale(cooc)` x the 0.8^k-weighted released rows of the last 10 items, less the user's own
+    matrix (`owns[owner[b]]`) when given."""
+    from shared.scorer import COOC_QUERY_DECAY, COOC_QUERY_ITEMS, cooc_scale
 
     position = np.full(width, -1, dtype=np.int64)
     position[items] = np.arange(len(items))
@@ -462,7 +463,7 @@ def cooc_channel(histories, items: np.ndarray, cooc: np.ndarray, width: int, own
         for b in range(len(histories)):
             rows[b] -= weights[b] @ owns[owner[b]]
     out = np.zeros((len(histories), width))
-    out[:, items] = COOC_SCALE * rows
+    out[:, items] = cooc_scale(cooc) * rows
     return torch.from_numpy(out.astype(np.float32))
 
 
@@ -551,14 +552,15 @@ def channel_cohort_gradients(model, catalogue, profile, channels, mask, nexts, o
 
 
 def channel_ranks(models: dict, pop: Population, c: dict, tables: dict | None = None,
-                  batch: int = 256) -> dict[str, np.ndarray]:
-    """Test-item ranks of the `pop.eval_index` users under each model, scored as `shared.scorer.
-    channel_score_histories` scores (released co-occurrence, no own removal, no mask; own history excluded)."""
+                  batch: int = 256, split: str = "test") -> dict[str, np.ndarray]:
+    """`split` ("test" or "valid") item ranks of the `pop.eval_index` users under each model, scored as
+    `shared.scorer.channel_score_histories` scores (released co-occurrence, no own removal, no mask; own history
+    excluded)."""
     from shared.metrics import eval_inputs, target_ranks
     from shared.scorer import cooc_matrix
 
     users, idx, width = pop.users, pop.eval_index, pop.catalogue.num_items + 1
-    inputs, targets, exclude = eval_inputs([users.train[i] for i in idx], users.valid[idx], users.test[idx], "test")
+    inputs, targets, exclude = eval_inputs([users.train[i] for i in idx], users.valid[idx], users.test[idx], split)
     ranks = {label: np.zeros(len(targets), dtype=np.int64) for label in models}
     for start in range(0, len(targets), batch):
         stop = min(start + batch, len(targets))
@@ -625,8 +627,10 @@ def run_channel_arms(pop: Population, arms: dict[str, tuple[float, float, float]
                          c["server-lr"])
         log_progress(f"N = {n:,} seed {seed}: channel round {r} ({len(cohort):,} users), "
                      f"{time.perf_counter() - started:.0f} s")
+    valid = channel_ranks(models, pop, c, tables, split="valid")
     for label, ranks in channel_ranks(models, pop, c, tables).items():
         out[label].update(figures(ranks))
+        out[label].update({f"valid-{k}": v for k, v in figures(valid[label]).items()})
         out[label].update({"cohorts": cohorts, "simulated-q": q_sim, "estimate": q_sim < c["q"],
                            "cooc-items-released": len(releases[label][1]),
                            "update-norm-quantiles": [float(x) for x in np.quantile(norms[label], [0.1, 0.5, 0.9])]
@@ -995,7 +999,9 @@ def summarize_runs(runs: dict) -> dict:
     labels = dict.fromkeys(k for r in runs.values() for k in r)
     for label in labels:
         rows = [r[label] for r in runs.values() if label in r]
-        for key in ("ndcg@10", "hr@10"):
+        for key in ("ndcg@10", "hr@10", "valid-ndcg@10"):
+            if key.startswith("valid-") and not all(key in x for x in rows):
+                continue  # validation figures: the channel arms only
             a = np.array([x[key] for x in rows])
             out.setdefault(label, {})[key] = [float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0]
         out[label]["seeds"] = len(rows)
@@ -1034,6 +1040,14 @@ def markdown(results: dict, plot_name: str) -> str:
             cells.append("-" if v is None else f"{v['ndcg@10'][0]:.4f} +- {v['ndcg@10'][1]:.4f}{mark}"
                          + (f" [{v['seeds']}]" if "SASRec" in label else ""))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    validated = [label for label in labels if any("valid-ndcg@10" in p["summary"].get(label, {}) for p in pops)]
+    if validated:
+        lines += ["", "Validation NDCG@10 (each user's second-to-last item; the same users), mean +- std over the "
+                  "same seeds:", "", head, "|---|" + "---|" * len(pops)]
+        for label in validated:
+            cells = [f"{v['valid-ndcg@10'][0]:.4f} +- {v['valid-ndcg@10'][1]:.4f}"
+                     if (v := p["summary"].get(label)) and "valid-ndcg@10" in v else "-" for p in pops]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
     if any(label.startswith("content-scorer") for label in labels):
         lines += ["", "| N | expected cohort q N | arm | epsilon (Opacus RDP, delta "
                   f"{s['delta']:g}) | z_pop | z | noise std on the mean update |", "|---|---|---|---|---|---|---|"]
