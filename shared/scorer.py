@@ -222,6 +222,7 @@ COOC_QUERY_ITEMS, COOC_QUERY_DECAY = 10, 0.8  # the device's query of the co-occ
 # is COOC_PEAK: the channel then has the same range at every N and one learned weight fits every N. 3 keeps the
 # channel where the former fixed factor 0.1 put it on ML-100K (0.1 x 28 = 2.8).
 COOC_PEAK = 3.0
+COOC_CHANNEL = f"peak {COOC_PEAK:g}"  # in model.json: a scorer trained with another channel scale is refused
 HISTORY_MASK = -1e4  # training scores of the user's own history: excluded, as in the ranking
 
 

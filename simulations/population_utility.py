@@ -30,7 +30,8 @@ Arms at each N:
   9-weight channel scorer, in-process like the content scorer with the product's code (`shared.analytics`
   releases as `server.scorer` makes them, `server.scorer.initial_scorer`, `shared.privacy.user_level`, FedAdam)
   and `shared.scorer.channel_features`' channels computed for a chunk at once (`base_channels`, `cooc_channel`:
-  the same numbers, checked in tests). Channels are computed chunk by chunk of users, never for every user at once. The
+  the same numbers, checked in tests; the co-occurrence channel rescaled by `shared.scorer.cooc_scale`, as the
+  device does). Test and validation NDCG@10 / HR@10. Channels are computed chunk by chunk of users, never for every user at once. The
   product's multipliers (5, 3, 3.5) times one common factor per epsilon (`calibrate_channel`); at q N above
   `--simulated-cohort` the same noise-cohort-size ESTIMATE as the content scorer. `tests/test_population_utility.
   py` checks the features and per-user gradients against `shared.scorer.channel_features` /
@@ -1081,7 +1082,9 @@ def markdown(results: dict, plot_name: str) -> str:
                   "code: `shared.analytics` releases, `server.scorer.initial_scorer`, `shared.scorer.channel_features`"
                   "' channels computed for a chunk of users at once (checked equal in tests), per-user "
                   "gradients checked against `shared.scorer.channel_user_gradient`, `shared.privacy.user_level`, "
-                  "Flower's FedAdam arithmetic. The no-noise twin keeps the clipping.", "",
+                  "Flower's FedAdam arithmetic. The no-noise twin keeps the clipping. The co-occurrence channel "
+                  "is the released matrix rescaled to a largest |entry| of `shared.scorer.COOC_PEAK` (post-"
+                  "processing of the release, no privacy spend).", "",
                   f"| N | expected cohort q N | simulated cohort | arm | epsilon (Opacus RDP, delta {cs['delta']:g}) "
                   "| z_pop | z_cooc | z | noise std on the mean update |", "|---|---|---|---|---|---|---|---|---|"]
         for p, label, priv in channel:

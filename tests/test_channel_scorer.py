@@ -20,6 +20,7 @@ from shared.errors import PrivrecError
 from shared.privacy.pipeline import check_pipeline_budget, pipeline_epsilon
 from shared.scorer import (
     CHANNELS,
+    COOC_CHANNEL,
     COOC_PEAK,
     COOC_QUERY_DECAY,
     COOC_QUERY_ITEMS,
@@ -227,6 +228,13 @@ def test_the_pipeline_releases_popularity_then_cooccurrence_then_rounds(tmp_path
     code, out, err = run_cli(capsys, "recommend", "--model", path, "--history", "12 13 14", "-k", "5")
     assert code == 0, err
     assert len(out.strip().splitlines()) == 5 and not {line.split()[1] for line in out.splitlines()} & {"12", "13"}
+    # A channel scorer trained with the former fixed channel scale (no "cooc-channel" in model.json) is refused.
+    arch = json.loads((path / "model.json").read_text())
+    assert arch["cooc-channel"] == COOC_CHANNEL
+    del arch["cooc-channel"]
+    (path / "model.json").write_text(json.dumps(arch))
+    code, out, err = run_cli(capsys, "recommend", "--model", path, "--history", "12 13 14", "-k", "5")
+    assert code == 2 and "co-occurrence channel 'fixed 0.1'" in err and "Traceback" not in err
 
 
 def test_a_trained_channel_scorer_beats_the_untrained_one(tmp_path, digit_store):  # noqa: F811
