@@ -31,8 +31,8 @@ Arms at each N:
   releases as `server.scorer` makes them, `server.scorer.initial_scorer`, `shared.privacy.user_level`, FedAdam)
   and `shared.scorer.channel_features`' channels computed for a chunk at once (`base_channels`, `cooc_channel`:
   the same numbers, checked in tests; the co-occurrence channel rescaled by `shared.scorer.cooc_scale`, as the
-  device does). Test and validation NDCG@10 / HR@10. Channels are computed chunk by chunk of users, never for every user at once. The
-  product's multipliers (5, 3, 3.5) times one common factor per epsilon (`calibrate_channel`); at q N above
+  device does). Test and validation NDCG@10 / HR@10. Channels are computed chunk by chunk of users, never for
+  every user at once. The product's multipliers (5, 3, 3.5) times one common factor per epsilon (`calibrate_channel`); at q N above
   `--simulated-cohort` the same noise-cohort-size ESTIMATE as the content scorer. `tests/test_population_utility.
   py` checks the features and per-user gradients against `shared.scorer.channel_features` /
   `channel_user_gradient`. `--references RESULTS.json` quotes the non-private SASRec federation of an earlier

@@ -21,8 +21,8 @@ import torch
 
 from shared.errors import PrivrecError
 from shared.model import ModelConfig, SASRec
-from shared.scorer import Catalogue as ScorerCatalogue
 from shared.scorer import COOC_CHANNEL, ChannelScorer, ContentScorer, public_catalogue, score_histories
+from shared.scorer import Catalogue as ScorerCatalogue
 
 
 def _json_lines(path: Path, expected: str) -> list[tuple[str, dict]]:
