@@ -32,11 +32,12 @@ Arms at each N:
   and `shared.scorer.channel_features`' channels computed for a chunk at once (`base_channels`, `cooc_channel`:
   the same numbers, checked in tests; the co-occurrence channel rescaled by `shared.scorer.cooc_scale`, as the
   device does). Test and validation NDCG@10 / HR@10. Channels are computed chunk by chunk of users, never for
-  every user at once. The product's multipliers (5, 3, 3.5) times one common factor per epsilon (`calibrate_channel`); at q N above
-  `--simulated-cohort` the same noise-cohort-size ESTIMATE as the content scorer. `tests/test_population_utility.
-  py` checks the features and per-user gradients against `shared.scorer.channel_features` /
-  `channel_user_gradient`. `--references RESULTS.json` quotes the non-private SASRec federation of an earlier
-  results file at the same N (issue 15's reference) without re-running it; `--merge` joins runs of other seeds.
+  every user at once. The product's multipliers (5, 3, 3.5) times one common factor per epsilon
+  (`calibrate_channel`); at q N above `--simulated-cohort` the same noise-cohort-size ESTIMATE as the content
+  scorer. `tests/test_population_utility.py` checks the features and per-user gradients against
+  `shared.scorer.channel_features` / `channel_user_gradient`. `--references RESULTS.json` quotes the
+  non-private SASRec federation of an earlier results file at the same N (issue 15's reference) without
+  re-running it; `--merge` joins runs of other seeds.
 * **popularity** (non-private, training counts) and **DP popularity** at each epsilon (one Gaussian release
   of the item-set sum, `shared.analytics.noise_for_epsilon`: Opacus RDP, the private baseline's code).
 * **SASRec, non-private federation** (per-row averaging, the non-private default; `simulations.fedopt`'s
