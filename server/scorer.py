@@ -32,7 +32,7 @@ from shared.analytics import cooc_from_release, top_items
 from shared.config import RunConfig
 from shared.data.store import DeviceStore
 from shared.metrics import hit_at_k, ndcg_at_k
-from shared.scorer import Catalogue, ChannelScorer, ContentScorer, evaluation_ranks, popularity_bias
+from shared.scorer import COOC_CHANNEL, Catalogue, ChannelScorer, ContentScorer, evaluation_ranks, popularity_bias
 from shared.secagg import SecAggParams
 
 log = logging.getLogger("flwr")
@@ -124,7 +124,8 @@ def scorer_architecture(catalogue: Catalogue, run: RunConfig, text_info: Mapping
     """What model.pt needs beside its weights to be used again (the text table is rebuilt from the catalogue)."""
     return {"model": run.pipeline.model, "num_items": catalogue.num_items, "dim": int(catalogue.text.shape[1]),
             "profile-items": run.pipeline.profile_items, "profile-decay": run.pipeline.profile_decay,
-            "item-text": dict(text_info)}
+            "item-text": dict(text_info),
+            **({"cooc-channel": COOC_CHANNEL} if run.pipeline.model == "channel-scorer" else {})}
 
 
 __all__ = ["COOCCURRENCE_FILE", "POPULARITY_FILE", "central_scorer_evaluation", "initial_scorer", "load_scorer",

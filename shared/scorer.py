@@ -216,7 +216,13 @@ def evaluation_sums(model: ContentScorer | ChannelScorer, catalogue: Catalogue, 
 CHANNELS = ("cooc", "max10", "genre", "year", "raw", "last", "long")
 CHANNEL_FROZEN = ("popularity", "cooc_items", "cooc")  # released once (analytics), shipped, never trained
 RECENT_WINDOW = 10  # last items of the max-cosine and genre channels
-COOC_QUERY_ITEMS, COOC_QUERY_DECAY, COOC_SCALE = 10, 0.8, 0.1  # the device's query of the co-occurrence rows
+COOC_QUERY_ITEMS, COOC_QUERY_DECAY = 10, 0.8  # the device's query of the co-occurrence rows
+# The released matrix is a SUM over users, so its entries grow with the population (ML-100K's 943 users: largest
+# pair weight about 28; 100,000 synthetic users: about 1,270). The device rescales it so that its largest |entry|
+# is COOC_PEAK: the channel then has the same range at every N and one learned weight fits every N. 3 keeps the
+# channel where the former fixed factor 0.1 put it on ML-100K (0.1 x 28 = 2.8).
+COOC_PEAK = 3.0
+COOC_CHANNEL = f"peak {COOC_PEAK:g}"  # in model.json: a scorer trained with another channel scale is refused
 HISTORY_MASK = -1e4  # training scores of the user's own history: excluded, as in the ranking
 
 
@@ -248,6 +254,16 @@ class ChannelScorer(torch.nn.Module):
         return model
 
 
+def cooc_scale(cooc: np.ndarray) -> float:
+    """The factor the `cooc` channel applies to the released co-occurrence: COOC_PEAK / its largest |entry| (0 for
+    an all-zero matrix). A function of the released matrix only, computed the same way by every device: this is
+    post-processing of the DP release, so it adds no privacy spend and leaves the accounting unchanged. It uses
+    no user count (an exact N would be an extra, unaccounted release); scaling the release by any c > 0 leaves the
+    channel unchanged."""
+    peak = float(np.abs(np.asarray(cooc, dtype=np.float64)).max(initial=0.0))
+    return COOC_PEAK / peak if peak > 0 else 0.0
+
+
 def cooc_matrix(model: ChannelScorer) -> tuple[np.ndarray, np.ndarray]:
     """(item ids of the co-occurrence release, their released symmetric matrix) from the model's buffers."""
     return model.cooc_items.numpy().round().astype(np.int64), model.cooc.numpy().astype(np.float64)
@@ -258,9 +274,10 @@ def channel_features(catalogue: Catalogue, histories: Sequence[np.ndarray], item
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """What a device computes from its own histories and the released things, per history: its unit profile
     [B, d], CHANNELS [B, len(CHANNELS), items + 1] and the mask of its history [B, items + 1] (0 / -1e4):
-      cooc  0.1 x (0.8^k-weighted released co-occurrence rows of its last 10 items), minus its own contribution
-            when `own` (one [K, K] matrix per history: the user's own normalised pair weights) is given -- a
-            device removes itself from its training features;
+      cooc  `cooc_scale(cooc)` x (0.8^k-weighted released co-occurrence rows of its last 10 items), minus its own
+            contribution when `own` (one [K, K] matrix per history: the user's own normalised pair weights) is
+            given -- a device removes itself from its training features; the scale comes from the released matrix
+            as a whole (its own contribution included), so the channel's range does not depend on N;
       max10 the largest text cosine to any of its last 10 items; genre the cosine of the genres to those of its
             last 10 items; year / raw the proximities of the content scorer; last the text cosine to its last
             item; long the text cosine to the mean of its whole history."""
@@ -269,6 +286,7 @@ def channel_features(catalogue: Catalogue, histories: Sequence[np.ndarray], item
     n, width = len(histories), catalogue.num_items + 1
     position = np.full(width, -1, dtype=np.int64)
     position[items] = np.arange(len(items))
+    scale = cooc_scale(cooc)
     profiles = np.zeros((n, text.shape[1]), dtype=np.float32)
     channels = np.zeros((n, len(CHANNELS), width), dtype=np.float32)
     mask = np.zeros((n, width), dtype=np.float32)
@@ -294,7 +312,7 @@ def channel_features(catalogue: Catalogue, histories: Sequence[np.ndarray], item
         recent = seq[-RECENT_WINDOW:]
         genre = genres[recent].sum(0)
         mean = text[seq].mean(0)
-        values = {"cooc": COOC_SCALE * row,
+        values = {"cooc": scale * row,
                   "max10": (text[recent] @ text.T).max(0),
                   "genre": genres @ (genre / (np.linalg.norm(genre) + 1e-12)),
                   "year": -np.abs(catalogue.years - (weights @ catalogue.years[last]) / weights.sum()) / 10.0,

@@ -30,12 +30,14 @@ Arms at each N:
   9-weight channel scorer, in-process like the content scorer with the product's code (`shared.analytics`
   releases as `server.scorer` makes them, `server.scorer.initial_scorer`, `shared.privacy.user_level`, FedAdam)
   and `shared.scorer.channel_features`' channels computed for a chunk at once (`base_channels`, `cooc_channel`:
-  the same numbers, checked in tests). Channels are computed chunk by chunk of users, never for every user at once. The
-  product's multipliers (5, 3, 3.5) times one common factor per epsilon (`calibrate_channel`); at q N above
-  `--simulated-cohort` the same noise-cohort-size ESTIMATE as the content scorer. `tests/test_population_utility.
-  py` checks the features and per-user gradients against `shared.scorer.channel_features` /
-  `channel_user_gradient`. `--references RESULTS.json` quotes the non-private SASRec federation of an earlier
-  results file at the same N (issue 15's reference) without re-running it; `--merge` joins runs of other seeds.
+  the same numbers, checked in tests; the co-occurrence channel rescaled by `shared.scorer.cooc_scale`, as the
+  device does). Test and validation NDCG@10 / HR@10. Channels are computed chunk by chunk of users, never for
+  every user at once. The product's multipliers (5, 3, 3.5) times one common factor per epsilon
+  (`calibrate_channel`); at q N above `--simulated-cohort` the same noise-cohort-size ESTIMATE as the content
+  scorer. `tests/test_population_utility.py` checks the features and per-user gradients against
+  `shared.scorer.channel_features` / `channel_user_gradient`. `--references RESULTS.json` quotes the
+  non-private SASRec federation of an earlier results file at the same N (issue 15's reference) without
+  re-running it; `--merge` joins runs of other seeds.
 * **popularity** (non-private, training counts) and **DP popularity** at each epsilon (one Gaussian release
   of the item-set sum, `shared.analytics.noise_for_epsilon`: Opacus RDP, the private baseline's code).
 * **SASRec, non-private federation** (per-row averaging, the non-private default; `simulations.fedopt`'s
@@ -445,9 +447,10 @@ def channel_releases(pop: Population, arms: dict[str, tuple[float, float, float]
 
 
 def cooc_channel(histories, items: np.ndarray, cooc: np.ndarray, width: int, owns=None, owner=None) -> torch.Tensor:
-    """The `cooc` channel of `shared.scorer.channel_features` for many histories at once [B, items + 1]: 0.1 x the
-    0.8^k-weighted released rows of the last 10 items, less the user's own matrix (`owns[owner[b]]`) when given."""
-    from shared.scorer import COOC_QUERY_DECAY, COOC_QUERY_ITEMS, COOC_SCALE
+    """The `cooc` channel of `shared.scorer.channel_features` for many histories at once [B, items + 1]:
+    `shared.scorer.cooc_scale(cooc)` x the 0.8^k-weighted released rows of the last 10 items, less the user's own
+    matrix (`owns[owner[b]]`) when given."""
+    from shared.scorer import COOC_QUERY_DECAY, COOC_QUERY_ITEMS, cooc_scale
 
     position = np.full(width, -1, dtype=np.int64)
     position[items] = np.arange(len(items))
@@ -462,7 +465,7 @@ def cooc_channel(histories, items: np.ndarray, cooc: np.ndarray, width: int, own
         for b in range(len(histories)):
             rows[b] -= weights[b] @ owns[owner[b]]
     out = np.zeros((len(histories), width))
-    out[:, items] = COOC_SCALE * rows
+    out[:, items] = cooc_scale(cooc) * rows
     return torch.from_numpy(out.astype(np.float32))
 
 
@@ -629,8 +632,10 @@ def run_channel_arms(pop: Population, arms: dict[str, tuple[float, float, float]
                      f"{time.perf_counter() - started:.0f} s")
     if models_out is not None:
         models_out.update(models)
+    valid = channel_ranks(models, pop, c, tables, split="valid")
     for label, ranks in channel_ranks(models, pop, c, tables).items():
         out[label].update(figures(ranks))
+        out[label].update({f"valid-{k}": v for k, v in figures(valid[label]).items()})
         out[label].update({"cohorts": cohorts, "simulated-q": q_sim, "estimate": q_sim < c["q"],
                            "cooc-items-released": len(releases[label][1]),
                            "update-norm-quantiles": [float(x) for x in np.quantile(norms[label], [0.1, 0.5, 0.9])]
@@ -999,7 +1004,9 @@ def summarize_runs(runs: dict) -> dict:
     labels = dict.fromkeys(k for r in runs.values() for k in r)
     for label in labels:
         rows = [r[label] for r in runs.values() if label in r]
-        for key in ("ndcg@10", "hr@10"):
+        for key in ("ndcg@10", "hr@10", "valid-ndcg@10"):
+            if key.startswith("valid-") and not all(key in x for x in rows):
+                continue  # validation figures: the channel arms only
             a = np.array([x[key] for x in rows])
             out.setdefault(label, {})[key] = [float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0]
         out[label]["seeds"] = len(rows)
@@ -1038,6 +1045,14 @@ def markdown(results: dict, plot_name: str) -> str:
             cells.append("-" if v is None else f"{v['ndcg@10'][0]:.4f} +- {v['ndcg@10'][1]:.4f}{mark}"
                          + (f" [{v['seeds']}]" if "SASRec" in label else ""))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    validated = [label for label in labels if any("valid-ndcg@10" in p["summary"].get(label, {}) for p in pops)]
+    if validated:
+        lines += ["", "Validation NDCG@10 (each user's second-to-last item; the same users), mean +- std over the "
+                  "same seeds:", "", head, "|---|" + "---|" * len(pops)]
+        for label in validated:
+            cells = [f"{v['valid-ndcg@10'][0]:.4f} +- {v['valid-ndcg@10'][1]:.4f}"
+                     if (v := p["summary"].get(label)) and "valid-ndcg@10" in v else "-" for p in pops]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
     if any(label.startswith("content-scorer") for label in labels):
         lines += ["", "| N | expected cohort q N | arm | epsilon (Opacus RDP, delta "
                   f"{s['delta']:g}) | z_pop | z | noise std on the mean update |", "|---|---|---|---|---|---|---|"]
@@ -1071,7 +1086,9 @@ def markdown(results: dict, plot_name: str) -> str:
                   "code: `shared.analytics` releases, `server.scorer.initial_scorer`, `shared.scorer.channel_features`"
                   "' channels computed for a chunk of users at once (checked equal in tests), per-user "
                   "gradients checked against `shared.scorer.channel_user_gradient`, `shared.privacy.user_level`, "
-                  "Flower's FedAdam arithmetic. The no-noise twin keeps the clipping.", "",
+                  "Flower's FedAdam arithmetic. The no-noise twin keeps the clipping. The co-occurrence channel "
+                  "is the released matrix rescaled to a largest |entry| of `shared.scorer.COOC_PEAK` (post-"
+                  "processing of the release, no privacy spend).", "",
                   f"| N | expected cohort q N | simulated cohort | arm | epsilon (Opacus RDP, delta {cs['delta']:g}) "
                   "| z_pop | z_cooc | z | noise std on the mean update |", "|---|---|---|---|---|---|---|---|---|"]
         for p, label, priv in channel:

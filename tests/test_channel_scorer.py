@@ -18,7 +18,17 @@ from shared import config
 from shared.analytics import cooc_from_release, cooc_vector, own_cooc_matrix, pair_index, top_items
 from shared.errors import PrivrecError
 from shared.privacy.pipeline import check_pipeline_budget, pipeline_epsilon
-from shared.scorer import CHANNELS, ChannelScorer, channel_features, channel_user_gradient
+from shared.scorer import (
+    CHANNELS,
+    COOC_CHANNEL,
+    COOC_PEAK,
+    COOC_QUERY_DECAY,
+    COOC_QUERY_ITEMS,
+    ChannelScorer,
+    channel_features,
+    channel_user_gradient,
+    cooc_scale,
+)
 from tests.test_scorer_pipeline import NUM_DEVICES, NUM_ITEMS, _catalogue, digit_store  # noqa: F401 - fixture
 
 
@@ -57,6 +67,41 @@ def test_the_cooccurrence_items_are_the_top_of_the_released_popularity():
     assert top_items(released, 3).tolist() == [3, 4, 1]
 
 
+def test_the_cooccurrence_channel_has_the_same_range_whatever_the_population_size():
+    """The release is a sum over users: 100 times the users gives (about) 100 times the matrix. The channel a
+    device computes from it, and so its gradient and the weight the federation learns, must not change."""
+    catalogue = _catalogue()
+    items = np.arange(1, 21)
+    released = cooc_from_release(np.random.default_rng(4).uniform(-1.0, 3.0, 190), 20)
+    histories = [np.array([1, 2, 3, 4, 2, 5, 6, 30, 7]), np.array([9, 12, 40, 15])]
+    _, small, _ = channel_features(catalogue, histories, items, released, 5, 0.8)
+    for population_factor in (100_000 / 943, 1e-3):
+        _, scaled, _ = channel_features(catalogue, histories, items, population_factor * released, 5, 0.8)
+        assert torch.allclose(scaled, small, atol=1e-5)
+    assert float(small[:, 0].abs().max()) > 0
+    # bounded by the peak times the query weights, whatever N: the largest |entry| maps to COOC_PEAK
+    assert float(small[:, 0].abs().max()) <= COOC_PEAK * sum(COOC_QUERY_DECAY ** np.arange(COOC_QUERY_ITEMS)) + 1e-5
+    assert cooc_scale(released) * np.abs(released).max() == pytest.approx(COOC_PEAK)
+    model = ChannelScorer(NUM_ITEMS, 20)
+    model.cooc_items.copy_(torch.from_numpy(items.astype(np.float32)))
+    lone = [np.array([25, 26, 3, 27, 28, 29, 31])]  # one released item: no pair, so no own part to remove
+    assert not own_cooc_matrix(lone[0], items, 10).any()
+    grads = []
+    for matrix in (released, 1_000 * released):
+        model.cooc.copy_(torch.from_numpy(matrix.astype(np.float32)))
+        grads.append(channel_user_gradient(model, catalogue, lone, targets=3, profile_items=5, decay=0.8,
+                                           window=10, gap_decay=0.9)["scales"])
+    assert float(grads[0][1].abs()) > 0 and torch.allclose(grads[0], grads[1], atol=1e-5)  # the same update
+
+
+def test_an_empty_cooccurrence_release_gives_a_zero_channel():
+    catalogue = _catalogue()
+    items = np.arange(1, 21)
+    assert cooc_scale(np.zeros((20, 20))) == 0.0
+    _, channels, _ = channel_features(catalogue, [np.array([1, 2, 3])], items, np.zeros((20, 20)), 5, 0.8)
+    assert torch.isfinite(channels).all() and float(channels[:, 0].abs().max()) == 0.0
+
+
 def test_a_device_removes_its_own_contribution_from_its_training_channels():
     catalogue = _catalogue()
     items = np.arange(1, 21)
@@ -67,7 +112,9 @@ def test_a_device_removes_its_own_contribution_from_its_training_channels():
     _, with_own, _ = channel_features(catalogue, [seq], items, released, 5, 0.8)
     _, without, _ = channel_features(catalogue, [seq], items, released - own, 5, 0.8)
     _, removed, mask = channel_features(catalogue, [seq], items, released, 5, 0.8, [own])
-    assert torch.allclose(removed, without) and not torch.allclose(removed, with_own)
+    # the rows lose the user's part; the scale stays the released matrix's (what every device computes)
+    without[:, 0] *= cooc_scale(released) / cooc_scale(released - own)
+    assert torch.allclose(removed, without, atol=1e-6) and not torch.allclose(removed, with_own)
     assert (mask[0, seq] < -1e3).all() and mask[0, 10] == 0  # the history is masked in training
     model = ChannelScorer(NUM_ITEMS, 20)
     model.cooc_items.copy_(torch.from_numpy(items.astype(np.float32)))
@@ -183,6 +230,13 @@ def test_the_pipeline_releases_popularity_then_cooccurrence_then_rounds(tmp_path
     code, out, err = run_cli(capsys, "recommend", "--model", path, "--history", "12 13 14", "-k", "5")
     assert code == 0, err
     assert len(out.strip().splitlines()) == 5 and not {line.split()[1] for line in out.splitlines()} & {"12", "13"}
+    # A channel scorer trained with the former fixed channel scale (no "cooc-channel" in model.json) is refused.
+    arch = json.loads((path / "model.json").read_text())
+    assert arch["cooc-channel"] == COOC_CHANNEL
+    del arch["cooc-channel"]
+    (path / "model.json").write_text(json.dumps(arch))
+    code, out, err = run_cli(capsys, "recommend", "--model", path, "--history", "12 13 14", "-k", "5")
+    assert code == 2 and "co-occurrence channel 'fixed 0.1'" in err and "Traceback" not in err
 
 
 def test_a_trained_channel_scorer_beats_the_untrained_one(tmp_path, digit_store):  # noqa: F811

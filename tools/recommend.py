@@ -21,8 +21,8 @@ import torch
 
 from shared.errors import PrivrecError
 from shared.model import ModelConfig, SASRec
+from shared.scorer import COOC_CHANNEL, ChannelScorer, ContentScorer, public_catalogue, score_histories
 from shared.scorer import Catalogue as ScorerCatalogue
-from shared.scorer import ChannelScorer, ContentScorer, public_catalogue, score_histories
 
 
 def _json_lines(path: Path, expected: str) -> list[tuple[str, dict]]:
@@ -259,6 +259,9 @@ class ScorerRecommender(Recommender):
                 raise PrivrecError(f"model.pt is not a readable torch state dict ({type(exc).__name__}); "
                                    "damaged, or not written by privrec") from None
             kind = ChannelScorer if arch["model"] == "channel-scorer" else ContentScorer
+            if kind is ChannelScorer and arch.get("cooc-channel") != COOC_CHANNEL:
+                raise PrivrecError(f"model.json: co-occurrence channel {arch.get('cooc-channel', 'fixed 0.1')!r}, "
+                                   f"but this privrec computes {COOC_CHANNEL!r}: the weights do not fit; train again")
             model = kind.from_state(state, catalogue.num_items, catalogue.text.shape[1])
             items = _read_json(run_dir / "items.json")
             ids, titles = [str(i) for i in items["item_ids"]], list(items["item_titles"])
