@@ -458,7 +458,7 @@ CONTENT_SCORER_PIPELINE: dict[str, Any] = {
 # epsilon 1.998 at delta 1e-5 (Opacus RDP, q = 236/943), within 10 minutes on 2 cores. The research replay's
 # recipe (simulations/private_pipeline.py: 100 steps) shrunk to what a Flower run affords; the split 5 : 3 : 3.5
 # and lr were chosen on ML-100K validation figures of that replay, the 5 rounds (noise x 0.92) by
-# simulations/budget_allocation.py (22 candidates at epsilon 2, validation only; README "Budget allocation"):
+# simulations/budget_allocation.py (16 candidates at epsilon 2, validation only; README "Budget allocation"):
 # neither choice is in the epsilon.
 DEFAULT_PIPELINE: dict[str, Any] = {
     "model": "channel-scorer", "dp": False, "user-dp": True, "strategy": "fedadam", "server-lr": 0.5,
