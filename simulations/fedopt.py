@@ -42,6 +42,7 @@ class Arm:
     rows: str = "none"  # per-row means of: none | emb | emb+head
     cohort: int = 64
     lr_decay: float = 1.0  # local lr x decay ** (round / 100)
+    server_on: str = "all"  # the arrays the server optimizer steps: all | rows (the item rows; the rest FedAvg)
 
 
 # The README's FedAvg reference is `fedavg`; every other arm changes it as its name says.
@@ -63,6 +64,13 @@ ARMS: dict[str, Arm] = {
     "decay": Arm(lr_decay=0.2),
     "rows-decay": Arm(rows="emb", lr_decay=0.2),
     "sgd-decay": Arm(local_optimizer="sgd", local_lr=0.5, lr_decay=0.2),
+    # On top of `rows` (issue 12, second session): less per-round noise at the same device budget.
+    "rows-epochs1": Arm(rows="emb", local_epochs=1),
+    "rows-cohort128": Arm(rows="emb", cohort=128),
+    "rows-cohort256": Arm(rows="emb", cohort=256),
+    # On top of `rows`: a larger step for the sparse item rows only (the body keeps FedAvg's step).
+    "rows-lr2": Arm(rows="emb", server_lr=2.0, server_on="rows"),
+    "rows-avgm-rows": Arm(rows="emb", server="avgm", server_momentum=0.5, server_on="rows"),
 }
 # Besides the global model, every run also evaluates running averages of it over rounds (Polyak/EMA
 # iterate averaging on the server: it costs no training and damps the round-to-round noise).
@@ -112,7 +120,8 @@ def federated_rounds(store, arm: Arm, seed: int, rounds: int, window: int):
     initial = SASRec(model_cfg)
     local = SASRec(model_cfg)  # a second draw from the seeded generator, as before: the same runs as before
     weights = {k: v.detach().numpy().copy() for k, v in initial.state_dict().items()}
-    server = ServerOptimizer(kind=arm.server, lr=arm.server_lr, momentum=arm.server_momentum, tau=arm.tau)
+    server = ServerOptimizer(kind=arm.server, lr=arm.server_lr, momentum=arm.server_momentum, tau=arm.tau,
+                             keys=server_keys(arm))
     cohort_rng = random.Random(seed)
     for rnd in range(1, rounds + 1):
         cohort = cohort_rng.sample(range(store.num_devices), arm.cohort)
@@ -139,6 +148,18 @@ def federated_rounds(store, arm: Arm, seed: int, rounds: int, window: int):
         mean = mean_update(updates, counts, masks if arm.rows != "none" else None)
         weights = server.step(weights, mean)
         yield rnd, weights
+
+
+def server_keys(arm: Arm) -> tuple[str, ...] | None:
+    """The arrays `arm`'s server optimizer steps (None: all): with `server_on = rows`, the item rows that
+    `arm.rows` averages per row (the item embedding when it averages none)."""
+    from shared.aggregation import ITEM_ROW_KEYS
+
+    if arm.server_on == "all":
+        return None
+    if arm.server_on != "rows":
+        raise ValueError(f"server_on={arm.server_on!r} must be all or rows")
+    return ITEM_ROW_KEYS if arm.rows == "emb+head" else ITEM_ROW_KEYS[:1]
 
 
 def run(task: tuple) -> dict:
