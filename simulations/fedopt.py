@@ -66,6 +66,7 @@ ARMS: dict[str, Arm] = {
     "sgd-decay": Arm(local_optimizer="sgd", local_lr=0.5, lr_decay=0.2),
     # On top of `rows` (issue 12, second session): less per-round noise at the same device budget.
     "rows-epochs1": Arm(rows="emb", local_epochs=1),
+    "rows-epochs1-lr01": Arm(rows="emb", local_epochs=1, local_lr=0.01),
     "rows-cohort128": Arm(rows="emb", cohort=128),
     "rows-cohort256": Arm(rows="emb", cohort=256),
     # On top of `rows`: a larger step for the sparse item rows only (the body keeps FedAvg's step).
