@@ -17,12 +17,13 @@ import json
 import logging
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.analytics import answer_cooccurrence_query, answer_popularity_query
 from client.audit import audit_mod
-from client.secagg import secagg_mod
+from client.secagg import ANALYTICS_NOISE, SECAGG, secagg_mod
 from shared.config import SCORER_MODELS, RunConfig, from_run_config
 from shared.data.devices import CATALOGUE_KEY, check_server_catalogue
 from shared.device_nodes import NODE_DEVICES
@@ -186,7 +187,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
-@app.query("popularity")
+@app.query("popularity", mods=[secagg_mod])  # under secure aggregation the vector leaves masked
 def popularity_query(msg: Message, context: Context) -> Message:
     """Federated analytics (`privrec baseline popularity|content --epsilon`): this device's unit-norm item-set
     vector, recorded as a user-level release in its ledger first; nothing but the refusal leaves when the
@@ -195,7 +196,7 @@ def popularity_query(msg: Message, context: Context) -> Message:
         data, num_items, **ledger))
 
 
-@app.query("cooccurrence")
+@app.query("cooccurrence", mods=[secagg_mod])
 def cooccurrence_query(msg: Message, context: Context) -> Message:
     """Federated analytics (`model = channel-scorer`): this device's windowed co-occurrence vector among the items
     the server names (the top of the released popularity), each user's part of L2 norm <= 1, recorded as a
@@ -212,14 +213,25 @@ def _analytics_reply(msg: Message, context: Context, key: str, answer) -> Messag
     device, store_dir, state_dir = _device(context, record, run)
     data, num_items = code.load_device(store_dir, 0 if "data-dir" in context.node_config else int(device))
     query = msg.content.config_records["analytics"]
+    secure = run.secure_aggregation.enabled
+    if secure and SECAGG not in msg.content.config_records:  # before the ledger: nothing recorded, nothing sent
+        raise PrivrecError(f"run config 'secure-aggregation' = true, but the server's {msg.metadata.message_type} "
+                           "carries no secure-aggregation stage: this device does not send its vector in clear")
     path = code.ledger_path(state_dir, device)
     with ledger_lock(path):
         reconcile(path, _ledger_mirror(context))
+    # Under secure aggregation the device draws the noise itself, at its own run config's multiplier: it records that.
+    noise = float(run.values[ANALYTICS_NOISE[msg.metadata.message_type]] if secure else query["noise-multiplier"])
     vector, epsilon = answer(
-        data, num_items, query, ledger_path=path, device=device, noise_multiplier=float(query["noise-multiplier"]),
-        delta=float(query["delta"]), max_epsilon=float(run.device.max_epsilon), release_id=str(query["release"]))
+        data, num_items, query, ledger_path=path, device=device, noise_multiplier=noise,
+        delta=float(query["delta"]), max_epsilon=float(run.device.max_epsilon), release_id=str(query["release"]),
+        secure=secure)
     _mirror_ledger(context, path, device)
     metrics = {"declined": int(vector is None), "user-level-epsilon": epsilon}
-    if vector is not None:
+    reply = RecordDict()
+    if vector is not None and secure:  # an array, which `secagg_mod` noises (its share) and masks
+        reply["arrays"] = ArrayRecord({key: Array(np.asarray(vector, dtype=np.float64))})
+    elif vector is not None:
         metrics[key] = vector.tolist()
-    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+    reply["metrics"] = MetricRecord(metrics)
+    return Message(reply, reply_to=msg)

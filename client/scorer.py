@@ -5,8 +5,9 @@ Plain torch/numpy (`shared.scorer`); the Flower message handling lives in `clien
 its profile and proximities from its own history; only the weights `global - gradient` and scalar counts leave
 it (the channel scorer's channels also use the released co-occurrence the model carries, and the device removes
 its own contribution to it from its training features). The server clips that update and adds the noise
-(DP-FedAvg): the guarantee is user-level against whoever sees the released models, not against the server (no
-secure aggregation in this mode).
+(DP-FedAvg): the guarantee is user-level against whoever sees the released models, not against the server. With
+`secure-aggregation = true`, `client.secagg.secagg_mod` clips it on the device, adds the device's noise share and
+masks it: the server sees only sums, and the guarantee also holds against it.
 
 Every round the device takes part in is recorded in its ledger as a user-level release *before* the update
 leaves, without sampling amplification (the device knows it was sampled): an over-statement of what the run's
@@ -41,6 +42,8 @@ from shared.scorer import (
 
 ROUND_RELEASE = "content-scorer-round"
 CHANNEL_ROUND_RELEASE = "channel-scorer-round"
+SECURE_ROUND = ("clipped on the device + its Gaussian share N(0, (z C)^2 / secagg-min-cohort), masked under secure "
+                "aggregation (the server sees only sums of at least secagg-min-cohort devices)")
 
 
 def public_side(store_dir: str | Path, expected_key: str | None) -> Catalogue:
@@ -81,7 +84,8 @@ def train_scorer(data: DeviceData, catalogue: Catalogue, global_state: Mapping[s
         kind = CHANNEL_ROUND_RELEASE if run.pipeline.model == "channel-scorer" else ROUND_RELEASE
         ledger.releases.append({"kind": kind, "release": release_id, "unit": "user",
                                 "relation": "add/remove one user",
-                                "mechanism": "server-side clipped sum + Gaussian (the server sees this update)",
+                                "mechanism": SECURE_ROUND if run.secure_aggregation.enabled else
+                                "server-side clipped sum + Gaussian (the server sees this update)",
                                 "noise_multiplier": z, "sample_rate": 1.0, "steps": 1,
                                 "user-level-epsilon": epsilon, "delta": run.device.delta, "accountant": "rdp"})
         save_ledger(ledger_path, ledger)  # recorded before the update leaves: over-report, never under-report

@@ -7,6 +7,11 @@ runs the real train function, then replaces its weights by one masked vector of 
 user-clipping-norm and noised with its share of the central noise under user-level DP), so no
 unmasked array ever leaves the device. The round's secrets live in `context.state` between
 messages and are deleted after `unmask`.
+
+The scorers' analytics queries (`query.popularity`, `query.cooccurrence`) carry this mod too: their upload
+stage arrives as the query itself (the setup, share and unmask stages as train messages, one session in
+`context.state`), the query function answers with the contribution as an array, and the mod masks it after
+adding the device's share of that release's noise (its multiplier from the run config).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 
-from shared.config import from_run_config
+from shared.config import SCORER_MODELS, from_run_config
 from shared.errors import PrivrecError
 from shared.privacy.user_level import clip_update
 from shared.secagg import (
@@ -24,6 +29,7 @@ from shared.secagg import (
     array_values,
     params_from_config,
     quantize_flat,
+    release_params,
     share_noise_std,
 )
 
@@ -31,11 +37,22 @@ SECAGG = "secagg"  # instruction record naming the stage (same name in server/se
 STATE = "secagg-session"  # context.state record holding this round's secrets
 
 
-def summed_keys(keys, device_trains: str) -> list[str]:
-    """The arrays a device's update may change (its trainable scope): only these are summed."""
-    from shared.model import FROZEN_BY_SCOPE  # torch: only the upload stage, which trains anyway, needs it
+# Analytics queries that run under secure aggregation (`model` = content-/channel-scorer) -> the run-config key of
+# their noise multiplier. Read from the device's own run config, never from the server's message.
+ANALYTICS_NOISE = {"query.popularity": "popularity-noise-multiplier", "query.cooccurrence": "cooc-noise-multiplier"}
 
-    frozen = FROZEN_BY_SCOPE[device_trains]
+
+def summed_keys(keys, cfg) -> list[str]:
+    """The arrays a device's update may change (its trainable scope): only these are summed. The scorers' released
+    buffers (popularity, co-occurrence) are frozen: never summed, so never noised again."""
+    if cfg["model"] in SCORER_MODELS:
+        from shared.scorer import CHANNEL_FROZEN, FROZEN  # torch: only the upload stage, which trains anyway
+
+        frozen = CHANNEL_FROZEN if cfg["model"] == "channel-scorer" else FROZEN
+    else:
+        from shared.model import FROZEN_BY_SCOPE  # torch: only the upload stage, which trains anyway, needs it
+
+        frozen = FROZEN_BY_SCOPE[str(cfg["device-trains"])]
     return [k for k in keys if k not in frozen]
 
 
@@ -47,6 +64,14 @@ def device_vector(update: dict[str, np.ndarray], cfg, rng: np.random.Generator) 
     clipped, _ = clip_update(update, clip)
     std = share_noise_std(float(cfg["user-noise-multiplier"]), clip, int(cfg["secagg-min-cohort"]))
     return {k: v + rng.normal(0.0, std, size=v.shape) for k, v in clipped.items()}
+
+
+def analytics_vector(contribution: dict[str, np.ndarray], noise_multiplier: float, min_cohort: int,
+                     rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """What the device masks for an analytics release: its contribution (each user's part of L2 norm <= 1 by
+    construction: sensitivity 1, as without secure aggregation) plus N(0, z^2 / m_min)."""
+    std = share_noise_std(noise_multiplier, 1.0, min_cohort)
+    return {k: v + rng.normal(0.0, std, size=v.shape) for k, v in contribution.items()}
 
 
 def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -83,10 +108,12 @@ def _upload(msg: Message, context: Context, call_next: ClientAppCallable, sessio
     cfg = from_run_config(context.run_config).values  # the run's static settings, as every ClientApp reads them
     params = params_from_config(cfg)
     current, trained = msg.content.array_records["arrays"], reply.content.array_records["arrays"]
-    keys = summed_keys(trained, str(cfg["device-trains"]))
+    analytics = msg.metadata.message_type in ANALYTICS_NOISE  # its arrays: zeros, and the device's contribution
+    keys = list(trained.keys()) if analytics else summed_keys(trained, cfg)
     update = {k: np.subtract(array_values(trained[k]), array_values(current[k]), dtype=np.float64) for k in keys}
     rng = np.random.default_rng()  # OS entropy: the server can replay neither the noise nor the rounding
-    vector = device_vector(update, cfg, rng)
+    vector = analytics_vector(update, float(cfg[ANALYTICS_NOISE[msg.metadata.message_type]]),
+                              release_params(cfg).min_cohort, rng) if analytics else device_vector(update, cfg, rng)
     flat = np.concatenate([vector[k].ravel() for k in keys]) if keys else np.zeros(0)
     received = {int(s): bytes(c) for s, c in zip(record["src"], record["ct"])}
     masked = session.mask([quantize_flat(flat, params, rng)], received)[0]

@@ -52,7 +52,7 @@ from shared.privacy.population import default_population_dir
 from shared.privacy.statement import privacy_statement, sentences, user_level_statement
 from shared.privacy.user_level import user_level_epsilon, user_level_state
 from shared.scorer import read_catalogue as scorer_catalogue
-from shared.secagg import params_from_config
+from shared.secagg import params_from_config, release_params
 from shared.text.features import TEXT_KEY, features_for
 
 logging.getLogger("flwr").propagate = False  # Opacus' basicConfig would double every log line
@@ -245,9 +245,11 @@ class FederatedRun:
         else:
             self.journal.start()  # a run that starts over starts its records over, as privacy.json does
             if self.scorer:  # federated analytics first: its release is the bias every round ships
+                # under secure-aggregation the releases too: the devices add the noise, the server sees sums
+                secure = release_params(cfg) if cfg["secure-aggregation"] else None
                 histogram = released_popularity(self.grid, self.run, self.run_dir, device_config,
-                                                num_items=num_items, num_devices=self.num_devices)
-                cooc = released_cooccurrence(self.grid, self.run, self.run_dir, device_config, histogram) \
+                                                num_items=num_items, num_devices=self.num_devices, secure=secure)
+                cooc = released_cooccurrence(self.grid, self.run, self.run_dir, device_config, histogram, secure) \
                     if self.run.pipeline.model == "channel-scorer" else None
                 model = initial_scorer(self.catalogue, histogram, self.run.federation.seed, cooc)
             if self.run.federation.public_share > 0:

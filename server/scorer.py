@@ -9,6 +9,9 @@ a resumed run reuses it instead of releasing a second histogram the accountant w
 items the released popularity ranks highest (`server.analytics.federated_cooccurrence`; the item list is
 post-processing of the first release), recorded in `cooccurrence.json` and reused on resume in the same way.
 Both become frozen buffers of the model every round ships.
+
+With `secure-aggregation = true` both releases run under SecAgg+ (`secure`: the devices add the noise, the
+server unmasks only the sum), as the rounds do (`server.secagg.SecureAggregationGrid`).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from shared.config import RunConfig
 from shared.data.store import DeviceStore
 from shared.metrics import hit_at_k, ndcg_at_k
 from shared.scorer import Catalogue, ChannelScorer, ContentScorer, evaluation_ranks, popularity_bias
+from shared.secagg import SecAggParams
 
 log = logging.getLogger("flwr")
 
@@ -38,7 +42,7 @@ COOCCURRENCE_FILE = "cooccurrence.json"
 
 
 def released_popularity(grid: Grid, run: RunConfig, run_dir: RunDirectory, device_config: Mapping[str, Any], *,
-                        num_items: int, num_devices: int) -> np.ndarray:
+                        num_items: int, num_devices: int, secure: SecAggParams | None = None) -> np.ndarray:
     """The run's one popularity release (from `popularity.json` when a resumed run already made it)."""
     path = run_dir.path / POPULARITY_FILE
     if path.exists():
@@ -46,17 +50,19 @@ def released_popularity(grid: Grid, run: RunConfig, run_dir: RunDirectory, devic
     sample_nodes(grid, num_devices, 0)  # waits until every device has joined: each one contributes
     release = federated_popularity(grid, device_config, num_items=num_items,
                                    noise_multiplier=run.pipeline.popularity_noise_multiplier, delta=run.device.delta,
-                                   release_id=f"{run_dir.path.name}-popularity", rng=np.random.default_rng())
+                                   release_id=f"{run_dir.path.name}-popularity", rng=np.random.default_rng(),
+                                   secure=secure)
     run_dir.write_json(POPULARITY_FILE, {"histogram": release.histogram.tolist(),
                                          "noise-multiplier": release.noise_multiplier, "devices": release.devices,
-                                         "declined": release.declined, "failed": release.failed})
+                                         "declined": release.declined, "failed": release.failed,
+                                         "secure-aggregation": secure is not None})
     log.info("privrec: popularity released (user-level DP, noise multiplier %s) over %d devices "
              "(%d declined, %d failed)", release.noise_multiplier, release.devices, release.declined, release.failed)
     return release.histogram
 
 
 def released_cooccurrence(grid: Grid, run: RunConfig, run_dir: RunDirectory, device_config: Mapping[str, Any],
-                          histogram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                          histogram: np.ndarray, secure: SecAggParams | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(item ids, released symmetric co-occurrence among them): the run's one co-occurrence release, among the
     items the released popularity ranks highest (from `cooccurrence.json` when a resumed run already made it)."""
     path = run_dir.path / COOCCURRENCE_FILE
@@ -67,11 +73,13 @@ def released_cooccurrence(grid: Grid, run: RunConfig, run_dir: RunDirectory, dev
                                                                              len(saved["items"]))
     release = federated_cooccurrence(grid, device_config, items=items, window=run.pipeline.cooc_window,
                                      noise_multiplier=run.pipeline.cooc_noise_multiplier, delta=run.device.delta,
-                                     release_id=f"{run_dir.path.name}-cooccurrence", rng=np.random.default_rng())
+                                     release_id=f"{run_dir.path.name}-cooccurrence", rng=np.random.default_rng(),
+                                     secure=secure)
     run_dir.write_json(COOCCURRENCE_FILE, {"items": items.tolist(), "pairs": release.histogram.tolist(),
                                            "window": run.pipeline.cooc_window,
                                            "noise-multiplier": release.noise_multiplier, "devices": release.devices,
-                                           "declined": release.declined, "failed": release.failed})
+                                           "declined": release.declined, "failed": release.failed,
+                                           "secure-aggregation": secure is not None})
     log.info("privrec: co-occurrence among the top %d items released (user-level DP, noise multiplier %s) over "
              "%d devices (%d declined, %d failed)", len(items), release.noise_multiplier, release.devices,
              release.declined, release.failed)

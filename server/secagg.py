@@ -51,9 +51,11 @@ STUCK_SECONDS = 5.0  # a pull this long is downloading a reply whose sender may 
 LIVENESS_SECONDS = 5.0  # how often a stage checks whether the nodes it still waits for are online
 
 
-def _stage(grid: Grid, contents: dict[int, RecordDict], timeout: float | None) -> dict[int, Message]:
-    """One stage's replies by the node they answer (errors included: a dead node's reply is an error)."""
-    messages = [Message(content=c, message_type=MessageType.TRAIN, dst_node_id=n) for n, c in contents.items()]
+def _stage(grid: Grid, contents: dict[int, RecordDict], timeout: float | None,
+           message_type: str = MessageType.TRAIN) -> dict[int, Message]:
+    """One stage's replies by the node they answer (errors included: a dead node's reply is an error). Every
+    stage travels as a train message except the upload of an analytics query, which is the query itself."""
+    messages = [Message(content=c, message_type=message_type, dst_node_id=n) for n, c in contents.items()]
     started = time.monotonic()
     try:
         replies = _exchange(grid, messages, timeout)
@@ -179,7 +181,8 @@ def _answers(replies: dict[int, Message]) -> dict[int, ConfigRecord]:
 
 def secure_sum(grid: Grid, train_messages: Sequence[Message], params: SecAggParams,
                timeout: float | None = None) -> SecureSum:
-    """Sum of the surviving devices' vectors for these train messages (one per device)."""
+    """Sum of the surviving devices' vectors for these train messages (one per device; or analytics queries of
+    one type, whose `arrays` are zeros of the contribution's shape: `server.analytics`)."""
     train = {m.metadata.dst_node_id: m for m in train_messages}
     session = ServerSession.start(params, list(train))
     setup = _answers(_stage(grid, {n: RecordDict({SECAGG: ConfigRecord({"stage": "setup",
@@ -208,7 +211,7 @@ def secure_sum(grid: Grid, train_messages: Sequence[Message], params: SecAggPara
         content = RecordDict(dict(train[n].content.items()))  # the strategy's train payload, shared
         content[SECAGG] = ConfigRecord({"stage": "upload", "src": sources, "ct": ciphertexts})
         uploads[n] = content
-    upload_replies = _stage(grid, uploads, timeout)
+    upload_replies = _stage(grid, uploads, timeout, train_messages[0].metadata.message_type)
     keys: list[str] | None = None
     for n, reply in upload_replies.items():
         if reply.has_error() or "arrays" not in reply.content.array_records:

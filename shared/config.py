@@ -209,6 +209,11 @@ _SECURE_AGGREGATION: dict[str, Key] = {
     "secagg-min-cohort": Key(int, 8, "m_min: the fewest devices whose sum the server unmasks; under user-dp "
                                      "each device adds noise variance (z C)^2 / m_min",
                              _positive, "must be >= 1"),
+    "secagg-release-min-cohort": Key(int, 0, "content-/channel-scorer: m_min of the analytics releases, which "
+                                             "every device joins (so it may be near the population): the fewest "
+                                             "devices whose release sum the server unmasks; each device adds noise "
+                                             "variance z^2 / it (0 = secagg-min-cohort)",
+                                     _non_negative, "must be >= 0"),
 }
 # where and how a run is recorded
 _OUTPUTS: dict[str, Key] = {
@@ -234,7 +239,8 @@ SECTIONS: dict[str, dict[str, Key]] = {"data": _DATA, "pipeline": _PIPELINE, "mo
 RENAMED = {"local-epochs": "epochs", "local-lr": "lr", "local-optimizer": "optimizer", "device-trains": "trainable",
            "user-dp": "enabled", "user-noise-multiplier": "noise_multiplier", "user-clipping-norm": "clipping_norm",
            "secure-aggregation": "enabled", "secagg-threshold": "threshold", "secagg-clip-range": "clip_range",
-           "secagg-quantization-bits": "quantization_bits", "secagg-min-cohort": "min_cohort"}
+           "secagg-quantization-bits": "quantization_bits", "secagg-min-cohort": "min_cohort",
+           "secagg-release-min-cohort": "release_min_cohort"}
 SCHEMA: dict[str, Key] = {name: key for section in SECTIONS.values() for name, key in section.items()}
 
 
@@ -425,7 +431,6 @@ def _check_content_scorer(cfg: Mapping[str, Any], where: str) -> None:
     model = cfg["model"]
     needs = {"dp": (False, "it runs no on-device DP-SGD (its guarantee is user-level: user-dp)"),
              "user-dp": (True, "its rounds are released only under user-level DP-FedAvg"),
-             "secure-aggregation": (False, "secure aggregation is not wired for it yet"),
              "public-share": (0.0, "it has no consenting cohort (no server-side pretraining)"),
              "model-average": (0.0, "its accountant covers the global models only")}
     for key, (wanted, why) in needs.items():
@@ -464,7 +469,13 @@ DEFAULT_PIPELINE: dict[str, Any] = {
 
 def check_secure_aggregation(cfg: Mapping[str, Any], cohort: int, where: str = "") -> None:
     """Refuse secure-aggregation settings that cannot protect anyone in a cohort of `cohort` devices."""
-    from shared.secagg import SecAggParams, check_clip_range, check_no_wrap  # Flower's crypto: only when asked
+    from shared.secagg import (  # Flower's crypto: only when asked
+        CLIP_MARGIN_STDS,
+        SecAggParams,
+        check_clip_range,
+        check_no_wrap,
+        release_params,
+    )
 
     params = SecAggParams(threshold=cfg["secagg-threshold"], clip_range=cfg["secagg-clip-range"],
                           quantization_bits=cfg["secagg-quantization-bits"], min_cohort=cfg["secagg-min-cohort"])
@@ -478,6 +489,13 @@ def check_secure_aggregation(cfg: Mapping[str, Any], cohort: int, where: str = "
         check_no_wrap(params, cohort)
         if cfg["user-dp"]:
             check_clip_range(params, cfg["user-clipping-norm"], cfg["user-noise-multiplier"])
+        if cfg["model"] in SCORER_MODELS:  # the analytics releases go through the same quantizer (sensitivity 1)
+            releases = ["popularity-noise-multiplier"] + (["cooc-noise-multiplier"]
+                                                          if cfg["model"] == "channel-scorer" else [])
+            for key in releases:
+                check_clip_range(release_params(cfg), 1.0, cfg[key],
+                                 f"1 (a user's contribution) plus {CLIP_MARGIN_STDS:g} std devs of a device's share "
+                                 f"of the '{key}' noise")
     except PrivrecError as exc:
         raise PrivrecError(f"{where}{exc}") from None
 
@@ -621,6 +639,7 @@ class SecureAggregationSection:
     clip_range: float
     quantization_bits: int
     min_cohort: int
+    release_min_cohort: int  # 0 = min_cohort
 
 
 @dataclass(frozen=True)

@@ -86,6 +86,15 @@ def params_from_config(cfg: Mapping) -> SecAggParams:
                         min_cohort=int(cfg["secagg-min-cohort"]))
 
 
+def release_params(cfg: Mapping) -> SecAggParams:
+    """The SecAgg+ parameters of the scorers' analytics releases: every device joins them, so their m_min
+    (`secagg-release-min-cohort`, 0 = `secagg-min-cohort`) may be near the population."""
+    params = params_from_config(cfg)
+    release = int(cfg.get("secagg-release-min-cohort") or 0)
+    return SecAggParams(threshold=params.threshold, clip_range=params.clip_range,
+                        quantization_bits=params.quantization_bits, min_cohort=release or params.min_cohort)
+
+
 def check_no_wrap(params: SecAggParams, devices: int, key: str = "secagg-quantization-bits") -> None:
     """Refuse a bit width whose sum over `devices` could wrap around the 32-bit field."""
     if (devices * params.levels).bit_length() > FIELD_BITS:
@@ -99,14 +108,15 @@ def share_noise_std(noise_multiplier: float, clip: float, min_cohort: int) -> fl
     return noise_multiplier * clip / math.sqrt(min_cohort)
 
 
-def check_clip_range(params: SecAggParams, clip: float, noise_multiplier: float | None) -> None:
-    """The quantizer must not clip a clipped update, nor (in practice) its noise share."""
+def check_clip_range(params: SecAggParams, clip: float, noise_multiplier: float | None, what: str = "") -> None:
+    """The quantizer must not clip a clipped update, nor (in practice) its noise share. `what` names the
+    bound in the refusal (default: the user-level update's)."""
     need = clip + (CLIP_MARGIN_STDS * share_noise_std(noise_multiplier, clip, params.min_cohort)
                    if noise_multiplier else 0.0)
     if params.clip_range < need:
+        what = what or f"user-clipping-norm plus {CLIP_MARGIN_STDS:g} std devs of a device's noise share"
         raise PrivrecError(f"config key 'secagg-clip-range' = {params.clip_range}: must be at least "
-                           f"{need:.6g} (user-clipping-norm plus {CLIP_MARGIN_STDS:g} std devs of a device's "
-                           "noise share), or the quantizer clips the update and its noise")
+                           f"{need:.6g} ({what}), or the quantizer clips the contribution and its noise")
 
 
 def neighbours(order: Sequence[int], threshold: int) -> dict[int, list[int]]:

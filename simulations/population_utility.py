@@ -551,14 +551,15 @@ def channel_cohort_gradients(model, catalogue, profile, channels, mask, nexts, o
 
 
 def channel_ranks(models: dict, pop: Population, c: dict, tables: dict | None = None,
-                  batch: int = 256) -> dict[str, np.ndarray]:
-    """Test-item ranks of the `pop.eval_index` users under each model, scored as `shared.scorer.
-    channel_score_histories` scores (released co-occurrence, no own removal, no mask; own history excluded)."""
+                  batch: int = 256, split: str = "test") -> dict[str, np.ndarray]:
+    """Test-item (or, with split = "valid", validation-item) ranks of the `pop.eval_index` users under each model,
+    scored as `shared.scorer.channel_score_histories` scores (released co-occurrence, no own removal, no mask;
+    own history excluded)."""
     from shared.metrics import eval_inputs, target_ranks
     from shared.scorer import cooc_matrix
 
     users, idx, width = pop.users, pop.eval_index, pop.catalogue.num_items + 1
-    inputs, targets, exclude = eval_inputs([users.train[i] for i in idx], users.valid[idx], users.test[idx], "test")
+    inputs, targets, exclude = eval_inputs([users.train[i] for i in idx], users.valid[idx], users.test[idx], split)
     ranks = {label: np.zeros(len(targets), dtype=np.int64) for label in models}
     for start in range(0, len(targets), batch):
         stop = min(start + batch, len(targets))
@@ -574,11 +575,12 @@ def channel_ranks(models: dict, pop: Population, c: dict, tables: dict | None = 
 
 
 def run_channel_arms(pop: Population, arms: dict[str, tuple[float, float, float]], c: dict, seed: int, chunk: int,
-                     simulated_cohort: int = 0) -> dict[str, dict]:
+                     simulated_cohort: int = 0, models_out: dict | None = None) -> dict[str, dict]:
     """Every arm (label -> (popularity z, co-occurrence z, round z)) of the channel pipeline on `pop`, sharing
     cohorts and noise draws: the two releases, `server.scorer.initial_scorer`, then `c['rounds']` rounds of
     `shared.privacy.user_level` sampling, per-user clipping and noise, Flower's FedAdam step. With q N >
-    `simulated_cohort` > 0 an ESTIMATE (noise-cohort-size), as `run_scorer_arms`."""
+    `simulated_cohort` > 0 an ESTIMATE (noise-cohort-size), as `run_scorer_arms`. `models_out`, when given,
+    receives label -> the final (released) model, e.g. to score it on another split."""
     from server.scorer import initial_scorer
     from shared.analytics import COOC_GAP_DECAY, own_cooc_matrix
     from shared.privacy.user_level import clip_update, noisy_mean_update, poisson_cohort
@@ -625,6 +627,8 @@ def run_channel_arms(pop: Population, arms: dict[str, tuple[float, float, float]
                          c["server-lr"])
         log_progress(f"N = {n:,} seed {seed}: channel round {r} ({len(cohort):,} users), "
                      f"{time.perf_counter() - started:.0f} s")
+    if models_out is not None:
+        models_out.update(models)
     for label, ranks in channel_ranks(models, pop, c, tables).items():
         out[label].update(figures(ranks))
         out[label].update({"cohorts": cohorts, "simulated-q": q_sim, "estimate": q_sim < c["q"],

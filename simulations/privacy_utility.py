@@ -1,22 +1,44 @@
-"""Privacy-utility sweep of the research pipeline of issue 13 over user-level epsilon in {1, 2, 4, 8, inf}.
+"""Privacy-utility sweep of issue 13's private pipelines over user-level epsilon in {1, 2, 4, 8, inf}.
 
-    python -m simulations.privacy_utility calibrate            # noise multipliers per target epsilon (~1 min)
-    python -m simulations.privacy_utility run --seeds 0 1 2    # one file per (epsilon, seed) run (~2-4 min each)
-    python -m simulations.privacy_utility report               # table (json + md) and plot from those files
+Two pipelines (`--pipeline`, before the command):
 
-The pipeline is `simulations.private_pipeline`'s round-2 recipe (`run_channel_arm`): DP popularity, DP windowed
-co-occurrence among the 100 items that release ranks highest, and user-level DP-SGD of the 9-weight channel
-scorer (Poisson q = 0.25, 100 steps, clip 1). Its reference noise multipliers are (5, 2.7, 14) (epsilon 1.81
-PLD). For a target epsilon the three multipliers are scaled by ONE common factor c (their ratio kept), and c is
-the smallest factor (bisection to a relative width of 1e-3, the upper end kept) for which dp-accounting's PLD
-accountant gives a composed epsilon <= target at delta 1e-5; dp-accounting's RDP figure of the same
-composition is stated beside it (it is larger). "inf" runs the same code with every noise multiplier 0 (the
-clipping stays). Privacy unit: one user's whole history; relation: add/remove one user; every release is a
-Gaussian mechanism of L2 sensitivity 1 on a sum of per-user contributions; adversary: whoever sees the released
-sums and the released scorer (not the server, which sees each device's clipped contribution: no secure
-aggregation in this replay). The harness's fixed settings (100 items, window 10, the noise split 5 : 2.7 : 14,
-lr, channel list) were chosen while looking at seed 0's validation and test figures; that choice is NOT
-accounted in any epsilon here. `simulations.private_selection` gives the epsilon-2 figure with (part of) that choice accounted.
+    python -m simulations.privacy_utility --pipeline product all             # the product's default (~5-10 min)
+    python -m simulations.privacy_utility --pipeline product all --force     # the same, re-running every seed
+    python -m simulations.privacy_utility calibrate            # research: noise multipliers per target (~1 min)
+    python -m simulations.privacy_utility run --seeds 0 1 2    # research: one file per (epsilon, seed) (~2-4 min)
+    python -m simulations.privacy_utility report               # research: table (json + md) and plot
+
+`--pipeline product`: the product's default, `privrec simulate`'s `model = channel-scorer`
+(`shared.config.DEFAULT_PIPELINE`: DP popularity z 5, DP windowed co-occurrence among the top 100 released items
+z 3, 10 rounds of user-level DP-FedSGD of the 9-weight channel scorer at Poisson q = 0.25, clip 1, z 3.5, FedAdam
+server-lr 0.5) on the real ML-100K (N = 943), run in-process with the product's code by
+`simulations.population_utility.run_channel_arms` (every epsilon of one seed in one call: shared cohorts, the same
+standard normal draws scaled by each arm's multipliers). For a target epsilon the product's three multipliers are
+scaled by ONE common factor, the smallest (bisection, relative width 1e-3) whose epsilon under the product's own
+accountant (Opacus RDP, `shared.privacy.pipeline.pipeline_epsilon`, delta 1e-5) is <= the target
+(`population_utility.calibrate_channel`); dp-accounting's RDP and PLD of the same composition are stated beside
+it. "inf": all three multipliers 0, the per-user clipping kept. Beside each epsilon: `baseline popularity` and
+`baseline content` at the same target (as in the research mode), popularity without DP, and the non-private
+FedAvg and centralized SASRec quoted from the README (not re-run). Validation and test NDCG@10 / HR@10, mean,
+std and 95% Student-t CI over the seeds. `calibrate` / `run` / `report` also work one at a time; `run` skips
+seeds whose file exists unless `--force`, and the calibration is re-made whenever the product's defaults
+differ from those it was made for (`report` ignores run files of other settings). Files:
+`simulations/results/privacy-utility-product-calibration.json`, `privacy-utility-product-run-seed<S>.json`,
+`privacy-utility-product-<time>.{json,md,png}`.
+
+`--pipeline research` (the default): the pipeline is `simulations.private_pipeline`'s round-2 recipe
+(`run_channel_arm`): DP popularity, DP windowed co-occurrence among the 100 items that release ranks highest, and
+user-level DP-SGD of the 9-weight channel scorer (Poisson q = 0.25, 100 steps, clip 1). Its reference noise
+multipliers are (5, 2.7, 14) (epsilon 1.81 PLD). For a target epsilon the three multipliers are scaled by ONE common
+factor c (their ratio kept), and c is the smallest factor (bisection to a relative width of 1e-3, the upper end
+kept) for which dp-accounting's PLD accountant gives a composed epsilon <= target at delta 1e-5; dp-accounting's RDP
+figure of the same composition is stated beside it (it is larger). "inf" runs the same code with every noise
+multiplier 0 (the clipping stays). Privacy unit: one user's whole history; relation: add/remove one user; every
+release is a Gaussian mechanism of L2 sensitivity 1 on a sum of per-user contributions; adversary: whoever sees the
+released sums and the released scorer (not the server, which sees each device's clipped contribution: no secure
+aggregation in this replay). The harness's fixed settings (100 items, window 10, the noise split 5 : 2.7 : 14, lr,
+channel list) were chosen while looking at seed 0's validation and test figures; that choice is NOT accounted in any
+epsilon here. `simulations.private_selection` gives the epsilon-2 figure with (part of) that choice accounted.
 
 Beside each epsilon: `baseline popularity` and `baseline content` (`simulations.private_baselines.
 reference_baselines`: one DP popularity release calibrated to the same target with Opacus' RDP accountant, the
@@ -36,6 +58,7 @@ from pathlib import Path
 
 import numpy as np
 
+from shared.atomic import write_bytes_atomic
 from simulations.output import RESULTS, log_progress, save_results
 
 TARGETS = (1.0, 2.0, 4.0, 8.0)
@@ -279,17 +302,436 @@ def plot(table: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+# ------------------------------------------------------------------------------------ --pipeline product
+# The product's default (`model = channel-scorer`, `shared.config.DEFAULT_PIPELINE`) at N = 943 (the real
+# ML-100K), run in-process by `simulations.population_utility`'s channel arm (the product's code).
+PRODUCT_CALIBRATION = RESULTS / "privacy-utility-product-calibration.json"
+PRODUCT_RUN_PREFIX = "privacy-utility-product-run"
+PRODUCT_USERS = 943
+ISSUE_TARGET = {"epsilon": 2.0, "ndcg@10": 0.075}  # issue 13: NDCG@10 >= 0.075 at user-level epsilon <= 2
+# HR@10 of the quoted references (README 'Measured' table; the per-row federation's HR@10 is not in the README)
+QUOTED_HR = {"centralized SASRec, no DP": (0.1615, 0.0111),
+             "FedAvg, no DP (40 rounds x 5 epochs, 64 devices)": (0.1195, 0.0123)}
+METRICS = ("ndcg@10", "hr@10")
+SPLITS = ("test", "valid")
+
+
+def product_settings() -> dict:
+    from simulations.population_utility import channel_settings
+
+    return channel_settings()
+
+
+def product_event(z_pop: float, z_cooc: float, z: float, c: dict):
+    """The whole pipeline as ONE dp-accounting event: two Gaussian releases (sensitivity 1, every user, no
+    sampling) and `rounds` Poisson-subsampled Gaussian rounds."""
+    import dp_accounting as dpa
+
+    rounds = dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(c["q"], dpa.GaussianDpEvent(z)), c["rounds"])
+    return dpa.ComposedDpEvent([dpa.GaussianDpEvent(z_pop), dpa.GaussianDpEvent(z_cooc), rounds])
+
+
+def product_epsilons(z_pop: float, z_cooc: float, z: float, c: dict) -> dict:
+    """The product's own figure (Opacus RDP, `shared.privacy.pipeline.pipeline_epsilon`) and dp-accounting's RDP
+    and PLD of the same composition (another code base)."""
+    from dp_accounting.pld import pld_privacy_accountant
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    from simulations.population_utility import channel_epsilon
+
+    out = {"opacus-rdp": channel_epsilon(z_pop, z_cooc, z, c)}
+    for name, accountant in (("dp-accounting-rdp", rdp_privacy_accountant.RdpAccountant()),
+                             ("dp-accounting-pld", pld_privacy_accountant.PLDAccountant())):
+        accountant.compose(product_event(z_pop, z_cooc, z, c))
+        out[name] = float(accountant.get_epsilon(c["delta"]))
+    return out
+
+
+def calibrate_product(target: float, c: dict | None = None) -> dict:
+    """The product's noise multipliers (popularity, co-occurrence, rounds) times the smallest common factor whose
+    Opacus RDP epsilon (the product's accountant) is <= target (`population_utility.calibrate_channel`)."""
+    from simulations.population_utility import calibrate_channel
+
+    c = c or product_settings()
+    x = calibrate_channel(target, c)
+    z = {"popularity": x["popularity-z"], "cooc": x["cooc-z"], "rounds": x["z"]}
+    return {"target": target, "factor": x["factor"], "z": z,
+            "epsilon": product_epsilons(z["popularity"], z["cooc"], z["rounds"], c)}
+
+
+def product_calibration(force: bool = False) -> dict:
+    """The calibration file, (re)made when absent, forced, or made for other pipeline settings than today's."""
+    c = product_settings()
+    if PRODUCT_CALIBRATION.exists() and not force:
+        cal = json.loads(PRODUCT_CALIBRATION.read_text())
+        if cal.get("settings") == c:
+            return cal
+    rows = []
+    for target in TARGETS:
+        rows.append(calibrate_product(target, c))
+        log_progress(f"product, target {target:g}: factor {rows[-1]['factor']:.4f} z {rows[-1]['z']} "
+                     f"eps {rows[-1]['epsilon']}")
+    default = {"factor": 1.0, "z": {"popularity": c["popularity-z"], "cooc": c["cooc-z"], "rounds": c["z"]},
+               "epsilon": product_epsilons(c["popularity-z"], c["cooc-z"], c["z"], c)}
+    cal = {"delta": c["delta"], "settings": c, "targets": rows, "product-default": default,
+           "rule": "the product's (popularity, co-occurrence, rounds) noise multipliers times ONE common factor, the "
+                   "smallest (bisection to a relative width of 1e-3, upper end kept) whose Opacus RDP epsilon "
+                   "(shared.privacy.pipeline.pipeline_epsilon, the product's accountant) is <= the target; "
+                   "dp-accounting's RDP and PLD of the same composition beside it"}
+    write_bytes_atomic(PRODUCT_CALIBRATION, (json.dumps(cal, indent=1) + "\n").encode())
+    return cal
+
+
+def product_arms(cal: dict, only: list[str] | None = None) -> dict[str, tuple[float, float, float]]:
+    arms = {f"{row['target']:g}": (row["z"]["popularity"], row["z"]["cooc"], row["z"]["rounds"])
+            for row in cal["targets"]}
+    arms["inf"] = (0.0, 0.0, 0.0)  # every noise multiplier 0; the per-user clipping stays
+    return {k: v for k, v in arms.items() if not only or k in only}
+
+
+def _pair(figures: dict) -> dict:
+    return {key: float(figures[key]) for key in METRICS}
+
+
+def product_run(args) -> None:
+    import tempfile
+
+    import torch
+
+    from shared.baselines import popularity_scores
+    from shared.errors import PrivrecError
+    from simulations import population_utility as pu
+    from simulations.private_baselines import _figures, reference_baselines
+
+    torch.set_num_threads(1)
+    cal = product_calibration()
+    c = cal["settings"]
+    arms = product_arms(cal, args.epsilons)
+    pop = pu.load_population(PRODUCT_USERS, "ml-100k", Path(tempfile.gettempdir()) / "privrec-population-utility",
+                             eval_users=PRODUCT_USERS)
+    if not pop.real or pop.n != PRODUCT_USERS or len(pop.eval_index) != pop.n:
+        raise PrivrecError(f"the ML-100K store holds {pop.n} users, not {PRODUCT_USERS}: not the real data set")
+    no_dp = _figures("popularity", popularity_scores(pop.users.train, pop.catalogue.num_items), pop.users, None, 0)
+    log_progress(f"N = {pop.n} ({pop.label}) ready; arms {arms}")
+    for seed in args.seeds:
+        out = RESULTS / f"{PRODUCT_RUN_PREFIX}-seed{seed}.json"
+        if out.exists() and not args.force:
+            log_progress(f"{out.name} exists (--force re-runs it)")
+            continue
+        started = time.perf_counter()
+        models: dict = {}
+        rows = pu.run_channel_arms(pop, arms, c, seed, pu.Budget().chunk_users, 0, models_out=models)
+        valid = pu.channel_ranks(models, pop, c, split="valid")
+        seconds_pipeline = time.perf_counter() - started
+        pipeline = {label: {"test": _pair(rows[label]), "valid": pu.figures(valid[label]),
+                            "round-0 test": rows[label]["round-0"], "weights": rows[label]["weights"],
+                            "update-norm-quantiles": rows[label]["update-norm-quantiles"],
+                            "cohorts": rows[label]["cohorts"]} for label in arms}
+        baselines = {}
+        for label in arms:
+            if label == "inf":
+                continue
+            base = reference_baselines(pop.store_dir, epsilon=float(label), delta=c["delta"], seed=seed)
+            baselines[label] = {kind: {"test": _pair(b["test"]), "valid": _pair(b["valid"]), "privacy": b["privacy"]}
+                                for kind, b in base.items()}
+        record = {"made": time.strftime("%Y-%m-%d %H:%M:%S"), "seed": seed, "n": pop.n, "data": pop.label,
+                  "settings": c, "z": arms, "epsilon": {row_label: row["epsilon"] for row_label, row in
+                                                        ((f"{r['target']:g}", r) for r in cal["targets"])},
+                  "pipeline": pipeline, "baselines": baselines,
+                  "popularity (no DP)": {split: _pair(no_dp[split]) for split in ("valid", "test")},
+                  "seconds-pipeline": round(seconds_pipeline, 1),
+                  "seconds": round(time.perf_counter() - started, 1)}
+        write_bytes_atomic(out, (json.dumps(record, indent=1, default=float) + "\n").encode())
+        log_progress(f"product seed {seed}: " + ", ".join(f"eps {k} {v['test']['ndcg@10']:.4f}"
+                                                          for k, v in pipeline.items())
+                     + f" ({record['seconds']:.0f} s, pipeline {record['seconds-pipeline']:.0f} s)")
+
+
+def summary_stats(values: list[float]) -> dict:
+    """Mean, sample std and the 95% Student-t interval of the mean over the seeds (n - 1 degrees of freedom)."""
+    from scipy import stats
+
+    a = np.asarray(values, dtype=float)
+    mean = float(a.mean())
+    if len(a) < 2:
+        return {"mean": mean, "std": 0.0, "ci95": [mean, mean], "values": a.tolist()}
+    std = float(a.std(ddof=1))
+    half = float(stats.t.ppf(0.975, len(a) - 1)) * std / math.sqrt(len(a))
+    return {"mean": mean, "std": std, "ci95": [mean - half, mean + half], "values": a.tolist()}
+
+
+def _split_stats(rows: list[dict]) -> dict:
+    return {split: {key: summary_stats([r[split][key] for r in rows]) for key in METRICS} for split in SPLITS}
+
+
+def product_summary(runs: list[dict], cal: dict) -> dict:
+    runs = sorted(runs, key=lambda r: r["seed"])
+    labels = [f"{t:g}" for t in TARGETS] + ["inf"]
+    by_target = {f"{row['target']:g}": row for row in cal["targets"]}
+    table = []
+    for label in labels:
+        rows = [r for r in runs if label in r["pipeline"]]
+        if not rows:
+            continue
+        entry = {"target": label, "seeds": [r["seed"] for r in rows],
+                 "z": by_target[label]["z"] if label in by_target else {"popularity": 0.0, "cooc": 0.0, "rounds": 0.0},
+                 "factor": by_target[label]["factor"] if label in by_target else None,
+                 "epsilon": by_target[label]["epsilon"] if label in by_target else "inf",
+                 "pipeline": _split_stats([r["pipeline"][label] for r in rows]),
+                 "round-0 test": {key: summary_stats([r["pipeline"][label]["round-0 test"][key] for r in rows])
+                                  for key in METRICS}}
+        if label != "inf":
+            entry["baselines"] = {kind: {**_split_stats([r["baselines"][label][kind] for r in rows]),
+                                         "privacy": rows[0]["baselines"][label][kind]["privacy"]}
+                                  for kind in ("popularity", "content")}
+            content = [r["baselines"][label]["content"]["test"]["ndcg@10"] for r in rows]
+            popular = [r["baselines"][label]["popularity"]["test"]["ndcg@10"] for r in rows]
+            mine = [r["pipeline"][label]["test"]["ndcg@10"] for r in rows]
+            entry["floor"] = {"seeds above baseline content": int(sum(m > b for m, b in zip(mine, content))),
+                              "seeds above baseline popularity": int(sum(m > b for m, b in zip(mine, popular))),
+                              "seeds": len(rows)}
+        table.append(entry)
+    return {"table": table, "popularity (no DP)": runs[0]["popularity (no DP)"] if runs else {},
+            "seconds": {f"seed {r['seed']}": r["seconds"] for r in runs},
+            "seconds-pipeline": {f"seed {r['seed']}": r["seconds-pipeline"] for r in runs}}
+
+
+def product_target_lines(table: list[dict]) -> list[str]:
+    """Issue 13's target (NDCG@10 >= 0.075 at epsilon <= 2) and floor (never below either baseline), honestly."""
+    lines = []
+    for e in table:
+        if e["target"] == "inf":
+            continue
+        s = e["pipeline"]["test"]["ndcg@10"]
+        eps = e["epsilon"]["opacus-rdp"]
+        allowed = eps <= ISSUE_TARGET["epsilon"]
+        meets = s["mean"] >= ISSUE_TARGET["ndcg@10"]
+        seeds = sum(v >= ISSUE_TARGET["ndcg@10"] for v in s["values"])
+        verdict = ("meets" if meets else "MISSES") + " 0.075 by its mean" + (
+            "" if s["ci95"][0] >= ISSUE_TARGET["ndcg@10"] else " (95% CI reaches below 0.075)" if meets else "")
+        budget = "within issue 13's epsilon <= 2" if allowed else "ABOVE issue 13's epsilon 2 (outside the target)"
+        f = e["floor"]
+        lines.append(f"- epsilon {e['target']} (Opacus RDP {eps:.3f}, {budget}): test NDCG@10 {s['mean']:.4f}, "
+                     f"{verdict}; {seeds} of {len(s['values'])} seeds reach 0.075. Floor: above `baseline content` "
+                     f"on {f['seeds above baseline content']} of {f['seeds']} seeds (mean "
+                     f"{e['baselines']['content']['test']['ndcg@10']['mean']:.4f}), above `baseline popularity` on "
+                     f"{f['seeds above baseline popularity']} of {f['seeds']}.")
+    return lines
+
+
+def product_report(_args) -> Path:
+    cal = json.loads(PRODUCT_CALIBRATION.read_text())
+    paths = sorted(glob.glob(str(RESULTS / f"{PRODUCT_RUN_PREFIX}-seed*.json")))
+    runs = [json.loads(Path(path).read_text()) for path in paths]
+    runs = [r for r in runs if r["settings"] == cal["settings"]]  # never mix runs of other pipeline settings
+    if not runs:
+        from shared.errors import PrivrecError
+
+        raise PrivrecError(f"no {PRODUCT_RUN_PREFIX}-seed*.json in {RESULTS} made with the calibration's settings: "
+                           "run `python -m simulations.privacy_utility --pipeline product run` first")
+    summary = product_summary(runs, cal)
+    results = {"made": time.strftime("%Y-%m-%d %H:%M:%S"), "pipeline": "product: model = channel-scorer "
+               "(shared.config.DEFAULT_PIPELINE), in-process (simulations.population_utility.run_channel_arms)",
+               "n": runs[0]["n"], "data": runs[0]["data"], "delta": cal["delta"], "calibration": cal, **summary,
+               "quoted": {name: {**q, "hr@10": QUOTED_HR.get(name)} for name, q in QUOTED.items()},
+               "machine": f"{os.cpu_count()} CPUs shared with other jobs, one torch thread, nice 5",
+               "privacy": {"unit": "one user's whole history", "relation": "add/remove one user",
+                           "mechanism": "Gaussian popularity release + Gaussian windowed co-occurrence release "
+                                        "(sensitivity 1 each, every user, no sampling) + rounds of the sampled "
+                                        "Gaussian mechanism (Poisson rate q over users, per-user clip, noise on the "
+                                        "sum)",
+                           "accountant": "Opacus RDP over [[z_pop, 1, 1], [z_cooc, 1, 1], [z, q, rounds]] "
+                                         "(shared.privacy.pipeline.pipeline_epsilon, the product's own); "
+                                         "dp-accounting RDP and PLD of one ComposedDpEvent beside it",
+                           "adversary": "whoever sees the released histogram, co-occurrence and scorer; not the "
+                                        "server (no secure aggregation)",
+                           "not accounted": "the product's defaults (window, top items, channels, the 5 : 3 : 3.5 "
+                                            "split, rounds, q, server-lr) were chosen by the developers looking at "
+                                            "ML-100K validation and test figures; that choice is in no epsilon"}}
+    stem = RESULTS / f"privacy-utility-product-{time.strftime('%Y%m%d-%H%M%S')}"
+    product_plot(results, stem.with_suffix(".png"))
+    results["plot"] = stem.with_suffix(".png").name
+    save_results(stem, results, product_markdown(results))
+    return stem
+
+
+def _cell(s: dict, ci: bool = True) -> str:
+    text = f"{s['mean']:.4f} +- {s['std']:.4f}"
+    return text + (f" [{s['ci95'][0]:.4f}, {s['ci95'][1]:.4f}]" if ci else "")
+
+
+def product_markdown(results: dict) -> str:
+    c = results["calibration"]["settings"]
+    d = results["calibration"]["product-default"]
+    seeds = sorted({s for e in results["table"] for s in e["seeds"]})
+    lines = [f"# Privacy-utility of the product's default pipeline (`model = channel-scorer`), ML-100K, N = "
+             f"{results['n']} ({results['made']})", "",
+             f"The product's default (`shared.config.DEFAULT_PIPELINE`): DP popularity, DP windowed co-occurrence "
+             f"(window {c['cooc-window']}) among the top {c['cooc-items']} released items, then {c['rounds']} rounds "
+             f"of user-level DP-FedSGD of the 9-weight channel scorer (Poisson q = {c['q']:g} over the {results['n']} "
+             f"users, clip {c['clip']:g}, FedAdam server-lr {c['server-lr']:g}, each user's last {c['targets']} "
+             "training items), run in-process with the product's code (`simulations.population_utility."
+             "run_channel_arms`; not through Flower). Noise multipliers: the product's "
+             f"({c['popularity-z']:g}, {c['cooc-z']:g}, {c['z']:g}) times ONE common factor per target, the smallest "
+             "(bisection, relative width 1e-3) whose epsilon under the product's own accountant (Opacus RDP, "
+             "`shared.privacy.pipeline.pipeline_epsilon`) is <= the target; dp-accounting's RDP and PLD of the same "
+             "composition beside it. At factor 1 (the product as shipped) the figures are "
+             f"{d['epsilon']['opacus-rdp']:.3f} / {d['epsilon']['dp-accounting-rdp']:.3f} / "
+             f"{d['epsilon']['dp-accounting-pld']:.3f}. \"inf\": every noise multiplier 0, the per-user clipping kept. "
+             f"Mean +- sample std over seeds {seeds} [95% Student-t CI of the mean, 2 degrees of freedom]; the seed "
+             "changes the DP noise and the Poisson cohorts (the arms of one seed share their cohorts and standard "
+             "normal draws). Full ranking, own history excluded; validation: input = training items, target = the "
+             "validation item; test: input = training + validation items.", "",
+             "Every epsilon: user-level (unit: one user's whole history; add/remove one user), delta "
+             f"{results['delta']:g}, the three releases composed in one accountant; adversary: whoever sees the "
+             "released histogram, co-occurrence and scorer, not the server (no secure aggregation). **Not "
+             "accounted**: the product's defaults were chosen by the developers looking at ML-100K validation and "
+             "test figures; that choice is in no epsilon here.", "",
+             "| target epsilon | noise multipliers (pop, cooc, rounds) | epsilon: Opacus RDP (product) / "
+             "dp-accounting RDP / PLD | test NDCG@10 | test HR@10 | validation NDCG@10 | validation HR@10 | "
+             "round 0 (releases only) test NDCG@10 |", "|---|---|---|---|---|---|---|---|"]
+    for e in results["table"]:
+        z, p = e["z"], e["pipeline"]
+        if e["target"] == "inf":
+            zs, eps = "0, 0, 0 (clipping kept)", "inf"
+        else:
+            zs = f"{z['popularity']:.3f}, {z['cooc']:.3f}, {z['rounds']:.3f}"
+            x = e["epsilon"]
+            eps = f"{x['opacus-rdp']:.3f} / {x['dp-accounting-rdp']:.3f} / {x['dp-accounting-pld']:.3f}"
+        lines.append(f"| {e['target']} | {zs} | {eps} | {_cell(p['test']['ndcg@10'])} | {_cell(p['test']['hr@10'])} | "
+                     f"{_cell(p['valid']['ndcg@10'])} | {_cell(p['valid']['hr@10'])} | "
+                     f"{_cell(e['round-0 test']['ndcg@10'], ci=False)} |")
+    lines += ["", "Beside each epsilon, the private baselines at the same target (`simulations.private_baselines."
+              "reference_baselines`: one DP popularity release calibrated to the target with Opacus RDP, the "
+              "project's baseline code; PLD in brackets), same seeds:", "",
+              "| target epsilon | baseline | epsilon Opacus RDP (PLD), z | test NDCG@10 | test HR@10 | validation "
+              "NDCG@10 | validation HR@10 |", "|---|---|---|---|---|---|---|"]
+    for e in results["table"]:
+        for kind in ("popularity", "content"):
+            if e["target"] == "inf":
+                continue
+            b = e["baselines"][kind]
+            pr = b["privacy"]
+            lines.append(f"| {e['target']} | `baseline {kind}` | {pr['epsilon']:.3f} ({pr['epsilon-pld']:.3f}), "
+                         f"{pr['noise-multiplier']:.3f} | {_cell(b['test']['ndcg@10'])} | {_cell(b['test']['hr@10'])} "
+                         f"| {_cell(b['valid']['ndcg@10'])} | {_cell(b['valid']['hr@10'])} |")
+    pop = results["popularity (no DP)"]
+    if pop:
+        lines.append(f"| inf | popularity, no DP (training counts; seed-free) | - | {pop['test']['ndcg@10']:.4f} | "
+                     f"{pop['test']['hr@10']:.4f} | {pop['valid']['ndcg@10']:.4f} | {pop['valid']['hr@10']:.4f} |")
+    lines += ["", "Non-private references, **quoted** from the README's measured tables (not re-run here; test "
+              "only, 3 seeds each, mean +- std):", "", "| reference | test NDCG@10 | test HR@10 | source |",
+              "|---|---|---|---|"]
+    for name, q in results["quoted"].items():
+        hr = f"{q['hr@10'][0]:.4f} +- {q['hr@10'][1]:.4f}" if q.get("hr@10") else "-"
+        lines.append(f"| {name} | {q['ndcg@10']:.4f} +- {q['std']:.4f} | {hr} | {q['source']} |")
+    lines += ["", "Per seed, test NDCG@10 (pipeline / `baseline content` / `baseline popularity`):", "",
+              "| target epsilon | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---|" * len(seeds)]
+    for e in results["table"]:
+        cells = []
+        for i, _ in enumerate(e["seeds"]):
+            mine = e["pipeline"]["test"]["ndcg@10"]["values"][i]
+            if e["target"] == "inf":
+                cells.append(f"{mine:.4f}")
+            else:
+                b = e["baselines"]
+                cells.append(f"{mine:.4f} / {b['content']['test']['ndcg@10']['values'][i]:.4f} / "
+                             f"{b['popularity']['test']['ndcg@10']['values'][i]:.4f}")
+        lines.append(f"| {e['target']} | " + " | ".join(cells) + " |")
+    lines += ["", "Issue 13's target (test NDCG@10 >= 0.075 at user-level epsilon <= 2, hyperparameter choice "
+              "included) and floor; **the hyperparameter choice is not counted in any epsilon here**, so no row "
+              "meets the target as the issue states it:", ""] + product_target_lines(results["table"])
+    seconds = results["seconds"]
+    lines += ["", "Run time per seed (pipeline: all five arms together, then the baselines; "
+              f"{results['machine']}): " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()) +
+              f"; total {sum(seconds.values()) / 60:.1f} min.", "", f"Plot: `{results['plot']}`."]
+    return "\n".join(lines)
+
+
+def product_plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = results["table"]
+    finite = [e for e in table if e["target"] != "inf"]
+    inf = [e for e in table if e["target"] == "inf"]
+    inf_x = 16.0  # where "inf" is drawn: its own tick to the right of 8
+
+    def bars(stats: list[dict]) -> np.ndarray:
+        return np.array([[s["mean"] - s["ci95"][0] for s in stats], [s["ci95"][1] - s["mean"] for s in stats]])
+
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5))
+    for ax, key in zip(axes, METRICS):
+        xs = [e["epsilon"]["opacus-rdp"] for e in finite]
+        stats = [e["pipeline"]["test"][key] for e in finite]
+        ax.errorbar(xs, [s["mean"] for s in stats], yerr=bars(stats), marker="o", capsize=3, color="C0",
+                    label="product pipeline (channel-scorer), Opacus RDP epsilon")
+        targets = [float(e["target"]) for e in finite]
+        for kind, marker, color in (("content", "s", "C1"), ("popularity", "^", "C2")):
+            stats = [e["baselines"][kind]["test"][key] for e in finite]
+            ax.errorbar(targets, [s["mean"] for s in stats], yerr=bars(stats), marker=marker, capsize=3,
+                        linestyle="--", color=color, label=f"baseline {kind} (DP, same target)")
+        if inf:
+            s = inf[0]["pipeline"]["test"][key]
+            ax.errorbar([inf_x], [s["mean"]], yerr=bars([s]), marker="*", markersize=12, color="C0", capsize=3,
+                        linestyle="none", label="pipeline, no noise (clipping kept)")
+        pop = results["popularity (no DP)"]
+        if pop:
+            ax.axhline(pop["test"][key], color="C2", linestyle="-.", linewidth=1,
+                       label="popularity, no DP")
+        for (name, q), color in zip(results["quoted"].items(), ("k", "C3", "C4")):
+            value = q["ndcg@10"] if key == "ndcg@10" else (q["hr@10"][0] if q.get("hr@10") else None)
+            if value is not None:
+                ax.axhline(value, color=color, linestyle=":", linewidth=1,
+                           label=f"{name.split(' (')[0]} (quoted from the README)")
+        if key == "ndcg@10":
+            ax.axhline(ISSUE_TARGET["ndcg@10"], color="grey", linestyle="--", linewidth=0.8,
+                       label="issue 13 target 0.075 (at epsilon <= 2)")
+        ax.set_xscale("log")
+        ax.set_xticks([1, 2, 4, 8, inf_x])
+        ax.set_xticklabels(["1", "2", "4", "8", "inf"])
+        ax.minorticks_off()
+        ax.set_xlabel("user-level epsilon (delta 1e-5; one user's history, add/remove)")
+        name = {"ndcg@10": "NDCG@10", "hr@10": "HR@10"}[key]
+        ax.set_ylabel(f"test {name} (ML-100K, N = {results['n']}, full ranking)")
+        ax.set_title(f"test {name}: mean and 95% CI over seeds")
+    legend = {}
+    for ax in axes:  # one legend for both panels (some lines are drawn on one panel only)
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    axes[1].legend(list(legend.values()), list(legend), fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.suptitle("privacy-utility of the product's default pipeline (model = channel-scorer, issue 13)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pipeline", choices=["research", "product"], default="research",
+                        help="research: simulations.private_pipeline's replay (100 DP-SGD steps); product: the "
+                             "product's default, model = channel-scorer, at N = 943")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("calibrate").set_defaults(func=cmd_calibrate)
+    sub.add_parser("calibrate")
     run = sub.add_parser("run")
-    run.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    run.add_argument("--epsilons", nargs="*", default=None, help="labels to run (1 2 4 8 inf; default all)")
-    run.set_defaults(func=cmd_run)
-    sub.add_parser("report").set_defaults(func=cmd_report)
+    everything = sub.add_parser("all", help="calibrate, run and report in one command")
+    for p in (run, everything):
+        p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+        p.add_argument("--epsilons", nargs="*", default=None, help="labels to run (1 2 4 8 inf; default all)")
+        p.add_argument("--force", action="store_true", help="re-run seeds whose run files exist (product only)")
+    sub.add_parser("report")
     args = parser.parse_args()
-    args.func(args)
+    if args.pipeline == "product":
+        steps = {"calibrate": [lambda a: print(json.dumps(product_calibration(force=True), indent=1))],
+                 "run": [product_run], "report": [product_report],
+                 "all": [lambda a: product_calibration(force=a.force), product_run, product_report]}
+    else:
+        steps = {"calibrate": [cmd_calibrate], "run": [cmd_run], "report": [cmd_report],
+                 "all": [cmd_calibrate, cmd_run, cmd_report]}
+    for step in steps[args.command]:
+        step(args)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from shared.analytics import (
     release_epsilon,
 )
 from shared.data.store import open_store
+from shared.errors import PrivrecError
 from shared.metrics import eval_inputs, summarize, target_ranks
 from shared.privacy.population import default_population_dir
 from simulations.inprocess import InProcessGrid
@@ -50,6 +51,10 @@ def run_private_baseline(kind: str, cfg: dict[str, Any], store_dir: str | Path, 
 
     `text`: the catalogue's text table (rows = item ids); None = the store's MiniLM features (content only).
     """
+    if cfg.get("secure-aggregation"):  # its noise comes from --epsilon, not from a run config the devices share
+        raise PrivrecError("config key 'secure-aggregation' = true: the private baselines release their histogram "
+                           "without secure aggregation (the server sees each device's vector); set "
+                           "secure-aggregation = false")
     z = noise_for_epsilon(epsilon, delta)
     store = open_store(store_dir)
     population = Path(cfg["population-dir"]).expanduser().resolve() if cfg.get("population-dir") \

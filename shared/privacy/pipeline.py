@@ -13,6 +13,15 @@ adding or removing that user. The run releases, in this order:
    to C on the server, N(0, (z C)^2) on the sum, divided by the fixed q N -- the sampled Gaussian mechanism
    (q, z), once per round. The server optimizer (FedAdam) and evaluation are post-processing.
 
+With `secure-aggregation = true` all three run under SecAgg+ (`shared/secagg.py`): each device clips (the rounds)
+or bounds by construction (the analytics, each user's part of L2 norm <= 1) its contribution, adds its share of the
+noise, N(0, sigma^2 / m_min) with sigma the central noise std and m_min = `secagg-min-cohort` (rounds) or
+`secagg-release-min-cohort` (the analytics releases, which every device joins; 0 = the same), quantizes and masks
+it; the server unmasks only sums of at least max(secagg-threshold, m_min) devices, whose noise variance is then at
+least sigma^2, and refuses fewer (nothing released). The same accountant history then holds against the
+honest-but-curious server too, while at least m_min devices in every unmasked sum follow the protocol; the
+stochastic rounding is not modelled.
+
 Hyperparameters are fixed before the run (the defaults); the run makes no choice on its private data, so
 nothing else is released. The defaults themselves were chosen by the developers from measurements on ML-100K
 (validation items; README): that choice is not in the epsilon, which is said wherever the figure is. Opacus'
@@ -93,14 +102,58 @@ def check_pipeline_budget(cfg: Mapping[str, Any], sample_rate: float, where: str
     return epsilon
 
 
+def secure(cfg: Mapping[str, Any]) -> bool:
+    """Whether the run's releases and rounds go through secure aggregation (all of them, or none)."""
+    return bool(cfg.get("secure-aggregation"))
+
+
+def release_min_cohort(cfg: Mapping[str, Any]) -> int:
+    """m_min of the analytics releases under secure aggregation (`secagg-release-min-cohort`, 0 = the rounds')."""
+    return int(cfg.get("secagg-release-min-cohort") or cfg["secagg-min-cohort"])
+
+
+def _release_adversary(cfg: Mapping[str, Any], seen: str, m_min: int) -> str:
+    """Who a part of the pipeline is protected against, `seen` being what it releases, `m_min` its minimum cohort."""
+    if secure(cfg):
+        return (f"whoever sees {seen}, AND the honest-but-curious server (secure aggregation: it sees only masked "
+                f"vectors and sums of at least max(secagg-threshold, m_min) = {max(cfg['secagg-threshold'], m_min)} "
+                f"devices), while at least m_min = {m_min} devices in every unmasked sum follow the protocol and "
+                "keep their noise share secret")
+    return f"whoever sees {seen}; NOT the server, which sees each device's vector (no secure aggregation)"
+
+
+def _noise(cfg: Mapping[str, Any], z: float) -> str:
+    """How an analytics release's Gaussian noise of multiplier `z` (sensitivity 1) is drawn."""
+    if secure(cfg):
+        m_min = release_min_cohort(cfg)
+        return (f"noise multiplier {z:g}, drawn as one share N(0, {z:g}^2 / {m_min}) per device (m_min = {m_min}), "
+                f"quantized and masked; the server unmasks only a sum of at least "
+                f"{max(cfg['secagg-threshold'], m_min)} devices (else nothing is released) and adds nothing")
+    return f"noise multiplier {z:g}, added by the server"
+
+
 def statement(cfg: Mapping[str, Any], sample_rate: float, population: int, rounds: int) -> dict[str, Any]:
     """The full guarantee of a scorer-pipeline run after `rounds` rounds (privacy.json, summary.json)."""
     z_cooc = cooc_noise(cfg)
     channel = z_cooc is not None
     cooc = (f"2) windowed co-occurrence among the {cfg['cooc-items']} items the released histogram ranks highest "
             f"(post-processing): Gaussian, sensitivity 1 (each user's weighted pairs at distance <= "
-            f"{cfg['cooc-window']}, L2-normalised), noise multiplier {z_cooc:g}, no sampling, one release; 3) "
+            f"{cfg['cooc-window']}, L2-normalised), {_noise(cfg, z_cooc)}, no sampling, one release; 3) "
             ) if channel else "2) "
+    clip, z = f"{cfg['user-clipping-norm']:g}", cfg["user-noise-multiplier"]
+    if secure(cfg):
+        rounds_noise = (f"clipped on the device to L2 norm {clip}, plus the device's Gaussian share N(0, ({z:g} x "
+                        f"{clip})^2 / {cfg['secagg-min-cohort']}), quantized to {cfg['secagg-quantization-bits']} bits "
+                        f"and masked (SecAgg+); the server unmasks only the sum of at least "
+                        f"{max(cfg['secagg-threshold'], cfg['secagg-min-cohort'])} devices (noise variance at least "
+                        f"({z:g} x {clip})^2; a round with fewer is refused and releases nothing)")
+    else:
+        rounds_noise = f"clipped on the server to L2 norm {clip}, N(0, ({z:g} x {clip})^2) on the sum"
+    m_release = release_min_cohort(cfg)
+    parts = {"popularity release": _release_adversary(cfg, "the released popularity histogram", m_release)}
+    if channel:
+        parts["co-occurrence release"] = _release_adversary(cfg, "the released co-occurrence", m_release)
+    parts["DP-FedAvg rounds"] = _release_adversary(cfg, "the released models", cfg["secagg-min-cohort"])
     gradient = ("its gradient of the mean loss over its last {n} training items, its history masked and its own "
                 "co-occurrence contribution removed from its features" if channel else
                 "its gradient of the mean loss over its last {n} training items").format(n=cfg["scorer-targets"])
@@ -117,19 +170,34 @@ def statement(cfg: Mapping[str, Any], sample_rate: float, population: int, round
                       "(checked against dp-accounting in tests)",
         "history": pipeline_history(cfg["popularity-noise-multiplier"], cfg["user-noise-multiplier"], sample_rate,
                                     rounds, z_cooc),
-        "mechanism": (f"1) popularity histogram: Gaussian, sensitivity 1 (each user's item set / sqrt(n)), noise "
-                      f"multiplier {cfg['popularity-noise-multiplier']:g}, no sampling, one release; {cooc}{rounds} "
-                      f"round(s) of DP-FedAvg (FedSGD) of the {cfg['model']}: each device's update = minus "
-                      f"{gradient}, clipped on the server to L2 norm {cfg['user-clipping-norm']:g}, N(0, "
-                      f"({cfg['user-noise-multiplier']:g} x {cfg['user-clipping-norm']:g})^2) on the sum, divided by "
-                      f"the expected cohort; {cfg['strategy']} as post-processing"),
+        "mechanism": (f"1) popularity histogram: Gaussian, sensitivity 1 (each user's item set / sqrt(n)), "
+                      f"{_noise(cfg, cfg['popularity-noise-multiplier'])}, no sampling, one release; {cooc}"
+                      f"{rounds} round(s) of DP-FedAvg (FedSGD) of the {cfg['model']}: each device's update = minus "
+                      f"{gradient}, {rounds_noise}, divided by the expected cohort; {cfg['strategy']} as "
+                      "post-processing"),
         "sampling": f"analytics releases: every device, no sampling; rounds: Poisson sampling of devices at rate "
                     f"q = {sample_rate:.4g} per round over {population} devices",
         "on-device-dp": "off (dp = false): no window-level DP-SGD; the guarantee is the user-level one above",
-        "adversary": "whoever sees the released " + ("popularity histogram, the released co-occurrence" if channel
-                                                     else "popularity histogram") +
-                     " and the released models (other devices, users of the model); NOT the server, which sees "
-                     "each device's contribution vectors and unclipped update (no secure aggregation in this mode)",
+        "adversary": ("whoever sees the released " + ("popularity histogram, the released co-occurrence" if channel
+                                                      else "popularity histogram") +
+                      " and the released models (other devices, users of the model), AND the honest-but-curious "
+                      "server: every part runs under secure aggregation, and holds against the server while at least "
+                      f"m_min devices in every unmasked sum follow the protocol and keep their noise share secret "
+                      f"(m_min = secagg-min-cohort = {cfg['secagg-min-cohort']} for a round, {m_release} for an "
+                      "analytics release; devices colluding with the server can remove their own shares)")
+                     if secure(cfg) else
+                     ("whoever sees the released " + ("popularity histogram, the released co-occurrence" if channel
+                                                      else "popularity histogram") +
+                      " and the released models (other devices, users of the model); NOT the server, which sees "
+                      "each device's contribution vectors and unclipped update (secure-aggregation = false)"),
+        "adversary-by-part": parts,
+        "secure-aggregation": secure(cfg),
+        **({"secagg-min-cohort": cfg["secagg-min-cohort"], "secagg-release-min-cohort": m_release}
+           if secure(cfg) else {}),
+        **({"quantization": f"each device rounds stochastically to {cfg['secagg-quantization-bits']} bits over "
+                            f"[-{cfg['secagg-clip-range']:g}, {cfg['secagg-clip-range']:g}]; the accountant treats "
+                            "each quantized sum as the continuous Gaussian sum (the rounding is not modelled)"}
+           if secure(cfg) else {}),
         "hyperparameters": "fixed before the run; the run makes no choice on its private data. The defaults were "
                            "chosen by the developers from ML-100K measurements (validation items): that choice "
                            "is not counted in epsilon",
@@ -150,8 +218,12 @@ def sentence(record: Mapping[str, Any], rounds: int) -> dict[str, Any]:
     text = (f"Whole pipeline ({releases} + {rounds} round(s) of user-level DP-FedAvg of the scorer): each "
             f"user's entire history is protected with epsilon <= {record['epsilon']:.3g} at delta "
             f"{record['delta']:g} for adding or removing one user ({record['accountant']}; {record['sampling']}) "
-            f"against whoever sees the {seen}, but not against the server (no secure aggregation in this "
-            "mode). No on-device DP-SGD (dp = false).")
+            f"against whoever sees the {seen}, " + (
+                f"and against the honest-but-curious server (every release and round under secure aggregation), "
+                f"while at least {record['secagg-min-cohort']} devices in every round's unmasked sum and "
+                f"{record['secagg-release-min-cohort']} in every analytics release's "
+                "follow the protocol (quantization not modelled by the accountant)" if record.get("secure-aggregation")
+                else "but not against the server (secure-aggregation = false)") + ". No on-device DP-SGD (dp = false).")
     return {"mechanism": f"user-level pipeline ({releases.replace('DP ', '')} + DP-FedAvg)", "sentence": text,
             "epsilon": record["epsilon"], "delta": record["delta"], "accountant": record["accountant"],
             "is-a-bound": True, "unit": record["unit"], "relation": record["relation"],
@@ -163,4 +235,8 @@ def one_line(record: Mapping[str, Any]) -> str:
     return (f"user-level epsilon {record['epsilon']:.2f} at delta {record['delta']:g} (Opacus "
             f"{record['accountant'].split(',')[0].removeprefix('Opacus ')}); unit: one user's whole history, "
             f"add/remove one user; covers the {releases.replace('DP ', '').replace(' + ', ' and ')} and every "
-            f"round; against whoever sees the {seen}, not the server (no secure aggregation); no on-device DP-SGD")
+            f"round; against whoever sees the {seen}, " + (
+                "and the server (secure aggregation, while at least "
+                f"{record['secagg-min-cohort']} devices per round's sum and {record['secagg-release-min-cohort']} "
+                "per release's follow the protocol)" if record.get("secure-aggregation")
+                else "not the server (no secure aggregation)") + "; no on-device DP-SGD")
