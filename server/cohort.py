@@ -57,7 +57,7 @@ class CohortChoice(StrategyWrapper):
 
     def choose(self, grid: Grid) -> list[int]:
         _, connected = sample_nodes(grid, self.min_available, 0)  # waits until enough nodes joined
-        eligible = [n for n in connected if not self.tally.is_capped(n)]
+        eligible = [n for n in connected if not self.tally.is_capped(n)] if self.tally.capped else connected
         if self.poisson_rate is not None:
             if not eligible:
                 raise BudgetExhausted(f"every one of the {len(connected)} connected devices has reached its "

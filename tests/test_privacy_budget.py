@@ -209,6 +209,41 @@ def test_poisson_cohort_rate():
     assert 95 < np.mean(sizes) < 105 and len(set(sizes)) > 5  # random size, right expectation
 
 
+def test_a_secret_poisson_cohort_reads_os_entropy_in_one_call(monkeypatch):
+    """With `random.SystemRandom` the draws come from one read of OS entropy: node i joins when its 8 bytes,
+    as a 53-bit uniform (what `SystemRandom.random` makes of its own read), fall below the rate."""
+    import os
+
+    import shared.privacy.user_level as user_level
+
+    nodes = list(range(100, 108))
+    picked_below = [0, 3, 7]
+    uniforms = [0.05 if i in picked_below else 0.1 + i / 10 for i in range(len(nodes))]
+    # the 53 bits on top of each 8 bytes (the low 11 are dropped)
+    entropy = (np.array([int(u * 2 ** 53) for u in uniforms], dtype="<u8") << np.uint64(11)).tobytes()
+    reads = []
+
+    def urandom(size):
+        reads.append(size)
+        return entropy
+
+    monkeypatch.setattr(os, "urandom", urandom)
+    assert user_level.poisson_cohort(nodes, 0.1, random.SystemRandom()) == [nodes[i] for i in picked_below]
+    assert reads == [8 * len(nodes)]
+
+
+def test_a_secret_poisson_cohort_has_the_rate_and_independence():
+    rng = random.SystemRandom()
+    nodes = list(range(2000))
+    draws = [set(poisson_cohort(nodes, 0.1, rng)) for _ in range(200)]
+    sizes = [len(d) for d in draws]
+    assert abs(np.mean(sizes) - 200) < 5 * np.sqrt(200 * 0.9 / 200)  # mean of 200 Binomial(2000, 0.1)
+    joined = np.array([sum(n in d for d in draws) for n in nodes])  # Binomial(200, 0.1) per node
+    assert abs(joined.mean() - 20) < 0.5 and 3.0 < joined.std() < 5.5  # sd sqrt(18) = 4.2
+    pair = sum(0 in d and 1 in d for d in draws)  # two nodes together: 200 x 0.01 expected
+    assert pair < 10
+
+
 def test_strategy_aggregates_clipped_noised_mean_with_a_fixed_denominator(tmp_path):
     cfg = config.validate({**SMALL, "user-dp": True, "user-noise-multiplier": 1.0, "user-clipping-norm": 0.1,
                            "devices-per-round": 4})

@@ -48,3 +48,17 @@ def test_the_serverapp_polls_flowers_simulation_grid_for_replies_often():
     assert grid.pull_interval == 0.1  # Flower's default: a round waits 0.05 s on average after its last reply
     _poll_replies_often(grid)
     assert grid.pull_interval == REPLY_POLL_SECONDS < 0.1
+
+
+def test_the_node_state_bench_runs_both_layouts_through_the_engines_pickling(tmp_path):
+    """`simulations.node_state_bench` on a tiny store: each arm's messages succeed (the 'before' arm with the
+    one-record-per-device layout patched back in) and give a CPU figure per device."""
+    from simulations.node_state_bench import run
+    from tests.synthetic import walk_store
+
+    store = walk_store(tmp_path / "store", num_users=8, num_items=30)
+    figures = run(store, hosted=6, rate=1.0, mirrors=[0, 5], messages=2)
+    assert set(figures) == {"0", "5"}
+    for arms in figures.values():
+        for arm in ("before", "now"):
+            assert len(arms[arm]["cpu_per_device_ms"]) == 2 and min(arms[arm]["cpu_per_device_ms"]) > 0

@@ -121,13 +121,15 @@ def reconcile(path: Path, mirror: PrivacyLedger | None) -> None:
 
     The file can go missing or be restored from an old backup while the node keeps running; the
     node's in-memory copy (Flower's context.state) then still knows the true spend. Privacy spend
-    only grows, so the record with more released rounds is the right one.
+    only grows, so the record with more released rounds is the right one. Rounds are compared by
+    count too: a non-private round adds no DP-SGD steps, but its entry must not be lost either.
     """
     if mirror is None:
         return
     on_disk = load_ledger(path, mirror.device)
     if (_spent_steps(mirror) > _spent_steps(on_disk) or (mirror.declined and not on_disk.declined)
-            or (mirror.unbounded and not on_disk.unbounded) or len(mirror.releases) > len(on_disk.releases)):
+            or (mirror.unbounded and not on_disk.unbounded) or len(mirror.releases) > len(on_disk.releases)
+            or len(mirror.rounds) > len(on_disk.rounds)):
         save_ledger(path, mirror)
 
 

@@ -19,6 +19,7 @@ per round; Opacus' accountants compose it over rounds (`shared.privacy.accountin
 from __future__ import annotations
 
 import functools
+import os
 import random
 from collections.abc import Mapping, Sequence
 
@@ -53,9 +54,19 @@ def noisy_mean_update(clipped: Sequence[Mapping[str, np.ndarray]], keys: Sequenc
     return out
 
 
+_OS_ENTROPY = random.SystemRandom  # the class itself, as imported (a test may swap the module's name for a seeded one)
+
+
 def poisson_cohort(nodes: Sequence[int], sample_rate: float, rng: random.Random) -> list[int]:
-    """Each node independently with probability `sample_rate` (the sampling the accountant assumes)."""
-    return [node for node in nodes if rng.random() < sample_rate]
+    """Each node independently with probability `sample_rate` (the sampling the accountant assumes).
+
+    With OS entropy (`random.SystemRandom`) the draws are read in one call: the same 53-bit uniform per node
+    that `SystemRandom.random` reads one call at a time (one read per device was 0.1 s a round at 100,000)."""
+    if not isinstance(rng, _OS_ENTROPY):
+        return [node for node in nodes if rng.random() < sample_rate]
+    nodes = list(nodes)
+    draws = (np.frombuffer(os.urandom(8 * len(nodes)), dtype="<u8") >> np.uint64(11)) * 2.0 ** -53
+    return [nodes[i] for i in np.flatnonzero(draws < sample_rate)]
 
 
 def user_level_state(noise_multiplier: float, sample_rate: float, rounds: int, accountant: str) -> dict:
