@@ -237,6 +237,12 @@ def report(runs: list[dict], centralized: float | None) -> str:
     return "\n".join(lines)
 
 
+def run_name(spec: str) -> str:
+    """`spec` as a file-name part: no ':' or ',', and no '.', which `Path.with_suffix` would take for a suffix
+    (`lr_decay=0.2-seed0` lost everything after the dot)."""
+    return spec.replace(":", "_").replace(",", "_").replace(".", "_")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arms", nargs="+", default=["fedavg", "rows"],
@@ -258,7 +264,7 @@ def main() -> None:
     arms = [parse_arm(spec) for spec in args.arms]
     stamp = timestamped("fedopt")
     tasks = [(name, arm, seed, args.rounds, args.every, args.window, args.test,
-              stamp.with_name(f"{stamp.name}-{name.replace(':', '_').replace(',', '_')}-seed{seed}"))
+              stamp.with_name(f"{stamp.name}-{run_name(name)}-seed{seed}"))
              for name, arm in arms for seed in args.seeds]
     with ProcessPoolExecutor(max_workers=min(args.workers, len(tasks)), mp_context=get_context("spawn")) as pool:
         runs = list(pool.map(run, tasks))
