@@ -9,7 +9,7 @@ devices that touched it instead. Non-private runs only: which rows a device touc
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
 
@@ -71,17 +71,22 @@ class ServerOptimizer:
     ``kind``: "avg" (x += lr * update; lr = 1 is FedAvg), "avgm" (heavy-ball momentum, FedAvgM),
     "adam" (FedAdam, Reddi et al. 2021, bias-corrected), "yogi" (FedYogi). ``tau`` is the adaptive
     methods' epsilon. State lives here between rounds (`state_dict` / `load_state_dict` for checkpoints).
+
+    ``keys``: the arrays this optimizer steps (None: all); every other array takes the mean update as it
+    is (FedAvg's step). With ``keys=ITEM_ROW_KEYS`` a server rate or momentum acts on the sparse item
+    rows only, the rows that per-row averaging already rescales.
     """
 
     KINDS = ("avg", "avgm", "adam", "yogi")
 
     def __init__(self, *, kind: str = "avg", lr: float = 1.0, momentum: float = 0.9, beta1: float = 0.9,
-                 beta2: float = 0.99, tau: float = 1e-3):
+                 beta2: float = 0.99, tau: float = 1e-3, keys: Collection[str] | None = None):
         if kind not in self.KINDS:
             raise PrivrecError(f"server optimizer: kind={kind!r} must be one of {', '.join(self.KINDS)}")
         if not lr > 0:
             raise PrivrecError(f"server optimizer: lr={lr!r} must be > 0")
         self.kind, self.lr, self.momentum, self.beta1, self.beta2, self.tau = kind, lr, momentum, beta1, beta2, tau
+        self.keys = None if keys is None else frozenset(keys)
         self.m: dict[str, np.ndarray] = {}
         self.v: dict[str, np.ndarray] = {}
         self.steps = 0
@@ -92,6 +97,9 @@ class ServerOptimizer:
         new = {}
         for key, x in weights.items():
             d = np.asarray(update[key], dtype=np.float64)
+            if self.keys is not None and key not in self.keys:
+                new[key] = (np.asarray(x, dtype=np.float64) + d).astype(np.asarray(x).dtype)
+                continue
             if self.kind == "avg":
                 step = d
             elif self.kind == "avgm":

@@ -42,6 +42,7 @@ class Arm:
     rows: str = "none"  # per-row means of: none | emb | emb+head
     cohort: int = 64
     lr_decay: float = 1.0  # local lr x decay ** (round / 100)
+    server_on: str = "all"  # the arrays the server optimizer steps: all | rows (the item rows; the rest FedAvg)
 
 
 # The README's FedAvg reference is `fedavg`; every other arm changes it as its name says.
@@ -63,6 +64,14 @@ ARMS: dict[str, Arm] = {
     "decay": Arm(lr_decay=0.2),
     "rows-decay": Arm(rows="emb", lr_decay=0.2),
     "sgd-decay": Arm(local_optimizer="sgd", local_lr=0.5, lr_decay=0.2),
+    # On top of `rows` (issue 12, second session): less per-round noise at the same device budget.
+    "rows-epochs1": Arm(rows="emb", local_epochs=1),
+    "rows-epochs1-lr01": Arm(rows="emb", local_epochs=1, local_lr=0.01),
+    "rows-cohort128": Arm(rows="emb", cohort=128),
+    "rows-cohort256": Arm(rows="emb", cohort=256),
+    # On top of `rows`: a larger step for the sparse item rows only (the body keeps FedAvg's step).
+    "rows-lr2": Arm(rows="emb", server_lr=2.0, server_on="rows"),
+    "rows-avgm-rows": Arm(rows="emb", server="avgm", server_momentum=0.5, server_on="rows"),
 }
 # Besides the global model, every run also evaluates running averages of it over rounds (Polyak/EMA
 # iterate averaging on the server: it costs no training and damps the round-to-round noise).
@@ -112,7 +121,8 @@ def federated_rounds(store, arm: Arm, seed: int, rounds: int, window: int):
     initial = SASRec(model_cfg)
     local = SASRec(model_cfg)  # a second draw from the seeded generator, as before: the same runs as before
     weights = {k: v.detach().numpy().copy() for k, v in initial.state_dict().items()}
-    server = ServerOptimizer(kind=arm.server, lr=arm.server_lr, momentum=arm.server_momentum, tau=arm.tau)
+    server = ServerOptimizer(kind=arm.server, lr=arm.server_lr, momentum=arm.server_momentum, tau=arm.tau,
+                             keys=server_keys(arm))
     cohort_rng = random.Random(seed)
     for rnd in range(1, rounds + 1):
         cohort = cohort_rng.sample(range(store.num_devices), arm.cohort)
@@ -139,6 +149,18 @@ def federated_rounds(store, arm: Arm, seed: int, rounds: int, window: int):
         mean = mean_update(updates, counts, masks if arm.rows != "none" else None)
         weights = server.step(weights, mean)
         yield rnd, weights
+
+
+def server_keys(arm: Arm) -> tuple[str, ...] | None:
+    """The arrays `arm`'s server optimizer steps (None: all): with `server_on = rows`, the item rows that
+    `arm.rows` averages per row (the item embedding when it averages none)."""
+    from shared.aggregation import ITEM_ROW_KEYS
+
+    if arm.server_on == "all":
+        return None
+    if arm.server_on != "rows":
+        raise ValueError(f"server_on={arm.server_on!r} must be all or rows")
+    return ITEM_ROW_KEYS if arm.rows == "emb+head" else ITEM_ROW_KEYS[:1]
 
 
 def run(task: tuple) -> dict:
@@ -215,6 +237,12 @@ def report(runs: list[dict], centralized: float | None) -> str:
     return "\n".join(lines)
 
 
+def run_name(spec: str) -> str:
+    """`spec` as a file-name part: no ':' or ',', and no '.', which `Path.with_suffix` would take for a suffix
+    (`lr_decay=0.2-seed0` lost everything after the dot)."""
+    return spec.replace(":", "_").replace(",", "_").replace(".", "_")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arms", nargs="+", default=["fedavg", "rows"],
@@ -236,7 +264,7 @@ def main() -> None:
     arms = [parse_arm(spec) for spec in args.arms]
     stamp = timestamped("fedopt")
     tasks = [(name, arm, seed, args.rounds, args.every, args.window, args.test,
-              stamp.with_name(f"{stamp.name}-{name.replace(':', '_').replace(',', '_')}-seed{seed}"))
+              stamp.with_name(f"{stamp.name}-{run_name(name)}-seed{seed}"))
              for name, arm in arms for seed in args.seeds]
     with ProcessPoolExecutor(max_workers=min(args.workers, len(tasks)), mp_context=get_context("spawn")) as pool:
         runs = list(pool.map(run, tasks))

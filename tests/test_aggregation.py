@@ -74,3 +74,26 @@ def test_running_average_starts_at_the_weights_and_moves_by_one_minus_decay():
     assert avg["w"].dtype == np.float32
     with pytest.raises(PrivrecError, match="decay"):
         running_average(avg, avg, 1.0)
+
+
+def test_server_rate_on_item_rows_only_scales_those_rows_and_reduces_to_fedavg_at_one():
+    weights = {"item_emb.weight": np.zeros((3, 2), dtype=np.float32), "body": np.array([1.0], dtype=np.float32)}
+    mean = {"item_emb.weight": np.array([[0.0, 0.0], [0.5, -0.5], [1.0, 1.0]]), "body": np.array([0.25])}
+    fedavg = ServerOptimizer(kind="avg").step(weights, mean)
+    same = ServerOptimizer(kind="avg", lr=1.0, keys=["item_emb.weight"]).step(weights, mean)
+    for key in weights:
+        np.testing.assert_array_equal(same[key], fedavg[key])
+    doubled = ServerOptimizer(kind="avg", lr=2.0, keys=["item_emb.weight"]).step(weights, mean)
+    np.testing.assert_allclose(doubled["item_emb.weight"], 2.0 * mean["item_emb.weight"])
+    np.testing.assert_allclose(doubled["body"], fedavg["body"])  # the rest keeps FedAvg's step
+    assert doubled["body"].dtype == np.float32
+
+
+def test_server_momentum_on_item_rows_only_leaves_the_rest_without_state():
+    opt = ServerOptimizer(kind="avgm", lr=1.0, momentum=0.5, keys=["rows"])
+    w = {"rows": np.array([0.0]), "body": np.array([0.0])}
+    for _ in range(2):
+        w = opt.step(w, {"rows": np.array([1.0]), "body": np.array([1.0])})
+    np.testing.assert_allclose(w["rows"], [1.0 + 1.5])
+    np.testing.assert_allclose(w["body"], [2.0])
+    assert set(opt.m) == {"rows"}
