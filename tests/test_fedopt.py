@@ -18,6 +18,13 @@ def test_named_arms_change_rows_as_their_names_say():
     assert ARMS["rows-cohort256"].cohort == 256 and ARMS["rows-cohort256"].rows == "emb"
     assert ARMS["rows-epochs1"].local_epochs == 1 and ARMS["rows-epochs1"].rows == "emb"
     assert ARMS["rows-lr2"].server_lr == 2.0 and ARMS["rows-avgm-rows"].server == "avgm"
+    base = ARMS["rows-epochs1-lr01"]
+    for name, server_keys_expected in [("rows-epochs1-lr01-lr2", ("item_emb.weight",)),
+                                       ("rows-epochs1-lr01-avgm-rows", ("item_emb.weight",)),
+                                       ("rows-epochs1-lr01-slr2", None)]:
+        arm = ARMS[name]
+        assert (arm.local_epochs, arm.local_lr, arm.rows) == (base.local_epochs, base.local_lr, base.rows)
+        assert server_keys(arm) == server_keys_expected
 
 
 def test_run_file_of_an_arm_with_a_decimal_value_keeps_its_seed(tmp_path):
