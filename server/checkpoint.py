@@ -6,7 +6,8 @@ renamed into place, see shared/atomic.py):
     checkpoint/state.json   round counter, the config that matters for resuming, and how many bytes of
                             the run's journal of device records (privacy-devices.jsonl) it covers
     checkpoint/model.pt     the global model after that round
-    checkpoint/strategy.pt  the strategy's own state (FedAdam's moment estimates; empty for FedAvg)
+    checkpoint/strategy.pt  the strategy's own state (FedAdam's moment estimates, per-row aggregation's row
+                            velocity; empty for FedAvg)
     checkpoint/average.pt   the running average of the global model (model-average > 0 only)
 
 The privacy tally (per device id: epsilon, cap, the accountant history it reported) is not copied
@@ -39,6 +40,7 @@ from shared.resume import CHECKPOINT_DIR, MUST_MATCH, refuse_incompatible
 FORMAT = 3
 READABLE = (1, 2, 3)
 STRATEGY_STATE = ("m_t", "v_t")  # FedOpt's (FedAdam's) server moments; FedAvg/FedProx keep none
+ROW_VELOCITY = "row_velocity"  # per-row aggregation's server momentum on the item rows (row-momentum > 0)
 
 
 @dataclass
@@ -67,6 +69,8 @@ def save_checkpoint(run_path: Path, server_round: int, arrays: dict[str, torch.T
     """`journal_bytes`: the size of the device-record journal once this round's records were appended."""
     strategy_state = {name: {k: torch.from_numpy(np.asarray(v)) for k, v in getattr(strategy.flower, name).items()}
                       for name in STRATEGY_STATE if getattr(strategy.flower, name, None) is not None}
+    if getattr(strategy, "per_row", None) is not None and strategy.per_row.velocity:
+        strategy_state[ROW_VELOCITY] = {k: torch.from_numpy(np.asarray(v)) for k, v in strategy.per_row.velocity.items()}
     # population-dir as the ServerApp resolved it (the config may leave it empty: derived from the store)
     state = {"format": FORMAT, "round": server_round, "config": {k: cfg[k] for k in MUST_MATCH},
              "population-dir": cfg["population-dir"],
@@ -126,6 +130,10 @@ def load_checkpoint(run_path: Path, cfg: dict[str, Any]) -> Checkpoint | None:
 
 def restore_strategy(strategy: Any, checkpoint: Checkpoint) -> None:
     for name, values in checkpoint.strategy_state.items():
+        if name == ROW_VELOCITY:
+            if getattr(strategy, "per_row", None) is not None:
+                strategy.per_row.velocity = dict(values)
+            continue
         setattr(strategy.flower, name, values)
     strategy.round_offset = checkpoint.round
     strategy.privacy.epsilon_by_device.update(checkpoint.epsilon_by_device)

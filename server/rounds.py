@@ -14,6 +14,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from server.per_row import PerRowAveraging
 from server.tally import PrivacyTally
 from server.wrapper import StrategyWrapper
 
@@ -98,13 +99,15 @@ class ResumedRun(StrategyWrapper):
 
     Flower counts rounds from 1 in every `start()`; a resumed run continues after its checkpoint, so
     every wrapper inside sees round `round_offset + n`. `privacy` is the run's tally and `flower` the
-    Flower strategy whose own state (FedAdam's moments) `server/checkpoint.py` keeps.
+    Flower strategy whose own state (FedAdam's moments) `server/checkpoint.py` keeps, as it keeps `per_row`'s
+    row velocity.
     """
 
-    def __init__(self, strategy: Strategy, *, privacy: PrivacyTally, flower: Strategy):
+    def __init__(self, strategy: Strategy, *, privacy: PrivacyTally, flower: Strategy, per_row: PerRowAveraging | None = None):
         super().__init__(strategy)
         self.privacy = privacy
         self.flower = flower
+        self.per_row = per_row  # server/per_row.py's wrapper when per-row aggregation is on: its row velocity
         self.round_offset = 0
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,

@@ -112,6 +112,7 @@ def build_strategy(cfg: dict[str, Any], num_devices: int, on_train, on_evaluate,
                              proximal_mu=cfg["proximal-mu"])
     tally = PrivacyTally()
     strategy: Strategy = flower
+    per_row = None
     # Under secure aggregation the devices clip and noise their own updates and the Grid wrapper
     # (server/secagg.py) releases current + noised sum / expected cohort: no server-side DP on top.
     hosted = cfg["devices-per-node"] > 1  # simulated nodes reply with aggregates (server/device_nodes.py)
@@ -123,7 +124,7 @@ def build_strategy(cfg: dict[str, Any], num_devices: int, on_train, on_evaluate,
                                else FROZEN_BY_SCOPE[cfg["device-trains"]],
                                summation=NodeSums() if hosted else None)
     elif aggregation_in_effect(cfg) == "per-row":  # never with dp, user-dp, secure aggregation or node hosting
-        strategy = PerRowAveraging(strategy)
+        strategy = per_row = PerRowAveraging(strategy, momentum=cfg["row-momentum"])
     if hosted:
         strategy = NodeAggregates(strategy)
     strategy = SpendBooking(strategy, tally=tally, accountant=cfg["accountant"], metrics_fn=train_metrics)
@@ -133,7 +134,7 @@ def build_strategy(cfg: dict[str, Any], num_devices: int, on_train, on_evaluate,
     strategy = RoundReport(strategy, on_train=on_train, on_evaluate=on_evaluate)
     if clock is not None:
         strategy = TimedStrategy(strategy, clock)
-    return ResumedRun(strategy, privacy=tally, flower=flower)
+    return ResumedRun(strategy, privacy=tally, flower=flower, per_row=per_row)
 
 
 def user_sample_rate(cfg: dict[str, Any], num_devices: int) -> float:

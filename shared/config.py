@@ -132,6 +132,10 @@ _FEDERATION: dict[str, Key] = {
                                     "and secure-aggregation false, devices-per-node 1, item-representation not "
                                     "text; else fedavg)",
                        _one_of(*AGGREGATIONS), "must be one of " + ", ".join(AGGREGATIONS)),
+    "row-momentum": Key(float, 0.5, "server momentum on the item_emb rows under per-row aggregation (FedAvgM, "
+                                    "server rate 1, on those rows only; the rest of the model takes FedAvg's "
+                                    "step); 0 = the plain per-row mean; no effect under fedavg aggregation",
+                        lambda v: 0 <= v < 1, "must be in [0, 1)"),
     "model-average": Key(float, 0.0, "decay of a running average of the global model over rounds, which is "
                                      "evaluated centrally and released as model.pt (training continues from "
                                      "the global model); 0 = off", lambda v: 0 <= v < 1, "must be in [0, 1)"),
@@ -594,6 +598,7 @@ class FederationSection:
     server_lr: float
     proximal_mu: float
     aggregation: str
+    row_momentum: float
     model_average: float
     eval_every: int
     fraction_evaluate: float

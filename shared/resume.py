@@ -21,7 +21,8 @@ MUST_MATCH = ("strategy", "max-len", "hidden-size", "num-heads", "num-blocks", "
               "user-dp", "user-noise-multiplier", "user-clipping-norm", "devices-per-round", "fraction-train",
               "deploy-devices",  # the population the user-level q is computed over
               "sample-rate",  # on-device q: some accountants (gdp) need it fixed across rounds
-              "aggregation", "model-average")  # the round's model, and the released average's decay
+              "aggregation", "model-average",  # the round's model, and the released average's decay
+              "row-momentum")  # per-row aggregation's server momentum (its velocity is in the checkpoint)
 
 
 def checkpoint_state(run_path: Path) -> dict[str, Any] | None:

@@ -238,3 +238,55 @@ def test_the_running_average_is_evaluated_saved_and_survives_a_resume(tmp_path, 
         assert torch.equal(evaluated[-1][k], released[k])  # the final central evaluation is of the average
     summary = json.loads((path / "summary.json").read_text())
     assert summary["central-evaluation"] is not None
+
+
+def test_row_momentum_is_the_fedopt_arms_server_step_on_the_item_rows_only():
+    """`row-momentum` = simulations.fedopt's `rows-epochs1-lr01-avgm-rows` server step (ServerOptimizer avgm on
+    item_emb only): velocity = m x velocity + per-row mean on the rows, FedAvg everywhere else."""
+    from shared.aggregation import ServerOptimizer
+
+    set_identity()
+    wrapper = PerRowAveraging(FedAvg(min_train_nodes=0, min_available_nodes=0), momentum=0.5)
+    reference = ServerOptimizer(kind="avgm", momentum=0.5, keys=("item_emb.weight",))
+    rng = np.random.default_rng(0)
+    weights = {"item_emb.weight": np.zeros((4, 2), np.float32), "w": np.zeros(3, np.float32)}
+    expected = {k: v.copy() for k, v in weights.items()}
+    for server_round in (1, 2, 3):
+        wrapper.configure_train(server_round, ArrayRecord({k: Array(v) for k, v in weights.items()}), ConfigRecord(),
+                                _NoNodes())
+        updates = []
+        for touched in ([1, 2], [2, 3]):  # rows each device changed
+            emb = np.zeros((4, 2), np.float32)
+            emb[touched] = rng.normal(size=(len(touched), 2))
+            updates.append({"item_emb.weight": emb, "w": rng.normal(size=3).astype(np.float32)})
+        replies = [_reply({k: weights[k] + u[k] for k in weights}, n) for u, n in zip(updates, (1.0, 2.0))]
+        arrays, _ = wrapper.aggregate_train(server_round, replies)
+        weights = {k: a.numpy() for k, a in arrays.items()}
+        masks = [{"item_emb.weight": touched_rows(u["item_emb.weight"])} for u in updates]
+        expected = reference.step(expected, mean_update(updates, [1.0, 2.0], masks))
+        for k in weights:
+            assert np.allclose(weights[k], expected[k], atol=1e-5), (server_round, k)
+    plain = mean_update(updates, [1.0, 2.0], masks)["item_emb.weight"]
+    assert not np.allclose(wrapper.velocity["item_emb.weight"], plain)  # momentum carried over rounds
+
+
+def test_the_row_velocity_is_checkpointed_and_restored(tmp_path):
+    from server.checkpoint import load_checkpoint, restore_strategy
+
+    store = walk_store(tmp_path / "store", num_users=NUM_DEVICES, num_items=40)
+    run_config = {**SMALL, "data-store": str(store), "num-rounds": 2, "run-dir": str(tmp_path / "runs"),
+                  "run-name": "m"}
+    serve(server_main, InProcessGrid(client_app, NUM_DEVICES), _context(run_config))
+    cfg = config.validate({k: v for k, v in run_config.items()})
+    assert cfg["row-momentum"] == 0.5 and config.aggregation_in_effect(cfg) == "per-row"  # the defaults
+    cfg["population-dir"] = json.loads((tmp_path / "runs" / "m" / "checkpoint" / "state.json").read_text())[
+        "population-dir"]
+    checkpoint = load_checkpoint(tmp_path / "runs" / "m", cfg)
+    velocity = checkpoint.strategy_state["row_velocity"]["item_emb.weight"]
+    assert np.any(velocity != 0)
+    fresh = build_strategy(cfg, NUM_DEVICES, lambda r, s: None, lambda r, s: None)
+    restore_strategy(fresh, checkpoint)
+    assert np.array_equal(fresh.per_row.velocity["item_emb.weight"], velocity)
+    assert not hasattr(fresh.flower, "row_velocity")
+    with pytest.raises(PrivrecError, match="row-momentum"):  # a different momentum cannot continue it
+        load_checkpoint(tmp_path / "runs" / "m", {**cfg, "row-momentum": 0.0})
