@@ -132,7 +132,7 @@ _FEDERATION: dict[str, Key] = {
                                     "and secure-aggregation false, devices-per-node 1, item-representation not "
                                     "text; else fedavg)",
                        _one_of(*AGGREGATIONS), "must be one of " + ", ".join(AGGREGATIONS)),
-    "row-momentum": Key(float, 0.5, "server momentum on the item_emb rows under per-row aggregation (FedAvgM, "
+    "row-momentum": Key(float, 0.0, "server momentum on the item_emb rows under per-row aggregation (FedAvgM, "
                                     "server rate 1, on those rows only; the rest of the model takes FedAvg's "
                                     "step); 0 = the plain per-row mean; no effect under fedavg aggregation",
                         lambda v: 0 <= v < 1, "must be in [0, 1)"),
