@@ -339,7 +339,7 @@ def run_scorer_arms(pop: Population, arms: dict[str, tuple[float, float]], s: di
     for r in range(1, s["rounds"] + 1):
         cohort = poisson_cohort(range(n), q_sim, sampler)
         cohorts.append(len(cohort))
-        totals = {label: {k: np.zeros(shapes[label][k]) for k in keys} for label in arms}
+        totals = {label: {k: np.zeros(shapes[k]) for k in keys} for label in arms}
         for start in range(0, len(cohort), chunk):
             members = cohort[start:start + chunk]
             histories, nexts, owner = chunk_examples(train, members, s["targets"])
@@ -353,7 +353,7 @@ def run_scorer_arms(pop: Population, arms: dict[str, tuple[float, float]], s: di
                         totals[label][k] += clipped[k]
         for label, (_, z) in arms.items():
             # noise std on the mean z C / (q N) whatever the simulated rate: the sum's noise is scaled by q' / q
-            mean = noisy_mean_update([totals[label]], keys, shapes[label], z * s["clip"] * q_sim / s["q"], q_sim * n,
+            mean = noisy_mean_update([totals[label]], keys, shapes, z * s["clip"] * q_sim / s["q"], q_sim * n,
                                      np.random.default_rng([seed, r]))
             fedadam_step(models[label], adam[label], {k: torch.from_numpy(mean[k]).float() for k in keys}, r,
                          s["server-lr"])
