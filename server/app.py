@@ -28,8 +28,8 @@ from server.scorer import (
     central_scorer_evaluation,
     initial_scorer,
     released_cooccurrence,
-    released_transitions,
     released_popularity,
+    released_transitions,
     scorer_architecture,
 )
 from server.secagg import SecureAggregationGrid

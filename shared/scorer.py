@@ -385,7 +385,8 @@ def channel_features(catalogue: Catalogue, histories: Sequence[np.ndarray], item
 def channel_user_gradient(model: ChannelScorer, catalogue: Catalogue, train: Sequence[np.ndarray], targets: int,
                           profile_items: int, decay: float, window: int, gap_decay: float) -> dict[str, torch.Tensor]:
     """One user's gradient of its mean softmax loss over its last `targets` training items (its history masked),
-    with its own co-occurrence (and transition) contribution removed from its features. Zero without a usable example."""
+    with its own co-occurrence (and transition) contribution removed from its features.
+    Zero without a usable example."""
     from shared.analytics import own_cooc_matrix, own_transition_matrix
 
     grads = {k: torch.zeros_like(p) for k, p in model.named_parameters()}
