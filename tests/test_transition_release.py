@@ -187,6 +187,10 @@ def test_the_pipeline_with_the_transition_release_releases_accounts_and_trains(t
     assert arch["transition-channel"] == TRANSITION_CHANNEL
     from tests.test_cli import run_cli
 
+    # `privrec report` recomputes the user-level figure from the config's releases (the transitions included).
+    code, out, err = run_cli(capsys, "report", path)
+    assert code == 0, err + out
+
     code, out, err = run_cli(capsys, "recommend", "--model", path, "--history", "12 13 14", "-k", "5")
     assert code == 0, err
     # A model.json that does not name the transition channel its model.pt carries is refused in one line.
