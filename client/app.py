@@ -209,7 +209,11 @@ def cooccurrence_query(msg: Message, context: Context) -> Message:
 def transitions_query(msg: Message, context: Context) -> Message:
     """Federated analytics (`transition-release = true`): this device's directed transition counts among the items
     the server names (the top of the released popularity), each user's part of L2 norm <= 1, recorded as a
-    user-level release in its ledger first; nothing but the refusal leaves when it would pass the device's cap."""
+    user-level release in its ledger first; nothing but the refusal leaves when it would pass the device's cap.
+    A device whose own run config does not declare the release refuses it before its ledger or data is touched."""
+    if not from_run_config(context.run_config).pipeline.transition_release:
+        raise PrivrecError("the server asked for the transition release, but this device's run config has "
+                           "'transition-release' = false: nothing recorded, nothing sent")
     return _analytics_reply(msg, context, "transitions", lambda data, num_items, query, **ledger:
                             answer_transition_query(data, [int(i) for i in query["items"]], **ledger))
 

@@ -198,3 +198,17 @@ def test_the_pipeline_with_the_transition_release_releases_accounts_and_trains(t
     (path / "model.json").write_text(json.dumps(arch))
     code, out, err = run_cli(capsys, "recommend", "--model", path, "--history", "12 13 14", "-k", "5")
     assert code == 2 and "disagree on the transition release" in err and "Traceback" not in err
+
+
+def test_a_device_whose_run_config_does_not_declare_the_release_refuses_it(tmp_path, digit_store):  # noqa: F811
+    from client.app import app as client_app
+    from server.analytics import federated_transitions
+    from simulations.inprocess import InProcessGrid
+
+    cfg = config.validate({**config.DEFAULT_PIPELINE, "data-store": str(digit_store)})  # transition-release false
+    grid = InProcessGrid(client_app, NUM_DEVICES, run_config=cfg)
+    with pytest.raises(PrivrecError, match="no device contributed to the transition release"):
+        federated_transitions(grid, {"data-store": str(digit_store), "state-dir": str(tmp_path / "population")},
+                              items=np.arange(1, 11), noise_multiplier=2.76, delta=1e-5, release_id="r",
+                              rng=np.random.default_rng(0))
+    assert not list((tmp_path / "population").glob("*/privacy-ledger.json"))  # nothing recorded
