@@ -38,6 +38,13 @@ Arms at each N:
   `shared.scorer.channel_features` / `channel_user_gradient`. `--references RESULTS.json` quotes the
   non-private SASRec federation of an earlier results file at the same N (issue 15's reference) without
   re-running it; `--merge` joins runs of other seeds.
+* **channel-scorer + transitions** (`--product-transitions`): the product pipeline with `transition-release =
+  true` (`shared.config`): a third release, each user's L2-normalised directed transition counts among the top
+  `transition-items` released items (`shared.analytics.transition_sum`, `gaussian_release`), one more trained
+  channel (`shared.scorer.transition_channel`, own counts removed in training: `with_transition_channel`, checked
+  against `channel_features` / `channel_user_gradient` in tests), and its no-noise twin. Noise split FIXED BEFORE
+  ANY RUN (TRANSITION_ARM): the default's (4.6, 2.76, 3.22) and the transition release at the co-occurrence's
+  2.76, the four times one common factor per epsilon.
 * **popularity** (non-private, training counts) and **DP popularity** at each epsilon (one Gaussian release
   of the item-set sum, `shared.analytics.noise_for_epsilon`: Opacus RDP, the private baseline's code).
 * **SASRec, non-private federation** (per-row averaging, the non-private default; `simulations.fedopt`'s
@@ -598,13 +605,33 @@ def channel_cohort_gradients(model, catalogue, profile, channels, mask, nexts, o
     return grads
 
 
+def with_transition_channel(model, channels: torch.Tensor, histories, width: int, train=None, members=None,
+                            owner: torch.Tensor | None = None) -> torch.Tensor:
+    """`channels` with the `transition` channel of `shared.scorer.channel_features` appended when `model` carries
+    a transition release (else `channels` itself). With `train`, `members` and `owner` (training features) each
+    history's user removes its own counts (`shared.analytics.own_transition_matrix`), as
+    `shared.scorer.channel_user_gradient` does; without them, the evaluation's features."""
+    from shared.analytics import own_transition_matrix
+    from shared.scorer import transition_channel, transition_release
+
+    release = transition_release(model)
+    if release is None:
+        return channels
+    owns = None
+    if train is not None:
+        own = [own_transition_matrix(train[u], release[0]) for u in members]
+        owns = [own[o] for o in owner.numpy()]
+    extra = transition_channel(histories, release, width, owns)
+    return torch.cat([channels, torch.from_numpy(extra.astype(np.float32))[:, None]], 1)
+
+
 def channel_ranks(models: dict, pop: Population, c: dict, tables: dict | None = None,
                   batch: int = 256, split: str = "test") -> dict[str, np.ndarray]:
     """Test-item (or, with split = "valid", validation-item) ranks of the `pop.eval_index` users under each model,
     scored as `shared.scorer.channel_score_histories` scores (released co-occurrence, no own removal, no mask;
     own history excluded)."""
     from shared.metrics import eval_inputs, target_ranks
-    from shared.scorer import cooc_matrix, transition_channel, transition_release
+    from shared.scorer import cooc_matrix
 
     users, idx, width = pop.users, pop.eval_index, pop.catalogue.num_items + 1
     inputs, targets, exclude = eval_inputs([users.train[i] for i in idx], users.valid[idx], users.test[idx], split)
@@ -615,10 +642,7 @@ def channel_ranks(models: dict, pop: Population, c: dict, tables: dict | None = 
         for label, model in models.items():
             items, cooc = cooc_matrix(model)
             channels[:, 0] = cooc_channel(inputs[start:stop], items, cooc, width)
-            features, release = channels, transition_release(model)
-            if release is not None:
-                extra = transition_channel(inputs[start:stop], release, width)
-                features = torch.cat([channels, torch.from_numpy(extra.astype(np.float32))[:, None]], 1)
+            features = with_transition_channel(model, channels, inputs[start:stop], width)
             with torch.no_grad():
                 scores = model(pop.catalogue.text, profile, features)
             ranks[label][start:stop] = target_ranks(scores, torch.from_numpy(np.asarray(targets[start:stop])),
@@ -634,9 +658,9 @@ def run_channel_arms(pop: Population, arms: dict[str, tuple[float, float, float]
     `simulated_cohort` > 0 an ESTIMATE (noise-cohort-size), as `run_scorer_arms`. `models_out`, when given,
     receives label -> the final (released) model, e.g. to score it on another split."""
     from server.scorer import initial_scorer
-    from shared.analytics import COOC_GAP_DECAY, own_cooc_matrix, own_transition_matrix
+    from shared.analytics import COOC_GAP_DECAY, own_cooc_matrix
     from shared.privacy.user_level import clip_update, noisy_mean_update, poisson_cohort
-    from shared.scorer import cooc_matrix, transition_channel, transition_release
+    from shared.scorer import cooc_matrix
     from simulations.scorer_schedule import fedadam_state, fedadam_step
 
     started = time.perf_counter()
@@ -667,12 +691,7 @@ def run_channel_arms(pop: Population, arms: dict[str, tuple[float, float, float]
                 items, cooc = cooc_matrix(model)
                 owns = [own_cooc_matrix(train[u], items, c["cooc-window"], COOC_GAP_DECAY) for u in members]
                 channels[:, 0] = cooc_channel(histories, items, cooc, width, owns, owner.numpy())
-                features = channels
-                release = transition_release(model)
-                if release is not None:  # its own counts removed, as `channel_user_gradient` does
-                    own_t = [own_transition_matrix(train[u], release[0]) for u in members]
-                    extra = transition_channel(histories, release, width, [own_t[o] for o in owner.numpy()])
-                    features = torch.cat([channels, torch.from_numpy(extra.astype(np.float32))[:, None]], 1)
+                features = with_transition_channel(model, channels, histories, width, train, members, owner)
                 grads = channel_cohort_gradients(model, cat, profile, features, mask, nexts, owner, len(members))
                 minus = {k: -grads[k].double().numpy() for k in keys}  # a device's update is minus its gradient
                 for i in range(len(members)):
