@@ -180,6 +180,19 @@ def one_run_epsilons(ref: dict, settings: dict, factor: float, valid_z: float | 
     return out
 
 
+def random_choice_epsilon(refs: dict) -> float:
+    """The secondary protocol (one uniformly drawn candidate at factor 1, no score, no selection): the largest of the
+    candidates' own dp-accounting RDP epsilons. A data-independent mixture with the index revealed satisfies
+    (max epsilon_i, max delta_i)-DP: P[(i, M_i(D)) in S] = sum_i p_i P[M_i(D) in S_i] <= e^eps P[(i, M_i(D')) in S]
+    + delta. (Its pointwise-max RDP curve would give more: the components peak at different orders.)"""
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    from simulations import budget_allocation as ba
+
+    return max(float(rdp_privacy_accountant.compute_epsilon(
+        *run_rdp(ref["z"], ba.settings(ba.from_name(name)), 1.0, None), DELTA)[0]) for name, ref in refs.items())
+
+
 def reference_multipliers() -> dict:
     """name -> the candidate's epsilon-2 multipliers (`budget_allocation.calibrate`'s rule, Opacus RDP only)."""
     from simulations import budget_allocation as ba
@@ -397,11 +410,7 @@ def cmd_report(args) -> None:
 
     def stats_of(key):
         return {m: summary_stats([r[key]["test"][m] for r in runs]) for m in ("ndcg@10", "hr@10")}
-    refs = cal["references"]
-    from simulations import budget_allocation as ba
-
-    secondary_eps = max(one_run_epsilons(refs[n], ba.settings(ba.from_name(n)), 1.0, None)["dp-accounting-rdp"]
-                        for n in {r["random candidate at factor 1 (secondary)"]["candidate"] for r in runs})
+    secondary_eps = random_choice_epsilon(cal["references"])
     results = {"made": time.strftime("%Y-%m-%d %H:%M:%S"), "seeds": [r["seed"] for r in runs],
                "calibration": {k: v for k, v in cal.items() if k != "references"},
                "selected (accounted)": stats_of("selected"),
@@ -409,7 +418,7 @@ def cmd_report(args) -> None:
                    stats_of("selected at factor 1 (choice not accounted)"),
                "random candidate at factor 1 (secondary, accounted)": stats_of(
                    "random candidate at factor 1 (secondary)"),
-               "secondary epsilon (dp-accounting RDP, its candidates)": secondary_eps,
+               "secondary epsilon (largest of the 16 candidates' dp-accounting RDP)": secondary_eps,
                "issue target": {"epsilon": TARGET, "ndcg@10": 0.075},
                "privacy": {"unit": "one user's whole history", "relation": "add/remove one user", "delta": DELTA,
                            "accountant": cal["accountant"],
@@ -459,10 +468,11 @@ def markdown(results: dict) -> str:
     lines.append(f"| mean +- std [95% CI] | | | **{_cell(a['ndcg@10'])}** | {_cell(a['hr@10'])} | "
                  f"{_cell(u['ndcg@10'])} | {_cell(s['ndcg@10'])} |")
     met = a["ndcg@10"]["mean"] >= results["issue target"]["ndcg@10"]
-    secondary = results["secondary epsilon (dp-accounting RDP, its candidates)"]
+    secondary = results["secondary epsilon (largest of the 16 candidates' dp-accounting RDP)"]
     lines += ["", f"Issue 13's target (NDCG@10 >= 0.075 at epsilon <= 2, choice included): "
               f"{'met by the mean' if met else 'NOT met'} ({a['ndcg@10']['mean']:.4f}); the secondary's epsilon "
-              f"(max over its drawn candidates, dp-accounting RDP, no score) {secondary:.3f}."]
+              f"(the largest of the 16 candidates' own dp-accounting RDP epsilons at factor 1, no score) "
+              f"{secondary:.3f}."]
     return "\n".join(lines)
 
 

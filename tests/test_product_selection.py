@@ -153,3 +153,12 @@ def test_noisy_validation_score_has_sensitivity_one_per_user():
     base = ps.noisy_score(scores, 0.0, rng)
     for extra in (0.0, 0.4, 1.0, 9.0, -2.0):
         assert abs(ps.noisy_score(np.append(scores, extra), 0.0, rng) - base) <= 1.0
+
+
+def test_the_secondary_random_choice_stays_within_the_target_for_every_candidate():
+    cal = json.loads(ps.CALIBRATION.read_text())
+    eps = ps.random_choice_epsilon(cal["references"])
+    assert 1.99 < eps <= 2.0
+    # each candidate separately, through the public event API
+    each = [_rdp_epsilon(_events(ref["z"], ref["q"], ref["rounds"], 1.0, None)) for ref in cal["references"].values()]
+    assert max(each) == pytest.approx(eps, rel=1e-9)
