@@ -204,11 +204,13 @@ def _channel_setup(seed: int = 0):
     return train, catalogue, model
 
 
-def test_channel_features_and_per_user_gradients_equal_the_product_device_code():
+def _simulated_channels(train, catalogue, model):
+    """The simulation's per-chunk device features for six users (co-occurrence channel filled in), with what
+    built them: (settings, cooc items, cooc, width, members, histories, nexts, owner, owns, profile, channels,
+    mask)."""
     from shared.analytics import COOC_GAP_DECAY, own_cooc_matrix
-    from shared.scorer import channel_features, channel_user_gradient, cooc_matrix
+    from shared.scorer import cooc_matrix
 
-    train, catalogue, model = _channel_setup()
     c = pu.channel_settings()
     items, cooc = cooc_matrix(model)
     width = catalogue.num_items + 1
@@ -217,6 +219,27 @@ def test_channel_features_and_per_user_gradients_equal_the_product_device_code()
     owns = [own_cooc_matrix(train[u], items, c["cooc-window"], COOC_GAP_DECAY) for u in members]
     profile, channels, mask = pu.base_channels(catalogue, histories, c)
     channels[:, 0] = pu.cooc_channel(histories, items, cooc, width, owns, owner.numpy())
+    return c, items, cooc, width, members, histories, nexts, owner, owns, profile, channels, mask
+
+
+def _assert_each_users_gradient_is_the_devices(grads, model, catalogue, train, members, c):
+    """Row i of the simulation's cohort gradients equals what the product's device computes for members[i]."""
+    from shared.analytics import COOC_GAP_DECAY
+    from shared.scorer import channel_user_gradient
+
+    for i, user in enumerate(members):
+        expected = channel_user_gradient(model, catalogue, [train[user]], c["targets"], c["profile-items"],
+                                         c["decay"], c["cooc-window"], COOC_GAP_DECAY)
+        for key, value in expected.items():
+            assert torch.allclose(grads[key][i], value, atol=1e-5, rtol=1e-4), (user, key)
+
+
+def test_channel_features_and_per_user_gradients_equal_the_product_device_code():
+    from shared.scorer import channel_features
+
+    train, catalogue, model = _channel_setup()
+    c, items, cooc, width, members, histories, nexts, owner, owns, profile, channels, mask = \
+        _simulated_channels(train, catalogue, model)
     shared = channel_features(catalogue, histories, items, cooc, c["profile-items"], c["decay"],
                               [owns[i] for i in owner.numpy()])
     for mine, theirs in zip((profile, channels, mask), shared):
@@ -228,11 +251,7 @@ def test_channel_features_and_per_user_gradients_equal_the_product_device_code()
                                              c["profile-items"], c["decay"])):
         assert torch.allclose(mine, theirs, atol=1e-5)
     grads = pu.channel_cohort_gradients(model, catalogue, profile, channels, mask, nexts, owner, len(members))
-    for i, user in enumerate(members):
-        expected = channel_user_gradient(model, catalogue, [train[user]], c["targets"], c["profile-items"],
-                                         c["decay"], c["cooc-window"], COOC_GAP_DECAY)
-        for key, value in expected.items():
-            assert torch.allclose(grads[key][i], value, atol=1e-5, rtol=1e-4), (user, key)
+    _assert_each_users_gradient_is_the_devices(grads, model, catalogue, train, members, c)
     assert float(grads["scales"][1].abs().sum()) == 0.0 and float(grads["content"][1].abs().sum()) == 0.0
     # evaluation features: the released co-occurrence as it is (no own removal)
     _, eval_channels, _ = channel_features(catalogue, histories, items, cooc, c["profile-items"], c["decay"])
@@ -303,8 +322,8 @@ def test_the_transition_arms_features_and_per_user_gradients_equal_the_product_d
     """`--product-transitions`: the simulation's transition channel (own counts removed in training) and per-user
     gradients of the 10-weight scorer are `shared.scorer.channel_features` / `channel_user_gradient`'s."""
     from server.scorer import initial_scorer
-    from shared.analytics import COOC_GAP_DECAY, own_cooc_matrix, top_items, transition_sum
-    from shared.scorer import channel_features, channel_user_gradient, cooc_matrix, transition_release
+    from shared.analytics import top_items, transition_sum
+    from shared.scorer import channel_features, cooc_matrix, transition_release
 
     train, catalogue, plain = _channel_setup()
     c = pu.channel_settings()
@@ -315,20 +334,12 @@ def test_the_transition_arms_features_and_per_user_gradients_equal_the_product_d
     with torch.no_grad():
         model.content.copy_(torch.tensor([5.0]))
         model.scales.copy_(torch.tensor([0.7, 0.4, -0.3, 0.9, 0.2, -0.1, 0.6, 0.3, 0.8]))
-    width = catalogue.num_items + 1
-    members = [8, 4, 0, 5, 2, 7]
-    histories, nexts, owner = pu.chunk_examples(train, members, c["targets"])
-    owns = [own_cooc_matrix(train[u], items, c["cooc-window"], COOC_GAP_DECAY) for u in members]
-    profile, channels, mask = pu.base_channels(catalogue, histories, c)
-    channels[:, 0] = pu.cooc_channel(histories, items, cooc, width, owns, owner.numpy())
+    _, _, _, width, members, histories, nexts, owner, _, profile, channels, mask = \
+        _simulated_channels(train, catalogue, plain)
     features = pu.with_transition_channel(model, channels, histories, width, train, members, owner)
     assert features.shape[1] == channels.shape[1] + 1 and float(features[:, -1].abs().sum()) > 0
     grads = pu.channel_cohort_gradients(model, catalogue, profile, features, mask, nexts, owner, len(members))
-    for i, user in enumerate(members):
-        expected = channel_user_gradient(model, catalogue, [train[user]], c["targets"], c["profile-items"],
-                                         c["decay"], c["cooc-window"], COOC_GAP_DECAY)
-        for key, value in expected.items():
-            assert torch.allclose(grads[key][i], value, atol=1e-5, rtol=1e-4), (user, key)
+    _assert_each_users_gradient_is_the_devices(grads, model, catalogue, train, members, c)
     _, theirs, _ = channel_features(catalogue, histories, items, cooc, c["profile-items"], c["decay"],
                                     transitions=transition_release(model))
     mine = pu.with_transition_channel(model, channels, histories, width)  # evaluation: the release as it is
