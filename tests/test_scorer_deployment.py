@@ -23,7 +23,7 @@ from shared import config
 from shared.privacy.accounting import epsilon_from_state
 from shared.privacy.pipeline import pipeline_epsilon
 from shared.secagg import VECTOR_KEY
-from tests.test_deployment import NUM_ITEMS, REGISTERED, _finish, _ledger, _rows, cluster  # noqa: F401 (fixture)
+from tests.test_deployment import NUM_ITEMS, REGISTERED, _finish, _ledger, _rows, _wait_for, cluster  # noqa: F401
 from tools.deploy.local import LocalDeployment, deployment_config
 
 pytestmark = pytest.mark.slow
@@ -42,16 +42,33 @@ SECURE = {"secure-aggregation": True, "secagg-threshold": 2, "secagg-min-cohort"
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _text_cache(tmp_path_factory):
-    """An empty text-feature cache for every process of this module's deployment (set before `cluster` starts
-    them): the catalogue is encoded with the installed MiniLM inside the run, nothing is made beforehand."""
+def _server_cache(tmp_path_factory):
+    """An empty text-feature cache for the SuperLink and its ServerApp (set before `cluster` starts them), and for
+    `privrec recommend` in this process: the catalogue is encoded inside the run, nothing is made beforehand."""
     old = os.environ.get("PRIVREC_CACHE_DIR")
-    os.environ["PRIVREC_CACHE_DIR"] = str(tmp_path_factory.mktemp("privrec-cache"))
-    yield
+    os.environ["PRIVREC_CACHE_DIR"] = str(tmp_path_factory.mktemp("server-cache"))
+    yield Path(os.environ["PRIVREC_CACHE_DIR"])
     if old is None:
         del os.environ["PRIVREC_CACHE_DIR"]
     else:
         os.environ["PRIVREC_CACHE_DIR"] = old
+
+
+@pytest.fixture(scope="module")
+def devices(cluster, tmp_path_factory) -> dict[int, Path]:  # noqa: F811
+    """`cluster`'s SuperNodes restarted, each with an empty text-feature cache of its own (as on separate phones):
+    every device encodes its copy of the catalogue with the installed MiniLM in its own ClientApp process.
+    Returns each device's cache folder."""
+    caches, logs = {}, {}
+    for index in range(REGISTERED):
+        caches[index] = tmp_path_factory.mktemp(f"device-{index}-cache")
+        log = cluster.processes.started[f"node-{index}"].log_path
+        logs[log] = len(log.read_text(errors="replace"))
+        cluster.processes.stop(f"node-{index}")
+        cluster.start_node(index, extra_env={"PRIVREC_CACHE_DIR": str(caches[index])})
+    _wait_for(lambda: all("SuperNode ID" in log.read_text(errors="replace")[since:] for log, since in logs.items()),
+              120, "the restarted SuperNodes to connect", cluster)
+    return caches
 
 
 def _run(cluster: LocalDeployment, tmp_path: Path, name: str, rounds: int, **overrides) -> tuple[Path, dict]:  # noqa: F811
@@ -138,10 +155,15 @@ def _recommend(run_path: Path, capsys) -> None:
     assert set(items) <= {f"i{i}" for i in range(1, NUM_ITEMS + 1)}
 
 
-def test_the_default_pipeline_over_real_supernodes(cluster, tmp_path, capsys):  # noqa: F811
+def test_the_default_pipeline_over_real_supernodes(cluster, devices, _server_cache, tmp_path, capsys):  # noqa: F811
     rounds = 2
     run_path, audits = _run(cluster, tmp_path, "scorer", rounds)
     privacy = _check_records_and_ledgers(cluster, "scorer", run_path, rounds, secure=False)
+    # The server and every device encoded the catalogue on their own, to the same features (the key the server
+    # named in every message, which each device checked against its own).
+    key = json.loads((run_path / "model.json").read_text())["item-text"]["key"]
+    for cache in [_server_cache, *devices.values()]:
+        assert [p.name for p in (cache / "text-features").iterdir()] == [f"{key}.npz"]
     assert "not against the server" in privacy["statements"][0]["sentence"]  # the server adds the noise here
     for audit in audits.values():
         assert [e["type"] for e in audit] == ["query.popularity", "query.cooccurrence"] + ["train"] * rounds \
@@ -159,7 +181,8 @@ def test_the_default_pipeline_over_real_supernodes(cluster, tmp_path, capsys):  
     _recommend(run_path, capsys)
 
 
-def test_the_default_pipeline_under_secure_aggregation_over_real_supernodes(cluster, tmp_path, capsys):  # noqa: F811
+def test_the_default_pipeline_under_secure_aggregation_over_real_supernodes(cluster, devices, tmp_path,  # noqa: F811
+                                                                           capsys):
     rounds = 1
     run_path, audits = _run(cluster, tmp_path, "scorer-secagg", rounds, **SECURE)
     privacy = _check_records_and_ledgers(cluster, "scorer-secagg", run_path, rounds, secure=True)
