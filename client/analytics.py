@@ -12,13 +12,14 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.analytics import cooc_vector, item_set_vector
+from shared.analytics import cooc_vector, item_set_vector, transition_sum
 from shared.data.store import DeviceData
 from shared.privacy.accounting import epsilon_from_state
 from shared.privacy.ledger import ledger_lock, load_ledger, save_ledger
 
 POPULARITY_RELEASE = "popularity-histogram"
 COOCCURRENCE_RELEASE = "cooccurrence-histogram"
+TRANSITION_RELEASE = "transition-counts"
 SECURE_MECHANISM = ("gaussian-sum from device noise shares N(0, z^2 / m), masked under secure aggregation (the "
                     "server sees only sums of at least m devices; m = secagg-release-min-cohort, or "
                     "secagg-min-cohort when it is 0)")
@@ -47,6 +48,19 @@ def answer_cooccurrence_query(data: DeviceData, items: np.ndarray, window: int, 
     if epsilon is None:
         return None, _spent(ledger_path, device, delta)
     return cooc_vector(data.train, np.asarray(items, dtype=np.int64), window), epsilon
+
+
+def answer_transition_query(data: DeviceData, items: np.ndarray, *, ledger_path: Path, device: str,
+                            noise_multiplier: float, delta: float, max_epsilon: float,
+                            release_id: str, secure: bool = False) -> tuple[np.ndarray | None, float]:
+    """(the device's directed transition counts among `items`, flattened [K * K], each user's part of L2 norm <= 1,
+    or None when it declines; its user-level epsilon after it). `items` comes from the released popularity."""
+    epsilon = _record_release(TRANSITION_RELEASE, ledger_path=ledger_path, device=device,
+                              noise_multiplier=noise_multiplier, delta=delta, max_epsilon=max_epsilon,
+                              release_id=release_id, secure=secure)
+    if epsilon is None:
+        return None, _spent(ledger_path, device, delta)
+    return transition_sum(data.train, np.asarray(items, dtype=np.int64)).reshape(-1), epsilon
 
 
 def _record_release(kind: str, *, ledger_path: Path, device: str, noise_multiplier: float, delta: float,

@@ -21,7 +21,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.analytics import answer_cooccurrence_query, answer_popularity_query
+from client.analytics import answer_cooccurrence_query, answer_popularity_query, answer_transition_query
 from client.audit import audit_mod
 from client.secagg import ANALYTICS_NOISE, SECAGG, secagg_mod
 from shared.config import SCORER_MODELS, RunConfig, from_run_config
@@ -203,6 +203,19 @@ def cooccurrence_query(msg: Message, context: Context) -> Message:
     user-level release in its ledger first; nothing but the refusal leaves when it would pass the device's cap."""
     return _analytics_reply(msg, context, "pairs", lambda data, num_items, query, **ledger: answer_cooccurrence_query(
         data, [int(i) for i in query["items"]], int(query["window"]), **ledger))
+
+
+@app.query("transitions")  # no secure-aggregation path: the config refuses transition-release with it
+def transitions_query(msg: Message, context: Context) -> Message:
+    """Federated analytics (`transition-release = true`): this device's directed transition counts among the items
+    the server names (the top of the released popularity), each user's part of L2 norm <= 1, recorded as a
+    user-level release in its ledger first; nothing but the refusal leaves when it would pass the device's cap.
+    A device whose own run config does not declare the release refuses it before its ledger or data is touched."""
+    if not from_run_config(context.run_config).pipeline.transition_release:
+        raise PrivrecError("the server asked for the transition release, but this device's run config has "
+                           "'transition-release' = false: nothing recorded, nothing sent")
+    return _analytics_reply(msg, context, "transitions", lambda data, num_items, query, **ledger:
+                            answer_transition_query(data, [int(i) for i in query["items"]], **ledger))
 
 
 def _analytics_reply(msg: Message, context: Context, key: str, answer) -> Message:

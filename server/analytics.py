@@ -65,6 +65,19 @@ def federated_cooccurrence(grid: Grid, device_config: Mapping[str, Any], *, item
     return Release(released, float(noise_multiplier), devices, declined, failed)
 
 
+def federated_transitions(grid: Grid, device_config: Mapping[str, Any], *, items: np.ndarray, noise_multiplier: float,
+                          delta: float, release_id: str, rng: np.random.Generator) -> Release:
+    """One user-level Gaussian release of the directed (previous -> next) transition counts among `items` (the top
+    of the released popularity: public) over every device of `grid`; `histogram` is the released [K, K] matrix
+    flattened row by row (row = previous item). No secure-aggregation path (the config refuses the combination)."""
+    query = {"noise-multiplier": float(noise_multiplier), "delta": float(delta), "release": release_id,
+             "items": [int(i) for i in items]}
+    k = len(items)
+    total, devices, declined, failed = _federated_sum(grid, device_config, query, "query.transitions", "transitions",
+                                                      k * k, noise_multiplier, "transition")
+    return Release(gaussian_release(total, noise_multiplier, rng), float(noise_multiplier), devices, declined, failed)
+
+
 def _federated_sum(grid: Grid, device_config: Mapping[str, Any], query: Mapping[str, Any], message_type: str,
                    key: str, length: int, noise_multiplier: float, what: str,
                    secure: SecAggParams | None = None) -> tuple[np.ndarray, int, int, int]:

@@ -29,6 +29,7 @@ from server.scorer import (
     initial_scorer,
     released_cooccurrence,
     released_popularity,
+    released_transitions,
     scorer_architecture,
 )
 from server.secagg import SecureAggregationGrid
@@ -253,7 +254,9 @@ class FederatedRun:
                                                 num_items=num_items, num_devices=self.num_devices, secure=secure)
                 cooc = released_cooccurrence(self.grid, self.run, self.run_dir, device_config, histogram, secure) \
                     if self.run.pipeline.model == "channel-scorer" else None
-                model = initial_scorer(self.catalogue, histogram, self.run.federation.seed, cooc)
+                transitions = released_transitions(self.grid, self.run, self.run_dir, device_config, histogram) \
+                    if cooc is not None and self.run.pipeline.transition_release else None
+                model = initial_scorer(self.catalogue, histogram, self.run.federation.seed, cooc, transitions)
             if self.run.federation.public_share > 0:
                 model, info = pretrain(self.run, self.store, self.model_cfg, self.item_text)
                 self.run_dir.write_json("pretraining.json", info)
@@ -429,7 +432,7 @@ class FederatedRun:
                                              self.run.user_dp.noise_multiplier,
                                              user_sample_rate(self.cfg, self.num_devices), rounds,
                                              self.run.device.delta, self.run.device.accountant,
-                                             pipeline.cooc_noise(self.cfg))
+                                             pipeline.cooc_noise(self.cfg), pipeline.transition_noise(self.cfg))
         if not self.run.user_dp.enabled or rounds == 0:
             return None
         return user_level_epsilon(self.run.user_dp.noise_multiplier, user_sample_rate(self.cfg, self.num_devices),

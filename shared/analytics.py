@@ -161,3 +161,39 @@ def cooc_from_release(released: np.ndarray, k: int) -> np.ndarray:
 def gaussian_release(total: np.ndarray, noise_multiplier: float, rng: np.random.Generator) -> np.ndarray:
     """`total` + N(0, z^2) on every released coordinate (sensitivity 1: the Gaussian mechanism)."""
     return total + rng.normal(0.0, noise_multiplier, total.shape)
+
+
+# ---------------------------------------------------------------- next-item transitions (channel-scorer, opt-in)
+# `transition-release = true`: among the K items the released popularity ranks highest (post-processing), each
+# user's counts of directed consecutive pairs (previous item -> next item, previous != next) in its training
+# sequence; the user's K x K count matrix is L2-normalised (norm exactly 1; 0 without such a pair), so adding or
+# removing one user moves the sum by at most 1 in L2: one Gaussian mechanism of sensitivity 1.
+def transition_sum(train: Sequence[np.ndarray], items: np.ndarray) -> np.ndarray:
+    """Sum over the users of `train` of their L2-normalised directed transition counts among `items`, [K, K]
+    (row = previous item's position in `items`, column = next item's). A device's contribution is this over its
+    own users; the simulation computes it over every user at once (the same numbers)."""
+    k = len(items)
+    seqs = [np.asarray(s, dtype=np.int64).reshape(-1) for s in train]
+    out = np.zeros(k * k)
+    lengths = np.array([len(s) for s in seqs], dtype=np.int64)
+    if not len(seqs) or lengths.max(initial=0) < 2:
+        return out.reshape(k, k)
+    flat = np.concatenate(seqs)
+    position = np.full(int(max(flat.max(initial=0), np.max(items, initial=0))) + 1, -1, dtype=np.int64)
+    position[np.asarray(items, dtype=np.int64)] = np.arange(k)
+    flat = position[flat]
+    owner = np.repeat(np.arange(len(seqs)), lengths)
+    a, b = flat[:-1], flat[1:]
+    kept = (owner[:-1] == owner[1:]) & (a >= 0) & (b >= 0) & (a != b)  # within one user, both among `items`
+    keys, counts = np.unique(owner[:-1][kept] * (k * k) + a[kept] * k + b[kept], return_counts=True)
+    if not len(keys):
+        return out.reshape(k, k)
+    users = keys // (k * k)
+    norms = np.sqrt(np.bincount(users, weights=counts.astype(np.float64) ** 2, minlength=len(seqs)))
+    out = np.bincount(keys % (k * k), weights=counts / norms[users], minlength=k * k)
+    return out.reshape(k, k)
+
+
+def own_transition_matrix(seq: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """One user's contribution [K, K] (its L2-normalised directed transition counts among `items`)."""
+    return transition_sum([seq], items)

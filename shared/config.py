@@ -97,6 +97,18 @@ _PIPELINE: dict[str, Key] = {
                       lambda v: v >= 2, "must be >= 2"),
     "cooc-window": Key(int, 10, "channel-scorer: pairs at distance <= N in a user's training sequence count "
                                 "(weight 0.9^(distance-1))", _positive, "must be >= 1"),
+    "transition-release": Key(bool, False, "channel-scorer: also release, as user-level DP federated analytics, "
+                                           "each user's directed (previous -> next) transition counts among the "
+                                           "transition-items items the released popularity ranks highest "
+                                           "(L2-normalised per user: sensitivity 1), and score them on the device "
+                                           "as one more trained channel (opt-in; composed in the run's accountant)"),
+    "transition-noise-multiplier": Key(float, 2.76, "channel-scorer with transition-release: noise std of the "
+                                                    "user-level DP transition release (sensitivity 1)",
+                                       _positive, "must be > 0"),
+    "transition-items": Key(int, 512, "channel-scorer with transition-release: the release covers the transitions "
+                                      "among the items the released popularity ranks highest (post-processing); "
+                                      "the model every round ships carries N x N floats (512: 1 MiB)",
+                            lambda v: v >= 2, "must be >= 2"),
     "target-epsilon": Key(float, 2.0, "content-/channel-scorer: user-level budget of the whole run (every "
                                       "analytics release + every round, composed); a config that would exceed "
                                       "it is refused before anything starts (0 = no cap)",
@@ -409,6 +421,8 @@ def _check_relations(cfg: Mapping[str, Any], where: str) -> None:
             raise PrivrecError(f"{where}config key 'aggregation' = per-row {problem}")
     if cfg["model"] in SCORER_MODELS:
         _check_content_scorer(cfg, where)
+    if cfg["transition-release"]:
+        _check_transition_release(cfg, where)
     if cfg["devices-per-round"] == 0 and cfg["fraction-train"] == 0:
         raise PrivrecError(f"{where}config keys 'devices-per-round' and 'fraction-train' are both 0: "
                            "no device would train")
@@ -423,6 +437,18 @@ def _check_relations(cfg: Mapping[str, Any], where: str) -> None:
             if clash:
                 raise PrivrecError(f"{where}config key 'devices-per-node' = {cfg['devices-per-node']} cannot be "
                                    f"combined with '{key}' = {cfg[key]!r}: set devices-per-node = 1")
+
+
+def _check_transition_release(cfg: Mapping[str, Any], where: str) -> None:
+    """`transition-release = true` is a channel-scorer release, made in clear to the server (no SecAgg path)."""
+    if cfg["model"] != "channel-scorer":
+        raise PrivrecError(f"{where}config key 'transition-release' = true needs model = channel-scorer (model = "
+                           f"{cfg['model']}); set transition-release = false")
+    if cfg["secure-aggregation"]:
+        # its K x K contribution would go through the SecAgg+ quantizer untested: refused rather than claimed
+        raise PrivrecError(f"{where}config key 'transition-release' = true cannot be combined with "
+                           "'secure-aggregation' = true (the transition release has no secure-aggregation path "
+                           "yet); set transition-release = false")
 
 
 def _check_content_scorer(cfg: Mapping[str, Any], where: str) -> None:
@@ -572,6 +598,9 @@ class PipelineSection:
     cooc_noise_multiplier: float
     cooc_items: int
     cooc_window: int
+    transition_release: bool
+    transition_noise_multiplier: float
+    transition_items: int
     target_epsilon: float
 
 

@@ -214,7 +214,8 @@ def evaluation_sums(model: ContentScorer | ChannelScorer, catalogue: Catalogue, 
 # channels a device computes from its own history and the released public things (DP popularity, DP windowed
 # co-occurrence among the items that popularity ranks highest, the public catalogue). Fixed a priori.
 CHANNELS = ("cooc", "max10", "genre", "year", "raw", "last", "long")
-CHANNEL_FROZEN = ("popularity", "cooc_items", "cooc")  # released once (analytics), shipped, never trained
+CHANNEL_FROZEN = ("popularity", "cooc_items", "cooc", "transition_items", "transitions", "transition_threshold")
+# (released once by analytics, shipped, never trained; the transition buffers only with transition-release)
 RECENT_WINDOW = 10  # last items of the max-cosine and genre channels
 COOC_QUERY_ITEMS, COOC_QUERY_DECAY = 10, 0.8  # the device's query of the co-occurrence rows
 # The released matrix is a SUM over users, so its entries grow with the population (ML-100K's 943 users: largest
@@ -223,6 +224,18 @@ COOC_QUERY_ITEMS, COOC_QUERY_DECAY = 10, 0.8  # the device's query of the co-occ
 # channel where the former fixed factor 0.1 put it on ML-100K (0.1 x 28 = 2.8).
 COOC_PEAK = 3.0
 COOC_CHANNEL = f"peak {COOC_PEAK:g}"  # in model.json: a scorer trained with another channel scale is refused
+# Opt-in (`transition-release = true`): the released directed (previous -> next) transition counts among the
+# `transition-items` items the released popularity ranks highest. The device reads the released row of its LAST
+# item and scores log1p(row - TRANSITION_THRESHOLD x z_transitions, positive part): fixed a priori (the research
+# arm of simulations/population_utility.py, before any run of this channel). Why: an entry of the released sum is
+# a count of users plus N(0, z^2); cells under 3 noise std are dropped (about 0.1% of the empty cells survive),
+# and log1p keeps the channel's range growing only as log N, like the popularity bias it sits beside (log1p of a
+# released sum too), so one learned weight fits every N. The threshold is a function of the public noise
+# multiplier, shipped with the release (`transition_threshold`): post-processing, no privacy spend.
+TRANSITION_THRESHOLD = 3.0
+TRANSITION = "transition"
+TRANSITION_CHANNEL = f"log1p above {TRANSITION_THRESHOLD:g} noise std, last item"  # in model.json
+TRANSITION_FROZEN = ("transition_items", "transitions", "transition_threshold")
 HISTORY_MASK = -1e4  # training scores of the user's own history: excluded, as in the ranking
 
 
@@ -232,26 +245,66 @@ class ChannelScorer(torch.nn.Module):
     9 trained weights (content, and one scale per popularity and channel), started at the a-priori popularity
     + content score (1, 8, channels 0). Buffers, released once and then public: `popularity` (the bias),
     `cooc_items` (the item ids of the co-occurrence release, float ids: every shipped array is float) and
-    `cooc` (the released symmetric co-occurrence among them, zero diagonal)."""
+    `cooc` (the released symmetric co-occurrence among them, zero diagonal).
 
-    def __init__(self, num_items: int, cooc_items: int) -> None:
+    With `transition_items` K > 0 (`transition-release = true`) one more channel, `transition`, and one more
+    scale (10 weights, started at 0): buffers `transition_items` [K], `transitions` [K, K] (the released directed
+    counts, row = previous item) and `transition_threshold` [1] (TRANSITION_THRESHOLD x the release's noise
+    multiplier). A scorer without them is exactly the 9-weight scorer (its state loads as before)."""
+
+    def __init__(self, num_items: int, cooc_items: int, transition_items: int = 0) -> None:
         super().__init__()
+        self.channels = CHANNELS + ((TRANSITION,) if transition_items > 0 else ())
         self.content = torch.nn.Parameter(torch.tensor([CONTENT_WEIGHT]))
-        self.scales = torch.nn.Parameter(torch.tensor([1.0] + [0.0] * len(CHANNELS)))
+        self.scales = torch.nn.Parameter(torch.tensor([1.0] + [0.0] * len(self.channels)))
         self.register_buffer("popularity", torch.zeros(num_items + 1))
         self.register_buffer("cooc_items", torch.zeros(cooc_items))
         self.register_buffer("cooc", torch.zeros(cooc_items, cooc_items))
+        if transition_items > 0:
+            self.register_buffer("transition_items", torch.zeros(transition_items))
+            self.register_buffer("transitions", torch.zeros(transition_items, transition_items))
+            self.register_buffer("transition_threshold", torch.zeros(1))
 
     def forward(self, text: torch.Tensor, profile: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
-        """`channels` [B, len(CHANNELS), items + 1] -> scores [B, items + 1]."""
+        """`channels` [B, len(self.channels), items + 1] -> scores [B, items + 1]."""
         out = self.scales[0] * self.popularity + self.content * (profile @ text.T)
         return out + torch.einsum("c,bci->bi", self.scales[1:], channels)
 
     @classmethod
     def from_state(cls, state, num_items: int, dim: int | None = None) -> ChannelScorer:
-        model = cls(num_items, int(np.asarray(state["cooc_items"]).shape[0]))
+        transition_items = int(np.asarray(state["transition_items"]).shape[0]) if "transition_items" in state else 0
+        model = cls(num_items, int(np.asarray(state["cooc_items"]).shape[0]), transition_items)
         model.load_state_dict({k: torch.as_tensor(np.asarray(v, dtype=np.float32)) for k, v in state.items()})
         return model
+
+
+def transition_release(model: ChannelScorer) -> tuple[np.ndarray, np.ndarray, float] | None:
+    """(item ids, released [K, K] directed counts, threshold) from the model's buffers; None without them."""
+    if TRANSITION not in model.channels:
+        return None
+    return (model.transition_items.numpy().round().astype(np.int64), model.transitions.numpy().astype(np.float64),
+            float(model.transition_threshold.item()))
+
+
+def transition_channel(histories: Sequence[np.ndarray], release: tuple[np.ndarray, np.ndarray, float], width: int,
+                       owns: Sequence[np.ndarray] | None = None) -> np.ndarray:
+    """The `transition` channel [B, items + 1]: log1p(positive part of the released row of the history's last item
+    less the threshold), 0 where that item is outside the release; with `owns` (one [K, K] matrix per history: the
+    user's own normalised counts) the user's own contribution is removed first (its training features).
+    Post-processing of the release and the device's own history only."""
+    items, released, threshold = release
+    position = np.full(width, -1, dtype=np.int64)
+    position[items] = np.arange(len(items))
+    out = np.zeros((len(histories), width))
+    for u, seq in enumerate(histories):
+        seq = np.asarray(seq, dtype=np.int64).reshape(-1)
+        if seq.size == 0 or position[seq[-1]] < 0:
+            continue
+        row = released[position[seq[-1]]]
+        if owns is not None:
+            row = row - owns[u][position[seq[-1]]]
+        out[u, items] = np.log1p(np.maximum(row - threshold, 0.0))
+    return out
 
 
 def cooc_scale(cooc: np.ndarray) -> float:
@@ -270,7 +323,9 @@ def cooc_matrix(model: ChannelScorer) -> tuple[np.ndarray, np.ndarray]:
 
 
 def channel_features(catalogue: Catalogue, histories: Sequence[np.ndarray], items: np.ndarray, cooc: np.ndarray,
-                     profile_items: int, decay: float, own: Sequence[np.ndarray] | None = None
+                     profile_items: int, decay: float, own: Sequence[np.ndarray] | None = None,
+                     transitions: tuple[np.ndarray, np.ndarray, float] | None = None,
+                     own_transitions: Sequence[np.ndarray] | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """What a device computes from its own histories and the released things, per history: its unit profile
     [B, d], CHANNELS [B, len(CHANNELS), items + 1] and the mask of its history [B, items + 1] (0 / -1e4):
@@ -288,8 +343,10 @@ def channel_features(catalogue: Catalogue, histories: Sequence[np.ndarray], item
     position[items] = np.arange(len(items))
     scale = cooc_scale(cooc)
     profiles = np.zeros((n, text.shape[1]), dtype=np.float32)
-    channels = np.zeros((n, len(CHANNELS), width), dtype=np.float32)
+    channels = np.zeros((n, len(CHANNELS) + (transitions is not None), width), dtype=np.float32)
     mask = np.zeros((n, width), dtype=np.float32)
+    if transitions is not None:
+        channels[:, len(CHANNELS)] = transition_channel(histories, transitions, width, own_transitions)
     for u, seq in enumerate(histories):
         seq = np.asarray(seq, dtype=np.int64).reshape(-1)
         if seq.size == 0:
@@ -328,22 +385,27 @@ def channel_features(catalogue: Catalogue, histories: Sequence[np.ndarray], item
 def channel_user_gradient(model: ChannelScorer, catalogue: Catalogue, train: Sequence[np.ndarray], targets: int,
                           profile_items: int, decay: float, window: int, gap_decay: float) -> dict[str, torch.Tensor]:
     """One user's gradient of its mean softmax loss over its last `targets` training items (its history masked),
-    with its own co-occurrence contribution removed from its features. Zero without a usable example."""
-    from shared.analytics import own_cooc_matrix
+    with its own co-occurrence (and transition) contribution removed from its features.
+    Zero without a usable example."""
+    from shared.analytics import own_cooc_matrix, own_transition_matrix
 
     grads = {k: torch.zeros_like(p) for k, p in model.named_parameters()}
     items, cooc = cooc_matrix(model)
-    histories, nexts, owns = [], [], []
+    transitions = transition_release(model)
+    histories, nexts, owns, own_transitions = [], [], [], []
     for seq in train:
         seq = np.asarray(seq, dtype=np.int64).reshape(-1)
         own = own_cooc_matrix(seq, items, window, gap_decay)
+        own_t = own_transition_matrix(seq, transitions[0]) if transitions is not None else None
         for pos in range(max(1, len(seq) - targets), len(seq)):
             histories.append(seq[:pos])
             nexts.append(seq[pos])
             owns.append(own)
+            own_transitions.append(own_t)
     if not histories:
         return grads
-    profile, channels, mask = channel_features(catalogue, histories, items, cooc, profile_items, decay, owns)
+    profile, channels, mask = channel_features(catalogue, histories, items, cooc, profile_items, decay, owns,
+                                               transitions, own_transitions if transitions is not None else None)
     model.zero_grad()
     scores = model(catalogue.text, profile, channels) + mask
     loss = torch.nn.functional.cross_entropy(scores[:, 1:], torch.tensor(nexts) - 1)
@@ -354,6 +416,7 @@ def channel_user_gradient(model: ChannelScorer, catalogue: Catalogue, train: Seq
 def channel_score_histories(model: ChannelScorer, catalogue: Catalogue, histories: Sequence[np.ndarray],
                             profile_items: int, decay: float) -> torch.Tensor:
     items, cooc = cooc_matrix(model)
-    profile, channels, _ = channel_features(catalogue, histories, items, cooc, profile_items, decay)
+    profile, channels, _ = channel_features(catalogue, histories, items, cooc, profile_items, decay,
+                                            transitions=transition_release(model))
     with torch.no_grad():
         return model(catalogue.text, profile, channels)

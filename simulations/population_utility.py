@@ -38,6 +38,13 @@ Arms at each N:
   `shared.scorer.channel_features` / `channel_user_gradient`. `--references RESULTS.json` quotes the
   non-private SASRec federation of an earlier results file at the same N (issue 15's reference) without
   re-running it; `--merge` joins runs of other seeds.
+* **channel-scorer + transitions** (`--product-transitions`): the product pipeline with `transition-release =
+  true` (`shared.config`): a third release, each user's L2-normalised directed transition counts among the top
+  `transition-items` released items (`shared.analytics.transition_sum`, `gaussian_release`), one more trained
+  channel (`shared.scorer.transition_channel`, own counts removed in training: `with_transition_channel`, checked
+  against `channel_features` / `channel_user_gradient` in tests), and its no-noise twin. Noise split FIXED BEFORE
+  ANY RUN (TRANSITION_ARM): the default's (4.6, 2.76, 3.22) and the transition release at the co-occurrence's
+  2.76, the four times one common factor per epsilon.
 * **popularity** (non-private, training counts) and **DP popularity** at each epsilon (one Gaussian release
   of the item-set sum, `shared.analytics.noise_for_epsilon`: Opacus RDP, the private baseline's code).
 * **SASRec, non-private federation** (per-row averaging, the non-private default; `simulations.fedopt`'s
@@ -381,38 +388,60 @@ def channel_settings(rounds: int | None = None) -> dict:
             "popularity-z": cfg["popularity-noise-multiplier"], "cooc-z": cfg["cooc-noise-multiplier"],
             "z": cfg["user-noise-multiplier"], "targets": cfg["scorer-targets"],
             "profile-items": cfg["profile-items"], "decay": cfg["profile-decay"], "cooc-items": cfg["cooc-items"],
-            "cooc-window": cfg["cooc-window"], "delta": cfg["delta"], "accountant": cfg["accountant"]}
+            "cooc-window": cfg["cooc-window"], "delta": cfg["delta"], "accountant": cfg["accountant"],
+            "transition-items": cfg["transition-items"], "transition-z": cfg["transition-noise-multiplier"]}
 
 
-def channel_epsilon(z_pop: float, z_cooc: float, z: float, c: dict) -> float:
+# The product with `transition-release = true`: the noise split of its four releases, FIXED BEFORE ANY RUN of
+# this arm: the default's three multipliers (popularity 4.6, co-occurrence 2.76, rounds 3.22) and the transition
+# release at the co-occurrence's multiplier (2.76, the `transition-noise-multiplier` default), all four times the
+# one smallest common factor reaching the target (`calibrate_channel(..., transitions=True)`).
+TRANSITION_ARM = "channel-scorer + transitions"
+
+
+def _arm(multipliers: tuple) -> tuple[float, float, float, float | None]:
+    """(z_pop, z_cooc, z, z_transitions or None) of a channel arm given as 3 (no transition release) or 4 values."""
+    z_pop, z_cooc, z, *rest = multipliers
+    return z_pop, z_cooc, z, (rest[0] if rest else None)
+
+
+def channel_epsilon(z_pop: float, z_cooc: float, z: float, c: dict, z_t: float | None = None) -> float:
     """`shared.privacy.pipeline.pipeline_epsilon` of the channel pipeline: Opacus over [[z_pop, 1, 1],
-    [z_cooc, 1, 1], [z, q, rounds]] (the run's own accountant)."""
+    [z_cooc, 1, 1], ([z_t, 1, 1] with the transition release), [z, q, rounds]] (the run's own accountant)."""
     from shared.privacy.pipeline import pipeline_epsilon
 
-    return pipeline_epsilon(z_pop, z, c["q"], c["rounds"], c["delta"], c["accountant"], cooc_noise=z_cooc)
+    return pipeline_epsilon(z_pop, z, c["q"], c["rounds"], c["delta"], c["accountant"], cooc_noise=z_cooc,
+                            transition_noise=z_t)
 
 
-def calibrate_channel(target: float, c: dict) -> dict:
-    """Noise multipliers (popularity, co-occurrence, rounds) = the product's x the smallest common factor
-    reaching <= target (the content-scorer arm's rule)."""
+def calibrate_channel(target: float, c: dict, transitions: bool = False) -> dict:
+    """Noise multipliers (popularity, co-occurrence, rounds; and with `transitions` the transition release) = the
+    product's x the smallest common factor reaching <= target (the content-scorer arm's rule)."""
     from simulations.privacy_utility import calibrate_factor
 
     def epsilon_of(f: float) -> float:
-        return channel_epsilon(f * c["popularity-z"], f * c["cooc-z"], f * c["z"], c)
+        return channel_epsilon(f * c["popularity-z"], f * c["cooc-z"], f * c["z"], c,
+                               f * c["transition-z"] if transitions else None)
 
     factor = calibrate_factor(epsilon_of, target)
     return {"target": target, "factor": factor, "popularity-z": factor * c["popularity-z"],
-            "cooc-z": factor * c["cooc-z"], "z": factor * c["z"], "epsilon": epsilon_of(factor)}
+            "cooc-z": factor * c["cooc-z"], "z": factor * c["z"], "epsilon": epsilon_of(factor),
+            **({"transition-z": factor * c["transition-z"]} if transitions else {})}
 
 
-def channel_privacy(z_pop: float, z_cooc: float, z: float, c: dict, n: int) -> dict:
-    return {"epsilon": channel_epsilon(z_pop, z_cooc, z, c), "delta": c["delta"],
-            "accountant": f"Opacus {c['accountant']} over [[z_pop, 1, 1], [z_cooc, 1, 1], [z, q, rounds]] "
-                          "(shared.privacy.pipeline.pipeline_epsilon)",
+def channel_privacy(z_pop: float, z_cooc: float, z: float, c: dict, n: int, z_t: float | None = None) -> dict:
+    transitions = "" if z_t is None else (
+        f"Gaussian directed transition release among the top {c['transition-items']} released items (each user's "
+        f"consecutive-pair counts L2 1, z_transitions {z_t:.3f}, no sampling) + ")
+    return {"epsilon": channel_epsilon(z_pop, z_cooc, z, c, z_t), "delta": c["delta"],
+            "accountant": f"Opacus {c['accountant']} over [[z_pop, 1, 1], [z_cooc, 1, 1], "
+                          + ("" if z_t is None else "[z_transitions, 1, 1], ") +
+                          "[z, q, rounds]] (shared.privacy.pipeline.pipeline_epsilon)",
             "unit": "one user's whole history", "relation": "add/remove one user",
             "mechanism": f"Gaussian popularity release (sensitivity 1, z_pop {z_pop:.3f}, no sampling) + Gaussian "
                          f"windowed co-occurrence release among the top {c['cooc-items']} released items (window "
                          f"{c['cooc-window']}, each user's pairs L2 1, z_cooc {z_cooc:.3f}, no sampling) + "
+                         f"{transitions}"
                          f"{c['rounds']} DP-FedSGD rounds (each user's gradient clipped to {c['clip']:g}, "
                          f"N(0, ({z:.3f} x {c['clip']:g})^2) on the sum, / q N, FedAdam lr {c['server-lr']:g})",
             "sampling": f"releases: every user, once; rounds: Poisson, q = {c['q']:g} per round over {n} users "
@@ -431,7 +460,8 @@ def channel_releases(pop: Population, arms: dict[str, tuple[float, float, float]
     from shared.analytics import cooc_from_release, cooc_vector, gaussian_release, noisy_sum, pair_index, top_items
 
     sums, out = {}, {}
-    for label, (z_pop, z_cooc, _) in arms.items():
+    for label, multipliers in arms.items():
+        z_pop, z_cooc, _, _ = _arm(multipliers)
         histogram = noisy_sum(pop.item_sum, z_pop, np.random.default_rng([seed, 0]))
         items = top_items(histogram, c["cooc-items"])
         ordered = np.sort(items)
@@ -443,6 +473,28 @@ def channel_releases(pop: Population, arms: dict[str, tuple[float, float, float]
         total = sums[tuple(ordered)][np.ix_(at, at)][rows, cols]  # cooc_vector(train, items, window)
         pairs = gaussian_release(total, z_cooc, np.random.default_rng([seed, 5]))
         out[label] = (histogram, items, cooc_from_release(pairs, len(items)))
+    return out
+
+
+def transition_releases(pop: Population, arms: dict, c: dict, seed: int, histograms: dict) -> dict:
+    """label -> (item ids, released [K, K] directed counts, threshold) for the arms with a transition release, as
+    `server.scorer.released_transitions` makes it: `shared.analytics.transition_sum` over every user among the top
+    `transition-items` of the arm's released popularity, plus `gaussian_release` (draws [seed, 7]); the threshold
+    TRANSITION_THRESHOLD x z_transitions (`shared.scorer`)."""
+    from shared.analytics import gaussian_release, top_items
+    from shared.analytics import transition_sum as product_transition_sum
+    from shared.scorer import TRANSITION_THRESHOLD
+
+    sums, out = {}, {}
+    for label, multipliers in arms.items():
+        z_t = _arm(multipliers)[3]
+        if z_t is None:
+            continue
+        items = top_items(histograms[label], c["transition-items"])
+        if tuple(items) not in sums:
+            sums[tuple(items)] = product_transition_sum(pop.users.train, items)
+        released = gaussian_release(sums[tuple(items)], z_t, np.random.default_rng([seed, 7]))
+        out[label] = (items, released, TRANSITION_THRESHOLD * z_t)
     return out
 
 
@@ -553,6 +605,26 @@ def channel_cohort_gradients(model, catalogue, profile, channels, mask, nexts, o
     return grads
 
 
+def with_transition_channel(model, channels: torch.Tensor, histories, width: int, train=None, members=None,
+                            owner: torch.Tensor | None = None) -> torch.Tensor:
+    """`channels` with the `transition` channel of `shared.scorer.channel_features` appended when `model` carries
+    a transition release (else `channels` itself). With `train`, `members` and `owner` (training features) each
+    history's user removes its own counts (`shared.analytics.own_transition_matrix`), as
+    `shared.scorer.channel_user_gradient` does; without them, the evaluation's features."""
+    from shared.analytics import own_transition_matrix
+    from shared.scorer import transition_channel, transition_release
+
+    release = transition_release(model)
+    if release is None:
+        return channels
+    owns = None
+    if train is not None:
+        own = [own_transition_matrix(train[u], release[0]) for u in members]
+        owns = [own[o] for o in owner.numpy()]
+    extra = transition_channel(histories, release, width, owns)
+    return torch.cat([channels, torch.from_numpy(extra.astype(np.float32))[:, None]], 1)
+
+
 def channel_ranks(models: dict, pop: Population, c: dict, tables: dict | None = None,
                   batch: int = 256, split: str = "test") -> dict[str, np.ndarray]:
     """Test-item (or, with split = "valid", validation-item) ranks of the `pop.eval_index` users under each model,
@@ -570,8 +642,9 @@ def channel_ranks(models: dict, pop: Population, c: dict, tables: dict | None = 
         for label, model in models.items():
             items, cooc = cooc_matrix(model)
             channels[:, 0] = cooc_channel(inputs[start:stop], items, cooc, width)
+            features = with_transition_channel(model, channels, inputs[start:stop], width)
             with torch.no_grad():
-                scores = model(pop.catalogue.text, profile, channels)
+                scores = model(pop.catalogue.text, profile, features)
             ranks[label][start:stop] = target_ranks(scores, torch.from_numpy(np.asarray(targets[start:stop])),
                                                     exclude[start:stop])
     return ranks
@@ -593,11 +666,13 @@ def run_channel_arms(pop: Population, arms: dict[str, tuple[float, float, float]
     started = time.perf_counter()
     cat, train, n, width = pop.catalogue, pop.users.train, pop.n, pop.catalogue.num_items + 1
     releases = channel_releases(pop, arms, c, seed)
-    models = {label: initial_scorer(cat, hist, seed, (items, cooc)) for label, (hist, items, cooc) in releases.items()}
+    transitions = transition_releases(pop, arms, c, seed, {label: r[0] for label, r in releases.items()})
+    models = {label: initial_scorer(cat, hist, seed, (items, cooc), transitions.get(label))
+              for label, (hist, items, cooc) in releases.items()}
     adam = {label: fedadam_state(m) for label, m in models.items()}
     first = next(iter(models.values()))
     keys = [k for k, _ in first.named_parameters()]
-    shapes = {k: tuple(p.shape) for k, p in first.named_parameters()}
+    shapes = {label: {k: tuple(p.shape) for k, p in m.named_parameters()} for label, m in models.items()}
     sampler = random.Random(seed)
     q_sim = simulated_rate(c, n, simulated_cohort)
     tables = channel_tables(cat)
@@ -607,7 +682,7 @@ def run_channel_arms(pop: Population, arms: dict[str, tuple[float, float, float]
     for r in range(1, c["rounds"] + 1):
         cohort = poisson_cohort(range(n), q_sim, sampler)
         cohorts.append(len(cohort))
-        totals = {label: {k: np.zeros(shapes[k]) for k in keys} for label in arms}
+        totals = {label: {k: np.zeros(shapes[label][k]) for k in keys} for label in arms}
         for start in range(0, len(cohort), chunk):
             members = cohort[start:start + chunk]
             histories, nexts, owner = chunk_examples(train, members, c["targets"])
@@ -616,15 +691,17 @@ def run_channel_arms(pop: Population, arms: dict[str, tuple[float, float, float]
                 items, cooc = cooc_matrix(model)
                 owns = [own_cooc_matrix(train[u], items, c["cooc-window"], COOC_GAP_DECAY) for u in members]
                 channels[:, 0] = cooc_channel(histories, items, cooc, width, owns, owner.numpy())
-                grads = channel_cohort_gradients(model, cat, profile, channels, mask, nexts, owner, len(members))
+                features = with_transition_channel(model, channels, histories, width, train, members, owner)
+                grads = channel_cohort_gradients(model, cat, profile, features, mask, nexts, owner, len(members))
                 minus = {k: -grads[k].double().numpy() for k in keys}  # a device's update is minus its gradient
                 for i in range(len(members)):
                     clipped, norm = clip_update({k: minus[k][i] for k in keys}, c["clip"])
                     norms[label].append(norm)
                     for k in keys:
                         totals[label][k] += clipped[k]
-        for label, (_, _, z) in arms.items():
-            mean = noisy_mean_update([totals[label]], keys, shapes, z * c["clip"] * q_sim / c["q"], q_sim * n,
+        for label, multipliers in arms.items():
+            z = _arm(multipliers)[2]
+            mean = noisy_mean_update([totals[label]], keys, shapes[label], z * c["clip"] * q_sim / c["q"], q_sim * n,
                                      np.random.default_rng([seed, 6, r]))
             fedadam_step(models[label], adam[label], {k: torch.from_numpy(mean[k]).float() for k in keys}, r,
                          c["server-lr"])
@@ -638,6 +715,8 @@ def run_channel_arms(pop: Population, arms: dict[str, tuple[float, float, float]
         out[label].update({f"valid-{k}": v for k, v in figures(valid[label]).items()})
         out[label].update({"cohorts": cohorts, "simulated-q": q_sim, "estimate": q_sim < c["q"],
                            "cooc-items-released": len(releases[label][1]),
+                           **({"transition-items-released": len(transitions[label][0])}
+                              if label in transitions else {}),
                            "update-norm-quantiles": [float(x) for x in np.quantile(norms[label], [0.1, 0.5, 0.9])]
                            if norms[label] else [],
                            "weights": {k: [round(float(x), 4) for x in p.detach().reshape(-1)]
@@ -924,11 +1003,13 @@ def dp_federated_sasrec(pop: Population, seed: int, budget: Budget, z: float, cl
 # ------------------------------------------------------------------------------------ the whole sweep
 def run(populations, seeds, like: str, work: Path, budget: Budget, sasrec_seeds, rounds: int | None,
         skip: set[str], simulated_cohort: int, also_synthetic=(), dp_sasrec_q: float | None = None,
-        dp_sasrec_epsilons=(), dp_sasrec_arm: str = "fedavg") -> dict:
+        dp_sasrec_epsilons=(), dp_sasrec_arm: str = "fedavg", product_transitions: bool = False) -> dict:
     torch.set_num_threads(1)
     s = pipeline_settings(rounds)
     c = channel_settings(rounds)
     channel_calibration = {f"{t:g}": calibrate_channel(t, c) for t in TARGETS}
+    transition_product_calibration = {f"{t:g}": calibrate_channel(t, c, transitions=True) for t in TARGETS} \
+        if product_transitions else {}
     calibration = {f"{t:g}": calibrate_pipeline(t, s) for t in TARGETS}
     transition_calibration = {f"{t:g}": calibrate_transitions(t, s) for t in TARGETS}
     sasrec_q = dp_sasrec_q or s["q"]  # the product's rate unless told
@@ -939,6 +1020,8 @@ def run(populations, seeds, like: str, work: Path, budget: Budget, sasrec_seeds,
                "budget": asdict(budget), "simulated-cohort": simulated_cohort, "calibration": calibration,
                "transition-calibration": transition_calibration, "channel-settings": c,
                "channel-calibration": channel_calibration,
+               **({"transition-product-calibration": transition_product_calibration}
+                  if product_transitions else {}),
                "dp-sasrec": {"q": sasrec_q, "clip": DP_SASREC_CLIP, "z": sasrec_z, "arm": dp_sasrec_arm},
                "populations": []}
     plan = sorted([(n, False) for n in populations] + [(n, True) for n in also_synthetic])
@@ -954,6 +1037,11 @@ def run(populations, seeds, like: str, work: Path, budget: Budget, sasrec_seeds,
         channel_arms = {f"{CHANNEL_ARM}, epsilon {k}": (x["popularity-z"], x["cooc-z"], x["z"])
                         for k, x in channel_calibration.items()}
         channel_arms[f"{CHANNEL_ARM}, no noise"] = (0.0, 0.0, 0.0)
+        if product_transitions:
+            channel_arms.update({f"{TRANSITION_ARM}, epsilon {k}": (x["popularity-z"], x["cooc-z"], x["z"],
+                                                                     x["transition-z"])
+                                 for k, x in transition_product_calibration.items()})
+            channel_arms[f"{TRANSITION_ARM}, no noise"] = (0.0, 0.0, 0.0, 0.0)
         entry = {"n": pop.n, "label": pop.label, "real": pop.real, "interactions": pop.interactions,
                  "eval-users": int(len(pop.eval_index)), "expected-cohort": s["q"] * pop.n,
                  "simulated-q": simulated_rate(s, pop.n, simulated_cohort),
@@ -961,8 +1049,8 @@ def run(populations, seeds, like: str, work: Path, budget: Budget, sasrec_seeds,
                  "privacy": {label: arm_privacy(zp, z, s, pop.n) for label, (zp, z) in arms.items()
                              if z > 0},
                  "channel-simulated-q": simulated_rate(c, pop.n, simulated_cohort),
-                 "channel-privacy": {label: channel_privacy(zp, zc, z, c, pop.n)
-                                     for label, (zp, zc, z) in channel_arms.items() if z > 0},
+                 "channel-privacy": {label: channel_privacy(*_arm(m)[:3], c, pop.n, _arm(m)[3])
+                                     for label, m in channel_arms.items() if _arm(m)[2] > 0},
                  "transition-privacy": {label: transition_privacy(zp, zt, s, pop.n)
                                         for label, (zp, zt) in transition_arms.items() if zt > 0},
                  "dp-sasrec-privacy": {f"SASRec DP-FedAvg, epsilon {k}": dp_sasrec_privacy(
@@ -1088,16 +1176,27 @@ def markdown(results: dict, plot_name: str) -> str:
                   "gradients checked against `shared.scorer.channel_user_gradient`, `shared.privacy.user_level`, "
                   "Flower's FedAdam arithmetic. The no-noise twin keeps the clipping. The co-occurrence channel "
                   "is the released matrix rescaled to a largest |entry| of `shared.scorer.COOC_PEAK` (post-"
-                  "processing of the release, no privacy spend).", "",
+                  "processing of the release, no privacy spend)." + (
+                      f" `{TRANSITION_ARM}`: the same pipeline with `transition-release = true`, one more Gaussian "
+                      f"release (each user's directed consecutive-pair counts among the top {cs['transition-items']} "
+                      "released items, L2-normalised: sensitivity 1, every user, no sampling) and one more trained "
+                      "channel (log1p of the released row of the user's last item above "
+                      "`shared.scorer.TRANSITION_THRESHOLD` x z_transitions; the user's own counts removed from its "
+                      "training features); the four multipliers (4.6, 2.76, 2.76, 3.22) -- the default's three and "
+                      "the transition release at the co-occurrence's, a split fixed before any run -- times one "
+                      "common factor per epsilon." if "transition-product-calibration" in results else ""), "",
                   f"| N | expected cohort q N | simulated cohort | arm | epsilon (Opacus RDP, delta {cs['delta']:g}) "
-                  "| z_pop | z_cooc | z | noise std on the mean update |", "|---|---|---|---|---|---|---|---|---|"]
+                  "| z_pop | z_cooc | z | z_transitions | noise std on the mean update |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for p, label, priv in channel:
-            x = results["channel-calibration"][label.rsplit(" ", 1)[-1]]
+            table = "transition-product-calibration" if label.startswith(TRANSITION_ARM) else "channel-calibration"
+            x = results[table][label.rsplit(" ", 1)[-1]]
             q_sim = p.get("channel-simulated-q", cs["q"])
+            z_t = f"{x['transition-z']:.3f}" if "transition-z" in x else "-"
             lines.append(f"| {p['n']:,} ({'real' if p['real'] else 'synthetic'}) | {cs['q'] * p['n']:,.0f} | "
                          f"{q_sim * p['n']:,.0f}{' (estimate)' if q_sim < cs['q'] else ' (exact)'} | {label} | "
                          f"{priv['epsilon']:.3f} | {x['popularity-z']:.3f} | {x['cooc-z']:.3f} | {x['z']:.3f} | "
-                         f"{priv['noise-std-on-mean-update']:.2e} |")
+                         f"{z_t} | {priv['noise-std-on-mean-update']:.2e} |")
         lines += ["", "Channel scorer epsilon: user-level (unit one user's whole history, add/remove one user), the "
                   "popularity release, the co-occurrence release (both Gaussian, sensitivity 1, every user, no "
                   "sampling) and every round (sampled Gaussian, Poisson rate q) composed in one Opacus RDP "
@@ -1183,7 +1282,7 @@ def target_check(results: dict) -> str:
     summ = p["summary"]
     lines = []
     twins = ("SASRec FedAvg, no DP (unweighted, not clipped)", "SASRec FedAvg, clipped, no noise")
-    for model in ("content-scorer", CHANNEL_ARM, "transition scorer", "SASRec DP-FedAvg"):
+    for model in ("content-scorer", CHANNEL_ARM, TRANSITION_ARM, "transition scorer", "SASRec DP-FedAvg"):
         private = summ.get(f"{model}, epsilon 2")
         if not private:
             continue
@@ -1198,7 +1297,8 @@ def target_check(results: dict) -> str:
             continue
         if "popularity (no DP)" in summ:
             parts.append(f"{private['ndcg@10'][0] / summ['popularity (no DP)']['ndcg@10'][0]:.3f} x popularity (no DP)")
-        kind = " (an estimate, see above)" if p["estimate"] and model in ("content-scorer", CHANNEL_ARM) else ""
+        kind = " (an estimate, see above)" if p["estimate"] and model in ("content-scorer", CHANNEL_ARM,
+                                                                           TRANSITION_ARM) else ""
         lines.append(f"Target at N = {p['n']:,}, user-level epsilon 2, {model}{kind}: NDCG@10 "
                      f"{private['ndcg@10'][0]:.4f} is " + "; ".join(parts) + ".")
     return "\n".join(lines)
@@ -1257,6 +1357,10 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--fed-cohort", type=int, default=None)
     parser.add_argument("--dp-sasrec-arm", default="fedavg", choices=["fedavg", "avgm", "fedadam"],
                         help="simulations.fedopt arm whose local training and server step SASRec DP-FedAvg uses")
+    parser.add_argument("--product-transitions", action="store_true",
+                        help="also run the product's channel scorer with transition-release = true (its four "
+                             "multipliers 4.6 : 2.76 : 2.76 : 3.22 times one common factor per epsilon) and its "
+                             "no-noise twin")
     parser.add_argument("--like", default="ml-100k", help="source: ml-100k or a dataset path")
     parser.add_argument("--work", default="/tmp/privrec-population-utility",
                         help="synthetic populations and their stores (outside the repo)")
@@ -1298,7 +1402,7 @@ def main(argv: list[str] | None = None) -> Path:
     work.mkdir(parents=True, exist_ok=True)
     results = run(sorted(args.populations), args.seeds, args.like, work, budget, sasrec_seeds, rounds, set(args.skip),
                   args.simulated_cohort, args.also_synthetic, args.dp_sasrec_q,
-                  args.dp_sasrec_epsilons, args.dp_sasrec_arm)
+                  args.dp_sasrec_epsilons, args.dp_sasrec_arm, args.product_transitions)
     results["sasrec-seeds"] = sasrec_seeds
     results["quick"] = args.quick
     return write_results(results, args.out, args.references)

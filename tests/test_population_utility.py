@@ -297,3 +297,40 @@ def test_channel_arms_release_like_the_server_and_the_estimate_keeps_the_real_co
     for arm in out.values():
         assert 0.0 <= arm["ndcg@10"] <= 1.0 and 0.0 <= arm["round-0"]["ndcg@10"] <= 1.0
         assert max(arm["update-norm-quantiles"]) > 0
+
+
+def test_the_transition_arms_features_and_per_user_gradients_equal_the_product_device_code():
+    """`--product-transitions`: the simulation's transition channel (own counts removed in training) and per-user
+    gradients of the 10-weight scorer are `shared.scorer.channel_features` / `channel_user_gradient`'s."""
+    from server.scorer import initial_scorer
+    from shared.analytics import COOC_GAP_DECAY, own_cooc_matrix, top_items, transition_sum
+    from shared.scorer import channel_features, channel_user_gradient, cooc_matrix, transition_release
+
+    train, catalogue, plain = _channel_setup()
+    c = pu.channel_settings()
+    items, cooc = cooc_matrix(plain)
+    t_items = top_items(plain.popularity.numpy(), 20)
+    released = transition_sum(train, t_items) + np.random.default_rng(1).normal(0, 0.2, (20, 20))
+    model = initial_scorer(catalogue, np.expm1(plain.popularity.numpy()), 0, (items, cooc), (t_items, released, 0.3))
+    with torch.no_grad():
+        model.content.copy_(torch.tensor([5.0]))
+        model.scales.copy_(torch.tensor([0.7, 0.4, -0.3, 0.9, 0.2, -0.1, 0.6, 0.3, 0.8]))
+    width = catalogue.num_items + 1
+    members = [8, 4, 0, 5, 2, 7]
+    histories, nexts, owner = pu.chunk_examples(train, members, c["targets"])
+    owns = [own_cooc_matrix(train[u], items, c["cooc-window"], COOC_GAP_DECAY) for u in members]
+    profile, channels, mask = pu.base_channels(catalogue, histories, c)
+    channels[:, 0] = pu.cooc_channel(histories, items, cooc, width, owns, owner.numpy())
+    features = pu.with_transition_channel(model, channels, histories, width, train, members, owner)
+    assert features.shape[1] == channels.shape[1] + 1 and float(features[:, -1].abs().sum()) > 0
+    grads = pu.channel_cohort_gradients(model, catalogue, profile, features, mask, nexts, owner, len(members))
+    for i, user in enumerate(members):
+        expected = channel_user_gradient(model, catalogue, [train[user]], c["targets"], c["profile-items"],
+                                         c["decay"], c["cooc-window"], COOC_GAP_DECAY)
+        for key, value in expected.items():
+            assert torch.allclose(grads[key][i], value, atol=1e-5, rtol=1e-4), (user, key)
+    _, theirs, _ = channel_features(catalogue, histories, items, cooc, c["profile-items"], c["decay"],
+                                    transitions=transition_release(model))
+    mine = pu.with_transition_channel(model, channels, histories, width)  # evaluation: the release as it is
+    assert torch.allclose(mine[:, -1], theirs[:, -1], atol=1e-5)
+    assert pu.with_transition_channel(plain, channels, histories, width) is channels  # default: unchanged

@@ -21,7 +21,14 @@ import torch
 
 from shared.errors import PrivrecError
 from shared.model import ModelConfig, SASRec
-from shared.scorer import COOC_CHANNEL, ChannelScorer, ContentScorer, public_catalogue, score_histories
+from shared.scorer import (
+    COOC_CHANNEL,
+    TRANSITION_CHANNEL,
+    ChannelScorer,
+    ContentScorer,
+    public_catalogue,
+    score_histories,
+)
 from shared.scorer import Catalogue as ScorerCatalogue
 
 
@@ -262,6 +269,14 @@ class ScorerRecommender(Recommender):
             if kind is ChannelScorer and arch.get("cooc-channel") != COOC_CHANNEL:
                 raise PrivrecError(f"model.json: co-occurrence channel {arch.get('cooc-channel', 'fixed 0.1')!r}, "
                                    f"but this privrec computes {COOC_CHANNEL!r}: the weights do not fit; train again")
+            trained_with = arch.get("transition-channel")  # absent: trained without the transition release
+            if kind is ChannelScorer and trained_with is not None and trained_with != TRANSITION_CHANNEL:
+                raise PrivrecError(f"model.json: transition channel {trained_with!r}, but this privrec computes "
+                                   f"{TRANSITION_CHANNEL!r}: the weights do not fit; train again")
+            if kind is ChannelScorer and (trained_with is not None) != ("transition_items" in state):
+                raise PrivrecError("model.json and model.pt disagree on the transition release (model.json "
+                                   f"transition-channel {trained_with!r}; model.pt "
+                                   f"{'has' if 'transition_items' in state else 'lacks'} its buffers)")
             model = kind.from_state(state, catalogue.num_items, catalogue.text.shape[1])
             items = _read_json(run_dir / "items.json")
             ids, titles = [str(i) for i in items["item_ids"]], list(items["item_titles"])

@@ -9,6 +9,9 @@ adding or removing that user. The run releases, in this order:
 1b. channel-scorer only: the windowed co-occurrence among the `cooc-items` items the released histogram ranks
    highest (post-processing): the sum of every user's pair vector (L2 norm 1) plus N(0, z_cooc^2) per pair --
    a Gaussian mechanism, sensitivity 1, no sampling;
+1c. channel-scorer with `transition-release = true` only: the directed (previous -> next) transition counts among
+   the `transition-items` items the released histogram ranks highest: the sum of every user's count matrix
+   (L2-normalised, norm 1) plus N(0, z_transitions^2) per cell -- a Gaussian mechanism, sensitivity 1, no sampling;
 2. every DP-FedAvg round: devices Poisson-sampled at rate q, each device's update (minus its gradient) clipped
    to C on the server, N(0, (z C)^2) on the sum, divided by the fixed q N -- the sampled Gaussian mechanism
    (q, z), once per round. The server optimizer (FedAdam) and evaluation are post-processing.
@@ -41,25 +44,31 @@ COMPOSABLE = ("rdp", "prv")  # Opacus' gdp accountant refuses a history whose no
 
 
 def pipeline_history(popularity_noise: float, noise_multiplier: float, sample_rate: float,
-                     rounds: int, cooc_noise: float | None = None) -> list[list[float]]:
+                     rounds: int, cooc_noise: float | None = None,
+                     transition_noise: float | None = None) -> list[list[float]]:
     """Accountant rows [noise multiplier, sample rate, steps]: the popularity release, the co-occurrence release
-    (when `cooc_noise` is given: channel-scorer), then `rounds` rounds."""
+    (when `cooc_noise` is given: channel-scorer), the transition release (when `transition_noise` is given:
+    channel-scorer with transition-release), then `rounds` rounds."""
     history = [[float(popularity_noise), 1.0, 1]]
     if cooc_noise is not None:
         history.append([float(cooc_noise), 1.0, 1])
+    if transition_noise is not None:
+        history.append([float(transition_noise), 1.0, 1])
     if rounds > 0:
         history.append([float(noise_multiplier), float(sample_rate), int(rounds)])
     return history
 
 
 def pipeline_epsilon(popularity_noise: float, noise_multiplier: float, sample_rate: float, rounds: int,
-                     delta: float, accountant: str, cooc_noise: float | None = None) -> float:
-    """User-level epsilon at `delta` of the popularity release (and the co-occurrence release, when
-    `cooc_noise` is given) composed with `rounds` DP-FedAvg rounds."""
+                     delta: float, accountant: str, cooc_noise: float | None = None,
+                     transition_noise: float | None = None) -> float:
+    """User-level epsilon at `delta` of the popularity release (and the co-occurrence / transition releases, when
+    their noise is given) composed with `rounds` DP-FedAvg rounds."""
     if accountant not in COMPOSABLE:
         raise PrivrecError(f"config key 'accountant' = {accountant}: the scorer pipelines compose different "
                            f"mechanisms, which Opacus' gdp accountant cannot; use one of {', '.join(COMPOSABLE)}")
-    state = {"history": pipeline_history(popularity_noise, noise_multiplier, sample_rate, rounds, cooc_noise),
+    state = {"history": pipeline_history(popularity_noise, noise_multiplier, sample_rate, rounds, cooc_noise,
+                                         transition_noise),
              "mechanism": accountant}
     return float(epsilon_from_state(state, delta, accountant))
 
@@ -77,16 +86,25 @@ def cooc_noise(cfg: Mapping[str, Any]) -> float | None:
     return float(cfg["cooc-noise-multiplier"]) if cfg["model"] == "channel-scorer" else None
 
 
+def transition_noise(cfg: Mapping[str, Any]) -> float | None:
+    """The transition release's noise multiplier when the config makes that release (channel-scorer with
+    `transition-release = true`), else None."""
+    return float(cfg["transition-noise-multiplier"]) \
+        if cfg["model"] == "channel-scorer" and cfg.get("transition-release") else None
+
+
 def planned_epsilon(cfg: Mapping[str, Any], sample_rate: float) -> float:
     """The epsilon a scorer-pipeline config reaches after all its rounds (before anything runs)."""
     return pipeline_epsilon(cfg["popularity-noise-multiplier"], cfg["user-noise-multiplier"], sample_rate,
-                            cfg["num-rounds"], cfg["delta"], cfg["accountant"], cooc_noise(cfg))
+                            cfg["num-rounds"], cfg["delta"], cfg["accountant"], cooc_noise(cfg),
+                            transition_noise(cfg))
 
 
 def _releases(cfg: Mapping[str, Any]) -> str:
-    z_cooc = cooc_noise(cfg)
+    z_cooc, z_t = cooc_noise(cfg), transition_noise(cfg)
     return f"popularity release z = {cfg['popularity-noise-multiplier']:g}" + (
-        "" if z_cooc is None else f" + co-occurrence release z = {z_cooc:g}")
+        "" if z_cooc is None else f" + co-occurrence release z = {z_cooc:g}") + (
+        "" if z_t is None else f" + transition release z = {z_t:g}")
 
 
 def check_pipeline_budget(cfg: Mapping[str, Any], sample_rate: float, where: str = "") -> float:
@@ -134,12 +152,19 @@ def _noise(cfg: Mapping[str, Any], z: float) -> str:
 
 def statement(cfg: Mapping[str, Any], sample_rate: float, population: int, rounds: int) -> dict[str, Any]:
     """The full guarantee of a scorer-pipeline run after `rounds` rounds (privacy.json, summary.json)."""
-    z_cooc = cooc_noise(cfg)
+    z_cooc, z_t = cooc_noise(cfg), transition_noise(cfg)
     channel = z_cooc is not None
+    seen = "popularity histogram, the released co-occurrence" + (", the released transitions" if z_t is not None
+                                                                  else "")
     cooc = (f"2) windowed co-occurrence among the {cfg['cooc-items']} items the released histogram ranks highest "
             f"(post-processing): Gaussian, sensitivity 1 (each user's weighted pairs at distance <= "
-            f"{cfg['cooc-window']}, L2-normalised), {_noise(cfg, z_cooc)}, no sampling, one release; 3) "
-            ) if channel else "2) "
+            f"{cfg['cooc-window']}, L2-normalised), {_noise(cfg, z_cooc)}, no sampling, one release; "
+            ) if channel else ""
+    if z_t is not None:
+        cooc += (f"3) directed (previous -> next) transitions among the {cfg['transition-items']} items the released "
+                 f"histogram ranks highest (post-processing): Gaussian, sensitivity 1 (each user's consecutive-pair "
+                 f"counts, L2-normalised), {_noise(cfg, z_t)}, no sampling, one release; ")
+    cooc += f"{2 + channel + (z_t is not None)}) "
     clip, z = f"{cfg['user-clipping-norm']:g}", cfg["user-noise-multiplier"]
     if secure(cfg):
         rounds_noise = (f"clipped on the device to L2 norm {clip}, plus the device's Gaussian share N(0, ({z:g} x "
@@ -153,14 +178,17 @@ def statement(cfg: Mapping[str, Any], sample_rate: float, population: int, round
     parts = {"popularity release": _release_adversary(cfg, "the released popularity histogram", m_release)}
     if channel:
         parts["co-occurrence release"] = _release_adversary(cfg, "the released co-occurrence", m_release)
+    if z_t is not None:
+        parts["transition release"] = _release_adversary(cfg, "the released transitions", m_release)
     parts["DP-FedAvg rounds"] = _release_adversary(cfg, "the released models", cfg["secagg-min-cohort"])
     gradient = ("its gradient of the mean loss over its last {n} training items, its history masked and its own "
-                "co-occurrence contribution removed from its features" if channel else
+                "co-occurrence" + (" and transition" if z_t is not None else "") +
+                " contribution removed from its features" if channel else
                 "its gradient of the mean loss over its last {n} training items").format(n=cfg["scorer-targets"])
     return {
         "model": cfg["model"],
         "epsilon": pipeline_epsilon(cfg["popularity-noise-multiplier"], cfg["user-noise-multiplier"], sample_rate,
-                                    rounds, cfg["delta"], cfg["accountant"], z_cooc),
+                                    rounds, cfg["delta"], cfg["accountant"], z_cooc, z_t),
         "planned-epsilon": planned_epsilon(cfg, sample_rate),
         "target-epsilon": cfg["target-epsilon"],
         "delta": cfg["delta"],
@@ -169,7 +197,7 @@ def statement(cfg: Mapping[str, Any], sample_rate: float, population: int, round
         "accountant": f"Opacus {cfg['accountant']}, one history composing every release "
                       "(checked against dp-accounting in tests)",
         "history": pipeline_history(cfg["popularity-noise-multiplier"], cfg["user-noise-multiplier"], sample_rate,
-                                    rounds, z_cooc),
+                                    rounds, z_cooc, z_t),
         "mechanism": (f"1) popularity histogram: Gaussian, sensitivity 1 (each user's item set / sqrt(n)), "
                       f"{_noise(cfg, cfg['popularity-noise-multiplier'])}, no sampling, one release; {cooc}"
                       f"{rounds} round(s) of DP-FedAvg (FedSGD) of the {cfg['model']}: each device's update = minus "
@@ -178,16 +206,14 @@ def statement(cfg: Mapping[str, Any], sample_rate: float, population: int, round
         "sampling": f"analytics releases: every device, no sampling; rounds: Poisson sampling of devices at rate "
                     f"q = {sample_rate:.4g} per round over {population} devices",
         "on-device-dp": "off (dp = false): no window-level DP-SGD; the guarantee is the user-level one above",
-        "adversary": ("whoever sees the released " + ("popularity histogram, the released co-occurrence" if channel
-                                                      else "popularity histogram") +
+        "adversary": ("whoever sees the released " + (seen if channel else "popularity histogram") +
                       " and the released models (other devices, users of the model), AND the honest-but-curious "
                       "server: every part runs under secure aggregation, and holds against the server while at least "
                       f"m_min devices in every unmasked sum follow the protocol and keep their noise share secret "
                       f"(m_min = secagg-min-cohort = {cfg['secagg-min-cohort']} for a round, {m_release} for an "
                       "analytics release; devices colluding with the server can remove their own shares)")
                      if secure(cfg) else
-                     ("whoever sees the released " + ("popularity histogram, the released co-occurrence" if channel
-                                                      else "popularity histogram") +
+                     ("whoever sees the released " + (seen if channel else "popularity histogram") +
                       " and the released models (other devices, users of the model); NOT the server, which sees "
                       "each device's contribution vectors and unclipped update (secure-aggregation = false)"),
         "adversary-by-part": parts,
@@ -202,11 +228,15 @@ def statement(cfg: Mapping[str, Any], sample_rate: float, population: int, round
                            "chosen by the developers from ML-100K measurements (validation items): that choice "
                            "is not counted in epsilon",
         "population": population,
+        **({"transition-release": True} if z_t is not None else {}),
     }
 
 
 def _what(record: Mapping[str, Any]) -> tuple[str, str]:
     """(the releases in words, what the adversary sees) of a statement, by whether it has the co-occurrence."""
+    if record.get("model") == "channel-scorer" and record.get("transition-release"):
+        return ("DP popularity release + DP co-occurrence release + DP transition release",
+                "released histograms and models")
     if record.get("model") == "channel-scorer":
         return ("DP popularity release + DP co-occurrence release", "released histograms and models")
     return ("DP popularity release", "released histogram and models")

@@ -177,7 +177,8 @@ class Expected:
     basis: str  # where q comes from: "config sample-rate", "device data (n windows)", "unknown"
     # model = content-scorer: the popularity release [z_pop, 1, 1] the user-level history starts with
     leading_release: tuple[float, float, int] | None = None
-    # model = channel-scorer: the further analytics releases after it (the co-occurrence [z_cooc, 1, 1])
+    # model = channel-scorer: the further analytics releases after it (the co-occurrence [z_cooc, 1, 1], and with
+    # transition-release the transitions [z_transitions, 1, 1])
     further_releases: tuple[tuple[float, float, int], ...] = ()
 
 
@@ -294,4 +295,7 @@ def expected_user_level(config: dict[str, Any], population: int | None) -> Expec
         lead = (float(config["popularity-noise-multiplier"]), 1.0, 1)
     if config.get("model") == "channel-scorer" and isinstance(config.get("cooc-noise-multiplier"), (int, float)):
         further = ((float(config["cooc-noise-multiplier"]), 1.0, 1),)
+        if config.get("transition-release") is True and \
+                isinstance(config.get("transition-noise-multiplier"), (int, float)):
+            further += ((float(config["transition-noise-multiplier"]), 1.0, 1),)
     return Expected(float(z) if isinstance(z, (int, float)) else None, q, 1, basis, lead, further)
