@@ -43,7 +43,7 @@ from shared.config import (
     default_run_name,
     from_run_config,
 )
-from shared.data.devices import CATALOGUE_KEY, read_catalogue
+from shared.data.devices import CATALOGUE_FILE, CATALOGUE_KEY, read_catalogue
 from shared.data.store import open_store, prepare_store
 from shared.errors import PrivrecError
 from shared.model import SASRec, architecture_for
@@ -199,7 +199,9 @@ class FederatedRun:
             pipeline.check_pipeline_budget(cfg, user_sample_rate(cfg, self.num_devices), "run config: ")
         # Text models: the frozen text table is built here from the public catalogue (encoded once,
         # cached by hash) and is not part of the shipped weights; devices build the same one themselves.
-        features = features_for(self.run, Path(items_path).parent)
+        # (A deployment's catalogue folder names its dataset in catalogue.json, as the devices' meta.json do.)
+        features = features_for(self.run, Path(items_path).parent,
+                                meta_file=CATALOGUE_FILE if self.run.deployment.catalogue else "meta.json")
         if self.scorer:
             self.catalogue = scorer_catalogue(items_path, features.vectors)
             model = None  # made from the popularity release, below

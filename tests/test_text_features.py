@@ -140,3 +140,19 @@ def test_real_minilm_puts_related_titles_close(minilm, tmp_path):
     assert v[1] @ v[2] > v[1] @ v[3] + 0.1
 
 
+
+
+def test_a_deployments_server_catalogue_gives_the_devices_text_features(tmp_path):
+    """The ServerApp of a deployment reads DEVICES_DIR/catalogue (catalogue.json, no meta.json): it must build
+    the very text features each device builds from its own store, or every text model is refused."""
+    from shared.data.devices import CATALOGUE_DIR, CATALOGUE_FILE, split_devices
+    from shared.data.store import open_store
+    from tests.synthetic import walk_store
+
+    devices = split_devices(open_store(walk_store(tmp_path / "store", num_users=2, num_items=6)), tmp_path / "dev")
+    server = store_text_features(devices / CATALOGUE_DIR, tmp_path / "cache", encoder=FakeEncoder, progress=False,
+                                 meta_file=CATALOGUE_FILE)
+    device = store_text_features(devices / "device-1" / "data", tmp_path / "cache", encoder=FakeEncoder,
+                                 progress=False)
+    assert server.key == device.key and np.array_equal(server.vectors, device.vectors)
+    assert server.dataset == "synthetic-walk"

@@ -156,23 +156,24 @@ def text_features(catalogue: Catalogue, cache_dir: str | Path | None = None,
 
 
 def store_text_features(store_dir: str | Path, cache_dir: str | Path | None = None,
-                        encoder=None, progress: bool = True) -> TextFeatures:
-    return text_features(read_catalogue(store_dir), cache_dir, encoder, progress)
+                        encoder=None, progress: bool = True, meta_file: str = "meta.json") -> TextFeatures:
+    return text_features(read_catalogue(store_dir, meta_file), cache_dir, encoder, progress)
 
 
 TEXT_KEY = "item-text-key"  # message config key: which text features the server's model was built on
 
 
 def features_for(cfg: RunConfig | Mapping, store_dir: str | Path, expected_key: str | None = None,
-                 cache_dir: str | Path | None = None) -> TextFeatures | None:
+                 cache_dir: str | Path | None = None, meta_file: str = "meta.json") -> TextFeatures | None:
     """The text features a run config's model needs (None for ID-only models).
 
-    `expected_key` (the server's) must match what this side computed from its catalogue.
+    `expected_key` (the server's) must match what this side computed from its catalogue. `meta_file` names the
+    dataset (a deployment's DEVICES_DIR/catalogue has catalogue.json, a store meta.json).
     """
     run = RunConfig.of(cfg)
     if run.pipeline.model == "sasrec" and run.model.item_representation == "id":  # the content scorer always needs them
         return None
-    features = store_text_features(store_dir, cache_dir)
+    features = store_text_features(store_dir, cache_dir, meta_file=meta_file)
     if expected_key is not None and str(expected_key) != features.key:
         raise PrivrecError(f"{Path(store_dir)}: this catalogue's text features are {features.key}, but the "
                            f"global model was built on {expected_key}: the catalogues differ")

@@ -85,8 +85,10 @@ class LocalDeployment:
         self.node_ids[device.device_id] = register_node(public, self.env)
         return self.node_ids[device.device_id]
 
-    def start_node(self, index: int, key: Path | None = None, name: str | None = None) -> str:
-        """Start device `index`'s SuperNode through `privrec deploy node` (key: the device's own, with auth)."""
+    def start_node(self, index: int, key: Path | None = None, name: str | None = None,
+                   extra_env: dict[str, str] | None = None) -> str:
+        """Start device `index`'s SuperNode through `privrec deploy node` (key: the device's own, with auth;
+        `extra_env`: what differs on this device, e.g. its own PRIVREC_CACHE_DIR)."""
         device = self.device(index)
         if key is None and self.security.auth:
             key = self.node_key(device)
@@ -99,7 +101,7 @@ class LocalDeployment:
         if key is not None:
             args += ["--key", str(key)]
         name = name or f"node-{index}"
-        self.processes.start(name, privrec_command(*args), cwd=self.workdir)
+        self.processes.start(name, privrec_command(*args), cwd=self.workdir, extra_env=extra_env)
         return name
 
     # -- the run ---------------------------------------------------------------------------

@@ -170,7 +170,8 @@ class ProcessGroup:
     run_path: Path | None = None  # marked `interrupted` if our process is killed before `close()`
     watchdog: Watchdog | None = None
 
-    def start(self, name: str, command: list[str], cwd: Path | None = None) -> Started:
+    def start(self, name: str, command: list[str], cwd: Path | None = None,
+              extra_env: dict[str, str] | None = None) -> Started:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         if self.watchdog is None and "FLWR_HOME" in self.env:
             # Our processes live in sessions of their own: if we die without close() (kill -9), the
@@ -180,8 +181,9 @@ class ProcessGroup:
         with open(log_path, "ab") as log:
             log.write(f"$ {' '.join(command)}\n".encode())
             log.flush()
-            process = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=cwd,
-                                       stdin=subprocess.DEVNULL, start_new_session=True)
+            process = subprocess.Popen(command, env={**self.env, **(extra_env or {})}, stdout=log,
+                                       stderr=subprocess.STDOUT, cwd=cwd, stdin=subprocess.DEVNULL,
+                                       start_new_session=True)
         self.started[name] = Started(name, process, log_path)
         self.sessions.append(process.pid)
         return self.started[name]
