@@ -214,8 +214,6 @@ def evaluation_sums(model: ContentScorer | ChannelScorer, catalogue: Catalogue, 
 # channels a device computes from its own history and the released public things (DP popularity, DP windowed
 # co-occurrence among the items that popularity ranks highest, the public catalogue). Fixed a priori.
 CHANNELS = ("cooc", "max10", "genre", "year", "raw", "last", "long")
-CHANNEL_FROZEN = ("popularity", "cooc_items", "cooc", "transition_items", "transitions", "transition_threshold")
-# (released once by analytics, shipped, never trained; the transition buffers only with transition-release)
 RECENT_WINDOW = 10  # last items of the max-cosine and genre channels
 COOC_QUERY_ITEMS, COOC_QUERY_DECAY = 10, 0.8  # the device's query of the co-occurrence rows
 # The released matrix is a SUM over users, so its entries grow with the population (ML-100K's 943 users: largest
@@ -236,6 +234,8 @@ TRANSITION_THRESHOLD = 3.0
 TRANSITION = "transition"
 TRANSITION_CHANNEL = f"log1p above {TRANSITION_THRESHOLD:g} noise std, last item"  # in model.json
 TRANSITION_FROZEN = ("transition_items", "transitions", "transition_threshold")
+# released once by analytics, shipped, never trained (the transition buffers only with transition-release)
+CHANNEL_FROZEN = ("popularity", "cooc_items", "cooc") + TRANSITION_FROZEN
 HISTORY_MASK = -1e4  # training scores of the user's own history: excluded, as in the ranking
 
 

@@ -234,12 +234,10 @@ def statement(cfg: Mapping[str, Any], sample_rate: float, population: int, round
 
 def _what(record: Mapping[str, Any]) -> tuple[str, str]:
     """(the releases in words, what the adversary sees) of a statement, by whether it has the co-occurrence."""
-    if record.get("model") == "channel-scorer" and record.get("transition-release"):
-        return ("DP popularity release + DP co-occurrence release + DP transition release",
-                "released histograms and models")
-    if record.get("model") == "channel-scorer":
-        return ("DP popularity release + DP co-occurrence release", "released histograms and models")
-    return ("DP popularity release", "released histogram and models")
+    if record.get("model") != "channel-scorer":
+        return ("DP popularity release", "released histogram and models")
+    transitions = " + DP transition release" if record.get("transition-release") else ""
+    return (f"DP popularity release + DP co-occurrence release{transitions}", "released histograms and models")
 
 
 def sentence(record: Mapping[str, Any], rounds: int) -> dict[str, Any]:
