@@ -112,7 +112,7 @@ def _reconnected(node_log: Path, since: int) -> bool:
 
 
 def _finish(cluster: LocalDeployment, name: str, run_path: Path) -> None:
-    code = cluster.wait(name, timeout=400)
+    code = cluster.wait(name, timeout=600)  # a limit for a hung run only: 340 s seen on a heavily loaded machine
     log = (cluster.processes.log_dir / f"{name}.log").read_text(errors="replace")
     assert cluster.flower_status(name) == "finished:completed", log[-3000:]
     assert code == 0
@@ -159,7 +159,7 @@ def test_faults_a_node_dies_mid_round_then_the_superlink_restarts_and_the_run_re
     """Both faults in one run (each round of a real deployment costs tens of seconds here).
 
     Round 1: one SuperNode is SIGKILLed after receiving its model; the round completes with the
-    others once `round-timeout` expires. Then the SuperLink goes down (taking the ServerApp with it)
+    others once the SuperLink lists it offline. Then the SuperLink goes down (taking the ServerApp with it)
     and comes back; the killed node is restarted; the run is submitted again with the same
     run-name and continues with round 2, with the node back in, instead of starting over.
     """
@@ -167,7 +167,10 @@ def test_faults_a_node_dies_mid_round_then_the_superlink_restarts_and_the_run_re
     node_log = cluster.processes.started[f"node-{victim}"].log_path
     received_before = node_log.read_text(errors="replace").count("Receiving: train message")
     before = (_ledger(cluster, victim) or {"rounds": []})["rounds"]  # earlier runs' spend, if any
-    cfg = _run_config(cluster, tmp_path, "faults", **{"round-timeout": 60.0})
+    # The round ends when the victim is listed offline (2 missed 30 s heartbeats) or at round-timeout; the timeout
+    # only bounds the survivors' replies, so it is wide: on a loaded machine (the suite runs 3 workers) a
+    # ClientApp process can take over a minute to start and train.
+    cfg = _run_config(cluster, tmp_path, "faults", **{"round-timeout": 120.0})
     run_path = tmp_path / "runs" / "faults"
     cluster.submit(cfg, name="faults-1")
 
