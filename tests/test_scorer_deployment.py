@@ -67,7 +67,7 @@ def devices(cluster, tmp_path_factory) -> dict[int, Path]:  # noqa: F811
         cluster.processes.stop(f"node-{index}")
         cluster.start_node(index, extra_env={"PRIVREC_CACHE_DIR": str(caches[index])})
     _wait_for(lambda: all("SuperNode ID" in log.read_text(errors="replace")[since:] for log, since in logs.items()),
-              120, "the restarted SuperNodes to connect", cluster)
+              300, "the restarted SuperNodes to connect", cluster)  # a limit only: slow under 3 workers
     return caches
 
 

@@ -1,6 +1,5 @@
-"""The order tests run in under pytest-xdist (tests/conftest.py): the slowest first, a quick one behind each."""
+"""The order and grouping of tests under pytest-xdist (tests/conftest.py)."""
 
-import ast
 from pathlib import Path
 
 from tests import conftest
@@ -9,32 +8,41 @@ TESTS = Path(__file__).resolve().parent
 
 
 class _Item:
-    def __init__(self, nodeid: str):
-        self.nodeid = nodeid
+    def __init__(self, file: str, name: str):
+        self.path = TESTS / file
+        self.nodeid = f"tests/{file}::{name}"
+        self.marks = []
+
+    def add_marker(self, mark):
+        self.marks.append(mark.mark)
 
 
-def test_every_listed_slow_test_exists():
-    """A renamed test would silently lose its place at the front: every name must still be a test function."""
-    for name in conftest.SLOWEST_FIRST:
-        file, function = name.split("::")
-        tree = ast.parse((TESTS / file).read_text())
-        assert function in {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}, name
+def _collected() -> list[_Item]:
+    return [_Item("test_accounting.py", "test_a"), _Item("test_deployment.py", "test_b"),
+            _Item("test_faults.py", "test_c"), _Item("test_secagg_deployment.py", "test_d"),
+            _Item("test_deployment.py", "test_e"), _Item("test_zzz.py", "test_f")]
 
 
-def test_under_workers_the_slowest_go_first_with_a_quick_one_behind_each(monkeypatch):
-    slow = [f"tests/{name}" for name in conftest.SLOWEST_FIRST]
-    quick = [f"tests/test_quick.py::test_{i}" for i in range(5)]
-    collected = [_Item(nodeid) for nodeid in quick[:2] + slow[::-1] + quick[2:]]  # files' order: slow ones late
+def test_every_named_file_exists():
+    for name in [*conftest.DEPLOYMENT_CHAINS, *conftest.REAL_PROCESS_NEXT]:
+        assert (TESTS / name).is_file(), name
+
+
+def test_under_workers_each_deployment_file_is_one_chain_and_goes_first(monkeypatch):
     monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "3")
-    items = list(collected)
+    items = _collected()
     conftest.pytest_collection_modifyitems(None, items)
-    assert [item.nodeid for item in items] == slow[:3] + quick[:3] + slow[3:] + quick[3:]
+    assert [item.nodeid.split("::")[1] for item in items] == ["test_b", "test_d", "test_e", "test_c", "test_a",
+                                                              "test_f"]
+    groups = {item.nodeid.split("::")[1]: [m.args[0] for m in item.marks if m.name == "xdist_group"]
+              for item in items}
+    assert groups == {"test_b": ["deploy-plain"], "test_d": ["deploy-secagg"], "test_e": ["deploy-plain"],
+                      "test_c": [], "test_a": [], "test_f": []}
 
 
-def test_without_workers_the_files_order_is_kept(monkeypatch):
+def test_without_workers_nothing_changes(monkeypatch):
     monkeypatch.delenv("PYTEST_XDIST_WORKER_COUNT", raising=False)
-    collected = [_Item(f"tests/test_quick.py::test_{i}") for i in range(3)]
-    collected.append(_Item(f"tests/{conftest.SLOWEST_FIRST[0]}"))
-    items = list(collected)
+    items = _collected()
     conftest.pytest_collection_modifyitems(None, items)
-    assert items == collected
+    assert [item.nodeid for item in items] == [item.nodeid for item in _collected()]
+    assert not any(item.marks for item in items)
