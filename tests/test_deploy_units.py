@@ -8,6 +8,7 @@ import json
 import os
 import socket
 import stat
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,15 @@ from tests.synthetic import walk_store
 from tests.test_cli import assert_user_error
 from tools.cli import main
 from tools.deploy.certs import make_certs, make_node_key
-from tools.deploy.processes import Security, superlink_command, supernode_command, wait_until_reachable
+from tools.deploy.processes import (
+    ProcessGroup,
+    Security,
+    Started,
+    superlink_command,
+    supernode_command,
+    wait_until_reachable,
+)
+from tools.launch import stop_process_group
 
 SMALL = {"max-len": 16, "window": 12, "hidden-size": 16, "num-blocks": 1, "local-epochs": 1}
 
@@ -430,3 +439,27 @@ def test_a_device_split_from_other_data_refuses_the_servers_catalogue(devices, t
     row = [json.loads(line) for line in (tmp_path / "runs" / "cat" / "metrics.jsonl").read_text().splitlines()][-1]
     assert (row["failures"], row["devices-trained"], row["round-status"]) == (1, 2, "partial")
     assert "device-1/data/items.json" in row["first-error"] and "is not the server's catalogue" in row["first-error"]
+
+
+def test_a_reaped_leaders_number_that_now_leads_another_session_is_never_signalled(tmp_path):
+    """pid numbers wrap (pid_max is 32768 on many machines, and every Flower message starts a process): once a
+    process we started in its own session is reaped, its number may lead a stranger's session. Stopping or
+    killing ours again (a deployment's close() after a node was killed) must leave the stranger running."""
+    stranger = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    group = ProcessGroup(tmp_path / "logs", {"PATH": os.environ["PATH"]})
+
+    def ours_reaped_with_the_strangers_number() -> subprocess.Popen:
+        ours = subprocess.Popen(["true"], start_new_session=True)
+        ours.wait()
+        ours.pid = stranger.pid  # what the kernel may do once the number is free
+        return ours
+
+    try:
+        stop_process_group(ours_reaped_with_the_strangers_number(), grace=1)
+        for name, stop in (("a", group.stop), ("b", group.kill)):
+            group.started[name] = Started(name, ours_reaped_with_the_strangers_number(), tmp_path / f"{name}.log")
+            stop(name)
+        assert stranger.poll() is None, "a stranger's session was signalled"
+    finally:
+        stranger.kill()
+        stranger.wait()

@@ -8,6 +8,7 @@ own session and stopped at the end, even when a test fails; ports are free ones,
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -51,6 +52,13 @@ def _flower_pids(flwr_home: Path) -> set[str]:
 
 
 
+def _leads_a_session(pid: int) -> bool:
+    try:
+        return os.getsid(pid) == pid
+    except OSError:
+        return False
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     root = tmp_path_factory.mktemp("deployment")
@@ -68,7 +76,10 @@ def cluster(tmp_path_factory):
     finally:
         deployment.close()
         # Every session we started is gone (SuperExec, ServerApp and ClientApp children included) ...
-        left = [pid for session in deployment.processes.sessions for pid in session_pids(session)]
+        # (A session whose number leads a live session again is a stranger's: our leaders are all reaped now,
+        # and pid numbers wrap within minutes when processes start by the thousand.)
+        left = [pid for session in deployment.processes.sessions if not _leads_a_session(session)
+                for pid in session_pids(session)]
         assert not left, subprocess.run(["ps", "-o", "pid,stat,args", "-p", ",".join(map(str, left))],
                                         capture_output=True, text=True).stdout
         # ... and no Flower process started for this deployment survives.

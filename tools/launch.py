@@ -313,21 +313,44 @@ def _wait_for_port(port: int, process: subprocess.Popen, log_path: Path, timeout
 
 def stop_process_group(process: subprocess.Popen, grace: float = 10) -> None:
     """SIGTERM the process and everything it started (its session), then SIGKILL stragglers."""
-    if process.poll() is None:
+    if process.returncode is None:
         try:
             os.killpg(process.pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
+        _wait_unreaped(process, grace)  # its zombie keeps the group's number ours for the SIGKILL below
+    if not group_number_reused(process):
         try:
-            process.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)  # children (Ray, SuperExec) may outlive the leader
+        except (ProcessLookupError, PermissionError):
             pass
-    try:
-        os.killpg(process.pid, signal.SIGKILL)  # children (Ray, SuperExec) may outlive the leader
-    except (ProcessLookupError, PermissionError):
-        pass
     if process.poll() is None:
         process.wait(timeout=grace)
+
+
+def group_number_reused(process: subprocess.Popen) -> bool:
+    """Whether `process` (started in a session of its own) was reaped and its pid now leads someone else's
+    process group or session. Once the leader is reaped and its group empty the number is free, and with
+    pid_max 32768 the numbers wrap within minutes when processes start by the thousand (a Flower ClientApp
+    per message, several runs or test workers at once): signalling it would stop a stranger's processes."""
+    if process.returncode is None:  # not reaped: the leader (or its zombie) still holds the number
+        return False
+    try:
+        return os.getpgid(process.pid) == process.pid or os.getsid(process.pid) == process.pid
+    except OSError:  # no process has that number: the group, if any, is still ours (stragglers hold it)
+        return False
+
+
+def _wait_unreaped(process: subprocess.Popen, timeout: float) -> None:
+    """Wait until `process` exits, without reaping it (WNOWAIT)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                return
+        except ChildProcessError:  # reaped already
+            return
+        time.sleep(0.05)
 
 
 def simulated_nodes(cfg: dict[str, Any], num_devices: int) -> int:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from shared.errors import PrivrecError
 from tools.deploy.certs import CA_CERT, SERVER_CERT, SERVER_KEY
-from tools.launch import Watchdog, _bin, flower_env, free_port, stop_process_group
+from tools.launch import Watchdog, _bin, flower_env, free_port, group_number_reused, stop_process_group
 
 CONNECTION = "privrec"  # the connection name privrec writes into $FLWR_HOME/config.toml
 
@@ -140,10 +140,11 @@ def session_pids(session: int) -> list[int]:
     return [int(pid) for pid in out.stdout.split()]
 
 
-def _kill_session(session: int, timeout: float = 10) -> None:
-    # The session id is the PID of a process we started in a new session: only our processes are in it.
+def _kill_session(process: subprocess.Popen, timeout: float = 10) -> None:
+    # The session id is the PID of a process we started in a new session: only our processes are in it,
+    # unless that process was reaped and the number went to another session's leader.
     deadline = time.monotonic() + timeout
-    while (pids := session_pids(session)) and time.monotonic() < deadline:
+    while not group_number_reused(process) and (pids := session_pids(process.pid)) and time.monotonic() < deadline:
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -192,19 +193,20 @@ class ProcessGroup:
         if name in self.started:
             process = self.started.pop(name).process
             stop_process_group(process, grace=grace)
-            _kill_session(process.pid)
+            _kill_session(process)
 
     def kill(self, name: str) -> None:
         """SIGKILL to the whole session, no clean shutdown: a device that crashes or loses power."""
         started = self.started.pop(name, None)
         if started is None:
             return
-        try:
-            os.killpg(started.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        if not group_number_reused(started.process):
+            try:
+                os.killpg(started.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         started.process.wait(timeout=30)
-        _kill_session(started.process.pid)
+        _kill_session(started.process)
 
     def pids(self) -> dict[str, int]:
         return {name: s.process.pid for name, s in self.started.items()}
