@@ -24,25 +24,20 @@ def minilm():
 
 
 
-# Under pytest-xdist (the README's `-n 3 --dist loadgroup`): each real deployment file runs on one worker (its tests
-# share the file's deployment), two such chains side by side (about 500 s each in a sequential run); the other
-# real-process tests come next and the CPU-bound rest fills the third worker and whatever a chain leaves idle.
-DEPLOYMENT_CHAINS = {"test_secagg_deployment.py": "deploy-secagg", "test_deployment.py": "deploy-plain",
-                     "test_scorer_deployment.py": "deploy-plain"}
+# Under pytest-xdist (the README's `-n 3 --dist loadgroup`) the real deployment files run as two chains, each on one
+# worker (their `xdist_group` marks; a file's tests share its deployment); they go first, then the other real-process
+# tests, and the CPU-bound rest fills the third worker and whatever a chain leaves idle.
+DEPLOYMENT_FILES = ("test_deployment.py", "test_scorer_deployment.py", "test_secagg_deployment.py")
 REAL_PROCESS_NEXT = ("test_multinode.py", "test_faults.py", "test_flwr_run.py")
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the group marks
 def pytest_collection_modifyitems(config, items):
     """A run without workers keeps the files' order."""
     if not int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
         return
-    for item in items:
-        if item.path.name in DEPLOYMENT_CHAINS:
-            item.add_marker(pytest.mark.xdist_group(DEPLOYMENT_CHAINS[item.path.name]))
 
     def rank(item) -> int:
-        if item.path.name in DEPLOYMENT_CHAINS:
+        if item.path.name in DEPLOYMENT_FILES:
             return 0
         return 1 if item.path.name in REAL_PROCESS_NEXT else 2
 

@@ -25,7 +25,8 @@ from tests.test_deploy_units import assert_only_weights_and_scalars, expected_sh
 from tools.deploy.local import LocalDeployment, deployment_config, prepare_security
 from tools.deploy.processes import session_pids
 
-pytestmark = pytest.mark.slow
+# Under pytest-xdist (--dist loadgroup) this file and test_scorer_deployment.py run on one worker, one after the other.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("deploy-plain")]
 
 NUM_ITEMS = 30
 REGISTERED = 3  # devices 0..2 are registered; device 3 has a key nobody registered

@@ -26,7 +26,7 @@ from shared.secagg import VECTOR_KEY
 from tests.test_deployment import NUM_ITEMS, REGISTERED, _finish, _ledger, _rows, _wait_for, cluster  # noqa: F401
 from tools.deploy.local import LocalDeployment, deployment_config
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("deploy-plain")]  # one worker, with test_deployment.py
 
 DELTA = 1e-5
 POP_Z, COOC_Z, ROUND_Z = (config.DEFAULT_PIPELINE[k] for k in ("popularity-noise-multiplier", "cooc-noise-multiplier",

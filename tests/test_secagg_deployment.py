@@ -9,7 +9,7 @@ import pytest
 from client.audit import read_audit
 from tests.test_deployment import REGISTERED, _finish, _rows, _run_config, _wait_for, cluster  # noqa: F401 (fixture)
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("deploy-secagg")]  # one worker under pytest-xdist
 
 
 def test_secure_aggregation_rounds_over_real_supernodes(cluster, tmp_path):  # noqa: F811

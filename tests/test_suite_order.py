@@ -24,20 +24,16 @@ def _collected() -> list[_Item]:
 
 
 def test_every_named_file_exists():
-    for name in [*conftest.DEPLOYMENT_CHAINS, *conftest.REAL_PROCESS_NEXT]:
+    for name in [*conftest.DEPLOYMENT_FILES, *conftest.REAL_PROCESS_NEXT]:
         assert (TESTS / name).is_file(), name
 
 
-def test_under_workers_each_deployment_file_is_one_chain_and_goes_first(monkeypatch):
+def test_under_workers_the_deployment_files_go_first_then_the_other_real_process_tests(monkeypatch):
     monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "3")
     items = _collected()
     conftest.pytest_collection_modifyitems(None, items)
     assert [item.nodeid.split("::")[1] for item in items] == ["test_b", "test_d", "test_e", "test_c", "test_a",
                                                               "test_f"]
-    groups = {item.nodeid.split("::")[1]: [m.args[0] for m in item.marks if m.name == "xdist_group"]
-              for item in items}
-    assert groups == {"test_b": ["deploy-plain"], "test_d": ["deploy-secagg"], "test_e": ["deploy-plain"],
-                      "test_c": [], "test_a": [], "test_f": []}
 
 
 def test_without_workers_nothing_changes(monkeypatch):
