@@ -414,7 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config key (repeatable)")
 
     sim = sub.add_parser("simulate", help="federated simulation (Flower + Ray); without a model of its own: the "
-                                          "user-level private pipeline (DP popularity + DP-FedAvg content scorer)")
+                                          "user-level private pipeline (DP popularity and co-occurrence + DP-FedAvg "
+                                          "channel scorer)")
     add_config_flags(sim)
     sim.add_argument("--rounds", type=int)
     sim.add_argument("--devices-per-round", type=int)
