@@ -163,31 +163,6 @@ def gaussian_release(total: np.ndarray, noise_multiplier: float, rng: np.random.
     return total + rng.normal(0.0, noise_multiplier, total.shape)
 
 
-# ---------------------------------------------------------------- denoising a release (post-processing)
-# `release-denoise = universal`: every cell of a released sum of non-negative per-user contributions is lowered
-# by the universal threshold z sqrt(2 ln cells) (Donoho & Johnstone): the expected largest of `cells` independent
-# N(0, z^2) draws is below it, so a cell above it is very unlikely to be noise alone; the positive part is kept
-# (the true sums are >= 0). Fixed a priori from public quantities (the noise multiplier and the number of released
-# cells), applied to the release: post-processing, no privacy spend, no data-dependent constant.
-DENOISE_RULES = ("none", "universal")
-
-
-def universal_threshold(noise_multiplier: float, cells: int) -> float:
-    """z sqrt(2 ln cells): the universal threshold of `cells` N(0, z^2) noise draws (0 for one cell or none)."""
-    return float(noise_multiplier) * math.sqrt(2.0 * math.log(cells)) if cells > 1 else 0.0
-
-
-def denoise_release(released: np.ndarray, noise_multiplier: float, cells: int, rule: str) -> np.ndarray:
-    """The release as devices use it: unchanged (`none`) or soft-thresholded at `universal_threshold` and
-    clipped at 0 (`universal`). `cells` is the number of released noisy coordinates (not padding or mirrors)."""
-    released = np.asarray(released, dtype=np.float64)
-    if rule == "none":
-        return released
-    if rule != "universal":
-        raise ValueError(f"unknown denoise rule {rule!r} (expected one of {', '.join(DENOISE_RULES)})")
-    return np.maximum(released - universal_threshold(noise_multiplier, cells), 0.0)
-
-
 # ---------------------------------------------------------------- next-item transitions (channel-scorer, opt-in)
 # `transition-release = true`: among the K items the released popularity ranks highest (post-processing), each
 # user's counts of directed consecutive pairs (previous item -> next item, previous != next) in its training

@@ -651,9 +651,10 @@ def channel_ranks(models: dict, pop: Population, c: dict, tables: dict | None = 
 
 
 def scorer_releases(histogram: np.ndarray, items: np.ndarray, cooc: np.ndarray, multipliers: tuple, c: dict):
-    """(histogram, (items, matrix)) as the scorer uses them: `shared.analytics.denoise_release` under the
-    `popularity-denoise` / `cooc-denoise` rules of `c` (default none: the releases as they are)."""
-    from shared.analytics import denoise_release
+    """(histogram, (items, matrix)) as the scorer uses them: `simulations.release_denoise.denoise_release` under
+    the research rules `popularity-denoise` / `cooc-denoise` of `c` (default none: the releases as they are, as
+    the product uses them; no rule is in the product, README "Robust to noise")."""
+    from simulations.release_denoise import denoise_release
 
     z_pop, z_cooc, _, _ = _arm(multipliers)
     k = len(items)
@@ -662,15 +663,16 @@ def scorer_releases(histogram: np.ndarray, items: np.ndarray, cooc: np.ndarray, 
 
 
 def server_tau(rule: str, z: float, clip: float, expected_cohort: float) -> float:
-    """FedAdam's tau: Flower's 1e-3 (`flower`) or the std of the noise on the mean update, z clip / expected
-    cohort, never below 1e-3 (`noise-std`)."""
+    """FedAdam's tau: Flower's 1e-3 (`flower`, the product's) or, a research rule not in the product, the std of
+    the noise on the mean update, z clip / expected cohort, never below 1e-3 (`noise-std`)."""
     if rule == "flower":
         return 1e-3
     return max(1e-3, z * clip / expected_cohort)
 
 
 def running_average(average: dict | None, model: torch.nn.Module, r: int) -> dict:
-    """The mean of the models after rounds 1 .. r (buffers are the same in every round)."""
+    """The mean of the models after rounds 1 .. r (buffers are the same in every round; a research rule,
+    `iterate-average = rounds`, not in the product)."""
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if average is None:
         return state
@@ -694,7 +696,8 @@ def run_channel_arms(pop: Population, arms: dict[str, tuple[float, float, float]
     cat, train, n, width = pop.catalogue, pop.users.train, pop.n, pop.catalogue.num_items + 1
     releases = channel_releases(pop, arms, c, seed)
     transitions = transition_releases(pop, arms, c, seed, {label: r[0] for label, r in releases.items()})
-    used = {label: scorer_releases(hist, items, cooc, arms[label], c) for label, (hist, items, cooc) in releases.items()}
+    used = {label: scorer_releases(hist, items, cooc, arms[label], c)
+            for label, (hist, items, cooc) in releases.items()}
     models = {label: initial_scorer(cat, hist, seed, cooc, transitions.get(label))
               for label, (hist, cooc) in used.items()}
     averages = {label: None for label in models}  # `iterate-average = rounds`: running mean of the rounds' models
