@@ -25,8 +25,7 @@ from tests.test_deploy_units import assert_only_weights_and_scalars, expected_sh
 from tools.deploy.local import LocalDeployment, deployment_config, prepare_security
 from tools.deploy.processes import session_pids
 
-# Under pytest-xdist (--dist loadgroup) this file and test_scorer_deployment.py run on one worker, one after the other.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("deploy-plain")]
+pytestmark = pytest.mark.slow
 
 NUM_ITEMS = 30
 REGISTERED = 3  # devices 0..2 are registered; device 3 has a key nobody registered
@@ -171,7 +170,7 @@ def test_faults_a_node_dies_mid_round_then_the_superlink_restarts_and_the_run_re
     """Both faults in one run (each round of a real deployment costs tens of seconds here).
 
     Round 1: one SuperNode is SIGKILLed after receiving its model; the round completes with the
-    others once the SuperLink lists it offline. Then the SuperLink goes down (taking the ServerApp with it)
+    others once `round-timeout` expires. Then the SuperLink goes down (taking the ServerApp with it)
     and comes back; the killed node is restarted; the run is submitted again with the same
     run-name and continues with round 2, with the node back in, instead of starting over.
     """
@@ -179,10 +178,7 @@ def test_faults_a_node_dies_mid_round_then_the_superlink_restarts_and_the_run_re
     node_log = cluster.processes.started[f"node-{victim}"].log_path
     received_before = node_log.read_text(errors="replace").count("Receiving: train message")
     before = (_ledger(cluster, victim) or {"rounds": []})["rounds"]  # earlier runs' spend, if any
-    # The round ends when the victim is listed offline (2 missed 30 s heartbeats) or at round-timeout; the timeout
-    # only bounds the survivors' replies, so it is wide: on a loaded machine (the suite runs 3 workers) a
-    # ClientApp process can take over a minute to start and train.
-    cfg = _run_config(cluster, tmp_path, "faults", **{"round-timeout": 120.0})
+    cfg = _run_config(cluster, tmp_path, "faults", **{"round-timeout": 60.0})
     run_path = tmp_path / "runs" / "faults"
     cluster.submit(cfg, name="faults-1")
 

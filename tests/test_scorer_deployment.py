@@ -26,7 +26,7 @@ from shared.secagg import VECTOR_KEY
 from tests.test_deployment import NUM_ITEMS, REGISTERED, _finish, _ledger, _rows, _wait_for, cluster  # noqa: F401
 from tools.deploy.local import LocalDeployment, deployment_config
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("deploy-plain")]  # one worker, with test_deployment.py
+pytestmark = pytest.mark.slow
 
 DELTA = 1e-5
 POP_Z, COOC_Z, ROUND_Z = (config.DEFAULT_PIPELINE[k] for k in ("popularity-noise-multiplier", "cooc-noise-multiplier",
@@ -67,7 +67,7 @@ def devices(cluster, tmp_path_factory) -> dict[int, Path]:  # noqa: F811
         cluster.processes.stop(f"node-{index}")
         cluster.start_node(index, extra_env={"PRIVREC_CACHE_DIR": str(caches[index])})
     _wait_for(lambda: all("SuperNode ID" in log.read_text(errors="replace")[since:] for log, since in logs.items()),
-              300, "the restarted SuperNodes to connect", cluster)  # a limit only: slow under 3 workers
+              300, "the restarted SuperNodes to connect", cluster)  # a limit only: slow on a loaded machine
     return caches
 
 
