@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -28,7 +28,7 @@ import torch
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
-from server.analytics import federated_cooccurrence, federated_popularity, federated_transitions
+from server.analytics import Release, federated_cooccurrence, federated_popularity, federated_transitions
 from server.run_dir import RunDirectory
 from shared.analytics import cooc_from_release, top_items
 from shared.config import RunConfig
@@ -56,46 +56,35 @@ TRANSITIONS_FILE = "transitions.json"
 def released_popularity(grid: Grid, run: RunConfig, run_dir: RunDirectory, device_config: Mapping[str, Any], *,
                         num_items: int, num_devices: int, secure: SecAggParams | None = None) -> np.ndarray:
     """The run's one popularity release (from `popularity.json` when a resumed run already made it)."""
-    path = run_dir.path / POPULARITY_FILE
-    if path.exists():
-        return np.asarray(json.loads(path.read_text())["histogram"], dtype=np.float64)
-    sample_nodes(grid, num_devices, 0)  # waits until every device has joined: each one contributes
-    release = federated_popularity(grid, device_config, num_items=num_items,
-                                   noise_multiplier=run.pipeline.popularity_noise_multiplier, delta=run.device.delta,
-                                   release_id=f"{run_dir.path.name}-popularity", rng=np.random.default_rng(),
-                                   secure=secure)
-    run_dir.write_json(POPULARITY_FILE, {"histogram": release.histogram.tolist(),
-                                         "noise-multiplier": release.noise_multiplier, "devices": release.devices,
-                                         "declined": release.declined, "failed": release.failed,
-                                         "secure-aggregation": secure is not None})
-    log.info("privrec: popularity released (user-level DP, noise multiplier %s) over %d devices "
-             "(%d declined, %d failed)", release.noise_multiplier, release.devices, release.declined, release.failed)
-    return release.histogram
+
+    def release() -> Release:
+        sample_nodes(grid, num_devices, 0)  # waits until every device has joined: each one contributes
+        return federated_popularity(grid, device_config, num_items=num_items,
+                                    noise_multiplier=run.pipeline.popularity_noise_multiplier, delta=run.device.delta,
+                                    release_id=f"{run_dir.path.name}-popularity", rng=np.random.default_rng(),
+                                    secure=secure)
+
+    saved = recorded_release(run_dir, POPULARITY_FILE, "popularity", release,
+                             lambda made: {"histogram": made.histogram.tolist(),
+                                           "secure-aggregation": secure is not None})
+    return np.asarray(saved["histogram"], dtype=np.float64)
 
 
 def released_cooccurrence(grid: Grid, run: RunConfig, run_dir: RunDirectory, device_config: Mapping[str, Any],
                           histogram: np.ndarray, secure: SecAggParams | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(item ids, released symmetric co-occurrence among them): the run's one co-occurrence release, among the
     items the released popularity ranks highest (from `cooccurrence.json` when a resumed run already made it)."""
-    path = run_dir.path / COOCCURRENCE_FILE
     items = top_items(histogram, run.pipeline.cooc_items)
-    if path.exists():
-        saved = json.loads(path.read_text())
-        return np.asarray(saved["items"], dtype=np.int64), cooc_from_release(np.asarray(saved["pairs"]),
-                                                                             len(saved["items"]))
-    release = federated_cooccurrence(grid, device_config, items=items, window=run.pipeline.cooc_window,
-                                     noise_multiplier=run.pipeline.cooc_noise_multiplier, delta=run.device.delta,
-                                     release_id=f"{run_dir.path.name}-cooccurrence", rng=np.random.default_rng(),
-                                     secure=secure)
-    run_dir.write_json(COOCCURRENCE_FILE, {"items": items.tolist(), "pairs": release.histogram.tolist(),
-                                           "window": run.pipeline.cooc_window,
-                                           "noise-multiplier": release.noise_multiplier, "devices": release.devices,
-                                           "declined": release.declined, "failed": release.failed,
-                                           "secure-aggregation": secure is not None})
-    log.info("privrec: co-occurrence among the top %d items released (user-level DP, noise multiplier %s) over "
-             "%d devices (%d declined, %d failed)", len(items), release.noise_multiplier, release.devices,
-             release.declined, release.failed)
-    return items, cooc_from_release(release.histogram, len(items))
+    saved = recorded_release(
+        run_dir, COOCCURRENCE_FILE, f"co-occurrence among the top {len(items)} items",
+        lambda: federated_cooccurrence(grid, device_config, items=items, window=run.pipeline.cooc_window,
+                                       noise_multiplier=run.pipeline.cooc_noise_multiplier, delta=run.device.delta,
+                                       release_id=f"{run_dir.path.name}-cooccurrence", rng=np.random.default_rng(),
+                                       secure=secure),
+        lambda made: {"items": items.tolist(), "pairs": made.histogram.tolist(), "window": run.pipeline.cooc_window,
+                      "secure-aggregation": secure is not None})
+    return (np.asarray(saved["items"], dtype=np.int64),
+            cooc_from_release(np.asarray(saved["pairs"], dtype=np.float64), len(saved["items"])))
 
 
 def released_transitions(grid: Grid, run: RunConfig, run_dir: RunDirectory, device_config: Mapping[str, Any],
@@ -103,23 +92,40 @@ def released_transitions(grid: Grid, run: RunConfig, run_dir: RunDirectory, devi
     """(item ids, released directed [K, K] transition counts, threshold): the run's one transition release
     (`transition-release = true`), among the items the released popularity ranks highest (from `transitions.json`
     when a resumed run already made it). The threshold TRANSITION_THRESHOLD x the noise multiplier is public."""
-    path = run_dir.path / TRANSITIONS_FILE
-    z = run.pipeline.transition_noise_multiplier
-    if path.exists():
-        saved = json.loads(path.read_text())
-        items = np.asarray(saved["items"], dtype=np.int64)
-        return items, np.asarray(saved["counts"], dtype=np.float64).reshape(len(items), len(items)), \
-            TRANSITION_THRESHOLD * float(saved["noise-multiplier"])
     items = top_items(histogram, run.pipeline.transition_items)
-    release = federated_transitions(grid, device_config, items=items, noise_multiplier=z, delta=run.device.delta,
-                                    release_id=f"{run_dir.path.name}-transitions", rng=np.random.default_rng())
-    run_dir.write_json(TRANSITIONS_FILE, {"items": items.tolist(), "counts": release.histogram.tolist(),
-                                          "noise-multiplier": release.noise_multiplier, "devices": release.devices,
-                                          "declined": release.declined, "failed": release.failed})
-    log.info("privrec: transitions among the top %d items released (user-level DP, noise multiplier %s) over %d "
-             "devices (%d declined, %d failed)", len(items), release.noise_multiplier, release.devices,
-             release.declined, release.failed)
-    return items, release.histogram.reshape(len(items), len(items)), TRANSITION_THRESHOLD * release.noise_multiplier
+    saved = recorded_release(
+        run_dir, TRANSITIONS_FILE, f"transitions among the top {len(items)} items",
+        lambda: federated_transitions(grid, device_config, items=items,
+                                      noise_multiplier=run.pipeline.transition_noise_multiplier,
+                                      delta=run.device.delta, release_id=f"{run_dir.path.name}-transitions",
+                                      rng=np.random.default_rng()),
+        lambda made: {"items": items.tolist(), "counts": made.histogram.tolist()})
+    k = len(saved["items"])
+    return (np.asarray(saved["items"], dtype=np.int64),
+            np.asarray(saved["counts"], dtype=np.float64).reshape(k, k),
+            TRANSITION_THRESHOLD * float(saved["noise-multiplier"]))
+
+
+def recorded_release(run_dir: RunDirectory, name: str, what: str, release: Callable[[], Release],
+                     fields: Callable[[Release], dict[str, Any]]) -> dict[str, Any]:
+    """The run's one `what` release as its record `name` in the run directory holds it.
+
+    A resumed run that already made it reads the record back: the devices are not asked again, so their ledgers
+    are not charged twice and the accountant's one release stays one. Otherwise `release()` makes it, and its
+    record (`fields(release)` and the release's noise and head counts) is written atomically before anything
+    uses it: a crash after the devices paid leaves no record or the whole one; with none, a resume asks the
+    devices again and they pay again (counted twice, never lost).
+    """
+    path = run_dir.path / name
+    if path.exists():
+        return json.loads(path.read_text())
+    made = release()
+    record = {**fields(made), "noise-multiplier": made.noise_multiplier, "devices": made.devices,
+              "declined": made.declined, "failed": made.failed}
+    run_dir.write_json(name, record)
+    log.info("privrec: %s released (user-level DP, noise multiplier %s) over %d devices (%d declined, %d failed)",
+             what, made.noise_multiplier, made.devices, made.declined, made.failed)
+    return record
 
 
 def initial_scorer(catalogue: Catalogue, histogram: np.ndarray, seed: int,
@@ -174,5 +180,5 @@ def scorer_architecture(catalogue: Catalogue, run: RunConfig, text_info: Mapping
 
 
 __all__ = ["COOCCURRENCE_FILE", "POPULARITY_FILE", "TRANSITIONS_FILE", "central_scorer_evaluation", "initial_scorer",
-           "load_scorer", "released_cooccurrence", "released_popularity", "released_transitions",
+           "load_scorer", "recorded_release", "released_cooccurrence", "released_popularity", "released_transitions",
            "scorer_architecture"]

@@ -564,10 +564,27 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def resolve(config_file: str | Path | None = None, overrides: Mapping[str, Any] | None = None,
-            preset: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Defaults, then `preset` (unless the file or overrides choose a `model` themselves), then the config file,
-    then explicit overrides (e.g. CLI flags), validated."""
+def resolve(config_file: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The schema's defaults, then the config file, then explicit overrides (e.g. CLI flags), validated.
+
+    For tools that are no federated run (`privrec baseline`, `privrec audit`): their defaults are the schema's.
+    """
+    return _layered(config_file, overrides, preset=None)
+
+
+def resolve_run(config_file: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The config of a federated run, the one way every entry point that starts or writes one resolves it
+    (`privrec simulate`, `privrec deploy local`, `privrec deploy run-config`).
+
+    The schema's defaults, then the product's default pipeline (`DEFAULT_PIPELINE`) unless the file or the
+    overrides choose a `model` themselves, then the file, then the overrides. A chosen model keeps the schema's
+    defaults under it: `model = sasrec` gets SASRec's keys, none of the pipeline's.
+    """
+    return _layered(config_file, overrides, preset=DEFAULT_PIPELINE)
+
+
+def _layered(config_file: str | Path | None, overrides: Mapping[str, Any] | None,
+             preset: Mapping[str, Any] | None) -> dict[str, Any]:
     explicit: dict[str, Any] = {}
     if config_file is not None:
         file_values = load_toml(config_file)

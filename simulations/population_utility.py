@@ -650,6 +650,35 @@ def channel_ranks(models: dict, pop: Population, c: dict, tables: dict | None = 
     return ranks
 
 
+def scorer_releases(histogram: np.ndarray, items: np.ndarray, cooc: np.ndarray, multipliers: tuple, c: dict):
+    """(histogram, (items, matrix)) as the scorer uses them: `simulations.release_denoise.denoise_release` under
+    the research rules `popularity-denoise` / `cooc-denoise` of `c` (default none: the releases as they are, as
+    the product uses them; no rule is in the product, README "Robust to noise")."""
+    from simulations.release_denoise import denoise_release
+
+    z_pop, z_cooc, _, _ = _arm(multipliers)
+    k = len(items)
+    return (denoise_release(histogram, z_pop, len(histogram) - 1, c.get("popularity-denoise", "none")),
+            (items, denoise_release(cooc, z_cooc, k * (k - 1) // 2, c.get("cooc-denoise", "none"))))
+
+
+def server_tau(rule: str, z: float, clip: float, expected_cohort: float) -> float:
+    """FedAdam's tau: Flower's 1e-3 (`flower`, the product's) or, a research rule not in the product, the std of
+    the noise on the mean update, z clip / expected cohort, never below 1e-3 (`noise-std`)."""
+    if rule == "flower":
+        return 1e-3
+    return max(1e-3, z * clip / expected_cohort)
+
+
+def running_average(average: dict | None, model: torch.nn.Module, r: int) -> dict:
+    """The mean of the models after rounds 1 .. r (buffers are the same in every round; a research rule,
+    `iterate-average = rounds`, not in the product)."""
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if average is None:
+        return state
+    return {k: average[k] + (state[k] - average[k]) / r for k in state}
+
+
 def run_channel_arms(pop: Population, arms: dict[str, tuple[float, float, float]], c: dict, seed: int, chunk: int,
                      simulated_cohort: int = 0, models_out: dict | None = None) -> dict[str, dict]:
     """Every arm (label -> (popularity z, co-occurrence z, round z)) of the channel pipeline on `pop`, sharing
@@ -667,8 +696,11 @@ def run_channel_arms(pop: Population, arms: dict[str, tuple[float, float, float]
     cat, train, n, width = pop.catalogue, pop.users.train, pop.n, pop.catalogue.num_items + 1
     releases = channel_releases(pop, arms, c, seed)
     transitions = transition_releases(pop, arms, c, seed, {label: r[0] for label, r in releases.items()})
-    models = {label: initial_scorer(cat, hist, seed, (items, cooc), transitions.get(label))
-              for label, (hist, items, cooc) in releases.items()}
+    used = {label: scorer_releases(hist, items, cooc, arms[label], c)
+            for label, (hist, items, cooc) in releases.items()}
+    models = {label: initial_scorer(cat, hist, seed, cooc, transitions.get(label))
+              for label, (hist, cooc) in used.items()}
+    averages = {label: None for label in models}  # `iterate-average = rounds`: running mean of the rounds' models
     adam = {label: fedadam_state(m) for label, m in models.items()}
     first = next(iter(models.values()))
     keys = [k for k, _ in first.named_parameters()]
@@ -704,9 +736,14 @@ def run_channel_arms(pop: Population, arms: dict[str, tuple[float, float, float]
             mean = noisy_mean_update([totals[label]], keys, shapes[label], z * c["clip"] * q_sim / c["q"], q_sim * n,
                                      np.random.default_rng([seed, 6, r]))
             fedadam_step(models[label], adam[label], {k: torch.from_numpy(mean[k]).float() for k in keys}, r,
-                         c["server-lr"])
+                         c["server-lr"], server_tau(c.get("server-tau", "flower"), z, c["clip"], q_sim * n))
+            if c.get("iterate-average", "none") == "rounds":
+                averages[label] = running_average(averages[label], models[label], r)
         log_progress(f"N = {n:,} seed {seed}: channel round {r} ({len(cohort):,} users), "
                      f"{time.perf_counter() - started:.0f} s")
+    for label, average in averages.items():
+        if average is not None:
+            models[label].load_state_dict(average)
     if models_out is not None:
         models_out.update(models)
     valid = channel_ranks(models, pop, c, tables, split="valid")

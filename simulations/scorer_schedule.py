@@ -41,15 +41,16 @@ def fedadam_state(model: torch.nn.Module) -> dict:
             "v": {k: torch.zeros_like(p) for k, p in model.named_parameters()}}
 
 
-def fedadam_step(model: torch.nn.Module, state: dict, delta: dict, r: int, lr: float) -> None:
-    """Flower's FedAdam (beta1 0.9, beta2 0.99, tau 1e-3, its bias-corrected step) from the round-r mean update."""
+def fedadam_step(model: torch.nn.Module, state: dict, delta: dict, r: int, lr: float, tau: float = 1e-3) -> None:
+    """Flower's FedAdam (beta1 0.9, beta2 0.99, tau (Flower's 1e-3 by default), its bias-corrected step) from the
+    round-r mean update."""
     m, v = state["m"], state["v"]
     with torch.no_grad():
         for k, p in model.named_parameters():
             m[k] = 0.9 * m[k] + 0.1 * delta[k]
             v[k] = 0.99 * v[k] + 0.01 * delta[k] * delta[k]
             step = lr * np.sqrt(1 - 0.99 ** (r + 1)) / (1 - 0.9 ** (r + 1))
-            p += step * m[k] / (v[k].sqrt() + 1e-3)
+            p += step * m[k] / (v[k].sqrt() + tau)
 
 
 def run(data: dict, q: float, rounds: int, z: float, lr: float, seed: int) -> dict:

@@ -134,3 +134,25 @@ def test_enumerations_and_defaults_live_only_in_the_schema():
     assert all(getattr(local, f) == getattr(run.device, f) for f in vars(run.device) if hasattr(local, f))
     model = ModelConfig(num_items=3)
     assert all(getattr(model, f) == getattr(run.model, f) for f in vars(run.model))
+
+
+def test_a_run_without_a_model_of_its_own_is_the_default_pipeline_under_explicit_keys(tmp_path):
+    # shared.config.resolve_run: what `privrec simulate`, `deploy local` and `deploy run-config` all resolve
+    cfg = config.resolve_run(None, {"num-rounds": "3"})
+    assert cfg["num-rounds"] == 3  # an explicit key wins over the pipeline's
+    assert {k: cfg[k] for k in config.DEFAULT_PIPELINE if k != "num-rounds"} == \
+        {k: v for k, v in config.DEFAULT_PIPELINE.items() if k != "num-rounds"}
+    path = tmp_path / "run.toml"
+    path.write_text("server-lr = 0.3\n")
+    from_file = config.resolve_run(path)
+    assert from_file["model"] == "channel-scorer" and from_file["server-lr"] == 0.3
+
+
+def test_a_run_that_chooses_its_model_keeps_the_schemas_defaults(tmp_path):
+    sasrec = config.validate({"model": "sasrec"})  # the schema's defaults are SASRec's (on-device DP-SGD)
+    assert config.resolve_run(None, {"model": "sasrec"}) == sasrec
+    path = tmp_path / "run.toml"
+    path.write_text('model = "sasrec"\n')
+    assert config.resolve_run(path) == sasrec
+    assert config.resolve_run(path, {"num-rounds": 4}) == {**sasrec, "num-rounds": 4}
+    assert config.resolve(None, {}) == config.defaults()  # baseline and audit: no pipeline preset

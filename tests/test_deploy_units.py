@@ -430,3 +430,62 @@ def test_a_device_split_from_other_data_refuses_the_servers_catalogue(devices, t
     row = [json.loads(line) for line in (tmp_path / "runs" / "cat" / "metrics.jsonl").read_text().splitlines()][-1]
     assert (row["failures"], row["devices-trained"], row["round-status"]) == (1, 2, "partial")
     assert "device-1/data/items.json" in row["first-error"] and "is not the server's catalogue" in row["first-error"]
+
+
+# ----------------------------------------------------------------------------- one set of defaults for every run
+
+
+class _Stop(Exception):
+    """Raised where a command would start its Flower processes: the config it resolved is all the test wants."""
+
+
+@pytest.mark.parametrize("argv", [[], ["--rounds", "2", "--set", "server-lr=0.3"], ["--set", "model=sasrec"]],
+                         ids=["defaults", "explicit-keys", "sasrec"])
+def test_deploy_local_and_run_config_resolve_the_run_simulate_resolves(tmp_path, argv, monkeypatch, capsys):
+    """`privrec deploy local` built its config without the default pipeline, so it trained SASRec where
+    `privrec simulate` ran the channel scorer."""
+    import signal
+
+    import shared.text.features
+    import tools.deploy.local
+    import tools.launch
+    from tools.deploy.local import deployment_config
+
+    store_dir = walk_store(tmp_path / "store", num_users=8, num_items=30)
+    devices_dir = split_devices(open_store(store_dir), tmp_path / "devices")
+    common = [*argv, "--set", f"data-store={store_dir}", "--run-dir", str(tmp_path / "runs"), "--run-name", "r"]
+    resolved = {}
+
+    def capture(name):
+        def stop(cfg, *args, **kwargs):
+            resolved[name] = dict(cfg)
+            raise _Stop
+        return stop
+
+    monkeypatch.setattr(tools.launch, "run_simulation", capture("simulate"))
+    monkeypatch.setattr(tools.deploy.local, "run_local", capture("deploy local"))
+    monkeypatch.setattr(shared.text.features, "features_for", lambda *a, **k: None)  # no encoding needed here
+    monkeypatch.setattr(signal, "signal", lambda *a: None)  # deploy local's SIGTERM/SIGHUP handlers
+    for command in (["simulate"], ["deploy", "local", "--devices", "8", "--devices-dir", str(devices_dir),
+                                   "--insecure"]):
+        with pytest.raises(_Stop):
+            main([*command, *common])
+    simulate, local = resolved["simulate"], resolved["deploy local"]
+    assert simulate["model"] == ("sasrec" if "model=sasrec" in argv else "channel-scorer")
+    assert local == simulate
+    out = tmp_path / "run.toml"
+    assert main(["deploy", "run-config", "--devices", "8", "--devices-dir", str(devices_dir), "--out", str(out),
+                 *common]) == 0
+    import tomllib
+
+    assert tomllib.loads(out.read_text()) == deployment_config(simulate, devices_dir, 8)  # what deploy local submits
+    assert f"run config ({simulate['model']}," in capsys.readouterr().out
+
+
+def test_deploy_refuses_a_pipeline_over_its_budget_before_starting(tmp_path, devices, capsys):
+    _, out = devices  # 3 devices: 5 rounds at q = 1/3 exceed the default target-epsilon 2
+    for argv in (["deploy", "local", "--insecure", "--run-name", "r"], ["deploy", "run-config", "--out",
+                                                                       str(tmp_path / "run.toml")]):
+        code = main([*argv, "--devices", "3", "--devices-dir", str(out), "--run-dir", str(tmp_path / "runs")])
+        assert_user_error(code, capsys.readouterr().err, "'target-epsilon' = 2", "q = 0.333")
+    assert not (tmp_path / "runs" / "r" / "deploy").exists() and not (tmp_path / "run.toml").exists()

@@ -97,11 +97,11 @@ def test_the_default_aggregation_is_per_row_exactly_where_it_is_allowed(override
 
 
 def test_privrec_simulate_no_dp_runs_per_row_by_default():
-    from tools.options import config_from_args
+    from tools.options import run_config_from_args
 
     def simulate(no_dp, *pairs):  # the config `privrec simulate` resolves (tools/cli.py: cmd_simulate)
         args = argparse.Namespace(config=None, set=list(pairs), no_dp=no_dp)
-        return config_from_args(args, preset=config.DEFAULT_PIPELINE)
+        return run_config_from_args(args)
 
     cfg = simulate(True, "model=sasrec")
     assert cfg["dp"] is False and config.aggregation_in_effect(cfg) == "per-row" and _wrapped(cfg)

@@ -74,14 +74,27 @@ def devices(cluster, tmp_path_factory) -> dict[int, Path]:  # noqa: F811
 def _run(cluster: LocalDeployment, tmp_path: Path, name: str, rounds: int, **overrides) -> tuple[Path, dict]:  # noqa: F811
     """The product's default pipeline, shrunk to `rounds` rounds with every device in every round (q = 1) and the
     co-occurrence among all 30 items; no budget cap (q = 1 on 3 devices spends more than the default's 2.0).
-    Returns the run directory and each device's audit entries of this run."""
-    cfg = config.validate({**config.DEFAULT_PIPELINE, "num-rounds": rounds, "fraction-train": 1.0,
-                           "cooc-items": NUM_ITEMS, "target-epsilon": 0.0, "run-dir": str(tmp_path / "runs"),
-                           "run-name": name, **overrides})
-    if cfg["secure-aggregation"]:  # refused here rather than by the ServerApp after a minute of startup
-        config.check_secure_aggregation(cfg, REGISTERED)
+    The config is the one `privrec deploy local` submits, written by `privrec deploy run-config` without naming a
+    model (the same resolution and checks before anything starts). Returns the run directory and each device's
+    audit entries of this run."""
+    import tomllib
+
+    from tools.cli import main
+
+    keys = {"fraction-train": 1.0, "cooc-items": NUM_ITEMS, "target-epsilon": 0.0, **overrides}
+    written = tmp_path / f"{name}.toml"
+    assert main(["deploy", "run-config", "--devices-dir", str(cluster.devices_dir), "--devices", str(REGISTERED),
+                 "--out", str(written), "--rounds", str(rounds), "--run-dir", str(tmp_path / "runs"), "--run-name",
+                 name, *(arg for k, v in keys.items() for arg in ("--set", f"{k}={v}"))]) == 0
+    cfg = tomllib.loads(written.read_text())
+    # deploy local's default is the product's pipeline, as privrec simulate's (it used to be SASRec)
+    assert {k: cfg[k] for k in config.DEFAULT_PIPELINE if k not in keys and k != "num-rounds"} == \
+        {k: v for k, v in config.DEFAULT_PIPELINE.items() if k not in keys and k != "num-rounds"}
+    assert cfg == deployment_config(config.validate({**config.DEFAULT_PIPELINE, **keys, "num-rounds": rounds,
+                                                     "run-dir": str(tmp_path / "runs"), "run-name": name}),
+                                    cluster.devices_dir, REGISTERED)
     before = {i: _audit(cluster, i) for i in range(REGISTERED)}
-    cluster.submit(deployment_config(cfg, cluster.devices_dir, REGISTERED), name=name)
+    cluster.submit(cfg, name=name)
     run_path = tmp_path / "runs" / name
     _finish(cluster, name, run_path)
     return run_path, {i: _audit(cluster, i)[len(before[i]):] for i in range(REGISTERED)}

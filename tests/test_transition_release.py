@@ -212,3 +212,46 @@ def test_a_device_whose_run_config_does_not_declare_the_release_refuses_it(tmp_p
                               items=np.arange(1, 11), noise_multiplier=2.76, delta=1e-5, release_id="r",
                               rng=np.random.default_rng(0))
     assert not list((tmp_path / "population").glob("*/privacy-ledger.json"))  # nothing recorded
+
+
+def test_a_resumed_run_reads_every_release_back_and_asks_no_device_again(tmp_path, digit_store):  # noqa: F811
+    """server.scorer.recorded_release: a release whose record exists is never made again (the devices' ledgers
+    are charged once), and what a resumed run reads back is exactly what the first run used."""
+    from client.app import app as client_app
+    from server.run_dir import RunDirectory
+    from server.scorer import released_cooccurrence, released_popularity, released_transitions
+    from shared.config import from_run_config
+    from simulations.inprocess import InProcessGrid
+
+    population = tmp_path / "population"
+    cfg = _cfg(**{"data-store": str(digit_store), "population-dir": str(population), "cooc-items": 20,
+                  "transition-items": 20, "run-dir": str(tmp_path / "runs"), "run-name": "r"})
+    run, run_dir = from_run_config(cfg), RunDirectory.create(cfg["run-dir"], cfg["run-name"])
+    device_config = {"data-store": str(digit_store), "state-dir": str(population)}
+
+    def releases(grid):
+        histogram = released_popularity(grid, run, run_dir, device_config, num_items=40, num_devices=NUM_DEVICES)
+        return (histogram, released_cooccurrence(grid, run, run_dir, device_config, histogram),
+                released_transitions(grid, run, run_dir, device_config, histogram))
+
+    def ledgers():
+        return {p: p.read_bytes() for p in sorted(population.glob("*/privacy-ledger.json"))}
+
+    first_grid = InProcessGrid(client_app, NUM_DEVICES, keep_messages=True, run_config=cfg)
+    first = releases(first_grid)
+    assert len(first_grid.delivered) == 3 * NUM_DEVICES
+    charged = ledgers()
+    assert len(charged) == NUM_DEVICES
+    records = {f: (run_dir.path / f).read_bytes() for f in ("popularity.json", "cooccurrence.json",
+                                                            "transitions.json")}
+
+    resumed_grid = InProcessGrid(client_app, NUM_DEVICES, keep_messages=True, run_config=cfg)
+    resumed = releases(resumed_grid)
+    assert resumed_grid.delivered == []  # no device was asked
+    assert ledgers() == charged  # nor charged again
+    assert {f: (run_dir.path / f).read_bytes() for f in records} == records  # the records are not rewritten
+    (pop_a, (items_a, cooc_a), trans_a), (pop_b, (items_b, cooc_b), trans_b) = first, resumed
+    assert np.array_equal(pop_a, pop_b) and pop_a.dtype == pop_b.dtype == np.float64
+    assert np.array_equal(items_a, items_b) and np.array_equal(cooc_a, cooc_b)
+    assert all(np.array_equal(a, b) for a, b in zip(trans_a, trans_b))
+    assert trans_a[2] == TRANSITION_THRESHOLD * 2.76

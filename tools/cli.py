@@ -28,7 +28,7 @@ from typing import Any
 
 from shared.config import ACCOUNTANTS, SCHEMA
 from shared.errors import PrivrecError
-from tools.options import config_from_args
+from tools.options import config_from_args, run_config_from_args
 from tools.progress import Progress
 
 
@@ -67,15 +67,14 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------- simulate
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from shared.config import DEFAULT_PIPELINE, SCORER_MODELS, clamp_to_population, default_run_name
+    from shared.config import SCORER_MODELS, clamp_to_population, default_run_name
     from shared.data.store import open_store, prepare_store
     from shared.privacy.statement import one_line
     from tools.launch import run_simulation
 
-    # Without a `model` of its own, a simulation runs the private pipeline (issue 13): DP popularity and
-    # co-occurrence releases + user-level DP-FedAvg of the channel scorer; `--set model=sasrec` gives the
-    # sequence model.
-    cfg = config_from_args(args, preset=DEFAULT_PIPELINE)
+    # Without a `model` of its own, a run is the private pipeline (issue 13): DP popularity and co-occurrence
+    # releases + user-level DP-FedAvg of the channel scorer; `--set model=sasrec` gives the sequence model.
+    cfg = run_config_from_args(args)
     ray_address = _ray_address(args.ray_address)
     store_dir = Path(cfg["data-store"]) if cfg["data-store"] else prepare_store(cfg["dataset"],
                                                                                   cfg["users-per-device"])
@@ -415,7 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config key (repeatable)")
 
     sim = sub.add_parser("simulate", help="federated simulation (Flower + Ray); without a model of its own: the "
-                                          "user-level private pipeline (DP popularity + DP-FedAvg content scorer)")
+                                          "user-level private pipeline (DP popularity and co-occurrence + DP-FedAvg "
+                                          "channel scorer)")
     add_config_flags(sim)
     sim.add_argument("--rounds", type=int)
     sim.add_argument("--devices-per-round", type=int)

@@ -1,6 +1,9 @@
 """Run config from the command line: `--config FILE`, `--set KEY=VALUE` and the flags that name a key.
 
-Used by `privrec simulate`, `baseline`, `audit` (tools/cli.py) and `privrec deploy local` (tools/deploy/cli.py).
+`run_config_from_args`: every command that starts or writes a federated run (`privrec simulate`, `privrec deploy
+local`, `privrec deploy run-config`), through `shared.config.resolve_run`, so they share one set of defaults (the
+product's default pipeline unless a model is chosen). `config_from_args`: `privrec baseline` and `audit`, on the
+schema's defaults.
 """
 
 from __future__ import annotations
@@ -23,8 +26,21 @@ def parse_set(pairs: Sequence[str] | None) -> dict[str, Any]:
     return out
 
 
-def config_from_args(args: argparse.Namespace, preset: dict[str, Any] | None = None) -> dict[str, Any]:
-    from shared.config import check_keys, resolve
+def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    from shared.config import resolve
+
+    return resolve(args.config, _explicit_values(args))
+
+
+def run_config_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    from shared.config import resolve_run
+
+    return resolve_run(args.config, _explicit_values(args))
+
+
+def _explicit_values(args: argparse.Namespace) -> dict[str, Any]:
+    """`--set KEY=VALUE` under the flags that name a key, each checked."""
+    from shared.config import check_keys
 
     overrides = parse_set(getattr(args, "set", None))
     check_keys(overrides, where="--set: ")  # also the values a flag overrides below: a typo is never silent
@@ -40,4 +56,4 @@ def config_from_args(args: argparse.Namespace, preset: dict[str, Any] | None = N
         if check_keys({key: overrides[key]})[key] != check_keys({key: flags[key]})[key]:
             print(f"privrec: note: --set {key}={overrides[key]} is overridden by its flag ({flags[key]})",
                   file=sys.stderr)
-    return resolve(args.config, {**overrides, **flags}, preset)
+    return {**overrides, **flags}

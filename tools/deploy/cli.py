@@ -6,6 +6,9 @@
     privrec deploy superlink (--tls-dir DIR | --insecure) [--auth] [--host H] [--port P] [--database FILE]
     privrec deploy node --data DEVICE_DIR --superlink H:P (--ca-cert FILE | --insecure) [--key KEYFILE]
     privrec deploy local --devices N --rounds R [--tls | --insecure] [--auth] [--dataset ...] [--set K=V]
+    privrec deploy run-config --devices-dir DIR --devices N --out FILE [--rounds R] [--set K=V]
+
+`local` and `run-config` resolve the run config as `privrec simulate` does (`shared.config.resolve_run`).
 
 `superlink` and `node` are thin wrappers: they check their inputs, print the Flower command they
 run, and replace themselves with it (same PID, Flower's own signal handling).
@@ -20,7 +23,7 @@ import sys
 from pathlib import Path
 
 from shared.errors import PrivrecError
-from tools.options import config_from_args
+from tools.options import run_config_from_args
 from tools.progress import Progress
 
 
@@ -125,7 +128,6 @@ def cmd_node(args: argparse.Namespace) -> int:
 
 
 def cmd_local(args: argparse.Namespace) -> int:
-    from shared.config import default_run_name
     from shared.data.devices import split_devices
     from shared.data.store import open_store, prepare_store
     from tools.deploy.local import prepare_security, run_local
@@ -135,13 +137,11 @@ def cmd_local(args: argparse.Namespace) -> int:
         raise PrivrecError("give either --tls or --insecure, not both")
     if args.devices < 1:
         raise PrivrecError(f"--devices {args.devices}: must be >= 1")
-    cfg = config_from_args(args)
-    run_root = Path(cfg["run-dir"]).expanduser().resolve()
-    cfg["run-dir"] = str(run_root)
-    cfg["run-name"] = cfg["run-name"] or default_run_name()
-    run_path = run_root / cfg["run-name"]
+    cfg = _deployment_run_config(args)
+    run_path = Path(cfg["run-dir"]) / cfg["run-name"]
     if (run_path / "summary.json").exists():
         raise PrivrecError(f"{run_path} already holds a completed run; pass another --run-name")
+    _check_runnable(cfg, args.devices)
     workdir = run_path / "deploy"
     if args.devices_dir:
         devices_dir = Path(args.devices_dir)
@@ -149,14 +149,7 @@ def cmd_local(args: argparse.Namespace) -> int:
         devices_dir = run_path / "devices"
         if not devices_dir.exists():
             split_devices(open_store(prepare_store(cfg["dataset"], cfg["users-per-device"])), devices_dir)
-    available = len(list(devices_dir.glob("device-*")))
-    if args.devices > available:
-        raise PrivrecError(f"--devices {args.devices}: {devices_dir} holds only {available} device folders")
-    if cfg["secure-aggregation"]:  # refused here, before any process starts, against the real cohort
-        from shared.config import check_secure_aggregation
-
-        wanted = cfg["devices-per-round"] or round(cfg["fraction-train"] * args.devices)
-        check_secure_aggregation(cfg, max(1, min(wanted, args.devices)))
+    _check_device_count(devices_dir, args.devices)
     if args.insecure:
         _say(INSECURE_WARNING)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -183,6 +176,65 @@ def cmd_local(args: argparse.Namespace) -> int:
                            f"see {workdir / 'logs'}")
     print(f"run directory: {run_path}; device ledgers: {devices_dir}/device-*/state/")
     return 0
+
+
+def cmd_run_config(args: argparse.Namespace) -> int:
+    """The run config `privrec deploy local` would submit, as a file for `flwr run --run-config FILE`: a
+    deployment started by hand gets the same defaults (`flwr run` alone has pyproject.toml's, the schema's)."""
+    from shared.atomic import write_bytes_atomic
+    from shared.data.devices import CATALOGUE_DIR
+    from tools.deploy.local import deployment_config
+    from tools.launch import _toml
+
+    if args.devices < 1:
+        raise PrivrecError(f"--devices {args.devices}: must be >= 1")
+    devices_dir = Path(args.devices_dir)
+    if not (devices_dir / CATALOGUE_DIR).is_dir():
+        raise PrivrecError(f"--devices-dir {args.devices_dir}: no {CATALOGUE_DIR}/ folder in it "
+                           "(make the folders with `privrec data split`)")
+    _check_device_count(devices_dir, args.devices)
+    cfg = _deployment_run_config(args)
+    _check_runnable(cfg, args.devices)
+    cfg = deployment_config(cfg, devices_dir, args.devices)
+    write_bytes_atomic(Path(args.out), _toml(cfg).encode("utf-8"))
+    print(f"run config ({cfg['model']}, {cfg['num-rounds']} rounds, {args.devices} devices, run "
+          f"{Path(cfg['run-dir']) / cfg['run-name']}) in {args.out}; submit it with "
+          f"`flwr run . <connection> --stream --run-config {args.out}`")
+    return 0
+
+
+def _deployment_run_config(args: argparse.Namespace) -> dict:
+    """The resolved run config of a deployment of `args.devices` devices: an absolute run-dir (the SuperLink's
+    working folder is not ours), a fixed run-name (the same name resumes), and `devices-per-round` at most the
+    devices, as `privrec simulate` records it."""
+    from shared.config import clamp_to_population, default_run_name
+
+    cfg = run_config_from_args(args)  # the same defaults as `privrec simulate`: the private pipeline
+    cfg["run-dir"] = str(Path(cfg["run-dir"]).expanduser().resolve())
+    cfg["run-name"] = cfg["run-name"] or default_run_name()
+    clamped = clamp_to_population(cfg, args.devices)
+    if clamped:
+        print(f"privrec: note: {clamped}", flush=True)
+    return cfg
+
+
+def _check_runnable(cfg: dict, num_devices: int) -> None:
+    """Refused before any process starts when it cannot run on `num_devices` devices."""
+    from shared.config import SCORER_MODELS, check_secure_aggregation
+
+    if cfg["secure-aggregation"]:  # against the real cohort
+        wanted = cfg["devices-per-round"] or round(cfg["fraction-train"] * num_devices)
+        check_secure_aggregation(cfg, max(1, min(wanted, num_devices)))
+    if cfg["model"] in SCORER_MODELS:  # the pipeline's whole budget (the ServerApp checks it again)
+        from shared.privacy.pipeline import check_pipeline_budget, planned_sample_rate
+
+        check_pipeline_budget(cfg, planned_sample_rate(cfg, num_devices))
+
+
+def _check_device_count(devices_dir: Path, wanted: int) -> None:
+    available = len(list(devices_dir.glob("device-*")))
+    if wanted > available:
+        raise PrivrecError(f"--devices {wanted}: {devices_dir} holds only {available} device folders")
 
 
 def _interrupt(signum, frame):
@@ -230,20 +282,33 @@ def add_deploy(sub, add_config_flags) -> None:
     node.set_defaults(func=cmd_node)
 
     local = cmds.add_parser("local", help="SuperLink + N SuperNodes + the run, on this machine, in real processes")
-    add_config_flags(local)
-    local.add_argument("--devices", type=int, required=True)
-    local.add_argument("--rounds", type=int)
-    local.add_argument("--devices-per-round", type=int)
+    _add_run_flags(local, add_config_flags)
     local.add_argument("--users-per-device", type=int)
-    local.add_argument("--noise-multiplier", type=float)
-    local.add_argument("--no-dp", action="store_true")
-    local.add_argument("--secure-aggregation", action="store_true",
-                       help="SecAgg+: the server unmasks only sums (secagg-* keys via --set)")
     local.add_argument("--devices-dir", help="use these device folders (default: split --dataset into the run dir)")
     local.add_argument("--tls", action="store_true", help="TLS with fresh test certificates (the default)")
     local.add_argument("--tls-dir", help="TLS with these certificates (ca.crt, server.crt, server.key)")
     local.add_argument("--insecure", action="store_true", help="no TLS (warns)")
     local.add_argument("--auth", action="store_true", help="every device gets its own EC key; only those join")
-    local.add_argument("--run-dir", help="parent folder of run directories (default runs/)")
-    local.add_argument("--run-name", help="run id; the same run-name resumes from its last checkpoint")
     local.set_defaults(func=cmd_local)
+
+    written = cmds.add_parser("run-config", help="the run config `deploy local` would submit, as a file for "
+                                                 "`flwr run --run-config` (a deployment started by hand)")
+    _add_run_flags(written, add_config_flags)
+    written.add_argument("--devices-dir", required=True, help="the folder `privrec data split` made (its catalogue/ "
+                                                              "is what the ServerApp reads)")
+    written.add_argument("--out", required=True, help="the TOML file to write")
+    written.set_defaults(func=cmd_run_config)
+
+
+def _add_run_flags(parser: argparse.ArgumentParser, add_config_flags) -> None:
+    """The run's flags, the same for `deploy local` and `deploy run-config`."""
+    add_config_flags(parser)
+    parser.add_argument("--devices", type=int, required=True, help="how many devices take part")
+    parser.add_argument("--rounds", type=int)
+    parser.add_argument("--devices-per-round", type=int)
+    parser.add_argument("--noise-multiplier", type=float)
+    parser.add_argument("--no-dp", action="store_true")
+    parser.add_argument("--secure-aggregation", action="store_true",
+                        help="SecAgg+: the server unmasks only sums (secagg-* keys via --set)")
+    parser.add_argument("--run-dir", help="parent folder of run directories (default runs/)")
+    parser.add_argument("--run-name", help="run id; the same run-name resumes from its last checkpoint")
