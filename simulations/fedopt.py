@@ -9,7 +9,8 @@ own `shared.training.train_local` (dp = False), and aggregates with `shared.aggr
 window-count-weighted mean, or per-row means of item tables, then a server optimizer). The global model
 is evaluated on every user with the code `privrec baseline centralized` uses (`shared.metrics`):
 validation items at every `--every` rounds, test items after the last round with `--test`.
-Results: simulations/results/fedopt-<time>.json and .md.
+Results: simulations/results/fedopt-<time>-<arm>-seed<seed>.json per run, fedopt-<time>-<arms>-seeds<seeds>-table.json
+and .md per invocation.
 """
 
 from __future__ import annotations
@@ -289,6 +290,12 @@ def run_name(spec: str) -> str:
     return spec.replace(":", "_").replace(",", "_").replace(".", "_")
 
 
+def table_stem(stamp: Path, arms: list[str], seeds: list[int]) -> Path:
+    """The stem of a run's table: its time stamp, arms and seeds. Two runs started in the same second (other arms or
+    seeds, in parallel) once wrote one `fedopt-<time>.json` and the second overwrote the first's table."""
+    return stamp.with_name(f"{stamp.name}-{'+'.join(run_name(a) for a in arms)}-seeds{'-'.join(map(str, seeds))}-table")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arms", nargs="+", default=["fedavg", "rows"],
@@ -321,8 +328,9 @@ def main() -> None:
              for name, arm in arms for seed in args.seeds]
     with ProcessPoolExecutor(max_workers=min(args.workers, len(tasks)), mp_context=get_context("spawn")) as pool:
         runs = list(pool.map(run, tasks))
-    save_results(stamp, {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": vars(args),
-                                         "centralized-test-ndcg@10": args.centralized, "runs": runs},
+    save_results(table_stem(stamp, [name for name, _ in arms], args.seeds),
+                 {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": vars(args),
+                  "centralized-test-ndcg@10": args.centralized, "runs": runs},
                  report(runs, args.centralized))
 
 

@@ -32,3 +32,14 @@ def test_run_file_of_an_arm_with_a_decimal_value_keeps_its_seed(tmp_path):
 
     stem = tmp_path / f"fedopt-x-{run_name('rows-epochs1-lr01:lr_decay=0.2')}-seed0"
     assert stem.with_suffix(".json").name == "fedopt-x-rows-epochs1-lr01_lr_decay=0_2-seed0.json"
+
+
+def test_parallel_runs_started_in_the_same_second_keep_their_own_tables(tmp_path):
+    from simulations.fedopt import run_name, table_stem
+
+    stamp = tmp_path / "fedopt-20261128-235513"
+    spec = "rows-epochs1-lr01-avgm-rows:lr_decay=0.5"
+    stems = {table_stem(stamp, [a], [s]) for a in (spec, "rows") for s in (0, 1)}
+    assert len(stems) == 4
+    per_seed = stamp.with_name(f"{stamp.name}-{run_name(spec)}-seed0")  # run()'s file of the same arm and seed
+    assert per_seed not in stems and all(stem.with_suffix(".json").name.endswith("-table.json") for stem in stems)
