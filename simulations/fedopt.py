@@ -81,6 +81,13 @@ ARMS: dict[str, Arm] = {
                                        server_momentum=0.5, server_on="rows"),
     # ... and a server rate of 2 on every array (the attention body moves faster too).
     "rows-epochs1-lr01-slr2": Arm(rows="emb", local_epochs=1, local_lr=0.01, server_lr=2.0),
+    # Fifth pass: each device reports its plain gradient step (one SGD epoch) and the server runs Adam on
+    # the cohort's mean, i.e. centralized Adam with a 64-user batch; one local Adam step is a sign step of
+    # size lr on every coordinate, which 64-device averages turn into noise rather than progress.
+    "sgd1-fedadam-lr001": Arm(rows="emb", local_optimizer="sgd", local_lr=0.5, local_epochs=1, server="adam",
+                              server_lr=0.001, tau=1e-6),
+    "sgd1-fedadam-lr003": Arm(rows="emb", local_optimizer="sgd", local_lr=0.5, local_epochs=1, server="adam",
+                              server_lr=0.003, tau=1e-6),
 }
 # Besides the global model, every run also evaluates running averages of it over rounds (Polyak/EMA
 # iterate averaging on the server: it costs no training and damps the round-to-round noise).
