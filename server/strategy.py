@@ -86,7 +86,7 @@ def _no_metrics(replies: list[RecordDict], weight_key: str) -> MetricRecord:
 
 
 def flower_strategy(name: str, *, fraction_evaluate: float, min_evaluate_nodes: int, seed: int,
-                    server_lr: float, local_lr: float, proximal_mu: float) -> FedAvg:
+                    server_lr: float, server_tau: float, local_lr: float, proximal_mu: float) -> FedAvg:
     """FedAvg, FedAdam or FedProx, taking every node `CohortChoice` shows it (no minimum of its own)."""
     common: dict[str, Any] = dict(
         fraction_train=1.0, min_train_nodes=0, min_available_nodes=0,
@@ -95,7 +95,7 @@ def flower_strategy(name: str, *, fraction_evaluate: float, min_evaluate_nodes: 
         evaluate_metrics_aggr_fn=lambda replies, key: evaluate_metrics(replies, key, seed),
     )
     if name == "fedadam":
-        return FedAdam(**common, eta=server_lr, eta_l=local_lr)
+        return FedAdam(**common, eta=server_lr, eta_l=local_lr, tau=server_tau)
     if name == "fedprox":
         return FedProx(**common, proximal_mu=proximal_mu)
     return FedAvg(**common)
@@ -108,7 +108,8 @@ def build_strategy(cfg: dict[str, Any], num_devices: int, on_train, on_evaluate,
     cohort = cohort_size(cfg, num_devices)
     flower = flower_strategy(cfg["strategy"], fraction_evaluate=cfg["fraction-evaluate"],
                              min_evaluate_nodes=max(1, int(cfg["fraction-evaluate"] * num_devices)),
-                             seed=cfg["seed"], server_lr=cfg["server-lr"], local_lr=cfg["local-lr"],
+                             seed=cfg["seed"], server_lr=cfg["server-lr"], server_tau=cfg["server-tau"],
+                             local_lr=cfg["local-lr"],
                              proximal_mu=cfg["proximal-mu"])
     tally = PrivacyTally()
     strategy: Strategy = flower

@@ -15,7 +15,7 @@ from shared.errors import PrivrecError
 
 CHECKPOINT_DIR = "checkpoint"
 # A run can only continue with the same model and the same aggregation.
-MUST_MATCH = ("strategy", "max-len", "hidden-size", "num-heads", "num-blocks", "server-lr", "dp",
+MUST_MATCH = ("strategy", "max-len", "hidden-size", "num-heads", "num-blocks", "server-lr", "server-tau", "dp",
               "noise-multiplier", "max-grad-norm", "accountant", "delta", "window", "item-representation",
               # user-level accounting composes one (noise, q) over every round of the run
               "user-dp", "user-noise-multiplier", "user-clipping-norm", "devices-per-round", "fraction-train",

@@ -111,6 +111,85 @@ def test_privrec_simulate_no_dp_runs_per_row_by_default():
     assert config.aggregation_in_effect(hosted) == "fedavg"
 
 
+def _simulate(no_dp, *pairs, config_file=None):
+    """The config `privrec simulate` resolves (tools/cli.py: cmd_simulate)."""
+    from tools.options import run_config_from_args
+
+    return run_config_from_args(argparse.Namespace(config=config_file, set=list(pairs), no_dp=no_dp))
+
+
+TUNED = ("local-optimizer", "local-lr", "strategy", "server-lr", "server-tau", "model-average")
+
+
+def _tuned(cfg):
+    return {k: cfg[k] for k in TUNED}
+
+
+def test_a_non_private_sasrec_run_takes_the_tuned_federation_settings_it_does_not_set(tmp_path):
+    # issue 12, fifth pass: local SGD 0.5, FedAdam 0.001 with tau 1e-6; the running average 0.9 from 200 rounds on
+    recipe = {"local-optimizer": "sgd", "local-lr": 0.5, "strategy": "fedadam", "server-lr": 0.001,
+              "server-tau": 1e-6}
+    assert _tuned(_simulate(True, "model=sasrec")) == {**recipe, "model-average": 0.0}
+    assert _tuned(_simulate(True, "model=sasrec", "num-rounds=200")) == {**recipe, "model-average": 0.9}
+    # a key the user sets keeps its value, even the schema's default, from --set or from a file
+    mine = _simulate(True, "model=sasrec", "num-rounds=200", "local-lr=0.005", "model-average=0")
+    assert _tuned(mine) == {**recipe, "local-lr": 0.005, "model-average": 0.0}
+    toml = tmp_path / "run.toml"
+    toml.write_text('model = "sasrec"\ndp = false\nstrategy = "fedavg"\n')
+    assert _tuned(_simulate(False, config_file=toml)) == {**recipe, "strategy": "fedavg", "model-average": 0.0}
+
+
+@pytest.mark.parametrize("no_dp, pairs", [
+    (False, ("model=sasrec", "num-rounds=200")),  # on-device DP-SGD
+    (True, ("model=sasrec", "num-rounds=200", "user-dp=true")),
+    (True, ("model=sasrec", "num-rounds=200", "secure-aggregation=true", "secagg-min-cohort=8")),
+    (True, ("model=sasrec", "num-rounds=200", "aggregation=fedavg")),  # measured with per-row only
+    (True, ("model=sasrec", "num-rounds=200", "devices-per-node=4")),
+])
+def test_every_other_sasrec_run_keeps_the_schema_defaults(no_dp, pairs):
+    assert _tuned(_simulate(no_dp, *pairs)) == {k: config.defaults()[k] for k in TUNED}
+
+
+def test_the_default_pipeline_keeps_its_own_settings():
+    cfg = _simulate(True, "num-rounds=200")
+    assert _tuned(cfg) == {**{k: config.defaults()[k] for k in TUNED},
+                           **{k: v for k, v in config.DEFAULT_PIPELINE.items() if k in TUNED}}
+
+
+def test_a_flwr_run_config_takes_its_values_as_given():
+    # context.run_config lists every key (pyproject.toml), so nothing there is "unset"
+    run = config.from_run_config({**config.defaults(), "dp": False})
+    assert (run.device.optimizer, run.device.lr, run.federation.strategy) == ("adam", 0.005, "fedavg")
+
+
+def test_fedadam_takes_its_step_from_the_per_row_mean_with_the_configured_tau(tmp_path):
+    """One round of the tuned recipe in the ServerApp: per-row mean of the replies, then Flower's FedAdam
+    (bias-corrected rate eta sqrt(1 - b2^(t+1)) / (1 - b1^(t+1)), first moments from zero) with `server-tau`."""
+    store = walk_store(tmp_path / "store", num_users=NUM_DEVICES, num_items=40)
+    tau, eta = 1e-6, 0.001
+    run_config = {**SMALL, "data-store": str(store), "num-rounds": 1, "aggregation": "per-row",
+                  "local-optimizer": "sgd", "local-lr": 0.5, "local-epochs": 1, "strategy": "fedadam",
+                  "server-lr": eta, "server-tau": tau, "run-dir": str(tmp_path / "runs"), "run-name": "a"}
+    grid = InProcessGrid(client_app, NUM_DEVICES, keep_messages=True)
+    serve(server_main, grid, _context(run_config))
+    (sent,) = _train_models(grid)
+    current = {k: v.numpy().astype(np.float64) for k, v in sent.items()}
+    replies = [r for r in grid.replies if r.content.array_records]
+    updates = [{k: v.numpy().astype(np.float64) - current[k]
+                for k, v in r.content.array_records["arrays"].to_torch_state_dict().items()} for r in replies]
+    weights = [float(r.content.metric_records["metrics"]["num-examples"]) for r in replies]
+    delta = mean_update(updates, weights, [{"item_emb.weight": touched_rows(u["item_emb.weight"])} for u in updates])
+    b1, b2 = 0.9, 0.99
+    rate = eta * np.sqrt(1 - b2 ** 2) / (1 - b1 ** 2)
+    model = torch.load(tmp_path / "runs" / "a" / "checkpoint" / "model.pt", weights_only=True)
+    for k, v in model.items():
+        step = rate * (1 - b1) * delta[k] / (np.sqrt((1 - b2) * delta[k] ** 2) + tau)
+        assert np.allclose(v.numpy(), current[k] + step, rtol=1e-4, atol=1e-7), k
+    # with Flower's default tau (1e-3) the step of these small SGD updates would be capped far below eta
+    moved = np.abs(model["blocks.0.attn.q.weight"].numpy() - current["blocks.0.attn.q.weight"]).max()
+    assert moved > 0.5 * rate
+
+
 def test_a_resume_compares_the_aggregation_in_effect(tmp_path):
     from shared.resume import refuse_incompatible
 
