@@ -96,26 +96,20 @@ def test_the_default_aggregation_is_per_row_exactly_where_it_is_allowed(override
     assert _wrapped(cfg) == (expected == "per-row")
 
 
-def test_privrec_simulate_no_dp_runs_per_row_by_default():
-    from tools.options import run_config_from_args
-
-    def simulate(no_dp, *pairs):  # the config `privrec simulate` resolves (tools/cli.py: cmd_simulate)
-        args = argparse.Namespace(config=None, set=list(pairs), no_dp=no_dp)
-        return run_config_from_args(args)
-
-    cfg = simulate(True, "model=sasrec")
-    assert cfg["dp"] is False and config.aggregation_in_effect(cfg) == "per-row" and _wrapped(cfg)
-    for private in (simulate(False, "model=sasrec"), simulate(True)):  # on-device DP; the user-level DP pipeline
-        assert config.aggregation_in_effect(private) == "fedavg" and not _wrapped(private)
-    hosted = simulate(True, "model=sasrec", "devices-per-node=4")  # a node's reply merges its devices' updates
-    assert config.aggregation_in_effect(hosted) == "fedavg"
-
-
 def _simulate(no_dp, *pairs, config_file=None):
     """The config `privrec simulate` resolves (tools/cli.py: cmd_simulate)."""
     from tools.options import run_config_from_args
 
     return run_config_from_args(argparse.Namespace(config=config_file, set=list(pairs), no_dp=no_dp))
+
+
+def test_privrec_simulate_no_dp_runs_per_row_by_default():
+    cfg = _simulate(True, "model=sasrec")
+    assert cfg["dp"] is False and config.aggregation_in_effect(cfg) == "per-row" and _wrapped(cfg)
+    for private in (_simulate(False, "model=sasrec"), _simulate(True)):  # on-device DP; the user-level DP pipeline
+        assert config.aggregation_in_effect(private) == "fedavg" and not _wrapped(private)
+    hosted = _simulate(True, "model=sasrec", "devices-per-node=4")  # a node's reply merges its devices' updates
+    assert config.aggregation_in_effect(hosted) == "fedavg"
 
 
 TUNED = ("local-optimizer", "local-lr", "strategy", "server-lr", "server-tau", "model-average")
@@ -170,14 +164,7 @@ def test_fedadam_takes_its_step_from_the_per_row_mean_with_the_configured_tau(tm
     run_config = {**SMALL, "data-store": str(store), "num-rounds": 1, "aggregation": "per-row",
                   "local-optimizer": "sgd", "local-lr": 0.5, "local-epochs": 1, "strategy": "fedadam",
                   "server-lr": eta, "server-tau": tau, "run-dir": str(tmp_path / "runs"), "run-name": "a"}
-    grid = InProcessGrid(client_app, NUM_DEVICES, keep_messages=True)
-    serve(server_main, grid, _context(run_config))
-    (sent,) = _train_models(grid)
-    current = {k: v.numpy().astype(np.float64) for k, v in sent.items()}
-    replies = [r for r in grid.replies if r.content.array_records]
-    updates = [{k: v.numpy().astype(np.float64) - current[k]
-                for k, v in r.content.array_records["arrays"].to_torch_state_dict().items()} for r in replies]
-    weights = [float(r.content.metric_records["metrics"]["num-examples"]) for r in replies]
+    current, updates, weights = _one_round(run_config)
     delta = mean_update(updates, weights, [{"item_emb.weight": touched_rows(u["item_emb.weight"])} for u in updates])
     b1, b2 = 0.9, 0.99
     rate = eta * np.sqrt(1 - b2 ** 2) / (1 - b1 ** 2)
@@ -233,19 +220,25 @@ def _train_models(grid):
     return out
 
 
-def test_per_row_round_is_shared_aggregation_on_the_rounds_replies(tmp_path):
-    store = walk_store(tmp_path / "store", num_users=NUM_DEVICES, num_items=40)
-    run_config = {**SMALL, "data-store": str(store), "num-rounds": 1, "aggregation": "per-row",
-                  "run-dir": str(tmp_path / "runs"), "run-name": "p"}
+def _one_round(run_config):
+    """Serve a one-round run in process: the global model the devices got, their updates and FedAvg weights."""
     grid = InProcessGrid(client_app, NUM_DEVICES, keep_messages=True)
     serve(server_main, grid, _context(run_config))
     (sent,) = _train_models(grid)
     current = {k: v.numpy().astype(np.float64) for k, v in sent.items()}
     replies = [r for r in grid.replies if r.content.array_records]
-    assert len(replies) == 3
     updates = [{k: v.numpy().astype(np.float64) - current[k]
                 for k, v in r.content.array_records["arrays"].to_torch_state_dict().items()} for r in replies]
     weights = [float(r.content.metric_records["metrics"]["num-examples"]) for r in replies]
+    return current, updates, weights
+
+
+def test_per_row_round_is_shared_aggregation_on_the_rounds_replies(tmp_path):
+    store = walk_store(tmp_path / "store", num_users=NUM_DEVICES, num_items=40)
+    run_config = {**SMALL, "data-store": str(store), "num-rounds": 1, "aggregation": "per-row",
+                  "run-dir": str(tmp_path / "runs"), "run-name": "p"}
+    current, updates, weights = _one_round(run_config)
+    assert len(updates) == 3
     masks = [{"item_emb.weight": touched_rows(u["item_emb.weight"])} for u in updates]
     # Some row is touched by some but not all devices, so per-row and FedAvg differ in this round.
     touched = np.stack([m["item_emb.weight"] for m in masks])
