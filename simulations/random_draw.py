@@ -121,9 +121,9 @@ def summarize(per_seed: list[dict]) -> dict:
             "realized draws test ndcg@10": summary_stats([d["test"]["ndcg@10"] for d in drawn]),
             "per candidate test ndcg@10": {
                 n: summary_stats([r["runs"][k]["test"]["ndcg@10"] for r in per_seed]) for k, n in enumerate(names)},
-            "candidates whose mean is >= target": sum(
+            "candidates whose mean is >= target": int(sum(
                 np.mean([r["runs"][k]["test"]["ndcg@10"] for r in per_seed]) >= TARGET_NDCG
-                for k in range(len(names)))}
+                for k in range(len(names))))}
 
 
 def cmd_report(args) -> None:

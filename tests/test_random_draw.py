@@ -4,6 +4,8 @@ figure is the exact mean over the grid (the protocol's expectation over a unifor
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -59,3 +61,4 @@ def test_the_summary_reports_the_expectation_the_realized_draws_and_each_candida
     assert s["realized draws test ndcg@10"]["mean"] == pytest.approx((0.06 + 0.09) / 2)
     assert s["per candidate test ndcg@10"]["b"]["mean"] == pytest.approx(0.085)
     assert s["candidates whose mean is >= target"] == 1
+    json.dumps(s)  # the results file is written from it
