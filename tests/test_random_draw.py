@@ -27,7 +27,8 @@ def test_the_realized_draw_is_uniform_over_the_grid():
 
 
 def _row(name: str, test: float, valid: float) -> dict:
-    return {"candidate": name, "test": {"ndcg@10": test, "hr@10": 2 * test}, "valid": {"ndcg@10": valid}, "seconds": 1.0}
+    return {"candidate": name, "test": {"ndcg@10": test, "hr@10": 2 * test}, "valid": {"ndcg@10": valid},
+            "seconds": 1.0}
 
 
 def test_every_candidate_runs_once_at_factor_one_and_the_figure_is_their_mean(monkeypatch):
