@@ -44,3 +44,19 @@ def save_results(stem: Path, results: dict, report: str) -> Path:
 def timestamped(name: str) -> Path:
     """results/<name>-<time stamp> (the stem of a new result)."""
     return RESULTS / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def seeded_commands(doc: str, commands: dict[str, Callable], seeds, argv: list[str] | None = None) -> None:
+    """The `run` / `report`-style command line of a per-seed study: one sub-command per entry of `commands`, each
+    taking `--seeds` (default `seeds`); torch on one thread, as every in-process study here runs."""
+    import argparse
+
+    import torch
+
+    torch.set_num_threads(1)
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in commands:
+        sub.add_parser(name).add_argument("--seeds", type=int, nargs="+", default=list(seeds))
+    args = parser.parse_args(argv)
+    commands[args.command](args)

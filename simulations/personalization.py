@@ -27,7 +27,6 @@ Files: `simulations/results/personalization-seed<s>.json` and `personalization-<
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
@@ -35,7 +34,7 @@ import time
 import numpy as np
 import torch
 
-from simulations.output import RESULTS, log_progress, save_results, timestamped
+from simulations.output import RESULTS, log_progress, save_results, seeded_commands, timestamped
 
 SEEDS = (0, 1, 2)
 FACTOR = 1.397
@@ -247,14 +246,7 @@ def cmd_report(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    torch.set_num_threads(1)
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("run", "report"):
-        p = sub.add_parser(name)
-        p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
-    args = parser.parse_args(argv)
-    {"run": cmd_run, "report": cmd_report}[args.command](args)
+    seeded_commands(__doc__, {"run": cmd_run, "report": cmd_report}, SEEDS, argv)
 
 
 if __name__ == "__main__":

@@ -44,13 +44,12 @@ figures, learned weights; re-runs skip a finished seed) and `random-draw-<time>.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
 import numpy as np
 
-from simulations.output import RESULTS, log_progress, save_results, timestamped
+from simulations.output import RESULTS, log_progress, save_results, seeded_commands, timestamped
 
 SEEDS = (6, 7, 8, 9, 10, 11)
 DRAW_TAG = 0xD4A3  # the draw's own randomness: independent of the data and of the pipeline's noise
@@ -151,11 +150,9 @@ def cmd_report(args) -> None:
     save_results(timestamped("random-draw"), results, markdown(results))
 
 
-def _cell(s: dict) -> str:
-    return f"{s['mean']:.4f} +- {s['std']:.4f} [{s['ci95'][0]:.4f}, {s['ci95'][1]:.4f}]"
-
-
 def markdown(results: dict) -> str:
+    from simulations.product_selection import _cell
+
     s = results["summary"]
     lines = [f"# Issue 13, choice accounted by a data-independent draw over the product's grid (seeds "
              f"{results['seeds']}, {results['made']})", "",
@@ -184,16 +181,7 @@ def markdown(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import torch
-
-    torch.set_num_threads(1)
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("run", "report"):
-        p = sub.add_parser(name)
-        p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
-    args = parser.parse_args(argv)
-    {"run": cmd_run, "report": cmd_report}[args.command](args)
+    seeded_commands(__doc__, {"run": cmd_run, "report": cmd_report}, SEEDS, argv)
 
 
 if __name__ == "__main__":
