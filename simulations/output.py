@@ -60,3 +60,12 @@ def seeded_commands(doc: str, commands: dict[str, Callable], seeds, argv: list[s
         sub.add_parser(name).add_argument("--seeds", type=int, nargs="+", default=list(seeds))
     args = parser.parse_args(argv)
     commands[args.command](args)
+
+
+def run_missing_seeds(prefix: str, seeds, compute: Callable[[int], dict]) -> None:
+    """results/<prefix><seed>.json for every seed that has none yet (a re-run skips finished seeds), each written
+    atomically: an interrupted study leaves whole files only."""
+    for seed in seeds:
+        path = RESULTS / f"{prefix}{seed}.json"
+        if not path.exists():
+            write_bytes_atomic(path, (json.dumps(compute(seed), indent=1) + "\n").encode())

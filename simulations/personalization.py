@@ -34,7 +34,7 @@ import time
 import numpy as np
 import torch
 
-from simulations.output import RESULTS, log_progress, save_results, seeded_commands, timestamped
+from simulations.output import RESULTS, log_progress, run_missing_seeds, save_results, seeded_commands, timestamped
 
 SEEDS = (0, 1, 2)
 FACTOR = 1.397
@@ -198,10 +198,7 @@ def cmd_run(args) -> None:
     from simulations import budget_allocation as ba
 
     pop = ba.population()
-    for seed in args.seeds:
-        path = RESULTS / f"{RUN_PREFIX}{seed}.json"
-        if not path.exists():
-            path.write_text(json.dumps(run_seed(pop, seed), indent=1) + "\n")
+    run_missing_seeds(RUN_PREFIX, args.seeds, lambda seed: run_seed(pop, seed))
 
 
 def cmd_report(args) -> None:

@@ -49,7 +49,7 @@ import time
 
 import numpy as np
 
-from simulations.output import RESULTS, log_progress, save_results, seeded_commands, timestamped
+from simulations.output import RESULTS, log_progress, run_missing_seeds, save_results, seeded_commands, timestamped
 
 SEEDS = (6, 7, 8, 9, 10, 11)
 DRAW_TAG = 0xD4A3  # the draw's own randomness: independent of the data and of the pipeline's noise
@@ -98,14 +98,14 @@ def cmd_run(args) -> None:
 
     refs = load_calibration()["references"]
     pop = ba.population()
-    for seed in args.seeds:
-        path = RESULTS / f"{RUN_PREFIX}{seed}.json"
-        if path.exists():
-            continue
+
+    def one_seed(seed: int) -> dict:
         out = run_seed(pop, refs, seed)
-        path.write_text(json.dumps(out, indent=1) + "\n")
         log_progress(f"seed {seed}: expected test NDCG@10 {out['expected test ndcg@10']:.4f}, drawn "
                      f"{out['drawn']['candidate']}")
+        return out
+
+    run_missing_seeds(RUN_PREFIX, args.seeds, one_seed)
 
 
 def summarize(per_seed: list[dict]) -> dict:

@@ -63,3 +63,16 @@ def test_the_summary_reports_the_expectation_the_realized_draws_and_each_candida
     assert s["per candidate test ndcg@10"]["b"]["mean"] == pytest.approx(0.085)
     assert s["candidates whose mean is >= target"] == 1
     json.dumps(s)  # the results file is written from it
+
+
+def test_a_rerun_computes_only_the_missing_seeds_and_writes_whole_files(tmp_path, monkeypatch):
+    from simulations import output
+
+    monkeypatch.setattr(output, "RESULTS", tmp_path)
+    (tmp_path / "study-seed6.json").write_text('{"seed": 6, "kept": true}\n')
+    computed = []
+    output.run_missing_seeds("study-seed", [6, 7], lambda s: computed.append(s) or {"seed": s})
+    assert computed == [7]
+    assert json.loads((tmp_path / "study-seed6.json").read_text())["kept"] is True
+    assert json.loads((tmp_path / "study-seed7.json").read_text()) == {"seed": 7}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["study-seed6.json", "study-seed7.json"]  # no temp left
