@@ -41,7 +41,7 @@ import time
 import numpy as np
 import torch
 
-from simulations.output import RESULTS, log_progress, save_results, timestamped
+from simulations.output import RESULTS, log_progress, save_results, timestamped, write_json
 
 RUN_PREFIX = "consent-pipeline-run"
 ABLATION_PREFIX = "consent-pipeline-ablation"
@@ -154,7 +154,7 @@ def cmd_ablation(args) -> None:
                                  keep_scorer=True)
         row["split metrics"] = split_metrics(data, row.pop("_scorer")("test"), consenting)
         row.update(seed=seed, z=z)
-        path.write_text(json.dumps(row, indent=1) + "\n")
+        write_json(path, row)
         log_progress(f"ablation seed {seed}: NDCG@10 {row['ndcg@10']:.4f}")
 
 
@@ -170,7 +170,7 @@ def cmd_run(args) -> None:
         if path.exists():
             continue
         row = run_seed(seed, data, sums, args.epsilons)
-        path.write_text(json.dumps(row, indent=1) + "\n")
+        write_json(path, row)
         log_progress(f"written {path}")
 
 

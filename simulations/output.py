@@ -62,10 +62,15 @@ def seeded_commands(doc: str, commands: dict[str, Callable], seeds, argv: list[s
     commands[args.command](args)
 
 
+def write_json(path: Path, obj, **dumps_options) -> None:
+    """`obj` as indented JSON at `path`, written atomically (a study stopped mid-write leaves the old file or none)."""
+    write_bytes_atomic(path, (json.dumps(obj, indent=1, **dumps_options) + "\n").encode())
+
+
 def run_missing_seeds(prefix: str, seeds, compute: Callable[[int], dict]) -> None:
     """results/<prefix><seed>.json for every seed that has none yet (a re-run skips finished seeds), each written
     atomically: an interrupted study leaves whole files only."""
     for seed in seeds:
         path = RESULTS / f"{prefix}{seed}.json"
         if not path.exists():
-            write_bytes_atomic(path, (json.dumps(compute(seed), indent=1) + "\n").encode())
+            write_json(path, compute(seed))

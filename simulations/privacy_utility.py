@@ -60,7 +60,7 @@ from pathlib import Path
 import numpy as np
 
 from shared.atomic import write_bytes_atomic
-from simulations.output import RESULTS, log_progress, save_results
+from simulations.output import RESULTS, log_progress, save_results, write_json
 
 TARGETS = (1.0, 2.0, 4.0, 8.0)
 REFERENCE_Z = {"pop_z": 5.0, "cooc_z": 2.7, "dpsgd_z": 14.0}  # the merged round-2 recipe (epsilon 1.81 PLD)
@@ -123,7 +123,7 @@ def cmd_calibrate(_args) -> None:
         rows.append(row)
     out = {"delta": 1e-5, "reference_z": REFERENCE_Z, "rule": "one common factor on (pop_z, cooc_z, dpsgd_z), "
            "bisection on dp-accounting PLD, upper end kept", "targets": rows}
-    CALIBRATION.write_text(json.dumps(out, indent=1) + "\n")
+    write_json(CALIBRATION, out)
     print(json.dumps(out, indent=1))
 
 
@@ -162,7 +162,7 @@ def cmd_run(args) -> None:
                 base = reference_baselines(store_dir, epsilon=float(label), delta=pp.DELTA, seed=seed)
                 row["baselines"] = {kind: {"ndcg@10": b["test"]["ndcg@10"], "hr@10": b["test"]["hr@10"],
                                            "privacy": b["privacy"]} for kind, b in base.items()}
-            out.write_text(json.dumps(row, indent=1, default=float) + "\n")
+            write_json(out, row, default=float)
             log_progress(f"eps {label} seed {seed}: NDCG@10 {row['ndcg@10']:.4f} eps {row['epsilon']} "
                          f"({row['seconds']:.0f} s)")
 

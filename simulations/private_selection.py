@@ -44,7 +44,7 @@ import time
 
 import numpy as np
 
-from simulations.output import RESULTS, log_progress, save_results, timestamped
+from simulations.output import RESULTS, log_progress, save_results, timestamped, write_json
 
 TARGET = 2.0
 DELTA = 1e-5
@@ -117,7 +117,7 @@ def repeat_and_select(run_once, num_candidates: int, mean_runs: float, rng: np.r
 
 def cmd_calibrate(_args) -> None:
     row = calibrate()
-    CALIBRATION.write_text(json.dumps(row, indent=1) + "\n")
+    write_json(CALIBRATION, row)
     print(json.dumps(row, indent=1))
 
 
@@ -162,7 +162,7 @@ def cmd_run(args) -> None:
             best = {**pp.metrics(fallback), "candidate": "fallback: on-device content only, no release"}
         out = {"seed": seed, "calibration": cal, "runs": log, "selected": best,
                "seconds": time.perf_counter() - started}
-        path.write_text(json.dumps(out, indent=1) + "\n")
+        write_json(path, out)
         log_progress(f"seed {seed}: {len(log)} runs, selected {best['candidate']} test NDCG@10 {best['ndcg@10']:.4f}")
 
 

@@ -73,7 +73,7 @@ import time
 
 import numpy as np
 
-from simulations.output import RESULTS, log_progress, save_results, timestamped
+from simulations.output import RESULTS, log_progress, save_results, timestamped, write_json
 
 TARGET = 2.0
 DELTA = 1e-5
@@ -284,7 +284,7 @@ def cmd_calibrate(_args) -> None:
            "accountant": "dp-accounting RDP (default orders): pointwise max over the grid of each candidate's run "
                          "curve, then the Papernot-Steinke repeat-and-select transform "
                          "(_compute_rdp_repeat_and_select), epsilon at delta 1e-5"}
-    CALIBRATION.write_text(json.dumps(cal, indent=1) + "\n")
+    write_json(CALIBRATION, cal)
     print(json.dumps({k: v for k, v in cal.items() if k != "references"}, indent=1))
 
 
@@ -349,7 +349,7 @@ def cmd_run(args) -> None:
         if path.exists():
             continue
         out = select_for_seed(pop, cal, seed)
-        path.write_text(json.dumps(out, indent=1) + "\n")
+        write_json(path, out)
         best = out["selected"]
         log_progress(f"seed {seed}: {len(out['log'])} runs, selected {best['candidate']}, test NDCG@10 "
                      f"{best['test']['ndcg@10']:.4f}")

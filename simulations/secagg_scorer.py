@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from simulations.output import write_json
+
 SECURE = {"secure-aggregation": True, "secagg-min-cohort": 200, "secagg-release-min-cohort": 900,
           "secagg-clip-range": 3.0, "secagg-quantization-bits": 16, "secagg-threshold": 8}
 
@@ -71,7 +73,7 @@ def main() -> None:
                 results.append(run_arm(secure, seed, Path(work)))
                 print(json.dumps(results[-1]), flush=True)
     out = Path(__file__).parent / "results" / f"secagg-scorer-{time.strftime('%Y%m%d-%H%M%S')}"
-    out.with_suffix(".json").write_text(json.dumps({"settings": SECURE, "runs": results}, indent=1))
+    write_json(out.with_suffix(".json"), {"settings": SECURE, "runs": results})
     lines = ["| arm | seeds | test NDCG@10 (mean) | test HR@10 (mean) | seconds (mean) | epsilon |",
              "|---|---|---|---|---|---|"]
     for arm in ("plain", "secure"):
