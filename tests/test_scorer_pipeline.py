@@ -152,6 +152,13 @@ def test_the_pipeline_releases_popularity_then_rounds_and_records_the_composed_e
     from tools.cli import main
 
     assert main(["report", str(path)]) == 0
+    # No on-device DP-SGD: the per-device zeros are said not to be spend, and no histogram of them is drawn.
+    report = json.loads((path / "report.json").read_text())
+    assert "epsilon-histogram.png" not in {p["file"] for p in report["plots"]}
+    devices = (path / "report.md").read_text().split("## Per device", 1)[1]
+    assert "No on-device DP-SGD in this run (dp = false)" in devices
+    assert f"epsilon {expected:.4f} at delta 1e-05, for each of the {NUM_DEVICES} devices" in devices
+    assert 'id="device-preface"' in (path / "report.html").read_text()
 
 
 def test_a_trained_scorer_beats_the_untrained_one(tmp_path, digit_store):

@@ -58,7 +58,8 @@ def make_plots(run: Run, check: CrossCheck | None) -> list[Plot]:
     plots = []
     rows = run.rounds
     cfg = run.config
-    if check is not None and check.devices:
+    # Without on-device DP-SGD (dp = false) every device's on-device epsilon is 0 by construction: no histogram of it.
+    if check is not None and check.devices and cfg.get("dp"):
         values = [d.device.epsilon for d in check.devices if d.device.epsilon is not None]
         fig, (ax,) = _figure()
         ax.hist(values, bins=min(30, max(5, len(values) // 3)), color="#4c72b0", edgecolor="white")

@@ -180,7 +180,8 @@ def device_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     p = report["privacy"]
     extra = [a for a in (p["accountant"],) if a not in SECOND]
     ledgers = p["ledgers"] is not None and p["ledgers"].startswith("simulation")
-    head = (["device", "rounds trained", "epsilon reported"] + [f"recomputed {a.upper()}" for a in (*SECOND, *extra)]
+    head = (["device", "rounds trained", "on-device epsilon reported"]
+            + [f"recomputed {a.upper()}" for a in (*SECOND, *extra)]
             + ["dp-accounting RDP", "dp-accounting PLD"]
             + (["ledger epsilon"] if ledgers else []) + ["declined round", "flag"])
     rows = []
@@ -193,6 +194,20 @@ def device_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         row += [_num(d["declined-round"], "d"), ", ".join(f["code"] for f in d["flags"]) or "ok"]
         rows.append(row)
     return head, rows
+
+
+def device_preface(report: dict[str, Any]) -> str | None:
+    """Without on-device DP-SGD the per-device table holds empty window-level records (epsilon 0 by construction):
+    say so above it, and where each user's spend is stated instead, so that no one reads the zeros as spend."""
+    if report["config"].get("dp"):
+        return None
+    u = report["privacy"]["user-level"]
+    where = (f"every user's spend is the user-level figure above, epsilon {_num(u['epsilon-reported'])} at delta "
+             f"{_num(report['privacy']['delta'], 'g')}, for each of the {u['population']} devices, whether or not a "
+             "round sampled it" if u else "this run states no user-level guarantee either")
+    return ("No on-device DP-SGD in this run (dp = false): the table lists each device's on-device (window-level) "
+            "record, empty and 0 by construction, and checks it like any other so that a tampered record is still "
+            f"caught. It is not the device's privacy spend: {where}.")
 
 
 def _flag_lines(report: dict[str, Any]) -> list[str]:
@@ -256,7 +271,8 @@ def to_markdown(report: dict[str, Any]) -> str:
         parts += [f"- {line}" for line in _flag_lines(report)] + [""]
     parts += ["## Per round", "", _md_table(*round_table(report)), ""]
     if p["available"]:
-        parts += ["## Per device", "", _md_table(*device_table(report)), ""]
+        parts += ["## Per device", ""] + [line + "\n" for line in (device_preface(report),) if line]
+        parts += [_md_table(*device_table(report)), ""]
     else:
         parts += ["## Per device", "", f"Not available: {p['reason']}.", ""]
     if report["plots"]:
@@ -315,6 +331,7 @@ def to_html(report: dict[str, Any], plots: list[Plot]) -> str:
     body += ["<h2>Per round</h2>", _html_table(*round_table(report), table_id="rounds")]
     body.append("<h2>Per device</h2>")
     if p["available"]:
+        body += [f'<p class="note" id="device-preface">{esc(line)}</p>' for line in (device_preface(report),) if line]
         head, rows = device_table(report)
         body.append(_html_table(head, rows, table_id="devices", flag_col=len(head) - 1))
     else:
