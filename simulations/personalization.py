@@ -49,7 +49,8 @@ def personal_weights(w_global: torch.Tensor, features: torch.Tensor, mask: torch
     """Per-device weights [devices, 9] minimising each device's mean softmax loss over its examples plus
     lam_u / 2 ||w_u - w_global||^2. `features` [examples, 9, items + 1] (popularity, profile cosine, the channels),
     `owner` the device of each example, `lam` [devices] (inf: keep the global weights). The devices' objectives are
-    separable, so one L-BFGS over all of them is each device's own fit."""
+    separable, so the joint minimiser is every device's own; the `steps` joint L-BFGS iterations approximate it
+    (a device fitting alone would run its own, `tests/test_personalization.py` checks they agree to 1e-3)."""
     devices = len(lam)
     weights = w_global.repeat(devices, 1).clone()
     free = torch.isfinite(lam)
@@ -79,8 +80,8 @@ def example_losses(weights, features, mask, nexts, owner) -> torch.Tensor:
 
 
 def local_choice(w_global, fit_part, held_out, devices: int, grid=(math.inf,) + LAMBDAS) -> torch.Tensor:
-    """Each device's lam from `grid`: fit on `fit_part`, the lowest mean held-out loss (ties: the earlier entry,
-    so the global weights when nothing is held out)."""
+    """Each device's lam from `grid`: fit on `fit_part`, then the lowest summed loss on its `held_out` examples
+    (their number does not depend on lam; ties: the earlier entry, so the global weights when nothing is held out)."""
     losses = []
     for lam in grid:
         w = personal_weights(w_global, *fit_part, torch.full((devices,), lam))
