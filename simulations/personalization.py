@@ -164,12 +164,14 @@ def evaluate_rules(pop, model, c) -> dict:
                     scores = torch.einsum("bk,bki->bi", w, features)
                 ranks[rule][split].append(target_ranks(scores, torch.from_numpy(np.asarray(targets)), exclude))
     out = {}
+    baseline = {split: ndcg_at_k(np.concatenate(parts), 10) for split, parts in ranks["global"].items()}
     for rule, by_split in ranks.items():
         out[rule] = {}
         for split, parts in by_split.items():
             r = np.concatenate(parts)
-            paired = ndcg_at_k(r, 10) - ndcg_at_k(np.concatenate(ranks["global"][split]), 10)
-            out[rule][split] = {"ndcg@10": float(ndcg_at_k(r, 10).mean()), "hr@10": float(hit_at_k(r, 10).mean()),
+            ndcg = ndcg_at_k(r, 10)
+            paired = ndcg - baseline[split]
+            out[rule][split] = {"ndcg@10": float(ndcg.mean()), "hr@10": float(hit_at_k(r, 10).mean()),
                                 # the per-user paired difference's standard error: how far items alone move it
                                 "paired se vs global": float(paired.std(ddof=1) / np.sqrt(len(paired)))}
     out["local-cv choices"] = {f"{g:g}": int(sum(x == g for x in chosen)) for g in (math.inf,) + LAMBDAS}

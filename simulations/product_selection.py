@@ -73,7 +73,7 @@ import time
 
 import numpy as np
 
-from simulations.output import RESULTS, log_progress, save_results, timestamped, write_json
+from simulations.output import RESULTS, log_progress, run_missing_seeds, save_results, timestamped, write_json
 
 TARGET = 2.0
 DELTA = 1e-5
@@ -344,15 +344,15 @@ def cmd_run(args) -> None:
 
     cal = load_calibration()
     pop = ba.population()
-    for seed in args.seeds:
-        path = RESULTS / f"{RUN_PREFIX}-seed{seed}.json"
-        if path.exists():
-            continue
+
+    def one_seed(seed: int) -> dict:
         out = select_for_seed(pop, cal, seed)
-        write_json(path, out)
         best = out["selected"]
         log_progress(f"seed {seed}: {len(out['log'])} runs, selected {best['candidate']}, test NDCG@10 "
                      f"{best['test']['ndcg@10']:.4f}")
+        return out
+
+    run_missing_seeds(f"{RUN_PREFIX}-seed", args.seeds, one_seed)
 
 
 # ------------------------------------------------------------------------------------ plan and report
