@@ -1,0 +1,95 @@
+"""simulations/spectral_warm_start.py: the DP Gram release has sensitivity 1, the semicircle rule keeps what is
+above the noise, the warm start writes what it says, and every arm's epsilon agrees with dp-accounting."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from simulations import spectral_warm_start as sw
+
+
+def _histories(rng, users: int, items: int) -> list[np.ndarray]:
+    return [rng.choice(np.arange(1, items + 1), size=rng.integers(3, 12), replace=False) for _ in range(users)]
+
+
+def test_one_user_moves_the_released_gram_coordinates_by_at_most_one_in_l2():
+    rng = np.random.default_rng(0)
+    train = _histories(rng, 40, 30)
+    top = np.arange(1, 21)
+    full = sw.gram_sum(train, top)
+    for user in range(len(train)):
+        without = sw.gram_sum(train[:user] + train[user + 1:], top)
+        assert np.linalg.norm(full - without) <= 1.0 + 1e-12
+    # and the sum is the sum of outer products, on the upper triangle with the diagonal
+    parts = np.stack([sw.gram_part(seq, top) for seq in train])
+    assert np.allclose(full, (parts.T @ parts)[np.triu_indices(len(top))])
+    assert np.allclose(np.linalg.norm(parts, axis=1)[parts.any(axis=1)], 1.0)
+    assert not sw.gram_part(np.array([25, 26]), top).any()  # no item among the top: a zero part
+
+
+def test_the_released_matrix_is_symmetric_and_the_semicircle_rule_keeps_the_planted_components():
+    rng = np.random.default_rng(1)
+    k, z = 100, 2.0
+    basis = np.linalg.qr(rng.normal(size=(k, 3)))[0]
+    signal = basis @ np.diag([300.0, 200.0, 120.0]) @ basis.T  # edge 2 z sqrt(k) = 40: all three well above
+    released = sw.release_gram(signal[np.triu_indices(k)], k, z, rng)
+    assert np.allclose(released, released.T)
+    rows, kept = sw.spectral_rows(released, z, 64)
+    assert kept == 3
+    assert rows.shape == (k, 64) and not rows[:, 3:].any()
+    assert np.allclose(np.linalg.norm(rows, axis=1), 1.0)
+    noise_only = sw.release_gram(np.zeros(k * (k + 1) // 2), k, z, rng)
+    assert sw.spectral_rows(noise_only, z, 64)[1] == 0  # pure noise: nothing above the edge
+
+
+def test_the_warm_start_writes_the_bias_and_the_top_items_rows_at_the_init_norm():
+    import torch
+
+    from shared.model import ModelConfig, SASRec
+
+    model = SASRec(ModelConfig(num_items=30))
+    before = model.item_emb.weight.detach().clone()
+    top = np.array([3, 7, 11])
+    rows = np.zeros((3, 64))
+    rows[:, 0] = 1.0
+    bias = np.linspace(0.0, 2.0, 31)
+    sw.warm_start(model, bias, top, rows)
+    assert torch.allclose(model.head.bias, torch.as_tensor(bias, dtype=torch.float32))
+    for table in (model.item_emb.weight, model.head.weight):
+        assert torch.allclose(table[top].norm(dim=1), torch.full((3,), 0.02 * math.sqrt(64)))
+    others = [i for i in range(31) if i not in top]
+    assert torch.equal(model.item_emb.weight[others], before[others])
+
+
+@pytest.mark.parametrize("arm", [a for a, spec in sw.ARMS.items() if spec[3]])
+def test_every_private_arm_spends_at_most_the_target_and_dp_accounting_agrees(arm):
+    z = sw.training_noise(arm)
+    epsilon = sw.arm_epsilon(arm, z or 0.0)
+    second = sw.dp_accounting_epsilons(arm, z or 0.0)
+    assert epsilon <= sw.TARGET_EPSILON
+    assert second["rdp"] == pytest.approx(epsilon, rel=0.02)
+    assert second["pld"] <= second["rdp"] + 1e-9  # PLD is the tighter accountant
+    if z is not None:  # the remainder of the budget: a 0.2% smaller noise would pass the target
+        assert sw.arm_epsilon(arm, z / 1.002) > sw.TARGET_EPSILON
+    else:
+        assert sw.ARMS[arm][2] is None  # only the untrained arm leaves budget unspent
+
+
+def test_an_arm_runs_end_to_end_on_a_tiny_population(monkeypatch):
+    monkeypatch.setattr(sw, "STEPS", 4)
+    rng = np.random.default_rng(2)
+    items = 40
+    histories = _histories(rng, 30, items)
+    users = SimpleNamespace(train=[h[:-2] for h in histories], valid=np.array([h[-2] for h in histories]),
+                            test=np.array([h[-1] for h in histories]))
+    monkeypatch.setattr(sw, "GRAM_ITEMS", 20)
+    rel = sw.releases(users, items, seed=0)
+    assert rel["top"].shape == (20,) and rel["bias"].shape == (items + 1,)
+    out = sw.run_arm("spectral-frozen", users, items, rel, 0, sw.training_noise("spectral-frozen"))
+    assert 0.0 <= out["test"]["ndcg@10"] <= 1.0 and 0.0 <= out["valid"]["hr@10"] <= 1.0
+    assert out["privacy"]["epsilon"] <= sw.TARGET_EPSILON
+    assert out["privacy"]["unit"] == "one user's whole history"
