@@ -70,7 +70,8 @@ def save_checkpoint(run_path: Path, server_round: int, arrays: dict[str, torch.T
     strategy_state = {name: {k: torch.from_numpy(np.asarray(v)) for k, v in getattr(strategy.flower, name).items()}
                       for name in STRATEGY_STATE if getattr(strategy.flower, name, None) is not None}
     if getattr(strategy, "per_row", None) is not None and strategy.per_row.velocity:
-        strategy_state[ROW_VELOCITY] = {k: torch.from_numpy(np.asarray(v)) for k, v in strategy.per_row.velocity.items()}
+        velocity = strategy.per_row.velocity
+        strategy_state[ROW_VELOCITY] = {k: torch.from_numpy(np.asarray(v)) for k, v in velocity.items()}
     # population-dir as the ServerApp resolved it (the config may leave it empty: derived from the store)
     state = {"format": FORMAT, "round": server_round, "config": {k: cfg[k] for k in MUST_MATCH},
              "population-dir": cfg["population-dir"],

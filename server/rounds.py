@@ -103,7 +103,8 @@ class ResumedRun(StrategyWrapper):
     row velocity.
     """
 
-    def __init__(self, strategy: Strategy, *, privacy: PrivacyTally, flower: Strategy, per_row: PerRowAveraging | None = None):
+    def __init__(self, strategy: Strategy, *, privacy: PrivacyTally, flower: Strategy,
+                 per_row: PerRowAveraging | None = None):
         super().__init__(strategy)
         self.privacy = privacy
         self.flower = flower

@@ -38,7 +38,8 @@ def probes(train, valid, test) -> dict[str, tuple[list, np.ndarray, list]]:
         "test": (both, test, [np.unique(b) for b in both]),
         "test-skip": (list(train), test, [np.unique(b) for b in both]),
         "valid-skip": ([t[:-1] for t in train], valid, [np.unique(t) for t in train]),
-        "insample-last": ([t[:-1] for t in train], np.array([t[-1] for t in train]), [np.unique(t[:-1]) for t in train]),
+        "insample-last": ([t[:-1] for t in train], np.array([t[-1] for t in train]),
+                          [np.unique(t[:-1]) for t in train]),
     }
 
 
@@ -69,7 +70,7 @@ def main() -> None:
     short = np.array([len(t) < 50 for t in train])  # one training window
 
     ema = _initial_weights(store, args.seed)
-    for rnd, weights in federated_rounds(store, ARMS[args.arm], args.seed, args.rounds, 50):
+    for _rnd, weights in federated_rounds(store, ARMS[args.arm], args.seed, args.rounds, 50):
         ema = {k: 0.98 * ema[k] + 0.02 * weights[k] for k in ema}
     log_progress(f"{args.arm}: {args.rounds} rounds done")
     models = {}
@@ -92,15 +93,18 @@ def main() -> None:
     for lo, hi in buckets:
         chosen = (age >= lo) & (age <= hi)
         fed = per_model["federated global"]
-        recency.append({"rounds-since-trained": f"{lo}-{hi if hi < 10**9 else 'never/more'}", "users": int(chosen.sum()),
+        recency.append({"rounds-since-trained": f"{lo}-{hi if hi < 10**9 else 'never/more'}",
+                        "users": int(chosen.sum()),
                         "valid": float(fed["valid"][chosen].mean()), "test": float(fed["test"][chosen].mean())})
 
     table = {name: {probe: {"ndcg@10": float(v.mean()), "short-users": float(v[short].mean()),
                             "long-users": float(v[~short].mean())} for probe, v in res.items()}
              for name, res in per_model.items()}
     lines = ["| model | " + " | ".join(cases) + " |", "|---|" + "---|" * len(cases)]
-    lines += [f"| {name} | " + " | ".join(f"{res[p]['ndcg@10']:.4f}" for p in cases) + " |" for name, res in table.items()]
-    lines += ["", "| federated global: rounds since the device last trained | users | valid | test |", "|---|---|---|---|"]
+    lines += [f"| {name} | " + " | ".join(f"{res[p]['ndcg@10']:.4f}" for p in cases) + " |"
+              for name, res in table.items()]
+    lines += ["", "| federated global: rounds since the device last trained | users | valid | test |",
+              "|---|---|---|---|"]
     lines += [f"| {r['rounds-since-trained']} | {r['users']} | {r['valid']:.4f} | {r['test']:.4f} |" for r in recency]
     save_results(timestamped("valid-test-gap"),
                  {"argv": vars(args), "probes": table, "recency": recency,
