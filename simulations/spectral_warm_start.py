@@ -3,6 +3,7 @@ Gram matrix as the item tables, then user-level DP-SGD of SASRec (all weights, o
 frozen). ML-100K, N = 943, in one process with the product's model, training and metrics code.
 
     python -m simulations.spectral_warm_start run [--seeds 0 1 2]   # every arm once per seed (~10 min a seed)
+    python -m simulations.spectral_warm_start run-lora [--seeds 0 1 2]  # the LoRA arms (second registration)
     python -m simulations.spectral_warm_start report [--seeds ...]  # table (json + md)
 
 REGISTERED PLAN (written and committed before any run of this study; no figure of it was seen):
@@ -48,8 +49,18 @@ REGISTERED PLAN (written and committed before any run of this study; no figure o
   semicircle rule, the row norm, q, steps, lr. The release multipliers were set from the accountant's arithmetic
   alone (the product's (4.6, 2.76) would leave z = 12.9 to the training).
 
-Files: `simulations/results/spectral-warm-start-seed<s>.json` (re-runs skip a finished seed) and
-`spectral-warm-start-<time>.{json,md}`.
+SECOND REGISTRATION, LoRA (`run-lora`; written and committed before any LoRA run, after the first two arms of
+seeds 0 and 1 had printed: `random` valid 0.0041 / 0.0029, `popularity` 0.0335 / 0.0350): issue 13's small private
+parameter set in the attention blocks, on top of the `spectral` warm start. Rank LORA_RANK = 4 adapters on the
+four attention projections (q, k, v, out) of both blocks, each `base(x) + up(down(x))` with `down` drawn
+N(0, 1 / width) and `up` zero (so training starts at the warm start exactly); everything else frozen. Arms:
+`spectral-ffa-lora` (FFA-LoRA: `down` frozen, `up` trained, 2,048 weights), `spectral-lora` (both trained,
+4,096 weights), and `spectral-ffa-lora-nonprivate` (its twin, no noise, no clipping). Same releases, q, steps,
+clip, lr and budget rule (the training noise is the remainder to epsilon 2) as the arms above. Kept by the same
+rule: a LoRA arm must beat `random`, `popularity` and `spectral-init` on mean validation NDCG@10 (seeds 0-2).
+
+Files: `simulations/results/spectral-warm-start-seed<s>.json`, `spectral-warm-start-lora-seed<s>.json` (re-runs
+skip a finished seed) and `spectral-warm-start-<time>.{json,md}`.
 """
 
 from __future__ import annotations
@@ -58,6 +69,7 @@ import math
 import time
 
 import numpy as np
+from torch import nn
 
 from simulations.output import RESULTS, log_progress, run_missing_seeds, save_results, seeded_commands, timestamped
 
@@ -67,6 +79,8 @@ POPULARITY_Z, GRAM_Z = 8.0, 3.5
 GRAM_ITEMS = 200
 SAMPLE_RATE, STEPS, CLIP, LR, WINDOW = 0.25, 100, 1.0, 1e-3, 50
 RUN_PREFIX = "spectral-warm-start-seed"
+LORA_PREFIX = "spectral-warm-start-lora-seed"
+LORA_RANK, LORA_TARGETS = 4, ("q", "k", "v", "out")
 RELEASE_TAG = 0x5BEC  # the releases' noise stream: one per seed, shared by every arm of the seed
 
 # arm -> (popularity release, Gram release, what is trained: "all" | "no-item-tables" | None, private)
@@ -80,6 +94,13 @@ ARMS: dict[str, tuple[bool, bool, str | None, bool]] = {
     "spectral-nonprivate": (True, True, "all", False),
     "spectral-frozen-nonprivate": (True, True, "no-item-tables", False),
 }
+# The second registration: trained = which adapter matrices ("up": FFA-LoRA; "up+down": LoRA).
+LORA_ARMS: dict[str, tuple[bool, bool, str | None, bool]] = {
+    "spectral-ffa-lora": (True, True, "up", True),
+    "spectral-lora": (True, True, "up+down", True),
+    "spectral-ffa-lora-nonprivate": (True, True, "up", False),
+}
+ALL_ARMS = {**ARMS, **LORA_ARMS}
 
 
 # ------------------------------------------------------------------------------------------- the Gram release
@@ -138,7 +159,7 @@ def warm_start(model, bias: np.ndarray | None, top: np.ndarray | None, rows: np.
 # ------------------------------------------------------------------------------------------- privacy
 def arm_history(arm: str, z: float) -> list[list[float]]:
     """Accountant rows [noise multiplier, sample rate, steps] of what `arm` releases (private arms only)."""
-    popularity, gram, trains, _ = ARMS[arm]
+    popularity, gram, trains, _ = ALL_ARMS[arm]
     rows = ([[POPULARITY_Z, 1.0, 1]] if popularity else []) + ([[GRAM_Z, 1.0, 1]] if gram else [])
     return rows + ([[z, SAMPLE_RATE, STEPS]] if trains else [])
 
@@ -172,23 +193,56 @@ def training_noise(arm: str) -> float | None:
     """The smallest training noise multiplier (relative width 1e-3) that keeps `arm` at <= TARGET_EPSILON."""
     from simulations.privacy_utility import calibrate_factor
 
-    if ARMS[arm][2] is None or not ARMS[arm][3]:
+    if ALL_ARMS[arm][2] is None or not ALL_ARMS[arm][3]:
         return None
     return calibrate_factor(lambda z: arm_epsilon(arm, z), TARGET_EPSILON)
 
 
 def privacy(arm: str, z: float | None, n: int) -> dict | None:
-    if not ARMS[arm][3]:
+    if not ALL_ARMS[arm][3]:
         return None
-    popularity, gram, trains, _ = ARMS[arm]
+    popularity, gram, trains, _ = ALL_ARMS[arm]
     parts = ([f"Gaussian popularity release (item sets L2 1), z {POPULARITY_Z:g}"] if popularity else []) + (
         [f"Gaussian Gram release among the top {GRAM_ITEMS} released items (v v^T, Frobenius 1), z {GRAM_Z:g}"]
         if gram else []) + ([f"{STEPS} steps of user-level DP-SGD (one example per user, clip {CLIP:g}, Poisson "
                              f"q {SAMPLE_RATE:g} over {n} users), z {z:.3f}"] if trains else [])
     return {"epsilon": arm_epsilon(arm, z or 0.0), "delta": DELTA, "accountant": f"Opacus {ACCOUNTANT}",
-            "dp-accounting": dp_accounting_epsilons(arm, z or 0.0), "mechanisms": parts,
+            "dp-accounting": dp_accounting_epsilons(arm, z or 0.0), "mechanisms": parts, "trained": trains,
             "unit": "one user's whole history", "relation": "add/remove one user",
             "adversary": "whoever sees the releases and the trained model; not the server (no secure aggregation)"}
+
+
+# ------------------------------------------------------------------------------------------- LoRA
+class LoRALinear(nn.Module):
+    """A frozen `base` Linear plus a rank-r update `up(down(x))`; `up` starts at zero (the base's function)."""
+
+    def __init__(self, base: nn.Linear, rank: int) -> None:
+        super().__init__()
+        self.base = base
+        self.down = nn.Linear(base.in_features, rank, bias=False)
+        self.up = nn.Linear(rank, base.out_features, bias=False)
+        nn.init.normal_(self.down.weight, std=1.0 / math.sqrt(base.in_features))
+        nn.init.zeros_(self.up.weight)
+
+    def forward(self, x):
+        return self.base(x) + self.up(self.down(x))
+
+
+def add_lora(model, trained: str, rank: int = LORA_RANK) -> int:
+    """Put adapters on every block's attention projections; from then on `model.set_trainable` (which
+    `train_local` calls) leaves only the `trained` adapter matrices trainable. Returns their weight count."""
+    for block in model.blocks:
+        for name in LORA_TARGETS:
+            setattr(block.attn, name, LoRALinear(getattr(block.attn, name), rank))
+    suffixes = tuple(f".{part}.weight" for part in trained.split("+"))
+
+    def set_trainable(_scope: str) -> int:
+        for name, param in model.named_parameters():
+            param.requires_grad_(".attn." in name and name.endswith(suffixes))
+        return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    model.set_trainable = set_trainable
+    return set_trainable("")
 
 
 # ------------------------------------------------------------------------------------------- one arm
@@ -221,23 +275,24 @@ def run_arm(arm: str, users, num_items: int, rel: dict, seed: int, z: float | No
     from shared.training import LocalTrainConfig, train_local
     from simulations.fedopt import evaluate
 
-    popularity, gram, trains, private = ARMS[arm]
+    popularity, gram, trains, private = ALL_ARMS[arm]
     started = time.perf_counter()
     torch.manual_seed(seed)
     model = SASRec(ModelConfig(num_items=num_items))
     warm_start(model, rel["bias"] if popularity else None, rel["top"] if gram else None,
                rel["rows"] if gram else None)
+    adapters = add_lora(model, trains) if arm in LORA_ARMS else None
     if trains is not None:
         windows = newest_windows(users.train)
         expected_batch = round(SAMPLE_RATE * len(windows))
         epochs = math.ceil(STEPS / math.ceil(1 / SAMPLE_RATE))
         cfg = LocalTrainConfig(epochs=epochs, lr=LR, batch_size=expected_batch, sample_rate=SAMPLE_RATE,
                                dp=private, noise_multiplier=z if private else 0.0, max_grad_norm=CLIP,
-                               trainable=trains, seed=seed)
+                               trainable="all" if adapters else trains, seed=seed)
         train_local(model, windows, cfg)
     model.eval()
     out = {"arm": arm, "seed": seed, "training-noise": z, "privacy": privacy(arm, z, len(users.train)),
-           "gram-components": rel["components"] if gram else None}
+           "gram-components": rel["components"] if gram else None, "adapter-weights": adapters}
     for split in ("valid", "test"):
         figures = evaluate(model, users, split)
         out[split] = {"ndcg@10": figures["ndcg@10"], "hr@10": figures["hr@10"]}
@@ -247,24 +302,29 @@ def run_arm(arm: str, users, num_items: int, rel: dict, seed: int, z: float | No
     return out
 
 
-def run_seed(seed: int) -> dict:
+def run_seed(seed: int, arms=ARMS) -> dict:
     from shared.data.store import open_store, prepare_store
 
     store = open_store(prepare_store("ml-100k"))
     users = store.all_users()
     rel = releases(users, store.num_items, seed)
     return {"seed": seed, "gram-components": rel["components"],
-            "arms": [run_arm(arm, users, store.num_items, rel, seed, training_noise(arm)) for arm in ARMS]}
+            "arms": [run_arm(arm, users, store.num_items, rel, seed, training_noise(arm)) for arm in arms]}
 
 
 def cmd_run(args) -> None:
     run_missing_seeds(RUN_PREFIX, args.seeds, run_seed)
 
 
+def cmd_run_lora(args) -> None:
+    run_missing_seeds(LORA_PREFIX, args.seeds, lambda seed: run_seed(seed, LORA_ARMS))
+
+
 # ------------------------------------------------------------------------------------------- report
 def summarize(per_seed: list[dict]) -> list[dict]:
+    """One row per arm run on every seed (the LoRA arms when their files exist): means and sample stds."""
     table = []
-    for arm in ARMS:
+    for arm in [a for a in ALL_ARMS if all(any(r["arm"] == a for r in s["arms"]) for s in per_seed)]:
         rows = [next(a for a in s["arms"] if a["arm"] == arm) for s in per_seed]
         entry = {"arm": arm, "seeds": [s["seed"] for s in per_seed], "privacy": rows[0]["privacy"],
                  "training-noise": rows[0]["training-noise"]}
@@ -280,8 +340,8 @@ def summarize(per_seed: list[dict]) -> list[dict]:
 def decision(table: list[dict]) -> dict:
     """The registered rule, on mean validation NDCG@10."""
     valid = {e["arm"]: e["valid-ndcg@10"]["mean"] for e in table}
-    passing = [a for a in ("spectral", "spectral-frozen")
-               if valid[a] > max(valid["random"], valid["popularity"], valid["spectral-init"])]
+    candidates = [a for a in ("spectral", "spectral-frozen", *LORA_ARMS) if a in valid and ALL_ARMS[a][3]]
+    passing = [a for a in candidates if valid[a] > max(valid["random"], valid["popularity"], valid["spectral-init"])]
     return {"kept": bool(passing), "passing-arms": passing, "validation": valid}
 
 
@@ -307,18 +367,25 @@ def markdown(results: dict) -> str:
 def cmd_report(args) -> None:
     import json
 
-    per_seed = [json.loads((RESULTS / f"{RUN_PREFIX}{s}.json").read_text()) for s in args.seeds]
+    per_seed = []
+    for seed in args.seeds:
+        run = json.loads((RESULTS / f"{RUN_PREFIX}{seed}.json").read_text())
+        lora = RESULTS / f"{LORA_PREFIX}{seed}.json"
+        if lora.exists():
+            run["arms"] += json.loads(lora.read_text())["arms"]
+        per_seed.append(run)
     table = summarize(per_seed)
     results = {"seeds": list(args.seeds), "table": table, "decision": decision(table),
                "gram-components": [s["gram-components"] for s in per_seed],
                "settings": {"popularity-z": POPULARITY_Z, "gram-z": GRAM_Z, "gram-items": GRAM_ITEMS,
                             "sample-rate": SAMPLE_RATE, "steps": STEPS, "clip": CLIP, "lr": LR, "window": WINDOW,
-                            "target-epsilon": TARGET_EPSILON, "delta": DELTA}}
+                            "target-epsilon": TARGET_EPSILON, "delta": DELTA, "lora-rank": LORA_RANK,
+                            "lora-targets": list(LORA_TARGETS)}}
     save_results(timestamped("spectral-warm-start"), results, markdown(results))
 
 
 def main(argv: list[str] | None = None) -> None:
-    seeded_commands(__doc__, {"run": cmd_run, "report": cmd_report}, SEEDS, argv)
+    seeded_commands(__doc__, {"run": cmd_run, "run-lora": cmd_run_lora, "report": cmd_report}, SEEDS, argv)
 
 
 if __name__ == "__main__":

@@ -93,3 +93,34 @@ def test_an_arm_runs_end_to_end_on_a_tiny_population(monkeypatch):
     assert 0.0 <= out["test"]["ndcg@10"] <= 1.0 and 0.0 <= out["valid"]["hr@10"] <= 1.0
     assert out["privacy"]["epsilon"] <= sw.TARGET_EPSILON
     assert out["privacy"]["unit"] == "one user's whole history"
+
+
+@pytest.mark.parametrize("trained, count", [("up", 8 * 64 * 4), ("up+down", 8 * 2 * 64 * 4)])
+def test_lora_starts_at_the_base_model_and_trains_only_its_adapters(trained, count):
+    import torch
+
+    from shared.model import ModelConfig, SASRec
+
+    torch.manual_seed(0)
+    model = SASRec(ModelConfig(num_items=30)).eval()
+    seqs = torch.randint(1, 31, (3, 12))
+    before = model(seqs)
+    assert sw.add_lora(model, trained) == count
+    assert torch.allclose(model(seqs), before)  # `up` is zero: the warm start exactly
+    assert model.set_trainable("all") == count  # what train_local calls cannot unfreeze the base
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all(".attn." in n and n.rsplit(".", 2)[-2] in trained.split("+") for n in names)
+
+
+def test_a_lora_arm_runs_under_opacus_within_the_budget(monkeypatch):
+    monkeypatch.setattr(sw, "STEPS", 4)
+    monkeypatch.setattr(sw, "GRAM_ITEMS", 20)
+    rng = np.random.default_rng(3)
+    items = 40
+    histories = _histories(rng, 30, items)
+    users = SimpleNamespace(train=[h[:-2] for h in histories], valid=np.array([h[-2] for h in histories]),
+                            test=np.array([h[-1] for h in histories]))
+    rel = sw.releases(users, items, seed=0)
+    out = sw.run_arm("spectral-ffa-lora", users, items, rel, 0, sw.training_noise("spectral-ffa-lora"))
+    assert out["adapter-weights"] == 8 * 64 * 4
+    assert out["privacy"]["epsilon"] <= sw.TARGET_EPSILON
