@@ -16,6 +16,16 @@ def _histories(rng, users: int, items: int) -> list[np.ndarray]:
     return [rng.choice(np.arange(1, items + 1), size=rng.integers(3, 12), replace=False) for _ in range(users)]
 
 
+def _tiny_population(monkeypatch, seed: int, items: int = 40):
+    """30 users over `items` items (train, then one validation and one test item each), and a study scaled to
+    them: 4 steps, a Gram over the top 20 items."""
+    monkeypatch.setattr(sw, "STEPS", 4)
+    monkeypatch.setattr(sw, "GRAM_ITEMS", 20)
+    histories = _histories(np.random.default_rng(seed), 30, items)
+    return SimpleNamespace(train=[h[:-2] for h in histories], valid=np.array([h[-2] for h in histories]),
+                           test=np.array([h[-1] for h in histories]))
+
+
 def test_one_user_moves_the_released_gram_coordinates_by_at_most_one_in_l2():
     rng = np.random.default_rng(0)
     train = _histories(rng, 40, 30)
@@ -81,13 +91,8 @@ def test_every_private_arm_spends_at_most_the_target_and_dp_accounting_agrees(ar
 
 
 def test_an_arm_runs_end_to_end_on_a_tiny_population(monkeypatch):
-    monkeypatch.setattr(sw, "STEPS", 4)
-    rng = np.random.default_rng(2)
     items = 40
-    histories = _histories(rng, 30, items)
-    users = SimpleNamespace(train=[h[:-2] for h in histories], valid=np.array([h[-2] for h in histories]),
-                            test=np.array([h[-1] for h in histories]))
-    monkeypatch.setattr(sw, "GRAM_ITEMS", 20)
+    users = _tiny_population(monkeypatch, 2, items)
     rel = sw.releases(users, items, seed=0)
     assert rel["top"].shape == (20,) and rel["bias"].shape == (items + 1,)
     out = sw.run_arm("spectral-frozen", users, items, rel, 0, sw.training_noise("spectral-frozen"))
@@ -114,13 +119,8 @@ def test_lora_starts_at_the_base_model_and_trains_only_its_adapters(trained, cou
 
 
 def test_a_lora_arm_runs_under_opacus_within_the_budget(monkeypatch):
-    monkeypatch.setattr(sw, "STEPS", 4)
-    monkeypatch.setattr(sw, "GRAM_ITEMS", 20)
-    rng = np.random.default_rng(3)
     items = 40
-    histories = _histories(rng, 30, items)
-    users = SimpleNamespace(train=[h[:-2] for h in histories], valid=np.array([h[-2] for h in histories]),
-                            test=np.array([h[-1] for h in histories]))
+    users = _tiny_population(monkeypatch, 3, items)
     rel = sw.releases(users, items, seed=0)
     out = sw.run_arm("spectral-ffa-lora", users, items, rel, 0, sw.training_noise("spectral-ffa-lora"))
     assert out["adapter-weights"] == 8 * 64 * 4
