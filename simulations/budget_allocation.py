@@ -116,7 +116,7 @@ def shipped() -> Candidate:
     """The product's default as `shared.config.DEFAULT_PIPELINE` ships it (its multipliers, not calibrated)."""
     from shared import config
 
-    cfg = {**config.defaults(), **config.DEFAULT_PIPELINE}
+    cfg = config.resolve_run()  # what `privrec simulate` runs with no options
     return Candidate(cfg["num-rounds"], cfg["fraction-train"], (cfg["popularity-noise-multiplier"],
                      cfg["cooc-noise-multiplier"], cfg["user-noise-multiplier"]), cfg["server-lr"], fixed=True)
 

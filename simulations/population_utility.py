@@ -382,7 +382,7 @@ def channel_settings(rounds: int | None = None) -> dict:
     """The product's default pipeline (`shared.config.DEFAULT_PIPELINE`: model = channel-scorer)."""
     from shared import config
 
-    cfg = {**config.defaults(), **config.DEFAULT_PIPELINE}
+    cfg = config.resolve_run()  # what `privrec simulate` runs with no options
     return {"model": cfg["model"], "q": cfg["fraction-train"], "rounds": rounds or cfg["num-rounds"],
             "clip": cfg["user-clipping-norm"], "server-lr": cfg["server-lr"],
             "popularity-z": cfg["popularity-noise-multiplier"], "cooc-z": cfg["cooc-noise-multiplier"],

@@ -58,7 +58,7 @@ def measure(items_list, devices: int, seed: int) -> dict:
     from shared.text.features import store_text_features
 
     torch.set_num_threads(1)
-    cfg = {**config.defaults(), **config.DEFAULT_PIPELINE}
+    cfg = config.resolve_run()  # what `privrec simulate` runs with no options
     store_dir = prepare_store("ml-100k", 1)
     store = open_store(store_dir)
     users = store.all_users()

@@ -22,7 +22,7 @@ def _dp_accounting_rdp(z: dict, q: float, rounds: int) -> float:
 
 
 def test_the_reference_is_the_former_default_and_the_shipped_default_is_the_studys_choice():
-    product = {**config.defaults(), **config.DEFAULT_PIPELINE}
+    product = config.resolve_run()  # what `privrec simulate` runs with no options
     d = ba.DEFAULT  # the default the study started from: 10 rounds, 5 : 3 : 3.5, calibrated to epsilon 2
     assert (d.rounds, d.fraction, d.split, d.server_lr, d.fixed) == (10, 0.25, (5.0, 3.0, 3.5), 0.5, False)
     shipped = ba.shipped()

@@ -266,7 +266,7 @@ def test_channel_calibration_is_the_products_multipliers_times_one_factor_and_ag
     from shared.privacy.pipeline import planned_epsilon
 
     c = pu.channel_settings()
-    product = {**config.defaults(), **config.DEFAULT_PIPELINE}
+    product = config.resolve_run()  # what `privrec simulate` runs with no options
     assert c["model"] == "channel-scorer" and c["z"] == product["user-noise-multiplier"]
     assert pu.channel_epsilon(c["popularity-z"], c["cooc-z"], c["z"], c) == pytest.approx(
         planned_epsilon(product, product["fraction-train"]))  # the product's own figure at its defaults

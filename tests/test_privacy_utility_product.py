@@ -27,7 +27,7 @@ def _dp_accounting_rdp(z_pop: float, z_cooc: float, z: float, c: dict) -> float:
 
 def test_the_settings_are_the_products_default():
     c = pu.product_settings()
-    product = {**config.defaults(), **config.DEFAULT_PIPELINE}
+    product = config.resolve_run()  # what `privrec simulate` runs with no options
     assert c["model"] == "channel-scorer" == product["model"]
     assert (c["popularity-z"], c["cooc-z"], c["z"]) == (product["popularity-noise-multiplier"],
                                                         product["cooc-noise-multiplier"],
