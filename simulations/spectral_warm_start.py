@@ -69,7 +69,8 @@ the same epsilon; this ladder prices what it would have to deliver. Arms `random
 own, larger, epsilon. No decision rests on it.
 
 Files: `simulations/results/spectral-warm-start-seed<s>.json`, `spectral-warm-start-lora-seed<s>.json`,
-`spectral-warm-start-ladder-seed<s>.json` (re-runs skip a finished seed) and `spectral-warm-start-<time>.{json,md}`.
+`spectral-warm-start-ladder-seed<s>.json` (re-runs skip a finished seed) and `spectral-warm-start-<time>.{json,md,png}`
+(the plot: test NDCG@10 of the ladder and the warm-started arms against epsilon, with the README's references).
 """
 
 from __future__ import annotations
