@@ -136,8 +136,10 @@ def gram_sum(train, top: np.ndarray) -> np.ndarray:
 
 def release_gram(total: np.ndarray, k: int, noise_multiplier: float, rng: np.random.Generator) -> np.ndarray:
     """The released k x k matrix: the upper triangle + N(0, z^2) per cell (sensitivity 1), mirrored."""
+    from shared.analytics import gaussian_release
+
     upper = np.zeros((k, k))
-    upper[np.triu_indices(k)] = total + rng.normal(0.0, noise_multiplier, total.shape)
+    upper[np.triu_indices(k)] = gaussian_release(total, noise_multiplier, rng)
     return upper + np.triu(upper, 1).T
 
 
@@ -187,21 +189,12 @@ def arm_epsilon(arm: str, z: float) -> float:
 
 
 def dp_accounting_epsilons(arm: str, z: float) -> dict[str, float]:
-    """The same composition in dp-accounting (another code base): RDP and PLD."""
-    import dp_accounting as dpa
-    from dp_accounting.pld import pld_privacy_accountant
-    from dp_accounting.rdp import rdp_privacy_accountant
+    """The same composition in dp-accounting (another code base), RDP and PLD: `privrec report`'s independent
+    recomputation of a history (PLD at its finest grid, dp-accounting's default)."""
+    from tools.report.independent import PLD_INTERVALS, pld_epsilon, rdp_epsilon
 
-    events = []
-    for noise, q, steps in arm_history(arm, z):
-        one = dpa.GaussianDpEvent(noise)
-        events.append(dpa.SelfComposedDpEvent(one if q == 1.0 else dpa.PoissonSampledDpEvent(q, one), int(steps)))
-    event = dpa.ComposedDpEvent(events)
-    rdp = rdp_privacy_accountant.RdpAccountant()
-    rdp.compose(event)
-    pld = pld_privacy_accountant.PLDAccountant()
-    pld.compose(event)
-    return {"rdp": float(rdp.get_epsilon(DELTA)), "pld": float(pld.get_epsilon(DELTA))}
+    history = tuple((float(noise), float(q), int(steps)) for noise, q, steps in arm_history(arm, z))
+    return {"rdp": rdp_epsilon(history, DELTA).value, "pld": pld_epsilon(history, DELTA, PLD_INTERVALS[-1]).value}
 
 
 def training_noise(arm: str) -> float | None:
@@ -276,12 +269,11 @@ def newest_windows(train) -> np.ndarray:
 
 def releases(users, num_items: int, seed: int) -> dict:
     """The seed's two releases (shared by every arm of the seed) and the spectral rows made from them."""
-    from shared.analytics import item_set_vector, popularity_bias, top_items
+    from shared.analytics import item_set_vector, noisy_sum, popularity_bias, top_items
     from shared.config import defaults
 
     rng = np.random.default_rng([seed, RELEASE_TAG])
-    released = item_set_vector(users.train, num_items) + rng.normal(0.0, POPULARITY_Z, num_items + 1)
-    released[0] = 0.0
+    released = noisy_sum(item_set_vector(users.train, num_items), POPULARITY_Z, rng)
     top = top_items(released, GRAM_ITEMS)
     gram = release_gram(gram_sum(users.train, top), len(top), GRAM_Z, rng)
     rows, kept = spectral_rows(gram, GRAM_Z, defaults()["hidden-size"])
