@@ -461,6 +461,11 @@ def summary_stats(values: list[float]) -> dict:
     return {"mean": mean, "std": std, "ci95": [mean - half, mean + half], "values": a.tolist()}
 
 
+def stats_cell(s: dict) -> str:
+    """A `summary_stats` result as one markdown table cell: mean +- std [95% interval]."""
+    return f"{s['mean']:.4f} +- {s['std']:.4f} [{s['ci95'][0]:.4f}, {s['ci95'][1]:.4f}]"
+
+
 def _split_stats(rows: list[dict]) -> dict:
     return {split: {key: summary_stats([r[split][key] for r in rows]) for key in METRICS} for split in SPLITS}
 

@@ -436,11 +436,9 @@ def cmd_report(args) -> None:
     save_results(stem, results, markdown(results))
 
 
-def _cell(s: dict) -> str:
-    return f"{s['mean']:.4f} +- {s['std']:.4f} [{s['ci95'][0]:.4f}, {s['ci95'][1]:.4f}]"
-
-
 def markdown(results: dict) -> str:
+    from simulations.privacy_utility import stats_cell
+
     cal = results["calibration"]
     one = cal["one run of the shipped candidate at this factor"]
     lines = [f"# Issue 13 with the choice accounted: private selection over the product's 5-round grid "
@@ -465,8 +463,8 @@ def markdown(results: dict) -> str:
                      f"{rnd['test']['ndcg@10']:.4f} |")
     a, u, s = (results["selected (accounted)"], results["selected candidate at factor 1 (choice not accounted)"],
                results["random candidate at factor 1 (secondary, accounted)"])
-    lines.append(f"| mean +- std [95% CI] | | | **{_cell(a['ndcg@10'])}** | {_cell(a['hr@10'])} | "
-                 f"{_cell(u['ndcg@10'])} | {_cell(s['ndcg@10'])} |")
+    lines.append(f"| mean +- std [95% CI] | | | **{stats_cell(a['ndcg@10'])}** | {stats_cell(a['hr@10'])} | "
+                 f"{stats_cell(u['ndcg@10'])} | {stats_cell(s['ndcg@10'])} |")
     met = a["ndcg@10"]["mean"] >= results["issue target"]["ndcg@10"]
     secondary = results["secondary epsilon (largest of the 16 candidates' dp-accounting RDP)"]
     lines += ["", f"Issue 13's target (NDCG@10 >= 0.075 at epsilon <= 2, choice included): "

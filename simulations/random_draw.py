@@ -151,7 +151,7 @@ def cmd_report(args) -> None:
 
 
 def markdown(results: dict) -> str:
-    from simulations.product_selection import _cell
+    from simulations.privacy_utility import stats_cell
 
     s = results["summary"]
     lines = [f"# Issue 13, choice accounted by a data-independent draw over the product's grid (seeds "
@@ -167,10 +167,11 @@ def markdown(results: dict) -> str:
         d = r["runs"][r["drawn"]["index"]]
         lines.append(f"| {r['seed']} | {r['expected test ndcg@10']:.4f} | {r['expected test hr@10']:.4f} | "
                      f"{r['expected valid ndcg@10']:.4f} | {d['candidate']}: {d['test']['ndcg@10']:.4f} |")
-    lines.append(f"| **mean** | **{_cell(s['expected test ndcg@10'])}** | {_cell(s['expected test hr@10'])} | "
-                 f"{_cell(s['expected valid ndcg@10'])} | {_cell(s['realized draws test ndcg@10'])} |")
+    lines.append(f"| **mean** | **{stats_cell(s['expected test ndcg@10'])}** | "
+                 f"{stats_cell(s['expected test hr@10'])} | "
+                 f"{stats_cell(s['expected valid ndcg@10'])} | {stats_cell(s['realized draws test ndcg@10'])} |")
     lines += ["", "| candidate | test NDCG@10 over the seeds |", "|---|---|"]
-    lines += [f"| {n} | {_cell(v)} |" for n, v in s["per candidate test ndcg@10"].items()]
+    lines += [f"| {n} | {stats_cell(v)} |" for n, v in s["per candidate test ndcg@10"].items()]
     met = results["target"]["met by the registered rule"]
     lines += ["", f"Registered rule (expected test NDCG@10 >= {TARGET_NDCG} over the seeds): "
               f"**{'met' if met else 'NOT met'}** ({s['expected test ndcg@10']['mean']:.4f}); "
