@@ -6,9 +6,12 @@ import errno
 import hashlib
 import json
 import os
+import signal
 import socket
 import stat
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +38,7 @@ from tools.deploy.processes import (
     ProcessGroup,
     Security,
     Started,
+    flower_descendants,
     superlink_command,
     supernode_command,
     wait_until_reachable,
@@ -463,6 +467,27 @@ def test_a_reaped_leaders_number_that_now_leads_another_session_is_never_signall
     finally:
         stranger.kill()
         stranger.wait()
+
+
+def test_killing_a_process_kills_the_flower_processes_it_detached(tmp_path):
+    """Flower starts a SuperLink's SuperExec in a session of its own, and the ServerApp under that, each
+    told its parent by `--parent-pid`. A host that goes down takes them too: `kill` must not leave them."""
+    sleep = [sys.executable, "-c", "import time; time.sleep(60)"]
+    group = ProcessGroup(tmp_path / "logs", {"PATH": os.environ["PATH"]})
+    link = group.start("superlink", sleep)
+    superexec = subprocess.Popen([*sleep, "--parent-pid", str(link.process.pid)], start_new_session=True)
+    serverapp = subprocess.Popen([*sleep, "--parent-pid", str(superexec.pid)], start_new_session=True)
+    stranger = subprocess.Popen([*sleep, "--parent-pid", str(serverapp.pid + 100000)], start_new_session=True)
+    try:
+        time.sleep(0.5)  # their command lines are readable once they have started
+        assert sorted(flower_descendants(link.process.pid)) == sorted([superexec.pid, serverapp.pid])
+        group.kill("superlink")
+        assert superexec.wait(timeout=10) == -signal.SIGKILL and serverapp.wait(timeout=10) == -signal.SIGKILL
+        assert stranger.poll() is None, "a process that is not under the SuperLink was signalled"
+    finally:
+        for process in (superexec, serverapp, stranger):
+            process.kill()
+            process.wait()
 
 
 # ----------------------------------------------------------------------------- one set of defaults for every run

@@ -69,8 +69,9 @@ class LocalDeployment:
         raise PrivrecError(f"flower-superlink did not open {self.address} within {timeout:.0f} s; "
                            f"see {started.log_path}")
 
-    def stop_superlink(self) -> None:
-        self.processes.stop("superlink")
+    def kill_superlink(self) -> None:
+        """The SuperLink's host goes down: the SuperLink, its SuperExec and the ServerApps under it."""
+        self.processes.kill("superlink")
 
     # -- SuperNodes ------------------------------------------------------------------------
     def device(self, index: int) -> DeviceFolder:

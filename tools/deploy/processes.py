@@ -140,6 +140,42 @@ def session_pids(session: int) -> list[int]:
     return [int(pid) for pid in out.stdout.split()]
 
 
+def flower_descendants(pid: int) -> list[int]:
+    """The processes Flower started under `pid` with `--parent-pid`, at any depth: a SuperLink's (or a
+    SuperNode's) SuperExec and the ServerApps (ClientApps) under it.
+
+    Flower starts its SuperExec in a session of its own, so signalling `pid`'s session misses them. Each
+    polls its parent and stops itself once the parent is gone, but in one CI run the ServerApp outlived its
+    stopped SuperLink by 27 s: long enough to reach the restarted SuperLink and send a round that two
+    devices trained for and the SuperLink then refused (the run had been marked finished), spending their
+    budgets for nothing."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            args = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if "--parent-pid" in args[:-1] and args[args.index("--parent-pid") + 1].isdigit():
+            children.setdefault(int(args[args.index("--parent-pid") + 1]), []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.append(child)
+                todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie has exited: its locks and sockets are released)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def _kill_session(process: subprocess.Popen, timeout: float = 10) -> None:
     # The session id is the PID of a process we started in a new session: only our processes are in it,
     # unless that process was reaped and the number went to another session's leader.
@@ -196,10 +232,18 @@ class ProcessGroup:
             _kill_session(process)
 
     def kill(self, name: str) -> None:
-        """SIGKILL to the whole session, no clean shutdown: a device that crashes or loses power."""
+        """SIGKILL to the whole session and to the Flower processes started under it in sessions of their
+        own (SuperExec, ServerApp, ClientApp), no clean shutdown: a host that crashes or loses power."""
         started = self.started.pop(name, None)
         if started is None:
             return
+        # Found while their parent still lives (and while its number is still ours).
+        detached = [] if group_number_reused(started.process) else flower_descendants(started.process.pid)
+        for pid in detached:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         if not group_number_reused(started.process):
             try:
                 os.killpg(started.process.pid, signal.SIGKILL)
@@ -207,6 +251,9 @@ class ProcessGroup:
                 pass
         started.process.wait(timeout=30)
         _kill_session(started.process)
+        deadline = time.monotonic() + 10
+        while any(_alive(pid) for pid in detached) and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def pids(self) -> dict[str, int]:
         return {name: s.process.pid for name, s in self.started.items()}
