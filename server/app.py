@@ -21,6 +21,7 @@ from server.checkpoint import CHECKPOINT_DIR, load_checkpoint, restore_strategy,
 from server.cohort import BudgetExhausted
 from server.device_nodes import DeviceGrid
 from server.evaluation import central_evaluation
+from server.expiring_grid import ExpiringGrid
 from server.pretraining import pretrain
 from server.round_clock import RoundClock, TimedGrid
 from server.run_dir import RunDirectory
@@ -114,7 +115,7 @@ def main(grid: Grid, context: Context) -> None:
         run_dir.set_status("running")
         _poll_replies_often(grid)
         try:
-            FederatedRun(run, run_dir, grid).execute()
+            FederatedRun(run, run_dir, ExpiringGrid(grid)).execute()
         except BaseException as exc:
             run_dir.set_status("failed", error=f"{type(exc).__name__}: {exc}")
             raise
