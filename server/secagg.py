@@ -55,7 +55,10 @@ def _stage(grid: Grid, contents: dict[int, RecordDict], timeout: float | None,
            message_type: str = MessageType.TRAIN) -> dict[int, Message]:
     """One stage's replies by the node they answer (errors included: a dead node's reply is an error). Every
     stage travels as a train message except the upload of an analytics query, which is the query itself."""
-    messages = [Message(content=c, message_type=message_type, dst_node_id=n) for n, c in contents.items()]
+    # A stage's messages expire when it stops waiting (as ExpiringGrid does for rounds): a device that
+    # comes back later never works on a stage already given up on.
+    messages = [Message(content=c, message_type=message_type, dst_node_id=n, ttl=timeout)
+                for n, c in contents.items()]
     started = time.monotonic()
     try:
         replies = _exchange(grid, messages, timeout)

@@ -52,3 +52,19 @@ def test_a_send_without_a_timeout_keeps_flowers_default_and_other_calls_pass_thr
     ExpiringGrid(inner).send_and_receive([message])
     assert inner.sent[0].metadata.ttl == default_ttl > 3600
     assert ExpiringGrid(inner).run_id == 7
+
+
+def test_a_secure_aggregation_stages_messages_expire_when_the_stage_stops_waiting():
+    from flwr.app import ConfigRecord
+
+    from server.secagg import SECAGG, _stage
+
+    class _BatchOnlyGrid(_RecordingGrid):
+        def push_messages(self, messages):
+            raise NotImplementedError  # as the in-process grid: the stage falls back to send_and_receive
+
+    inner = _BatchOnlyGrid()
+    before = time.time()
+    _stage(inner, {1: RecordDict({SECAGG: ConfigRecord({"stage": "setup"})})}, timeout=45.0)
+    [message] = inner.sent
+    assert before + 45.0 <= message.metadata.created_at + message.metadata.ttl <= time.time() + 45.0
