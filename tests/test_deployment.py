@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ from shared.run_owner import lock_is_held
 from tests.synthetic import walk_store
 from tests.test_deploy_units import assert_only_weights_and_scalars, expected_shapes
 from tools.deploy.local import LocalDeployment, deployment_config, prepare_security
-from tools.deploy.processes import session_pids
+from tools.deploy.processes import flower_descendants, session_pids
 
 pytestmark = pytest.mark.slow
 
@@ -164,6 +165,40 @@ def test_tls_and_node_auth_two_dp_rounds_end_to_end(cluster, tmp_path):
     assert "Failed to activate SuperNode" in started.log_path.read_text(errors="replace")
     assert _ledger(cluster, REGISTERED) is None and not cluster.device(REGISTERED).audit_log.exists()
     cluster.processes.stop(intruder)
+
+
+def test_a_device_frozen_through_a_round_never_trains_for_it_when_it_comes_back(cluster, tmp_path):
+    """A round's messages expire when the server stops waiting (`round-timeout`, server/expiring_grid.py).
+
+    Device 0's SuperNode is frozen (SIGSTOP) before the run: the SuperLink still lists it online (it misses
+    heartbeats for 36 s or more before it is marked offline), so round 1 sends it a message it cannot pull,
+    and ends without it after 15 s. Thawed then, the node must not get that message: under Flower's default
+    time-to-live (12 h) it trained for round 1 and spent budget on a reply nobody reads. It trains for
+    round 2."""
+    node = cluster.processes.started["node-0"].process
+    frozen = [*session_pids(node.pid), *(pid for pid in flower_descendants(node.pid))]
+    cfg = _run_config(cluster, tmp_path, "frozen", **{"round-timeout": 15.0})
+    run_path = tmp_path / "runs" / "frozen"
+    try:
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        cluster.submit(cfg, name="frozen")
+        _wait_for(lambda: len(_rows(run_path)) >= 2, 180, "round 1 to end without the frozen node", cluster)
+    finally:
+        for pid in frozen:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+    _finish(cluster, "frozen", run_path)
+
+    rows = _rows(run_path)
+    # The scenario happened: the frozen node was asked in round 1 and did not reply.
+    assert (rows[1]["devices-asked"], rows[1]["devices-trained"], rows[1]["no-reply"]) == (REGISTERED,
+                                                                                           REGISTERED - 1, 1), rows[1]
+    rounds = [r["round"] for r in _ledger(cluster, 0)["rounds"] if r["run"] == "frozen"]
+    assert 1 not in rounds, "the thawed device trained for a round the server had given up on"
+    assert rounds == [2], rounds  # and it works again (its reply may miss round 2's 15 s while it catches up)
 
 
 def test_faults_a_node_dies_mid_round_then_the_superlink_restarts_and_the_run_resumes(cluster, tmp_path):
