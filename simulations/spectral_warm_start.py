@@ -339,6 +339,8 @@ def cmd_run_ladder(args) -> None:
 # ------------------------------------------------------------------------------------------- report
 def summarize(per_seed: list[dict]) -> list[dict]:
     """One row per arm run on every seed (the LoRA arms when their files exist): means and sample stds."""
+    from simulations.privacy_utility import summary_stats
+
     table = []
     for arm in [a for a in ALL_ARMS if all(any(r["arm"] == a for r in s["arms"]) for s in per_seed)]:
         rows = [next(a for a in s["arms"] if a["arm"] == arm) for s in per_seed]
@@ -347,9 +349,7 @@ def summarize(per_seed: list[dict]) -> list[dict]:
                  "privacy": privacy(arm, rows[0]["training-noise"], ML100K_USERS)}
         for split in ("valid", "test"):
             for metric in ("ndcg@10", "hr@10"):
-                values = [r[split][metric] for r in rows]
-                entry[f"{split}-{metric}"] = {"mean": float(np.mean(values)), "values": values,
-                                              "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}
+                entry[f"{split}-{metric}"] = summary_stats([r[split][metric] for r in rows])
         table.append(entry)
     return table
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shared.errors import PrivrecError
+from shared.run_owner import process_start
 from tools.deploy.certs import CA_CERT, SERVER_CERT, SERVER_KEY
 from tools.launch import Watchdog, _bin, flower_env, free_port, group_number_reused, stop_process_group
 
@@ -168,14 +169,6 @@ def flower_descendants(pid: int) -> list[int]:
     return found
 
 
-def _alive(pid: int) -> bool:
-    """Running (a zombie has exited: its locks and sockets are released)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
 def _kill_session(process: subprocess.Popen, timeout: float = 10) -> None:
     # The session id is the PID of a process we started in a new session: only our processes are in it,
     # unless that process was reaped and the number went to another session's leader.
@@ -238,7 +231,8 @@ class ProcessGroup:
         if started is None:
             return
         # Found while their parent still lives (and while its number is still ours).
-        detached = [] if group_number_reused(started.process) else flower_descendants(started.process.pid)
+        detached = {} if group_number_reused(started.process) else {
+            pid: process_start(pid) for pid in flower_descendants(started.process.pid)}
         for pid in detached:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -252,7 +246,8 @@ class ProcessGroup:
         started.process.wait(timeout=30)
         _kill_session(started.process)
         deadline = time.monotonic() + 10
-        while any(_alive(pid) for pid in detached) and time.monotonic() < deadline:
+        while any(start and process_start(pid) == start for pid, start in detached.items()) \
+                and time.monotonic() < deadline:  # a zombie has exited: its locks and sockets are released
             time.sleep(0.05)
 
     def pids(self) -> dict[str, int]:
