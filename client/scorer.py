@@ -37,6 +37,8 @@ from shared.scorer import (
     evaluation_sums,
     fedsgd_update,
     read_catalogue,
+    sasrec_channel_config,
+    scorer_from_state,
     user_gradient,
 )
 
@@ -64,10 +66,9 @@ def _public_side(store_dir: str, items_mtime_ns: int, expected_key: str | None) 
     return read_catalogue(Path(store_dir) / ITEMS_FILE, features.vectors)
 
 
-def _model(catalogue: Catalogue, global_state: Mapping[str, torch.Tensor],
-           model: str = "content-scorer") -> ContentScorer | ChannelScorer:
-    kind = ChannelScorer if model == "channel-scorer" else ContentScorer
-    return kind.from_state(global_state, catalogue.num_items, catalogue.text.shape[1])
+def _model(catalogue: Catalogue, global_state: Mapping[str, torch.Tensor], run: RunConfig
+           ) -> ContentScorer | ChannelScorer:
+    return scorer_from_state(global_state, catalogue, run.pipeline.model, sasrec_channel_config(run, catalogue))
 
 
 def train_scorer(data: DeviceData, catalogue: Catalogue, global_state: Mapping[str, torch.Tensor], run: RunConfig,
@@ -89,7 +90,7 @@ def train_scorer(data: DeviceData, catalogue: Catalogue, global_state: Mapping[s
                                 "noise_multiplier": z, "sample_rate": 1.0, "steps": 1,
                                 "user-level-epsilon": epsilon, "delta": run.device.delta, "accountant": "rdp"})
         save_ledger(ledger_path, ledger)  # recorded before the update leaves: over-report, never under-report
-    model = _model(catalogue, global_state, run.pipeline.model)
+    model = _model(catalogue, global_state, run)
     if isinstance(model, ChannelScorer):
         grads = channel_user_gradient(model, catalogue, data.train, run.pipeline.scorer_targets,
                                       run.pipeline.profile_items, run.pipeline.profile_decay,
@@ -104,7 +105,7 @@ def train_scorer(data: DeviceData, catalogue: Catalogue, global_state: Mapping[s
 def evaluate_scorer(data: DeviceData, catalogue: Catalogue, global_state: Mapping[str, torch.Tensor],
                     run: RunConfig) -> dict[str, float | int]:
     """HR@10 / NDCG@10 sums over this device's users (validation and test items), scored on the device."""
-    model = _model(catalogue, global_state, run.pipeline.model)
+    model = _model(catalogue, global_state, run)
     return {"num-examples": len(data.test),
             **evaluation_sums(model, catalogue, data.train, data.valid, data.test, run.pipeline.profile_items,
                               run.pipeline.profile_decay)}

@@ -44,7 +44,8 @@ ANALYTICS_NOISE = {"query.popularity": "popularity-noise-multiplier", "query.coo
 
 def summed_keys(keys, cfg) -> list[str]:
     """The arrays a device's update may change (its trainable scope): only these are summed. The scorers' released
-    buffers (popularity, co-occurrence) are frozen: never summed, so never noised again."""
+    buffers (popularity, co-occurrence) and a consenting cohort's SASRec channel are frozen: never summed, so never
+    noised."""
     if cfg["model"] in SCORER_MODELS:
         from shared.scorer import CHANNEL_FROZEN, FROZEN  # torch: only the upload stage, which trains anyway
 
@@ -53,7 +54,9 @@ def summed_keys(keys, cfg) -> list[str]:
         from shared.model import FROZEN_BY_SCOPE  # torch: only the upload stage, which trains anyway, needs it
 
         frozen = FROZEN_BY_SCOPE[str(cfg["device-trains"])]
-    return [k for k in keys if k not in frozen]
+    from shared.aggregation import is_frozen
+
+    return [k for k in keys if not is_frozen(k, frozen)]
 
 
 def device_vector(update: dict[str, np.ndarray], cfg, rng: np.random.Generator) -> dict[str, np.ndarray]:

@@ -22,7 +22,7 @@ from server.cohort import BudgetExhausted
 from server.device_nodes import DeviceGrid
 from server.evaluation import central_evaluation
 from server.expiring_grid import ExpiringGrid
-from server.pretraining import pretrain
+from server.pretraining import pretrain, pretraining_reference
 from server.round_clock import RoundClock, TimedGrid
 from server.run_dir import RunDirectory
 from server.scorer import (
@@ -54,6 +54,7 @@ from shared.privacy.population import default_population_dir
 from shared.privacy.statement import privacy_statement, sentences, user_level_statement
 from shared.privacy.user_level import user_level_epsilon, user_level_state
 from shared.scorer import read_catalogue as scorer_catalogue
+from shared.scorer import sasrec_channel_config
 from shared.secagg import params_from_config, release_params
 from shared.text.features import TEXT_KEY, features_for
 
@@ -206,6 +207,10 @@ class FederatedRun:
         if self.scorer:
             self.catalogue = scorer_catalogue(items_path, features.vectors)
             model = None  # made from the popularity release, below
+            sasrec_config = sasrec_channel_config(self.run, self.catalogue)
+            if sasrec_config is not None:  # a consenting cohort: its pretrained SASRec becomes a channel
+                self.model_cfg = sasrec_config
+                self.item_text = self.catalogue.text if sasrec_config.uses_text else None
         else:
             self.model_cfg, self.item_text = architecture_for(self.run, num_items, features)
             model = SASRec(self.model_cfg, self.item_text)
@@ -257,10 +262,11 @@ class FederatedRun:
                     if self.run.pipeline.model == "channel-scorer" else None
                 transitions = released_transitions(self.grid, self.run, self.run_dir, device_config, histogram) \
                     if cooc is not None and self.run.pipeline.transition_release else None
-                model = initial_scorer(self.catalogue, histogram, self.run.federation.seed, cooc, transitions)
-            if self.run.federation.public_share > 0:
-                model, info = pretrain(self.run, self.store, self.model_cfg, self.item_text)
-                self.run_dir.write_json("pretraining.json", info)
+                sasrec = self._pretrain() if cooc is not None and self.run.federation.public_share > 0 else None
+                model = initial_scorer(self.catalogue, histogram, self.run.federation.seed, cooc, transitions,
+                                       sasrec)
+            elif self.run.federation.public_share > 0:
+                model = self._pretrain()
             initial = model.state_dict()
         # Only what a device cannot read from its own run config: values this run derived. Flower adds
         # `server-round`, and FedProx alone adds `proximal-mu` (configure_train).
@@ -287,6 +293,19 @@ class FederatedRun:
             summary["stopped-early"] = stopped
         self.run_dir.write_json("privacy.json", self._privacy_record(every_device=True))  # the documented form
         self.run_dir.finish(summary)
+
+    def _pretrain(self) -> SASRec:
+        """SASRec trained without noise on the consenting cohort's histories (simulation only), recorded in
+        pretraining.json with its own figures on every user's held-out items as the reference the private rounds
+        must improve on (simulation only: the server reads every user's held-out items for it)."""
+        model, info = pretrain(self.run, self.store, self.model_cfg, self.item_text)
+        if self.scorer:  # the scorer's reference: what the consenting cohort alone gives
+            info["pretraining-only"] = pretraining_reference(model, self.store)
+            log.info("privrec: pretrained SASRec on %d consenting devices: test NDCG@10 %.4f on every user "
+                     "(simulation-only reference)", info["consenting-devices"],
+                     info["pretraining-only"]["test-ndcg@10"])
+        self.run_dir.write_json("pretraining.json", info)
+        return model
 
     # -- callbacks from the strategy -------------------------------------------------------
     def _on_train(self, server_round: int, stats: dict) -> None:

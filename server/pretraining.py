@@ -19,6 +19,7 @@ from shared.baselines import train_centralized
 from shared.coldstart import held_out_items, without_items
 from shared.config import RunConfig
 from shared.data.store import DeviceStore
+from shared.metrics import eval_inputs, evaluate_histories
 from shared.model import ModelConfig, SASRec
 
 PRETRAIN_LR = 0.001  # the centralized baseline's settings (`privrec baseline centralized`)
@@ -47,3 +48,17 @@ def pretrain(cfg: RunConfig | Mapping[str, Any], store: DeviceStore, model_cfg: 
     info = {"consenting-devices": int(devices.size), "consenting-users": len(histories),
             "interactions": int(sum(len(h) for h in histories)), "epochs": run.federation.public_epochs}
     return model, info
+
+
+def pretraining_reference(model: SASRec, store: DeviceStore) -> dict[str, Any]:
+    """The pretrained model alone on every user's validation and test items (full ranking, own history
+    excluded): what the consenting cohort gives without any private round. Simulation only: it reads every
+    user's held-out items on the server."""
+    users = store.all_users()
+    out: dict[str, Any] = {"label": "pretraining only (simulation only: reads every user's held-out items)"}
+    for split in ("valid", "test"):
+        per_user = evaluate_histories(model, *eval_inputs(users.train, users.valid, users.test, split))
+        out[f"{split}-hr@10"] = float(per_user["hit"].mean())
+        out[f"{split}-ndcg@10"] = float(per_user["ndcg"].mean())
+    return out
+

@@ -18,6 +18,7 @@ server unmasks only the sum), as the rounds do (`server.secagg.SecureAggregation
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Callable, Mapping
@@ -34,8 +35,10 @@ from shared.analytics import cooc_from_release, top_items
 from shared.config import RunConfig
 from shared.data.store import DeviceStore
 from shared.metrics import hit_at_k, ndcg_at_k
+from shared.model import SASRec
 from shared.scorer import (
     COOC_CHANNEL,
+    SASREC_CHANNEL,
     TRANSITION_CHANNEL,
     TRANSITION_THRESHOLD,
     Catalogue,
@@ -43,6 +46,8 @@ from shared.scorer import (
     ContentScorer,
     evaluation_ranks,
     popularity_bias,
+    sasrec_channel_config,
+    scorer_from_state,
 )
 from shared.secagg import SecAggParams
 
@@ -130,15 +135,18 @@ def recorded_release(run_dir: RunDirectory, name: str, what: str, release: Calla
 
 def initial_scorer(catalogue: Catalogue, histogram: np.ndarray, seed: int,
                    cooc: tuple[np.ndarray, np.ndarray] | None = None,
-                   transitions: tuple[np.ndarray, np.ndarray, float] | None = None) -> ContentScorer | ChannelScorer:
+                   transitions: tuple[np.ndarray, np.ndarray, float] | None = None,
+                   sasrec: SASRec | None = None) -> ContentScorer | ChannelScorer:
     """The scorer before any round: the content scorer, or with `cooc` (item ids, matrix) the channel scorer, with
-    `transitions` (item ids, released directed counts, threshold) its transition channel too."""
+    `transitions` (item ids, released directed counts, threshold) its transition channel too, with `sasrec` (a
+    consenting cohort's pretrained SASRec) its SASRec channel."""
     torch.manual_seed(seed)
     if cooc is None:
         model = ContentScorer(catalogue.num_items, catalogue.text.shape[1])
     else:
         items, matrix = cooc
-        model = ChannelScorer(catalogue.num_items, len(items), 0 if transitions is None else len(transitions[0]))
+        model = ChannelScorer(catalogue.num_items, len(items), 0 if transitions is None else len(transitions[0]),
+                              sasrec)
         model.cooc_items.copy_(torch.from_numpy(items.astype(np.float32)))
         model.cooc.copy_(torch.from_numpy(matrix.astype(np.float32)))
         if transitions is not None:
@@ -150,15 +158,15 @@ def initial_scorer(catalogue: Catalogue, histogram: np.ndarray, seed: int,
     return model
 
 
-def load_scorer(state: Mapping[str, torch.Tensor], catalogue: Catalogue, model: str) -> ContentScorer | ChannelScorer:
-    kind = ChannelScorer if model == "channel-scorer" else ContentScorer
-    return kind.from_state(state, catalogue.num_items, catalogue.text.shape[1])
+def load_scorer(state: Mapping[str, torch.Tensor], catalogue: Catalogue,
+                run: RunConfig) -> ContentScorer | ChannelScorer:
+    return scorer_from_state(state, catalogue, run.pipeline.model, sasrec_channel_config(run, catalogue))
 
 
 def central_scorer_evaluation(state: Mapping[str, torch.Tensor], catalogue: Catalogue, store: DeviceStore,
                               run: RunConfig) -> dict[str, Any]:
     """Simulation only: every user's validation and test items, scored as each device would score its own."""
-    model = load_scorer(state, catalogue, run.pipeline.model)
+    model = load_scorer(state, catalogue, run)
     users = store.all_users()
     out: dict[str, Any] = {"label": "central (simulation only: reads every user's held-out items)"}
     for split in ("valid", "test"):
@@ -176,7 +184,9 @@ def scorer_architecture(catalogue: Catalogue, run: RunConfig, text_info: Mapping
             "item-text": dict(text_info),
             **({"cooc-channel": COOC_CHANNEL} if run.pipeline.model == "channel-scorer" else {}),
             **({"transition-channel": TRANSITION_CHANNEL}
-               if run.pipeline.model == "channel-scorer" and run.pipeline.transition_release else {})}
+               if run.pipeline.model == "channel-scorer" and run.pipeline.transition_release else {}),
+            **({"sasrec-channel": {"what": SASREC_CHANNEL, **dataclasses.asdict(sasrec)}}
+               if (sasrec := sasrec_channel_config(run, catalogue)) is not None else {})}
 
 
 __all__ = ["COOCCURRENCE_FILE", "POPULARITY_FILE", "TRANSITIONS_FILE", "central_scorer_evaluation", "initial_scorer",

@@ -33,7 +33,7 @@ from server.per_row import PerRowAveraging
 from server.round_clock import RoundClock, TimedStrategy
 from server.rounds import EvaluationSchedule, ResumedRun, RoundReport
 from server.tally import PrivacyTally
-from server.user_dp import UserLevelDP
+from server.user_dp import KeepFrozen, UserLevelDP
 from shared.config import SCORER_MODELS, aggregation_in_effect
 from shared.metrics import bootstrap_ci
 from shared.model import FROZEN_BY_SCOPE
@@ -117,13 +117,14 @@ def build_strategy(cfg: dict[str, Any], num_devices: int, on_train, on_evaluate,
     # Under secure aggregation the devices clip and noise their own updates and the Grid wrapper
     # (server/secagg.py) releases current + noised sum / expected cohort: no server-side DP on top.
     hosted = cfg["devices-per-node"] > 1  # simulated nodes reply with aggregates (server/device_nodes.py)
+    frozen = (CHANNEL_FROZEN if cfg["model"] == "channel-scorer" else SCORER_FROZEN) \
+        if cfg["model"] in SCORER_MODELS else FROZEN_BY_SCOPE[cfg["device-trains"]]
+    if cfg["user-dp"] and cfg["secure-aggregation"]:
+        strategy = KeepFrozen(strategy, frozen)
     if cfg["user-dp"] and not cfg["secure-aggregation"]:
         strategy = UserLevelDP(strategy, noise_multiplier=cfg["user-noise-multiplier"],
                                clipping_norm=cfg["user-clipping-norm"], expected_cohort=float(cohort),
-                               frozen=(CHANNEL_FROZEN if cfg["model"] == "channel-scorer" else SCORER_FROZEN)
-                               if cfg["model"] in SCORER_MODELS
-                               else FROZEN_BY_SCOPE[cfg["device-trains"]],
-                               summation=NodeSums() if hosted else None)
+                               frozen=frozen, summation=NodeSums() if hosted else None)
     elif aggregation_in_effect(cfg) == "per-row":  # never with dp, user-dp, secure aggregation or node hosting
         strategy = per_row = PerRowAveraging(strategy, momentum=cfg["row-momentum"])
     if hosted:

@@ -15,10 +15,16 @@ import numpy as np
 
 from shared.errors import PrivrecError
 
-__all__ = ["ITEM_ROW_KEYS", "ServerOptimizer", "mean_update", "running_average", "touched_rows"]
+__all__ = ["ITEM_ROW_KEYS", "ServerOptimizer", "is_frozen", "mean_update", "running_average", "touched_rows"]
 
 # Item-indexed arrays of the ID model: row r belongs to item r (row 0 = padding).
 ITEM_ROW_KEYS = ("item_emb.weight", "head.weight", "head.bias")
+
+
+def is_frozen(key: str, frozen: Collection[str]) -> bool:
+    """Whether array `key` is in `frozen`: exact names, or prefixes ending in "." (a frozen submodule's arrays,
+    e.g. the channel scorer's `sasrec.`)."""
+    return key in frozen or any(name.endswith(".") and key.startswith(name) for name in frozen)
 
 
 def touched_rows(update: np.ndarray) -> np.ndarray:

@@ -166,7 +166,8 @@ _FEDERATION: dict[str, Key] = {
                                               "can subtract the noise, so never use it in a deployment"),
     "public-share": Key(float, 0.0, "simulation: share of users who consent to share their training histories "
                                     "for non-private pretraining on the server before federation (they get "
-                                    "no privacy guarantee)", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+                                    "no privacy guarantee; with model = channel-scorer the pretrained SASRec is "
+                                    "one more channel of the scorer)", lambda v: 0 <= v < 1, "must be in [0, 1)"),
     "public-epochs": Key(int, 20, "epochs of server-side pretraining on the consenting users", _positive,
                          "must be >= 1"),
     "devices-per-node": Key(int, 1, "simulation only: simulated devices one Flower node hosts (consecutive "
@@ -463,8 +464,9 @@ def _check_content_scorer(cfg: Mapping[str, Any], where: str) -> None:
     model = cfg["model"]
     needs = {"dp": (False, "it runs no on-device DP-SGD (its guarantee is user-level: user-dp)"),
              "user-dp": (True, "its rounds are released only under user-level DP-FedAvg"),
-             "public-share": (0.0, "it has no consenting cohort (no server-side pretraining)"),
              "model-average": (0.0, "its accountant covers the global models only")}
+    if model == "content-scorer":  # the channel scorer takes a consenting cohort's SASRec as one more channel
+        needs["public-share"] = (0.0, "it has no consenting cohort (model = channel-scorer has one, as a channel)")
     for key, (wanted, why) in needs.items():
         if cfg[key] != wanted:
             shown = str(wanted).lower() if isinstance(wanted, bool) else wanted

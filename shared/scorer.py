@@ -30,7 +30,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shared.metrics import eval_inputs, hit_at_k, ndcg_at_k, target_ranks
+from shared.errors import PrivrecError
+from shared.metrics import eval_inputs, hit_at_k, left_pad, ndcg_at_k, target_ranks
+from shared.model import ModelConfig, SASRec
 
 CONTENT_WEIGHT = 8.0  # a-priori start of every text weight (issue 13's probes: 8-12 on validation)
 RECENT_ITEMS = 3  # last items whose raw catalogue ids the raw-id proximity looks at
@@ -169,11 +171,33 @@ def user_gradient(model: ContentScorer, catalogue: Catalogue, train: Sequence[np
 
 
 def fedsgd_update(model: ContentScorer, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The weights a device returns: global - gradient (one unit step), so its update is minus its gradient."""
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    """The weights a device returns: global - gradient (one unit step), so its update is minus its gradient.
+    A SASRec channel's arrays are not sent back: they are frozen, and the server holds them."""
+    state = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith(SASREC_PREFIX)}
     for k, g in grads.items():
         state[k] = state[k] - g
     return state
+
+
+def scorer_from_state(state, catalogue: Catalogue, model: str,
+                      sasrec_config: ModelConfig | None = None) -> ContentScorer | ChannelScorer:
+    """The `model` (content-/channel-scorer) a shipped or saved state holds, over the public catalogue;
+    `sasrec_config`: the architecture of a consenting cohort's SASRec channel, if the state carries one."""
+    if model == "channel-scorer":
+        return ChannelScorer.from_state(state, catalogue.num_items, sasrec_config=sasrec_config,
+                                        item_text=catalogue.text)
+    return ContentScorer.from_state(state, catalogue.num_items, catalogue.text.shape[1])
+
+
+def sasrec_channel_config(run, catalogue: Catalogue) -> ModelConfig | None:
+    """The architecture of the SASRec channel a run config implies (its model section over the catalogue):
+    None unless `model = channel-scorer` with a consenting cohort (`public-share > 0`)."""
+    from shared.config import RunConfig
+
+    run = RunConfig.of(run)
+    if run.pipeline.model != "channel-scorer" or run.federation.public_share <= 0:
+        return None
+    return ModelConfig.from_run_config(run, catalogue.num_items, int(catalogue.text.shape[1]))
 
 
 def score_histories(model: ContentScorer | ChannelScorer, catalogue: Catalogue, histories: Sequence[np.ndarray],
@@ -235,7 +259,15 @@ TRANSITION = "transition"
 TRANSITION_CHANNEL = f"log1p above {TRANSITION_THRESHOLD:g} noise std, last item"  # in model.json
 TRANSITION_FROZEN = ("transition_items", "transitions", "transition_threshold")
 # released once by analytics, shipped, never trained (the transition buffers only with transition-release)
-CHANNEL_FROZEN = ("popularity", "cooc_items", "cooc") + TRANSITION_FROZEN
+# With a consenting cohort (`public-share > 0`, simulation only): the SASRec the server pretrained, without noise,
+# on the consenting users' histories (`server.pretraining`), frozen and shipped inside the scorer as `sasrec.*`
+# arrays. Its next-item scores, standardised over the catalogue per query, are one more channel, scale started at
+# 0 (the research replay's design, simulations/consent_pipeline.py, fixed before its runs). Nothing in it comes
+# from a non-consenting user, so it costs them no privacy; the consenting users have no guarantee.
+SASREC = "sasrec"
+SASREC_PREFIX = "sasrec."
+SASREC_CHANNEL = "standardised next-item scores of the consenting cohort's SASRec"  # in model.json
+CHANNEL_FROZEN = ("popularity", "cooc_items", "cooc") + TRANSITION_FROZEN + (SASREC_PREFIX,)
 HISTORY_MASK = -1e4  # training scores of the user's own history: excluded, as in the ranking
 
 
@@ -250,11 +282,23 @@ class ChannelScorer(torch.nn.Module):
     With `transition_items` K > 0 (`transition-release = true`) one more channel, `transition`, and one more
     scale (10 weights, started at 0): buffers `transition_items` [K], `transitions` [K, K] (the released directed
     counts, row = previous item) and `transition_threshold` [1] (TRANSITION_THRESHOLD x the release's noise
-    multiplier). A scorer without them is exactly the 9-weight scorer (its state loads as before)."""
+    multiplier). A scorer without them is exactly the 9-weight scorer (its state loads as before).
 
-    def __init__(self, num_items: int, cooc_items: int, transition_items: int = 0) -> None:
+    With `sasrec` (a consenting cohort's pretrained SASRec) the last channel is `sasrec` (`sasrec_channel`) and the
+    model holds the SASRec, frozen and always in eval mode, as its `sasrec.*` arrays: shipped, never trained."""
+
+    def __init__(self, num_items: int, cooc_items: int, transition_items: int = 0,
+                 sasrec: SASRec | None = None) -> None:
         super().__init__()
-        self.channels = CHANNELS + ((TRANSITION,) if transition_items > 0 else ())
+        self.channels = CHANNELS + ((TRANSITION,) if transition_items > 0 else ()) + \
+            ((SASREC,) if sasrec is not None else ())
+        self.sasrec = sasrec
+        if sasrec is not None:
+            if sasrec.cfg.num_items != num_items:
+                raise PrivrecError(f"the SASRec channel knows {sasrec.cfg.num_items} items, the catalogue "
+                                   f"{num_items}")
+            sasrec.requires_grad_(False)
+            sasrec.eval()
         self.content = torch.nn.Parameter(torch.tensor([CONTENT_WEIGHT]))
         self.scales = torch.nn.Parameter(torch.tensor([1.0] + [0.0] * len(self.channels)))
         self.register_buffer("popularity", torch.zeros(num_items + 1))
@@ -270,12 +314,44 @@ class ChannelScorer(torch.nn.Module):
         out = self.scales[0] * self.popularity + self.content * (profile @ text.T)
         return out + torch.einsum("c,bci->bi", self.scales[1:], channels)
 
+    def train(self, mode: bool = True) -> ChannelScorer:
+        super().train(mode)
+        if self.sasrec is not None:  # the frozen channel never runs its dropout
+            self.sasrec.eval()
+        return self
+
     @classmethod
-    def from_state(cls, state, num_items: int, dim: int | None = None) -> ChannelScorer:
+    def from_state(cls, state, num_items: int, dim: int | None = None, sasrec_config: ModelConfig | None = None,
+                   item_text: torch.Tensor | None = None) -> ChannelScorer:
+        """The scorer `state` holds; a state with `sasrec.*` arrays needs the SASRec's architecture
+        (`sasrec_config`; `item_text`, the public text table, for a text SASRec)."""
         transition_items = int(np.asarray(state["transition_items"]).shape[0]) if "transition_items" in state else 0
-        model = cls(num_items, int(np.asarray(state["cooc_items"]).shape[0]), transition_items)
-        model.load_state_dict({k: torch.as_tensor(np.asarray(v, dtype=np.float32)) for k, v in state.items()})
+        sasrec = None
+        if any(str(k).startswith(SASREC_PREFIX) for k in state):
+            if sasrec_config is None:
+                raise PrivrecError("this channel scorer carries a consenting cohort's SASRec channel (`sasrec.*` "
+                                   "arrays), but no SASRec architecture was given to load it")
+            sasrec = SASRec(sasrec_config, item_text if sasrec_config.uses_text else None)
+        model = cls(num_items, int(np.asarray(state["cooc_items"]).shape[0]), transition_items, sasrec)
+        try:
+            model.load_state_dict({k: torch.as_tensor(np.asarray(v, dtype=np.float32)) for k, v in state.items()})
+        except RuntimeError as exc:  # e.g. a SASRec channel built with another architecture
+            raise PrivrecError(f"the channel scorer's arrays do not fit its architecture: {exc}") from None
         return model
+
+
+def sasrec_channel(model: SASRec, histories: Sequence[np.ndarray], width: int, batch: int = 256) -> np.ndarray:
+    """The `sasrec` channel [B, width]: the frozen SASRec's next-item scores of each history (its last max-len
+    items), standardised over items 1..n (mean 0, std 1) so that the channel's range matches the others; column 0
+    (padding) is 0. Computed on the device from its own history and the shipped model only."""
+    out = np.zeros((len(histories), width), dtype=np.float32)
+    with torch.no_grad():
+        for start in range(0, len(histories), batch):
+            part = histories[start:start + batch]
+            scores = model.predict_next(torch.from_numpy(left_pad(part, model.cfg.max_len)))[:, 1:].double()
+            scores = (scores - scores.mean(1, keepdim=True)) / (scores.std(1, unbiased=False, keepdim=True) + 1e-12)
+            out[start:start + len(part), 1:] = scores.numpy()
+    return out
 
 
 def transition_release(model: ChannelScorer) -> tuple[np.ndarray, np.ndarray, float] | None:
@@ -325,7 +401,7 @@ def cooc_matrix(model: ChannelScorer) -> tuple[np.ndarray, np.ndarray]:
 def channel_features(catalogue: Catalogue, histories: Sequence[np.ndarray], items: np.ndarray, cooc: np.ndarray,
                      profile_items: int, decay: float, own: Sequence[np.ndarray] | None = None,
                      transitions: tuple[np.ndarray, np.ndarray, float] | None = None,
-                     own_transitions: Sequence[np.ndarray] | None = None
+                     own_transitions: Sequence[np.ndarray] | None = None, sasrec: SASRec | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """What a device computes from its own histories and the released things, per history: its unit profile
     [B, d], CHANNELS [B, len(CHANNELS), items + 1] and the mask of its history [B, items + 1] (0 / -1e4):
@@ -335,7 +411,8 @@ def channel_features(catalogue: Catalogue, histories: Sequence[np.ndarray], item
             as a whole (its own contribution included), so the channel's range does not depend on N;
       max10 the largest text cosine to any of its last 10 items; genre the cosine of the genres to those of its
             last 10 items; year / raw the proximities of the content scorer; last the text cosine to its last
-            item; long the text cosine to the mean of its whole history."""
+            item; long the text cosine to the mean of its whole history.
+    Then the transition channel (with `transitions`) and the SASRec channel (with `sasrec`), in that order."""
     text = catalogue.text.numpy().astype(np.float64)
     genres = catalogue.genres if catalogue.genres is not None else np.zeros((len(text), 1))
     n, width = len(histories), catalogue.num_items + 1
@@ -343,10 +420,13 @@ def channel_features(catalogue: Catalogue, histories: Sequence[np.ndarray], item
     position[items] = np.arange(len(items))
     scale = cooc_scale(cooc)
     profiles = np.zeros((n, text.shape[1]), dtype=np.float32)
-    channels = np.zeros((n, len(CHANNELS) + (transitions is not None), width), dtype=np.float32)
+    channels = np.zeros((n, len(CHANNELS) + (transitions is not None) + (sasrec is not None), width),
+                        dtype=np.float32)
     mask = np.zeros((n, width), dtype=np.float32)
     if transitions is not None:
         channels[:, len(CHANNELS)] = transition_channel(histories, transitions, width, own_transitions)
+    if sasrec is not None:
+        channels[:, -1] = sasrec_channel(sasrec, histories, width)
     for u, seq in enumerate(histories):
         seq = np.asarray(seq, dtype=np.int64).reshape(-1)
         if seq.size == 0:
@@ -389,7 +469,8 @@ def channel_user_gradient(model: ChannelScorer, catalogue: Catalogue, train: Seq
     Zero without a usable example."""
     from shared.analytics import own_cooc_matrix, own_transition_matrix
 
-    grads = {k: torch.zeros_like(p) for k, p in model.named_parameters()}
+    trained = {k: p for k, p in model.named_parameters() if p.requires_grad}  # not the frozen SASRec channel
+    grads = {k: torch.zeros_like(p) for k, p in trained.items()}
     items, cooc = cooc_matrix(model)
     transitions = transition_release(model)
     histories, nexts, owns, own_transitions = [], [], [], []
@@ -405,18 +486,19 @@ def channel_user_gradient(model: ChannelScorer, catalogue: Catalogue, train: Seq
     if not histories:
         return grads
     profile, channels, mask = channel_features(catalogue, histories, items, cooc, profile_items, decay, owns,
-                                               transitions, own_transitions if transitions is not None else None)
+                                               transitions, own_transitions if transitions is not None else None,
+                                               model.sasrec)
     model.zero_grad()
     scores = model(catalogue.text, profile, channels) + mask
     loss = torch.nn.functional.cross_entropy(scores[:, 1:], torch.tensor(nexts) - 1)
     loss.backward()
-    return {k: p.grad.detach().clone() for k, p in model.named_parameters()}
+    return {k: p.grad.detach().clone() for k, p in trained.items()}
 
 
 def channel_score_histories(model: ChannelScorer, catalogue: Catalogue, histories: Sequence[np.ndarray],
                             profile_items: int, decay: float) -> torch.Tensor:
     items, cooc = cooc_matrix(model)
     profile, channels, _ = channel_features(catalogue, histories, items, cooc, profile_items, decay,
-                                            transitions=transition_release(model))
+                                            transitions=transition_release(model), sasrec=model.sasrec)
     with torch.no_grad():
         return model(catalogue.text, profile, channels)

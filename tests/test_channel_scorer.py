@@ -246,3 +246,92 @@ def test_a_trained_channel_scorer_beats_the_untrained_one(tmp_path, digit_store)
                                            "central-eval": True,
                                            "fraction-train": 1.0})
     assert summary["central-evaluation"]["test-ndcg@10"] > summary["central-evaluation-initial"]["test-ndcg@10"]
+
+
+# ------------------------------------------------- a consenting cohort's SASRec as one more channel
+def test_the_sasrec_channel_is_each_querys_standardised_next_item_scores():
+    from shared.model import ModelConfig, SASRec
+    from shared.scorer import sasrec_channel
+
+    torch.manual_seed(0)
+    sasrec = SASRec(ModelConfig(num_items=NUM_ITEMS, max_len=8, hidden_size=8, num_heads=2, num_blocks=1)).eval()
+    histories = [np.array([1, 2, 3]), np.array([], dtype=np.int64), np.arange(1, 20)]
+    channel = sasrec_channel(sasrec, histories, NUM_ITEMS + 1, batch=2)
+    assert channel.shape == (3, NUM_ITEMS + 1) and (channel[:, 0] == 0).all()
+    assert np.allclose(channel[:, 1:].mean(1), 0, atol=1e-5) and np.allclose(channel[:, 1:].std(1), 1, atol=1e-4)
+    with torch.no_grad():  # the order of the items is the SASRec's own (on its last max-len items)
+        raw = sasrec.predict_next(torch.tensor([[0, 0, 0, 0, 0, 1, 2, 3]]))[0, 1:].numpy()
+    assert np.array_equal(np.argsort(channel[0, 1:]), np.argsort(raw))
+
+
+def test_a_channel_scorer_with_a_sasrec_channel_trains_only_its_scales_and_needs_the_architecture_to_load():
+    from shared.model import ModelConfig, SASRec
+    from shared.scorer import SASREC, fedsgd_update
+
+    catalogue = _catalogue()
+    arch = ModelConfig(num_items=NUM_ITEMS, max_len=8, hidden_size=8, num_heads=2, num_blocks=1)
+    model = ChannelScorer(NUM_ITEMS, 20, sasrec=SASRec(arch))
+    model.cooc_items.copy_(torch.arange(1, 21, dtype=torch.float32))
+    assert model.channels[-1] == SASREC and not model.sasrec.training
+    assert not model.train().sasrec.training  # the frozen channel never runs its dropout
+    grads = channel_user_gradient(model, catalogue, [np.array([1, 2, 3, 4, 5, 6])], targets=3, profile_items=5,
+                                  decay=0.8, window=10, gap_decay=0.9)
+    assert set(grads) == {"content", "scales"} and grads["scales"].shape == (len(CHANNELS) + 2,)
+    assert float(grads["scales"][-1].abs()) > 0  # the SASRec channel's scale learns
+    sent = fedsgd_update(model, grads)
+    assert not any(k.startswith("sasrec.") for k in sent)  # the frozen SASRec is not sent back
+    state = model.state_dict()
+    assert any(k.startswith("sasrec.") for k in state)
+    with pytest.raises(PrivrecError, match="no SASRec architecture"):
+        ChannelScorer.from_state(state, NUM_ITEMS)
+    with pytest.raises(PrivrecError, match="do not fit"):
+        ChannelScorer.from_state(state, NUM_ITEMS, sasrec_config=ModelConfig(
+            num_items=NUM_ITEMS, max_len=8, hidden_size=16, num_heads=2, num_blocks=1))
+    again = ChannelScorer.from_state(state, NUM_ITEMS, sasrec_config=arch)
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in state.items())
+
+
+def test_only_the_channel_scorer_takes_a_consenting_cohort():
+    assert _channel_cfg(**{"public-share": 0.1})["public-share"] == 0.1
+    with pytest.raises(PrivrecError, match="'public-share' = 0.1 with model = content-scorer"):
+        _channel_cfg(**{"public-share": 0.1, "model": "content-scorer"})
+
+
+def test_a_consenting_cohorts_pretrained_sasrec_is_a_frozen_channel_the_private_rounds_weigh(
+        tmp_path, digit_store, capsys):  # noqa: F811
+    from server.pretraining import pretrain
+    from shared.data.store import open_store
+    from shared.model import ModelConfig
+
+    cfg, path, grid, summary, privacy = _run(
+        tmp_path, digit_store, "consent", **{"public-share": 0.25, "public-epochs": 2, "num-rounds": 2,
+                                             "fraction-train": 1.0, "target-epsilon": 0.0, "hidden-size": 16,
+                                             "num-heads": 2, "num-blocks": 1, "max-len": 10, "window": 10})
+    pretraining = json.loads((path / "pretraining.json").read_text())
+    assert pretraining["consenting-devices"] == 2
+    assert 0 <= pretraining["pretraining-only"]["test-ndcg@10"] <= 1
+    # The shipped SASRec is exactly the pretrained one: the noised rounds never changed it.
+    store = open_store(digit_store)
+    again, _ = pretrain(cfg, store, ModelConfig.from_run_config(cfg, NUM_ITEMS))
+    state = torch.load(path / "model.pt", weights_only=True)
+    for k, v in again.state_dict().items():
+        assert torch.equal(state[f"sasrec.{k}"], v), k
+    initial_scales = torch.tensor([1.0] + [0.0] * (len(CHANNELS) + 1))
+    assert state["scales"].shape == initial_scales.shape and float(state["scales"][-1]) != 0.0  # trained
+    # A device sends back the scorer's weights, never the SASRec.
+    reply = next(m for m in grid.replies if m.content.array_records)
+    assert not any(k.startswith("sasrec.") for k in reply.content.array_records["arrays"].keys())
+    # The statement names who the figure does not protect.
+    sentence = privacy["statements"][0]["sentence"]
+    assert "2 consenting users (public-share = 0.25) have no guarantee" in sentence
+    assert privacy["user-level"]["pipeline"]["consenting-cohort"].startswith("2 consenting users")
+    assert summary["federated-evaluation"]["test-ndcg@10"] is not None
+    from tests.test_cli import run_cli
+
+    code, out, err = run_cli(capsys, "recommend", "--model", path, "--history", "12 13 14", "-k", "5")
+    assert code == 0, err
+    assert len(out.strip().splitlines()) == 5
+    new = tmp_path / "new.jsonl"  # the SASRec channel knows items by their trained IDs only
+    new.write_text('{"item": "n1", "title": "Brand New (2030)"}\n')
+    code, out, err = run_cli(capsys, "recommend", "--model", path, "--history", "12 13 14", "--new-items", new)
+    assert code == 2 and "SASRec channel" in err and "Traceback" not in err

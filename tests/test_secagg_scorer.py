@@ -9,6 +9,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from shared import config
 from shared.errors import PrivrecError
@@ -222,3 +223,24 @@ def test_the_private_baselines_refuse_secure_aggregation_naming_the_key(tmp_path
     with pytest.raises(PrivrecError, match="config key 'secure-aggregation' = true: the private baselines"):
         run_private_baseline("popularity", {"secure-aggregation": True}, tmp_path / "no-store", epsilon=1.0,
                              delta=1e-5, seed=0)
+
+
+def test_a_consenting_cohorts_sasrec_channel_is_never_summed_or_noised_under_secure_aggregation(
+        tmp_path, digit_store, recorded):  # noqa: F811
+    from client.app import app as client_app
+    from server.pretraining import pretrain
+    from shared.data.store import open_store
+    from shared.model import ModelConfig
+    from shared.scorer import CHANNELS
+    from tests.test_secagg import DroppingGrid
+
+    cfg = _cfg(tmp_path, digit_store, "consent", **{"public-share": 0.25, "public-epochs": 1, "hidden-size": 16,
+                                                    "num-heads": 2, "num-blocks": 1, "max-len": 10, "window": 10})
+    path = _run(cfg, DroppingGrid(client_app, NUM_DEVICES, drop={}, run_config=cfg))
+    assert json.loads((path / "status.json").read_text())["state"] == "completed"
+    rounds = [s for s in recorded if s["type"] == "train"]
+    # each device masks only the scorer's content weight and its scales (9 channels + popularity), not the SASRec
+    assert len(rounds) == 2 and all(len(s["total"]) == 1 + len(CHANNELS) + 2 for s in rounds)
+    pretrained, _ = pretrain(cfg, open_store(digit_store), ModelConfig.from_run_config(cfg, 40))
+    state = torch.load(path / "model.pt", weights_only=True)
+    assert all(torch.equal(state[f"sasrec.{k}"], v) for k, v in pretrained.state_dict().items())

@@ -134,6 +134,12 @@ def _reference_baselines(run_path: Path) -> None:
               f"NDCG@10 {test['ndcg@10']:.4f}  HR@10 {test['hr@10']:.4f}  [test items; computed centrally in "
               "simulation, not part of the run's guarantee]")
     write_json_atomic(run_path / "baselines.json", figures)
+    pretraining = run_path / "pretraining.json"
+    reference = json.loads(pretraining.read_text()).get("pretraining-only") if pretraining.exists() else None
+    if reference:  # a consenting cohort: what its pretrained SASRec gives alone, before any private release
+        print(f"reference: pretraining only (the consenting cohort's SASRec alone, no private release): NDCG@10 "
+              f"{reference['test-ndcg@10']:.4f}  HR@10 {reference['test-hr@10']:.4f}  [test items; computed "
+              "centrally in simulation]")
 
 
 def _ray_address(value: str | None) -> str | None:

@@ -23,11 +23,13 @@ from shared.errors import PrivrecError
 from shared.model import ModelConfig, SASRec
 from shared.scorer import (
     COOC_CHANNEL,
+    SASREC_CHANNEL,
     TRANSITION_CHANNEL,
     ChannelScorer,
     ContentScorer,
     public_catalogue,
     score_histories,
+    scorer_from_state,
 )
 from shared.scorer import Catalogue as ScorerCatalogue
 
@@ -277,7 +279,13 @@ class ScorerRecommender(Recommender):
                 raise PrivrecError("model.json and model.pt disagree on the transition release (model.json "
                                    f"transition-channel {trained_with!r}; model.pt "
                                    f"{'has' if 'transition_items' in state else 'lacks'} its buffers)")
-            model = kind.from_state(state, catalogue.num_items, catalogue.text.shape[1])
+            sasrec = arch.get("sasrec-channel")  # absent: trained without a consenting cohort
+            if kind is ChannelScorer and sasrec is not None and sasrec.get("what") != SASREC_CHANNEL:
+                raise PrivrecError(f"model.json: SASRec channel {sasrec.get('what')!r}, but this privrec computes "
+                                   f"{SASREC_CHANNEL!r}: the weights do not fit; train again")
+            sasrec_config = None if sasrec is None else \
+                ModelConfig(**{k: sasrec[k] for k in ModelConfig.__dataclass_fields__ if k in sasrec})
+            model = scorer_from_state(state, catalogue, arch["model"], sasrec_config)
             items = _read_json(run_dir / "items.json")
             ids, titles = [str(i) for i in items["item_ids"]], list(items["item_titles"])
             profile_items, decay = int(arch["profile-items"]), float(arch["profile-decay"])
@@ -295,6 +303,9 @@ class ScorerRecommender(Recommender):
     def add_items(self, path: Path, encoder=None) -> int:
         """New items join the public side from their text, raw id and title year. None was in the popularity
         release, so each gets bias log1p(0) = 0: what an item the release counted at zero (or below) gets."""
+        if getattr(self.model, "sasrec", None) is not None:
+            raise PrivrecError("--new-items: this scorer has a consenting cohort's SASRec channel, which knows items "
+                               "only by their trained IDs; it cannot score items added after training")
         ids, titles, vectors = _new_items(path, set(self.index), encoder)
         old = self.catalogue
         if vectors.shape[1] != old.text.shape[1]:

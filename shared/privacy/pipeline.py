@@ -229,7 +229,16 @@ def statement(cfg: Mapping[str, Any], sample_rate: float, population: int, round
                            "is not counted in epsilon",
         "population": population,
         **({"transition-release": True} if z_t is not None else {}),
+        **({"consenting-cohort": consenting_cohort(cfg, population)} if cfg.get("public-share", 0) > 0 else {}),
     }
+
+
+def consenting_cohort(cfg: Mapping[str, Any], population: int) -> str:
+    """Who the figure does NOT protect when a consenting cohort pretrained the SASRec channel (public-share > 0)."""
+    count = int(round(cfg["public-share"] * population))
+    return (f"{count} consenting users (public-share = {cfg['public-share']:g}) have no guarantee: the server read "
+            "their training histories in full to pretrain the scorer's SASRec channel, without noise. The epsilon "
+            "above holds for every other user, whose data the SASRec channel never saw")
 
 
 def _what(record: Mapping[str, Any]) -> tuple[str, str]:
@@ -251,7 +260,8 @@ def sentence(record: Mapping[str, Any], rounds: int) -> dict[str, Any]:
                 f"while at least {record['secagg-min-cohort']} devices in every round's unmasked sum and "
                 f"{record['secagg-release-min-cohort']} in every analytics release's "
                 "follow the protocol (quantization not modelled by the accountant)" if record.get("secure-aggregation")
-                else "but not against the server (secure-aggregation = false)") + ". No on-device DP-SGD (dp = false).")
+                else "but not against the server (secure-aggregation = false)") + ". No on-device DP-SGD (dp = false)."
+            + (f" {record['consenting-cohort']}." if record.get("consenting-cohort") else ""))
     return {"mechanism": f"user-level pipeline ({releases.replace('DP ', '')} + DP-FedAvg)", "sentence": text,
             "epsilon": record["epsilon"], "delta": record["delta"], "accountant": record["accountant"],
             "is-a-bound": True, "unit": record["unit"], "relation": record["relation"],
@@ -267,4 +277,5 @@ def one_line(record: Mapping[str, Any]) -> str:
                 "and the server (secure aggregation, while at least "
                 f"{record['secagg-min-cohort']} devices per round's sum and {record['secagg-release-min-cohort']} "
                 "per release's follow the protocol)" if record.get("secure-aggregation")
-                else "not the server (no secure aggregation)") + "; no on-device DP-SGD")
+                else "not the server (no secure aggregation)") + "; no on-device DP-SGD"
+            + ("; NOT for the consenting cohort (see privacy.json)" if record.get("consenting-cohort") else ""))
