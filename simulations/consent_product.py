@@ -67,8 +67,8 @@ def run_seed(seed: int) -> dict:
            "test-hr@10": fed["test-hr@10"], "valid-ndcg@10": fed["valid-ndcg@10"],
            "pretraining-only-test-ndcg@10": alone["test-ndcg@10"], "pretraining-only-test-hr@10": alone["test-hr@10"],
            "pretraining-only-valid-ndcg@10": alone["valid-ndcg@10"],
-           "baseline-content-test-ndcg@10": baselines["content"]["ndcg@10"],
-           "baseline-popularity-test-ndcg@10": baselines["popularity"]["ndcg@10"],
+           "baseline-content-test-ndcg@10": baselines["content"]["test"]["ndcg@10"],
+           "baseline-popularity-test-ndcg@10": baselines["popularity"]["test"]["ndcg@10"],
            "user-level-epsilon": privacy["epsilon"], "delta": privacy["delta"],
            "statement": privacy["statements"][0]["sentence"]}
     row["gain-over-pretraining-only"] = row["test-ndcg@10"] / row["pretraining-only-test-ndcg@10"] - 1
