@@ -270,7 +270,7 @@ def cohort_gradients(model, catalogue, features, nexts, owner, num_users: int) -
     A user with no example gets a zero gradient, as `user_gradient` gives it.
     """
     profile, raw_near, year_near = features
-    grads = {k: torch.zeros(num_users, *p.shape) for k, p in model.named_parameters()}
+    grads = {k: torch.zeros(num_users, *p.shape) for k, p in model.named_parameters() if p.requires_grad}
     if len(nexts) == 0:
         return grads
     with torch.no_grad():
@@ -587,7 +587,7 @@ def channel_cohort_gradients(model, catalogue, profile, channels, mask, nexts, o
     """Per-user gradients [users, ...] of `shared.scorer.channel_user_gradient`'s loss (mean softmax loss over the
     user's examples, its history masked) from one forward over every example of the chunk. The scores are linear
     in the 9 weights: content: G . cos(profile, item); scales: (G . popularity, G . channel c)."""
-    grads = {k: torch.zeros(num_users, *p.shape) for k, p in model.named_parameters()}
+    grads = {k: torch.zeros(num_users, *p.shape) for k, p in model.named_parameters() if p.requires_grad}
     if len(nexts) == 0:
         return grads
     with torch.no_grad():
@@ -603,6 +603,16 @@ def channel_cohort_gradients(model, catalogue, profile, channels, mask, nexts, o
         scales = torch.cat([(g @ model.popularity).unsqueeze(1), torch.einsum("bi,bci->bc", g, channels)], dim=1)
         grads["scales"].index_add_(0, owner, scales)
     return grads
+
+
+def with_sasrec_channel(model, channels: torch.Tensor, histories, width: int) -> torch.Tensor:
+    """`channels` with the `sasrec` channel of `shared.scorer.channel_features` appended when `model` carries a
+    consenting cohort's SASRec (else `channels` itself)."""
+    from shared.scorer import sasrec_channel
+
+    if getattr(model, "sasrec", None) is None:
+        return channels
+    return torch.cat([channels, torch.from_numpy(sasrec_channel(model.sasrec, histories, width))[:, None]], 1)
 
 
 def with_transition_channel(model, channels: torch.Tensor, histories, width: int, train=None, members=None,
@@ -642,7 +652,8 @@ def channel_ranks(models: dict, pop: Population, c: dict, tables: dict | None = 
         for label, model in models.items():
             items, cooc = cooc_matrix(model)
             channels[:, 0] = cooc_channel(inputs[start:stop], items, cooc, width)
-            features = with_transition_channel(model, channels, inputs[start:stop], width)
+            features = with_sasrec_channel(model, with_transition_channel(model, channels, inputs[start:stop], width),
+                                           inputs[start:stop], width)
             with torch.no_grad():
                 scores = model(pop.catalogue.text, profile, features)
             ranks[label][start:stop] = target_ranks(scores, torch.from_numpy(np.asarray(targets[start:stop])),
@@ -680,12 +691,16 @@ def running_average(average: dict | None, model: torch.nn.Module, r: int) -> dic
 
 
 def run_channel_arms(pop: Population, arms: dict[str, tuple[float, float, float]], c: dict, seed: int, chunk: int,
-                     simulated_cohort: int = 0, models_out: dict | None = None) -> dict[str, dict]:
+                     simulated_cohort: int = 0, models_out: dict | None = None, sasrec: dict | None = None,
+                     not_training: dict | None = None) -> dict[str, dict]:
     """Every arm (label -> (popularity z, co-occurrence z, round z)) of the channel pipeline on `pop`, sharing
     cohorts and noise draws: the two releases, `server.scorer.initial_scorer`, then `c['rounds']` rounds of
     `shared.privacy.user_level` sampling, per-user clipping and noise, Flower's FedAdam step. With q N >
     `simulated_cohort` > 0 an ESTIMATE (noise-cohort-size), as `run_scorer_arms`. `models_out`, when given,
-    receives label -> the final (released) model, e.g. to score it on another split."""
+    receives label -> the final (released) model, e.g. to score it on another split. `sasrec` (label -> a
+    pretrained SASRec): that arm's scorer has the SASRec channel, as the product builds it with a consenting
+    cohort. `not_training` (label -> user indices): sampled users of that arm who send no update (a device that
+    declines: the noise and its denominator, the expected cohort, are unchanged)."""
     from server.scorer import initial_scorer
     from shared.analytics import COOC_GAP_DECAY, own_cooc_matrix
     from shared.privacy.user_level import clip_update, noisy_mean_update, poisson_cohort
@@ -698,13 +713,15 @@ def run_channel_arms(pop: Population, arms: dict[str, tuple[float, float, float]
     transitions = transition_releases(pop, arms, c, seed, {label: r[0] for label, r in releases.items()})
     used = {label: scorer_releases(hist, items, cooc, arms[label], c)
             for label, (hist, items, cooc) in releases.items()}
-    models = {label: initial_scorer(cat, hist, seed, cooc, transitions.get(label))
+    models = {label: initial_scorer(cat, hist, seed, cooc, transitions.get(label), (sasrec or {}).get(label))
               for label, (hist, cooc) in used.items()}
     averages = {label: None for label in models}  # `iterate-average = rounds`: running mean of the rounds' models
     adam = {label: fedadam_state(m) for label, m in models.items()}
     first = next(iter(models.values()))
-    keys = [k for k, _ in first.named_parameters()]
-    shapes = {label: {k: tuple(p.shape) for k, p in m.named_parameters()} for label, m in models.items()}
+    keys = [k for k, p in first.named_parameters() if p.requires_grad]  # never a frozen SASRec channel's
+    shapes = {label: {k: tuple(p.shape) for k, p in m.named_parameters() if p.requires_grad}
+              for label, m in models.items()}
+    silent = {label: frozenset(int(u) for u in (not_training or {}).get(label, ())) for label in models}
     sampler = random.Random(seed)
     q_sim = simulated_rate(c, n, simulated_cohort)
     tables = channel_tables(cat)
@@ -724,9 +741,12 @@ def run_channel_arms(pop: Population, arms: dict[str, tuple[float, float, float]
                 owns = [own_cooc_matrix(train[u], items, c["cooc-window"], COOC_GAP_DECAY) for u in members]
                 channels[:, 0] = cooc_channel(histories, items, cooc, width, owns, owner.numpy())
                 features = with_transition_channel(model, channels, histories, width, train, members, owner)
+                features = with_sasrec_channel(model, features, histories, width)
                 grads = channel_cohort_gradients(model, cat, profile, features, mask, nexts, owner, len(members))
                 minus = {k: -grads[k].double().numpy() for k in keys}  # a device's update is minus its gradient
                 for i in range(len(members)):
+                    if members[i] in silent[label]:
+                        continue
                     clipped, norm = clip_update({k: minus[k][i] for k in keys}, c["clip"])
                     norms[label].append(norm)
                     for k in keys:
@@ -757,7 +777,7 @@ def run_channel_arms(pop: Population, arms: dict[str, tuple[float, float, float]
                            "update-norm-quantiles": [float(x) for x in np.quantile(norms[label], [0.1, 0.5, 0.9])]
                            if norms[label] else [],
                            "weights": {k: [round(float(x), 4) for x in p.detach().reshape(-1)]
-                                       for k, p in models[label].named_parameters()},
+                                       for k, p in models[label].named_parameters() if p.requires_grad},
                            "seconds-all-arms": round(time.perf_counter() - started, 1)})
     return out
 

@@ -37,8 +37,8 @@ SETTINGS = [(1.0, 10, 8.11, 0.1), (1.0, 10, 8.11, 0.2), (1.0, 10, 8.11, 0.3), (0
 
 def fedadam_state(model: torch.nn.Module) -> dict:
     """Flower FedAdam's first and second moments, zero before round 1."""
-    return {"m": {k: torch.zeros_like(p) for k, p in model.named_parameters()},
-            "v": {k: torch.zeros_like(p) for k, p in model.named_parameters()}}
+    trained = [(k, p) for k, p in model.named_parameters() if p.requires_grad]  # not a frozen SASRec channel
+    return {"m": {k: torch.zeros_like(p) for k, p in trained}, "v": {k: torch.zeros_like(p) for k, p in trained}}
 
 
 def fedadam_step(model: torch.nn.Module, state: dict, delta: dict, r: int, lr: float, tau: float = 1e-3) -> None:
@@ -47,6 +47,8 @@ def fedadam_step(model: torch.nn.Module, state: dict, delta: dict, r: int, lr: f
     m, v = state["m"], state["v"]
     with torch.no_grad():
         for k, p in model.named_parameters():
+            if k not in m:  # frozen
+                continue
             m[k] = 0.9 * m[k] + 0.1 * delta[k]
             v[k] = 0.99 * v[k] + 0.01 * delta[k] * delta[k]
             step = lr * np.sqrt(1 - 0.99 ** (r + 1)) / (1 - 0.9 ** (r + 1))

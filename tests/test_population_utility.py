@@ -345,3 +345,28 @@ def test_the_transition_arms_features_and_per_user_gradients_equal_the_product_d
     mine = pu.with_transition_channel(model, channels, histories, width)  # evaluation: the release as it is
     assert torch.allclose(mine[:, -1], theirs[:, -1], atol=1e-5)
     assert pu.with_transition_channel(plain, channels, histories, width) is channels  # default: unchanged
+
+
+def test_a_channel_arm_with_a_sasrec_channel_keeps_it_frozen_and_silent_users_send_nothing(tmp_path, monkeypatch):
+    import torch
+
+    from shared.model import ModelConfig, SASRec
+
+    monkeypatch.setenv("PRIVREC_CACHE_DIR", str(tmp_path / "cache"))
+    source = write_source(tmp_path / "source", num_users=40)
+    pop = pu.load_population(40, str(source), tmp_path / "work", 40)
+    c = {**pu.channel_settings(2), "cooc-items": 20, "q": 1.0}
+    torch.manual_seed(0)
+    sasrec = SASRec(ModelConfig(num_items=pop.catalogue.num_items, max_len=8, hidden_size=8, num_heads=2,
+                                num_blocks=1))
+    before = {k: v.clone() for k, v in sasrec.state_dict().items()}
+    noiseless = (0.0, 0.0, 0.0)
+    models: dict = {}
+    out = pu.run_channel_arms(pop, {"plain": noiseless, "sasrec": noiseless, "silent": noiseless}, c, 0, chunk=16,
+                              models_out=models, sasrec={"sasrec": sasrec, "silent": sasrec},
+                              not_training={"silent": range(pop.n)})
+    assert len(out["sasrec"]["weights"]["scales"]) == len(out["plain"]["weights"]["scales"]) + 1
+    assert all(torch.equal(models["sasrec"].sasrec.state_dict()[k], v) for k, v in before.items())
+    assert out["sasrec"]["weights"]["scales"][-1] != 0.0  # the channel's scale trains
+    # nobody sends an update and there is no noise: the scorer stays where it started
+    assert out["silent"]["weights"]["scales"] == [1.0] + [0.0] * (len(out["silent"]["weights"]["scales"]) - 1)
