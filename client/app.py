@@ -154,11 +154,13 @@ def _catalogue(context: Context, record: ConfigRecord, run: RunConfig, item_text
 def _train_scorer(msg, context, run, record, data, item_text, global_state, path, device, state_dir) -> Message:
     """model = content-/channel-scorer: the device's gradient (one FedSGD step), its round recorded as a user-level
     release."""
-    from client.scorer import train_scorer  # torch: imported by the messages that need it
+    from client.scorer import is_consenting, train_scorer  # torch: imported by the messages that need it
 
+    simulated = "partition-id" in context.node_config  # a consenting cohort exists only in simulation
     state, metrics = train_scorer(data, _catalogue(context, record, run, item_text), global_state, run,
                                   ledger_path=path, device=device,
-                                  release_id=f"{record.get('run-id', '')}-round{int(record['server-round'])}")
+                                  release_id=f"{record.get('run-id', '')}-round{int(record['server-round'])}",
+                                  consenting=simulated and is_consenting(run, record["data-store"], int(device)))
     keep_listed(state_dir, device, path)
     _mirror_ledger(context, path, device)
     privacy = ConfigRecord({"device": device, "history": "[]"})  # no window-level DP-SGD in this mode

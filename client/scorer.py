@@ -71,9 +71,36 @@ def _model(catalogue: Catalogue, global_state: Mapping[str, torch.Tensor], run: 
     return scorer_from_state(global_state, catalogue, run.pipeline.model, sasrec_channel_config(run, catalogue))
 
 
+@lru_cache(maxsize=4)
+def _consenting(store_dir: str, seed: int, public_share: float) -> frozenset[int]:
+    from shared.config import validate
+    from shared.consent import consenting_devices
+    from shared.data.store import open_store
+
+    cfg = validate({"seed": seed, "public-share": public_share})
+    return frozenset(int(d) for d in consenting_devices(cfg, open_store(store_dir).num_devices))
+
+
+def is_consenting(run: RunConfig, store_dir: str | Path, device_index: int) -> bool:
+    """Whether this simulated device's user is in the consenting cohort (`public-share`), drawn as the server draws
+    it from the run seed."""
+    if run.federation.public_share <= 0:
+        return False
+    return device_index in _consenting(str(store_dir), run.federation.seed, run.federation.public_share)
+
+
 def train_scorer(data: DeviceData, catalogue: Catalogue, global_state: Mapping[str, torch.Tensor], run: RunConfig,
-                 *, ledger_path: Path, device: str, release_id: str) -> tuple[dict | None, dict]:
-    """(weights to send, or None when the device declines; the reply's metrics)."""
+                 *, ledger_path: Path, device: str, release_id: str,
+                 consenting: bool = False) -> tuple[dict | None, dict]:
+    """(weights to send, or None when the device declines; the reply's metrics).
+
+    A `consenting` device (its history already trained the SASRec channel on the server) sends the global weights
+    back unchanged: a zero update, so the round's sum holds nothing of it (its SASRec scores are fitted to its own
+    items and would overstate that channel; `simulations/consent_channel.py`) while the noise stays the same.
+    It reads nothing of its data for it, so its ledger records no release."""
+    if consenting:
+        model = _model(catalogue, global_state, run)
+        return fedsgd_update(model, {}), {"num-examples": 1, "steps": 0, "consenting": 1}
     z = run.user_dp.noise_multiplier
     with ledger_lock(ledger_path):
         ledger = load_ledger(ledger_path, device)
@@ -98,8 +125,9 @@ def train_scorer(data: DeviceData, catalogue: Catalogue, global_state: Mapping[s
     else:
         grads = user_gradient(model, catalogue, data.train, run.pipeline.scorer_targets, run.pipeline.profile_items,
                               run.pipeline.profile_decay)
-    # FedAvg weight 1 and a config step count: nothing in the metrics depends on the device's data.
-    return fedsgd_update(model, grads), {"num-examples": 1, "steps": 1}
+    # FedAvg weight 1 and a config step count: nothing in the metrics depends on the device's data (every reply
+    # carries "consenting": Flower aggregates only replies with the same metric keys).
+    return fedsgd_update(model, grads), {"num-examples": 1, "steps": 1, "consenting": 0}
 
 
 def evaluate_scorer(data: DeviceData, catalogue: Catalogue, global_state: Mapping[str, torch.Tensor],
@@ -111,4 +139,4 @@ def evaluate_scorer(data: DeviceData, catalogue: Catalogue, global_state: Mappin
                               run.pipeline.profile_decay)}
 
 
-__all__ = ["evaluate_scorer", "public_side", "train_scorer"]
+__all__ = ["evaluate_scorer", "is_consenting", "public_side", "train_scorer"]

@@ -435,6 +435,8 @@ class FederatedRun:
             "capped-devices": train.get("capped-devices", 0),
             "user-level-epsilon": self._user_level_epsilon(server_round),
         }
+        if "consenting-zero-updates" in train:  # public-share: consenting devices sent zero updates
+            row["consenting-zero-updates"] = train["consenting-zero-updates"]
         if "secure-aggregation" in train:
             row["secure-aggregation"] = train["secure-aggregation"]
         for name in ("hr@10", "ndcg@10"):

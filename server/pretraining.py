@@ -12,26 +12,18 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
 import torch
 
 from shared.baselines import train_centralized
 from shared.coldstart import held_out_items, without_items
 from shared.config import RunConfig
+from shared.consent import consenting_devices
 from shared.data.store import DeviceStore
 from shared.metrics import eval_inputs, evaluate_histories
 from shared.model import ModelConfig, SASRec
 
 PRETRAIN_LR = 0.001  # the centralized baseline's settings (`privrec baseline centralized`)
 PRETRAIN_BATCH = 64
-
-
-def consenting_devices(cfg: RunConfig | Mapping[str, Any], num_devices: int) -> np.ndarray:
-    """The devices whose users consented, drawn from the run seed (sorted device ids)."""
-    federation = RunConfig.of(cfg).federation
-    count = int(round(federation.public_share * num_devices))
-    rng = np.random.default_rng([federation.seed, 0x5055424C])  # independent of every other use of the seed
-    return np.sort(rng.choice(num_devices, size=count, replace=False))
 
 
 def pretrain(cfg: RunConfig | Mapping[str, Any], store: DeviceStore, model_cfg: ModelConfig,

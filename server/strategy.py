@@ -58,6 +58,9 @@ def train_metrics(replies: list[RecordDict], weight_key: str) -> MetricRecord:
         losses, loss_weights = np.array(with_loss).T
         total = loss_weights.sum()
         out["train-loss"] = float((losses * loss_weights).sum() / total) if total > 0 else 0.0
+    consenting = sum(int(m["consenting"]) for m in rows if "consenting" in m)
+    if consenting:  # consenting devices (public-share) send a zero update: their history trained the SASRec channel
+        out["consenting-zero-updates"] = consenting
     if rows and "epsilon" in rows[0]:
         eps = np.array([float(m["epsilon"]) for m in rows])
         out["epsilon-max"] = float(eps.max())

@@ -50,9 +50,9 @@ TARGETS = ("8", "2")  # user-level epsilon targets of the private part, from pri
 
 
 def consenting_users(seed: int, num_users: int) -> np.ndarray:
-    """The consenting cohort exactly as the product draws it (`server.pretraining.consenting_devices`)."""
-    from server.pretraining import consenting_devices
+    """The consenting cohort exactly as the product draws it (`shared.consent.consenting_devices`)."""
     from shared import config
+    from shared.consent import consenting_devices
 
     return consenting_devices(config.validate({"public-share": PUBLIC_SHARE, "seed": seed}), num_users)
 

@@ -321,6 +321,17 @@ def test_a_consenting_cohorts_pretrained_sasrec_is_a_frozen_channel_the_private_
     # A device sends back the scorer's weights, never the SASRec.
     reply = next(m for m in grid.replies if m.content.array_records)
     assert not any(k.startswith("sasrec.") for k in reply.content.array_records["arrays"].keys())
+    # The consenting devices send a zero update (their history trained the SASRec), and their ledgers hold no
+    # round; every other device's ledger holds both rounds.
+    from shared.consent import consenting_devices
+
+    consenting = set(consenting_devices(cfg, NUM_DEVICES).tolist())
+    rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("consenting-zero-updates") for r in rows if r["round"] > 0] == [2, 2]
+    for d in range(NUM_DEVICES):
+        ledger = json.loads(next((tmp_path / "population-consent").glob(f"*{d}*/privacy-ledger.json")).read_text())
+        rounds = [r for r in ledger["releases"] if r["kind"] == "channel-scorer-round"]
+        assert len(rounds) == (0 if d in consenting else 2), d
     # The statement names who the figure does not protect.
     sentence = privacy["statements"][0]["sentence"]
     assert "2 consenting users (public-share = 0.25) have no guarantee" in sentence

@@ -1,0 +1,22 @@
+"""Who consented (`public-share > 0`, simulation only): drawn from the run seed, so the server (which pretrains on
+their histories) and every device (which then knows whether it is one of them) draw the same set."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from shared.config import RunConfig
+
+
+def consenting_devices(cfg: RunConfig | Mapping[str, Any], num_devices: int) -> np.ndarray:
+    """The devices whose users consented, drawn from the run seed (sorted device ids)."""
+    federation = RunConfig.of(cfg).federation
+    count = int(round(federation.public_share * num_devices))
+    rng = np.random.default_rng([federation.seed, 0x5055424C])  # independent of every other use of the seed
+    return np.sort(rng.choice(num_devices, size=count, replace=False))
+
+
+__all__ = ["consenting_devices"]
