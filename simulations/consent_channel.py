@@ -32,12 +32,18 @@ Files: per-seed `results/consent-channel-seed<S>.json`, the table `consent-chann
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from pathlib import Path
 
-from simulations.output import RESULTS, log_progress, run_missing_seeds, save_results, seeded_commands, timestamped
+from simulations.output import (
+    load_seed_files,
+    log_progress,
+    run_missing_seeds,
+    save_results,
+    seeded_commands,
+    timestamped,
+)
 from simulations.privacy_utility import stats_cell, summary_stats
 
 PREFIX = "consent-channel-seed"
@@ -94,12 +100,7 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def cmd_report(args) -> None:
-    rows = []
-    for seed in args.seeds:
-        path = RESULTS / f"{PREFIX}{seed}.json"
-        if not path.exists():
-            raise SystemExit(f"{path} is missing: run `python -m simulations.consent_channel run --seeds {seed}`")
-        rows.append(json.loads(path.read_text()))
+    rows = load_seed_files(PREFIX, args.seeds, "simulations.consent_channel")
     results = summarize(rows)
     save_results(timestamped("consent-channel"), results, markdown(results))
 

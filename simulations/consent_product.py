@@ -30,7 +30,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from simulations.output import RESULTS, log_progress, run_missing_seeds, save_results, seeded_commands, timestamped
+from simulations.output import (
+    load_seed_files,
+    log_progress,
+    run_missing_seeds,
+    save_results,
+    seeded_commands,
+    timestamped,
+)
 from simulations.privacy_utility import stats_cell, summary_stats
 
 PREFIX = "consent-product-seed"
@@ -83,12 +90,7 @@ def cmd_run(args) -> None:
 
 
 def cmd_report(args) -> None:
-    rows = []
-    for seed in args.seeds:
-        path = RESULTS / f"{PREFIX}{seed}.json"
-        if not path.exists():
-            raise SystemExit(f"{path} is missing: run `python -m simulations.consent_product run --seeds {seed}`")
-        rows.append(json.loads(path.read_text()))
+    rows = load_seed_files(PREFIX, args.seeds, "simulations.consent_product")
     results = summarize(rows, args.seeds)
     save_results(timestamped("consent-product"), results, markdown(results))
 

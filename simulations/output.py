@@ -74,3 +74,14 @@ def run_missing_seeds(prefix: str, seeds, compute: Callable[[int], dict]) -> Non
         path = RESULTS / f"{prefix}{seed}.json"
         if not path.exists():
             write_json(path, compute(seed))
+
+
+def load_seed_files(prefix: str, seeds, module: str) -> list[dict]:
+    """results/<prefix><seed>.json of every seed, in order; a missing one names the command that makes it."""
+    rows = []
+    for seed in seeds:
+        path = RESULTS / f"{prefix}{seed}.json"
+        if not path.exists():
+            raise SystemExit(f"{path} is missing: run `python -m {module} run --seeds {seed}`")
+        rows.append(json.loads(path.read_text()))
+    return rows
