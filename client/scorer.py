@@ -125,9 +125,10 @@ def train_scorer(data: DeviceData, catalogue: Catalogue, global_state: Mapping[s
     else:
         grads = user_gradient(model, catalogue, data.train, run.pipeline.scorer_targets, run.pipeline.profile_items,
                               run.pipeline.profile_decay)
-    # FedAvg weight 1 and a config step count: nothing in the metrics depends on the device's data (every reply
-    # carries "consenting": Flower aggregates only replies with the same metric keys).
-    return fedsgd_update(model, grads), {"num-examples": 1, "steps": 1, "consenting": 0}
+    # FedAvg weight 1 and a config step count: nothing in the metrics depends on the device's data. With a
+    # consenting cohort every reply says whether it is one (Flower aggregates only replies with the same keys).
+    return fedsgd_update(model, grads), {"num-examples": 1, "steps": 1,
+                                         **({"consenting": 0} if run.federation.public_share > 0 else {})}
 
 
 def evaluate_scorer(data: DeviceData, catalogue: Catalogue, global_state: Mapping[str, torch.Tensor],
