@@ -346,3 +346,7 @@ def test_a_consenting_cohorts_pretrained_sasrec_is_a_frozen_channel_the_private_
     new.write_text('{"item": "n1", "title": "Brand New (2030)"}\n')
     code, out, err = run_cli(capsys, "recommend", "--model", path, "--history", "12 13 14", "--new-items", new)
     assert code == 2 and "SASRec channel" in err and "Traceback" not in err
+    # `privrec report` says whom the user-level figure covers: not the consenting users.
+    code, out, err = run_cli(capsys, "report", path)
+    assert code == 0, err
+    assert "for each of the 6 devices outside the consenting cohort (its 2 users'" in (path / "report.md").read_text()

@@ -195,6 +195,9 @@ def test_every_statement_names_its_relation_and_gdp_is_never_a_bound(accountant)
         assert ("protected with epsilon <=" in s["sentence"]) == (accountant != "gdp")
         assert s["is-a-bound"] == (accountant != "gdp")
     assert "not inserting or deleting" in said[0]["sentence"]
+    assert not any("consenting" in s["sentence"] for s in said)
+    consent = sentences({**cfg, "public-share": 0.2}, 3.2, 1.5, devices=4, population=10)
+    assert all("2 consenting users (public-share = 0.2) have no guarantee" in s["sentence"] for s in consent)
     summary = {**terms, "all-epsilon-max": 3.2, "all-epsilon-median": 2.0, "devices-with-spend": 4,
                "user-level": {**user_level_statement(cfg, 0.1, 10), "epsilon": 1.5}}
     line = one_line(summary)

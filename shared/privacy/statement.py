@@ -204,6 +204,12 @@ def sentences(cfg: Mapping[str, Any], device_epsilon: float | None, user_epsilon
                     f"anyone who sees released global models, and the server while at least "
                     f"{cfg['secagg-min-cohort']} devices per unmasked sum follow the protocol",
                     "sampling": "Poisson sampling of devices"})
+    share = float(cfg.get("public-share") or 0.0)
+    if share > 0:  # a consenting cohort pretrained the model on the server: say whom no figure covers
+        who = f"{int(round(share * population))} consenting users" if population else "The consenting users"
+        for entry in out:
+            entry["sentence"] += (f" {who} (public-share = {share:g}) have no guarantee for the training histories "
+                                  "they shared: the server pretrained the initial model on them without noise.")
     if not out:
         out.append({"mechanism": "none", "sentence": "No differential privacy: neither dp nor user-dp is on.",
                     "epsilon": None, "delta": None, "accountant": None, "is-a-bound": None, "unit": None,

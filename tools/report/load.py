@@ -23,7 +23,7 @@ LEDGER_FORMAT = 1
 # Config keys the report shows; absent ones (runs from before issue 3) are shown as null.
 CONFIG_KEYS = ("dp", "noise-multiplier", "max-grad-norm", "window", "batch-size", "local-epochs", "delta",
                "accountant", "max-epsilon", "user-dp", "user-noise-multiplier", "user-clipping-norm",
-               "num-rounds", "devices-per-round", "deterministic-devices")
+               "num-rounds", "devices-per-round", "deterministic-devices", "public-share")
 REQUIRED_CONFIG = ("dp", "delta", "accountant")
 
 

@@ -202,9 +202,13 @@ def device_preface(report: dict[str, Any]) -> str | None:
     if report["config"].get("dp"):
         return None
     u = report["privacy"]["user-level"]
+    consenting = int(round(float(report["config"].get("public-share") or 0.0) * u["population"])) if u else 0
+    covered = (f"each of the {u['population'] - consenting} devices outside the consenting cohort (its {consenting} "
+               "users' histories were read by the server: no guarantee for them)" if consenting else
+               f"each of the {u['population']} devices") if u else ""
     where = (f"every user's spend is the user-level figure above, epsilon {_num(u['epsilon-reported'])} at delta "
-             f"{_num(report['privacy']['delta'], 'g')}, for each of the {u['population']} devices, whether or not a "
-             "round sampled it" if u else "this run states no user-level guarantee either")
+             f"{_num(report['privacy']['delta'], 'g')}, for {covered}, whether or not a round sampled it" if u else
+             "this run states no user-level guarantee either")
     return ("No on-device DP-SGD in this run (dp = false): the table lists each device's on-device (window-level) "
             "record, empty and 0 by construction, and checks it like any other so that a tampered record is still "
             f"caught. It is not the device's privacy spend: {where}.")
