@@ -198,6 +198,12 @@ def test_every_statement_names_its_relation_and_gdp_is_never_a_bound(accountant)
     assert not any("consenting" in s["sentence"] for s in said)
     consent = sentences({**cfg, "public-share": 0.2}, 3.2, 1.5, devices=4, population=10)
     assert all("2 consenting users (public-share = 0.2) have no guarantee" in s["sentence"] for s in consent)
+    assert "consenting-cohort" not in terms
+    consent_terms = privacy_statement({**cfg, "public-share": 0.2})
+    assert consent_terms["consenting-cohort"].startswith("public-share = 0.2: the consenting users have no guarantee")
+    consent_line = one_line({**consent_terms, "all-epsilon-max": 3.2, "all-epsilon-median": 2.0,
+                             "devices-with-spend": 4})
+    assert consent_line.endswith("; NOT for the consenting cohort (public-share = 0.2)")
     summary = {**terms, "all-epsilon-max": 3.2, "all-epsilon-median": 2.0, "devices-with-spend": 4,
                "user-level": {**user_level_statement(cfg, 0.1, 10), "epsilon": 1.5}}
     line = one_line(summary)

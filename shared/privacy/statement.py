@@ -46,7 +46,18 @@ def interaction_scope(window: int) -> str:
 
 
 def privacy_statement(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """What the reported epsilon guarantees, for the summary and the CLI."""
+    """What the reported epsilon guarantees, for the summary and the CLI (and, with a consenting cohort, whom it
+    does not cover)."""
+    terms = _statement_terms(cfg)
+    share = float(cfg.get("public-share") or 0.0)
+    if share > 0:
+        terms["consenting-cohort"] = (f"public-share = {share:g}: the consenting users have no guarantee for the "
+                                      "training histories they shared (the server pretrained the initial model on "
+                                      "them without noise)")
+    return terms
+
+
+def _statement_terms(cfg: Mapping[str, Any]) -> dict[str, Any]:
     if not cfg["dp"]:
         return {"mechanism": "none", "guarantee": "no differential privacy: dp = false; every device records the "
                                                   "non-private rounds in its ledger, and its epsilon is unbounded "
@@ -248,4 +259,6 @@ def one_line(summary_privacy: Mapping[str, Any]) -> str:
         parts.append("user-level DP-FedAvg: " + ("no round aggregated" if eps is None else
                      f"{approx}epsilon {eps:.2f} at delta {user['delta']:g}; unit: a device's whole contribution, "
                      "add/remove one device, against anyone who sees released models (not the server)"))
+    if parts and summary_privacy.get("consenting-cohort"):
+        parts.append(f"NOT for the consenting cohort ({summary_privacy['consenting-cohort'].split(':')[0]})")
     return "; ".join(parts) if parts else "no differential privacy (dp = false, user-dp = false)"
