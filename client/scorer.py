@@ -39,6 +39,7 @@ from shared.scorer import (
     read_catalogue,
     sasrec_channel_config,
     scorer_from_state,
+    sent_back,
     user_gradient,
 )
 
@@ -99,8 +100,7 @@ def train_scorer(data: DeviceData, catalogue: Catalogue, global_state: Mapping[s
     items and would overstate that channel; `simulations/consent_channel.py`) while the noise stays the same.
     It reads nothing of its data for it, so its ledger records no release."""
     if consenting:
-        model = _model(catalogue, global_state, run)
-        return fedsgd_update(model, {}), {"num-examples": 1, "steps": 0, "consenting": 1}
+        return sent_back(global_state), {"num-examples": 1, "steps": 0, "consenting": 1}
     z = run.user_dp.noise_multiplier
     with ledger_lock(ledger_path):
         ledger = load_ledger(ledger_path, device)

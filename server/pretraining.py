@@ -53,4 +53,3 @@ def pretraining_reference(model: SASRec, store: DeviceStore) -> dict[str, Any]:
         out[f"{split}-hr@10"] = float(per_user["hit"].mean())
         out[f"{split}-ndcg@10"] = float(per_user["ndcg"].mean())
     return out
-

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -170,10 +170,16 @@ def user_gradient(model: ContentScorer, catalogue: Catalogue, train: Sequence[np
     return {k: p.grad.detach().clone() for k, p in model.named_parameters()}
 
 
+def sent_back(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The arrays a device returns of a scorer's state: all but a SASRec channel's, which are frozen and which the
+    server holds."""
+    return {k: v.detach().clone() for k, v in state.items() if not k.startswith(SASREC_PREFIX)}
+
+
 def fedsgd_update(model: ContentScorer, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The weights a device returns: global - gradient (one unit step), so its update is minus its gradient.
-    A SASRec channel's arrays are not sent back: they are frozen, and the server holds them."""
-    state = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith(SASREC_PREFIX)}
+    """The weights a device returns (`sent_back`): global - gradient (one unit step), so its update is minus its
+    gradient."""
+    state = sent_back(model.state_dict())
     for k, g in grads.items():
         state[k] = state[k] - g
     return state

@@ -39,6 +39,7 @@ from typing import Any
 
 from shared.errors import PrivrecError
 from shared.privacy.accounting import epsilon_from_state
+from shared.privacy.statement import consenting_cohort as no_guarantee
 
 COMPOSABLE = ("rdp", "prv")  # Opacus' gdp accountant refuses a history whose noise or rate changes
 
@@ -235,10 +236,8 @@ def statement(cfg: Mapping[str, Any], sample_rate: float, population: int, round
 
 def consenting_cohort(cfg: Mapping[str, Any], population: int) -> str:
     """Who the figure does NOT protect when a consenting cohort pretrained the SASRec channel (public-share > 0)."""
-    count = int(round(cfg["public-share"] * population))
-    return (f"{count} consenting users (public-share = {cfg['public-share']:g}) have no guarantee: the server read "
-            "their training histories in full to pretrain the scorer's SASRec channel, without noise. The epsilon "
-            "above holds for every other user, whose data the SASRec channel never saw")
+    return (no_guarantee(cfg, population, "the scorer's SASRec channel") + ". The epsilon above holds for every "
+            "other user, whose data the SASRec channel never saw")
 
 
 def _what(record: Mapping[str, Any]) -> tuple[str, str]:

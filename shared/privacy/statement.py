@@ -57,6 +57,14 @@ def privacy_statement(cfg: Mapping[str, Any]) -> dict[str, Any]:
     return terms
 
 
+def consenting_cohort(cfg: Mapping[str, Any], population: int | None, pretrained: str) -> str:
+    """Whom no figure covers when `public-share` > 0: the consenting users, whose histories pretrained `pretrained`."""
+    share = float(cfg["public-share"])
+    who = f"{int(round(share * population))} consenting users" if population else "The consenting users"
+    return (f"{who} (public-share = {share:g}) have no guarantee: the server read their training histories in full "
+            f"to pretrain {pretrained}, without noise")
+
+
 def _statement_terms(cfg: Mapping[str, Any]) -> dict[str, Any]:
     if not cfg["dp"]:
         return {"mechanism": "none", "guarantee": "no differential privacy: dp = false; every device records the "
@@ -215,12 +223,9 @@ def sentences(cfg: Mapping[str, Any], device_epsilon: float | None, user_epsilon
                     f"anyone who sees released global models, and the server while at least "
                     f"{cfg['secagg-min-cohort']} devices per unmasked sum follow the protocol",
                     "sampling": "Poisson sampling of devices"})
-    share = float(cfg.get("public-share") or 0.0)
-    if share > 0:  # a consenting cohort pretrained the model on the server: say whom no figure covers
-        who = f"{int(round(share * population))} consenting users" if population else "The consenting users"
+    if float(cfg.get("public-share") or 0.0) > 0:  # a consenting cohort pretrained the model: whom no figure covers
         for entry in out:
-            entry["sentence"] += (f" {who} (public-share = {share:g}) have no guarantee for the training histories "
-                                  "they shared: the server pretrained the initial model on them without noise.")
+            entry["sentence"] += f" {consenting_cohort(cfg, population, 'the initial model')}."
     if not out:
         out.append({"mechanism": "none", "sentence": "No differential privacy: neither dp nor user-dp is on.",
                     "epsilon": None, "delta": None, "accountant": None, "is-a-bound": None, "unit": None,
