@@ -19,4 +19,13 @@ def consenting_devices(cfg: RunConfig | Mapping[str, Any], num_devices: int) -> 
     return np.sort(rng.choice(num_devices, size=count, replace=False))
 
 
-__all__ = ["consenting_devices"]
+def no_guarantee(cfg: Mapping[str, Any], population: int | None, pretrained: str) -> str:
+    """The privacy statements' sentence on whom no figure covers when `public-share` > 0: the consenting users,
+    whose histories pretrained `pretrained`."""
+    share = float(cfg["public-share"])
+    who = f"{int(round(share * population))} consenting users" if population else "The consenting users"
+    return (f"{who} (public-share = {share:g}) have no guarantee: the server read their training histories in full "
+            f"to pretrain {pretrained}, without noise")
+
+
+__all__ = ["consenting_devices", "no_guarantee"]

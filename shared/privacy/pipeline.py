@@ -37,9 +37,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from shared.consent import no_guarantee
 from shared.errors import PrivrecError
 from shared.privacy.accounting import epsilon_from_state
-from shared.privacy.statement import consenting_cohort as no_guarantee
 
 COMPOSABLE = ("rdp", "prv")  # Opacus' gdp accountant refuses a history whose noise or rate changes
 

@@ -11,6 +11,8 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from shared.consent import no_guarantee
+
 ACCOUNTANT_NAMES = {
     "rdp": "Renyi DP accountant (Opacus RDPAccountant)",
     "prv": "PRV accountant (Opacus PRVAccountant)",
@@ -55,14 +57,6 @@ def privacy_statement(cfg: Mapping[str, Any]) -> dict[str, Any]:
                                       "training histories they shared (the server pretrained the initial model on "
                                       "them without noise)")
     return terms
-
-
-def consenting_cohort(cfg: Mapping[str, Any], population: int | None, pretrained: str) -> str:
-    """Whom no figure covers when `public-share` > 0: the consenting users, whose histories pretrained `pretrained`."""
-    share = float(cfg["public-share"])
-    who = f"{int(round(share * population))} consenting users" if population else "The consenting users"
-    return (f"{who} (public-share = {share:g}) have no guarantee: the server read their training histories in full "
-            f"to pretrain {pretrained}, without noise")
 
 
 def _statement_terms(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -225,7 +219,7 @@ def sentences(cfg: Mapping[str, Any], device_epsilon: float | None, user_epsilon
                     "sampling": "Poisson sampling of devices"})
     if float(cfg.get("public-share") or 0.0) > 0:  # a consenting cohort pretrained the model: whom no figure covers
         for entry in out:
-            entry["sentence"] += f" {consenting_cohort(cfg, population, 'the initial model')}."
+            entry["sentence"] += f" {no_guarantee(cfg, population, 'the initial model')}."
     if not out:
         out.append({"mechanism": "none", "sentence": "No differential privacy: neither dp nor user-dp is on.",
                     "epsilon": None, "delta": None, "accountant": None, "is-a-bound": None, "unit": None,
