@@ -74,12 +74,10 @@ def _model(catalogue: Catalogue, global_state: Mapping[str, torch.Tensor], run: 
 
 @lru_cache(maxsize=4)
 def _consenting(store_dir: str, seed: int, public_share: float) -> frozenset[int]:
-    from shared.config import validate
-    from shared.consent import consenting_devices
+    from shared.consent import consenting_draw
     from shared.data.store import open_store
 
-    cfg = validate({"seed": seed, "public-share": public_share})
-    return frozenset(int(d) for d in consenting_devices(cfg, open_store(store_dir).num_devices))
+    return frozenset(int(d) for d in consenting_draw(seed, public_share, open_store(store_dir).num_devices))
 
 
 def is_consenting(run: RunConfig, store_dir: str | Path, device_index: int) -> bool:

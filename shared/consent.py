@@ -14,8 +14,13 @@ from shared.config import RunConfig
 def consenting_devices(cfg: RunConfig | Mapping[str, Any], num_devices: int) -> np.ndarray:
     """The devices whose users consented, drawn from the run seed (sorted device ids)."""
     federation = RunConfig.of(cfg).federation
-    count = int(round(federation.public_share * num_devices))
-    rng = np.random.default_rng([federation.seed, 0x5055424C])  # independent of every other use of the seed
+    return consenting_draw(federation.seed, federation.public_share, num_devices)
+
+
+def consenting_draw(seed: int, public_share: float, num_devices: int) -> np.ndarray:
+    """`consenting_devices` from its three inputs (for a device, which holds no flat config to validate)."""
+    count = int(round(public_share * num_devices))
+    rng = np.random.default_rng([seed, 0x5055424C])  # independent of every other use of the seed
     return np.sort(rng.choice(num_devices, size=count, replace=False))
 
 
@@ -28,4 +33,4 @@ def no_guarantee(cfg: Mapping[str, Any], population: int | None, pretrained: str
             f"to pretrain {pretrained}, without noise")
 
 
-__all__ = ["consenting_devices", "no_guarantee"]
+__all__ = ["consenting_devices", "consenting_draw", "no_guarantee"]
