@@ -37,20 +37,40 @@ class Progress:
     def _fmt(value, spec=".4f") -> str:
         return "-" if value is None else format(value, spec)
 
+    @staticmethod
+    def _privacy_columns(rows: list[dict]) -> tuple[bool, bool]:
+        """(user-level, per-device): which privacy figures the run has. A user-level DP run's rows carry the
+        whole run's epsilon so far (releases and rounds composed); the per-device figures (on-device DP-SGD)
+        are shown when some device reported one, or when there is nothing else to show yet."""
+        user_level = any(row.get("user-level-epsilon") is not None for row in rows)
+        per_device = any(row.get("epsilon-max") is not None for row in rows) or not user_level
+        return user_level, per_device
+
     def _table(self, rows: list[dict]):
         from rich.table import Table
 
         table = Table(title=f"privrec simulation ({len(rows) - 1 if rows else 0}/{self.rounds} rounds)")
-        for name in ("round", "devices", "failed", "train loss", "NDCG@10", "HR@10", "epsilon max",
-                     "epsilon median", "s"):
+        user_level, per_device = self._privacy_columns(rows)
+        privacy = ("user-level epsilon",) * user_level + ("epsilon max", "epsilon median") * per_device
+        for name in ("round", "devices", "failed", "train loss", "NDCG@10", "HR@10", *privacy, "s"):
             table.add_column(name, justify="right")
         for row in rows[-12:]:
+            figures = ((self._fmt(row.get("user-level-epsilon"), ".2f"),) * user_level
+                       + (self._fmt(row.get("epsilon-max"), ".2f"),
+                          self._fmt(row.get("epsilon-median"), ".2f")) * per_device)
             table.add_row(str(row["round"]), str(row["devices-trained"]), str(row.get("failures", 0)),
                           self._fmt(row.get("train-loss")),
                           self._fmt(row.get("ndcg@10")), self._fmt(row.get("hr@10")),
-                          self._fmt(row.get("epsilon-max"), ".2f"), self._fmt(row.get("epsilon-median"), ".2f"),
-                          self._fmt(row.get("seconds"), ".1f"))
+                          *figures, self._fmt(row.get("seconds"), ".1f"))
         return table
+
+    def _line(self, row: dict, user_level: bool, per_device: bool) -> str:
+        privacy = ([f"user-level epsilon so far {self._fmt(row.get('user-level-epsilon'), '.2f')}"] * user_level
+                   + [f"epsilon max {self._fmt(row.get('epsilon-max'), '.2f')}"] * per_device)
+        return (f"round {row['round']}/{self.rounds}: devices {row['devices-trained']}, "
+                f"train loss {self._fmt(row.get('train-loss'))}, NDCG@10 {self._fmt(row.get('ndcg@10'))}, "
+                f"HR@10 {self._fmt(row.get('hr@10'))}, {', '.join(privacy)}, "
+                f"{self._fmt(row.get('seconds'), '.1f')} s")
 
     @staticmethod
     def _failure_lines(row: dict) -> list[str]:
@@ -73,11 +93,9 @@ class Progress:
                     self.live.console.print(line, style="red", markup=False, highlight=False)
             self.seen = len(rows)
             return
+        columns = self._privacy_columns(rows)
         for row in rows[self.seen:]:
-            print(f"round {row['round']}/{self.rounds}: devices {row['devices-trained']}, "
-                  f"train loss {self._fmt(row.get('train-loss'))}, NDCG@10 {self._fmt(row.get('ndcg@10'))}, "
-                  f"HR@10 {self._fmt(row.get('hr@10'))}, epsilon max {self._fmt(row.get('epsilon-max'), '.2f')}, "
-                  f"{self._fmt(row.get('seconds'), '.1f')} s", flush=True)
+            print(self._line(row, *columns), flush=True)
             for line in self._failure_lines(row):
                 print(line, flush=True)
         self.seen = len(rows)
