@@ -77,7 +77,12 @@ class PrivacyTally:
             self.capped.setdefault(device, server_round)
             if entry["declined-round"] is None:
                 entry["declined-round"] = server_round
-        return DECLINED if declined else TRAINED
+            return DECLINED
+        if not metrics.get("consenting", 0):  # a consenting device's zero update carries nothing of its data
+            # the rounds whose aggregate holds this device's update: under user-level DP, the releases its
+            # ledger must list (`privrec report` checks), whether or not it also ran DP-SGD
+            entry.setdefault("update-rounds", []).append(server_round)
+        return TRAINED
 
     def _below_seen(self, device: str, history: list, metrics: Any) -> str | None:
         seen_steps, reported_steps = self.seen_steps(device), history_steps({"history": history})

@@ -265,7 +265,7 @@ def test_server_records_do_not_reveal_a_devices_window_count(tmp_path):
                     read_journal(run / JOURNAL).records):
         assert set(records) == {"0", "1", "2"}
         first = records["0"]
-        assert set(first) == {"accountant", "history", "rounds", "epsilon", "declined-round"}
+        assert set(first) == {"accountant", "history", "rounds", "epsilon", "declined-round", "update-rounds"}
         assert all(record == first for record in records.values())
 
 

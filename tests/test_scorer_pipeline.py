@@ -159,6 +159,21 @@ def test_the_pipeline_releases_popularity_then_rounds_and_records_the_composed_e
     assert "No on-device DP-SGD in this run (dp = false)" in devices
     assert f"epsilon {expected:.4f} at delta 1e-05, for each of the {NUM_DEVICES} devices" in devices
     assert 'id="device-preface"' in (path / "report.html").read_text()
+    # Every device trained in the 3 rounds (q = 1): the server counted them, and each ledger lists them.
+    assert {d["device"]: d["update-rounds"] for d in report["privacy"]["devices"]} == \
+        {str(i): [1, 2, 3] for i in range(NUM_DEVICES)}
+    assert {d["rounds-trained"] for d in report["privacy"]["devices"]} == {3}
+    assert not report["privacy"]["flagged"]
+    # A ledger that lost a round the server counted is the dangerous direction: flagged, exit status 3.
+    ledger_file = tmp_path / "population-default" / "device-1" / "privacy-ledger.json"
+    ledger = json.loads(ledger_file.read_text())
+    ledger["releases"] = [r for r in ledger["releases"] if r["release"] != "default-round2"]
+    ledger_file.write_text(json.dumps(ledger))
+    assert main(["report", str(path)]) == 3
+    flagged = json.loads((path / "report.json").read_text())["privacy"]
+    assert flagged["flagged-devices"] == ["1"]
+    flag = next(d for d in flagged["devices"] if d["device"] == "1")["flags"]
+    assert [f["code"] for f in flag] == ["ledger-missing-round"] and "round(s) [2]" in flag[0]["detail"]
 
 
 def test_a_trained_scorer_beats_the_untrained_one(tmp_path, digit_store):

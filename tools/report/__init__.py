@@ -32,7 +32,8 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict
     out = Path(out_dir).expanduser() if out_dir is not None else run.path
     if out.exists() and not out.is_dir():
         raise PrivrecError(f"--out {out}: exists and is not a directory")
-    check = cross_check(run.privacy, run.rounds, run.config) if run.privacy is not None else None
+    check = cross_check(run.privacy, run.rounds, run.config,
+                        run.config.get("run-name") or run.path.name) if run.privacy is not None else None
     plots = make_plots(run, check)
     report = report_json(run, check, plots)
     files = {plot.file: plot.png for plot in plots}

@@ -38,6 +38,7 @@ class Ledger:
     rounds: list[dict[str, Any]] = field(default_factory=list)
     declined: dict[str, Any] | None = None
     error: str | None = None
+    releases: list[str] = field(default_factory=list)  # ids of the user-level releases it recorded
 
 
 @dataclass
@@ -50,6 +51,9 @@ class Device:
     declined_round: int | None
     ledger: Ledger | None = None  # None: no devices/ folder (deployment)
     source: str = "privacy.json"  # where `history` and `epsilon` come from: "privacy.json" or "ledger"
+    # the rounds whose aggregate the server built with this device's update (None: a run from before the
+    # server recorded them)
+    update_rounds: list[int] | None = None
 
 
 @dataclass
@@ -173,6 +177,14 @@ def load_metrics(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _round_numbers(value: Any, at: str) -> list[int] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(r, int) and not isinstance(r, bool) for r in value):
+        raise PrivrecError(f"{at}: expected a list of round numbers, got {value!r}")
+    return value
+
+
 def _load_ledger(path: Path) -> Ledger:
     ledger = Ledger(path=path)
     if not path.exists():
@@ -191,6 +203,8 @@ def _load_ledger(path: Path) -> Ledger:
             ledger.epsilon = _number(ledger.rounds[-1].get("epsilon"), "rounds[-1].epsilon")
             ledger.accountant = ledger.rounds[-1].get("accountant", ledger.accountant)
         ledger.declined = data.get("declined")
+        ledger.releases = [str(r["release"]) for r in data.get("releases") or [] if isinstance(r, dict)
+                           and "release" in r]
     except (OSError, ValueError, PrivrecError, AttributeError, TypeError) as exc:
         ledger.error = f"unreadable ({exc})"
     return ledger
@@ -236,6 +250,7 @@ def load_privacy(path: Path, run_path: Path, ledgers_dir: Path | None = None) ->
             declined_round=declined,
             ledger=_load_ledger(ledgers_dir / f"device-{device_id}" / "privacy-ledger.json")
             if ledgers_present else None,
+            update_rounds=_round_numbers(entry.get("update-rounds"), f"{at}.update-rounds"),
         )
     user_level = None
     raw = data.get("user-level")

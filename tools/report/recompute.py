@@ -9,7 +9,9 @@ and checks every history row against the run's config (and the device's data whe
 store is at hand). Where the device ledgers are in the run directory (simulation), the
 ledger's own figure is checked against its own history, and against the server's record: a
 ledger that shows LESS spend than the server saw is the dangerous direction (a device that would
-keep training past its real budget).
+keep training past its real budget). In the scorer pipelines every round a device's update went into
+is a user-level release its ledger must list before the update leaves (client/scorer.py); a round the
+server counted that the ledger lacks is the same dangerous direction.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
-from shared.config import ACCOUNTANTS
+from shared.config import ACCOUNTANTS, SCORER_MODELS
 from shared.errors import PrivrecError
 from shared.privacy.accounting import epsilon_from_state, prv_too_costly
 from tools.report import independent
@@ -223,6 +225,20 @@ def _check_records(result: DeviceCheck, delta: float, run_accountant: str) -> No
                           f"(history gives {_fmt(mine.value)})"))
 
 
+def check_round_releases(result: DeviceCheck, run_id: str) -> None:
+    """Scorer pipelines: every round whose aggregate held this device's update is a release the device's ledger
+    records, under the id `<run id>-round<r>`, before the update leaves; flag the rounds it lacks."""
+    device, ledger = result.device, result.device.ledger
+    if device.update_rounds is None or ledger is None or ledger.error:
+        return  # a run from before the server recorded them; a deployment; an unreadable ledger (flagged already)
+    recorded = set(ledger.releases)
+    missing = [r for r in device.update_rounds if f"{run_id}-round{r}" not in recorded]
+    if missing:
+        result.flags.append(Flag("ledger-missing-round",
+                                 f"the server counted this device's update in round(s) {missing}, but its ledger "
+                                 f"records no user-level release for them (ids {run_id}-round<r>)"))
+
+
 def check_user_level(user_level: UserLevel, delta: float, expected: Expected | None = None) -> UserLevelCheck:
     reported = user_level.rounds[-1][1] if user_level.rounds else None
     acc = user_level.accountant
@@ -294,8 +310,9 @@ def _check_metrics(rows: list[dict[str, Any]], devices: list[DeviceCheck],
 
 
 def cross_check(privacy: Privacy, rows: list[dict[str, Any]] | None = None,
-                config: dict[str, Any] | None = None) -> CrossCheck:
-    """Every check; `config` (the run's config.json) enables the history-against-config checks."""
+                config: dict[str, Any] | None = None, run_id: str | None = None) -> CrossCheck:
+    """Every check; `config` (the run's config.json) enables the history-against-config checks, and with `run_id`
+    (the id the run's messages carried: its folder's name) the ledgers' round releases."""
     windows = independent.device_windows(config) if config else None
     epochs = config.get("local-epochs") if config else None
 
@@ -308,6 +325,9 @@ def cross_check(privacy: Privacy, rows: list[dict[str, Any]] | None = None,
                for d in sorted(privacy.devices.values(), key=lambda d: (not d.device.isdigit(),
                                                                         int(d.device) if d.device.isdigit() else 0,
                                                                         d.device))]
+    if config and run_id and config.get("model") in SCORER_MODELS:
+        for result in devices:
+            check_round_releases(result, run_id)
     user_level = None
     if privacy.user_level:
         user_expected = independent.expected_user_level(config, privacy.user_level.population) if config else None

@@ -41,8 +41,11 @@ def _device_json(d: DeviceCheck) -> dict[str, Any]:
                   "recomputed": d.ledger_recomputed.to_json() if d.ledger_recomputed else None,
                   "steps": sum(n for _, _, n in lg.history),
                   "declined-round": (lg.declined or {}).get("round") if isinstance(lg.declined, dict) else None,
-                  "error": lg.error}
-    return {"device": dev.device, "accountant": dev.accountant, "rounds-trained": len(dev.rounds),
+                  "user-level-releases": len(lg.releases), "error": lg.error}
+    # rounds whose aggregate held its update, as the server counted them (on-device DP rounds in older runs)
+    trained = len(dev.update_rounds) if dev.update_rounds is not None else len(dev.rounds)
+    return {"device": dev.device, "accountant": dev.accountant, "rounds-trained": trained,
+            "update-rounds": dev.update_rounds,
             "rounds": [[r, finite_or_none(e)] for r, e in dev.rounds],
             "steps": sum(n for _, _, n in dev.history),
             "epsilon-reported": finite_or_none(dev.epsilon), "recomputed": _eps_map(d.recomputed),
