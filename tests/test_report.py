@@ -134,8 +134,10 @@ def test_report_json_has_exactly_the_documented_keys(any_run):
     actual = {p for p in _paths(report) if not p.endswith("[]")}
     assert actual - documented == set(), "undocumented keys in report.json"
     if report["privacy"]["user-level"] and report["privacy"]["ledgers"].startswith("sim"):
-        # gdp keys appear only in GDP runs, user-level flags only when flagged; all else is in this report.
-        optional = {k for k in documented if ".gdp" in k or "user-level.flags[]" in k}
+        # gdp keys appear only in GDP runs, flags only when flagged; all else is in this report.
+        unflagged = ("user-level.flags[]",) + (("devices[].flags[]",) if not report["privacy"]["flagged-devices"]
+                                               else ())
+        optional = {k for k in documented if ".gdp" in k or any(u in k for u in unflagged)}
         assert documented - actual - optional == set(), "documented keys missing"
     json.loads((run / "report.json").read_text(), parse_constant=lambda c: pytest.fail(f"non-finite {c}"))
 
