@@ -497,8 +497,9 @@ class _Stop(Exception):
     """Raised where a command would start its Flower processes: the config it resolved is all the test wants."""
 
 
-@pytest.mark.parametrize("argv", [[], ["--rounds", "2", "--set", "server-lr=0.3"], ["--set", "model=sasrec"]],
-                         ids=["defaults", "explicit-keys", "sasrec"])
+@pytest.mark.parametrize("argv", [[], ["--rounds", "2", "--set", "server-lr=0.3"], ["--set", "model=sasrec"],
+                                  ["--epsilon", "4"]],
+                         ids=["defaults", "explicit-keys", "sasrec", "epsilon"])
 def test_deploy_local_and_run_config_resolve_the_run_simulate_resolves(tmp_path, argv, monkeypatch, capsys):
     """`privrec deploy local` built its config without the default pipeline, so it trained SASRec where
     `privrec simulate` ran the channel scorer."""
@@ -537,7 +538,17 @@ def test_deploy_local_and_run_config_resolve_the_run_simulate_resolves(tmp_path,
     import tomllib
 
     assert tomllib.loads(out.read_text()) == deployment_config(simulate, devices_dir, 8)  # what deploy local submits
-    assert f"run config ({simulate['model']}," in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"run config ({simulate['model']}," in printed
+    if "--epsilon" in argv:  # every entry point scales the same multipliers, over the same population
+        from shared.config import resolve_run
+        from shared.privacy.pipeline import planned_epsilon, planned_sample_rate
+
+        defaults = resolve_run()
+        assert simulate["target-epsilon"] == 4.0
+        assert 3.99 < planned_epsilon(simulate, planned_sample_rate(simulate, 8)) <= 4.0
+        assert simulate["user-noise-multiplier"] < defaults["user-noise-multiplier"]  # epsilon 4 needs less noise
+        assert printed.count("privrec: --epsilon 4: noise multipliers scaled by one factor") == 3
 
 
 def test_deploy_refuses_a_pipeline_over_its_budget_before_starting(tmp_path, devices, capsys):

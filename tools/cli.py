@@ -28,7 +28,7 @@ from typing import Any
 
 from shared.config import ACCOUNTANTS, SCHEMA
 from shared.errors import PrivrecError
-from tools.options import config_from_args, run_config_from_args
+from tools.options import EPSILON_HELP, apply_epsilon, config_from_args, run_config_from_args
 from tools.progress import Progress
 
 
@@ -84,6 +84,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     clamped = clamp_to_population(cfg, store.num_devices)
     if clamped:
         print(f"privrec: note: {clamped}", flush=True)
+    apply_epsilon(cfg, args.epsilon, store.num_devices)
     if cfg["model"] in SCORER_MODELS:  # the whole run's budget, before anything starts
         from shared.privacy.pipeline import check_pipeline_budget, planned_sample_rate
 
@@ -427,6 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--devices-per-round", type=int)
     sim.add_argument("--users-per-device", type=int)
     sim.add_argument("--noise-multiplier", type=float)
+    sim.add_argument("--epsilon", type=float, help=EPSILON_HELP)
     sim.add_argument("--no-dp", action="store_true", help="train without differential privacy")
     sim.add_argument("--run-dir", help="parent folder of run directories (default runs/)")
     sim.add_argument("--run-name", help="run id (default: a time stamp)")

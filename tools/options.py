@@ -15,6 +15,10 @@ from typing import Any
 
 from shared.errors import PrivrecError
 
+EPSILON_HELP = ("whole-run user-level epsilon to reach (the private pipelines): the noise multipliers of every "
+                "release and of the rounds are scaled by one common factor, the smallest that reaches it at the "
+                "config's delta, and target-epsilon is set to it")
+
 
 def parse_set(pairs: Sequence[str] | None) -> dict[str, Any]:
     out: dict[str, Any] = {}
@@ -57,3 +61,28 @@ def _explicit_values(args: argparse.Namespace) -> dict[str, Any]:
             print(f"privrec: note: --set {key}={overrides[key]} is overridden by its flag ({flags[key]})",
                   file=sys.stderr)
     return {**overrides, **flags}
+
+
+def apply_epsilon(cfg: dict[str, Any], epsilon: float | None, num_devices: int) -> None:
+    """`--epsilon E` (simulate, deploy local, deploy run-config): scale the private pipeline's noise multipliers by
+    one common factor, the smallest that keeps the whole run's user-level epsilon <= E
+    (`shared.privacy.pipeline.scale_to_epsilon`), and set `target-epsilon` to E; the config's split of the budget
+    between the releases and the rounds is kept. Needs the population: q = expected cohort / devices."""
+    if epsilon is None:
+        return
+    from shared.config import SCORER_MODELS, validate
+    from shared.privacy.pipeline import planned_sample_rate, scale_to_epsilon
+
+    if cfg["model"] not in SCORER_MODELS:
+        raise PrivrecError(f"--epsilon {epsilon:g}: sets the whole-run user-level epsilon of the private pipelines "
+                           f"(model = {' or '.join(SCORER_MODELS)}), not of model = {cfg['model']}; for its noise "
+                           "multipliers see `privrec calibrate`")
+    multipliers, reached = scale_to_epsilon(cfg, planned_sample_rate(cfg, num_devices), epsilon)
+    before = {k: cfg[k] for k in multipliers}
+    cfg.update(validate({**cfg, **multipliers, "target-epsilon": epsilon}))
+    names = {"popularity-noise-multiplier": "popularity release", "cooc-noise-multiplier": "co-occurrence release",
+             "transition-noise-multiplier": "transition release", "user-noise-multiplier": "rounds"}
+    shown = ", ".join(f"{names[k]} {before[k]:g} -> {z:g}" for k, z in multipliers.items())
+    print(f"privrec: --epsilon {epsilon:g}: noise multipliers scaled by one factor ({shown}) to reach user-level "
+          f"epsilon {reached:.3f} <= {epsilon:g} ({cfg['accountant']}, delta {cfg['delta']:g}, {num_devices} devices)",
+          flush=True)

@@ -34,6 +34,7 @@ checks the figure against dp-accounting (another code base).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -119,6 +120,63 @@ def check_pipeline_budget(cfg: Mapping[str, Any], sample_rate: float, where: str
             f"q = {sample_rate:.3g}, z = {cfg['user-noise-multiplier']:g}); raise the noise multipliers, or lower "
             "num-rounds")
     return epsilon
+
+
+def noise_keys(cfg: Mapping[str, Any]) -> tuple[str, ...]:
+    """The config keys of the noise multipliers of every release the scorer-pipeline config makes."""
+    return (("popularity-noise-multiplier",)
+            + (("cooc-noise-multiplier",) if cooc_noise(cfg) is not None else ())
+            + (("transition-noise-multiplier",) if transition_noise(cfg) is not None else ())
+            + (("user-noise-multiplier",) if cfg["num-rounds"] > 0 else ()))
+
+
+SIGNIFICANT_DIGITS = 4  # scaled multipliers are rounded up to these (readable in statements; more noise, never less)
+
+
+def _round_up(value: float, digits: int = SIGNIFICANT_DIGITS) -> float:
+    exponent = math.floor(math.log10(value)) - digits + 1
+    return round(math.ceil(value / 10.0 ** exponent) * 10.0 ** exponent, max(0, -exponent))
+
+
+def scale_to_epsilon(cfg: Mapping[str, Any], sample_rate: float, target: float) -> tuple[dict[str, float], float]:
+    """(noise multipliers, the epsilon they reach): the config's multipliers of every release (`noise_keys`) times
+    one common factor, the smallest (bisection, relative width 1e-6) whose whole-run user-level epsilon under the
+    config's accountant is <= `target`, each then rounded up to 4 significant digits. Their ratio is kept: how the
+    config splits its budget between the releases and the rounds stays the same.
+
+    Epsilon falls as any multiplier grows, so rounding up keeps it <= target. PrivrecError when no factor in
+    [2^-40, 2^40] brackets the target (a target too small or too large for this accountant)."""
+    if not target > 0:
+        raise PrivrecError(f"--epsilon {target:g}: the user-level epsilon to reach must be > 0")
+    keys = noise_keys(cfg)
+
+    def scaled(factor: float) -> dict[str, float]:
+        return {k: float(cfg[k]) * factor for k in keys}
+
+    def epsilon(multipliers: Mapping[str, float]) -> float:
+        value = planned_epsilon({**cfg, **multipliers}, sample_rate)
+        return value if math.isfinite(value) else math.inf
+
+    low, high = 1.0, 1.0  # epsilon(low) > target >= epsilon(high)
+    for _ in range(40):
+        if epsilon(scaled(high)) <= target:
+            break
+        high *= 2.0
+    else:
+        raise PrivrecError(f"--epsilon {target:g}: not reachable with noise multipliers up to 2^40 x the configured")
+    low = high
+    for _ in range(80):
+        if epsilon(scaled(low)) > target:
+            break
+        low /= 2.0
+    else:
+        raise PrivrecError(f"--epsilon {target:g}: every noise multiplier down to 2^-40 x the configured already "
+                           "reaches it; lower num-rounds or the target")
+    while high / low > 1 + 1e-6:
+        middle = math.sqrt(low * high)
+        low, high = (low, middle) if epsilon(scaled(middle)) <= target else (middle, high)
+    multipliers = {k: max(_round_up(z), z) for k, z in scaled(high).items()}  # max: round()'s last-bit error
+    return multipliers, epsilon(multipliers)
 
 
 def secure(cfg: Mapping[str, Any]) -> bool:

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from shared.errors import PrivrecError
-from tools.options import run_config_from_args
+from tools.options import EPSILON_HELP, apply_epsilon, run_config_from_args
 from tools.progress import Progress
 
 
@@ -215,6 +215,7 @@ def _deployment_run_config(args: argparse.Namespace) -> dict:
     clamped = clamp_to_population(cfg, args.devices)
     if clamped:
         print(f"privrec: note: {clamped}", flush=True)
+    apply_epsilon(cfg, args.epsilon, args.devices)
     return cfg
 
 
@@ -307,6 +308,7 @@ def _add_run_flags(parser: argparse.ArgumentParser, add_config_flags) -> None:
     parser.add_argument("--rounds", type=int)
     parser.add_argument("--devices-per-round", type=int)
     parser.add_argument("--noise-multiplier", type=float)
+    parser.add_argument("--epsilon", type=float, help=EPSILON_HELP)
     parser.add_argument("--no-dp", action="store_true")
     parser.add_argument("--secure-aggregation", action="store_true",
                         help="SecAgg+: the server unmasks only sums (secagg-* keys via --set)")
