@@ -126,7 +126,8 @@ def _run(tmp_path, store, name, **overrides):
     return cfg, run_dir.path, grid, rows, read("summary.json"), read("privacy.json")
 
 
-def test_the_pipeline_releases_popularity_then_rounds_and_records_the_composed_epsilon(tmp_path, digit_store):
+def test_the_pipeline_releases_popularity_then_rounds_and_records_the_composed_epsilon(tmp_path, digit_store,
+                                                                                      capsys):
     cfg, path, grid, rows, summary, privacy = _run(tmp_path, digit_store, "default",
                                                    **{"num-rounds": 3, "fraction-train": 1.0,
                                                       "user-noise-multiplier": 8.2})
@@ -164,6 +165,13 @@ def test_the_pipeline_releases_popularity_then_rounds_and_records_the_composed_e
         {str(i): [1, 2, 3] for i in range(NUM_DEVICES)}
     assert {d["rounds-trained"] for d in report["privacy"]["devices"]} == {3}
     assert not report["privacy"]["flagged"]
+    # The device's own view (`privrec ledger`): at q = 1 every device took part in every round, so the ledger's
+    # composition (no sampling amplification) is exactly the run's figure.
+    capsys.readouterr()
+    assert main(["ledger", str(tmp_path / "population-default" / "device-0"), "--json"]) == 0
+    own = json.loads(capsys.readouterr().out)["user-level"]
+    assert own["epsilon"] == pytest.approx(expected, rel=1e-9) and own["releases"] == 4
+    assert [r["run"] for r in own["runs"]] == ["default"]
     # A ledger that lost a round the server counted is the dangerous direction: flagged, exit status 3.
     ledger_file = tmp_path / "population-default" / "device-1" / "privacy-ledger.json"
     ledger = json.loads(ledger_file.read_text())

@@ -369,6 +369,19 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- ledger
+def cmd_ledger(args: argparse.Namespace) -> int:
+    from tools.ledger import find_ledger, render, summarize, to_json
+
+    summary = summarize(find_ledger(args.path), args.delta)
+    print(to_json(summary) if args.json else render(summary))
+    if summary["flags"]:
+        print("privrec: this ledger's recorded figures disagree with their recomputation (FLAGGED above)",
+              file=sys.stderr)
+        return EXIT_FLAGGED
+    return 0
+
+
 # ---------------------------------------------------------------------------- audit
 def cmd_audit(args: argparse.Namespace) -> int:
     from tools.audit import audit_device, audit_users
@@ -481,6 +494,18 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("run_dir", help="run directory (runs/<run-id>)")
     rep.add_argument("--out", help="write the report here (default: into the run directory)")
     rep.set_defaults(func=cmd_report)
+
+    led = sub.add_parser("ledger", help="what one device has spent, from its own privacy ledger (every run)",
+                         description="Reads one device's privacy-ledger.json (the file, or the device's folder): the "
+                                     "user-level releases its data entered, by run and all runs composed, its "
+                                     "on-device DP-SGD spend and its cap, each recomputed with Opacus and "
+                                     f"dp-accounting. Exit status: 0 consistent; 2 bad input; {EXIT_FLAGGED} a "
+                                     "recorded figure disagrees with its recomputation.")
+    led.add_argument("path", help="a privacy-ledger.json, or a device folder holding one (deployment: the folder "
+                                  "`privrec data split` made; simulation: <data-store>.population/device-<d>)")
+    led.add_argument("--delta", type=float, help="compose at this delta (default: the one the releases were made at)")
+    led.add_argument("--json", action="store_true", help="the same as JSON")
+    led.set_defaults(func=cmd_ledger)
 
     aud = sub.add_parser("audit", help="empirical lower bound on one device's epsilon (canaries, one run)",
                          description="Steinke, Nasr and Jagielski (2023), one training run: each canary window joins "
