@@ -164,6 +164,10 @@ def test_the_pipeline_releases_popularity_then_rounds_and_records_the_composed_e
     assert {d["device"]: d["update-rounds"] for d in report["privacy"]["devices"]} == \
         {str(i): [1, 2, 3] for i in range(NUM_DEVICES)}
     assert {d["rounds-trained"] for d in report["privacy"]["devices"]} == {3}
+    # the ledgers' all-runs figure: one run here, every round at q = 1, so exactly the run's figure
+    assert [d["ledger"]["user-level-epsilon"] for d in report["privacy"]["devices"]] == \
+        pytest.approx([expected] * NUM_DEVICES, rel=1e-9)
+    assert "the devices' own ledgers hold up to" in devices
     assert not report["privacy"]["flagged"]
     # The device's own view (`privrec ledger`): at q = 1 every device took part in every round, so the ledger's
     # composition (no sampling amplification) is exactly the run's figure.

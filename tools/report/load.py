@@ -39,6 +39,8 @@ class Ledger:
     declined: dict[str, Any] | None = None
     error: str | None = None
     releases: list[str] = field(default_factory=list)  # ids of the user-level releases it recorded
+    # their accountant rows [noise multiplier, sample rate, steps], every run that used this ledger
+    user_level_rows: list[tuple[float, float, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -205,6 +207,8 @@ def _load_ledger(path: Path) -> Ledger:
         ledger.declined = data.get("declined")
         ledger.releases = [str(r["release"]) for r in data.get("releases") or [] if isinstance(r, dict)
                            and "release" in r]
+        ledger.user_level_rows = _history([[r["noise_multiplier"], r["sample_rate"], r["steps"]]
+                                           for r in data.get("releases") or []], "releases")
     except (OSError, ValueError, PrivrecError, AttributeError, TypeError) as exc:
         ledger.error = f"unreadable ({exc})"
     return ledger

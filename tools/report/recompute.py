@@ -68,6 +68,8 @@ class DeviceCheck:
     device: Device
     recomputed: dict[str, Epsilon]
     ledger_recomputed: Epsilon | None = None
+    # the user-level releases in its ledger, every run on the store, composed (Opacus RDP, no amplification)
+    ledger_user_level: Epsilon | None = None
     flags: list[Flag] = field(default_factory=list)
     independent: dict[str, Figure] = field(default_factory=dict)  # dp-accounting: "rdp", "pld"
     expected: Expected | None = None  # what the config (and device data) say each history row must be
@@ -179,6 +181,9 @@ def check_device(device: Device, delta: float, run_accountant: str, expected: Ex
         result.flags.append(Flag("ledger-unreadable", f"{device.ledger.path.name}: {device.ledger.error}"))
         return result
     _check_records(result, delta, run_accountant)
+    ledger = device.ledger
+    if ledger is not None and not ledger.error and ledger.user_level_rows:
+        result.ledger_user_level = _epsilon(merged(tuple(ledger.user_level_rows)), delta, "rdp")
     per_round = (lambda q: independent.steps_for(q, epochs)) if isinstance(epochs, int) and epochs > 0 else None
     _independent(result, device.history, device.epsilon, device.accountant, delta, expected, len(device.rounds),
                  per_round)

@@ -41,7 +41,9 @@ def _device_json(d: DeviceCheck) -> dict[str, Any]:
                   "recomputed": d.ledger_recomputed.to_json() if d.ledger_recomputed else None,
                   "steps": sum(n for _, _, n in lg.history),
                   "declined-round": (lg.declined or {}).get("round") if isinstance(lg.declined, dict) else None,
-                  "user-level-releases": len(lg.releases), "error": lg.error}
+                  "user-level-releases": len(lg.releases),
+                  "user-level-epsilon": d.ledger_user_level.value if d.ledger_user_level else None,
+                  "error": lg.error}
     # rounds whose aggregate held its update, as the server counted them (on-device DP rounds in older runs)
     trained = len(dev.update_rounds) if dev.update_rounds is not None else len(dev.rounds)
     return {"device": dev.device, "accountant": dev.accountant, "rounds-trained": trained,
@@ -183,10 +185,13 @@ def device_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     p = report["privacy"]
     extra = [a for a in (p["accountant"],) if a not in SECOND]
     ledgers = p["ledgers"] is not None and p["ledgers"].startswith("simulation")
+    all_runs = ledgers and any(d["ledger"] and d["ledger"].get("user-level-epsilon") is not None
+                               for d in p["devices"])
     head = (["device", "rounds trained", "on-device epsilon reported"]
             + [f"recomputed {a.upper()}" for a in (*SECOND, *extra)]
             + ["dp-accounting RDP", "dp-accounting PLD"]
-            + (["ledger epsilon"] if ledgers else []) + ["declined round", "flag"])
+            + (["ledger epsilon"] if ledgers else [])
+            + (["ledger user-level epsilon, all runs"] if all_runs else []) + ["declined round", "flag"])
     rows = []
     for d in p["devices"]:
         row = [d["device"], str(d["rounds-trained"]), _num(d["epsilon-reported"])]
@@ -194,6 +199,8 @@ def device_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         row += [_recomputed(d["independent"][a]) if a in d["independent"] else "-" for a in ("rdp", "pld")]
         if ledgers:
             row.append(_num(d["ledger"]["epsilon"]) if d["ledger"] and not d["ledger"]["error"] else "n/a")
+        if all_runs:
+            row.append(_num(d["ledger"]["user-level-epsilon"]) if d["ledger"] else "n/a")
         row += [_num(d["declined-round"], "d"), ", ".join(f["code"] for f in d["flags"]) or "ok"]
         rows.append(row)
     return head, rows
@@ -212,9 +219,15 @@ def device_preface(report: dict[str, Any]) -> str | None:
     where = (f"every user's spend is the user-level figure above, epsilon {_num(u['epsilon-reported'])} at delta "
              f"{_num(report['privacy']['delta'], 'g')}, for {covered}, whether or not a round sampled it" if u else
              "this run states no user-level guarantee either")
+    all_runs = sorted(d["ledger"]["user-level-epsilon"] for d in report["privacy"]["devices"]
+                      if d["ledger"] and d["ledger"].get("user-level-epsilon") is not None)
+    ledgers = (f" Across every run on this store, the devices' own ledgers hold up to "
+               f"{_num(all_runs[-1])} (median {_num(all_runs[len(all_runs) // 2])}) for the devices above: "
+               "their user-level releases of all runs composed, each without sampling amplification (column "
+               "'ledger user-level epsilon, all runs'; one device: `privrec ledger`)." if all_runs else "")
     return ("No on-device DP-SGD in this run (dp = false): the table lists each device's on-device (window-level) "
             "record, empty and 0 by construction, and checks it like any other so that a tampered record is still "
-            f"caught. It is not the device's privacy spend: {where}.")
+            f"caught. It is not the device's privacy spend: {where}.{ledgers}")
 
 
 def _flag_lines(report: dict[str, Any]) -> list[str]:
