@@ -96,3 +96,13 @@ def test_bad_paths_get_one_line_naming_them(tmp_path, capsys):
     broken.write_text("{not json")
     code = main(["ledger", str(broken)])
     assert_user_error(code, capsys.readouterr().err, f"privacy ledger {broken} is unreadable")
+
+
+def test_a_malformed_release_is_named_not_a_traceback(tmp_path, capsys):
+    _two_runs(tmp_path / "device-3")
+    path = tmp_path / "device-3" / "state" / "device-3" / "privacy-ledger.json"
+    ledger = json.loads(path.read_text())
+    del ledger["releases"][1]["noise_multiplier"]
+    path.write_text(json.dumps(ledger))
+    code = main(["ledger", str(path)])
+    assert_user_error(code, capsys.readouterr().err, f"privacy ledger {path}: releases[1] is not [noise multiplier")

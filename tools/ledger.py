@@ -80,11 +80,31 @@ def _delta(ledger: PrivacyLedger, delta: float | None) -> float:
     return recorded.pop() if recorded else 1e-5
 
 
+def _checked(ledger: PrivacyLedger, path: Path) -> None:
+    """Every accountant row the summary reads is numbers; else one line naming the ledger and the entry."""
+    def numbers(row: Any, at: str) -> None:
+        try:
+            z, q, n = row
+            if not (float(z) > 0 and 0 < float(q) <= 1 and int(n) >= 0):
+                raise ValueError
+        except (TypeError, ValueError):
+            raise PrivrecError(f"privacy ledger {path}: {at} is not [noise multiplier > 0, sample rate in (0, 1], "
+                               f"steps >= 0]: {row!r}") from None
+
+    for i, entry in enumerate(ledger.releases):
+        if not isinstance(entry, dict):
+            raise PrivrecError(f"privacy ledger {path}: releases[{i}] is not an object")
+        numbers([entry.get("noise_multiplier"), entry.get("sample_rate"), entry.get("steps")], f"releases[{i}]")
+    for i, row in enumerate((ledger.accountant_state or {}).get("history") or []):
+        numbers(row, f"accountant_state.history[{i}]")
+
+
 def summarize(path: Path, delta: float | None = None) -> dict[str, Any]:
     """Everything `privrec ledger` shows, as JSON-able data; `flags` lists what disagrees."""
     if not path.is_file():
         raise PrivrecError(f"{path}: no such ledger file")
     ledger = load_ledger(path, device=path.parent.name.removeprefix("device-"))
+    _checked(ledger, path)
     delta = _delta(ledger, delta)
     flags: list[str] = []
     runs: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()

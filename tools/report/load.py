@@ -209,8 +209,8 @@ def _load_ledger(path: Path) -> Ledger:
                            and "release" in r]
         ledger.user_level_rows = _history([[r["noise_multiplier"], r["sample_rate"], r["steps"]]
                                            for r in data.get("releases") or []], "releases")
-    except (OSError, ValueError, PrivrecError, AttributeError, TypeError) as exc:
-        ledger.error = f"unreadable ({exc})"
+    except (OSError, ValueError, PrivrecError, AttributeError, TypeError, KeyError) as exc:
+        ledger.error = f"unreadable ({type(exc).__name__}: {exc})"
     return ledger
 
 
