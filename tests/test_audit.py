@@ -155,3 +155,41 @@ def test_audit_exits_3_when_the_bound_exceeds_the_claim(monkeypatch, capsys):
     sets = [arg for key, value in {**TINY, "noise-multiplier": 0.01}.items() for arg in ("--set", f"{key}={value}")]
     code, stdout, err = run_cli(capsys, "audit", *sets, "--canaries", "200", "--items", str(ITEMS))
     assert code == EXIT_FLAGGED and "claim is false" in err
+
+
+# ----------------------------------------------------------------------------- the pipeline's analytics releases
+
+@pytest.mark.parametrize("kind", ["popularity", "cooccurrence"])
+def test_a_release_at_the_pipelines_noise_leaks_less_than_it_claims(kind):
+    from shared.config import resolve_run
+    from tools.audit import audit_release
+
+    cfg = resolve_run(overrides={"deterministic-devices": True})  # the default pipeline's noise multipliers
+    for seed in (1, 2):
+        result = audit_release(cfg, kind, canaries=600, seed=seed)
+        assert result.noise_multiplier == cfg["popularity-noise-multiplier" if kind == "popularity"
+                                              else "cooc-noise-multiplier"]
+        assert result.epsilon_lower_bound <= result.claimed_epsilon and not result.violated
+        assert 0.3 * 600 < result.included < 0.7 * 600 and result.guesses == 120
+
+
+@pytest.mark.parametrize("kind,released_by", [("popularity", "noisy_sum"), ("cooccurrence", "gaussian_release")])
+def test_a_release_that_lost_its_noise_is_caught(kind, released_by, monkeypatch, capsys):
+    """The claim is computed from the configured noise; a release that adds almost none (a broken mechanism)
+    leaks more than that claim allows, and the command fails."""
+    import shared.analytics
+
+    real = getattr(shared.analytics, released_by)
+    monkeypatch.setattr(shared.analytics, released_by, lambda total, z, rng: real(total, 0.01, rng))
+    code, stdout, err = run_cli(capsys, "audit", "--release", kind, "--canaries", "600")
+    assert code == EXIT_FLAGGED and "claim is false" in err
+    bound = float(stdout.split("lower bound ")[1].split()[0])
+    claimed = float(stdout.split("claimed epsilon ")[1].split()[0])
+    assert bound > 3.0 > claimed  # every guess right, against a claim under 2
+
+
+def test_a_release_audit_with_more_canaries_than_coordinates_is_refused_in_one_line(capsys):
+    from tests.test_cli import assert_user_error
+
+    code, _, err = run_cli(capsys, "audit", "--release", "cooccurrence", "--set", "cooc-items=10", "--canaries", "50")
+    assert_user_error(code, err, "--canaries 50: need 2 to 45")

@@ -31,7 +31,7 @@ from shared.model import SASRec, model_for
 from shared.privacy.audit import epsilon_lower_bound, guess
 from shared.training import LocalTrainConfig, per_example_loss, split_windows, train_local
 
-__all__ = ["AuditResult", "audit_device", "canary_windows"]
+__all__ = ["AuditResult", "ReleaseAuditResult", "audit_device", "audit_release", "canary_windows"]
 
 
 @dataclass
@@ -291,3 +291,110 @@ def audit_users(cfg: dict[str, Any], *, canaries: int = 200, background: int = 0
                            epsilon_lower_bound=bound, claimed_epsilon=float(claimed), accountant=cfg["accountant"],
                            rounds=rounds, sample_rate=sample_rate, noise_multiplier=z, clipping_norm=clip,
                            seconds=round(time.perf_counter() - started, 2))
+
+
+# ------------------------------------------------------------------ the private pipelines' analytics releases
+RELEASE_KINDS = ("popularity", "cooccurrence")
+RELEASE_NOISE_KEYS = {"popularity": "popularity-noise-multiplier", "cooccurrence": "cooc-noise-multiplier"}
+BACKGROUND_ITEMS = 20  # items in each background user's history
+
+
+@dataclass
+class ReleaseAuditResult:
+    release: str  # "popularity" or "cooccurrence"
+    canaries: int  # m canary users
+    included: int
+    background: int  # users always in
+    guesses: int
+    correct: int
+    beta: float
+    delta: float
+    epsilon_lower_bound: float
+    claimed_epsilon: float  # one Gaussian release of sensitivity 1, the run's accountant, add/remove one user
+    accountant: str
+    noise_multiplier: float
+    coordinates: int  # items (popularity) or item pairs (co-occurrence) the release covers
+    seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {k.replace("_", "-"): v for k, v in asdict(self).items()}
+
+    def sentence(self) -> str:
+        what = "popularity histogram" if self.release == "popularity" else "windowed co-occurrence"
+        return (f"{what} release: empirical epsilon lower bound {self.epsilon_lower_bound:.3f} at delta "
+                f"{self.delta:g} ({100 * (1 - self.beta):g}% confidence; {self.correct}/{self.guesses} guesses correct "
+                f"over {self.canaries} canary users, {self.included} included, {self.background} background users) "
+                f"vs claimed epsilon {self.claimed_epsilon:.3f} ({self.accountant} accountant); one Gaussian release "
+                f"of sensitivity 1 over {self.coordinates} coordinates, noise {self.noise_multiplier:g}; "
+                "add/remove one user, adversary: whoever sees the release (each canary scored by the release along "
+                "its own contribution)")
+
+    @property
+    def violated(self) -> bool:
+        return self.epsilon_lower_bound > self.claimed_epsilon
+
+
+def audit_release(cfg: dict[str, Any], kind: str, *, canaries: int = 1000, guesses_each: int | None = None,
+                  background: int = 0, num_items: int = 1682, beta: float = 0.05, seed: int = 0) -> ReleaseAuditResult:
+    """One analytics release of the private pipelines audited in one run: m canary users, each with its own item
+    (popularity) or its own pair of items inside the co-occurrence window (co-occurrence), join the population
+    with probability 1/2 beside `background` users with random histories; each user's contribution is built by
+    the product's own functions (`shared.analytics.item_set_vector`, `cooc_vector`: L2 norm 1) and the release
+    adds the configured noise once (`noisy_sum`, `gaussian_release`). The adversary scores every canary by the
+    release's inner product with that canary's contribution (the likelihood-ratio statistic of a Gaussian
+    release), guesses the top k in and the bottom k out, and `epsilon_lower_bound` turns the correct guesses into
+    the epsilon the release provably exceeds."""
+    from shared.analytics import cooc_vector, gaussian_release, item_set_vector, noisy_sum, pair_index
+    from shared.privacy.accounting import epsilon_from_state
+
+    if kind not in RELEASE_KINDS:
+        raise PrivrecError(f"audit: --release {kind!r}: one of {', '.join(RELEASE_KINDS)}")
+    k_items = int(cfg["cooc-items"])
+    room = num_items if kind == "popularity" else k_items * (k_items - 1) // 2
+    if canaries < 2 or background < 0 or canaries > room:
+        raise PrivrecError(f"audit: --canaries {canaries}: need 2 to {room} (each canary has its own "
+                           f"{'item' if kind == 'popularity' else 'pair among the top cooc-items items'})"
+                           + ("" if background >= 0 else f"; --background {background} must be >= 0"))
+    k = guesses_each if guesses_each is not None else max(1, canaries // 10)
+    if not 1 <= k <= canaries // 2:
+        raise PrivrecError(f"audit: --guesses {k} must be between 1 and half the canaries ({canaries // 2})")
+    started = time.perf_counter()
+    rng = np.random.default_rng([int(seed), 0xA0D20])
+    included = rng.random(canaries) < 0.5
+    z = float(cfg[RELEASE_NOISE_KEYS[kind]])
+    deterministic = bool(cfg.get("deterministic-devices"))
+    noise_rng = np.random.default_rng([int(seed), 0xA0D21] if deterministic else None)
+    if kind == "popularity":
+        own = rng.permutation(np.arange(1, num_items + 1))[:canaries]  # each canary user's one item
+        canary_users = [np.array([item]) for item in own]
+        contribution = lambda seq: item_set_vector([seq], num_items)  # noqa: E731
+        release = lambda total: noisy_sum(total, z, noise_rng)  # noqa: E731
+        background_users = [rng.choice(np.arange(1, num_items + 1), BACKGROUND_ITEMS, replace=False)
+                            for _ in range(background)]
+    else:
+        items = np.arange(1, k_items + 1)  # the released top items: public, fixed here
+        rows, cols = pair_index(k_items)
+        chosen = rng.permutation(len(rows))[:canaries]  # each canary user's one pair, adjacent in its history
+        canary_users = [np.array([items[rows[p]], items[cols[p]]]) for p in chosen]
+        window = int(cfg["cooc-window"])
+        contribution = lambda seq: cooc_vector([seq], items, window)  # noqa: E731
+        release = lambda total: gaussian_release(total, z, noise_rng)  # noqa: E731
+        background_users = [rng.choice(items, min(BACKGROUND_ITEMS, k_items), replace=False)
+                            for _ in range(background)]
+    vectors = [contribution(seq) for seq in canary_users]
+    total = sum((v for v, yes in zip(vectors, included) if yes), start=np.zeros_like(vectors[0]))
+    for seq in background_users:
+        total = total + contribution(seq)
+    released = release(total)
+    scores = np.array([float(released @ v) for v in vectors])
+    r_guesses, correct = guess(scores, included, k, k)
+    bound = epsilon_lower_bound(canaries, r_guesses, correct, cfg["delta"], beta)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Opacus at vacuous epsilons: "optimal order is the smallest alpha"
+        claimed = epsilon_from_state({"history": [[z, 1.0, 1]], "mechanism": cfg["accountant"]}, cfg["delta"],
+                                     cfg["accountant"])
+    return ReleaseAuditResult(release=kind, canaries=canaries, included=int(included.sum()), background=background,
+                              guesses=r_guesses, correct=correct, beta=beta, delta=cfg["delta"],
+                              epsilon_lower_bound=bound, claimed_epsilon=float(claimed), accountant=cfg["accountant"],
+                              noise_multiplier=z, coordinates=int(len(released) - (kind == "popularity")),
+                              seconds=round(time.perf_counter() - started, 2))

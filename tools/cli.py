@@ -384,8 +384,13 @@ def cmd_ledger(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------- audit
 def cmd_audit(args: argparse.Namespace) -> int:
-    from tools.audit import audit_device, audit_users
+    from tools.audit import audit_device, audit_release, audit_users
 
+    if args.release:  # the private pipelines' releases: their keys come from the pipeline's defaults
+        cfg = run_config_from_args(args)
+        result = audit_release(cfg, args.release, canaries=args.canaries, guesses_each=args.guesses,
+                               background=args.background, num_items=args.items, beta=args.beta, seed=cfg["seed"])
+        return _audit_verdict(result, args.out)
     cfg = config_from_args(args)
     common = {"canaries": args.canaries, "guesses_each": args.guesses, "background": args.background,
               "num_items": args.items, "rounds": args.rounds, "beta": args.beta, "seed": cfg["seed"],
@@ -395,11 +400,15 @@ def cmd_audit(args: argparse.Namespace) -> int:
         result = audit_users(cfg, sample_rate=args.user_sample_rate, **common)
     else:
         result = audit_device(cfg, **common)
+    return _audit_verdict(result, args.out)
+
+
+def _audit_verdict(result, out: str | None) -> int:
     print(result.sentence())
-    if args.out:
+    if out:
         from shared.atomic import write_json_atomic
 
-        write_json_atomic(Path(args.out), result.to_json())
+        write_json_atomic(Path(out), result.to_json())
     if result.violated:
         print("privrec: the measured leakage exceeds the claimed epsilon: the claim is false", file=sys.stderr)
         return EXIT_FLAGGED
@@ -517,6 +526,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(aud)
     aud.add_argument("--user-level", action="store_true",
                      help="audit user-level DP-FedAvg instead: canary users, the adversary sees the global models")
+    aud.add_argument("--release", choices=["popularity", "cooccurrence"],
+                     help="audit one analytics release of the private pipeline instead (canary users, one release "
+                          "at the pipeline's noise multiplier; --rounds does not apply)")
     aud.add_argument("--user-sample-rate", type=float, default=0.5, help="--user-level: users' Poisson rate per "
                                                                          "round (default 0.5)")
     aud.add_argument("--canaries", type=int, default=1000, help="canary windows (or users) m (default 1000)")
