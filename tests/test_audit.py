@@ -193,3 +193,5 @@ def test_a_release_audit_with_more_canaries_than_coordinates_is_refused_in_one_l
 
     code, _, err = run_cli(capsys, "audit", "--release", "cooccurrence", "--set", "cooc-items=10", "--canaries", "50")
     assert_user_error(code, err, "--canaries 50: need 2 to 45")
+    code, _, err = run_cli(capsys, "audit", "--release", "popularity", "--user-level")
+    assert_user_error(code, err, "--release and --user-level audit different mechanisms")

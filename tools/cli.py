@@ -386,6 +386,8 @@ def cmd_ledger(args: argparse.Namespace) -> int:
 def cmd_audit(args: argparse.Namespace) -> int:
     from tools.audit import audit_device, audit_release, audit_users
 
+    if args.release and args.user_level:
+        raise PrivrecError("--release and --user-level audit different mechanisms: choose one")
     if args.release:  # the private pipelines' releases: their keys come from the pipeline's defaults
         cfg = run_config_from_args(args)
         result = audit_release(cfg, args.release, canaries=args.canaries, guesses_each=args.guesses,
