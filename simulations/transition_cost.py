@@ -3,8 +3,9 @@
     python -m simulations.transition_cost                     # ML-100K, 100 devices, K = 512 (the default)
     python -m simulations.transition_cost --items 256 512 1682 --devices 50
 
-The channel scorer's model travels in every train and evaluate message and in every train reply (its frozen,
-released buffers included: `server.scorer.initial_scorer`), one device per message (the scorers do not run with
+The channel scorer's model travels in every train and evaluate message (its frozen, released buffers included:
+`server.scorer.initial_scorer`); a train reply carries only the trained weights (`shared.scorer.sent_back`), one
+device per message (the scorers do not run with
 devices-per-node > 1). For the model the server would ship on ML-100K (the default's releases, noise included)
 without and with the transition release over the top K items, this measures the bytes of the message's
 `ArrayRecord` (Flower's own serialisation of each array) and, per device, the time of its round (its gradient,
@@ -84,7 +85,7 @@ def measure(items_list, devices: int, seed: int) -> dict:
             grads = channel_user_gradient(model, catalogue, [users.train[u]], cfg["scorer-targets"],
                                           cfg["profile-items"], cfg["profile-decay"], cfg["cooc-window"],
                                           COOC_GAP_DECAY)
-            fedsgd_update(model, grads)
+            reply = fedsgd_update(model, grads)
             train_s.append(time.perf_counter() - started)
             started = time.perf_counter()
             evaluation_sums(model, catalogue, [users.train[u]], users.valid[u:u + 1], users.test[u:u + 1],
@@ -95,6 +96,7 @@ def measure(items_list, devices: int, seed: int) -> dict:
                 transition_sum([users.train[u]], transitions[0])
                 release_s.append(time.perf_counter() - started)
         rows.append({"transition-items": k, "message-bytes": message_bytes(model.state_dict()),
+                     "reply-bytes": message_bytes(reply),
                      "weights": int(sum(p.numel() for p in model.parameters())),
                      "device-round-ms": 1000 * float(np.median(train_s)),
                      "device-evaluate-ms": 1000 * float(np.median(eval_s)),
@@ -108,16 +110,18 @@ def markdown(results: dict) -> str:
     lines = [f"# What the transition release adds to a channel-scorer message and round ({results['made']})", "",
              f"ML-100K, the default pipeline's releases (noise included), {results['devices']} devices, median per "
              "device, one thread. `message` = the model's `ArrayRecord` bytes (Flower's serialisation), which every "
-             "train and evaluate message and every train reply carries (one device per message).", "",
-             "| transition release over the top K items | trained weights | model message | device round "
-             "(gradient + reply weights) | device evaluation | device's transition contribution (time; bytes "
-             "sent once) |", "|---|---|---|---|---|---|"]
+             "train and evaluate message carries (one device per message); `reply` = the same for what a device "
+             "sends back from a round (`shared.scorer.sent_back`: the trained weights only).", "",
+             "| transition release over the top K items | trained weights | model message | train reply | device "
+             "round (gradient + reply weights) | device evaluation | device's transition contribution (time; bytes "
+             "sent once) |", "|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
         k = r["transition-items"]
         contribution = "-" if k is None else (f"{r['device-transition-contribution-ms']:.1f} ms; "
                                               f"{r['transition-contribution-bytes'] / 2**20:.2f} MiB")
         lines.append(f"| {'off (the default)' if k is None else k} | {r['weights']} | "
-                     f"{r['message-bytes'] / 2**10:,.0f} KiB | {r['device-round-ms']:.1f} ms | "
+                     f"{r['message-bytes'] / 2**10:,.0f} KiB | {r['reply-bytes'] / 2**10:,.1f} KiB | "
+                     f"{r['device-round-ms']:.1f} ms | "
                      f"{r['device-evaluate-ms']:.1f} ms | {contribution} |")
     return "\n".join(lines)
 

@@ -213,10 +213,9 @@ def test_the_pipeline_releases_popularity_then_cooccurrence_then_rounds(tmp_path
     statement = privacy["statements"][0]
     assert "co-occurrence" in statement["sentence"] and "not against the server" in statement["sentence"]
     assert statement["relation"] == "add/remove one user" and statement["delta"] == 1e-5
-    # What leaves a device in a round: the 9 weights and the released buffers it was sent, never its history.
+    # What leaves a device in a round: the 9 weights only (not the released buffers it was sent), never its history.
     reply = next(m for m in grid.replies if m.content.array_records)
-    assert set(reply.content.array_records["arrays"].keys()) == {"content", "scales", "popularity", "cooc_items",
-                                                                 "cooc"}
+    assert set(reply.content.array_records["arrays"].keys()) == {"content", "scales"}
     ledger = json.loads(next((tmp_path / "population-channel").glob("*/privacy-ledger.json")).read_text())
     assert [r["kind"] for r in ledger["releases"]] == ["popularity-histogram", "cooccurrence-histogram"] + \
         ["channel-scorer-round"] * 2

@@ -32,9 +32,9 @@ DELTA = 1e-5
 POP_Z, COOC_Z, ROUND_Z = (config.DEFAULT_PIPELINE[k] for k in ("popularity-noise-multiplier", "cooc-noise-multiplier",
                                                               "user-noise-multiplier"))
 PAIRS = NUM_ITEMS * (NUM_ITEMS - 1) // 2  # the co-occurrence release covers every pair of the 30 items
-# What a round's reply carries: the 9 trained weights (content + 8 channel scales) and the public released buffers.
-SCORER_SHAPES = {"content": [1], "scales": [8], "popularity": [NUM_ITEMS + 1], "cooc_items": [NUM_ITEMS],
-                 "cooc": [NUM_ITEMS, NUM_ITEMS]}
+# What a round's reply carries: the 9 trained weights (content + 8 channel scales), nothing else: the public
+# released buffers it was sent are the server's own and do not travel back.
+SCORER_SHAPES = {"content": [1], "scales": [8]}
 # Under SecAgg+: a round's sum needs >= 2 of the 3 devices, a release's all 3 (every device joins it); the clip
 # range holds 1 plus 6 std devs of a device's largest noise share (popularity: 4.6 / sqrt(3)).
 SECURE = {"secure-aggregation": True, "secagg-threshold": 2, "secagg-min-cohort": 2, "secagg-release-min-cohort": 3,
@@ -186,7 +186,7 @@ def test_the_default_pipeline_over_real_supernodes(cluster, devices, _server_cac
         for entry, key, size in ((audit[0], "item-set", NUM_ITEMS + 1), (audit[1], "pairs", PAIRS)):
             vector = np.asarray(entry["metrics"]["metrics"][key])
             assert entry["arrays"] == {} and vector.shape == (size,) and np.linalg.norm(vector) <= 1 + 1e-9
-        # The rounds: only the scorer's weights (9 trained, the rest the public releases), no other array.
+        # The rounds: only the scorer's 9 trained weights, no other array.
         for entry in audit[2:2 + rounds]:
             assert {k: v["shape"] for k, v in entry["arrays"]["arrays"].items()} == SCORER_SHAPES
             assert set(entry["metrics"]["metrics"]) == {"num-examples", "steps"}

@@ -44,7 +44,7 @@ def test_user_gradient_is_the_mean_loss_gradient_over_the_last_targets_and_the_u
     assert torch.allclose(grads["text_weight"], expected[0]) and torch.allclose(grads["scales"], expected[1])
     assert set(grads) == {"text_weight", "scales"}  # the released popularity is not trained
     state = fedsgd_update(model, grads)
-    assert torch.equal(state["popularity"], model.popularity)
+    assert set(state) == set(grads)  # the released popularity is the server's: not sent back
     update = {k: (state[k] - model.state_dict()[k]).numpy() for k in grads}
     assert np.allclose(update["scales"], -grads["scales"].numpy())
     clipped, norm = clip_update(update, 0.01)  # the server's clip bounds what one user moves
@@ -143,9 +143,9 @@ def test_the_pipeline_releases_popularity_then_rounds_and_records_the_composed_e
     statement = privacy["statements"][0]["sentence"]
     assert "add/remove one user" in summary["privacy"]["user-level"]["relation"]
     assert "not against the server" in statement
-    # What leaves a device: the scorer's weights (and the frozen released bias), never its history.
+    # What leaves a device: the scorer's trained weights only (not the released bias it was sent), never its history.
     reply = next(m for m in grid.replies if m.content.array_records)
-    assert set(reply.content.array_records["arrays"].keys()) == {"text_weight", "scales", "popularity"}
+    assert set(reply.content.array_records["arrays"].keys()) == {"text_weight", "scales"}
     ledger = json.loads(next((tmp_path / "population-default").glob("*/privacy-ledger.json")).read_text())
     assert [r["kind"] for r in ledger["releases"]] == ["popularity-histogram"] + ["content-scorer-round"] * 3
     assert summary["federated-evaluation"]["test-ndcg@10"] is not None
