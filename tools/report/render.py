@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import statistics
 import time
 from typing import Any
 
@@ -222,7 +223,7 @@ def device_preface(report: dict[str, Any]) -> str | None:
     all_runs = sorted(d["ledger"]["user-level-epsilon"] for d in report["privacy"]["devices"]
                       if d["ledger"] and d["ledger"].get("user-level-epsilon") is not None)
     ledgers = (f" Across every run on this store, the devices' own ledgers hold up to "
-               f"{_num(all_runs[-1])} (median {_num(all_runs[len(all_runs) // 2])}) for the devices above: "
+               f"{_num(all_runs[-1])} (median {_num(statistics.median(all_runs))}) for the devices in the table: "
                "their user-level releases of all runs composed, each without sampling amplification (column "
                "'ledger user-level epsilon, all runs'; one device: `privrec ledger`)." if all_runs else "")
     return ("No on-device DP-SGD in this run (dp = false): the table lists each device's on-device (window-level) "
