@@ -181,6 +181,26 @@ def test_cross_check_flags_each_kind_of_disagreement(tmp_path, ledgers, tamper, 
     assert all((d.device.ledger is not None) == ledgers for d in check.devices)
 
 
+@pytest.mark.parametrize("tamper", [None, ("0", "ledger-history")], ids=["clean", "ledger-lost-a-round"])
+def test_the_ledgers_of_a_local_deployment_are_checked_where_deploy_local_keeps_them(tmp_path, capsys, tamper):
+    """`privrec deploy local` keeps each device's ledger in the device folder's own state
+    (`devices/device-<id>/state/device-<id>/`): the report flagged every device of such a run as
+    'ledger file missing' (exit 3) because it looked for the simulation layout only."""
+    run = fx.write_run(tmp_path, tamper=tamper)
+    for device in fx.DEVICES:
+        flat = run / "devices" / f"device-{device}" / "privacy-ledger.json"
+        nested = flat.parent / "state" / f"device-{device}" / "privacy-ledger.json"
+        nested.parent.mkdir(parents=True)
+        flat.rename(nested)
+    assert main(["report", str(run)]) == (0 if tamper is None else EXIT_FLAGGED)
+    privacy = json.loads((run / "report.json").read_text())["privacy"]
+    assert privacy["ledgers"].startswith("local deployment: devices/device-<id>/state/device-<id>/")
+    assert all(d["ledger"] is not None and d["ledger"]["error"] is None for d in privacy["devices"])
+    assert privacy["flagged-devices"] == ([] if tamper is None else ["0"])
+    assert "| ledger epsilon |" in (run / "report.md").read_text()
+    capsys.readouterr()
+
+
 def test_statement_that_understates_is_caught(tmp_path):
     run = fx.write_run(tmp_path)
     privacy = json.loads((run / "privacy.json").read_text())

@@ -76,6 +76,9 @@ class Privacy:
     user_level: UserLevel | None
     ledgers_present: bool
     source: str = "privacy.json"  # or "ledgers": reconstructed from devices/ (privacy.json missing)
+    # "simulation" (<dir>/device-<id>/privacy-ledger.json) or "local deployment" (`privrec deploy local`: each
+    # device folder's own state, <dir>/device-<id>/state/device-<id>/privacy-ledger.json)
+    ledger_layout: str = "simulation"
 
 
 @dataclass
@@ -252,8 +255,7 @@ def load_privacy(path: Path, run_path: Path, ledgers_dir: Path | None = None) ->
             rounds=_round_pairs(entry["rounds"], f"{at}.rounds"),
             epsilon=_number(entry["epsilon"], f"{at}.epsilon", allow_none=True),
             declined_round=declined,
-            ledger=_load_ledger(ledgers_dir / f"device-{device_id}" / "privacy-ledger.json")
-            if ledgers_present else None,
+            ledger=_load_ledger(_ledger_file(ledgers_dir, str(device_id))) if ledgers_present else None,
             update_rounds=_round_numbers(entry.get("update-rounds"), f"{at}.update-rounds"),
         )
     user_level = None
@@ -267,8 +269,19 @@ def load_privacy(path: Path, run_path: Path, ledgers_dir: Path | None = None) ->
             history=_history(raw.get("history", []), f"{at}.history"),
             rounds=_round_pairs(raw.get("rounds", []), f"{at}.rounds"),
             population=raw.get("population"), expected_cohort=raw.get("expected-cohort"))
+    deployed = any(d.ledger is not None and d.ledger.path.parent.parent.name == "state" for d in devices.values())
     return Privacy(delta=delta, accountant=accountant, statements=statements, devices=devices,
-                   user_level=user_level, ledgers_present=ledgers_present)
+                   user_level=user_level, ledgers_present=ledgers_present,
+                   ledger_layout="local deployment" if deployed else "simulation")
+
+
+def _ledger_file(ledgers_dir: Path, device_id: str) -> Path:
+    """A device's ledger: `<dir>/device-<id>/privacy-ledger.json` (simulation), or, in the device folders of
+    `privrec deploy local`, the folder's own state `<dir>/device-<id>/state/device-<id>/privacy-ledger.json`.
+    Neither there: the first, whose absence the cross-check flags."""
+    flat = ledgers_dir / f"device-{device_id}" / "privacy-ledger.json"
+    nested = ledgers_dir / f"device-{device_id}" / "state" / f"device-{device_id}" / "privacy-ledger.json"
+    return nested if not flat.exists() and nested.exists() else flat
 
 
 NUMERIC_CONFIG = ("noise-multiplier", "max-grad-norm", "window", "batch-size", "local-epochs", "max-epsilon",

@@ -75,6 +75,8 @@ def report_json(run: Run, check: CrossCheck | None, plots: list[Plot]) -> dict[s
         p = run.privacy
         if p.source == "ledgers":
             ledgers = "devices/device-<id>/privacy-ledger.json, the only record (privacy.json missing)"
+        elif p.ledgers_present and p.ledger_layout == "local deployment":
+            ledgers = "local deployment: devices/device-<id>/state/device-<id>/privacy-ledger.json"
         elif p.ledgers_present:
             ledgers = "simulation: devices/device-<id>/privacy-ledger.json"
         else:
@@ -185,7 +187,7 @@ def round_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 def device_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     p = report["privacy"]
     extra = [a for a in (p["accountant"],) if a not in SECOND]
-    ledgers = p["ledgers"] is not None and p["ledgers"].startswith("simulation")
+    ledgers = p["ledgers"] is not None and p["ledgers"].startswith(("simulation", "local deployment"))
     all_runs = ledgers and any(d["ledger"] and d["ledger"].get("user-level-epsilon") is not None
                                for d in p["devices"])
     head = (["device", "rounds trained", "on-device epsilon reported"]
