@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from shared.aggregation import is_frozen
 from shared.errors import PrivrecError
 from shared.metrics import eval_inputs, hit_at_k, left_pad, ndcg_at_k, target_ranks
 from shared.model import ModelConfig, SASRec
@@ -175,11 +176,7 @@ def sent_back(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     popularity, co-occurrence and transitions, a SASRec channel) are the server's own, which it keeps unchanged
     whatever a reply holds; sending them back made every channel-scorer reply 47 KiB (1,073 KiB with the transition
     release at K = 512) instead of 0.3 KiB (`simulations/transition_cost.py`)."""
-    return {k: v.detach().clone() for k, v in state.items() if not _frozen(k)}
-
-
-def _frozen(key: str) -> bool:
-    return key in FROZEN or key in CHANNEL_FROZEN or key.startswith(SASREC_PREFIX)
+    return {k: v.detach().clone() for k, v in state.items() if not is_frozen(k, FROZEN + CHANNEL_FROZEN)}
 
 
 def fedsgd_update(model: ContentScorer, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
